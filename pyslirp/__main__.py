@@ -1,0 +1,3 @@
+from pyslirp.cli import main
+
+raise SystemExit(main())

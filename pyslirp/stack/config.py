@@ -1,0 +1,90 @@
+"""The virtual network's addresses and switches, derived as slirp4netns does."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+DEFAULT_CIDR = "10.0.2.0/24"
+DEFAULT_MTU = 1500
+MIN_MTU = 68
+MAX_MTU = 65521
+#: The MAC address of the virtual gateway/DNS, as libslirp builds it (52:55 + 10.0.2.2).
+DEFAULT_GUEST_MAC = None
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it."""
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network:
+    """Parse a --cidr value the way slirp4netns accepts it (network address, prefix 1..25)."""
+    try:
+        net = ipaddress.IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"invalid CIDR {text!r}: {exc}") from None
+    if "/" not in text:
+        raise ConfigError(f"invalid CIDR {text!r}: no prefix length")
+    if not 1 <= net.prefixlen <= 25:
+        raise ConfigError(f"invalid CIDR {text!r}: prefix length must be 1..25")
+    return net
+
+
+@dataclass(slots=True)
+class NetConfig:
+    """Everything the stack needs to know about the virtual network.
+
+    Addresses are 4-byte ``bytes`` for the hot path; ``network`` keeps the
+    ``ipaddress`` object for membership tests and text.
+    """
+
+    network: ipaddress.IPv4Network = field(
+        default_factory=lambda: ipaddress.IPv4Network(DEFAULT_CIDR))
+    mtu: int = DEFAULT_MTU
+    #: The MAC we answer with for the gateway and DNS addresses.
+    our_mac: bytes = b""
+    #: The MAC the TAP device gets (None: the kernel picks one).
+    guest_mac: bytes | None = None
+    disable_host_loopback: bool = False
+    disable_dns: bool = False
+    #: DNS upstreams as (host, port); empty means "read /etc/resolv.conf".
+    dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
+    search_domains: list[str] = field(default_factory=list)
+    #: Frames on the link carry a virtio-net header.
+    vnet_hdr: bool = True
+    #: The link accepts GSO super-frames and partial checksums (TSO offload on).
+    offload: bool = True
+    dhcp_lease_seconds: int = 86400
+    dhcp_pool_size: int = 16
+
+    @property
+    def gateway(self) -> bytes:
+        return (self.network.network_address + 2).packed
+
+    @property
+    def dns(self) -> bytes:
+        return (self.network.network_address + 3).packed
+
+    @property
+    def guest_addr(self) -> bytes:
+        """The address ``--configure`` gives the TAP (network + 100)."""
+        return (self.network.network_address + 100).packed
+
+    @property
+    def dhcp_start(self) -> bytes:
+        return (self.network.network_address + 15).packed
+
+    @property
+    def netmask(self) -> bytes:
+        return self.network.netmask.packed
+
+    @property
+    def broadcast(self) -> bytes:
+        return self.network.broadcast_address.packed
+
+    def __post_init__(self) -> None:
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ConfigError(f"MTU {self.mtu} is out of range {MIN_MTU}..{MAX_MTU}")
+        if not self.our_mac:
+            # libslirp's convention: 52:55 followed by the gateway's IPv4 address.
+            self.our_mac = b"\x52\x55" + self.gateway

@@ -1,0 +1,82 @@
+"""The guest-facing link: where every engine's frames go out.
+
+Theory of operation
+-------------------
+A :class:`Link` knows the two ends of the virtual wire (our MAC, the guest's
+MAC once learned), whether frames carry a virtio-net header, and whether the
+peer accepts offloaded (GSO, partial-checksum) frames. Engines build their L4
+part and hand it to :meth:`send_ipv4`, which adds the IPv4 and Ethernet
+headers (and a plain vnet header) in one buffer, and passes the frame to the
+sink the runtime supplied. The TCP engine builds its frames itself on the hot
+path and uses :meth:`send_frame` directly.
+
+Counters of dropped and notable events live here too (``count``), so that
+every engine reports into one table the runtime can log and tests can read.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Union
+
+from pyslirp.stack.config import NetConfig
+from pyslirp.wire import ethernet, ipv4, vnet
+
+Buffer = Union[bytes, bytearray, memoryview]
+FrameSink = Callable[[Sequence[Buffer]], None]
+
+_L2_LEN = ethernet.HEADER_LEN
+_L3_LEN = ipv4.MIN_HEADER_LEN
+
+
+class Link:
+    def __init__(self, config: NetConfig, sink: FrameSink) -> None:
+        self.config = config
+        self.sink = sink
+        self.our_mac = config.our_mac
+        #: Learned from the guest's frames (or ARP); None until then.
+        self.guest_mac: bytes | None = config.guest_mac
+        self.vnet_hdr = config.vnet_hdr
+        self.offload = config.offload and config.vnet_hdr
+        self.mtu = config.mtu
+        self.counters: defaultdict[str, int] = defaultdict(int)
+        self._ip_ident = 0
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+    def next_ip_id(self) -> int:
+        self._ip_ident = (self._ip_ident + 1) & 0xFFFF
+        return self._ip_ident
+
+    def send_frame(self, parts: Sequence[Buffer]) -> None:
+        """Send one frame; ``parts`` starts with the vnet header when the link has one."""
+        self.sink(parts)
+
+    def send_ethernet(self, dst_mac: bytes, ethertype: int, payload: Buffer) -> None:
+        head = ethernet.header(dst_mac, self.our_mac, ethertype)
+        if self.vnet_hdr:
+            self.sink((vnet.PLAIN + head, payload))
+        else:
+            self.sink((head, payload))
+
+    def send_ipv4(self, src: bytes, dst: bytes, proto: int, l4: Buffer,
+                  dst_mac: bytes | None = None, ttl: int = 64) -> bool:
+        """Send an IPv4 packet with a complete L4 part to the guest.
+
+        Returns False (and counts it) when the guest's MAC is not known yet.
+        """
+        mac = dst_mac or self.guest_mac
+        if mac is None:
+            self.count("drop.tx.no_guest_mac")
+            return False
+        off = vnet.HEADER_LEN if self.vnet_hdr else 0
+        head = bytearray(off + _L2_LEN + _L3_LEN)
+        if off:
+            head[:off] = vnet.PLAIN
+        ethernet.build_header(head, off, mac, self.our_mac, ethernet.ETHERTYPE_IPV4)
+        ipv4.build_header(head, off + _L2_LEN, src, dst, proto, len(l4),
+                          ident=self.next_ip_id(), ttl=ttl)
+        self.sink((head, l4))
+        return True
