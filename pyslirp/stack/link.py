@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Union
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.wire import ethernet, ipv4, vnet
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 FrameSink = Callable[[Sequence[Buffer]], None]
 
 _L2_LEN = ethernet.HEADER_LEN

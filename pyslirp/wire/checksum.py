@@ -26,10 +26,7 @@ def partial_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
 
     ``initial`` adds a previously computed partial sum (e.g. a pseudo-header).
     """
-    if len(data) & 1:
-        value = int.from_bytes(data, "big") << 8
-    else:
-        value = int.from_bytes(data, "big")
+    value = int.from_bytes(data, "big") << 8 if len(data) & 1 else int.from_bytes(data, "big")
     return (value + initial) % 0xFFFF
 
 
