@@ -61,9 +61,12 @@ class Link:
             self.sink((head, payload))
 
     def send_ipv4(self, src: bytes, dst: bytes, proto: int, l4: Buffer,
-                  dst_mac: bytes | None = None, ttl: int = 64) -> bool:
+                  dst_mac: bytes | None = None, ttl: int = 64,
+                  flags: int = ipv4.FLAG_DF, ident: int | None = None) -> bool:
         """Send an IPv4 packet with a complete L4 part to the guest.
 
+        ``flags`` is the whole flags/fragment-offset field and ``ident`` the IP
+        ID (default: the next one), so that fragments of one packet can be sent.
         Returns False (and counts it) when the guest's MAC is not known yet.
         """
         mac = dst_mac or self.guest_mac
@@ -76,6 +79,7 @@ class Link:
             head[:off] = vnet.PLAIN
         ethernet.build_header(head, off, mac, self.our_mac, ethernet.ETHERTYPE_IPV4)
         ipv4.build_header(head, off + _L2_LEN, src, dst, proto, len(l4),
-                          ident=self.next_ip_id(), ttl=ttl)
+                          ident=self.next_ip_id() if ident is None else ident, ttl=ttl,
+                          flags=flags)
         self.sink((head, l4))
         return True
