@@ -9,7 +9,8 @@ Theory of operation
 -------------------
 In the spirit of smoltcp's ``FaultInjector``: a pure object (no fds, no
 clock reads) that the runtime places on the frame path, one instance per
-direction (guest -> stack and stack -> guest, see :func:`from_env`). For
+direction (guest -> stack and stack -> guest: :class:`LinkFaults`, built by
+:func:`from_env`). For
 each frame :meth:`FaultInjector.process` draws one number from its seeded
 RNG and decides:
 
@@ -161,20 +162,54 @@ class FaultInjector:
         return [] if held is None else [held]
 
 
-def injector(spec: FaultSpec, direction: str) -> FaultInjector:
-    """An injector for one direction; each direction has its own RNG stream from the seed."""
-    return FaultInjector(spec.drop, spec.dup, spec.reorder, f"{spec.seed}/{direction}",
-                         spec.hold_seconds)
+class LinkFaults:
+    """The two injectors of one guest link, one per direction, from one :class:`FaultSpec`.
+
+    Directions are named from the guest's point of view: ``"from_guest"``
+    (TAP -> stack) and ``"to_guest"`` (stack -> TAP). Each has its own RNG
+    stream derived from the seed, so the two directions are independent but
+    a run is still replayed exactly by the same seed.
+    """
+
+    __slots__ = ("spec", "from_guest", "to_guest")
+
+    DIRECTIONS = ("from_guest", "to_guest")
+
+    def __init__(self, spec: FaultSpec) -> None:
+        self.spec = spec
+        self.from_guest = FaultInjector(spec.drop, spec.dup, spec.reorder,
+                                        f"{spec.seed}/from_guest", spec.hold_seconds)
+        self.to_guest = FaultInjector(spec.drop, spec.dup, spec.reorder,
+                                      f"{spec.seed}/to_guest", spec.hold_seconds)
+
+    @classmethod
+    def from_spec(cls, text: str) -> LinkFaults:
+        return cls(FaultSpec.parse(text))
+
+    def injector(self, direction: str) -> FaultInjector:
+        if direction == "from_guest":
+            return self.from_guest
+        if direction == "to_guest":
+            return self.to_guest
+        raise ValueError(f"unknown direction {direction!r} (from_guest, to_guest)")
+
+    def process(self, frame: Frame, direction: str) -> list[Frame]:
+        return self.injector(direction).process(frame)
+
+    def flush(self, direction: str) -> list[Frame]:
+        return self.injector(direction).flush()
+
+    @property
+    def hold_seconds(self) -> float:
+        return self.spec.hold_seconds
 
 
-def from_env(environ: Mapping[str, str] | None = None,
-             ) -> tuple[FaultInjector, FaultInjector] | None:
-    """``(guest_to_stack, stack_to_guest)`` injectors from ``PYSLIRP_FAULTS``, or None if unset.
+def from_env(environ: Mapping[str, str] | None = None) -> LinkFaults | None:
+    """The link's injectors from ``PYSLIRP_FAULTS``, or None when it is unset or empty.
 
     Raises ``ValueError`` with a message naming the variable when it is malformed.
     """
     text = (os.environ if environ is None else environ).get(ENV_VAR, "").strip()
     if not text:
         return None
-    spec = FaultSpec.parse(text)
-    return injector(spec, "to_stack"), injector(spec, "to_guest")
+    return LinkFaults.from_spec(text)

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from pyslirp.runtime.faults import ENV_VAR, FaultInjector, FaultSpec, from_env
+from pyslirp.runtime.faults import ENV_VAR, FaultInjector, FaultSpec, LinkFaults, from_env
 
 
 def _run(inj: FaultInjector, n: int) -> list[bytes]:
@@ -92,17 +92,26 @@ def test_held_frame_is_copied_because_buffers_are_reused() -> None:
 
 def test_env_parsing() -> None:
     assert from_env({}) is None
-    pair = from_env({ENV_VAR: "drop=0.02, dup=0.01,reorder=0.02,seed=1,hold=0.01"})
-    assert pair is not None
-    to_stack, to_guest = pair
+    assert from_env({ENV_VAR: " "}) is None
+    faults = from_env({ENV_VAR: "drop=0.02, dup=0.01,reorder=0.02,seed=1,hold=0.01"})
+    assert faults is not None
+    to_stack = faults.injector("from_guest")
     assert (to_stack.drop_rate, to_stack.dup_rate, to_stack.reorder_rate) == (0.02, 0.01, 0.02)
-    assert to_guest.hold_seconds == 0.01
-    # The two directions draw from different streams of the same seed.
-    assert _run(to_stack, 300) != _run(to_guest, 300)
-    again = from_env({ENV_VAR: "drop=0.02,dup=0.01,reorder=0.02,seed=1,hold=0.01"})
-    assert again is not None
-    assert _run(again[0], 300) == _run(from_env(  # type: ignore[index]
-        {ENV_VAR: "drop=0.02,dup=0.01,reorder=0.02,seed=1"})[0], 300)
+    assert faults.hold_seconds == faults.to_guest.hold_seconds == 0.01
+    with pytest.raises(ValueError, match="direction"):
+        faults.injector("sideways")
+
+
+def test_directions_are_independent_but_replayable() -> None:
+    text = "drop=0.1,dup=0.1,reorder=0.1,seed=5"
+    a, b = LinkFaults.from_spec(text), LinkFaults.from_spec(text)
+    assert _run(a.from_guest, 300) != _run(a.to_guest, 300)
+    assert _run(b.from_guest, 300) == _run(LinkFaults.from_spec(text).from_guest, 300)
+    c = LinkFaults.from_spec("reorder=1")
+    assert c.process(b"x", "to_guest") == []
+    assert (c.to_guest.holding, c.from_guest.holding) == (True, False)
+    assert c.flush("from_guest") == []
+    assert c.flush("to_guest") == [b"x"]
 
 
 @pytest.mark.parametrize("text, message", [
