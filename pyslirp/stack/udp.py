@@ -1,0 +1,325 @@
+"""UDP NAT: the guest's UDP flows carried over ordinary host UDP sockets.
+
+Theory of operation
+-------------------
+A *flow* is one guest (address, port), as in libslirp's ``udp.c``: its first
+datagram makes the runtime open one host socket (``host.udp_open``), and
+every datagram from that guest port, whatever its destination, is sent from
+that socket (``host.udp_send``). So the guest's port keeps one host port for
+all its peers (endpoint-independent mapping, RFC 4787 REQ-1), which is what
+STUN, QUIC migration and DNS resolvers that talk to several servers expect.
+
+Destinations go through the stack's address policy once per (flow,
+destination) and the answer is cached in the flow: the gateway means the
+host's loopback (unless ``disable_host_loopback``), the DNS address is not
+ours (DNS to 10.0.2.3:53 never reaches this engine), anything the policy
+refuses is dropped and counted. The flow remembers which guest destination
+each host target stands for, so a reply is sent to the guest from the
+address the guest used. A reply from a source the guest never sent to
+(filtering is endpoint-independent too, as libslirp's: any datagram that
+reaches the host socket is delivered) appears as itself, except that a
+loopback source appears as the gateway, or is dropped when host loopback
+is disabled (127.0.0.1 as a source would be a martian in the guest).
+
+ICMP errors the runtime reads from the host socket (``IP_RECVERR``) are
+reported to the guest as ICMP errors (RFC 792; RFC 1122 section 3.2.2.1
+says UDP must pass them up) quoting a reconstructed copy of the guest's
+datagram (IP header plus UDP header; the payload is not kept): the guest's
+kernel matches the quote to its socket by addresses and ports only, so a
+``connect``-ed socket sees ECONNREFUSED or EHOSTUNREACH as on a real link.
+Port unreachable comes from the destination itself (it is the host that
+answers so); every other error from the gateway (it is "a router on the
+way"). Fragmentation needed is not passed on: the host socket fragments for
+itself, so the guest's path MTU to us is not what failed.
+
+Replies larger than the link MTU are sent as IPv4 fragments
+(:func:`pyslirp.stack.frag.send_fragmented`): DNS over UDP with EDNS0 and
+QUIC probes are legitimately large, and the guest reassembles them.
+
+Lifetime: a flow expires after ``IDLE_TIMEOUT`` (240 s, libslirp's
+SO_EXPIRE) without a datagram in either direction, or ``DNS_IDLE_TIMEOUT``
+(10 s, libslirp's SO_EXPIREFAST) if it has only ever sent to port 53, since
+resolvers use a fresh port per query and would otherwise hold hundreds of
+sockets. Expiry is checked lazily: the timer is armed once for the flow's
+earliest possible expiry and re-armed from ``last_active`` when it fires, so
+a datagram costs no heap operation.
+
+Bounds: at most ``max_flows`` flows and ``new_flows_per_second`` new flows
+per second (token bucket, burst of one second's worth), so a guest cannot
+exhaust the host's file descriptors or ports; excess datagrams are dropped
+and counted (``drop.udp.*`` in ``link.counters``).
+
+Not done: UDP to broadcast or multicast addresses (dropped and counted:
+nothing on the host side would be the right receiver), inbound port
+forwarding (that belongs to the runtime's API), UDP-Lite, IPv6.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from pyslirp.stack.config import NetConfig
+from pyslirp.stack.frag import send_fragmented
+from pyslirp.stack.host import Buffer, HostPort
+from pyslirp.stack.link import Link
+from pyslirp.stack.timers import Timers
+from pyslirp.wire import icmp, ipv4
+from pyslirp.wire import udp as wire_udp
+from pyslirp.wire.errors import MalformedPacket
+from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Packet
+
+Policy = Callable[[bytes, int], "list[tuple[str, int]] | None"]
+
+IDLE_TIMEOUT = 240.0
+DNS_IDLE_TIMEOUT = 10.0
+DEFAULT_MAX_FLOWS = 4096
+DEFAULT_NEW_FLOWS_PER_SECOND = 1000.0
+#: Guest destinations (and host sources) remembered per flow before the cache is reset.
+MAX_PEERS_PER_FLOW = 256
+#: The largest UDP payload one IPv4 packet can carry (65535 - 20 - 8).
+MAX_PAYLOAD = 65507
+_DNS_PORT = 53
+
+_UDP_HEADER = struct.Struct("!HHHH")
+
+_Target = tuple[str, int]
+_Origin = tuple[bytes, int]
+
+
+class UdpFlow:
+    """One guest (address, port) and the host socket the runtime keeps for it.
+
+    ``host_handle`` is the runtime's to use (e.g. its socket object).
+    """
+
+    __slots__ = ("engine", "guest_ip", "guest_port", "dns_only", "last_active",
+                 "targets", "origins", "closed", "timer_deadline", "host_handle")
+
+    def __init__(self, engine: UdpEngine, guest_ip: bytes, guest_port: int,
+                 now: float) -> None:
+        self.engine = engine
+        self.guest_ip = guest_ip
+        self.guest_port = guest_port
+        #: True while every destination so far was port 53 (short idle timeout).
+        self.dns_only = True
+        self.last_active = now
+        #: Guest destination -> host target (the policy's answer, cached).
+        self.targets: dict[_Origin, _Target] = {}
+        #: Host address -> the address the guest sees for it.
+        self.origins: dict[_Target, _Origin] = {}
+        self.closed = False
+        self.timer_deadline: float | None = None
+        self.host_handle: object = None
+
+    @property
+    def key(self) -> _Origin:
+        return (self.guest_ip, self.guest_port)
+
+    def idle_timeout(self) -> float:
+        return DNS_IDLE_TIMEOUT if self.dns_only else IDLE_TIMEOUT
+
+    def on_timer(self, now: float) -> None:
+        self.engine._check_expiry(self, now)
+
+    def __repr__(self) -> str:
+        return f"<UdpFlow {ipv4.addr_to_str(self.guest_ip)}:{self.guest_port}>"
+
+
+class UdpEngine:
+    """The UDP NAT for one guest link. Sans-I/O: see :mod:`pyslirp.stack`."""
+
+    __slots__ = ("config", "link", "host", "timers", "policy", "flows", "max_flows",
+                 "new_flows_per_second", "_tokens", "_tokens_at", "_gateway",
+                 "_broadcast", "_loopback_ok")
+
+    def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
+                 policy: Policy, *, max_flows: int = DEFAULT_MAX_FLOWS,
+                 new_flows_per_second: float = DEFAULT_NEW_FLOWS_PER_SECOND) -> None:
+        self.config = config
+        self.link = link
+        self.host = host
+        self.timers = timers
+        self.policy = policy
+        self.flows: dict[_Origin, UdpFlow] = {}
+        self.max_flows = max_flows
+        self.new_flows_per_second = new_flows_per_second
+        self._tokens = new_flows_per_second
+        self._tokens_at: float | None = None
+        self._gateway = config.gateway
+        self._broadcast = config.broadcast
+        self._loopback_ok = not config.disable_host_loopback
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    # ---- guest -> host -----------------------------------------------------------
+    def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool) -> None:
+        """A UDP packet from the guest (whole, not a fragment) to NAT to the host."""
+        link = self.link
+        if ip.is_fragment:
+            link.count("drop.udp.fragment")
+            return
+        src, dst = ip.src, ip.dst
+        try:
+            dgram = wire_udp.UdpDatagram(ip.payload, src, dst,
+                                         verify_checksum=not checksum_verified)
+        except MalformedPacket:
+            link.count("drop.malformed.udp")
+            return
+        sport, dport = dgram.src_port, dgram.dst_port
+        if dst[0] >= 224 or dst == self._broadcast:
+            link.count("drop.udp.broadcast")
+            return
+        if sport == 0 or dport == 0 or src[0] == 0 or src[0] >= 224:
+            link.count("drop.udp.bad_address")
+            return
+        flow = self.flows.get((src, sport))
+        dkey = (dst, dport)
+        if flow is None:
+            target = self._target(dst, dport)
+            if target is None:
+                return
+            flow = self._new_flow(src, sport, dport, now)
+            if flow is None:
+                return
+            self._remember(flow, dkey, target)
+        else:
+            target = flow.targets.get(dkey)
+            if target is None:
+                target = self._target(dst, dport)
+                if target is None:
+                    return
+                self._remember(flow, dkey, target)
+        if dport != _DNS_PORT:
+            flow.dns_only = False
+        flow.last_active = now
+        self.host.udp_send(flow, target, dgram.payload)
+
+    def _target(self, dst: bytes, dport: int) -> _Target | None:
+        targets = self.policy(dst, dport)
+        if not targets:
+            self.link.count("drop.udp.policy")
+            return None
+        return targets[0]
+
+    @staticmethod
+    def _remember(flow: UdpFlow, dkey: _Origin, target: _Target) -> None:
+        if len(flow.targets) >= MAX_PEERS_PER_FLOW:
+            flow.targets.clear()
+            flow.origins.clear()
+        flow.targets[dkey] = target
+        flow.origins[target] = dkey
+
+    def _new_flow(self, src: bytes, sport: int, dport: int, now: float) -> UdpFlow | None:
+        link = self.link
+        if len(self.flows) >= self.max_flows:
+            link.count("drop.udp.flow_limit")
+            return None
+        rate = self.new_flows_per_second
+        last = self._tokens_at
+        if last is not None and now > last:
+            self._tokens = min(rate, self._tokens + (now - last) * rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            link.count("drop.udp.flow_rate")
+            return None
+        self._tokens -= 1.0
+        flow = UdpFlow(self, src, sport, now)
+        flow.dns_only = dport == _DNS_PORT
+        if not self.host.udp_open(flow):
+            link.count("drop.udp.open_failed")
+            return None
+        self.flows[(src, sport)] = flow
+        link.count("udp.flows_opened")
+        self.timers.schedule(flow, now + flow.idle_timeout())
+        return flow
+
+    # ---- host -> guest -----------------------------------------------------------
+    def host_datagram(self, flow: UdpFlow, src_ip: str, src_port: int, data: Buffer,
+                      now: float) -> None:
+        """A datagram the flow's host socket received from ``src_ip:src_port``."""
+        link = self.link
+        if flow.closed:
+            link.count("drop.udp.closed_flow")
+            return
+        if len(data) > MAX_PAYLOAD:
+            link.count("drop.udp.oversize")
+            return
+        origin = self._origin(flow, src_ip, src_port)
+        if origin is None:
+            link.count("drop.udp.loopback_source")
+            return
+        flow.last_active = now
+        datagram = wire_udp.build(origin[0], origin[1], flow.guest_ip, flow.guest_port, data)
+        send_fragmented(link, origin[0], flow.guest_ip, PROTO_UDP, datagram)
+
+    def _origin(self, flow: UdpFlow, src_ip: str, src_port: int) -> _Origin | None:
+        """The guest-side address of host address ``src_ip:src_port`` (None: hide it)."""
+        origin = flow.origins.get((src_ip, src_port))
+        if origin is not None:
+            return origin
+        try:
+            addr = ipv4.addr_from_str(src_ip)
+        except OSError:
+            return None
+        if addr[0] == 127:
+            if not self._loopback_ok:
+                return None
+            addr = self._gateway
+        origin = (addr, src_port)
+        if len(flow.origins) >= MAX_PEERS_PER_FLOW:
+            flow.targets.clear()
+            flow.origins.clear()
+        flow.origins[(src_ip, src_port)] = origin
+        return origin
+
+    def host_error(self, flow: UdpFlow, dst: tuple[str, int], icmp_type: int, icmp_code: int,
+                   now: float) -> None:
+        """The host socket got an ICMP error for what it sent to ``dst``; tell the guest."""
+        link = self.link
+        if flow.closed:
+            link.count("drop.udp.closed_flow")
+            return
+        if icmp_type not in (icmp.DEST_UNREACH, icmp.TIME_EXCEEDED) or (
+                icmp_type == icmp.DEST_UNREACH and icmp_code == icmp.FRAG_NEEDED):
+            link.count("drop.udp.host_error_ignored")
+            return
+        origin = self._origin(flow, dst[0], dst[1])
+        if origin is None:
+            link.count("drop.udp.loopback_source")
+            return
+        # What the guest sent, as far as its kernel looks: addresses and ports.
+        quote = bytearray(ipv4.MIN_HEADER_LEN + wire_udp.HEADER_LEN)
+        ipv4.build_header(quote, 0, flow.guest_ip, origin[0], PROTO_UDP, wire_udp.HEADER_LEN,
+                          flags=0)
+        _UDP_HEADER.pack_into(quote, ipv4.MIN_HEADER_LEN, flow.guest_port, origin[1],
+                              wire_udp.HEADER_LEN, 0)
+        message = icmp.build_error(icmp_type, icmp_code, quote)
+        by_destination = icmp_type == icmp.DEST_UNREACH and icmp_code == icmp.PORT_UNREACH
+        sender = origin[0] if by_destination else self._gateway
+        link.send_ipv4(sender, flow.guest_ip, PROTO_ICMP, message)
+        link.count("udp.icmp_errors")
+
+    # ---- lifetime ----------------------------------------------------------------
+    def _check_expiry(self, flow: UdpFlow, now: float) -> None:
+        if flow.closed:
+            return
+        deadline = flow.last_active + flow.idle_timeout()
+        if now < deadline:
+            self.timers.schedule(flow, deadline)
+            return
+        self._close(flow)
+        self.link.count("udp.flows_expired")
+
+    def _close(self, flow: UdpFlow) -> None:
+        flow.closed = True
+        self.timers.cancel(flow)
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+        self.host.udp_close(flow)
+
+    def close_all(self) -> None:
+        """Close every flow's host socket (shutdown). Nothing is sent to the guest."""
+        for flow in list(self.flows.values()):
+            self._close(flow)
