@@ -1,0 +1,459 @@
+"""Open (or attach to) a TAP device inside another network namespace.
+
+Theory of operation
+-------------------
+This is slirp4netns's layout: the TAP must be created *inside* the target's
+network namespace, but the packet engine runs in ours. So :func:`open_tap`
+forks a short-lived child that
+
+1. opens the namespace files (``/proc/PID/ns/net`` or a path such as
+   ``/run/netns/NAME``; the user namespace of PID, or ``--userns-path``),
+2. joins the user namespace first when it is not ours (setns(2) on a user
+   namespace needs a single-threaded caller, one reason for the fork; the
+   other is that we must not move our own process), then the network namespace,
+3. opens ``/dev/net/tun`` and issues ``TUNSETIFF`` with
+   ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`` (this attaches to an existing TAP of
+   that name, too), ``TUNSETVNETHDRSZ`` 12 and ``TUNSETOFFLOAD`` with
+   ``TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`` plus ``TUN_F_USO4 | TUN_F_USO6``
+   when the kernel takes them (only together: USO4 alone is EINVAL). Bit 0x80
+   is left out on purpose: the kernel accepts it and then fails reads with
+   EFAULT at a 12-byte header (shared/PERF-FACTS.md),
+4. optionally sets the MAC and the MTU, and does what ``slirp4netns -c`` does
+   (lo up, TAP up, address/prefix, default route via the gateway),
+5. hands the fd to the parent with ``SCM_RIGHTS`` over a socketpair, together
+   with a small JSON record of what worked, or a one-line error.
+
+Offloads degrade instead of failing: no vnet header (``vnet_hdr=False``, frames
+are bare Ethernet) or no offloads (``offload=False``: every frame is at most
+MTU-sized and carries complete checksums), and the engine adapts.
+
+Design choices
+--------------
+* The child is kept minimal because the parent may have threads (an event
+  loop's executor): after ``fork`` only this module's code runs, nothing
+  takes locks another thread could have held, and it always ends in
+  ``os._exit`` so no atexit handler or buffered stdio of the parent runs twice.
+* ``-c`` configuration uses the same ioctls slirp4netns uses (SIOCSIFFLAGS,
+  SIOCSIFMTU, SIOCSIFADDR/SIOCSIFNETMASK, SIOCADDRT) rather than pyroute2:
+  importing pyroute2 costs about 0.2 s and 0.9 builds an asyncio loop, both
+  bad in a forked child of an event-loop process and at CNI ADD time; the
+  ioctls take microseconds and the result (seen with ``ip -j addr/route``) is
+  identical.
+
+What it deliberately does not do: IPv6 addresses (``--enable-ipv6`` leaves
+address configuration to the guest's SLAAC), multiqueue TAPs, persisting the
+device (it lives as long as the fd unless it existed before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import signal
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from pyslirp.runtime import netns
+from pyslirp.stack.config import MAX_MTU, MIN_MTU, NetConfig
+from pyslirp.wire.ethernet import mac_to_str
+
+# <linux/if_tun.h>
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNGETIFF = 0x800454D2
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+VNET_HDR_LEN = 12
+
+# <linux/sockios.h>
+SIOCADDRT = 0x890B
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCSIFMTU = 0x8922
+SIOCSIFHWADDR = 0x8924
+SIOCGIFHWADDR = 0x8927
+SIOCGIFMTU = 0x8921
+IFF_UP = 0x1
+ARPHRD_ETHER = 1
+RTF_UP = 0x1
+RTF_GATEWAY = 0x2
+
+IFNAMSIZ = 16
+_IFREQ_FLAGS = struct.Struct("16sH22x")       # ifr_name, ifr_flags
+_IFREQ_INT = struct.Struct("16si20x")         # ifr_name, ifr_mtu
+_IFREQ_HWADDR = struct.Struct("16sH6s16x")    # ifr_name, sa_family, sa_data[0:6]
+_IFREQ_INADDR = struct.Struct("16sHH4s8x8x")  # ifr_name, sockaddr_in
+_SOCKADDR_IN = struct.Struct("HH4s8x")
+
+#: How long the parent waits for the child's answer before giving up.
+CHILD_TIMEOUT = 30.0
+
+
+class TapError(OSError):
+    """The TAP could not be opened; the message is one line naming the cause."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureSpec:
+    """What ``slirp4netns --configure`` sets up on the TAP."""
+
+    #: Address and prefix, e.g. ``10.0.2.100/24``.
+    address: ipaddress.IPv4Interface
+    #: Default route via this address (None: no default route).
+    gateway: ipaddress.IPv4Address | None
+
+    @classmethod
+    def from_netconfig(cls, cfg: NetConfig) -> ConfigureSpec:
+        addr = ipaddress.IPv4Address(cfg.guest_addr)
+        return cls(ipaddress.IPv4Interface(f"{addr}/{cfg.network.prefixlen}"),
+                   ipaddress.IPv4Address(cfg.gateway))
+
+
+@dataclass(slots=True)
+class TapHandle:
+    """An open TAP. ``fd`` is non-blocking and close-on-exec; it is ours to close."""
+
+    fd: int
+    name: str
+    #: Frames carry a 12-byte virtio-net header (pyslirp.wire.vnet).
+    vnet_hdr: bool
+    #: CSUM + TSO4 + TSO6 are on: frames may be GSO super-frames with partial checksums.
+    offload: bool
+    #: UDP segmentation offload (USO4 + USO6) is on as well.
+    uso: bool
+    #: The TAP's own MAC address (the guest side of the link).
+    mac: bytes
+    mtu: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> TapHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _ChildFailure(Exception):
+    """Raised inside the child; its text becomes the parent's TapError message."""
+
+
+# ---------------------------------------------------------------------------- parent side
+
+
+def open_tap(target: str, netns_type: str = "pid", tapname: str = "tap0",
+             userns_path: str | None = None, mtu: int | None = None,
+             configure: ConfigureSpec | None = None, mac: bytes | None = None,
+             *, timeout: float = CHILD_TIMEOUT) -> TapHandle:
+    """Open (creating if needed) TAP ``tapname`` in the network namespace of ``target``.
+
+    ``netns_type`` ``"pid"``: ``target`` is a PID and its user namespace is
+    joined first when it differs from ours; ``"path"``: ``target`` is a netns
+    file such as ``/run/netns/NAME``. ``userns_path`` (either type) names the
+    user namespace to join instead. ``mtu`` (if given) is set on the TAP.
+    Raises :class:`TapError` with a one-line message.
+    """
+    netns_path, userns = _resolve_paths(target, netns_type, userns_path)
+    if not tapname or len(tapname.encode()) >= IFNAMSIZ or "/" in tapname:
+        raise TapError(f"invalid TAP name {tapname!r}")
+    if mac is not None and len(mac) != 6:
+        raise TapError(f"invalid MAC address {mac!r}: need 6 bytes")
+    if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
+        raise TapError(f"MTU {mtu} is out of range {MIN_MTU}..{MAX_MTU}")
+
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's coverage is not collected
+            _child_main(child_sock, netns_path, userns, tapname, mtu, configure, mac)
+        child_sock.close()
+        return _receive(parent_sock, pid, timeout)
+    finally:
+        parent_sock.close()
+        child_sock.close()
+
+
+def _resolve_paths(target: str, netns_type: str,
+                   userns_path: str | None) -> tuple[str, str | None]:
+    """The netns file to join and the user namespace file to join first (if any)."""
+    userns: str | None
+    if netns_type == "pid":
+        if not target.isdigit() or int(target) <= 0:
+            raise TapError(f"invalid pid {target!r}")
+        pid = int(target)
+        netns_path = netns.netns_path_of(pid)
+        try:
+            os.stat(netns_path)
+        except FileNotFoundError:
+            raise TapError(f"no process with pid {pid}") from None
+        except OSError as exc:
+            raise TapError(f"cannot inspect process {pid}: {exc.strerror}") from None
+        userns = userns_path or netns.userns_path_of(pid)
+    elif netns_type == "path":
+        netns_path = target
+        if not os.path.exists(netns_path):
+            raise TapError(f"netns path {netns_path} does not exist")
+        userns = userns_path
+    else:
+        raise TapError(f"invalid netns type {netns_type!r} (expected 'pid' or 'path')")
+    if userns is not None and not os.path.exists(userns):
+        raise TapError(f"userns path {userns} does not exist")
+    return netns_path, userns
+
+
+def _receive(sock: socket.socket, pid: int, timeout: float) -> TapHandle:
+    fds: list[int] = []
+    try:
+        sock.settimeout(timeout)
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise TapError(f"TAP helper process did not answer within {timeout:g} s") from None
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if not msg:
+        for fd in fds:
+            os.close(fd)
+        raise TapError(f"TAP helper process died without an answer "
+                       f"(exit status {os.waitstatus_to_exitcode(status)})")
+    reply: dict[str, Any] = json.loads(msg)
+    if "error" in reply or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise TapError(reply.get("error", "TAP helper sent no file descriptor"))
+    fd = fds[0]
+    # recv_fds does not ask for MSG_CMSG_CLOEXEC: a spawned command must not inherit the TAP.
+    os.set_inheritable(fd, False)
+    os.set_blocking(fd, False)
+    return TapHandle(fd=fd, name=reply["name"], vnet_hdr=reply["vnet_hdr"],
+                     offload=reply["offload"], uso=reply["uso"],
+                     mac=bytes.fromhex(reply["mac"]), mtu=reply["mtu"])
+
+
+# ---------------------------------------------------------------------------- child side
+
+
+def _child_main(sock: socket.socket, netns_path: str, userns_path: str | None,
+                tapname: str, mtu: int | None, configure: ConfigureSpec | None,
+                mac: bytes | None) -> None:  # pragma: no cover - runs in the forked child
+    code = 1
+    try:
+        # A signal here must not be written into the parent's event-loop wakeup fd.
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+        fd, info = _child_open(netns_path, userns_path, tapname, mtu, configure, mac)
+        socket.send_fds(sock, [json.dumps(info).encode()], [fd])
+        code = 0
+    except _ChildFailure as exc:
+        _child_report(sock, str(exc))
+    except BaseException as exc:  # noqa: BLE001 - anything must become a message
+        _child_report(sock, f"TAP helper failed: {type(exc).__name__}: {exc}")
+    finally:
+        os._exit(code)
+
+
+def _child_report(sock: socket.socket, message: str) -> None:  # pragma: no cover
+    with contextlib.suppress(OSError):
+        sock.send(json.dumps({"error": message}).encode())
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _child_open(netns_path: str, userns_path: str | None, tapname: str, mtu: int | None,
+                configure: ConfigureSpec | None,
+                mac: bytes | None) -> tuple[int, dict[str, Any]]:  # pragma: no cover
+    # Open both namespace files before moving: after joining a user namespace
+    # /proc permission checks are made with the new credentials.
+    try:
+        net_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _ChildFailure(f"netns path {netns_path} does not exist") from None
+    except OSError as exc:
+        raise _ChildFailure(f"cannot open {netns_path}: {_why(exc)}") from None
+    user_fd = -1
+    if userns_path is not None:
+        try:
+            if netns.userns_differs(userns_path):
+                user_fd = os.open(userns_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _ChildFailure(f"cannot open {userns_path}: {_why(exc)}") from None
+    if user_fd >= 0:
+        try:
+            netns.setns(user_fd, netns.CLONE_NEWUSER)
+        except OSError as exc:
+            raise _ChildFailure(f"cannot join user namespace {userns_path}: "
+                                f"{os.strerror(exc.errno or 0)}") from None
+    try:
+        netns.setns(net_fd, netns.CLONE_NEWNET)
+    except OSError as exc:
+        raise _ChildFailure(f"cannot join network namespace {netns_path}: "
+                            f"{os.strerror(exc.errno or 0)}") from None
+
+    fd, name, vnet_hdr = _tun_attach(tapname)
+    offload = uso = False
+    if vnet_hdr:
+        offload, uso = _tun_offload(fd)
+
+    # Device ioctls act in the namespace the socket was created in: this one.
+    ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if mac is not None:
+            _ioctl_or_fail(ctl, SIOCSIFHWADDR, _IFREQ_HWADDR.pack(_ifn(name), ARPHRD_ETHER, mac),
+                           f"cannot set MAC address {mac_to_str(mac)} on {name}")
+        if mtu is not None:
+            _ioctl_or_fail(ctl, SIOCSIFMTU, _IFREQ_INT.pack(_ifn(name), mtu),
+                           f"cannot set MTU {mtu} on {name}")
+        if configure is not None:
+            _configure(ctl, name, configure)
+        hw = fcntl.ioctl(ctl, SIOCGIFHWADDR, _IFREQ_HWADDR.pack(_ifn(name), 0, b""))
+        got_mac = _IFREQ_HWADDR.unpack(hw)[2]
+        got_mtu = _IFREQ_INT.unpack(fcntl.ioctl(ctl, SIOCGIFMTU, _IFREQ_INT.pack(_ifn(name), 0)))[1]
+    finally:
+        ctl.close()
+    return fd, {"name": name, "vnet_hdr": vnet_hdr, "offload": offload, "uso": uso,
+                "mac": got_mac.hex(), "mtu": got_mtu}
+
+
+def _ifn(name: str) -> bytes:
+    return name.encode()
+
+
+def _ioctl(fd: Any, request: int, arg: Any) -> Any:
+    """fcntl.ioctl, a seam for tests that simulate kernels lacking a feature."""
+    return fcntl.ioctl(fd, request, arg)
+
+
+def _ioctl_or_fail(fd: Any, request: int, arg: Any, what: str) -> Any:  # pragma: no cover
+    try:
+        return _ioctl(fd, request, arg)
+    except OSError as exc:
+        raise _ChildFailure(f"{what}: {_why(exc)}") from None
+
+
+def _tun_attach(tapname: str) -> tuple[int, str, bool]:  # pragma: no cover - child
+    """Open /dev/net/tun and bind it to TAP ``tapname``, with a 12-byte vnet header if we can."""
+    def open_dev() -> int:
+        try:
+            return os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _ChildFailure(f"cannot open /dev/net/tun: {_why(exc)}") from None
+
+    def setiff(fd: int, flags: int) -> str:
+        res = _ioctl(fd, TUNSETIFF, _IFREQ_FLAGS.pack(_ifn(tapname), flags))
+        return _IFREQ_FLAGS.unpack(res)[0].rstrip(b"\0").decode()
+
+    fd = open_dev()
+    try:
+        name = setiff(fd, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            os.close(fd)
+            raise _ChildFailure(f"cannot create TAP device {tapname}: {_why(exc)}") from None
+    else:
+        try:
+            _ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            return fd, name, True
+        except OSError:
+            # IFF_VNET_HDR cannot be dropped from a bound fd; start over without it.
+            os.close(fd)
+            fd = open_dev()
+    try:
+        name = setiff(fd, IFF_TAP | IFF_NO_PI)
+    except OSError as exc:
+        os.close(fd)
+        raise _ChildFailure(f"cannot create TAP device {tapname}: {_why(exc)}") from None
+    return fd, name, False
+
+
+def _tun_offload(fd: int) -> tuple[bool, bool]:  # pragma: no cover - child
+    """Enable checksum and segmentation offloads: (TSO on, USO on)."""
+    tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    for flags, result in ((tso | TUN_F_USO4 | TUN_F_USO6, (True, True)), (tso, (True, False))):
+        try:
+            _ioctl(fd, TUNSETOFFLOAD, flags)
+            return result
+        except OSError:
+            continue
+    with contextlib.suppress(OSError):
+        _ioctl(fd, TUNSETOFFLOAD, 0)
+    return False, False
+
+
+_Sockaddr = ctypes.c_ubyte * 16
+
+
+class _RtEntry(ctypes.Structure):
+    """struct rtentry (<linux/route.h>), for SIOCADDRT; native layout and alignment."""
+
+    _fields_ = [
+        ("rt_pad1", ctypes.c_ulong),
+        ("rt_dst", _Sockaddr),
+        ("rt_gateway", _Sockaddr),
+        ("rt_genmask", _Sockaddr),
+        ("rt_flags", ctypes.c_ushort),
+        ("rt_pad2", ctypes.c_short),
+        ("rt_pad3", ctypes.c_ulong),
+        ("rt_pad4", ctypes.c_void_p),
+        ("rt_metric", ctypes.c_short),
+        ("rt_dev", ctypes.c_char_p),
+        ("rt_mtu", ctypes.c_ulong),
+        ("rt_window", ctypes.c_ulong),
+        ("rt_irtt", ctypes.c_ushort),
+    ]
+
+
+def _sockaddr_in(addr: ipaddress.IPv4Address) -> ctypes.Array[ctypes.c_ubyte]:
+    return _Sockaddr.from_buffer_copy(_SOCKADDR_IN.pack(socket.AF_INET, 0, addr.packed))
+
+
+def _set_up(ctl: socket.socket, name: str) -> None:  # pragma: no cover - child
+    flags = _IFREQ_FLAGS.unpack(
+        _ioctl_or_fail(ctl, SIOCGIFFLAGS, _IFREQ_FLAGS.pack(_ifn(name), 0),
+                       f"cannot read the flags of {name}"))[1]
+    _ioctl_or_fail(ctl, SIOCSIFFLAGS, _IFREQ_FLAGS.pack(_ifn(name), flags | IFF_UP),
+                   f"cannot bring {name} up")
+
+
+def _configure(ctl: socket.socket, name: str, spec: ConfigureSpec) -> None:  # pragma: no cover
+    """What ``slirp4netns --configure`` does, with the same ioctls."""
+    _set_up(ctl, "lo")
+    _set_up(ctl, name)
+    addr = spec.address
+    _ioctl_or_fail(ctl, SIOCSIFADDR, _IFREQ_INADDR.pack(_ifn(name), socket.AF_INET, 0,
+                                                        addr.ip.packed),
+                   f"cannot set address {addr} on {name}")
+    _ioctl_or_fail(ctl, SIOCSIFNETMASK, _IFREQ_INADDR.pack(_ifn(name), socket.AF_INET, 0,
+                                                           addr.network.netmask.packed),
+                   f"cannot set address {addr} on {name}")
+    if spec.gateway is not None:
+        rt = _RtEntry()
+        any4 = ipaddress.IPv4Address(0)
+        rt.rt_dst = _sockaddr_in(any4)
+        rt.rt_gateway = _sockaddr_in(spec.gateway)
+        rt.rt_genmask = _sockaddr_in(any4)
+        rt.rt_flags = RTF_UP | RTF_GATEWAY
+        _ioctl_or_fail(ctl, SIOCADDRT, bytearray(rt),
+                       f"cannot add the default route via {spec.gateway}")
