@@ -1,0 +1,615 @@
+"""Command-line front end: slirp4netns-compatible argument parsing and dispatch.
+
+Theory of operation
+-------------------
+``pyslirp [OPTION]... PID|PATH [TAPNAME]`` is meant to be dropped in wherever
+slirp4netns 1.2.0 is invoked (podman, rootlesskit, scripts), so the parser
+mirrors slirp4netns's ``getopt_long`` behaviour rather than argparse's:
+
+* GNU permutation: options may follow the positionals; ``--`` ends options.
+* Long options may be abbreviated to any unique prefix (``--conf``), take
+  their argument as ``--mtu=9000`` or ``--mtu 9000`` (the next word is taken
+  even if it starts with ``-``); short options cluster (``-cm9000``).
+* Options act in order: ``--help`` exits 0 as soon as it is seen, so an error
+  *before* it wins and anything *after* it is never looked at.
+* Numbers are read as ``strtol(…, 10)`` with a full-match check, so
+  ``" 12"``, ``"+12"`` and ``"010"`` are 12, 12 and 10; ``"0x10"`` and
+  ``"12abc"`` are errors.
+* Error messages use slirp4netns's (and glibc getopt's) wording, prefixed
+  ``pyslirp:``, on one stderr line; the exit status is 1, as slirp4netns's
+  ``EXIT_FAILURE``. ``--help``/``--version`` print to stdout and exit 0.
+
+Deliberate differences from slirp4netns:
+
+* On a bad command line slirp4netns also dumps the whole usage to stdout; we
+  print only the one-line reason (stdout stays clean for callers that read it).
+* TAPNAME is optional (default ``tap0``), as slirp4netns's usage line says
+  but its 1.2.0 code does not allow.
+* ``--netns-type`` accepts only ``pid`` and ``path`` (slirp4netns treats any
+  other word as ``path``); the missing-path error names the path.
+* CIDR, MTU and MAC are checked while parsing, not after: the MTU must also
+  satisfy :class:`~pyslirp.stack.config.NetConfig` (68..65521, the IPv4
+  minimum), which slirp4netns leaves to the kernel's ``SIOCSIFMTU``.
+* Options slirp4netns has but pyslirp does not implement yet (``--api-socket``,
+  ``--enable-ipv6``, ``--enable-sandbox``, ``--enable-seccomp``,
+  ``--outbound-addr[6]``, ``--target-type``) are unknown options, so nobody
+  silently gets less isolation or a different network than asked for.
+* ``WARNING: too many arguments`` goes to stderr through logging, not stdout.
+
+``pyslirp run [OPTION]... [--] CMD [ARG]...`` takes the network-shaping
+subset of the options (``--configure`` is implied) and stops at the first
+non-option, so the command's own options are never ours.
+
+:func:`main` parses, sets up logging (``pyslirp: LEVEL: message`` on stderr)
+and hands :class:`Options` to ``pyslirp.runtime.main``, which is imported only
+then so ``--help`` stays fast and independent of the runtime.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, TextIO
+
+from pyslirp import __version__
+from pyslirp.stack.config import DEFAULT_CIDR, DEFAULT_MTU, ConfigError, NetConfig, parse_cidr
+from pyslirp.wire.ethernet import mac_from_str
+
+PROG = "pyslirp"
+DEFAULT_TAPNAME = "tap0"
+DEFAULT_NETNS_TYPE = "pid"
+DEFAULT_LOG_LEVEL = "info"
+DEFAULT_DNS_PORT = 53
+#: slirp4netns's hard ceiling ("MTU must be a positive integer (< 65522)").
+SLIRP_MAX_MTU = 65521
+#: What ``-v`` reports in slirp4netns's SLIRP_CONFIG_VERSION_MAX line.
+SLIRP_CONFIG_VERSION_MAX = 4
+LOG_LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+_INT_MAX = 2**31 - 1
+
+_DNS, _LOG = DEFAULT_DNS_PORT, DEFAULT_LOG_LEVEL
+USAGE = f"""\
+Usage: {PROG} [OPTION]... PID|PATH [TAPNAME]
+       {PROG} run [RUN-OPTION]... [--] COMMAND [ARG]...
+User-mode networking for unprivileged network namespaces.
+
+-c, --configure          bring up the interface
+-e, --exit-fd=FD         specify the FD for terminating {PROG}
+-r, --ready-fd=FD        specify the FD to write to when the network is configured
+-m, --mtu=MTU            specify MTU (default={DEFAULT_MTU}, max={SLIRP_MAX_MTU})
+--cidr=CIDR              specify network address CIDR (default={DEFAULT_CIDR})
+--disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
+--netns-type=TYPE        specify network namespace type ([path|pid], default={DEFAULT_NETNS_TYPE})
+--userns-path=PATH       specify user namespace path
+--disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
+--macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
+-h, --help               show this help and exit
+-v, --version            show version and exit
+
+{PROG} additions:
+--dns-upstream=HOST[:PORT]
+                         forward DNS to HOST (IPv4, or [IPv6] with a port) instead of the
+                         nameservers in /etc/resolv.conf; repeatable (default port={_DNS})
+--pcap=FILE              write every frame on the link to FILE (pcap format)
+--log-level=LEVEL        specify log verbosity ([debug|info|warning|error], default={_LOG})
+--no-offload             open the TAP without vnet header and offloads (plain frames)
+
+{PROG} run: run COMMAND in new namespaces served by {PROG}, exit with its status.
+RUN-OPTIONs: -m/--mtu, --cidr, --disable-host-loopback, --disable-dns, --macaddress,
+             --dns-upstream, --pcap, --log-level, --no-offload, -h/--help
+             (--configure is implied)
+"""
+
+
+class UsageError(Exception):
+    """The command line is wrong; ``str(exc)`` is the one-line reason (no program prefix)."""
+
+
+class InfoRequested(Exception):  # noqa: N818 - a request, not an error
+    """``--help`` or ``--version`` was given; ``text`` goes to stdout and the exit status is 0."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+@dataclass(slots=True)
+class Options:
+    """Everything ``pyslirp.runtime.main`` needs to serve a namespace or run a command."""
+
+    subcommand: Literal["serve", "run"] = "serve"
+    #: The PID (normalised decimal text) or the netns path; "" for ``run``.
+    target: str = ""
+    netns_type: Literal["pid", "path"] = "pid"
+    tapname: str = DEFAULT_TAPNAME
+    configure: bool = False
+    mtu: int = DEFAULT_MTU
+    cidr: ipaddress.IPv4Network = field(
+        default_factory=lambda: ipaddress.IPv4Network(DEFAULT_CIDR))
+    disable_host_loopback: bool = False
+    disable_dns: bool = False
+    userns_path: str | None = None
+    #: The TAP's MAC address (``--macaddress``); None lets the kernel choose.
+    macaddress: bytes | None = None
+    #: ``-r``/``-e``: None when not given (slirp4netns's -1).
+    ready_fd: int | None = None
+    exit_fd: int | None = None
+    #: ``--dns-upstream`` in order given, as (address text, port); empty means resolv.conf.
+    dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
+    pcap: str | None = None
+    log_level: str = DEFAULT_LOG_LEVEL
+    #: False with ``--no-offload``: no vnet header, no TSO/checksum offload.
+    offload: bool = True
+    #: ``run``: the command and its arguments.
+    command: list[str] = field(default_factory=list)
+    #: Positionals after TAPNAME; slirp4netns warns about them and carries on.
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        """The target PID for ``--netns-type=pid``, else None."""
+        if self.subcommand == "serve" and self.netns_type == "pid" and self.target:
+            return int(self.target)
+        return None
+
+    def net_config(self) -> NetConfig:
+        """A fresh :class:`NetConfig` for these options (raises ConfigError if inconsistent)."""
+        return NetConfig(
+            network=self.cidr,
+            mtu=self.mtu,
+            guest_mac=self.macaddress,
+            disable_host_loopback=self.disable_host_loopback,
+            disable_dns=self.disable_dns,
+            dns_upstreams=list(self.dns_upstreams),
+            vnet_hdr=self.offload,
+            offload=self.offload,
+        )
+
+
+# --- getopt_long, the way glibc does it ---------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Opt:
+    long: str
+    short: str | None
+    has_arg: bool
+
+
+_COMMON_OPTS = (
+    _Opt("mtu", "m", True),
+    _Opt("cidr", None, True),
+    _Opt("disable-host-loopback", None, False),
+    _Opt("disable-dns", None, False),
+    _Opt("macaddress", None, True),
+    _Opt("dns-upstream", None, True),
+    _Opt("pcap", None, True),
+    _Opt("log-level", None, True),
+    _Opt("no-offload", None, False),
+    _Opt("help", "h", False),
+)
+_SERVE_OPTS = (
+    _Opt("configure", "c", False),
+    _Opt("exit-fd", "e", True),
+    _Opt("ready-fd", "r", True),
+    *_COMMON_OPTS,
+    _Opt("netns-type", None, True),
+    _Opt("userns-path", None, True),
+    _Opt("version", "v", False),
+)
+_RUN_OPTS = _COMMON_OPTS
+
+
+def _getopt(argv: list[str], table: tuple[_Opt, ...], positionals: list[str], *,
+            permute: bool) -> Iterator[tuple[_Opt, str | None]]:
+    """Yield (option, argument) in command-line order, appending non-options to ``positionals``.
+
+    A generator so the caller acts on each option before the next is even
+    looked at: that is what makes ``--help --bogus`` print help, as getopt does.
+    With ``permute`` false, scanning stops at the first non-option.
+    """
+    shorts = {o.short: o for o in table if o.short}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            positionals.extend(argv[i:])
+            return
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            opt = _match_long(name, arg, table)
+            if opt.has_arg:
+                if not eq:
+                    if i >= len(argv):
+                        raise UsageError(f"option '--{opt.long}' requires an argument")
+                    value = argv[i]
+                    i += 1
+                yield opt, value
+            else:
+                if eq:
+                    raise UsageError(f"option '--{opt.long}' doesn't allow an argument")
+                yield opt, None
+        elif arg.startswith("-") and arg != "-":
+            j = 1
+            while j < len(arg):
+                ch = arg[j]
+                j += 1
+                sopt = shorts.get(ch)
+                if sopt is None:
+                    raise UsageError(f"invalid option -- '{ch}'")
+                if not sopt.has_arg:
+                    yield sopt, None
+                    continue
+                if j < len(arg):
+                    value = arg[j:]
+                elif i < len(argv):
+                    value = argv[i]
+                    i += 1
+                else:
+                    raise UsageError(f"option requires an argument -- '{ch}'")
+                yield sopt, value
+                break
+        else:
+            positionals.append(arg)
+            if not permute:
+                positionals.extend(argv[i:])
+                return
+
+
+def _match_long(name: str, arg: str, table: tuple[_Opt, ...]) -> _Opt:
+    for opt in table:
+        if opt.long == name:
+            return opt
+    candidates = [opt for opt in table if opt.long.startswith(name)] if name else []
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        possibilities = " ".join(f"'--{o.long}'" for o in candidates)
+        raise UsageError(f"option '--{name}' is ambiguous; possibilities: {possibilities}")
+    raise UsageError(f"unrecognized option '{arg}'")
+
+
+# --- value parsers ------------------------------------------------------------------------
+
+# strtol(s, &end, 10) with *end == '\0': C-locale isspace, optional sign, decimal digits.
+_STRTOL = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+
+
+def _strtol(text: str) -> int | None:
+    """The integer slirp4netns would read from ``text``, or None where it reports an error."""
+    if not _STRTOL.fullmatch(text):
+        return None
+    value = int(text)
+    # strtol sets ERANGE beyond a long; anything past an int is nonsense for our fields anyway.
+    return value if -_INT_MAX - 1 <= value <= _INT_MAX else None
+
+
+def _parse_fd(text: str, what: str) -> int:
+    value = _strtol(text)
+    if value is None or value < 0:
+        raise UsageError(f"{what} must be a non-negative integer")
+    return value
+
+
+def _parse_mtu(text: str) -> int:
+    value = _strtol(text)
+    if value is None or not 0 < value <= SLIRP_MAX_MTU:
+        raise UsageError(f"MTU must be a positive integer (< {SLIRP_MAX_MTU + 1})")
+    return value
+
+
+_CIDR_SHAPE = re.compile(r"(([0-9]{1,3}\.){3}[0-9]{1,3})/([0-9]{1,2})")
+
+
+def _parse_cidr(text: str) -> ipaddress.IPv4Network:
+    """slirp4netns's CIDR checks and messages, then :func:`parse_cidr` as the authority."""
+    m = _CIDR_SHAPE.fullmatch(text)
+    if m is None:
+        raise UsageError(f"invalid CIDR: {text}")
+    try:
+        address = ipaddress.IPv4Address(m.group(1))
+    except ValueError:
+        raise UsageError(f"invalid network address: {m.group(1)}") from None
+    prefix = int(m.group(3))
+    if not 1 <= prefix <= 25:
+        # /26 and longer leave no room for the guest at network + 100.
+        raise UsageError(f"prefix length needs to be 1-25 (--cidr={text})")
+    network = ipaddress.IPv4Network((address, prefix), strict=False)
+    if network.network_address != address:
+        raise UsageError(f"CIDR needs to be a network address like {network}, not like {text}")
+    try:
+        return parse_cidr(text)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _parse_mac(text: str) -> bytes:
+    try:
+        return mac_from_str(text)
+    except ValueError:
+        raise UsageError(f'"{text}" is an invalid MAC address (expected 6 hex bytes separated '
+                         f"by ':')") from None
+
+
+def _parse_dns_upstream(text: str) -> tuple[str, int]:
+    """``A.B.C.D``, ``A.B.C.D:PORT``, ``[V6]``, ``[V6]:PORT`` or a bare IPv6 address."""
+    bad = UsageError(f"invalid --dns-upstream '{text}': expected IPv4[:PORT] or [IPv6][:PORT]")
+    port_text: str | None = None
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address
+    try:
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise bad
+            addr = ipaddress.IPv6Address(host)
+            port_text = rest[1:] if rest else None
+        elif text.count(":") == 1:
+            host, _, port_text = text.partition(":")
+            addr = ipaddress.IPv4Address(host)
+        elif ":" in text:
+            addr = ipaddress.IPv6Address(text)
+        else:
+            addr = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise bad from None
+    port = DEFAULT_DNS_PORT
+    if port_text is not None:
+        if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise UsageError(f"invalid --dns-upstream '{text}': port must be 1..65535")
+        port = int(port_text)
+    return str(addr), port
+
+
+def _path_error(path: str) -> str | None:
+    """Why ``path`` can't be used (strerror), or None if it exists (access(F_OK) semantics)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+# --- version ------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    """``git describe`` of the source tree pyslirp runs from, or "unknown" outside a checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        top = subprocess.run(["git", "-C", root, "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        # An installed copy may sit inside somebody else's repository: that commit isn't ours.
+        if os.path.realpath(top) != os.path.realpath(root):
+            return "unknown"
+        out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--tags"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out or "unknown"
+
+
+def version_text() -> str:
+    """``-v`` output in slirp4netns's line layout (runc-style, machine-parsable)."""
+    return (f"{PROG} version {__version__}\n"
+            f"commit: {git_commit()}\n"
+            f"libslirp: {PROG}-{__version__}\n"
+            f"SLIRP_CONFIG_VERSION_MAX: {SLIRP_CONFIG_VERSION_MAX}\n"
+            "libseccomp: (not used)\n")
+
+
+# --- parse_args ---------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> Options:
+    """Parse a command line (without the program name) into checked :class:`Options`.
+
+    Raises :class:`UsageError` for a bad command line and :class:`InfoRequested`
+    for ``--help``/``--version``.
+    """
+    if argv and argv[0] == "run":
+        return _parse_run(argv[1:])
+    opts = Options()
+    positionals: list[str] = []
+    cidr_text: str | None = None
+    mac_text: str | None = None
+    for opt, value in _getopt(argv, _SERVE_OPTS, positionals, permute=True):
+        name = opt.long
+        if name == "configure":
+            opts.configure = True
+        elif name == "exit-fd":
+            opts.exit_fd = _parse_fd(_val(value), "exit-fd")
+        elif name == "ready-fd":
+            opts.ready_fd = _parse_fd(_val(value), "ready-fd")
+        elif name == "netns-type":
+            if value == "pid":
+                opts.netns_type = "pid"
+            elif value == "path":
+                opts.netns_type = "path"
+            else:
+                raise UsageError('--netns-type must be either "pid" or "path"')
+        elif name == "userns-path":
+            path = _val(value)
+            if _path_error(path) is not None:
+                raise UsageError(f"userns path doesn't exist: {path}")
+            opts.userns_path = path
+        elif name == "version":
+            raise InfoRequested(version_text())
+        else:
+            cidr_text, mac_text = _common_option(opts, name, value, cidr_text, mac_text)
+
+    # The checks slirp4netns makes after its getopt loop, in its order.
+    if mac_text is not None and not opts.configure:
+        raise UsageError("--macaddr cannot be specified when --configure or -c is not specified")
+    if not positionals:
+        raise UsageError(f"missing PID|PATH argument (see '{PROG} --help')")
+    target = positionals[0]
+    if opts.netns_type == "pid":
+        pid = _strtol(target)
+        if pid is None or pid <= 0:
+            raise UsageError("PID must be a positive integer")
+        opts.target = str(pid)
+    else:
+        why = _path_error(target)
+        if why is not None:
+            raise UsageError(f"existing path expected when --netns-type=path: {target}: {why}")
+        opts.target = target
+    if len(positionals) > 1:
+        opts.tapname = _parse_tapname(positionals[1])
+    opts.extra_args = positionals[2:]
+    _finish(opts, cidr_text, mac_text)
+    return opts
+
+
+def _parse_run(argv: list[str]) -> Options:
+    opts = Options(subcommand="run", configure=True)
+    positionals: list[str] = []
+    cidr_text: str | None = None
+    mac_text: str | None = None
+    for opt, value in _getopt(argv, _RUN_OPTS, positionals, permute=False):
+        cidr_text, mac_text = _common_option(opts, opt.long, value, cidr_text, mac_text)
+    if not positionals:
+        raise UsageError(f"missing command to run ({PROG} run [RUN-OPTION]... [--] COMMAND "
+                         "[ARG]...)")
+    opts.command = positionals
+    _finish(opts, cidr_text, mac_text)
+    return opts
+
+
+def _common_option(opts: Options, name: str, value: str | None, cidr_text: str | None,
+                   mac_text: str | None) -> tuple[str | None, str | None]:
+    """Apply an option shared by both forms; CIDR and MAC text are returned for later checks."""
+    if name == "help":
+        raise InfoRequested(USAGE)
+    if name == "mtu":
+        opts.mtu = _parse_mtu(_val(value))
+    elif name == "cidr":
+        cidr_text = _val(value)
+    elif name == "disable-host-loopback":
+        opts.disable_host_loopback = True
+    elif name == "disable-dns":
+        opts.disable_dns = True
+    elif name == "macaddress":
+        mac_text = _val(value)
+    elif name == "dns-upstream":
+        opts.dns_upstreams.append(_parse_dns_upstream(_val(value)))
+    elif name == "pcap":
+        if not value:
+            raise UsageError("--pcap needs a file name")
+        opts.pcap = value
+    elif name == "log-level":
+        level = _val(value).lower()
+        if level not in LOG_LEVELS:
+            raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)} "
+                             f"(not '{value}')")
+        opts.log_level = level
+    elif name == "no-offload":
+        opts.offload = False
+    else:  # pragma: no cover - every table entry is handled above
+        raise AssertionError(name)
+    return cidr_text, mac_text
+
+
+def _finish(opts: Options, cidr_text: str | None, mac_text: str | None) -> None:
+    """Checks slirp4netns makes after parsing (CIDR, MAC) plus the stack's own (NetConfig)."""
+    if cidr_text is not None:
+        opts.cidr = _parse_cidr(cidr_text)
+    if mac_text is not None:
+        opts.macaddress = _parse_mac(mac_text)
+    try:
+        opts.net_config()
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _parse_tapname(text: str) -> str:
+    # The kernel's IFNAMSIZ is 16 with the NUL; slirp4netns silently truncates, which
+    # would leave the caller looking for an interface that isn't there.
+    if not text or len(text.encode()) > 15 or "/" in text or any(c.isspace() for c in text):
+        raise UsageError(f"invalid TAPNAME '{text}': must be 1-15 bytes without '/' or spaces")
+    return text
+
+
+def _val(value: str | None) -> str:
+    if value is None:  # pragma: no cover - _getopt always supplies an argument when required
+        raise AssertionError("option argument missing")
+    return value
+
+
+# --- logging and main ---------------------------------------------------------------------
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
+_log_handler: logging.Handler | None = None
+LOG_FORMAT = f"{PROG}: %(levelname)s: %(message)s"
+
+
+def setup_logging(level: str = DEFAULT_LOG_LEVEL) -> None:
+    """One line per event on stderr as ``pyslirp: LEVEL: message``; idempotent.
+
+    ``level`` applies to pyslirp's loggers; other libraries' loggers (pyroute2,
+    asyncio) only get through at WARNING and above, so ``debug`` stays ours.
+    """
+    global _log_handler
+    root = logging.getLogger()
+    if _log_handler is not None:
+        root.removeHandler(_log_handler)
+    _log_handler = _StderrHandler()
+    _log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(_log_handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger(PROG).setLevel(LOG_LEVELS[level])
+
+
+log = logging.getLogger(PROG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``pyslirp`` console entry point; returns the process exit status."""
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        opts = parse_args(argv)
+    except InfoRequested as info:
+        sys.stdout.write(info.text)
+        sys.stdout.flush()
+        return 0
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    setup_logging(opts.log_level)
+    if opts.extra_args:
+        log.warning("too many arguments")
+    try:
+        from pyslirp.runtime.main import run_command, serve_namespace
+    except ImportError as exc:
+        log.error("the runtime is not available: %s", exc)
+        return 1
+    try:
+        if opts.subcommand == "run":
+            return run_command(opts)
+        return serve_namespace(opts)
+    except KeyboardInterrupt:
+        # The runtime handles SIGINT once its loop runs; this covers the moments before.
+        return 128 + 2
