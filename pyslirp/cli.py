@@ -569,7 +569,7 @@ def setup_logging(level: str = DEFAULT_LOG_LEVEL) -> None:
     """One line per event on stderr as ``pyslirp: LEVEL: message``; idempotent.
 
     ``level`` applies to pyslirp's loggers; other libraries' loggers (pyroute2,
-    asyncio) only get through at WARNING and above, so ``debug`` stays ours.
+    asyncio) never go below WARNING, so ``debug`` shows only what is ours.
     """
     global _log_handler
     root = logging.getLogger()
@@ -578,7 +578,7 @@ def setup_logging(level: str = DEFAULT_LOG_LEVEL) -> None:
     _log_handler = _StderrHandler()
     _log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(_log_handler)
-    root.setLevel(logging.WARNING)
+    root.setLevel(max(logging.WARNING, LOG_LEVELS[level]))
     logging.getLogger(PROG).setLevel(LOG_LEVELS[level])
 
 
