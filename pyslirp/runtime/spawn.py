@@ -86,6 +86,10 @@ class IsolatedChild:
             os.close(self._release_fd)
             self._release_fd = -1
 
+    def cancel(self) -> None:
+        """Give up without running the command (e.g. the TAP failed): the child exits 1."""
+        self._abandon()
+
     def _abandon(self) -> None:
         if self._release_fd >= 0:
             os.close(self._release_fd)

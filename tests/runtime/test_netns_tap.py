@@ -1,0 +1,310 @@
+"""open_tap against real namespaces: the TAP appears where asked, configured, and carries frames.
+
+Traffic in these tests goes only to the TAP inside namespaces the tests create.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import select
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pyslirp.runtime import netns, tap
+from pyslirp.runtime.tap import ConfigureSpec, TapError, TapHandle, open_tap
+from pyslirp.stack.config import NetConfig
+from pyslirp.wire import arp, ethernet, ipv4, udp, vnet
+from pyslirp.wire.checksum import finish, partial_sum
+from pyslirp.wire.errors import MalformedPacket
+from tests import nsutil
+
+pytestmark = pytest.mark.e2e
+
+GUEST_MAC = bytes.fromhex("02aabbccdd01")
+GW_MAC = bytes.fromhex("52550a000202")
+GUEST_IP = ipv4.addr_from_str("10.0.2.100")
+GW_IP = ipv4.addr_from_str("10.0.2.2")
+CONFIGURE = ConfigureSpec.from_netconfig(NetConfig())
+
+
+@pytest.fixture(autouse=True)
+def _capable() -> None:
+    nsutil.skip_unless_capable()
+
+
+@pytest.fixture
+def named_ns() -> Iterator[nsutil.NetNS]:
+    with nsutil.NetNS("tap") as ns:
+        yield ns
+
+
+@pytest.fixture
+def user_ns() -> Iterator[nsutil.UserNetNS]:
+    with nsutil.UserNetNS("tapuser") as ns:
+        yield ns
+
+
+def _assert_configured(ns: nsutil.Namespace, handle: TapHandle, mtu: int) -> None:
+    link = ns.link(handle.name)
+    assert link is not None, f"{handle.name} not found in {ns}"
+    assert link["mtu"] == mtu
+    assert "UP" in link["flags"] and "LOWER_UP" in link["flags"]
+    assert link["address"] == ethernet.mac_to_str(handle.mac)
+    v4 = [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"]
+    assert v4 == [("10.0.2.100", 24)]
+    lo = ns.link("lo")
+    assert lo is not None and "UP" in lo["flags"]
+    default = [r for r in ns.routes() if r["dst"] == "default"]
+    assert [(r["gateway"], r["dev"]) for r in default] == [("10.0.2.2", handle.name)]
+
+
+def _read_frame(fd: int, want: Callable[[bytes], bool], timeout: float = 10.0) -> bytes:
+    """The first frame from the TAP that ``want`` accepts (IPv6 chatter etc. is skipped)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    for _ in range(1000):
+        if not poller.poll(timeout * 1000):
+            raise TimeoutError("no matching frame from the TAP")
+        frame = os.read(fd, 65536)
+        if want(frame):
+            return frame
+    raise AssertionError("too many unrelated frames")
+
+
+def _is_ethertype(kind: int, hdr: int) -> Callable[[bytes], bool]:
+    return lambda f: len(f) >= hdr + 14 and int.from_bytes(f[hdr + 12:hdr + 14], "big") == kind
+
+
+def _trigger_udp(ns: nsutil.Namespace, payload: str = "hello") -> None:
+    # bash's /dev/udp sends one datagram; the unresolved gateway makes the kernel ARP first.
+    ns.run(["bash", "-c", f"echo -n {payload} > /dev/udp/10.0.2.2/9"])
+
+
+def _arp_then_udp(ns: nsutil.Namespace, handle: TapHandle) -> tuple[bytes, memoryview]:
+    """Make the namespace send UDP to the gateway; answer its ARP; return (ARP frame, UDP frame)."""
+    hdr = vnet.HEADER_LEN if handle.vnet_hdr else 0
+    _trigger_udp(ns)
+    arp_frame = _read_frame(handle.fd, _is_ethertype(ethernet.ETHERTYPE_ARP, hdr))
+    reply = (ethernet.header(handle.mac, GW_MAC, ethernet.ETHERTYPE_ARP)
+             + arp.build(arp.OP_REPLY, GW_MAC, GW_IP, handle.mac, GUEST_IP))
+    os.write(handle.fd, (vnet.PLAIN if handle.vnet_hdr else b"") + reply)
+    udp_frame = _read_frame(handle.fd, _is_ethertype(ethernet.ETHERTYPE_IPV4, hdr))
+    return arp_frame, memoryview(udp_frame)
+
+
+# ---------------------------------------------------------------------------- open and configure
+
+
+def test_path_netns_tap_is_created_configured_and_removed_on_close(named_ns: nsutil.NetNS) -> None:
+    handle = open_tap(named_ns.path, "path", mtu=1500, configure=CONFIGURE, mac=GUEST_MAC)
+    try:
+        assert (handle.name, handle.vnet_hdr, handle.offload) == ("tap0", True, True)
+        assert handle.mac == GUEST_MAC and handle.mtu == 1500
+        assert not os.get_blocking(handle.fd) and not os.get_inheritable(handle.fd)
+        _assert_configured(named_ns, handle, 1500)
+        assert subprocess.run(["ip", "link", "show", "tap0"], capture_output=True).returncode != 0
+    finally:
+        handle.close()
+    # Not persistent: the device goes with its last fd.
+    nsutil.wait_for(lambda: named_ns.link("tap0") is None, what="tap0 to disappear")
+
+
+def test_pid_target_in_its_own_user_namespace(user_ns: nsutil.UserNetNS) -> None:
+    assert netns.pid_userns_differs(user_ns.pid)
+    with open_tap(str(user_ns.pid), "pid", tapname="eth7", mtu=65520,
+                  configure=CONFIGURE) as handle:
+        assert (handle.name, handle.vnet_hdr, handle.offload) == ("eth7", True, True)
+        assert handle.mtu == 65520
+        _assert_configured(user_ns, handle, 65520)
+
+
+def test_without_configure_the_tap_is_left_down_and_unaddressed(named_ns: nsutil.NetNS) -> None:
+    with open_tap(named_ns.path, "path", mtu=9000) as handle:
+        link = named_ns.link("tap0")
+        assert link is not None and link["mtu"] == 9000
+        assert "UP" not in link["flags"] and link["addr_info"] == []
+        assert handle.mac == bytes.fromhex(link["address"].replace(":", ""))
+        assert named_ns.routes() == []
+
+
+def test_attaches_to_an_existing_persistent_tap(named_ns: nsutil.NetNS) -> None:
+    named_ns.run(["ip", "tuntap", "add", "dev", "tapx", "mode", "tap"])
+    with open_tap(named_ns.path, "path", tapname="tapx", configure=CONFIGURE) as handle:
+        assert handle.name == "tapx" and handle.vnet_hdr
+        _assert_configured(named_ns, handle, 1500)
+    assert named_ns.link("tapx") is not None  # persistent: still there after we let go
+
+
+def test_works_from_inside_a_running_uvloop_with_worker_threads(named_ns: nsutil.NetNS) -> None:
+    # The runtime calls open_tap from its event loop, possibly with executor threads alive.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> TapHandle:
+        loop = asyncio.get_running_loop()
+        busy = loop.run_in_executor(None, lambda: sum(range(3_000_000)))
+        handle = open_tap(named_ns.path, "path", configure=CONFIGURE)
+        await busy
+        return handle
+
+    with uvloop.run(main()) as handle:
+        _assert_configured(named_ns, handle, 1500)
+
+
+# ---------------------------------------------------------------------------- frames
+
+
+def test_frames_carry_vnet_header_and_partial_checksum_with_offload(
+        named_ns: nsutil.NetNS) -> None:
+    with open_tap(named_ns.path, "path", configure=CONFIGURE, mac=GUEST_MAC) as handle:
+        arp_frame, frame = _arp_then_udp(named_ns, handle)
+
+        hdr = vnet.VnetHeader(memoryview(arp_frame))
+        assert (hdr.flags, hdr.gso_type) == (0, vnet.GSO_NONE)
+        eth = ethernet.EthernetFrame(memoryview(arp_frame)[vnet.HEADER_LEN:])
+        assert (eth.dst, eth.src) == (ethernet.BROADCAST, GUEST_MAC)
+        req = arp.ArpPacket(eth.payload)
+        assert (req.op, req.sender_ip, req.target_ip) == (arp.OP_REQUEST, GUEST_IP, GW_IP)
+
+        # Our ARP reply was accepted: the queued datagram comes out, addressed to our MAC,
+        # with only the pseudo-header sum in it (the kernel left the checksum to us).
+        hdr = vnet.VnetHeader(frame)
+        assert hdr.flags & vnet.F_NEEDS_CSUM
+        assert (hdr.csum_start, hdr.csum_offset) == (14 + 20, 6)
+        eth = ethernet.EthernetFrame(frame[vnet.HEADER_LEN:])
+        assert eth.dst == GW_MAC
+        ip = ipv4.Ipv4Packet(eth.payload)
+        dgram = udp.UdpDatagram(ip.payload)
+        assert (ip.src, ip.dst, dgram.dst_port, bytes(dgram.payload)) == (
+            GUEST_IP, GW_IP, 9, b"hello")
+        with pytest.raises(MalformedPacket):
+            udp.UdpDatagram(ip.payload, ip.src, ip.dst, verify_checksum=True)
+        # Finishing the sum from csum_start, as the header asks, gives a valid datagram.
+        fixed = bytearray(frame[vnet.HEADER_LEN:])
+        start = hdr.csum_start
+        csum = finish(partial_sum(fixed[start:]))
+        fixed[start + hdr.csum_offset:start + hdr.csum_offset + 2] = csum.to_bytes(2, "big")
+        ip = ipv4.Ipv4Packet(memoryview(fixed)[14:])
+        udp.UdpDatagram(ip.payload, ip.src, ip.dst, verify_checksum=True)
+
+
+def _refuse(monkeypatch: pytest.MonkeyPatch, refuse: Callable[[int, Any], bool]) -> None:
+    """Make the (forked) TAP helper see a kernel that rejects some ioctls with EINVAL."""
+    real = tap._ioctl
+
+    def fake(fd: Any, request: int, arg: Any) -> Any:
+        if refuse(request, arg):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, request, arg)
+
+    monkeypatch.setattr(tap, "_ioctl", fake)
+
+
+def test_without_offloads_frames_are_plain_with_full_checksums(
+        named_ns: nsutil.NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
+    _refuse(monkeypatch, lambda req, arg: req == tap.TUNSETOFFLOAD and arg != 0)
+    with open_tap(named_ns.path, "path", configure=CONFIGURE) as handle:
+        assert (handle.vnet_hdr, handle.offload, handle.uso) == (True, False, False)
+        _, frame = _arp_then_udp(named_ns, handle)
+        assert vnet.VnetHeader(frame).flags & vnet.F_NEEDS_CSUM == 0
+        ip = ipv4.Ipv4Packet(frame[vnet.HEADER_LEN + 14:])
+        udp.UdpDatagram(ip.payload, ip.src, ip.dst, verify_checksum=True)  # raises if partial
+
+
+def test_uso_refused_keeps_tso(named_ns: nsutil.NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
+    _refuse(monkeypatch, lambda req, arg: req == tap.TUNSETOFFLOAD and bool(arg & tap.TUN_F_USO4))
+    with open_tap(named_ns.path, "path") as handle:
+        assert (handle.vnet_hdr, handle.offload, handle.uso) == (True, True, False)
+
+
+def test_without_vnet_header_frames_start_with_ethernet(
+        named_ns: nsutil.NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
+    _refuse(monkeypatch, lambda req, arg: req == tap.TUNSETVNETHDRSZ)
+    with open_tap(named_ns.path, "path", configure=CONFIGURE, mac=GUEST_MAC) as handle:
+        assert (handle.vnet_hdr, handle.offload) == (False, False)
+        _assert_configured(named_ns, handle, 1500)
+        arp_frame, frame = _arp_then_udp(named_ns, handle)
+        assert ethernet.EthernetFrame(memoryview(arp_frame)).src == GUEST_MAC
+        eth = ethernet.EthernetFrame(frame)
+        assert eth.dst == GW_MAC
+        ip = ipv4.Ipv4Packet(eth.payload)
+        assert bytes(udp.UdpDatagram(ip.payload, ip.src, ip.dst, True).payload) == b"hello"
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_missing_netns_path_is_a_clear_error() -> None:
+    with pytest.raises(TapError, match=r"^netns path /nonexistent/ns does not exist$"):
+        open_tap("/nonexistent/ns", "path")
+
+
+def test_nonexistent_pid_is_a_clear_error() -> None:
+    with pytest.raises(TapError, match=r"^no process with pid 2147483646$"):
+        open_tap("2147483646", "pid")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"target": "12ab", "netns_type": "pid"}, "invalid pid '12ab'"),
+    ({"target": "/proc/self/ns/net", "netns_type": "cgroup"}, "invalid netns type 'cgroup'"),
+    ({"target": "/proc/self/ns/net", "netns_type": "path", "tapname": "x" * 16},
+     "invalid TAP name"),
+    ({"target": "/proc/self/ns/net", "netns_type": "path", "mtu": 65522}, "MTU 65522"),
+    ({"target": "/proc/self/ns/net", "netns_type": "path", "userns_path": "/nope"},
+     "userns path /nope does not exist"),
+])
+def test_bad_arguments_are_rejected_before_forking(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(TapError, match=message):
+        open_tap(**kwargs)
+
+
+def test_a_path_that_is_not_a_netns_fails_in_the_helper(tmp_path: Any) -> None:
+    bogus = tmp_path / "not-a-netns"
+    bogus.write_text("")
+    with pytest.raises(TapError, match=rf"^cannot join network namespace {bogus}: "):
+        open_tap(str(bogus), "path")
+
+
+def test_userns_path_is_joined_first(named_ns: nsutil.NetNS, user_ns: nsutil.UserNetNS) -> None:
+    # Once inside the other user namespace we hold no rights over a netns owned by ours:
+    # the failure proves the join happened, and its message says which step failed.
+    with pytest.raises(TapError, match=rf"^cannot join network namespace {named_ns.path}: "
+                                       r"Operation not permitted$"):
+        open_tap(named_ns.path, "path", userns_path=user_ns.userns_path)
+
+
+def test_device_errors_name_the_device(named_ns: nsutil.NetNS) -> None:
+    # A name taken by a device of another kind cannot become a TAP.
+    named_ns.run(["ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"])
+    with pytest.raises(TapError, match=r"^cannot create TAP device veth0: "):
+        open_tap(named_ns.path, "path", tapname="veth0")
+
+
+# ---------------------------------------------------------------------------- nsutil itself
+
+
+def test_nsutil_namespaces_leave_nothing_behind() -> None:
+    ns = nsutil.NetNS("cleanup")
+    sleeper = ns.popen(["sleep", "60"])
+    uns = nsutil.UserNetNS("cleanup")
+    assert os.path.exists(ns.path) and os.path.exists(uns.path)
+    ns.close()
+    uns.close()
+    assert not os.path.exists(ns.path)
+    assert sleeper.poll() is not None
+    assert not os.path.exists(f"/proc/{uns.pid}")
+
+
+def test_nsutil_cleanup_stale_removes_only_dead_owners() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{nsutil.PREFIX}{dead.pid}-0-stale"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    with nsutil.NetNS("alive") as alive:
+        removed = nsutil.cleanup_stale()
+        assert stale in removed and alive.name not in removed
+        assert os.path.exists(alive.path) and not os.path.exists(f"/run/netns/{stale}")
