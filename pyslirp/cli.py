@@ -116,7 +116,7 @@ class UsageError(Exception):
     """The command line is wrong; ``str(exc)`` is the one-line reason (no program prefix)."""
 
 
-class InfoRequested(Exception):  # noqa: N818 - a request, not an error
+class InfoRequested(Exception):
     """``--help`` or ``--version`` was given; ``text`` goes to stdout and the exit status is 0."""
 
     def __init__(self, text: str) -> None:
