@@ -23,6 +23,7 @@ namespace unless the caller is single-threaded): call those in a forked child.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -132,3 +133,25 @@ def userns_differs(userns_path: str) -> bool:
 def pid_userns_differs(pid: int) -> bool:
     """Whether process ``pid`` lives in another user namespace than ours."""
     return userns_differs(userns_path_of(pid))
+
+
+def forked_child_signal_hygiene() -> None:
+    """Call first thing in a forked child that will run Python code for a while.
+
+    The parent's event loop may own signal handlers that write into its
+    wakeup pipe (asyncio's ``set_wakeup_fd``, libuv's own pipe): a signal
+    caught in the child would wake the *parent's* loop as if the parent had
+    received it. Put every handled signal back to its default action (a
+    SIGINT/SIGTERM then ends the child as it would end the exec'd command);
+    ignored signals stay ignored (exec keeps them; callers reset SIGPIPE).
+    """
+    import signal
+
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)

@@ -193,8 +193,7 @@ def _child_main(argv: list[str], resolv_conf: str | None, hostname: str | None,
                 use_userns: bool, uid: int, gid: int, parent_pid: int, die_with_parent: bool,
                 status_w: int, release_r: int) -> None:  # pragma: no cover - forked child
     try:
-        with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(-1)  # never wake the parent's event loop from here
+        netns.forked_child_signal_hygiene()
         try:
             _setup(resolv_conf, hostname, use_userns, uid, gid)
             if die_with_parent:
@@ -202,7 +201,7 @@ def _child_main(argv: list[str], resolv_conf: str | None, hostname: str | None,
                 if os.getppid() != parent_pid:  # it died before the prctl took effect
                     os._exit(1)
         except OSError as exc:
-            os.write(status_w, _ERROR + str(exc).encode(errors="replace"))
+            os.write(status_w, _ERROR + (exc.strerror or str(exc)).encode(errors="replace"))
             os._exit(1)
         os.write(status_w, _READY)
         os.close(status_w)

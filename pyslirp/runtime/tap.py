@@ -259,9 +259,7 @@ def _child_main(sock: socket.socket, netns_path: str, userns_path: str | None,
                 mac: bytes | None) -> None:  # pragma: no cover - runs in the forked child
     code = 1
     try:
-        # A signal here must not be written into the parent's event-loop wakeup fd.
-        with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(-1)
+        netns.forked_child_signal_hygiene()
         fd, info = _child_open(netns_path, userns_path, tapname, mtu, configure, mac)
         socket.send_fds(sock, [json.dumps(info).encode()], [fd])
         code = 0
