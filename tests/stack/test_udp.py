@@ -77,6 +77,32 @@ class FakeHost:
     def icmp_close(self, flow: Any) -> None:
         self.calls.append(("icmp_close", flow))
 
+    # The rest of HostPort: recorded so that a stray call shows up in ``calls``.
+    def tcp_connect(self, flow: Any, targets: list[tuple[str, int]]) -> None:
+        self.calls.append(("tcp_connect", flow, targets))
+
+    def tcp_write(self, flow: Any, data: Any) -> int:
+        self.calls.append(("tcp_write", flow, bytes(data)))
+        return len(data)
+
+    def tcp_shutdown_write(self, flow: Any) -> None:
+        self.calls.append(("tcp_shutdown_write", flow))
+
+    def tcp_pause_reading(self, flow: Any) -> None:
+        self.calls.append(("tcp_pause_reading", flow))
+
+    def tcp_resume_reading(self, flow: Any) -> None:
+        self.calls.append(("tcp_resume_reading", flow))
+
+    def tcp_close(self, flow: Any, reset: bool) -> None:
+        self.calls.append(("tcp_close", flow, reset))
+
+    def dns_send(self, query: Any, upstream: tuple[str, int], data: Any) -> None:
+        self.calls.append(("dns_send", query, upstream, bytes(data)))
+
+    def dns_cancel(self, query: Any) -> None:
+        self.calls.append(("dns_cancel", query))
+
 
 class Harness:
     """A link that collects frames, a fake host, timers and a fake clock."""
