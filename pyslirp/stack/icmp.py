@@ -166,7 +166,9 @@ class IcmpEngine:
         if not self.host.icmp_echo(flow, flow.target, msg.ident, msg.seq, msg.payload):
             link.count("drop.icmp.host_refused")
             self._prohibited(ip)
-            # A flow whose first echo failed never got a socket: nothing to close.
+            if new:
+                # Not kept; the runtime may have made a socket before the send failed.
+                self.host.icmp_close(flow)
             return
         if new:
             self.flows[key] = flow

@@ -107,8 +107,20 @@ def test_host_refusing_ping_sockets_gives_admin_prohibited() -> None:
     assert_icmp_checksum(err)
     assert len(h.icmp) == 0
     assert h.counters["drop.icmp.host_refused"] == 1
+    # Whatever the runtime made for the failed flow is released at once, and only once.
+    assert h.host.names() == ["icmp_echo", "icmp_close"]
     h.advance(3600)
-    assert "icmp_close" not in h.host.names()   # no socket was ever opened
+    assert h.host.names() == ["icmp_echo", "icmp_close"]
+
+
+def test_failed_echo_on_an_established_flow_keeps_the_flow() -> None:
+    h = IcmpHarness()
+    h.ping(REMOTE, seq=1)
+    h.host.icmp_ok = False
+    h.ping(REMOTE, seq=2)
+    [err] = h.take()
+    assert (err[ICMP].code, err[ICMPerror].seq) == (ADMIN_PROHIBITED, 2)
+    assert len(h.icmp) == 1 and "icmp_close" not in h.host.names()
 
 
 def test_refused_destinations_get_admin_prohibited_without_host_calls() -> None:
