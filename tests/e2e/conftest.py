@@ -114,8 +114,9 @@ class Host:
         return self.ns.run(args, **kw)
 
     def established_to(self, port: int) -> list[str]:
-        """Established TCP connections to ``port`` on the host's loopback (``ss`` lines)."""
-        out = self.ns.run(["ss", "-Htn", "state", "established", f"( dport = :{port} )"]).stdout
+        """Established TCP connections to or from ``port`` on the host's loopback (``ss``)."""
+        out = self.ns.run(["ss", "-Htn", "state", "established",
+                           f"( dport = :{port} or sport = :{port} )"]).stdout
         return [line for line in out.splitlines() if line.strip()]
 
 

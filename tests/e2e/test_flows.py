@@ -1,0 +1,110 @@
+"""TCP and UDP flows from the guest to the host's loopback (10.0.2.2): echo, refusal,
+many concurrent connections, and --disable-host-loopback."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from tests.e2e.conftest import GATEWAY, Guest, Host, Slirp, StartSlirp
+
+pytestmark = pytest.mark.e2e
+
+UDP_ECHO = """
+import json, socket, sys
+addr = (sys.argv[1], int(sys.argv[2]))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+results = []
+for size in (1, 1400, 8000, 30000):  # the last two are fragmented at MTU 1500
+    data = bytes((i * 7 + size) & 0xFF for i in range(size))
+    s.sendto(data, addr)
+    reply, src = s.recvfrom(65535)
+    results.append([size, reply == data, src[0], src[1]])
+print(json.dumps(results))
+"""
+
+
+def test_udp_echo(host: Host, guest: Guest, slirp: Slirp) -> None:
+    out = guest.python(UDP_ECHO, GATEWAY, str(host.echo)).stdout
+    for size, same, src_ip, src_port in json.loads(out):
+        assert same, f"{size}-byte datagram came back changed"
+        assert (src_ip, src_port) == (GATEWAY, host.echo)
+
+
+CONNECT = """
+import errno, socket, sys
+s = socket.socket()
+s.settimeout(30)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+except TimeoutError:
+    print("timeout")
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno, exc.errno))
+else:
+    print("connected")
+"""
+
+
+def test_refused_port_is_refused_at_once(host: Host, guest: Guest, slirp: Slirp) -> None:
+    # Refused (an RST), not a timeout and not an unreachable: what the host's kernel said.
+    assert guest.python(CONNECT, GATEWAY, str(host.dead)).stdout.strip() == "ECONNREFUSED"
+    proc = guest.run(["curl", "-sS", "--max-time", "30", f"http://{GATEWAY}:{host.dead}/"],
+                     check=False)
+    assert proc.returncode == 7, proc.stderr  # curl: "Failed to connect"
+
+
+MANY = """
+import asyncio, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+async def one(i, barrier):
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 60)
+    await asyncio.wait_for(barrier.wait(), 120)  # all n connections are open at once here
+    msg = (f"connection {i} " * 50).encode()
+    writer.write(msg)
+    await writer.drain()
+    got = await asyncio.wait_for(reader.readexactly(len(msg)), 60)
+    writer.close()
+    await writer.wait_closed()
+    return got == msg
+
+async def main():
+    barrier = asyncio.Barrier(n)
+    results = await asyncio.gather(*(one(i, barrier) for i in range(n)), return_exceptions=True)
+    bad = [repr(r) for r in results if r is not True]
+    print(n - len(bad), bad[:5])
+
+asyncio.run(main())
+"""
+
+
+def test_500_concurrent_connections(host: Host, guest: Guest, slirp: Slirp) -> None:
+    out = guest.python(MANY, GATEWAY, str(host.echo), "500", timeout=240).stdout
+    assert out.startswith("500 []"), out
+
+
+UDP_ONCE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+try:
+    print(s.recv(100).decode())
+except TimeoutError:
+    print("no reply")
+"""
+
+
+def test_disable_host_loopback(host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
+    start_slirp("--disable-host-loopback")
+    # TCP: an immediate "unreachable" from pyslirp, not a connection and not a timeout.
+    assert guest.python(CONNECT, GATEWAY, str(host.echo)).stdout.strip() in (
+        "EHOSTUNREACH", "ENETUNREACH")
+    # UDP: dropped; the echo server never sees it.
+    token = f"blocked-{uuid.uuid4().hex}"
+    assert guest.python(UDP_ONCE, GATEWAY, str(host.echo), token).stdout.strip() == "no reply"
+    assert token not in host.echo_log()

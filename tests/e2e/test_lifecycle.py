@@ -1,0 +1,126 @@
+"""pyslirp as a process: how it starts (PID, path, user namespace, `run`), what it writes
+(--pcap), what it configures (-c, --mtu, --cidr) and what it leaves when stopped."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import (
+    GATEWAY,
+    GUEST_ADDR,
+    REPO,
+    TAP,
+    Guest,
+    Host,
+    StartSlirp,
+    _descendants,
+    alive,
+    pyslirp_argv,
+)
+from tests.e2e.servers import HELLO
+from tests.nsutil import NetNS, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def _hello(guest: Guest, host: Host, gateway: str = GATEWAY) -> str:
+    return guest.run(["curl", "-sS", "--fail", "--max-time", "30",
+                      host.url("/hello", gateway)]).stdout
+
+
+def test_configure_sets_address_route_and_mtu(host: Host, guest: Guest,
+                                              start_slirp: StartSlirp) -> None:
+    start_slirp("--mtu", "9000")
+    link = guest.link(TAP)
+    assert link is not None and "UP" in link["flags"]
+    assert link["mtu"] == 9000
+    assert [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"] \
+        == [(GUEST_ADDR, 24)]
+    assert {"dst": "default", "gateway": GATEWAY} in [
+        {k: r.get(k) for k in ("dst", "gateway")} for r in guest.ns.routes()]
+    assert _hello(guest, host) == HELLO.decode()
+
+
+def test_cidr_moves_the_whole_network(host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
+    start_slirp("--cidr", "10.99.0.0/24")
+    link = guest.link(TAP)
+    assert link is not None
+    assert [a["local"] for a in link["addr_info"] if a["family"] == "inet"] == ["10.99.0.100"]
+    assert _hello(guest, host, "10.99.0.2") == HELLO.decode()
+
+
+def test_netns_by_path(host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
+    start_slirp(by_path=True)
+    assert _hello(guest, host) == HELLO.decode()
+
+
+def test_rootless_shape_user_namespace(host: Host, user_guest: Guest,
+                                       start_slirp: StartSlirp) -> None:
+    start_slirp(target=user_guest)
+    assert _hello(user_guest, host) == HELLO.decode()
+
+
+def _run(host: Host, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return host.run(pyslirp_argv("run", f"--dns-upstream={host.dns_upstream}", "--", *cmd),
+                    check=False, timeout=60)
+
+
+def test_run_exits_with_the_commands_status(host: Host) -> None:
+    proc = _run(host, "sh", "-c", "exit 3")
+    assert proc.returncode == 3, proc.stderr
+
+
+def test_run_gives_the_command_a_network(host: Host) -> None:
+    proc = _run(host, "curl", "-sS", "--fail", "--max-time", "30", host.url("/hello"))
+    assert (proc.returncode, proc.stdout) == (0, HELLO.decode()), proc.stderr
+
+
+def test_pcap_has_the_guests_syn(host: Host, guest: Guest, start_slirp: StartSlirp,
+                                 tmp_path: Path) -> None:
+    pcap = tmp_path / "link.pcap"
+    slirp = start_slirp(f"--pcap={pcap}")
+    assert _hello(guest, host) == HELLO.decode()
+    assert slirp.stop() == 0
+    tshark = shutil.which("tshark")
+    assert tshark, "tshark is not installed (.ci/run installs it)"
+    out = subprocess.run(
+        [tshark, "-n", "-r", str(pcap), "-Y", "tcp.flags.syn == 1 && tcp.flags.ack == 0",
+         "-T", "fields", "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.dstport"],
+        check=True, capture_output=True, text=True, timeout=60).stdout
+    assert f"{GUEST_ADDR}\t{GATEWAY}\t{host.http}" in out.splitlines()
+
+
+HOLD_OPEN = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+s.sendall(b"ping")
+assert s.recv(4) == b"ping"
+print("open", flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigterm_leaves_nothing_behind(host: Host, guest: Guest,
+                                       start_slirp: StartSlirp) -> None:
+    slirp = start_slirp()
+    client = guest.popen([sys.executable, "-c", HOLD_OPEN, GATEWAY, str(host.echo)],
+                         stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert client.stdout is not None and client.stdout.readline().strip() == "open"
+    assert host.established_to(host.echo), "the flow should be open on the host side"
+    helpers = _descendants(slirp.pid)
+
+    assert slirp.stop(signal.SIGTERM) == 0, slirp.log_text()
+
+    assert not [pid for pid in helpers if alive(pid)], "pyslirp left processes running"
+    if isinstance(guest.ns, NetNS):
+        assert set(guest.ns.pids()) <= {guest.pid, client.pid}, "a helper stayed in the guest"
+    assert guest.link(TAP) is None, "the TAP device outlived pyslirp"
+    # Its host sockets are closed: the echo server saw the connection end.
+    wait_for(lambda: not host.established_to(host.echo), timeout=10,
+             what="the host-side connection to close")
