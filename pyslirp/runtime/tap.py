@@ -453,5 +453,26 @@ def _configure(ctl: socket.socket, name: str, spec: ConfigureSpec) -> None:  # p
         rt.rt_gateway = _sockaddr_in(spec.gateway)
         rt.rt_genmask = _sockaddr_in(any4)
         rt.rt_flags = RTF_UP | RTF_GATEWAY
-        _ioctl_or_fail(ctl, SIOCADDRT, bytearray(rt),
-                       f"cannot add the default route via {spec.gateway}")
+        try:
+            _ioctl(ctl, SIOCADDRT, bytearray(rt))
+        except OSError as exc:
+            # Re-attaching to a persistent TAP finds our own route still there: fine.
+            # A default route elsewhere is not: the guest's traffic would bypass us.
+            if exc.errno != errno.EEXIST or not _has_default_route(name, spec.gateway):
+                raise _ChildFailure(f"cannot add the default route via {spec.gateway}: "
+                                    f"{_why(exc)}") from None
+
+
+def _has_default_route(name: str, gateway: ipaddress.IPv4Address) -> bool:  # pragma: no cover
+    """Whether this netns routes 0.0.0.0/0 via ``gateway`` on ``name`` (/proc/net/route).
+
+    /proc/self/net shows the namespace of the reading thread: the one we joined.
+    """
+    want = socket.htonl(int(gateway))
+    try:
+        with open("/proc/self/net/route") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return False
+    return any(len(r) >= 8 and r[0] == name and r[1] == "00000000" and r[7] == "00000000"
+               and int(r[2], 16) == want for r in rows)

@@ -9,6 +9,7 @@ import asyncio
 import errno
 import os
 import select
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from pyslirp.runtime import netns, tap
 from pyslirp.runtime.tap import ConfigureSpec, TapError, TapHandle, open_tap
 from pyslirp.stack.config import NetConfig
 from pyslirp.wire import arp, ethernet, ipv4, udp, vnet
-from pyslirp.wire.checksum import finish, partial_sum
+from pyslirp.wire.checksum import checksum, finish, partial_sum, pseudo_header_sum
 from pyslirp.wire.errors import MalformedPacket
 from tests import nsutil
 
@@ -138,6 +139,19 @@ def test_attaches_to_an_existing_persistent_tap(named_ns: nsutil.NetNS) -> None:
         assert handle.name == "tapx" and handle.vnet_hdr
         _assert_configured(named_ns, handle, 1500)
     assert named_ns.link("tapx") is not None  # persistent: still there after we let go
+    # A restarted pyslirp re-attaches and re-configures; our old route is no obstacle.
+    with open_tap(named_ns.path, "path", tapname="tapx", configure=CONFIGURE) as handle:
+        _assert_configured(named_ns, handle, 1500)
+
+
+def test_configured_default_route_wins_over_an_existing_one(named_ns: nsutil.NetNS) -> None:
+    # As with slirp4netns (same ioctl), ours goes in front of a default route already there.
+    named_ns.run("ip link add veth0 type veth peer name veth1 && ip link set veth0 up && "
+                 "ip link set veth1 up && ip addr add 198.18.0.1/24 dev veth0 && "
+                 "ip route add default via 198.18.0.254")
+    with open_tap(named_ns.path, "path", configure=CONFIGURE):
+        chosen = named_ns.ip_json("route", "get", "192.0.2.1")  # a lookup; sends nothing
+        assert (chosen[0]["gateway"], chosen[0]["dev"]) == ("10.0.2.2", "tap0")
 
 
 def test_works_from_inside_a_running_uvloop_with_worker_threads(named_ns: nsutil.NetNS) -> None:
@@ -190,6 +204,58 @@ def test_frames_carry_vnet_header_and_partial_checksum_with_offload(
         fixed[start + hdr.csum_offset:start + hdr.csum_offset + 2] = csum.to_bytes(2, "big")
         ip = ipv4.Ipv4Packet(memoryview(fixed)[14:])
         udp.UdpDatagram(ip.payload, ip.src, ip.dst, verify_checksum=True)
+
+
+_TCP = struct.Struct("!HHIIBBHHH")
+TCP_SYN, TCP_ACK = 0x02, 0x10
+
+
+def _tcp_frame(src_port: int, dst_port: int, seq: int, ack: int, flags: int,
+               options: bytes = b"", window: int = 65535) -> bytes:
+    """A gateway-to-guest TCP segment with complete checksums (vnet header included)."""
+    seg = bytearray(_TCP.size + len(options))
+    _TCP.pack_into(seg, 0, src_port, dst_port, seq, ack, (len(seg) // 4) << 4, flags, window, 0,
+                   0)
+    seg[_TCP.size:] = options
+    seg[16:18] = checksum(seg, pseudo_header_sum(GW_IP, GUEST_IP, 6, len(seg))).to_bytes(2, "big")
+    ip = bytearray(20)
+    ipv4.build_header(ip, 0, GW_IP, GUEST_IP, ipv4.PROTO_TCP, len(seg))
+    return (vnet.PLAIN + ethernet.header(GUEST_MAC, GW_MAC, ethernet.ETHERTYPE_IPV4)
+            + bytes(ip) + bytes(seg))
+
+
+def _tcp_of(frame: bytes) -> tuple[int, int, int, int] | None:
+    """(src port, seq, flags, payload length) of a guest TCP frame, else None."""
+    if int.from_bytes(frame[vnet.HEADER_LEN + 12:vnet.HEADER_LEN + 14], "big") != 0x0800:
+        return None
+    ip = ipv4.Ipv4Packet(memoryview(frame)[vnet.HEADER_LEN + 14:], verify_checksum=False)
+    if ip.proto != ipv4.PROTO_TCP:
+        return None
+    sport, _dport, seq, _ack, off, flags, *_ = _TCP.unpack_from(ip.payload)
+    return sport, seq, flags, len(ip.payload) - (off >> 4) * 4
+
+
+def test_offload_delivers_tcp_super_frames(named_ns: nsutil.NetNS) -> None:
+    # With TSO on, the namespace's TCP hands us segments bigger than the MTU, described
+    # by the vnet header; this is what makes a Python stack fast (shared/PERF-FACTS.md).
+    with open_tap(named_ns.path, "path", configure=CONFIGURE, mac=GUEST_MAC) as handle:
+        named_ns.popen(["bash", "-c", "exec 3<>/dev/tcp/10.0.2.2/5000; "
+                                      "head -c 200000 /dev/zero >&3; sleep 30"])
+        arp_req = arp.ArpPacket(memoryview(_read_frame(
+            handle.fd, _is_ethertype(ethernet.ETHERTYPE_ARP, vnet.HEADER_LEN)))[26:])
+        assert arp_req.target_ip == GW_IP
+        os.write(handle.fd, vnet.PLAIN + ethernet.header(GUEST_MAC, GW_MAC, ethernet.ETHERTYPE_ARP)
+                 + arp.build(arp.OP_REPLY, GW_MAC, GW_IP, GUEST_MAC, GUEST_IP))
+        syn = _tcp_of(_read_frame(handle.fd, lambda f: (_tcp_of(f) or (0, 0, 0, 0))[2] == TCP_SYN))
+        assert syn is not None
+        sport, seq = syn[0], syn[1]
+        mss = b"\x02\x04" + (1460).to_bytes(2, "big")
+        os.write(handle.fd, _tcp_frame(5000, sport, 1000, seq + 1, TCP_SYN | TCP_ACK, mss))
+        data = _read_frame(handle.fd, lambda f: (_tcp_of(f) or (0, 0, 0, 0))[3] > 1460)
+        hdr = vnet.VnetHeader(memoryview(data))
+        assert (hdr.gso_type & ~vnet.GSO_ECN, hdr.gso_size) == (vnet.GSO_TCPV4, 1460)
+        assert hdr.flags & vnet.F_NEEDS_CSUM and (hdr.csum_start, hdr.csum_offset) == (34, 16)
+        assert len(data) > vnet.HEADER_LEN + 1514
 
 
 def _refuse(monkeypatch: pytest.MonkeyPatch, refuse: Callable[[int, Any], bool]) -> None:
