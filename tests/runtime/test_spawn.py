@@ -50,8 +50,12 @@ def _run(children: list[IsolatedChild], argv: list[str], resolv: str | None = RE
 
 @pytest.mark.parametrize("userns", [None, True], ids=["auto", "userns"])
 def test_child_sees_only_lo_and_its_own_resolv_conf(children: list[IsolatedChild],
-                                                     tmp_path: Path, userns: bool | None) -> None:
+                                                     tmp_path: Path, userns: bool | None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     host_resolv = Path("/etc/resolv.conf").read_bytes()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the child writes its copy
     script = f"ip -j link > {tmp_path}/links; cat /etc/resolv.conf > {tmp_path}/resolv"
     assert _run(children, ["sh", "-c", script], userns=userns) == 0
     links = json.loads((tmp_path / "links").read_text())
@@ -59,7 +63,7 @@ def test_child_sees_only_lo_and_its_own_resolv_conf(children: list[IsolatedChild
     assert (tmp_path / "resolv").read_text() == RESOLV
     # Nothing leaked out: the host's file is untouched, no temporary copy is left.
     assert Path("/etc/resolv.conf").read_bytes() == host_resolv
-    assert not [p for p in os.listdir("/tmp") if p.startswith("pyslirp-resolv-")]
+    assert list(scratch.iterdir()) == []
 
 
 def test_namespaces_exist_when_spawn_returns(children: list[IsolatedChild]) -> None:
