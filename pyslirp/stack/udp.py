@@ -32,7 +32,10 @@ answers so); every other error from the gateway (it is "a router on the
 way"). Fragmentation needed is not passed on: the host socket fragments for
 itself, so the guest's path MTU to us is not what failed.
 
-Replies larger than the link MTU are sent as IPv4 fragments
+A reply that fits the link MTU is built in place (headers in one buffer, the
+payload not copied) and, when the link has offloads, its checksum is left to
+the guest's kernel (vnet NEEDS_CSUM) as the TCP engine does. Replies larger
+than the link MTU are sent as IPv4 fragments
 (:func:`pyslirp.stack.frag.send_fragmented`): DNS over UDP with EDNS0 and
 QUIC probes are legitimately large, and the guest reassembles them.
 
@@ -64,9 +67,11 @@ from pyslirp.stack.frag import send_fragmented
 from pyslirp.stack.host import Buffer, HostPort
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import icmp, ipv4
+from pyslirp.wire import icmp, ipv4, vnet
 from pyslirp.wire import udp as wire_udp
+from pyslirp.wire.checksum import checksum, finish, partial_sum, pseudo_header_sum
 from pyslirp.wire.errors import MalformedPacket
+from pyslirp.wire.ethernet import ETHERTYPE_IPV4
 from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Packet
 
 Policy = Callable[[bytes, int], "list[tuple[str, int]] | None"]
@@ -82,6 +87,16 @@ MAX_PAYLOAD = 65507
 _DNS_PORT = 53
 
 _UDP_HEADER = struct.Struct("!HHHH")
+_U16 = struct.Struct("!H")
+#: Ethernet + IPv4 (20 bytes, no options) + UDP headers of a frame to the guest.
+_FRAME = struct.Struct("!6s6sH" "BBHHHBBH4s4s" "HHHH")
+_FRAME_LEN = _FRAME.size
+_IP_START = 14
+_IP_CSUM = _IP_START + 10
+_L4_START = _IP_START + ipv4.MIN_HEADER_LEN
+_UDP_CSUM = _L4_START + 6
+_IP_UDP_LEN = ipv4.MIN_HEADER_LEN + wire_udp.HEADER_LEN
+_VNET_CSUM = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, _FRAME_LEN, 0, _L4_START, 6)
 
 _Target = tuple[str, int]
 _Origin = tuple[bytes, int]
@@ -251,8 +266,42 @@ class UdpEngine:
             link.count("drop.udp.loopback_source")
             return
         flow.last_active = now
+        if len(data) + _IP_UDP_LEN <= link.mtu:
+            self._send_whole(flow, origin, data)
+            return
         datagram = wire_udp.build(origin[0], origin[1], flow.guest_ip, flow.guest_port, data)
         send_fragmented(link, origin[0], flow.guest_ip, PROTO_UDP, datagram)
+
+    def _send_whole(self, flow: UdpFlow, origin: _Origin, data: Buffer) -> None:
+        """The hot path: one frame, headers in one buffer, the payload not copied.
+
+        With offloads the UDP checksum is left to the guest's kernel (vnet
+        NEEDS_CSUM, the field holding the pseudo-header sum), as TCP does.
+        """
+        link = self.link
+        mac = link.guest_mac
+        if mac is None:
+            link.count("drop.tx.no_guest_mac")
+            return
+        src, sport = origin
+        dst = flow.guest_ip
+        ulen = wire_udp.HEADER_LEN + len(data)
+        pseudo = pseudo_header_sum(src, dst, PROTO_UDP, ulen)
+        off = vnet.HEADER_LEN if link.vnet_hdr else 0
+        head = bytearray(off + _FRAME_LEN)
+        offload = link.offload
+        _FRAME.pack_into(head, off, mac, link.our_mac, ETHERTYPE_IPV4,
+                         0x45, 0, ipv4.MIN_HEADER_LEN + ulen, link.next_ip_id(), ipv4.FLAG_DF,
+                         64, PROTO_UDP, 0, src, dst,
+                         sport, flow.guest_port, ulen, pseudo if offload else 0)
+        view = memoryview(head)
+        _U16.pack_into(head, off + _IP_CSUM, checksum(view[off + _IP_START:off + _L4_START]))
+        if offload:
+            head[:off] = _VNET_CSUM
+        else:
+            total = partial_sum(data, partial_sum(view[off + _L4_START:], pseudo))
+            _U16.pack_into(head, off + _UDP_CSUM, finish(total))
+        link.send_frame((head, data))
 
     def _origin(self, flow: UdpFlow, src_ip: str, src_port: int) -> _Origin | None:
         """The guest-side address of host address ``src_ip:src_port`` (None: hide it)."""

@@ -7,9 +7,11 @@ with scapy (so our own parsers are not the judge of our own output).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror, defragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
@@ -18,6 +20,8 @@ from pyslirp.stack.config import NetConfig
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
 from pyslirp.stack.udp import UdpEngine, UdpFlow
+from pyslirp.wire import vnet
+from pyslirp.wire.checksum import checksum
 from pyslirp.wire.ipv4 import Ipv4Packet
 
 GUEST_MAC = bytes.fromhex("66696895ca9c")
@@ -104,6 +108,19 @@ class FakeHost:
         self.calls.append(("dns_cancel", query))
 
 
+def complete_checksum(frame: bytes) -> bytes:
+    """Strip the vnet header, doing what the guest's kernel does for NEEDS_CSUM."""
+    flags, gso_type, _hdr_len, _gso_size, start, offset, _n = vnet.unpack(frame)
+    assert gso_type == vnet.GSO_NONE
+    out = bytearray(frame[vnet.HEADER_LEN:])
+    if flags & vnet.F_NEEDS_CSUM:
+        # The field holds the pseudo-header sum; the sum runs from csum_start to the end.
+        struct.pack_into("!H", out, start + offset, checksum(out[start:]))
+    else:
+        assert flags == 0
+    return bytes(out)
+
+
 class Harness:
     """A link that collects frames, a fake host, timers and a fake clock."""
 
@@ -136,8 +153,7 @@ class Harness:
         out = []
         for f in self.frames:
             if self.config.vnet_hdr:
-                assert f[:12] == bytes(12)
-                f = f[12:]
+                f = complete_checksum(f)
             eth = Ether(f)
             assert eth.dst == ":".join(f"{b:02x}" for b in GUEST_MAC)
             out.append(eth[IP])
@@ -279,6 +295,19 @@ def test_reply_from_loopback_appears_from_the_gateway() -> None:
     h.udp.host_datagram(flow, "127.0.0.1", 5000, b"answer", h.now)
     [pkt] = h.take()
     assert udp_of(pkt) == (GATEWAY, 5000, GUEST, 40000, b"answer")
+
+
+@pytest.mark.parametrize("link", [dict(vnet_hdr=False), dict(vnet_hdr=True, offload=False),
+                                  dict(vnet_hdr=True, offload=True)])
+@pytest.mark.parametrize("payload", [b"", b"x", b"odd length!", bytes(range(256)) * 5,
+                                     b"\xff" * 1472])
+def test_reply_checksums_in_every_link_mode(link: dict[str, bool], payload: bytes) -> None:
+    h = UdpHarness(**link)
+    h.send(REMOTE, 9)
+    h.udp.host_datagram(h.flow(), REMOTE, 9, payload, h.now)
+    [pkt] = h.take()
+    assert udp_of(pkt) == (REMOTE, 9, GUEST, 40000, payload)
+    assert pkt.flags.DF and pkt.ttl == 64
 
 
 def test_reply_from_an_unknown_loopback_port_still_appears_from_the_gateway() -> None:
