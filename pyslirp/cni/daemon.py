@@ -1,0 +1,532 @@
+"""The CNI engine: one process per runtime directory serving every attached container.
+
+Theory of operation
+-------------------
+The ``slirp`` plugin (:mod:`pyslirp.cni.plugin`) starts this process on
+demand (own session, stdio on /dev/null and ``RUNDIR/engine.log``, no
+inherited descriptors) and talks to it over ``RUNDIR/engine.sock``: one JSON
+request per connection, one JSON reply, then the connection closes.
+
+* ``add``: open the TAP in the container's namespace and configure it
+  (:func:`pyslirp.runtime.tap.open_tap`, the same forked-child path as
+  ``pyslirp --configure``), serve it with an
+  :class:`~pyslirp.runtime.engine.Attachment` on the shared loop, write the
+  state file, return the 1.1.0-shaped result. One loop holding many
+  attachments is what keeps the marginal cost of a container at one
+  :class:`~pyslirp.stack.stack.Stack` instead of one interpreter.
+* ``del``: close the attachment (the TAP disappears with its last fd); for a
+  state file left by a dead engine, remove the TAP if it is somehow still
+  there (:func:`pyslirp.cni.nsops.remove_tap`); delete the state file.
+* ``check``: the attachment must be served and healthy, and the interface,
+  address and default route of ``prevResult`` must be in the namespace.
+* ``gc``: delete every attachment of the network not in the valid list.
+
+Exactly one engine runs per runtime directory: it holds an exclusive
+``flock`` on ``RUNDIR/engine.lock`` for its lifetime. It leaves when it has
+served no attachment for :data:`IDLE_EXIT` seconds after a request: it stops
+listening first and unlinks the socket, so a plugin that connects in that
+window is refused (or sees the connection closed unanswered) and starts a
+fresh engine. An ``add`` is only ever processed by a listening engine, so
+no work is lost. SIGTERM closes every attachment and leaves the state files
+for DEL/GC, exactly like a crash does.
+
+DNS: each attachment forwards to ``dnsUpstreams`` from its configuration when
+given (tests point it at a server on loopback), otherwise to the nameservers
+of ``/etc/resolv.conf`` (``PYSLIRP_RESOLV_CONF`` overrides the path), re-read
+when it changes.
+
+What it deliberately does not do: port forwarding (``runtimeConfig.portMappings``
+is refused with a clear error until the engine can forward ports, issue 4),
+and IPv6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyslirp.cni import nsops, plugin
+from pyslirp.cni.plugin import (
+    ERR_CHECK_FAILED,
+    ERR_ENGINE,
+    ERR_ENGINE_GONE,
+    ERR_EXISTS,
+    ERR_INVALID_CONFIG,
+    ERR_NO_ATTACHMENT,
+    ERR_SETUP_FAILED,
+    ERR_UNSUPPORTED_FIELD,
+)
+
+log = logging.getLogger("pyslirp.cni")
+
+#: Seconds without attachments (after the last request) before the engine leaves.
+IDLE_EXIT = float(os.environ.get("PYSLIRP_CNI_IDLE_EXIT", "1.0"))
+RESOLV_CHECK_INTERVAL = 2.0
+
+
+class RequestError(Exception):
+    def __init__(self, code: int, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+@dataclass
+class Served:
+    """One attachment this engine serves."""
+
+    key: str
+    network: str
+    container_id: str
+    ifname: str
+    netns: str
+    state_path: str
+    tap_fd: int
+    attachment: Any
+    explicit_dns: bool
+    explicit_search: bool
+    dead: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _key(network: str, cid: str, ifname: str) -> str:
+    return f"{network}:{cid}:{ifname}"
+
+
+class Engine:
+    """Serves requests from the plugin and the attachments they create."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, rundir: str) -> None:
+        self.loop = loop
+        self.rundir = rundir
+        self.identity = plugin.own_identity()
+        self.served: dict[str, Served] = {}
+        self.inflight = 0
+        self.stopped: asyncio.Future[None] = loop.create_future()
+        self._server: asyncio.AbstractServer | None = None
+        self._sock_ino: int | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._dns: list[tuple[str, int]] = []
+        self._search: list[str] = []
+        self._watcher: Any = None
+
+    # ---- DNS from resolv.conf (only for attachments without dnsUpstreams) ---------------
+    def start_resolv_watcher(self) -> None:
+        try:
+            from pyslirp.runtime.main import ResolvConfWatcher
+        except ImportError as exc:  # pragma: no cover - the runtime is part of the package
+            log.warning("no resolv.conf watcher: %s", exc)
+            return
+        path = os.environ.get("PYSLIRP_RESOLV_CONF", "/etc/resolv.conf")
+        self._watcher = ResolvConfWatcher(self, path)  # type: ignore[arg-type]
+        self._watcher.check()
+        self.loop.call_later(RESOLV_CHECK_INTERVAL, self._recheck_resolv)
+
+    def _recheck_resolv(self) -> None:
+        if self._watcher is not None and not self.stopped.done():
+            self._watcher.check()
+            self.loop.call_later(RESOLV_CHECK_INTERVAL, self._recheck_resolv)
+
+    def set_dns(self, upstreams: list[tuple[str, int]], search: list[str]) -> None:
+        """The ResolvConfWatcher's callback: apply to every attachment that follows it."""
+        self._dns = list(upstreams)
+        self._search = list(search)
+        for s in self.served.values():
+            if s.dead is None:
+                if not s.explicit_dns:
+                    s.attachment.stack.dns.upstreams = list(upstreams)
+                if not s.explicit_search:
+                    s.attachment.config.search_domains[:] = search
+
+    # ---- listening ----------------------------------------------------------------
+    async def listen(self) -> None:
+        path = plugin.socket_path(self.rundir)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # we hold the lock: any socket file here is a dead engine's
+        old_umask = os.umask(0o077)
+        try:
+            self._server = await asyncio.start_unix_server(self._on_client, path, backlog=128)
+        finally:
+            os.umask(old_umask)
+        self._sock_ino = os.stat(path).st_ino
+
+    async def _on_client(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        self.inflight += 1
+        self._cancel_idle()
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), 30.0)
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+            except (TimeoutError, ValueError) as exc:
+                reply: dict[str, Any] = {"ok": False, "code": ERR_ENGINE,
+                                         "msg": f"bad request to the engine: {exc}"}
+            else:
+                reply = self.dispatch(request)
+            writer.write(json.dumps(reply).encode())
+            with contextlib.suppress(OSError):
+                await writer.drain()
+        finally:
+            writer.close()
+            self.inflight -= 1
+            self._maybe_idle()
+
+    def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        started = time.monotonic()
+        try:
+            if op == "add":
+                reply = {"ok": True, "result": self.add(request)}
+            elif op == "del":
+                self.delete(request)
+                reply = {"ok": True}
+            elif op == "check":
+                self.check(request)
+                reply = {"ok": True}
+            elif op == "gc":
+                self.gc(request)
+                reply = {"ok": True}
+            elif op == "ping":
+                reply = {"ok": True, "attachments": len(self.served),
+                         "identity": self.identity}
+            else:
+                raise RequestError(ERR_ENGINE, f"unknown engine request {op!r}")
+        except RequestError as exc:
+            log.warning("%s failed: %s", op, exc.msg)
+            return {"ok": False, "code": exc.code, "msg": exc.msg}
+        except Exception as exc:  # noqa: BLE001 - a request must never take the engine down
+            log.exception("%s failed", op)
+            return {"ok": False, "code": ERR_ENGINE, "msg": f"pyslirp engine error in {op}: "
+                    f"{type(exc).__name__}: {exc}"}
+        network = request.get("network") or request.get("settings", {}).get("network", "")
+        log.info("%s %s:%s:%s done in %.1f ms", op, network,
+                 request.get("containerID", ""), request.get("ifname", ""),
+                 (time.monotonic() - started) * 1000)
+        return reply
+
+    # ---- ADD ------------------------------------------------------------------------
+    def add(self, req: dict[str, Any]) -> dict[str, Any]:
+        from pyslirp.runtime.engine import Attachment
+        from pyslirp.runtime.tap import ConfigureSpec, TapError, open_tap
+        from pyslirp.stack.config import ConfigError, NetConfig, parse_cidr
+
+        s = req["settings"]
+        network, cid, ifname, netns = s["network"], req["containerID"], req["ifname"], \
+            req["netns"]
+        if s.get("portMappings"):
+            raise RequestError(ERR_UNSUPPORTED_FIELD,
+                               "unsupported field runtimeConfig.portMappings: the pyslirp "
+                               "engine cannot forward ports yet (issue 4); remove the -p/"
+                               "portMappings or the portMappings capability")
+        key = _key(network, cid, ifname)
+        path = plugin.state_path(self.rundir, network, cid, ifname)
+        if key in self.served:
+            raise RequestError(ERR_EXISTS, f"container {cid} already has interface {ifname} "
+                               f"in network {network}")
+        stale = plugin.read_state(path)
+        if stale is not None:
+            if plugin.identity_alive(stale.get("engine")):
+                raise RequestError(ERR_EXISTS, f"container {cid} already has interface "
+                                   f"{ifname} in network {network} (served by pid "
+                                   f"{stale['engine'].get('pid')})")
+            log.info("ADD over the stale state of %s: cleaning it up first", key)
+            self._cleanup_stale(path, stale)
+        try:
+            config = NetConfig(network=parse_cidr(s["cidr"]), mtu=s["mtu"],
+                               disable_host_loopback=s["disableHostLoopback"],
+                               dns_upstreams=[(h, p) for h, p in s["dnsUpstreams"]] or
+                               list(self._dns),
+                               search_domains=list(s["search"]) or list(self._search))
+        except (ConfigError, ValueError, KeyError, TypeError) as exc:
+            raise RequestError(ERR_INVALID_CONFIG, f"invalid configuration: {exc}") from None
+        mac = bytes.fromhex(s["mac"].replace(":", "")) if s.get("mac") else None
+        spec = ConfigureSpec(ipaddress.IPv4Interface(f"{s['address']}/{s['prefix']}"),
+                             ipaddress.IPv4Address(s["gateway"]))
+        try:
+            tap = open_tap(netns, "path", tapname=ifname, mtu=s["mtu"], configure=spec, mac=mac)
+        except TapError as exc:
+            raise RequestError(ERR_SETUP_FAILED, f"cannot set up {ifname} in {netns}: "
+                               f"{exc}") from None
+        try:
+            config.vnet_hdr = tap.vnet_hdr
+            config.offload = tap.offload
+            attachment = Attachment(self.loop, tap.fd, config, name=f"{cid[:12]}/{ifname}",
+                                    on_fatal=lambda msg: self._on_fatal(key, msg))
+        except Exception:
+            tap.close()
+            raise
+        served = Served(key=key, network=network, container_id=cid, ifname=ifname,
+                        netns=netns, state_path=path, tap_fd=tap.fd, attachment=attachment,
+                        explicit_dns=bool(s["dnsUpstreams"]), explicit_search=bool(s["search"]))
+        mac_text = ":".join(f"{b:02x}" for b in tap.mac)
+        result = {
+            "cniVersion": plugin.CURRENT_VERSION,
+            "interfaces": [{"name": tap.name, "mac": mac_text, "mtu": tap.mtu,
+                            "sandbox": netns}],
+            "ips": [{"address": f"{s['address']}/{s['prefix']}", "gateway": s["gateway"],
+                     "interface": 0}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": s["gateway"]}],
+            "dns": s["dns"],
+        }
+        state = {"version": 1, "network": network, "containerID": cid, "ifname": ifname,
+                 "netns": netns, "engine": self.identity, "result": result,
+                 "created": time.time()}
+        try:
+            plugin.write_state(path, state)
+        except OSError as exc:
+            attachment.close()
+            tap.close()
+            raise RequestError(ERR_SETUP_FAILED, f"cannot write state {path}: "
+                               f"{exc.strerror}") from None
+        self.served[key] = served
+        return result
+
+    def _on_fatal(self, key: str, message: str) -> None:
+        served = self.served.get(key)
+        if served is None or served.dead is not None:
+            return
+        log.warning("attachment %s lost its TAP: %s", key, message)
+        served.dead = message
+        self._close(served)
+
+    def _close(self, served: Served) -> None:
+        with contextlib.suppress(Exception):
+            served.attachment.close()
+        if served.tap_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(served.tap_fd)
+            served.tap_fd = -1
+
+    # ---- DEL ------------------------------------------------------------------------
+    def delete(self, req: dict[str, Any]) -> None:
+        network, cid, ifname = req["network"], req["containerID"], req["ifname"]
+        key = _key(network, cid, ifname)
+        path = plugin.state_path(self.rundir, network, cid, ifname)
+        served = self.served.pop(key, None)
+        if served is not None:
+            self._close(served)
+            _unlink(path)
+            return
+        state = plugin.read_state(path)
+        if state is None:
+            return
+        if plugin.identity_alive(state.get("engine")) and \
+                state.get("engine") != self.identity:
+            # Another live engine serves it (two runtime dirs cannot share a file, so
+            # this means the lock was broken); leave its attachment alone.
+            raise RequestError(ERR_ENGINE, f"attachment {key} is served by another engine "
+                               f"(pid {state['engine'].get('pid')})")
+        self._cleanup_stale(path, state)
+
+    def _cleanup_stale(self, path: str, state: dict[str, Any]) -> None:
+        """Remove what a dead engine left of one attachment: the TAP if still there, the file."""
+        netns, ifname = state.get("netns"), state.get("ifname")
+        if isinstance(netns, str) and isinstance(ifname, str) and os.path.exists(netns):
+            try:
+                done = nsops.run_in_netns(netns, nsops.remove_tap, ifname)
+                log.info("stale attachment %s: TAP %s", path, done)
+            except OSError as exc:
+                log.warning("stale attachment %s: cannot inspect %s: %s", path, netns, exc)
+        _unlink(path)
+
+    # ---- CHECK ----------------------------------------------------------------------
+    def check(self, req: dict[str, Any]) -> None:
+        network, cid, ifname = req["network"], req["containerID"], req["ifname"]
+        key = _key(network, cid, ifname)
+        served = self.served.get(key)
+        if served is None:
+            raise RequestError(ERR_NO_ATTACHMENT, f"the engine does not serve container {cid} "
+                               f"interface {ifname} in network {network}")
+        if served.dead is not None:
+            raise RequestError(ERR_ENGINE_GONE, f"the stack serving {ifname} of container "
+                               f"{cid} stopped: {served.dead}")
+        expected = req.get("expected") or {}
+        try:
+            seen = nsops.run_in_netns(req["netns"], nsops.probe_interface, ifname)
+        except OSError as exc:
+            raise RequestError(ERR_CHECK_FAILED, f"cannot inspect {req['netns']}: "
+                               f"{exc}") from None
+        if seen is None:
+            raise RequestError(ERR_CHECK_FAILED, f"interface {ifname} is missing from "
+                               f"{req['netns']}")
+        if not seen["up"]:
+            raise RequestError(ERR_CHECK_FAILED, f"interface {ifname} is down")
+        mac = expected.get("mac")
+        if mac and str(mac).lower() != seen["mac"]:
+            raise RequestError(ERR_CHECK_FAILED, f"interface {ifname} has MAC {seen['mac']}, "
+                               f"expected {mac}")
+        for address in expected.get("addresses") or []:
+            if address != seen["address"]:
+                raise RequestError(ERR_CHECK_FAILED, f"interface {ifname} has address "
+                                   f"{seen['address'] or 'none'}, expected {address}")
+        for gw in expected.get("gateways") or []:
+            if gw not in seen["gateways"]:
+                raise RequestError(ERR_CHECK_FAILED, f"the default route via {gw} on "
+                                   f"{ifname} is missing")
+
+    # ---- GC -------------------------------------------------------------------------
+    def gc(self, req: dict[str, Any]) -> None:
+        network = req["network"]
+        keep = {_key(network, c, i) for c, i in req["valid"]}
+        for key, served in list(self.served.items()):
+            if served.network == network and key not in keep:
+                log.info("GC: deleting %s", key)
+                self.delete({"network": network, "containerID": served.container_id,
+                             "ifname": served.ifname})
+        for path, state in plugin.list_states(self.rundir):
+            if not state:
+                log.info("GC: removing unreadable state %s", path)
+                _unlink(path)
+                continue
+            if state.get("network") != network:
+                continue
+            key = _key(network, str(state.get("containerID")), str(state.get("ifname")))
+            if key in keep or key in self.served:
+                continue
+            if plugin.identity_alive(state.get("engine")):
+                continue  # another live engine's (see delete())
+            log.info("GC: removing stale %s", key)
+            self._cleanup_stale(path, state)
+
+    # ---- lifetime -------------------------------------------------------------------
+    def _cancel_idle(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    def _maybe_idle(self) -> None:
+        if not self.served and self.inflight == 0 and self._idle_handle is None:
+            self._idle_handle = self.loop.call_later(IDLE_EXIT, self._idle_exit)
+
+    def _idle_exit(self) -> None:
+        self._idle_handle = None
+        if self.served or self.inflight:
+            return
+        log.info("no attachments left: exiting")
+        self.stop_listening()
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        path = plugin.socket_path(self.rundir)
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == self._sock_ino:
+                os.unlink(path)
+
+    def shutdown(self) -> None:
+        """Close every attachment; state files stay for DEL/GC (as after a crash)."""
+        self.stop_listening()
+        for served in self.served.values():
+            self._close(served)
+        self.served.clear()
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _lock(rundir: str) -> int | None:
+    """Take the engine lock; None if another engine holds it (and answers) for good."""
+    fd = os.open(os.path.join(rundir, "engine.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        # An engine that is going idle releases the lock within moments; a live one
+        # keeps answering on the socket, and then this one is not needed.
+        probe = plugin._connect(rundir)
+        if probe is not None:
+            probe.close()
+            os.close(fd)
+            return None
+        if time.monotonic() > deadline:
+            os.close(fd)
+            return None
+        time.sleep(0.02)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def serve(rundir: str) -> int:
+    os.makedirs(plugin.attachments_dir(rundir), mode=0o700, exist_ok=True)
+    lock_fd = _lock(rundir)
+    if lock_fd is None:
+        log.info("another engine serves %s; leaving", rundir)
+        return 0
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    engine = Engine(loop, rundir)
+    try:
+        loop.run_until_complete(engine.listen())
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", plugin.socket_path(rundir), exc)
+        return 1
+    engine.start_resolv_watcher()
+
+    def on_signal(sig: int) -> None:
+        log.info("received %s: closing every attachment", signal.Signals(sig).name)
+        if not engine.stopped.done():
+            engine.stopped.set_result(None)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.info("engine %s serving %s", engine.identity, rundir)
+    engine._maybe_idle()  # started for nothing (e.g. a DEL of a stale attachment)
+    try:
+        loop.run_until_complete(engine.stopped)
+    finally:
+        engine.shutdown()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        os.close(lock_fd)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rundir = None
+    if len(argv) == 2 and argv[0] == "--rundir":
+        rundir = argv[1]
+    if not rundir:
+        print("usage: python -m pyslirp.cni.daemon --rundir DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=os.environ.get("PYSLIRP_CNI_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s pyslirp-cni[%(process)d] %(levelname)s %(message)s")
+    try:
+        return serve(rundir)
+    except Exception:
+        log.exception("the engine failed")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

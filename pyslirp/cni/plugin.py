@@ -1,0 +1,834 @@
+"""The ``slirp`` CNI plugin executable: one short-lived process per CNI verb.
+
+Theory of operation
+-------------------
+A CNI runtime (libcni in podman, containerd, CRI-O, cnitool) runs the plugin
+once per verb with the request in environment variables (``CNI_COMMAND``,
+``CNI_CONTAINERID``, ``CNI_NETNS``, ``CNI_IFNAME``, ``CNI_ARGS``, ``CNI_PATH``)
+and the network configuration as JSON on stdin, and reads one JSON document
+(a result or an error) from stdout (CNI spec 1.1.0, "Execution Protocol",
+"Result Types" and "Error" sections). Logs go to stderr only.
+
+A Python interpreter that imports an event loop and the stack costs ~22 MB and
+tens of milliseconds, too much per container. So this module is deliberately
+small: it imports only ``json``, ``os``, ``_socket`` and ``sys`` (no ``typing``,
+no ``ipaddress``: each costs milliseconds at every ADD), validates the request
+itself, and hands the work to ONE engine daemon (:mod:`pyslirp.cni.daemon`) per
+runtime directory over a Unix socket, starting it on demand. The daemon serves
+every container's TAP from one loop, writes one state file per attachment and
+exits when the last attachment is deleted.
+
+State files (``RUNDIR/attachments/NETWORK:CONTAINERID:IFNAME.json``, written
+atomically by the daemon) name the daemon by pid + process start time
+(``/proc/PID/stat`` field 22) + boot id, so a reused pid is never mistaken for
+the engine. Verbs therefore work when the engine died:
+
+* DEL of an attachment whose engine is gone starts a fresh engine, which
+  removes the TAP if it is still there and deletes the state file; DEL of an
+  unknown attachment succeeds without starting anything;
+* CHECK reports the dead engine as an error;
+* GC removes every attachment of the network not in
+  ``cni.dev/valid-attachments``, live or stale.
+
+Results are built in the 1.1.0 shape and converted to the version the
+configuration asks for (``ips[].version`` before 1.0.0; no interface ``mtu``
+before 1.1.0). What this module deliberately does not do: IPAM (an ``ipam``
+section is rejected), IPv6 results, and any packet work.
+
+Error codes: the spec's 1 (incompatible version), 2 (unsupported field),
+4 (invalid environment variable), 6 (undecodable JSON), 7 (invalid
+configuration), 11 (try again later), 50 (STATUS: ADD would fail now), plus
+the plugin's own :data:`ERR_ENGINE` and following.
+"""
+
+from __future__ import annotations
+
+import _socket as socket  # the C module: `socket` pulls in enum, ~8 ms of startup
+import json
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover - typing costs ~10 ms of startup; mypy only
+    from typing import Any, TextIO
+
+CURRENT_VERSION = "1.1.0"
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+
+# Well-known error codes (CNI spec 1.1.0, "Error").
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_UNSUPPORTED_FIELD = 2
+ERR_UNKNOWN_CONTAINER = 3
+ERR_INVALID_ENV = 4
+ERR_IO = 5
+ERR_DECODE = 6
+ERR_INVALID_CONFIG = 7
+ERR_TRY_AGAIN = 11
+ERR_NOT_AVAILABLE = 50
+ERR_NOT_AVAILABLE_EXISTING = 51
+# The plugin's own codes (100 and up).
+ERR_ENGINE = 100            #: the engine could not be started or reached
+ERR_NO_ATTACHMENT = 101     #: CHECK of an attachment that does not exist
+ERR_ENGINE_GONE = 102       #: the engine serving the attachment died
+ERR_CHECK_FAILED = 103      #: interface, address or route missing or wrong
+ERR_SETUP_FAILED = 104      #: the TAP could not be created or configured
+ERR_EXISTS = 105            #: ADD of an attachment that already exists
+
+MIN_MTU = 1500
+MAX_MTU = 65521
+DEFAULT_CIDR = "10.0.2.0/24"
+
+#: Top-level configuration keys and what they mean to us.
+KNOWN_KEYS = frozenset({
+    "cniVersion", "name", "type", "mtu", "dns", "cidr", "disableHostLoopback",
+    "macAddress", "dnsUpstreams", "capabilities", "runtimeConfig", "args", "prevResult",
+    "cni.dev/valid-attachments",
+})
+#: runtimeConfig keys that would change behaviour and that we cannot honour.
+UNSUPPORTED_RUNTIME_KEYS = frozenset({"ips", "ipRanges", "bandwidth", "infinibandGUID",
+                                      "deviceID", "cgroupPath"})
+
+#: How long a verb waits for the engine to start listening, and for its answer.
+ENGINE_START_TIMEOUT = 20.0
+ENGINE_REPLY_TIMEOUT = 60.0
+
+DAEMON_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+               "from pyslirp.cni.daemon import main; sys.exit(main(sys.argv[2:]))")
+
+
+class CniError(Exception):
+    """An error the plugin reports as the spec's error JSON."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+
+# ------------------------------------------------------------------ runtime directory
+
+
+def _in_initial_userns() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            fields = f.read().split()
+    except OSError:
+        return True
+    return fields[:3] == ["0", "0", "4294967295"]
+
+
+def runtime_dir(environ: dict[str, str]) -> str:
+    """Where the engine's socket and the state files live.
+
+    ``PYSLIRP_RUNDIR`` overrides (tests use it); root in the initial user
+    namespace uses ``/run/pyslirp``; anyone else (including root inside a
+    rootless runtime's user namespace) ``$XDG_RUNTIME_DIR/pyslirp``.
+    """
+    override = environ.get("PYSLIRP_RUNDIR")
+    if override:
+        return override
+    xdg = environ.get("XDG_RUNTIME_DIR")
+    if os.geteuid() == 0 and (_in_initial_userns() or not xdg):
+        return "/run/pyslirp"
+    if xdg:
+        return os.path.join(xdg, "pyslirp")
+    return f"/tmp/pyslirp-{os.geteuid()}"
+
+
+def attachments_dir(rundir: str) -> str:
+    return os.path.join(rundir, "attachments")
+
+
+def socket_path(rundir: str) -> str:
+    return os.path.join(rundir, "engine.sock")
+
+
+def state_path(rundir: str, network: str, container_id: str, ifname: str) -> str:
+    # ':' cannot occur in any of the three (names and ids are checked below).
+    return os.path.join(attachments_dir(rundir), f"{network}:{container_id}:{ifname}.json")
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: treated as stale by everyone
+    return state if isinstance(state, dict) else {}
+
+
+def write_state(path: str, state: dict[str, Any]) -> None:
+    """Write atomically: a reader sees the old file, the new file, or none."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(state, indent=1, sort_keys=True).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def list_states(rundir: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        names = os.listdir(attachments_dir(rundir))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in sorted(names):
+        if name.endswith(".json"):
+            path = os.path.join(attachments_dir(rundir), name)
+            state = read_state(path)
+            if state is not None:
+                out.append((path, state))
+    return out
+
+
+# ------------------------------------------------------------------ engine identity
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def own_identity() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"pid": pid, "start": process_start_time(pid), "boot": boot_id()}
+
+
+def identity_alive(ident: Any) -> bool:
+    """Whether the process named by ``ident`` (pid, start time, boot id) still runs."""
+    if not isinstance(ident, dict):
+        return False
+    pid = ident.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if ident.get("boot") != boot_id():
+        return False
+    start = process_start_time(pid)
+    return start is not None and start == ident.get("start")
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _is_name(text: Any) -> bool:
+    """CNI's rule for container ids and network names: ^[A-Za-z0-9][A-Za-z0-9_.-]*$."""
+    if not isinstance(text, str) or not text or not text.isascii():
+        return False
+    if not text[0].isalnum():
+        return False
+    return all(c.isalnum() or c in "_.-" for c in text)
+
+
+def _ifname_problem(name: str) -> str | None:
+    if not name:
+        return "must not be empty"
+    if name in (".", ".."):
+        return "must not be '.' or '..'"
+    if len(name.encode()) > 15:
+        return "must be shorter than 16 bytes"
+    if any(c in "/:" or c.isspace() for c in name):
+        return "must not contain '/', ':' or whitespace"
+    return None
+
+
+def _parse_ipv4(text: Any) -> int | None:
+    if not isinstance(text, str):
+        return None
+    parts = text.split(".")
+    if len(parts) != 4:
+        return None
+    value = 0
+    for p in parts:
+        if not p.isdigit() or not p.isascii() or len(p) > 3 or int(p) > 255:
+            return None
+        value = value << 8 | int(p)
+    return value
+
+
+def _ipv4_text(value: int) -> str:
+    return ".".join(str(value >> s & 0xFF) for s in (24, 16, 8, 0))
+
+
+def _parse_cidr(text: Any) -> tuple[int, int]:
+    """``a.b.c.d/n`` with n in 1..25 (room for .2, .3, .15.. and .100) and no host bits."""
+    if not isinstance(text, str) or text.count("/") != 1:
+        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: expected a.b.c.d/prefix")
+    addr_text, _, prefix_text = text.partition("/")
+    addr = _parse_ipv4(addr_text)
+    if addr is None or not prefix_text.isdigit():
+        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: expected a.b.c.d/prefix")
+    prefix = int(prefix_text)
+    if not 1 <= prefix <= 25:
+        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: prefix must be 1..25")
+    mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+    if addr & ~mask & 0xFFFFFFFF:
+        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: host bits are set")
+    return addr, prefix
+
+
+def _parse_mac(text: Any, field: str) -> str:
+    parts = text.split(":") if isinstance(text, str) else []
+    if len(parts) != 6 or not all(len(p) == 2 and _is_hex(p) for p in parts):
+        raise CniError(ERR_INVALID_CONFIG,
+                       f"invalid {field} {text!r}: expected xx:xx:xx:xx:xx:xx")
+    if int(parts[0], 16) & 1:
+        raise CniError(ERR_INVALID_CONFIG, f"invalid {field} {text!r}: a multicast address")
+    if text.replace(":", "") == "000000000000":
+        raise CniError(ERR_INVALID_CONFIG, f"invalid {field} {text!r}: all zeros")
+    return text.lower()
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def _parse_upstream(text: Any) -> list[Any]:
+    if not isinstance(text, str):
+        raise CniError(ERR_INVALID_CONFIG, f"invalid dnsUpstreams entry {text!r}")
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = text, "53"
+    if _parse_ipv4(host) is None or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise CniError(ERR_INVALID_CONFIG,
+                       f"invalid dnsUpstreams entry {text!r}: expected IPv4[:PORT]")
+    return [host, int(port_text)]
+
+
+def _str_list(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CniError(ERR_INVALID_CONFIG, f"invalid {field}: expected a list of strings")
+    return list(value)
+
+
+def parse_version(conf: dict[str, Any]) -> str:
+    version = conf.get("cniVersion")
+    if not isinstance(version, str) or not version:
+        raise CniError(ERR_INVALID_CONFIG, "missing cniVersion in the network configuration")
+    if version not in SUPPORTED_VERSIONS:
+        raise CniError(ERR_INCOMPATIBLE_VERSION,
+                       f"incompatible CNI version: config is {version!r}, plugin supports "
+                       f"{', '.join(SUPPORTED_VERSIONS)}")
+    return version
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+def parse_port_mappings(value: Any) -> list[dict[str, Any]]:
+    """``runtimeConfig.portMappings`` as the portmap plugin reads it."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise CniError(ERR_INVALID_CONFIG, "invalid runtimeConfig.portMappings: expected a list")
+    out = []
+    for i, m in enumerate(value):
+        where = f"runtimeConfig.portMappings[{i}]"
+        if not isinstance(m, dict):
+            raise CniError(ERR_INVALID_CONFIG, f"invalid {where}: expected an object")
+        host_port, cont_port = m.get("hostPort"), m.get("containerPort")
+        for name, port in (("hostPort", host_port), ("containerPort", cont_port)):
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                raise CniError(ERR_INVALID_CONFIG, f"invalid {where}.{name}: {port!r}")
+        proto = str(m.get("protocol") or "tcp").lower()
+        if proto not in ("tcp", "udp"):
+            raise CniError(ERR_INVALID_CONFIG, f"invalid {where}.protocol: {proto!r}")
+        host_ip = m.get("hostIP") or ""
+        if host_ip and _parse_ipv4(host_ip) is None:
+            raise CniError(ERR_INVALID_CONFIG, f"invalid {where}.hostIP: {host_ip!r} "
+                           "(IPv4 only)")
+        out.append({"hostPort": host_port, "containerPort": cont_port, "protocol": proto,
+                    "hostIP": host_ip})
+    return out
+
+
+def parse_settings(conf: dict[str, Any], args: dict[str, str]) -> dict[str, Any]:
+    """Validate the ``slirp`` configuration; return what the engine needs for ADD."""
+    for key in conf:
+        if key == "ipam":
+            raise CniError(ERR_UNSUPPORTED_FIELD, "unsupported field ipam: the slirp plugin "
+                           "assigns its own address (set cidr instead)")
+        if key not in KNOWN_KEYS:
+            raise CniError(ERR_UNSUPPORTED_FIELD,
+                           f"unsupported field {key!r} in the slirp network configuration")
+    if conf.get("type") != "slirp":
+        raise CniError(ERR_INVALID_CONFIG, f"invalid type {conf.get('type')!r}: expected 'slirp'")
+    name = conf.get("name")
+    if not _is_name(name):
+        raise CniError(ERR_INVALID_CONFIG, f"invalid name {name!r}: expected a network name "
+                       "matching [A-Za-z0-9][A-Za-z0-9_.-]*")
+    mtu = conf.get("mtu", 1500)
+    if not isinstance(mtu, int) or isinstance(mtu, bool) or not MIN_MTU <= mtu <= MAX_MTU:
+        raise CniError(ERR_INVALID_CONFIG, f"invalid mtu {mtu!r}: must be an integer in "
+                       f"{MIN_MTU}..{MAX_MTU}")
+    cidr = conf.get("cidr", DEFAULT_CIDR)
+    net, prefix = _parse_cidr(cidr)
+    disable_loopback = conf.get("disableHostLoopback", False)
+    if not isinstance(disable_loopback, bool):
+        raise CniError(ERR_INVALID_CONFIG,
+                       f"invalid disableHostLoopback {disable_loopback!r}: expected true/false")
+    mac = None
+    if conf.get("macAddress") is not None:
+        mac = _parse_mac(conf["macAddress"], "macAddress")
+    dns_conf = conf.get("dns", {})
+    if not isinstance(dns_conf, dict):
+        raise CniError(ERR_INVALID_CONFIG, "invalid dns: expected an object")
+    dns: dict[str, Any] = {}
+    for key, value in dns_conf.items():
+        if key == "domain":
+            if not isinstance(value, str):
+                raise CniError(ERR_INVALID_CONFIG, "invalid dns.domain: expected a string")
+            if value:
+                dns[key] = value
+        elif key in ("nameservers", "search", "options"):
+            dns[key] = _str_list(value, f"dns.{key}")
+        else:
+            raise CniError(ERR_UNSUPPORTED_FIELD, f"unsupported field dns.{key}")
+    ours = _ipv4_text(net + 3)
+    dns["nameservers"] = [ours] + [n for n in dns.get("nameservers", []) if n != ours]
+    upstreams = [_parse_upstream(u) for u in _str_list(conf.get("dnsUpstreams", []),
+                                                       "dnsUpstreams")]
+    runtime = conf.get("runtimeConfig", {})
+    if not isinstance(runtime, dict):
+        raise CniError(ERR_INVALID_CONFIG, "invalid runtimeConfig: expected an object")
+    for key, value in runtime.items():
+        if key in UNSUPPORTED_RUNTIME_KEYS and value:
+            raise CniError(ERR_UNSUPPORTED_FIELD, f"unsupported field runtimeConfig.{key}: "
+                           "the slirp plugin cannot honour it")
+    if runtime.get("mac"):
+        mac = _parse_mac(runtime["mac"], "runtimeConfig.mac")
+    if args.get("MAC"):
+        mac = _parse_mac(args["MAC"], "CNI_ARGS MAC")
+    ports = parse_port_mappings(runtime.get("portMappings"))
+    return {
+        "network": name, "mtu": mtu, "cidr": cidr, "prefix": prefix,
+        "address": _ipv4_text(net + 100), "gateway": _ipv4_text(net + 2),
+        "disableHostLoopback": disable_loopback, "mac": mac, "dns": dns,
+        "dnsUpstreams": upstreams, "portMappings": ports,
+        "search": list(dns.get("search", [])),
+    }
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """``CNI_ARGS``: ``K=V;K=V``. Unknown keys are an error unless IgnoreUnknown is set."""
+    args: dict[str, str] = {}
+    if not text:
+        return args
+    for item in text.split(";"):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CniError(ERR_INVALID_ENV, f"invalid CNI_ARGS item {item!r}: expected KEY=VALUE")
+        args[key] = value
+    ignore = args.get("IgnoreUnknown", "").lower() in ("1", "true")
+    for key in args:
+        if key not in ("IgnoreUnknown", "MAC") and not ignore:
+            raise CniError(ERR_UNSUPPORTED_FIELD, f"unsupported CNI_ARGS key {key!r} "
+                           "(set IgnoreUnknown=1 to ignore it)")
+    return args
+
+
+# ------------------------------------------------------------------ results
+
+
+def shape_result(result: dict[str, Any], version: str) -> dict[str, Any]:
+    """Convert a 1.1.0-shaped result to ``version``'s shape."""
+    out = json.loads(json.dumps(result))
+    out["cniVersion"] = version
+    v = _version_tuple(version)
+    if v < (1, 1, 0):
+        for iface in out.get("interfaces", []):
+            for key in ("mtu", "socketPath", "pciID"):
+                iface.pop(key, None)
+        for route in out.get("routes", []):
+            for key in ("mtu", "advmss", "priority", "table", "scope"):
+                route.pop(key, None)
+    if v < (1, 0, 0):
+        for ip in out.get("ips", []):
+            ip["version"] = "6" if ":" in ip.get("address", "") else "4"
+    return out
+
+
+def _normalize_prev(prev: Any) -> dict[str, Any]:
+    """A previous plugin's result in the 1.1.0 shape (``ips[].version`` dropped)."""
+    if not isinstance(prev, dict):
+        raise CniError(ERR_INVALID_CONFIG, "invalid prevResult: expected an object")
+    out = json.loads(json.dumps(prev))
+    out.pop("cniVersion", None)
+    for ip in out.get("ips", []) or []:
+        if isinstance(ip, dict):
+            ip.pop("version", None)
+    return out
+
+
+def merge_result(prev: dict[str, Any] | None, ours: dict[str, Any]) -> dict[str, Any]:
+    """Append our interface, address and route to a previous plugin's result (chaining)."""
+    if not prev:
+        return ours
+    merged = _normalize_prev(prev)
+    interfaces = merged.setdefault("interfaces", [])
+    base = len(interfaces)
+    interfaces.extend(ours["interfaces"])
+    for ip in ours["ips"]:
+        ip = dict(ip)
+        ip["interface"] = base + ip["interface"]
+        merged.setdefault("ips", []).append(ip)
+    merged.setdefault("routes", []).extend(ours["routes"])
+    dns = merged.get("dns") or {}
+    names = list(dns.get("nameservers", []))
+    for n in ours["dns"].get("nameservers", []):
+        if n not in names:
+            names.append(n)
+    dns.update({k: v for k, v in ours["dns"].items() if k != "nameservers"})
+    dns["nameservers"] = names
+    merged["dns"] = dns
+    return merged
+
+
+# ------------------------------------------------------------------ talking to the engine
+
+
+def _connect(rundir: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(socket_path(rundir))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _exchange(sock: socket.socket, request: dict[str, Any]) -> dict[str, Any] | None:
+    """One request, one reply; None when the engine closed without answering."""
+    try:
+        sock.settimeout(ENGINE_REPLY_TIMEOUT)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    except TimeoutError:
+        raise CniError(ERR_TRY_AGAIN, f"the pyslirp engine did not answer within "
+                       f"{ENGINE_REPLY_TIMEOUT:g} s") from None
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    if not chunks:
+        return None
+    try:
+        reply = json.loads(b"".join(chunks))
+    except ValueError:
+        raise CniError(ERR_ENGINE, "the pyslirp engine sent an undecodable reply") from None
+    return reply if isinstance(reply, dict) else None
+
+
+def engine_python(environ: dict[str, str]) -> str:
+    return environ.get("PYSLIRP_PYTHON") or sys.executable
+
+
+def package_root() -> str:
+    """The directory that holds the ``pyslirp`` package this file belongs to."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def spawn_engine(rundir: str, environ: dict[str, str]) -> None:
+    """Start the engine in its own session, stdio detached, no inherited descriptors."""
+    os.makedirs(attachments_dir(rundir), mode=0o700, exist_ok=True)
+    python = engine_python(environ)
+    argv = [python, "-c", DAEMON_BOOT, package_root(), "--rundir", rundir]
+    env = {k: v for k, v in environ.items() if not k.startswith("CNI_")}
+    log_path = os.path.join(rundir, "engine.log")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)  # the grandchild is orphaned: nobody has to reap it
+            null = os.open("/dev/null", os.O_RDWR)
+            log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.dup2(log, 2)
+            # Whatever the runtime left open (its pipes to us above all) must not live on.
+            os.closerange(3, 65536)
+            os.execve(python, argv, env)
+        finally:
+            os._exit(127)
+    os.waitpid(pid, 0)
+
+
+def engine_request(rundir: str, environ: dict[str, str], request: dict[str, Any],
+                   start: bool = True) -> dict[str, Any] | None:
+    """Send ``request`` to the engine, starting it when ``start`` and none listens.
+
+    Returns None when no engine listens and ``start`` is false.
+    """
+    import time  # only on this path: it is cheap, but most verbs never get here
+
+    deadline = time.monotonic() + ENGINE_START_TIMEOUT
+    spawned = False
+    delay = 0.002
+    while True:
+        sock = _connect(rundir)
+        if sock is not None:
+            reply = _exchange(sock, request)
+            if reply is not None:
+                return reply
+            # Closed without an answer: the engine was going idle. Nothing was done; retry.
+        elif not start:
+            return None
+        elif not spawned:
+            spawn_engine(rundir, environ)
+            spawned = True
+        if time.monotonic() > deadline:
+            raise CniError(ERR_ENGINE, f"the pyslirp engine did not start within "
+                           f"{ENGINE_START_TIMEOUT:g} s; see {rundir}/engine.log")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _reply_ok(reply: dict[str, Any]) -> dict[str, Any]:
+    if not reply.get("ok"):
+        raise CniError(int(reply.get("code", ERR_ENGINE)), str(reply.get("msg", "engine error")),
+                       str(reply.get("details", "")))
+    return reply
+
+
+# ------------------------------------------------------------------ verbs
+
+
+def _require_env(environ: dict[str, str], names: tuple[str, ...]) -> None:
+    for name in names:
+        if not environ.get(name):
+            raise CniError(ERR_INVALID_ENV, f"required environment variable {name} is not set")
+
+
+def _container_env(environ: dict[str, str], need_netns: bool) -> tuple[str, str, str]:
+    _require_env(environ, ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH")
+                 + (("CNI_NETNS",) if need_netns else ()))
+    cid = environ["CNI_CONTAINERID"]
+    if not _is_name(cid):
+        raise CniError(ERR_INVALID_ENV, f"invalid CNI_CONTAINERID {cid!r}: must start with an "
+                       "alphanumeric character, then alphanumerics, '_', '.' or '-'")
+    ifname = environ["CNI_IFNAME"]
+    problem = _ifname_problem(ifname)
+    if problem:
+        raise CniError(ERR_INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}: {problem}")
+    netns = environ.get("CNI_NETNS", "")
+    if need_netns and not os.path.exists(netns):
+        raise CniError(ERR_INVALID_ENV, f"CNI_NETNS {netns!r} does not exist")
+    return cid, ifname, netns
+
+
+def cmd_add(conf: dict[str, Any], version: str, environ: dict[str, str]) -> dict[str, Any]:
+    cid, ifname, netns = _container_env(environ, need_netns=True)
+    settings = parse_settings(conf, parse_cni_args(environ.get("CNI_ARGS", "")))
+    prev = conf.get("prevResult")
+    if prev is not None:
+        _normalize_prev(prev)  # validate before any work
+    rundir = runtime_dir(environ)
+    reply = engine_request(rundir, environ, {
+        "op": "add", "containerID": cid, "ifname": ifname, "netns": netns,
+        "settings": settings})
+    assert reply is not None
+    result = _reply_ok(reply)["result"]
+    return shape_result(merge_result(prev, result), version)
+
+
+def cmd_del(conf: dict[str, Any], environ: dict[str, str]) -> None:
+    cid, ifname, _netns = _container_env(environ, need_netns=False)
+    name = conf.get("name")
+    if not _is_name(name):
+        raise CniError(ERR_INVALID_CONFIG, f"invalid name {name!r}")
+    rundir = runtime_dir(environ)
+    request = {"op": "del", "network": name, "containerID": cid, "ifname": ifname}
+    state = read_state(state_path(rundir, str(name), cid, ifname))
+    # Nothing recorded: no engine needs starting (DEL is idempotent), but a running
+    # one is asked anyway in case it serves an attachment whose state write failed.
+    reply = engine_request(rundir, environ, request, start=state is not None)
+    if reply is not None:
+        _reply_ok(reply)
+
+
+def _expected_from_prev(prev: Any, ifname: str, netns: str) -> dict[str, Any]:
+    prev = _normalize_prev(prev)
+    interfaces = prev.get("interfaces") or []
+    index = None
+    for i, iface in enumerate(interfaces):
+        if isinstance(iface, dict) and iface.get("name") == ifname and \
+                iface.get("sandbox") in (netns, "", None):
+            index = i
+            break
+    if index is None:
+        raise CniError(ERR_INVALID_CONFIG, f"prevResult has no interface {ifname!r} in {netns}")
+    iface = interfaces[index]
+    addrs = [ip.get("address") for ip in prev.get("ips") or []
+             if isinstance(ip, dict) and ip.get("interface") == index]
+    gateways = [ip.get("gateway") for ip in prev.get("ips") or []
+                if isinstance(ip, dict) and ip.get("interface") == index and ip.get("gateway")]
+    return {"mac": iface.get("mac"), "addresses": addrs, "gateways": gateways}
+
+
+def cmd_check(conf: dict[str, Any], version: str, environ: dict[str, str]) -> None:
+    if _version_tuple(version) < (0, 4, 0):
+        raise CniError(ERR_INCOMPATIBLE_VERSION,
+                       f"config version {version} does not allow CHECK (needs 0.4.0 or later)")
+    cid, ifname, netns = _container_env(environ, need_netns=True)
+    parse_settings(conf, parse_cni_args(environ.get("CNI_ARGS", "")))
+    if "prevResult" not in conf:
+        raise CniError(ERR_INVALID_CONFIG, "CHECK needs prevResult in the network configuration")
+    expected = _expected_from_prev(conf["prevResult"], ifname, netns)
+    rundir = runtime_dir(environ)
+    name = str(conf["name"])
+    state = read_state(state_path(rundir, name, cid, ifname))
+    if state is None:
+        raise CniError(ERR_NO_ATTACHMENT, f"no slirp attachment for container {cid} "
+                       f"interface {ifname} in network {name}")
+    if not identity_alive(state.get("engine")):
+        raise CniError(ERR_ENGINE_GONE, f"the pyslirp engine serving container {cid} "
+                       f"interface {ifname} is gone (pid {state.get('engine', {}).get('pid')})")
+    reply = engine_request(rundir, environ, {
+        "op": "check", "network": name, "containerID": cid, "ifname": ifname,
+        "netns": netns, "expected": expected}, start=False)
+    if reply is None:
+        raise CniError(ERR_ENGINE_GONE, "the pyslirp engine does not answer")
+    _reply_ok(reply)
+
+
+def cmd_gc(conf: dict[str, Any], version: str, environ: dict[str, str]) -> None:
+    if _version_tuple(version) < (1, 1, 0):
+        raise CniError(ERR_INCOMPATIBLE_VERSION,
+                       f"config version {version} does not allow GC (needs 1.1.0)")
+    name = conf.get("name")
+    if not _is_name(name):
+        raise CniError(ERR_INVALID_CONFIG, f"invalid name {name!r}")
+    valid_raw = conf.get("cni.dev/valid-attachments")
+    if not isinstance(valid_raw, list):
+        raise CniError(ERR_INVALID_CONFIG,
+                       "GC needs cni.dev/valid-attachments: a list of {containerID, ifname}")
+    valid = []
+    for item in valid_raw:
+        if not isinstance(item, dict) or not isinstance(item.get("containerID"), str) or \
+                not isinstance(item.get("ifname"), str):
+            raise CniError(ERR_INVALID_CONFIG, f"invalid cni.dev/valid-attachments entry {item!r}")
+        valid.append([item["containerID"], item["ifname"]])
+    rundir = runtime_dir(environ)
+    keep = {(c, i) for c, i in valid}
+    doomed = [s for _p, s in list_states(rundir)
+              if s.get("network") == name and (s.get("containerID"), s.get("ifname")) not in keep]
+    unreadable = [p for p, s in list_states(rundir) if not s]
+    request = {"op": "gc", "network": name, "valid": valid}
+    reply = engine_request(rundir, environ, request, start=bool(doomed or unreadable))
+    if reply is not None:
+        _reply_ok(reply)
+
+
+def cmd_status(conf: dict[str, Any], version: str, environ: dict[str, str]) -> None:
+    if _version_tuple(version) < (1, 1, 0):
+        raise CniError(ERR_INCOMPATIBLE_VERSION,
+                       f"config version {version} does not allow STATUS (needs 1.1.0)")
+    parse_settings(conf, {})
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        raise CniError(ERR_NOT_AVAILABLE, f"cannot open /dev/net/tun: {exc.strerror}") from None
+    rundir = runtime_dir(environ)
+    try:
+        os.makedirs(attachments_dir(rundir), mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise CniError(ERR_NOT_AVAILABLE, f"cannot create the runtime directory {rundir}: "
+                       f"{exc.strerror}") from None
+    if not os.access(rundir, os.W_OK):
+        raise CniError(ERR_NOT_AVAILABLE, f"the runtime directory {rundir} is not writable")
+    python = engine_python(environ)
+    if not os.access(python, os.X_OK):
+        raise CniError(ERR_NOT_AVAILABLE, f"the engine's Python {python} is not executable")
+
+
+def version_info() -> dict[str, Any]:
+    return {"cniVersion": CURRENT_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+
+
+def run(environ: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
+    """Execute one CNI request; returns (exit status, JSON document to print or None)."""
+    version = CURRENT_VERSION
+    try:
+        command = environ.get("CNI_COMMAND", "")
+        if not command:
+            raise CniError(ERR_INVALID_ENV, "required environment variable CNI_COMMAND is not set")
+        if command not in COMMANDS:
+            raise CniError(ERR_INVALID_ENV, f"unknown CNI_COMMAND {command!r}: expected one of "
+                           f"{', '.join(COMMANDS)}")
+        if command == "VERSION":
+            return 0, version_info()
+        try:
+            conf = json.loads(stdin) if stdin.strip() else None
+        except ValueError as exc:
+            raise CniError(ERR_DECODE, f"cannot decode the network configuration: {exc}") \
+                from None
+        if not isinstance(conf, dict):
+            raise CniError(ERR_DECODE, "the network configuration on stdin is not a JSON object")
+        version = parse_version(conf)
+        if command == "ADD":
+            return 0, cmd_add(conf, version, environ)
+        if command == "DEL":
+            cmd_del(conf, environ)
+        elif command == "CHECK":
+            cmd_check(conf, version, environ)
+        elif command == "GC":
+            cmd_gc(conf, version, environ)
+        else:
+            cmd_status(conf, version, environ)
+        return 0, None
+    except CniError as exc:
+        error: dict[str, Any] = {"cniVersion": version, "code": exc.code, "msg": exc.msg}
+        if exc.details:
+            error["details"] = exc.details
+        return 1, error
+
+
+def main(stdin: Any = None, stdout: TextIO | None = None) -> int:
+    data = (stdin or sys.stdin.buffer).read()
+    status, doc = run(dict(os.environ), data)
+    out = stdout or sys.stdout
+    if doc is not None:
+        out.write(json.dumps(doc) + "\n")
+        out.flush()
+    if status and doc is not None:
+        sys.stderr.write(f"slirp: {doc.get('msg')}\n")
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
