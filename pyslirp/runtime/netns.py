@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import signal
 
 # <linux/sched.h>
 CLONE_NEWTIME = 0x00000080
@@ -145,8 +146,6 @@ def forked_child_signal_hygiene() -> None:
     SIGINT/SIGTERM then ends the child as it would end the exec'd command);
     ignored signals stay ignored (exec keeps them; callers reset SIGPIPE).
     """
-    import signal
-
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals():

@@ -163,13 +163,16 @@ class _ChildFailure(Exception):
 def open_tap(target: str, netns_type: str = "pid", tapname: str = "tap0",
              userns_path: str | None = None, mtu: int | None = None,
              configure: ConfigureSpec | None = None, mac: bytes | None = None,
-             *, timeout: float = CHILD_TIMEOUT) -> TapHandle:
+             *, vnet_hdr: bool = True, offload: bool = True,
+             timeout: float = CHILD_TIMEOUT) -> TapHandle:
     """Open (creating if needed) TAP ``tapname`` in the network namespace of ``target``.
 
     ``netns_type`` ``"pid"``: ``target`` is a PID and its user namespace is
     joined first when it differs from ours; ``"path"``: ``target`` is a netns
     file such as ``/run/netns/NAME``. ``userns_path`` (either type) names the
     user namespace to join instead. ``mtu`` (if given) is set on the TAP.
+    ``vnet_hdr``/``offload`` False skip asking for the header/offloads (the
+    handle then reports them off), e.g. to compare against plain frames.
     Raises :class:`TapError` with a one-line message.
     """
     netns_path, userns = _resolve_paths(target, netns_type, userns_path)
@@ -184,7 +187,8 @@ def open_tap(target: str, netns_type: str = "pid", tapname: str = "tap0",
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's coverage is not collected
-            _child_main(child_sock, netns_path, userns, tapname, mtu, configure, mac)
+            _child_main(child_sock, netns_path, userns, tapname, mtu, configure, mac,
+                        vnet_hdr, offload)
         child_sock.close()
         return _receive(parent_sock, pid, timeout)
     finally:
@@ -231,7 +235,10 @@ def _receive(sock: socket.socket, pid: int, timeout: float) -> TapHandle:
                 os.kill(pid, signal.SIGKILL)
             raise TapError(f"TAP helper process did not answer within {timeout:g} s") from None
     finally:
-        _, status = os.waitpid(pid, 0)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped behind our back (SIGCHLD ignored, a reaper thread)
+            status = 0
     if not msg:
         for fd in fds:
             os.close(fd)
@@ -256,11 +263,13 @@ def _receive(sock: socket.socket, pid: int, timeout: float) -> TapHandle:
 
 def _child_main(sock: socket.socket, netns_path: str, userns_path: str | None,
                 tapname: str, mtu: int | None, configure: ConfigureSpec | None,
-                mac: bytes | None) -> None:  # pragma: no cover - runs in the forked child
+                mac: bytes | None, want_vnet_hdr: bool,
+                want_offload: bool) -> None:  # pragma: no cover - runs in the forked child
     code = 1
     try:
         netns.forked_child_signal_hygiene()
-        fd, info = _child_open(netns_path, userns_path, tapname, mtu, configure, mac)
+        fd, info = _child_open(netns_path, userns_path, tapname, mtu, configure, mac,
+                               want_vnet_hdr, want_offload)
         socket.send_fds(sock, [json.dumps(info).encode()], [fd])
         code = 0
     except _ChildFailure as exc:
@@ -281,8 +290,8 @@ def _why(exc: OSError) -> str:
 
 
 def _child_open(netns_path: str, userns_path: str | None, tapname: str, mtu: int | None,
-                configure: ConfigureSpec | None,
-                mac: bytes | None) -> tuple[int, dict[str, Any]]:  # pragma: no cover
+                configure: ConfigureSpec | None, mac: bytes | None, want_vnet_hdr: bool,
+                want_offload: bool) -> tuple[int, dict[str, Any]]:  # pragma: no cover
     # Open both namespace files before moving: after joining a user namespace
     # /proc permission checks are made with the new credentials.
     try:
@@ -310,9 +319,9 @@ def _child_open(netns_path: str, userns_path: str | None, tapname: str, mtu: int
         raise _ChildFailure(f"cannot join network namespace {netns_path}: "
                             f"{os.strerror(exc.errno or 0)}") from None
 
-    fd, name, vnet_hdr = _tun_attach(tapname)
+    fd, name, vnet_hdr = _tun_attach(tapname, want_vnet_hdr)
     offload = uso = False
-    if vnet_hdr:
+    if vnet_hdr and want_offload:
         offload, uso = _tun_offload(fd)
 
     # Device ioctls act in the namespace the socket was created in: this one.
@@ -351,7 +360,7 @@ def _ioctl_or_fail(fd: Any, request: int, arg: Any, what: str) -> Any:  # pragma
         raise _ChildFailure(f"{what}: {_why(exc)}") from None
 
 
-def _tun_attach(tapname: str) -> tuple[int, str, bool]:  # pragma: no cover - child
+def _tun_attach(tapname: str, want_vnet_hdr: bool) -> tuple[int, str, bool]:  # pragma: no cover
     """Open /dev/net/tun and bind it to TAP ``tapname``, with a 12-byte vnet header if we can."""
     def open_dev() -> int:
         try:
@@ -364,18 +373,17 @@ def _tun_attach(tapname: str) -> tuple[int, str, bool]:  # pragma: no cover - ch
         return _IFREQ_FLAGS.unpack(res)[0].rstrip(b"\0").decode()
 
     fd = open_dev()
-    try:
-        name = setiff(fd, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            os.close(fd)
-            raise _ChildFailure(f"cannot create TAP device {tapname}: {_why(exc)}") from None
-    else:
+    if want_vnet_hdr:
         try:
+            name = setiff(fd, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
             _ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
             return fd, name, True
-        except OSError:
-            # IFF_VNET_HDR cannot be dropped from a bound fd; start over without it.
+        except OSError as exc:
+            # EINVAL: a kernel without the feature. IFF_VNET_HDR cannot be dropped
+            # from a bound fd, so start over without it; other errors are fatal below.
+            if exc.errno != errno.EINVAL:
+                os.close(fd)
+                raise _ChildFailure(f"cannot create TAP device {tapname}: {_why(exc)}") from None
             os.close(fd)
             fd = open_dev()
     try:

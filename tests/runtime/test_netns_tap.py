@@ -287,6 +287,18 @@ def test_uso_refused_keeps_tso(named_ns: nsutil.NetNS, monkeypatch: pytest.Monke
         assert (handle.vnet_hdr, handle.offload, handle.uso) == (True, True, False)
 
 
+@pytest.mark.parametrize(("want_vnet", "want_offload"), [(True, False), (False, True)])
+def test_caller_can_turn_off_header_or_offloads(named_ns: nsutil.NetNS, want_vnet: bool,
+                                                want_offload: bool) -> None:
+    with open_tap(named_ns.path, "path", configure=CONFIGURE, mac=GUEST_MAC,
+                  vnet_hdr=want_vnet, offload=want_offload) as handle:
+        assert (handle.vnet_hdr, handle.offload, handle.uso) == (want_vnet, False, False)
+        _, frame = _arp_then_udp(named_ns, handle)
+        eth = ethernet.EthernetFrame(frame[vnet.HEADER_LEN if want_vnet else 0:])
+        ip = ipv4.Ipv4Packet(eth.payload)
+        udp.UdpDatagram(ip.payload, ip.src, ip.dst, verify_checksum=True)  # complete checksum
+
+
 def test_without_vnet_header_frames_start_with_ethernet(
         named_ns: nsutil.NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
     _refuse(monkeypatch, lambda req, arg: req == tap.TUNSETVNETHDRSZ)
