@@ -1,0 +1,1237 @@
+"""TCP termination: the guest's TCP connections, relayed to host sockets.
+
+Theory of operation
+-------------------
+Every TCP connection the guest opens is terminated here by a full TCP
+endpoint (:class:`TcpFlow`, one per 4-tuple) that impersonates the remote
+peer, while the runtime opens an ordinary host socket to the real destination
+(through :class:`~pyslirp.stack.host.HostPort`). Bytes then flow:
+
+* guest -> host: in-order payload goes to ``host.tcp_write`` straight from the
+  frame's memoryview; only what the host socket did not take is copied into a
+  bounded *backlog*. The window we advertise is the receive space minus the
+  backlog and held out-of-order data, so a host peer that stops reading
+  closes the guest's window instead of growing our memory.
+* host -> guest: what the runtime reads lands in a *send queue* (a deque of
+  immutable ``bytes`` chunks, trimmed from the left as the guest acknowledges,
+  never copied again), from which frames are cut. With the link's offloads
+  one frame carries up to ~64 KB as a GSO_TCPV4 super-frame whose checksum
+  the kernel finishes (vnet NEEDS_CSUM); without them we cut MSS-sized
+  segments and compute full checksums. Payload bytes are passed to the link
+  as memoryview slices of the queued chunks (which never change), so the
+  runtime may hold them as long as it likes. When the send queue is full we
+  ask the runtime to pause reading, and resume it when the guest's ACKs free
+  half of it.
+
+Connection set-up follows slirp: the guest's SYN starts the host connect and
+is answered only once the host side is known, with a SYN-ACK when it
+connected, an RST when it was refused, and ICMP destination-unreachable
+(quoting the SYN) when the host network said so; a destination the policy
+refuses gets ICMP net-unreachable at once. Duplicate SYNs meanwhile are
+ignored. The flow table and the number of half-open flows are bounded
+(:class:`TcpConfig`); excess SYNs are dropped and counted.
+
+Followed (RFC 9293 section 3.10 event processing, simplified where a NAT can):
+sequence/ACK acceptability and RST generation for unknown flows (3.10.7.1);
+RST validation and challenge ACKs for in-window RST/SYN (RFC 5961 3, 4);
+MSS (3.7.1: ours is MTU-40, we honour the guest's, 536 when absent) and
+window scaling (RFC 7323 2, only when the guest offers it); retransmission
+timer per RFC 6298 (Karn's algorithm with one timed segment, 200 ms
+minimum, 60 s maximum, exponential backoff, give up after
+``max_retries``: RST to the guest, reset the host socket); Reno congestion
+control (RFC 5681: slow start, fast retransmit on the third duplicate ACK,
+NewReno partial ACKs per RFC 6582) so a queue that overflowed is not
+flooded again; receiver silly-window avoidance (RFC 1122 4.2.3.3);
+zero-window probing (persist timer, RFC 9293 3.8.6.1); half-close in both
+directions, simultaneous close and a short TIME_WAIT (a NAT's guest-side
+four-tuple is private, so seconds suffice); keepalive probes toward an idle
+guest (RFC 1122 4.2.3.6).
+
+ACKs are coalesced: segments of one batch of guest frames only mark their
+flow, and :meth:`TcpEngine.flush` (called by the stack after each batch)
+sends one ACK per marked flow, or nothing when outgoing data carries it.
+Out-of-order and duplicate segments are answered at once, so the guest's
+fast retransmit sees its three duplicate ACKs.
+
+Deliberately not done: SACK and timestamps are not negotiated (the link
+is a local queue; NewReno recovers its rare losses), urgent data is
+delivered inline, ECN is ignored, IP options are ignored, TCP Fast Open data
+on a SYN is dropped (the guest resends it). Timers are lazy: each flow has
+one entry in the shared :class:`~pyslirp.stack.timers.Timers` heap, pushed
+only when a deadline moves earlier; a wake-up that finds nothing due
+re-arms for the next deadline, so per-ACK timer restarts cost nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pyslirp.stack.config import NetConfig
+from pyslirp.stack.host import HostPort
+from pyslirp.stack.link import Link
+from pyslirp.stack.timers import Timers
+from pyslirp.wire import icmp, vnet
+from pyslirp.wire import tcp as wtcp
+from pyslirp.wire.checksum import finish, partial_sum
+from pyslirp.wire.errors import MalformedPacket
+from pyslirp.wire.ipv4 import Ipv4Packet
+
+Policy = Callable[[bytes, int], "list[tuple[str, int]] | None"]
+
+FIN, SYN, RST, PSH, ACK = wtcp.FIN, wtcp.SYN, wtcp.RST, wtcp.PSH, wtcp.ACK
+
+_M = 0xFFFFFFFF
+_HALF = 0x80000000
+
+# Flow states (RFC 9293 3.3.2), plus CONNECTING: the guest's SYN arrived and the
+# host connect is in progress; nothing has been answered yet.
+CONNECTING = "CONNECTING"
+SYN_SENT = "SYN_SENT"
+SYN_RCVD = "SYN_RCVD"
+ESTABLISHED = "ESTABLISHED"
+FIN_WAIT_1 = "FIN_WAIT_1"
+FIN_WAIT_2 = "FIN_WAIT_2"
+CLOSING = "CLOSING"
+TIME_WAIT = "TIME_WAIT"
+CLOSE_WAIT = "CLOSE_WAIT"
+LAST_ACK = "LAST_ACK"
+CLOSED = "CLOSED"
+
+#: States in which the guest may still send us data.
+_RCV_OPEN = frozenset((ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2))
+#: States in which we may send data (and our FIN) to the guest.
+_SND_STATES = frozenset((ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING, LAST_ACK))
+_HALF_OPEN = frozenset((CONNECTING, SYN_RCVD, SYN_SENT))
+
+# Ethernet + IPv4 (no options) + fixed TCP header, one pack_into per frame.
+_FRAME = struct.Struct("!6s6sH" "BBHHHBBH4s4s" "HHIIBBHHH")
+_FRAME_LEN = 14 + 20 + 20
+_VNET = struct.Struct("<BBHHHHH")
+_CSUM_START = 14 + 20
+_DEFAULT_MSS = 536  # RFC 9293 3.7.1, when the guest sends no MSS option
+_MAX_IP_PAYLOAD = 65535 - 20
+
+# Host connect errors that become ICMP errors rather than an RST (as a router
+# would report them); everything else becomes an RST.
+_ICMP_FOR_ERRNO = {
+    errno.ENETUNREACH: icmp.NET_UNREACH,
+    errno.ENETDOWN: icmp.NET_UNREACH,
+    errno.EHOSTUNREACH: icmp.HOST_UNREACH,
+    errno.EHOSTDOWN: icmp.HOST_UNREACH,
+    errno.ETIMEDOUT: icmp.HOST_UNREACH,
+}
+
+
+@dataclass(slots=True)
+class TcpConfig:
+    """Limits and timers of the TCP engine (defaults suit a container's NAT)."""
+
+    max_flows: int = 4096
+    max_half_open: int = 256
+    #: Receive space per flow: bounds the advertised window and the backlog.
+    rcv_buf: int = 4 << 20
+    #: Send queue per flow (host data not yet acknowledged by the guest).
+    snd_buf: int = 4 << 20
+    max_ooo_segments: int = 64
+    rto_initial: float = 1.0
+    rto_min: float = 0.2
+    rto_max: float = 60.0
+    #: Retransmissions of data/FIN (or unanswered window probes) before giving up.
+    max_retries: int = 10
+    syn_retries: int = 5
+    time_wait: float = 2.0
+    #: After the guest has gone, how long data may wait for a host socket that
+    #: does not read before the host socket is reset.
+    drain_timeout: float = 60.0
+    keepalive_idle: float = 600.0
+    keepalive_interval: float = 30.0
+    keepalive_count: int = 4
+
+
+def _fold(s: int) -> int:
+    s = (s & 0xFFFF) + (s >> 16)
+    return (s & 0xFFFF) + (s >> 16)
+
+
+def _wsum(addr: bytes) -> int:
+    return (addr[0] << 8 | addr[1]) + (addr[2] << 8 | addr[3])
+
+
+class TcpFlow:
+    """One guest TCP connection and its host counterpart.
+
+    The runtime calls the ``host_*`` methods; everything else is driven by the
+    engine. ``host_handle`` is free for the runtime (its socket object).
+    """
+
+    __slots__ = (
+        "engine", "link", "host", "cfg", "key", "guest_addr", "guest_port", "remote_addr",
+        "remote_port", "host_handle", "state", "timer_deadline",
+        # receive side (guest -> host)
+        "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "backlog", "backlog_len", "ooo", "ooo_len",
+        "fin_rcvd", "host_shut", "host_closed", "host_connected_flag",
+        # send side (host -> guest)
+        "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale",
+        "mss", "max_burst", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery",
+        "sq", "sq_start", "una_pos", "sq_end", "cur_i", "cur_pos", "fin_queued", "fin_seq",
+        "fin_out", "reading_paused",
+        # timers
+        "rto", "srtt", "rttvar", "rtt_seq", "rtt_time", "rto_at", "ka_at", "retries", "probes",
+        "persist", "last_rx",
+        # framing
+        "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "wscale_ok",
+    )
+
+    def __init__(self, engine: TcpEngine, guest_addr: bytes, guest_port: int,
+                 remote_addr: bytes, remote_port: int, now: float) -> None:
+        self.engine = engine
+        self.link = engine.link
+        self.host = engine.host
+        cfg = self.cfg = engine.cfg
+        self.key = (guest_addr, guest_port, remote_addr, remote_port)
+        self.guest_addr = guest_addr
+        self.guest_port = guest_port
+        self.remote_addr = remote_addr
+        self.remote_port = remote_port
+        self.host_handle: Any = None
+        self.state = CLOSED
+        self.timer_deadline: float | None = None
+        self.irs = 0
+        self.rcv_nxt = 0
+        self.rcv_adv = 0
+        self.rcv_wscale = 0
+        self.backlog: deque[bytes] = deque()
+        self.backlog_len = 0
+        self.ooo: dict[int, tuple[bytes, bool]] = {}
+        self.ooo_len = 0
+        self.fin_rcvd = False
+        self.host_shut = False
+        self.host_closed = False
+        self.host_connected_flag = False
+        self.iss = engine.rng.getrandbits(32)
+        self.snd_una = self.snd_nxt = self.snd_max = self.iss
+        self.snd_wnd = 0
+        self.snd_wl1 = self.snd_wl2 = 0
+        self.snd_wscale = 0
+        self.mss = _DEFAULT_MSS
+        self.max_burst = _DEFAULT_MSS
+        self.cwnd = 0
+        self.ssthresh = 1 << 62
+        self.dupacks = 0
+        self.recover = self.iss
+        self.in_recovery = False
+        self.sq: deque[bytes] = deque()
+        self.sq_start = self.una_pos = self.sq_end = 0
+        self.cur_i = self.cur_pos = 0
+        self.fin_queued = False
+        self.fin_seq: int | None = None
+        self.fin_out = False
+        self.reading_paused = False
+        self.rto = cfg.rto_initial
+        self.srtt = 0.0
+        self.rttvar = 0.0
+        self.rtt_seq: int | None = None
+        self.rtt_time = 0.0
+        self.rto_at: float | None = None
+        self.ka_at: float | None = None
+        self.retries = 0
+        self.probes = 0
+        self.persist = False
+        self.last_rx = now
+        self.ip_sum0 = 0x4500 + 0x4000 + (64 << 8 | 6) + _wsum(remote_addr) + _wsum(guest_addr)
+        self.ph0 = _wsum(remote_addr) + _wsum(guest_addr) + 6
+        self.ack_pending = False
+        self.dirty = False
+        self.syn_quote = b""
+        self.half_open = False
+        self.wscale_ok = False
+
+    def __repr__(self) -> str:
+        return (f"TcpFlow({self.guest_port}->{'.'.join(map(str, self.remote_addr))}:"
+                f"{self.remote_port} {self.state})")
+
+    # ------------------------------------------------------------------ framing
+
+    def _window(self) -> int:
+        """The window field to advertise, updating ``rcv_adv`` (the right edge)."""
+        space = self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+        cur = (self.rcv_adv - self.rcv_nxt) & _M
+        if cur >= _HALF:
+            cur = 0
+        # Never move the right edge left, and move it right only by a useful
+        # amount (receiver SWS avoidance).
+        if space < cur + min(self.cfg.rcv_buf >> 1, self.mss):
+            space = cur
+        ws = self.rcv_wscale
+        w = (space + (1 << ws) - 1) >> ws
+        if w > 0xFFFF:
+            w = 0xFFFF
+        self.rcv_adv = (self.rcv_nxt + (w << ws)) & _M
+        return w
+
+    def _xmit(self, flags: int, seq: int, parts: list[Any], plen: int,
+              opts: bytes = b"") -> None:
+        """Build one frame (maybe a GSO super-frame) and hand it to the link."""
+        link = self.link
+        mac = link.guest_mac
+        if mac is None:
+            link.count("tcp.drop.tx.no_guest_mac")
+            return
+        thl = 20 + len(opts)
+        tcp_len = thl + plen
+        tot = 20 + tcp_len
+        ident = link.next_ip_id()
+        s = self.ip_sum0 + tot + ident
+        s = (s & 0xFFFF) + (s >> 16)
+        ipcs = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+        if flags & SYN:
+            win = min(self.cfg.rcv_buf, 0xFFFF)
+            self.rcv_adv = (self.rcv_nxt + win) & _M
+        else:
+            win = self._window()
+        ack = self.rcv_nxt if flags & ACK else 0
+        off = 12 if link.vnet_hdr else 0
+        hdr = bytearray(off + _FRAME_LEN + len(opts))
+        if opts:
+            hdr[off + _FRAME_LEN:] = opts
+        if link.offload:
+            _FRAME.pack_into(hdr, off, mac, link.our_mac, 0x0800, 0x45, 0, tot, ident, 0x4000,
+                             64, 6, ipcs, self.remote_addr, self.guest_addr, self.remote_port,
+                             self.guest_port, seq, ack, thl << 2, flags, win,
+                             _fold(self.ph0 + tcp_len), 0)
+            if plen > self.mss:
+                _VNET.pack_into(hdr, 0, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, _CSUM_START + thl,
+                                self.mss, _CSUM_START, 16, 0)
+            else:
+                _VNET.pack_into(hdr, 0, vnet.F_NEEDS_CSUM, 0, _CSUM_START + thl, 0,
+                                _CSUM_START, 16, 0)
+        else:
+            _FRAME.pack_into(hdr, off, mac, link.our_mac, 0x0800, 0x45, 0, tot, ident, 0x4000,
+                             64, 6, ipcs, self.remote_addr, self.guest_addr, self.remote_port,
+                             self.guest_port, seq, ack, thl << 2, flags, win, 0, 0)
+            s = partial_sum(memoryview(hdr)[off + _CSUM_START:], self.ph0 + tcp_len)
+            if plen:
+                s = partial_sum(parts[0] if len(parts) == 1 else b"".join(parts), s)
+            c = finish(s)
+            hdr[off + _CSUM_START + 16] = c >> 8
+            hdr[off + _CSUM_START + 17] = c & 0xFF
+        if plen:
+            parts.insert(0, hdr)
+            link.send_frame(parts)
+        else:
+            link.send_frame((hdr,))
+
+    def _send_ack(self) -> None:
+        self.ack_pending = False
+        self._xmit(ACK, self.snd_nxt, [], 0)
+
+    def _send_rst(self) -> None:
+        self._xmit(RST | ACK, self.snd_nxt, [], 0)
+
+    def _send_syn(self, with_ack: bool) -> None:
+        opts = wtcp.syn_options(
+            mss=self.link.mtu - 40,
+            wscale=self.rcv_wscale if self.wscale_ok or not with_ack else None)
+        self._xmit(SYN | ACK if with_ack else SYN, self.iss, [], 0, opts)
+
+    def _mark(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            self.engine.dirty.append(self)
+
+    # ------------------------------------------------------------------ timers
+
+    def _arm(self) -> None:
+        """Make sure the heap wakes us no later than our earliest deadline."""
+        d = self.rto_at
+        k = self.ka_at
+        if d is None or (k is not None and k < d):
+            d = k
+        if d is not None and (self.timer_deadline is None or d < self.timer_deadline):
+            self.engine.timers.schedule(self, d)
+
+    def on_timer(self, now: float) -> None:
+        if self.state == CLOSED:
+            return
+        if self.rto_at is not None and now >= self.rto_at:
+            self.rto_at = None
+            self._on_rto(now)
+        if self.state != CLOSED and self.ka_at is not None and now >= self.ka_at:
+            self.ka_at = None
+            self._on_idle(now)
+        if self.state != CLOSED:
+            self._arm()
+
+    def _on_rto(self, now: float) -> None:
+        state = self.state
+        if state in (SYN_RCVD, SYN_SENT):
+            self.retries += 1
+            if self.retries > self.cfg.syn_retries:
+                self.link.count("tcp.syn_timeout")
+                self._abort(now, rst_guest=state == SYN_RCVD)
+                return
+            self.rto = min(self.rto * 2, self.cfg.rto_max)
+            self._send_syn(with_ack=state == SYN_RCVD)
+            self.rto_at = now + self.rto
+            return
+        if state not in _SND_STATES:
+            return
+        if self.persist:
+            self.probes += 1
+            if self.probes > self.cfg.max_retries:
+                self.link.count("tcp.persist_timeout")
+                self._abort(now, rst_guest=True)
+                return
+            self.rto = min(self.rto * 2, self.cfg.rto_max)
+            self._xmit(ACK, (self.snd_una - 1) & _M, [], 0)
+            self.rto_at = now + self.rto
+            return
+        if self.snd_nxt == self.snd_una and self.snd_max == self.snd_una:
+            return  # nothing outstanding: stale deadline
+        self.retries += 1
+        if self.retries > self.cfg.max_retries:
+            self.link.count("tcp.retransmit_timeout")
+            self._abort(now, rst_guest=True)
+            return
+        self.link.count("tcp.rto")
+        flight = (self.snd_max - self.snd_una) & _M
+        self.ssthresh = max(flight >> 1, 2 * self.mss)
+        self.cwnd = self.mss
+        self.rto = min(self.rto * 2, self.cfg.rto_max)
+        self.rtt_seq = None  # Karn: no sample from a retransmitted segment
+        self.in_recovery = False
+        self.dupacks = 0
+        # Go back N: resend from the oldest unacknowledged byte.
+        self.snd_nxt = self.snd_una
+        self.fin_out = False
+        self._output(now)
+        if self.rto_at is None:
+            self.rto_at = now + self.rto
+
+    def _on_idle(self, now: float) -> None:
+        cfg = self.cfg
+        if self.state == TIME_WAIT:
+            if self.host_closed:
+                self.engine._remove(self)
+                return
+            if now - self.last_rx < cfg.drain_timeout:
+                self.ka_at = self.last_rx + cfg.drain_timeout
+                return
+            # The guest is gone and the host never took the rest: give up on it.
+            self.link.count("tcp.drain_timeout")
+            self.host_closed = True
+            self.host.tcp_close(self, True)
+            self.engine._remove(self)
+            return
+        if self.state not in _RCV_OPEN and self.state not in _SND_STATES:
+            return
+        idle = now - self.last_rx
+        if idle < cfg.keepalive_idle:
+            self.probes = 0
+            self.ka_at = self.last_rx + cfg.keepalive_idle
+            return
+        if self.snd_max != self.snd_una:
+            # Data in flight: the retransmission timer watches the guest.
+            self.ka_at = now + cfg.keepalive_interval
+            return
+        if self.probes >= cfg.keepalive_count:
+            self.link.count("tcp.keepalive_timeout")
+            self._abort(now, rst_guest=True)
+            return
+        self.probes += 1
+        self._xmit(ACK, (self.snd_una - 1) & _M, [], 0)
+        self.ka_at = now + cfg.keepalive_interval
+
+    # ------------------------------------------------------------------ teardown
+
+    def _abort(self, now: float, rst_guest: bool) -> None:
+        """Reset both sides and forget the flow."""
+        state = self.state
+        if rst_guest and state != CLOSED and state != TIME_WAIT:
+            if state == CONNECTING:
+                self._xmit(RST | ACK, 0, [], 0)
+            elif state == SYN_SENT:
+                self._xmit(RST, self.snd_nxt, [], 0)
+            else:
+                self._send_rst()
+        if not self.host_closed:
+            self.host_closed = True
+            self.host.tcp_close(self, True)
+        self.engine._remove(self)
+
+    def _maybe_close_host(self) -> None:
+        """Close the host socket once both directions are finished."""
+        if (not self.host_closed and self.host_shut and self.fin_seq is not None
+                and self.state in (TIME_WAIT, CLOSED)):
+            self.host_closed = True
+            self.host.tcp_close(self, False)
+
+    def _enter_time_wait(self, now: float, from_last_ack: bool = False) -> None:
+        self.state = TIME_WAIT
+        self.rto_at = None
+        self.persist = False
+        self._maybe_close_host()
+        if from_last_ack and self.host_closed:
+            # The guest closed first and has our FIN's ACK: nothing left to wait for.
+            self.engine._remove(self)
+            return
+        # TIME_WAIT proper, or (after LAST_ACK) waiting for the host to take the backlog.
+        self.ka_at = now + self.cfg.time_wait
+        self._arm()
+
+    # ------------------------------------------------------------------ output
+
+    def _collect(self, pos: int, n: int) -> list[Any]:
+        """Slices of the send queue covering stream bytes [pos, pos + n)."""
+        sq = self.sq
+        if pos >= self.cur_pos and self.cur_i < len(sq):
+            i, start = self.cur_i, self.cur_pos
+        else:
+            i, start = 0, self.sq_start
+        c = sq[i]
+        while pos >= start + len(c):
+            start += len(c)
+            i += 1
+            c = sq[i]
+        self.cur_i, self.cur_pos = i, start
+        parts: list[Any] = []
+        while n > 0:
+            o = pos - start
+            take = len(c) - o
+            if take > n:
+                take = n
+            parts.append(c if take == len(c) else memoryview(c)[o:o + take])
+            n -= take
+            pos += take
+            if n:
+                start += len(c)
+                i += 1
+                c = sq[i]
+        return parts
+
+    def _output(self, now: float) -> None:
+        """Send what the guest's window and our congestion window allow."""
+        if self.state not in _SND_STATES:
+            return
+        una = self.snd_una
+        buffered = self.sq_end - self.una_pos
+        sent = ((self.snd_nxt - una) & _M) - self.fin_out
+        wnd = self.snd_wnd if self.snd_wnd < self.cwnd else self.cwnd
+        limit = buffered if buffered < wnd else wnd
+        burst = self.max_burst
+        xmitted = False
+        while sent < limit:
+            n = limit - sent
+            if n > burst:
+                n = burst
+            elif n < self.mss and sent + n < buffered and sent:
+                break  # sender SWS avoidance: wait for a full segment (Nagle-like)
+            end = sent + n == buffered
+            flags = ACK
+            if end:
+                flags = ACK | PSH
+                if self.fin_queued:
+                    flags = ACK | PSH | FIN
+            seq = (una + sent) & _M
+            self._xmit(flags, seq, self._collect(self.una_pos + sent, n), n)
+            if self.rtt_seq is None and seq == self.snd_max:
+                self.rtt_seq = (seq + n) & _M
+                self.rtt_time = now
+            sent += n
+            self.snd_nxt = (una + sent) & _M
+            if flags & FIN:
+                self._fin_sent()
+            xmitted = True
+        if self.fin_queued and not self.fin_out and sent == buffered:
+            # FIN with no data left to carry it.
+            self._xmit(ACK | FIN, self.snd_nxt, [], 0)
+            self._fin_sent()
+            xmitted = True
+        if ((self.snd_nxt - self.snd_max) & _M) < _HALF:
+            self.snd_max = self.snd_nxt
+        if xmitted:
+            self.ack_pending = False
+            self.persist = False
+            if self.rto_at is None:
+                self.rto_at = now + self.rto
+                self._arm()
+        elif (sent < buffered and self.snd_max == una and self.snd_wnd <= sent
+              and not self.persist):
+            # Zero window and nothing in flight: probe it (persist timer).
+            self.persist = True
+            self.rto_at = now + self.rto
+            self._arm()
+
+    def _fin_sent(self) -> None:
+        self.fin_out = True
+        self.snd_nxt = (self.snd_nxt + 1) & _M
+        self.fin_seq = (self.snd_nxt - 1) & _M
+        if self.state == ESTABLISHED:
+            self.state = FIN_WAIT_1
+        elif self.state == CLOSE_WAIT:
+            self.state = LAST_ACK
+
+    # ------------------------------------------------------------------ input
+
+    def _segment(self, seg: wtcp.TcpSegment, now: float) -> None:
+        """RFC 9293 3.10.7.4, for every state past the handshake's first step."""
+        flags = seg.flags
+        state = self.state
+        if state == CONNECTING:
+            # The host connect is in progress; the guest's retransmitted SYNs
+            # wait for it. Anything else cannot be valid yet, except an RST
+            # that aborts the attempt.
+            if flags & RST and seg.seq == ((self.irs + 1) & _M):
+                self._abort(now, rst_guest=False)
+            return
+        if state == SYN_SENT:
+            self._segment_syn_sent(seg, now)
+            return
+        seq = seg.seq
+        rcv_nxt = self.rcv_nxt
+        rel = (seq - rcv_nxt) & _M
+        wnd = (self.rcv_adv - rcv_nxt) & _M
+        if wnd >= _HALF:
+            wnd = 0
+
+        if flags & RST:
+            if state == TIME_WAIT:
+                return  # RFC 1337: no TIME_WAIT assassination
+            # RFC 5961 3.2: only an exact match resets; in-window gets a challenge ACK.
+            if rel == 0 or (state == SYN_RCVD and rel < wnd):
+                self.link.count("tcp.rst_from_guest")
+                if not self.host_closed:
+                    self.host_closed = True
+                    self.host.tcp_close(self, True)
+                self.engine._remove(self)
+            elif rel < wnd:
+                self._send_ack()
+            return
+        if flags & SYN:
+            if state == SYN_RCVD and seq == self.irs:
+                self._send_syn(with_ack=True)  # our SYN-ACK was lost
+            elif state == TIME_WAIT and (ip := self.engine.cur_ip) is not None:
+                # The guest reuses the 4-tuple: the old incarnation is over on its side.
+                engine = self.engine
+                if not self.host_closed:
+                    self.host_closed = True
+                    self.host.tcp_close(self, False)
+                engine._remove(self)
+                engine._new_syn(ip, seg, self.key, now)
+            else:
+                self._send_ack()  # RFC 5961 4.2 challenge ACK
+            return
+        if not flags & ACK:
+            return
+        if state == SYN_RCVD:
+            if seg.ack != ((self.iss + 1) & _M):
+                self.engine.send_reset_for(seg, self.key)
+                return
+            self._established(seg, now)
+            state = self.state
+        self.last_rx = now
+        self.probes = 0
+
+        # Sequence acceptability (RFC 9293 3.10.7.4 first step): trim what lies
+        # before rcv_nxt or past the advertised window; the ACK field is honoured
+        # even when no data is acceptable (zero window).
+        hl = seg.header_len
+        plen = len(seg.buf) - hl
+        fin = flags & FIN
+        if rel >= _HALF:
+            dup = (rcv_nxt - seq) & _M
+            if dup >= plen + (1 if fin else 0):
+                # Entirely old: a retransmission, keepalive or window probe.
+                self._mark_ack()
+                self._ack_field(seg, now, 0)
+                return
+            hl += dup
+            plen -= dup
+            rel = 0
+        if rel:
+            if rel >= wnd:
+                if plen or fin:
+                    self._mark_ack()
+                self._ack_field(seg, now, 0)
+                return
+            if rel + plen > wnd:
+                plen = wnd - rel
+                fin = 0
+        elif plen > wnd:
+            self._mark_ack()
+            plen = wnd
+            fin = 0
+
+        if not self._ack_field(seg, now, plen):
+            return
+        state = self.state
+        if state == CLOSED or not (plen or fin):
+            return
+        if state not in _RCV_OPEN:
+            # Data or FIN again after the guest's FIN: just ACK it.
+            self._mark_ack()
+            return
+        if rel:
+            self._ooo_insert(seq, bytes(seg.buf[hl:hl + plen]), bool(fin), plen)
+            return
+        if plen:
+            self._deliver(seg.buf[hl:hl + plen])
+        if self.ooo:
+            fin = self._ooo_drain() or fin
+        if fin:
+            self._on_fin(now)
+        self._mark_ack()
+
+    def _mark_ack(self) -> None:
+        if not self.ack_pending:
+            self.ack_pending = True
+            self._mark()
+
+    def _established(self, seg: wtcp.TcpSegment, now: float) -> None:
+        self.state = ESTABLISHED
+        if self.half_open:
+            self.half_open = False
+            self.engine.half_open -= 1
+        self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & _M
+        self.recover = self.snd_una
+        self.snd_wnd = seg.window << self.snd_wscale
+        self.snd_wl1 = seg.seq
+        self.snd_wl2 = seg.ack
+        self.retries = 0
+        self.rto_at = None
+        if self.rtt_seq is not None:
+            self._rtt_sample(now - self.rtt_time)
+        self.rtt_seq = None
+        self.ka_at = now + self.cfg.keepalive_idle
+        self._arm()
+        self._mark()
+
+    def _ack_field(self, seg: wtcp.TcpSegment, now: float, plen: int) -> bool:
+        """Process the ACK field; False if the segment is to be dropped."""
+        ack = seg.ack
+        una = self.snd_una
+        d = (ack - una) & _M
+        if d >= _HALF:
+            return True  # an old ACK: nothing new, keep the data
+        if d > ((self.snd_max - una) & _M):
+            self._mark_ack()  # ACKs something never sent
+            return False
+        win = seg.window << self.snd_wscale
+        if d:
+            self._acked(ack, d, now)
+        elif (not plen and not seg.flags & FIN and win == self.snd_wnd
+              and self.snd_max != una):
+            self.dupacks += 1
+            if self.dupacks == 3:
+                self._fast_retransmit(now)
+        # Window update (RFC 9293 3.10.7.4: SND.WL1/WL2 guard against old segments).
+        s1 = (seg.seq - self.snd_wl1) & _M
+        if (0 < s1 < _HALF) or (s1 == 0 and ((ack - self.snd_wl2) & _M) < _HALF):
+            if win != self.snd_wnd:
+                if win > self.snd_wnd:
+                    self._mark()
+                self.snd_wnd = win
+            self.snd_wl1 = seg.seq
+            self.snd_wl2 = ack
+        return True
+
+    def _acked(self, ack: int, d: int, now: float) -> None:
+        fin_acked = self.fin_seq is not None and ack == ((self.fin_seq + 1) & _M)
+        data = d - fin_acked
+        self.snd_una = ack
+        if ((ack - self.snd_nxt) & _M) < _HALF:
+            self.snd_nxt = ack
+            self.fin_out = fin_acked
+        self.retries = 0
+        if self.rtt_seq is not None and ((ack - self.rtt_seq) & _M) < _HALF:
+            self._rtt_sample(now - self.rtt_time)
+            self.rtt_seq = None
+        if data:
+            self.una_pos += data
+            sq = self.sq
+            popped = 0
+            while sq and self.sq_start + len(sq[0]) <= self.una_pos:
+                self.sq_start += len(sq.popleft())
+                popped += 1
+            if popped:
+                self.cur_i -= popped
+                if self.cur_i < 0:
+                    self.cur_i, self.cur_pos = 0, self.sq_start
+            if self.reading_paused and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1:
+                self.reading_paused = False
+                self.host.tcp_resume_reading(self)
+        # Congestion control (RFC 5681 / RFC 6582).
+        if self.in_recovery:
+            if ((ack - self.recover) & _M) < _HALF:
+                self.in_recovery = False
+                self.cwnd = self.ssthresh
+            else:
+                self._retransmit_head()  # partial ACK
+        elif self.cwnd < self.ssthresh:
+            self.cwnd += d
+        else:
+            self.cwnd += max(1, self.mss * self.mss // self.cwnd)
+        if self.cwnd > self.cfg.snd_buf:
+            self.cwnd = self.cfg.snd_buf
+        self.dupacks = 0
+        if self.snd_max == ack:
+            self.rto_at = None
+        else:
+            self.rto_at = now + self.rto
+        self._mark()
+        if fin_acked:
+            state = self.state
+            if state == FIN_WAIT_1:
+                self.state = FIN_WAIT_2
+                self._maybe_close_host()
+            elif state == CLOSING:
+                self._enter_time_wait(now)
+            elif state == LAST_ACK:
+                self._enter_time_wait(now, from_last_ack=True)
+
+    def _rtt_sample(self, r: float) -> None:
+        # RFC 6298 2.2 / 2.3
+        if self.srtt == 0.0:
+            self.srtt = r
+            self.rttvar = r / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
+            self.srtt = 0.875 * self.srtt + 0.125 * r
+        rto = self.srtt + max(0.001, 4 * self.rttvar)
+        cfg = self.cfg
+        self.rto = cfg.rto_min if rto < cfg.rto_min else cfg.rto_max if rto > cfg.rto_max else rto
+
+    def _fast_retransmit(self, now: float) -> None:
+        if self.in_recovery:
+            return
+        self.link.count("tcp.fast_retransmit")
+        flight = (self.snd_max - self.snd_una) & _M
+        self.ssthresh = max(flight >> 1, 2 * self.mss)
+        self.cwnd = self.ssthresh
+        self.recover = self.snd_max
+        self.in_recovery = True
+        self.rtt_seq = None
+        self._retransmit_head()
+        self.rto_at = now + self.rto
+
+    def _retransmit_head(self) -> None:
+        """Resend one segment at snd_una (fast retransmit, partial ACK)."""
+        buffered = self.sq_end - self.una_pos
+        n = min(self.mss, buffered)
+        if n > 0:
+            flags = ACK | PSH if n == buffered else ACK
+            if n == buffered and self.fin_seq is not None:
+                flags |= FIN
+            self._xmit(flags, self.snd_una, self._collect(self.una_pos, n), n)
+        elif self.fin_seq is not None:
+            self._xmit(ACK | FIN, self.snd_una, [], 0)
+
+    def _deliver(self, data: memoryview) -> None:
+        """In-order data to the host: write directly, keep what it did not take."""
+        n = len(data)
+        self.rcv_nxt = (self.rcv_nxt + n) & _M
+        if self.backlog_len or not self.host_connected_flag:
+            self.backlog.append(bytes(data))
+            self.backlog_len += n
+            return
+        w = self.host.tcp_write(self, data)
+        if w < n:
+            self.backlog.append(bytes(data[w:]))
+            self.backlog_len += n - w
+
+    def _ooo_insert(self, seq: int, data: bytes, fin: bool, plen: int) -> None:
+        self.link.count("tcp.rx_out_of_order")
+        ooo = self.ooo
+        old = ooo.get(seq)
+        if old is None:
+            if len(ooo) >= self.cfg.max_ooo_segments:
+                self.link.count("tcp.drop.ooo_full")
+            else:
+                ooo[seq] = (data, fin)
+                self.ooo_len += plen
+        elif len(old[0]) < plen:
+            ooo[seq] = (data, fin)
+            self.ooo_len += plen - len(old[0])
+        # Immediate duplicate ACK (RFC 5681 4.2), not coalesced.
+        self._send_ack()
+
+    def _ooo_drain(self) -> bool:
+        """Deliver held segments that are now in order; True if a FIN was reached."""
+        ooo = self.ooo
+        fin = False
+        while ooo:
+            progressed = False
+            for seq in sorted(ooo, key=lambda s: (s - self.rcv_nxt) & _M):
+                rel = (seq - self.rcv_nxt) & _M
+                if 0 < rel < _HALF:
+                    break
+                data, f = ooo.pop(seq)
+                self.ooo_len -= len(data)
+                skip = (self.rcv_nxt - seq) & _M
+                if skip < len(data):
+                    self._deliver(memoryview(data)[skip:])
+                    if f:
+                        fin = True
+                        ooo.clear()
+                        self.ooo_len = 0
+                        return fin
+                elif skip == len(data) and f:
+                    ooo.clear()
+                    self.ooo_len = 0
+                    return True
+                progressed = True
+            if not progressed:
+                break
+        return fin
+
+    def _on_fin(self, now: float) -> None:
+        self.rcv_nxt = (self.rcv_nxt + 1) & _M
+        self.fin_rcvd = True
+        state = self.state
+        if state == ESTABLISHED:
+            self.state = CLOSE_WAIT
+        elif state == FIN_WAIT_1:
+            self.state = CLOSING
+        elif state == FIN_WAIT_2:
+            self._enter_time_wait(now)
+        if not self.backlog_len and self.host_connected_flag and not self.host_shut:
+            self.host_shut = True
+            self.host.tcp_shutdown_write(self)
+            self._maybe_close_host()
+
+    def _segment_syn_sent(self, seg: wtcp.TcpSegment, now: float) -> None:
+        """Our SYN toward the guest is out (RFC 9293 3.10.7.3)."""
+        flags = seg.flags
+        if flags & ACK and seg.ack != ((self.iss + 1) & _M):
+            if not flags & RST:
+                self.engine.send_reset_for(seg, self.key)
+            return
+        if flags & RST:
+            if flags & ACK:
+                self.link.count("tcp.refused_by_guest")
+                self._abort(now, rst_guest=False)
+            return
+        if not flags & SYN:
+            return
+        self.last_rx = now
+        self.irs = seg.seq
+        self.rcv_nxt = self.rcv_adv = (seg.seq + 1) & _M
+        self._apply_syn_options(seg)
+        if not flags & ACK:
+            return  # simultaneous open is not something a guest does to a NAT
+        self.state = ESTABLISHED
+        if self.half_open:
+            self.half_open = False
+            self.engine.half_open -= 1
+        self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & _M
+        self.recover = self.snd_una
+        self.snd_wnd = seg.window  # never scaled in a SYN
+        self.snd_wl1 = seg.seq
+        self.snd_wl2 = seg.ack
+        self.retries = 0
+        self.rto_at = None
+        if self.rtt_seq is not None:
+            self._rtt_sample(now - self.rtt_time)
+            self.rtt_seq = None
+        self.ka_at = now + self.cfg.keepalive_idle
+        self._send_ack()
+        self._arm()
+        self.host.tcp_resume_reading(self)
+        self._output(now)
+
+    def _apply_syn_options(self, seg: wtcp.TcpSegment) -> None:
+        try:
+            opts = seg.options()
+        except MalformedPacket:
+            opts = wtcp.TcpOptions()
+        our_mss = self.link.mtu - 40
+        mss = opts.mss if opts.mss else _DEFAULT_MSS
+        self.mss = max(64, min(mss, our_mss))
+        if self.link.offload:
+            self.max_burst = max(self.mss, (min(_MAX_IP_PAYLOAD - 60, 65535) // self.mss)
+                                 * self.mss)
+        else:
+            self.max_burst = self.mss
+        if opts.wscale is not None:
+            self.wscale_ok = True
+            self.snd_wscale = opts.wscale
+            ws = 0
+            while (self.cfg.rcv_buf >> ws) > 0xFFFF and ws < wtcp.MAX_WSCALE:
+                ws += 1
+            self.rcv_wscale = ws
+        else:
+            self.wscale_ok = False
+            self.snd_wscale = 0
+            self.rcv_wscale = 0
+        self.cwnd = 10 * self.mss  # RFC 6928 initial window
+
+    # ------------------------------------------------------------------ runtime entry points
+
+    def host_connected(self, now: float) -> None:
+        """The host socket connected: answer the guest's SYN."""
+        if self.state != CONNECTING:
+            return
+        self.host_connected_flag = True
+        self.state = SYN_RCVD
+        self.retries = 0
+        self._send_syn(with_ack=True)
+        self.rtt_seq = self.iss
+        self.rtt_time = now
+        self.rto_at = now + self.rto
+        self._arm()
+
+    def host_connect_failed(self, errno_value: int, now: float) -> None:
+        """The host connect failed: RST (refused) or ICMP unreachable to the guest.
+
+        The runtime has released its socket; the engine makes no more host calls.
+        """
+        if self.state != CONNECTING:
+            return
+        self.host_closed = True
+        code = _ICMP_FOR_ERRNO.get(errno_value)
+        if code is None:
+            self.link.count("tcp.connect_refused")
+            self._xmit(RST | ACK, 0, [], 0)
+        else:
+            self.link.count("tcp.connect_unreachable")
+            self.link.send_ipv4(self.engine.config.gateway, self.guest_addr, icmp.PROTO,
+                                icmp.build_error(icmp.DEST_UNREACH, code, self.syn_quote))
+        self.engine._remove(self)
+
+    def host_writable(self, now: float) -> None:
+        """The host socket accepts data again: drain the backlog, reopen the window."""
+        if self.host_closed or not self.host_connected_flag:
+            return
+        backlog = self.backlog
+        before = self.backlog_len
+        while backlog:
+            chunk = backlog[0]
+            w = self.host.tcp_write(self, chunk)
+            if w < len(chunk):
+                if w:
+                    backlog[0] = chunk[w:]
+                    self.backlog_len -= w
+                break
+            backlog.popleft()
+            self.backlog_len -= w
+        if not backlog and self.fin_rcvd and not self.host_shut:
+            self.host_shut = True
+            self.host.tcp_shutdown_write(self)
+            self._maybe_close_host()
+            if self.host_closed and self.state == TIME_WAIT:
+                return
+        if self.backlog_len < before and self.state in _RCV_OPEN:
+            # Tell the guest about the reopened window without waiting for a batch.
+            cur = (self.rcv_adv - self.rcv_nxt) & _M
+            if self._space() >= cur + min(self.cfg.rcv_buf >> 1, 2 * self.mss):
+                self._send_ack()
+
+    def _space(self) -> int:
+        return self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+
+    def host_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Bytes read from the host socket (at most ``host_read_budget()``)."""
+        if self.state not in _SND_STATES and self.state not in _HALF_OPEN or self.fin_queued:
+            return
+        n = len(data)
+        if not n:
+            return
+        if type(data) is not bytes:
+            data = bytes(data)
+        sq = self.sq
+        if sq and len(sq[-1]) < 32768 and n < 32768:
+            # Coalesce small reads so a frame never needs many iovecs.
+            sq[-1] = sq[-1] + data
+        else:
+            sq.append(data)
+        self.sq_end += n
+        if not self.reading_paused and self.sq_end - self.una_pos >= self.cfg.snd_buf:
+            self.reading_paused = True
+            self.host.tcp_pause_reading(self)
+        self._output(now)
+
+    def host_eof(self, now: float) -> None:
+        """The host peer closed its sending side: FIN to the guest after the data."""
+        if self.fin_queued or self.host_closed:
+            return
+        self.fin_queued = True
+        self._output(now)
+
+    def host_error(self, errno_value: int, now: float) -> None:
+        """The host socket failed (reset, error): reset the guest connection."""
+        if self.state == CLOSED:
+            return
+        self.link.count("tcp.host_error")
+        self._abort(now, rst_guest=True)
+
+    def host_read_budget(self) -> int:
+        """How many bytes the runtime may pass to the next ``host_data``."""
+        if self.fin_queued or self.state == CLOSED:
+            return 0
+        room = self.cfg.snd_buf - (self.sq_end - self.una_pos)
+        return room if room > 0 else 0
+
+    @property
+    def send_queue_len(self) -> int:
+        """Bytes from the host not yet acknowledged by the guest."""
+        return self.sq_end - self.una_pos
+
+
+class TcpEngine:
+    """All TCP flows of one stack; see the module docstring."""
+
+    def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
+                 policy: Policy, tcp_config: TcpConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.link = link
+        self.host = host
+        self.timers = timers
+        self.policy = policy
+        self.cfg = tcp_config or TcpConfig()
+        self.rng = rng or random.Random()
+        self.flows: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
+        self.half_open = 0
+        self.dirty: list[TcpFlow] = []
+        #: The packet being handled (a SYN replacing a TIME_WAIT flow quotes it).
+        self.cur_ip: Ipv4Packet | None = None
+
+    def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool) -> None:
+        """One TCP/IPv4 packet from the guest."""
+        if ip.is_fragment:
+            self.link.count("tcp.drop.fragment")
+            return
+        try:
+            seg = wtcp.TcpSegment(ip.payload, ip.src, ip.dst, not checksum_verified)
+        except MalformedPacket:
+            self.link.count("tcp.drop.malformed")
+            return
+        key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
+        flow = self.flows.get(key)
+        if flow is not None:
+            self.cur_ip = ip
+            flow._segment(seg, now)
+            return
+        if seg.flags & (SYN | ACK | RST) == SYN:
+            self._new_syn(ip, seg, key, now)
+        elif not seg.flags & RST:
+            self.link.count("tcp.rst_unknown_flow")
+            self.send_reset_for(seg, key)
+
+    def _new_syn(self, ip: Ipv4Packet, seg: wtcp.TcpSegment,
+                 key: tuple[bytes, int, bytes, int], now: float) -> None:
+        link = self.link
+        if ip.dst[0] >= 224 or ip.dst == self.config.broadcast or ip.dst == b"\0\0\0\0":
+            link.count("tcp.drop.bad_destination")
+            return
+        cfg = self.cfg
+        if len(self.flows) >= cfg.max_flows:
+            link.count("tcp.drop.max_flows")
+            return
+        if self.half_open >= cfg.max_half_open:
+            link.count("tcp.drop.max_half_open")
+            return
+        targets = self.policy(ip.dst, seg.dst_port)
+        if targets is None:
+            link.count("tcp.policy_refused")
+            link.send_ipv4(self.config.gateway, ip.src, icmp.PROTO,
+                           icmp.build_error(icmp.DEST_UNREACH, icmp.NET_UNREACH, ip.buf))
+            return
+        flow = TcpFlow(self, ip.src, seg.src_port, ip.dst, seg.dst_port, now)
+        flow.state = CONNECTING
+        flow.irs = seg.seq
+        flow.rcv_nxt = flow.rcv_adv = (seg.seq + 1) & _M
+        flow.syn_quote = bytes(ip.buf[:ip.header_len + 8])
+        flow._apply_syn_options(seg)
+        flow.snd_wnd = seg.window
+        flow.half_open = True
+        self.half_open += 1
+        self.flows[key] = flow
+        link.count("tcp.flows_opened")
+        self.host.tcp_connect(flow, targets)
+
+    def open_to_guest(self, remote_addr: bytes, remote_port: int, guest_addr: bytes,
+                      guest_port: int, now: float, host_handle: Any = None) -> TcpFlow | None:
+        """Active open toward the guest (port forwarding): send a SYN.
+
+        The host socket is already connected. The engine calls
+        ``host.tcp_resume_reading(flow)`` once the guest accepted; the runtime
+        should not read the host socket before that. If the guest refuses or
+        never answers, ``host.tcp_close(flow, True)`` follows. Returns None when
+        the flow table is full or the 4-tuple is in use.
+        """
+        key = (guest_addr, guest_port, remote_addr, remote_port)
+        if key in self.flows or len(self.flows) >= self.cfg.max_flows:
+            self.link.count("tcp.drop.open_to_guest")
+            return None
+        flow = TcpFlow(self, guest_addr, guest_port, remote_addr, remote_port, now)
+        flow.host_handle = host_handle
+        flow.host_connected_flag = True
+        flow.state = SYN_SENT
+        flow.half_open = True
+        self.half_open += 1
+        ws = 0
+        while (self.cfg.rcv_buf >> ws) > 0xFFFF and ws < wtcp.MAX_WSCALE:
+            ws += 1
+        flow.rcv_wscale = ws
+        self.flows[key] = flow
+        flow._send_syn(with_ack=False)
+        flow.snd_nxt = flow.snd_max = (flow.iss + 1) & _M
+        flow.rtt_seq = flow.iss
+        flow.rtt_time = now
+        flow.rto_at = now + flow.rto
+        flow._arm()
+        return flow
+
+    def send_reset_for(self, seg: wtcp.TcpSegment, key: tuple[bytes, int, bytes, int]) -> None:
+        """RFC 9293 3.10.7.1: answer a segment that belongs to no connection."""
+        if seg.flags & ACK:
+            seq, ack, flags = seg.ack, 0, RST
+        else:
+            seq, ack, flags = 0, (seg.seq + seg.seq_len) & _M, RST | ACK
+        guest_addr, guest_port, remote_addr, remote_port = key
+        self.link.send_ipv4(remote_addr, guest_addr, wtcp.PROTO,
+                            wtcp.build(remote_addr, guest_addr, remote_port, guest_port, seq,
+                                       ack, flags, 0))
+
+    def flush(self, now: float) -> None:
+        """End of a batch: send coalesced ACKs and the data the batch's ACKs allow."""
+        dirty = self.dirty
+        if not dirty:
+            return
+        self.dirty = []
+        for flow in dirty:
+            flow.dirty = False
+            if flow.state == CLOSED:
+                continue
+            flow._output(now)
+            if flow.ack_pending:
+                flow._send_ack()
+
+    def _remove(self, flow: TcpFlow) -> None:
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+        if flow.half_open:
+            flow.half_open = False
+            self.half_open -= 1
+        flow.state = CLOSED
+        flow.rto_at = flow.ka_at = None
+        Timers.cancel(flow)
+        flow.sq.clear()
+        flow.backlog.clear()
+        flow.ooo.clear()
+
+    def close_all(self, now: float) -> None:
+        """Shutdown: reset every guest connection and close every host socket."""
+        for flow in list(self.flows.values()):
+            flow._abort(now, rst_guest=True)
+        self.dirty = []
+
+    def __len__(self) -> int:
+        return len(self.flows)
