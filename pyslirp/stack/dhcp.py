@@ -124,7 +124,6 @@ class DhcpServer:
         self._by_addr: dict[bytes, Lease] = {}
         #: address -> time until which it stays out of the pool after a DECLINE.
         self._declined: dict[bytes, float] = {}
-        self._src_mac = BROADCAST_MAC
         self._static_options = self._build_static_options()
         self._search_option = self._build_search_option()
 
@@ -180,17 +179,16 @@ class DhcpServer:
             self.link.count("dhcp.drop.not_ethernet")
             return
         kind = msg.msg_type
-        self._src_mac = src_mac
         if kind == dhcp.DISCOVER:
-            self._discover(msg, now)
+            self._discover(src_mac, msg, now)
         elif kind == dhcp.REQUEST:
-            self._request(msg, now)
+            self._request(src_mac, msg, now)
         elif kind == dhcp.RELEASE:
             self._release(msg, now)
         elif kind == dhcp.DECLINE:
             self._decline(msg, now)
         elif kind == dhcp.INFORM:
-            self._inform(msg)
+            self._inform(src_mac, msg)
         else:
             self.link.count("dhcp.drop.bad_type")
 
@@ -253,7 +251,7 @@ class DhcpServer:
 
     # ---- message handlers -----------------------------------------------------
 
-    def _discover(self, msg: dhcp.DhcpMessage, now: float) -> None:
+    def _discover(self, src_mac: bytes, msg: dhcp.DhcpMessage, now: float) -> None:
         mac = msg.chaddr
         addr = self._choose(mac, msg.requested_ip, now)
         if addr is None:
@@ -265,9 +263,10 @@ class DhcpServer:
             pass
         else:
             self._assign(mac, addr, now + OFFER_HOLD, bound=False)
-        self._reply(msg, dhcp.OFFER, addr, lease=True)
+        self.link.count("dhcp.offer")
+        self._reply(src_mac, msg, dhcp.OFFER, addr, lease=True)
 
-    def _request(self, msg: dhcp.DhcpMessage, now: float) -> None:
+    def _request(self, src_mac: bytes, msg: dhcp.DhcpMessage, now: float) -> None:
         mac = msg.chaddr
         server_id = msg.server_id
         if server_id is not None and server_id != self.server_id:
@@ -283,11 +282,11 @@ class DhcpServer:
             return
         if not self._usable_for(wanted, mac, now):
             self.link.count("dhcp.nak")
-            self._nak(msg)
+            self._nak(src_mac, msg)
             return
         self._assign(mac, wanted, now + self.lease_seconds, bound=True)
         self.link.count("dhcp.ack")
-        self._reply(msg, dhcp.ACK, wanted, lease=True)
+        self._reply(src_mac, msg, dhcp.ACK, wanted, lease=True)
 
     def _release(self, msg: dhcp.DhcpMessage, now: float) -> None:
         lease = self._by_mac.get(msg.chaddr)
@@ -312,19 +311,25 @@ class DhcpServer:
             self._declined[addr] = now + DECLINE_HOLD
         self.link.count("dhcp.decline")
 
-    def _inform(self, msg: dhcp.DhcpMessage) -> None:
+    def _inform(self, src_mac: bytes, msg: dhcp.DhcpMessage) -> None:
         if msg.ciaddr == _ZERO:
             self.link.count("dhcp.drop.inform_without_ciaddr")
             return
-        self._reply(msg, dhcp.ACK, _ZERO, lease=False)
+        self.link.count("dhcp.inform")
+        self._reply(src_mac, msg, dhcp.ACK, _ZERO, lease=False)
 
     # ---- replies --------------------------------------------------------------
 
-    def _reply(self, msg: dhcp.DhcpMessage, kind: int, yiaddr: bytes, lease: bool) -> None:
+    def _reply(self, src_mac: bytes, msg: dhcp.DhcpMessage, kind: int, yiaddr: bytes,
+               lease: bool) -> None:
         options: list[tuple[int, bytes]] = [(dhcp.OPT_MESSAGE_TYPE, bytes((kind,)))]
         options += self._static_options
         if lease:
             options += self._lease_options
+        client_id = msg.client_id
+        if client_id is not None:
+            # RFC 6842: echo the client identifier (clients may match replies on it).
+            options.append((dhcp.OPT_CLIENT_ID, client_id))
         payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, options + self._search_option,
                              flags=msg.flags, ciaddr=msg.ciaddr, yiaddr=yiaddr,
                              giaddr=msg.giaddr)
@@ -333,24 +338,29 @@ class DhcpServer:
             payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, options,
                                  flags=msg.flags, ciaddr=msg.ciaddr, yiaddr=yiaddr,
                                  giaddr=msg.giaddr)
-        self._send(msg, payload, yiaddr, nak=False)
+        self._send(src_mac, msg, payload, yiaddr, nak=False)
 
-    def _nak(self, msg: dhcp.DhcpMessage) -> None:
-        payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, [
+    def _nak(self, src_mac: bytes, msg: dhcp.DhcpMessage) -> None:
+        options = [
             (dhcp.OPT_MESSAGE_TYPE, bytes((dhcp.NAK,))),
             (dhcp.OPT_SERVER_ID, self.server_id),
             (dhcp.OPT_MESSAGE, b"requested address not available"),
-        ], flags=msg.flags, giaddr=msg.giaddr)
-        self._send(msg, payload, _ZERO, nak=True)
+        ]
+        if msg.client_id is not None:
+            options.append((dhcp.OPT_CLIENT_ID, msg.client_id))
+        payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, options, flags=msg.flags,
+                             giaddr=msg.giaddr)
+        self._send(src_mac, msg, payload, _ZERO, nak=True)
 
-    def _send(self, msg: dhcp.DhcpMessage, payload: bytearray, yiaddr: bytes, nak: bool) -> None:
+    def _send(self, src_mac: bytes, msg: dhcp.DhcpMessage, payload: bytearray, yiaddr: bytes,
+              nak: bool) -> None:
         src = self.server_id
         port = dhcp.CLIENT_PORT
         mac: bytes = msg.chaddr
         # RFC 2131 4.1, "If the 'giaddr' field ... is nonzero ..." onwards.
         if msg.giaddr != _ZERO:
             # The relay is the frame's sender, not the client.
-            dst, port, mac = msg.giaddr, dhcp.SERVER_PORT, self._src_mac
+            dst, port, mac = msg.giaddr, dhcp.SERVER_PORT, src_mac
         elif msg.ciaddr != _ZERO and not nak:
             dst = msg.ciaddr
         elif nak or msg.broadcast or yiaddr == _ZERO:

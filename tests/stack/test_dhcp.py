@@ -148,6 +148,7 @@ def test_udhcpc_exchange_with_captured_discover() -> None:
     assert (offer.dst_mac, offer.src_ip, offer.dst_ip, offer.dst_port) == (
         MAC, GW, "10.0.2.15", 68)
     check_lease_options(offer, h)
+    assert offer.opt(dhcp.OPT_CLIENT_ID) == b"\x01" + MAC  # echoed, RFC 6842
 
     ack = h.one(udhcpc("request", xid=0x9C2A2922, requested="10.0.2.15", server=GW))
     assert ack.type == dhcp.ACK and ack.yiaddr == "10.0.2.15"
@@ -168,6 +169,7 @@ def test_dhclient_exchange_with_captured_discover_and_search_domains() -> None:
     offer = h.one(DHCLIENT_DISCOVER)
     assert offer.type == dhcp.OFFER and offer.yiaddr == "10.0.2.15"
     assert offer.opt(dhcp.OPT_DOMAIN_NAME) == b"corp.example.com"
+    assert offer.opt(dhcp.OPT_CLIENT_ID) is None
     assert offer.opt(dhcp.OPT_DOMAIN_SEARCH) == (
         b"\x04corp\x07example\x03com\x00\xc0\x05")
     ack = h.one(dhclient("request", requested="10.0.2.15", server=GW))
@@ -187,6 +189,18 @@ def test_broadcast_flag_gets_broadcast_reply() -> None:
     assert offer.msg.broadcast
     ack = h.one(udhcpc("request", requested=offer.yiaddr, server=GW, broadcast=True))
     assert (ack.type, ack.dst_mac, ack.dst_ip) == (dhcp.ACK, BCAST_MAC, "255.255.255.255")
+
+
+def test_relayed_discover_is_answered_to_the_relay() -> None:
+    h = Harness()
+    relay_mac = bytes.fromhex("020000000099")
+    payload = dhcp.build(dhcp.BOOTREQUEST, 5, MAC, [(53, b"\x01")], giaddr=ip("10.0.2.50"),
+                         hops=1)
+    frame = bytes(Ether(dst="52:55:0a:00:02:02", src=relay_mac.hex(":"))
+                  / IP(src="10.0.2.50", dst=GW) / UDP(sport=67, dport=67) / bytes(payload))
+    offer = h.one(frame)
+    assert (offer.dst_mac, offer.dst_ip, offer.dst_port) == (relay_mac, "10.0.2.50", 67)
+    assert offer.msg.giaddr == ip("10.0.2.50") and offer.yiaddr == "10.0.2.15"
 
 
 def test_options_follow_config() -> None:
