@@ -13,13 +13,17 @@ Destinations go through the stack's address policy once per (flow,
 destination) and the answer is cached in the flow: the gateway means the
 host's loopback (unless ``disable_host_loopback``), the DNS address is not
 ours (DNS to 10.0.2.3:53 never reaches this engine), anything the policy
-refuses is dropped and counted. The flow remembers which guest destination
-each host target stands for, so a reply is sent to the guest from the
-address the guest used. A reply from a source the guest never sent to
-(filtering is endpoint-independent too, as libslirp's: any datagram that
-reaches the host socket is delivered) appears as itself, except that a
-loopback source appears as the gateway, or is dropped when host loopback
-is disabled (127.0.0.1 as a source would be a martian in the guest).
+refuses is dropped and counted, and the guest gets destination unreachable,
+code 13 "administratively prohibited" (rate-limited), from the gateway: a
+connected socket fails at once with EHOSTUNREACH, as a TCP connect does.
+
+The flow remembers which guest destination each host target stands for, so
+a reply is sent to the guest from the address the guest used. A reply from
+a source the guest never sent to (filtering is endpoint-independent too, as
+libslirp's: any datagram that reaches the host socket is delivered) appears
+as itself, except that a loopback source appears as the gateway, or is
+dropped when host loopback is disabled (127.0.0.1 as a source would be a
+martian in the guest).
 
 ICMP errors the runtime reads from the host socket (``IP_RECVERR``) are
 reported to the guest as ICMP errors (RFC 792; RFC 1122 section 3.2.2.1
@@ -80,6 +84,10 @@ IDLE_TIMEOUT = 240.0
 DNS_IDLE_TIMEOUT = 10.0
 DEFAULT_MAX_FLOWS = 4096
 DEFAULT_NEW_FLOWS_PER_SECOND = 1000.0
+#: ICMP errors we originate (for refused destinations) per second.
+ERRORS_PER_SECOND = 100.0
+#: RFC 1812 section 5.2.7.1: communication administratively prohibited.
+ADMIN_PROHIBITED = 13
 #: Guest destinations (and host sources) remembered per flow before the cache is reset.
 MAX_PEERS_PER_FLOW = 256
 #: The largest UDP payload one IPv4 packet can carry (65535 - 20 - 8).
@@ -100,6 +108,27 @@ _VNET_CSUM = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, _FRAME_LEN, 0, _L4_STA
 
 _Target = tuple[str, int]
 _Origin = tuple[bytes, int]
+
+
+class TokenBucket:
+    """``rate`` events per second, bursts of up to one second's worth."""
+
+    __slots__ = ("rate", "tokens", "at")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.at: float | None = None
+
+    def take(self, now: float) -> bool:
+        at = self.at
+        if at is not None and now > at:
+            self.tokens = min(self.rate, self.tokens + (now - at) * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 class UdpFlow:
@@ -145,7 +174,7 @@ class UdpEngine:
     """The UDP NAT for one guest link. Sans-I/O: see :mod:`pyslirp.stack`."""
 
     __slots__ = ("config", "link", "host", "timers", "policy", "flows", "max_flows",
-                 "new_flows_per_second", "_tokens", "_tokens_at", "_gateway",
+                 "_new_flows", "_errors", "_gateway",
                  "_broadcast", "_loopback_ok")
 
     def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
@@ -158,9 +187,8 @@ class UdpEngine:
         self.policy = policy
         self.flows: dict[_Origin, UdpFlow] = {}
         self.max_flows = max_flows
-        self.new_flows_per_second = new_flows_per_second
-        self._tokens = new_flows_per_second
-        self._tokens_at: float | None = None
+        self._new_flows = TokenBucket(new_flows_per_second)
+        self._errors = TokenBucket(ERRORS_PER_SECOND)
         self._gateway = config.gateway
         self._broadcast = config.broadcast
         self._loopback_ok = not config.disable_host_loopback
@@ -192,7 +220,7 @@ class UdpEngine:
         flow = self.flows.get((src, sport))
         dkey = (dst, dport)
         if flow is None:
-            target = self._target(dst, dport)
+            target = self._target(ip, dst, dport, now)
             if target is None:
                 return
             flow = self._new_flow(src, sport, dport, now)
@@ -202,7 +230,7 @@ class UdpEngine:
         else:
             target = flow.targets.get(dkey)
             if target is None:
-                target = self._target(dst, dport)
+                target = self._target(ip, dst, dport, now)
                 if target is None:
                     return
                 self._remember(flow, dkey, target)
@@ -211,12 +239,17 @@ class UdpEngine:
         flow.last_active = now
         self.host.udp_send(flow, target, dgram.payload)
 
-    def _target(self, dst: bytes, dport: int) -> _Target | None:
+    def _target(self, ip: Ipv4Packet, dst: bytes, dport: int, now: float) -> _Target | None:
         targets = self.policy(dst, dport)
-        if not targets:
-            self.link.count("drop.udp.policy")
-            return None
-        return targets[0]
+        if targets:
+            return targets[0]
+        self.link.count("drop.udp.policy")
+        # Tell the guest at once (a connected socket gets EHOSTUNREACH, as TCP does)
+        # rather than let it time out; rate-limited as RFC 1812 section 4.3.2.8 asks.
+        if self._errors.take(now):
+            message = icmp.build_error(icmp.DEST_UNREACH, ADMIN_PROHIBITED, ip.buf)
+            self.link.send_ipv4(self._gateway, ip.src, PROTO_ICMP, message)
+        return None
 
     @staticmethod
     def _remember(flow: UdpFlow, dkey: _Origin, target: _Target) -> None:
@@ -231,15 +264,9 @@ class UdpEngine:
         if len(self.flows) >= self.max_flows:
             link.count("drop.udp.flow_limit")
             return None
-        rate = self.new_flows_per_second
-        last = self._tokens_at
-        if last is not None and now > last:
-            self._tokens = min(rate, self._tokens + (now - last) * rate)
-        self._tokens_at = now
-        if self._tokens < 1.0:
+        if not self._new_flows.take(now):
             link.count("drop.udp.flow_rate")
             return None
-        self._tokens -= 1.0
         flow = UdpFlow(self, src, sport, now)
         flow.dns_only = dport == _DNS_PORT
         if not self.host.udp_open(flow):
