@@ -306,3 +306,8 @@ def parse_resolv_conf(text: str) -> tuple[list[str], list[str]]:
 def is_ipv6(nameserver: str) -> bool:
     """Whether a nameserver from :func:`parse_resolv_conf` is an IPv6 address."""
     return ":" in nameserver
+
+
+def ipv4_upstreams(nameservers: list[str], port: int = dns.PORT) -> list[tuple[str, int]]:
+    """The IPv4 nameservers as ``(address, port)`` upstreams, in order."""
+    return [(ns, port) for ns in nameservers if not is_ipv6(ns)]

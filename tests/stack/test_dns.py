@@ -6,11 +6,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, UDP
 
 from pyslirp.stack.config import NetConfig
-from pyslirp.stack.dns import DnsForwarder, DnsQuery, is_ipv6, parse_resolv_conf
+from pyslirp.stack.dns import (
+    DnsForwarder,
+    DnsQuery,
+    ipv4_upstreams,
+    is_ipv6,
+    parse_resolv_conf,
+)
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import dns
@@ -360,6 +368,19 @@ def test_close_answers_everyone() -> None:
     assert len(h.host.cancelled) == 2 and h.fwd.pending == {}
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80), st.binary(max_size=80))
+def test_random_queries_and_replies_never_raise(query: bytes, reply: bytes) -> None:
+    h = Harness()
+    h.query(make_query()[:12] + query)
+    h.query(query)
+    for sent_query, _, _ in list(h.host.sent):
+        h.fwd.upstream_reply(sent_query, make_reply(make_query())[:12] + reply, h.now)
+        h.fwd.upstream_reply(sent_query, reply, h.now)
+    h.advance(10)
+    assert h.fwd.pending == {}
+
+
 # ---- resolv.conf -----------------------------------------------------------------
 
 
@@ -375,7 +396,7 @@ options edns0 trust-ad
     servers, search = parse_resolv_conf(text)
     assert servers == ["192.0.2.53", "2001:db8::53", "127.0.0.53"]
     assert search == ["corp.example.com", "example.com"]
-    assert [s for s in servers if not is_ipv6(s)] == ["192.0.2.53", "127.0.0.53"]
+    assert ipv4_upstreams(servers) == [("192.0.2.53", 53), ("127.0.0.53", 53)]
 
 
 def test_resolv_conf_domain_search_last_wins_and_junk() -> None:
