@@ -151,6 +151,9 @@ def forked_child_signal_hygiene() -> None:
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
+        handler = signal.getsignal(sig)
+        # SIGCHLD: libuv installs its handler behind Python's back (getsignal says SIG_DFL).
+        if handler is signal.SIG_IGN or (handler is signal.SIG_DFL and sig != signal.SIGCHLD):
+            continue  # resetting the ~60 untouched signals would cost a millisecond
         with contextlib.suppress(OSError, ValueError):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_DFL)
