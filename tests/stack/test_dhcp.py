@@ -164,6 +164,29 @@ def test_udhcpc_exchange_with_captured_discover() -> None:
     assert h.server.lease_of(MAC, h.now + 86400 - 1) == ip("10.0.2.15")
 
 
+def test_offer_option_bytes() -> None:
+    h = Harness()
+    h.one(UDHCPC_DISCOVER)
+    frame = h.frames[0]
+    options = frame[14 + 20 + 8 + 240:]
+    expected = bytes.fromhex(
+        "350102"            # message type OFFER
+        "36040a000202"      # server identifier
+        "0104ffffff00"      # subnet mask
+        "03040a000202"      # router
+        "06040a000203"      # DNS
+        "1a0205dc"          # interface MTU 1500
+        "1c040a0002ff"      # broadcast address
+        "330400015180"      # lease 86400 s
+        "3a040000a8c0"      # T1 43200 s
+        "3b0400012750"      # T2 75600 s
+        "3d0701" + MAC.hex() +  # client identifier echoed
+        "ff")
+    assert options[:len(expected)] == expected
+    assert options[len(expected):] == bytes(len(options) - len(expected))  # padding
+    assert len(frame) - 42 >= 300  # BOOTP minimum size
+
+
 def test_dhclient_exchange_with_captured_discover_and_search_domains() -> None:
     h = Harness(search_domains=["corp.example.com", "example.com"])
     offer = h.one(DHCLIENT_DISCOVER)
