@@ -248,6 +248,21 @@ class UserNetNS(Namespace):
         return f"UserNetNS({self.name!r}, pid={self.pid})"
 
 
+def veth(a: NetNS, a_name: str, b: NetNS, b_name: str, a_addr: str | None = None,
+         b_addr: str | None = None) -> None:
+    """Join two named namespaces with a veth pair, both ends up, optional ``addr/prefix`` each.
+
+    The pair lives and dies with the namespaces (deleting either removes it).
+    """
+    subprocess.run(["ip", "link", "add", a_name, "netns", a.name, "type", "veth", "peer",
+                    "name", b_name, "netns", b.name], check=True, capture_output=True)
+    for ns, ifname, addr in ((a, a_name, a_addr), (b, b_name, b_addr)):
+        if addr is not None:
+            ns.run(["ip", "addr", "add", addr, "dev", ifname])
+        ns.run(["ip", "link", "set", ifname, "up"])
+        ns.run(["ip", "link", "set", "lo", "up"])
+
+
 def _delete_named(name: str) -> None:
     """Kill whatever still runs in netns ``name`` and delete it."""
     proc = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)

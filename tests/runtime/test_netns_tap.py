@@ -11,6 +11,8 @@ import os
 import select
 import struct
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -362,6 +364,31 @@ def test_device_errors_name_the_device(named_ns: nsutil.NetNS) -> None:
         open_tap(named_ns.path, "path", tapname="veth0")
 
 
+def _sleep_forever(*_args: object) -> None:
+    time.sleep(600)
+
+
+def _die_quietly(*_args: object) -> None:
+    os._exit(3)
+
+
+def _blow_up(*_args: object) -> None:
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(("child_open", "message"), [
+    (_sleep_forever, r"^TAP helper process did not answer within 0.5 s$"),
+    (_die_quietly, r"^TAP helper process died without an answer \(exit status 3\)$"),
+    (_blow_up, r"^TAP helper failed: RuntimeError: boom$"),
+])
+def test_a_misbehaving_helper_becomes_an_error_not_a_hang(
+        named_ns: nsutil.NetNS, monkeypatch: pytest.MonkeyPatch,
+        child_open: Callable[..., None], message: str) -> None:
+    monkeypatch.setattr(tap, "_child_open", child_open)
+    with pytest.raises(TapError, match=message):
+        open_tap(named_ns.path, "path", timeout=0.5)
+
+
 # ---------------------------------------------------------------------------- nsutil itself
 
 
@@ -386,3 +413,21 @@ def test_nsutil_cleanup_stale_removes_only_dead_owners() -> None:
         removed = nsutil.cleanup_stale()
         assert stale in removed and alive.name not in removed
         assert os.path.exists(alive.path) and not os.path.exists(f"/run/netns/{stale}")
+
+
+def test_nsutil_veth_joins_two_namespaces() -> None:
+    with nsutil.NetNS("va") as a, nsutil.NetNS("vb") as b:
+        nsutil.veth(a, "va0", b, "vb0", "198.18.0.1/24", "198.18.0.2/24")
+        link = b.link("vb0")
+        assert link is not None and "UP" in link["flags"]
+        assert [x["local"] for x in link["addr_info"] if x["family"] == "inet"] == ["198.18.0.2"]
+        # A lookup (sends nothing): a reaches b's address over the pair.
+        assert a.ip_json("route", "get", "198.18.0.2")[0]["dev"] == "va0"
+        # Traffic between namespaces we made: b answers a TCP connect from a.
+        b.popen([sys.executable, "-c", "import socket\n"
+                 "s = socket.create_server(('198.18.0.2', 7000))\n"
+                 "c, _ = s.accept(); c.sendall(b'over the veth')"])
+        got = a.run(["bash", "-c", "for i in $(seq 200); do "
+                     "exec 3<>/dev/tcp/198.18.0.2/7000 2>/dev/null && break; sleep 0.05; "
+                     "done; cat <&3"]).stdout
+        assert got == "over the veth"
