@@ -106,6 +106,11 @@ class Namespace:
         _live.add(self)
 
     # -- what subclasses provide
+    @property
+    def path(self) -> str:
+        """The namespace's netns file (for ``--netns-type=path`` or setns)."""
+        raise NotImplementedError
+
     def exec_prefix(self) -> list[str]:
         raise NotImplementedError
 
