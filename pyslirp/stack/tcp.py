@@ -394,6 +394,15 @@ class TcpFlow:
             return
         if self.snd_nxt == self.snd_una and self.snd_max == self.snd_una:
             return  # nothing outstanding: stale deadline
+        if self.snd_wnd == 0:
+            # The guest closed its window on data in flight: nothing may be
+            # resent, so probe it like a zero window instead of counting it dead.
+            self.snd_nxt = self.snd_una
+            self.fin_out = False
+            self.persist = True
+            self.rto_at = now
+            self._on_rto(now)
+            return
         self.retries += 1
         if self.retries > self.cfg.max_retries:
             self.link.count("tcp.retransmit_timeout")
@@ -557,8 +566,8 @@ class TcpFlow:
             self.snd_max = self.snd_nxt
         if xmitted:
             self.ack_pending = False
-            self.persist = False
-            if self.rto_at is None:
+            if self.rto_at is None or self.persist:
+                self.persist = False
                 self.rto_at = now + self.rto
                 self._arm()
         elif (sent < buffered and self.snd_max == una and self.snd_wnd <= sent
@@ -1025,6 +1034,8 @@ class TcpFlow:
             self.host.tcp_shutdown_write(self)
             self._maybe_close_host()
             if self.host_closed and self.state == TIME_WAIT:
+                self.ka_at = now + self.cfg.time_wait
+                self._arm()
                 return
         if self.backlog_len < before and self.state in _RCV_OPEN:
             # Tell the guest about the reopened window without waiting for a batch.

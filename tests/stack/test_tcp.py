@@ -782,3 +782,21 @@ def test_two_flows_survive_random_loss_reordering_and_duplication() -> None:
     for k, g in guests.items():
         assert bytes(g.received) == down[k], f"flow {k} download corrupted"
         assert bytes(h.host.written[flows[k]]) == up[k], f"flow {k} upload corrupted"
+
+
+def test_window_closed_on_data_in_flight_is_probed_not_given_up() -> None:
+    h = Harness(cfg=TcpConfig(max_retries=3))
+    flow, ours = h.connect()
+    flow.host_data(b"A" * 1000, h.clock.now)
+    assert h.expect_one().data == b"A" * 1000
+    probes = 0
+    for _ in range(100):  # a guest that is alive but does not read, for a long while
+        h.send(A, ack=ours, window=0)
+        h.clock.advance(2)
+        for o in h.out():
+            assert not o.flags & R
+            probes += not o.data
+    assert probes >= 3
+    assert len(h.engine) == 1
+    h.send(A, ack=ours, window=100)
+    assert b"".join(o.data for o in h.out()) == b"A" * 1000
