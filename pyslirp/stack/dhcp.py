@@ -106,7 +106,6 @@ class DhcpServer:
         self.config = config
         self.link = link
         self.server_id = config.gateway
-        self.lease_seconds = config.dhcp_lease_seconds
         reserved = {config.gateway, config.dns, config.network.network_address.packed,
                     config.broadcast}
         start = ipaddress.IPv4Address(config.dhcp_start)
@@ -124,14 +123,27 @@ class DhcpServer:
         self._by_addr: dict[bytes, Lease] = {}
         #: address -> time until which it stays out of the pool after a DECLINE.
         self._declined: dict[bytes, float] = {}
-        self._static_options = self._build_static_options()
-        self._search_option = self._build_search_option()
+        # The runtime may change the config after we start (search domains
+        # follow resolv.conf), so the encoded options are rebuilt when it does.
+        self._options_key: tuple[object, ...] = ()
+        self._static_options: list[tuple[int, bytes]] = []
+        self._lease_options: list[tuple[int, bytes]] = []
+        self._search_option: list[tuple[int, bytes]] = []
 
     # ---- options --------------------------------------------------------------
 
+    def _refresh_options(self) -> None:
+        cfg = self.config
+        key = (tuple(cfg.search_domains), cfg.disable_dns, cfg.mtu, cfg.dhcp_lease_seconds)
+        if key == self._options_key:
+            return
+        self._options_key = key
+        self._static_options = self._build_static_options()
+        self._search_option = self._build_search_option()
+
     def _build_static_options(self) -> list[tuple[int, bytes]]:
         cfg = self.config
-        lease = self.lease_seconds
+        lease = cfg.dhcp_lease_seconds
         opts: list[tuple[int, bytes]] = [
             (dhcp.OPT_SERVER_ID, self.server_id),
             (dhcp.OPT_SUBNET_MASK, cfg.netmask),
@@ -284,7 +296,7 @@ class DhcpServer:
             self.link.count("dhcp.nak")
             self._nak(src_mac, msg)
             return
-        self._assign(mac, wanted, now + self.lease_seconds, bound=True)
+        self._assign(mac, wanted, now + self.config.dhcp_lease_seconds, bound=True)
         self.link.count("dhcp.ack")
         self._reply(src_mac, msg, dhcp.ACK, wanted, lease=True)
 
@@ -322,6 +334,7 @@ class DhcpServer:
 
     def _reply(self, src_mac: bytes, msg: dhcp.DhcpMessage, kind: int, yiaddr: bytes,
                lease: bool) -> None:
+        self._refresh_options()
         options: list[tuple[int, bytes]] = [(dhcp.OPT_MESSAGE_TYPE, bytes((kind,)))]
         options += self._static_options
         if lease:

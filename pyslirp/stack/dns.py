@@ -253,7 +253,7 @@ class DnsForwarder:
         self.link.send_ipv4(src, guest_ip, UDP_PROTO,
                             build_udp(src, dns.PORT, guest_ip, guest_port, data))
 
-    def close(self, now: float) -> None:
+    def close_all(self) -> None:
         """Give up every query in flight (shutdown): each guest gets a SERVFAIL."""
         for query in list(self.pending.values()):
             self._finish(query, dns.build_error_reply(query.data, dns.RCODE_SERVFAIL))

@@ -246,6 +246,16 @@ def test_other_network() -> None:
     assert offer.opt(dhcp.OPT_DNS) == ip("192.168.77.3")
 
 
+def test_search_domains_changed_after_start_are_served() -> None:
+    # The runtime fills config.search_domains from resolv.conf after the stack exists.
+    h = Harness()
+    assert h.one(udhcpc("discover")).opt(dhcp.OPT_DOMAIN_SEARCH) is None
+    h.config.search_domains[:] = ["lab.example"]
+    offer = h.one(udhcpc("discover"))
+    assert offer.opt(dhcp.OPT_DOMAIN_SEARCH) == b"\x03lab\x07example\x00"
+    assert offer.opt(dhcp.OPT_DOMAIN_NAME) == b"lab.example"
+
+
 def test_search_list_left_out_when_too_big_for_client() -> None:
     domains = [f"{'x' * 50}{i}.example{i}" for i in range(8)]
     h = Harness(search_domains=domains)

@@ -362,7 +362,7 @@ def test_close_answers_everyone() -> None:
     h = Harness()
     h.query(make_query(qid=1))
     h.query(make_query(qid=2), sport=40001)
-    h.fwd.close(h.now)
+    h.fwd.close_all()
     got = sorted((port, dns.DnsMessage(d).rcode) for _, port, d in h.answers())
     assert got == [(40000, dns.RCODE_SERVFAIL), (40001, dns.RCODE_SERVFAIL)]
     assert len(h.host.cancelled) == 2 and h.fwd.pending == {}
