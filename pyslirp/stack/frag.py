@@ -216,6 +216,8 @@ class Reassembler:
         quote = pkt.header + pkt.data[0][:8]
         message = icmp.build_error(icmp.TIME_EXCEEDED, 1, quote)
         guest, us = pkt.header[12:16], pkt.header[16:20]
+        if us[0] >= 224 or us == self.link.config.broadcast:
+            return  # never an ICMP error about a broadcast (RFC 1122 section 3.2.2)
         self.link.send_ipv4(us, guest, ipv4.PROTO_ICMP, message)
 
     def on_timer(self, now: float) -> None:
