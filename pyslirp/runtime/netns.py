@@ -126,6 +126,18 @@ def netns_path_of(pid: int) -> str:
     return f"/proc/{pid}/ns/net"
 
 
+def owner_userns_id(ns_fd: int) -> tuple[int, int]:
+    """The (st_dev, st_ino) of the user namespace owning the namespace open at ``ns_fd``."""
+    import fcntl
+
+    owner = fcntl.ioctl(ns_fd, NS_GET_USERNS)
+    try:
+        st = os.fstat(owner)
+    finally:
+        os.close(owner)
+    return st.st_dev, st.st_ino
+
+
 def userns_differs(userns_path: str) -> bool:
     """Whether the user namespace at ``userns_path`` is not the one we are in."""
     return ns_id(userns_path) != ns_id("/proc/self/ns/user")

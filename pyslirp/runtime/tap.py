@@ -316,8 +316,16 @@ def _child_open(netns_path: str, userns_path: str | None, tapname: str, mtu: int
     try:
         netns.setns(net_fd, netns.CLONE_NEWNET)
     except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EPERM:
+            try:
+                if netns.owner_userns_id(net_fd) != netns.ns_id("/proc/self/ns/user"):
+                    hint = (" (it belongs to another user namespace: pass that one's path "
+                            "as the user namespace to join)")
+            except OSError:  # EPERM again: its owner is outside the namespace we are in
+                hint = " (it belongs to a user namespace outside the one joined)"
         raise _ChildFailure(f"cannot join network namespace {netns_path}: "
-                            f"{os.strerror(exc.errno or 0)}") from None
+                            f"{os.strerror(exc.errno or 0)}{hint}") from None
 
     fd, name, vnet_hdr = _tun_attach(tapname, want_vnet_hdr)
     offload = uso = False

@@ -12,6 +12,7 @@ import select
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -353,8 +354,41 @@ def test_userns_path_is_joined_first(named_ns: nsutil.NetNS, user_ns: nsutil.Use
     # Once inside the other user namespace we hold no rights over a netns owned by ours:
     # the failure proves the join happened, and its message says which step failed.
     with pytest.raises(TapError, match=rf"^cannot join network namespace {named_ns.path}: "
-                                       r"Operation not permitted$"):
+                                       r"Operation not permitted \(it belongs to a user "
+                                       r"namespace outside the one joined\)$"):
         open_tap(named_ns.path, "path", userns_path=user_ns.userns_path)
+
+
+def test_unprivileged_caller_is_told_what_is_missing() -> None:
+    # As nobody, with a namespace nobody made: by path without its user namespace, the
+    # join is refused with a hint; by pid, the user namespace is joined automatically and
+    # the next obstacle is this machine's root-only /dev/net/tun.
+    code = textwrap.dedent("""
+        import os, subprocess, time
+        from pyslirp.runtime.tap import TapError, open_tap
+        holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net",
+                                   "sleep", "60"])
+        try:
+            ours = os.stat("/proc/self/ns/net").st_ino
+            while os.stat(f"/proc/{holder.pid}/ns/net").st_ino == ours:
+                time.sleep(0.005)
+            for target, kind in ((f"/proc/{holder.pid}/ns/net", "path"),
+                                 (str(holder.pid), "pid")):
+                try:
+                    open_tap(target, kind)
+                except TapError as exc:
+                    print(exc)
+        finally:
+            holder.kill()
+    """)
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    by_path, by_pid = proc.stdout.splitlines()
+    assert by_path.endswith(": Operation not permitted (it belongs to another user namespace: "
+                            "pass that one's path as the user namespace to join)")
+    assert by_pid == "cannot open /dev/net/tun: Permission denied"
 
 
 def test_device_errors_name_the_device(named_ns: nsutil.NetNS) -> None:
