@@ -8,7 +8,6 @@ with scapy (so our own parsers are not the judge of our own output).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -17,12 +16,12 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from pyslirp.stack.config import NetConfig
-from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
 from pyslirp.stack.udp import UdpEngine, UdpFlow
 from pyslirp.wire import vnet
 from pyslirp.wire.checksum import checksum
 from pyslirp.wire.ipv4 import Ipv4Packet
+from tests.stack import fakes
 
 GUEST_MAC = bytes.fromhex("66696895ca9c")
 GUEST = "10.0.2.100"
@@ -50,62 +49,24 @@ def policy_like_stack(config: NetConfig) -> Any:
     return policy
 
 
-class FakeHost:
-    """Records every HostPort call; return values are set by the test."""
+class FakeHost(fakes.FakeHost):
+    """The shared recording host, with switches for the calls that can fail."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
+        super().__init__()
         self.udp_open_ok = True
         self.icmp_ok = True
-
-    def names(self) -> list[str]:
-        return [c[0] for c in self.calls]
 
     def of(self, name: str) -> list[tuple[Any, ...]]:
         return [c for c in self.calls if c[0] == name]
 
     def udp_open(self, flow: Any) -> bool:
-        self.calls.append(("udp_open", flow))
+        super().udp_open(flow)
         return self.udp_open_ok
 
-    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any) -> None:
-        self.calls.append(("udp_send", flow, dst, bytes(data)))
-
-    def udp_close(self, flow: Any) -> None:
-        self.calls.append(("udp_close", flow))
-
     def icmp_echo(self, flow: Any, dst: str, ident: int, seq: int, payload: Any) -> bool:
-        self.calls.append(("icmp_echo", flow, dst, ident, seq, bytes(payload)))
+        super().icmp_echo(flow, dst, ident, seq, payload)
         return self.icmp_ok
-
-    def icmp_close(self, flow: Any) -> None:
-        self.calls.append(("icmp_close", flow))
-
-    # The rest of HostPort: recorded so that a stray call shows up in ``calls``.
-    def tcp_connect(self, flow: Any, targets: list[tuple[str, int]]) -> None:
-        self.calls.append(("tcp_connect", flow, targets))
-
-    def tcp_write(self, flow: Any, data: Any) -> int:
-        self.calls.append(("tcp_write", flow, bytes(data)))
-        return len(data)
-
-    def tcp_shutdown_write(self, flow: Any) -> None:
-        self.calls.append(("tcp_shutdown_write", flow))
-
-    def tcp_pause_reading(self, flow: Any) -> None:
-        self.calls.append(("tcp_pause_reading", flow))
-
-    def tcp_resume_reading(self, flow: Any) -> None:
-        self.calls.append(("tcp_resume_reading", flow))
-
-    def tcp_close(self, flow: Any, reset: bool) -> None:
-        self.calls.append(("tcp_close", flow, reset))
-
-    def dns_send(self, query: Any, upstream: tuple[str, int], data: Any) -> None:
-        self.calls.append(("dns_send", query, upstream, bytes(data)))
-
-    def dns_cancel(self, query: Any) -> None:
-        self.calls.append(("dns_cancel", query))
 
 
 def complete_checksum(frame: bytes) -> bytes:
@@ -127,15 +88,23 @@ class Harness:
     def __init__(self, **cfg: Any) -> None:
         cfg.setdefault("vnet_hdr", False)
         self.config = NetConfig(guest_mac=GUEST_MAC, **cfg)
-        self.frames: list[bytes] = []
-        self.link = Link(self.config, self._sink)
+        self.link, self.sink = fakes.make_link(self.config, GUEST_MAC)
         self.timers = Timers()
+        self.clock = fakes.FakeClock(self.timers)
         self.host = FakeHost()
         self.policy = policy_like_stack(self.config)
-        self.now = 1000.0
 
-    def _sink(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-        self.frames.append(b"".join(bytes(p) for p in parts))
+    @property
+    def frames(self) -> list[bytes]:
+        return self.sink.frames
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.clock.now = value
 
     @property
     def counters(self) -> dict[str, int]:
@@ -145,8 +114,8 @@ class Harness:
         return Ipv4Packet(memoryview(bytes(pkt)))
 
     def advance(self, seconds: float) -> None:
-        self.now += seconds
-        self.timers.run(self.now)
+        """Let time pass, firing timers at their deadlines."""
+        self.clock.advance(seconds)
 
     def take(self) -> list[Packet]:
         """The frames sent to the guest since the last call, dissected by scapy."""
@@ -157,7 +126,7 @@ class Harness:
             eth = Ether(f)
             assert eth.dst == ":".join(f"{b:02x}" for b in GUEST_MAC)
             out.append(eth[IP])
-        self.frames.clear()
+        self.sink.take()
         return out
 
 
