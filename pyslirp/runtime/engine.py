@@ -1,0 +1,528 @@
+"""The runtime: one event loop that owns every file descriptor.
+
+Theory of operation
+-------------------
+An :class:`Attachment` is one guest link: a TAP fd (or any frame fd) and the
+:class:`~pyslirp.stack.stack.Stack` serving it. The attachment is also the
+stack's :class:`~pyslirp.stack.host.HostPort`: it turns the stack's requests
+into non-blocking host sockets registered with the loop, and turns socket
+readiness back into calls on the engines.
+
+Batching is what makes Python fast enough here (shared/PERF-FACTS.md):
+
+* a readable TAP is drained (up to ``_TAP_BATCH`` frames) in one callback;
+* after any work the attachment schedules one *flush* with ``call_soon``, so
+  every callback of a loop iteration is followed by a single
+  ``Stack.flush`` (coalesced ACKs) and a single re-arm of the timer;
+* frames to the guest go out with one ``os.writev`` each, header and payload
+  as separate buffers, so a 64 KB payload is never copied.
+
+Errors on host sockets never escape into the loop: they are reported to the
+engine that owns the socket (as a real socket would), after the current call
+returns (``call_soon``), so an engine is never re-entered from its own call.
+Frames to the TAP that the kernel does not take (queue full) are dropped and
+counted, like a NIC would; TCP retransmits.
+
+The runtime deliberately keeps no per-packet logging; counters live in the
+stack's link and are logged at exit and on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pyslirp.runtime.pcap import PcapWriter
+from pyslirp.stack.config import NetConfig
+from pyslirp.stack.stack import Stack
+from pyslirp.wire import vnet
+
+log = logging.getLogger("pyslirp")
+
+_TAP_BATCH = 128
+_TAP_READ_SIZE = 65536 + 4096 + vnet.HEADER_LEN
+_HOST_READ_MAX = 256 * 1024
+_UDP_READ_BATCH = 64
+_UDP_MAX = 65536
+
+# struct sock_extended_err (linux/errqueue.h)
+_SOCK_EE = struct.Struct("=IBBBBII")
+_SO_EE_ORIGIN_ICMP = 2
+_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+
+
+class _TcpHandle:
+    __slots__ = ("sock", "fd", "targets", "reading", "writing", "connecting", "closed")
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.targets: list[tuple[str, int]] = []
+        self.reading = False
+        self.writing = False
+        self.connecting = False
+        self.closed = False
+
+
+class Attachment:
+    """One guest link served by one stack, with the host sockets of its flows."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, config: NetConfig,
+                 pcap: PcapWriter | None = None, name: str = "tap0",
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.name = name
+        self.config = config
+        self.pcap = pcap
+        self._on_fatal = on_fatal
+        self._vnet = config.vnet_hdr
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closed = False
+        self._faults = _faults_from_env()
+        self.stack = Stack(config, self._send_frame, self)
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._on_tap_readable)
+
+    # ---- the guest link ---------------------------------------------------------
+    def _send_frame(self, parts: Sequence[Any]) -> None:
+        if self._faults is not None:
+            for frame in self._faults.process(b"".join(parts), "to_guest"):
+                self._write_frame((frame,))
+            self._release_held_frames_later("to_guest")
+            return
+        self._write_frame(parts)
+
+    def _release_held_frames_later(self, direction: str) -> None:
+        """A reordering fault holds a frame back; let it go after the hold time at most."""
+        if self._faults.injector(direction).holding:
+            self.loop.call_later(self._faults.hold_seconds, self._release_held_frames, direction)
+
+    def _release_held_frames(self, direction: str) -> None:
+        if self._closed:
+            return
+        for frame in self._faults.flush(direction):
+            if direction == "to_guest":
+                self._write_frame((frame,))
+            else:
+                self.stack.receive_frame(memoryview(frame), self.loop.time())
+        self._schedule_flush()
+
+    def _write_frame(self, parts: Sequence[Any]) -> None:
+        try:
+            os.writev(self.fd, parts)
+        except BlockingIOError:
+            self.stack.link.count("drop.tx.tap_full")
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EBADFD, errno.ENODEV):
+                self._fatal(f"TAP device {self.name} went away: {exc.strerror}")
+                return
+            self.stack.link.count("drop.tx.error")
+            return
+        if self.pcap is not None:
+            self.pcap.write(parts, time.time())
+
+    def _on_tap_readable(self) -> None:
+        fd = self.fd
+        now = self.loop.time()
+        receive = self.stack.receive_frame
+        pcap = self.pcap
+        faults = self._faults
+        for _ in range(_TAP_BATCH):
+            try:
+                data = os.read(fd, _TAP_READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._fatal(f"reading TAP device {self.name} failed: {exc.strerror}")
+                return
+            if not data:
+                self._fatal(f"TAP device {self.name} closed")
+                return
+            if pcap is not None:
+                pcap.write(data, time.time())
+            if faults is not None:
+                for frame in faults.process(data, "from_guest"):
+                    receive(memoryview(frame), now)
+                self._release_held_frames_later("from_guest")
+            else:
+                receive(memoryview(data), now)
+        self.stack.flush(now)
+        self._arm_timer()
+
+    def _fatal(self, message: str) -> None:
+        log.error("%s", message)
+        if self._on_fatal is not None:
+            self._on_fatal(message)
+
+    # ---- batching and timers ----------------------------------------------------
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._closed:
+            return
+        self.stack.flush(self.loop.time())
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self.stack.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._closed:
+            return
+        now = self.loop.time()
+        self.stack.run_timers(now)
+        self.stack.flush(now)
+        self._arm_timer()
+
+    # ---- HostPort: TCP ------------------------------------------------------------
+    def tcp_connect(self, flow: Any, targets: list[tuple[str, int]]) -> None:
+        handle = _TcpHandle()
+        handle.targets = list(targets)
+        flow.host_handle = handle
+        self._tcp_try_next(flow, handle, errno.ENETUNREACH)
+
+    def _tcp_try_next(self, flow: Any, handle: _TcpHandle, last_error: int) -> None:
+        while handle.targets:
+            host, port = handle.targets.pop(0)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                last_error = exc.errno or errno.EMFILE
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            err = sock.connect_ex((host, port))
+            if err not in (0, errno.EINPROGRESS):
+                sock.close()
+                last_error = err
+                continue
+            handle.sock = sock
+            handle.fd = sock.fileno()
+            handle.connecting = True
+            self.loop.add_writer(handle.fd, self._tcp_connect_done, flow, handle)
+            return
+        self.loop.call_soon(self._tcp_report_connect_failed, flow, handle, last_error)
+
+    def _tcp_report_connect_failed(self, flow: Any, handle: _TcpHandle, err: int) -> None:
+        if handle.closed:
+            return
+        handle.closed = True
+        flow.host_connect_failed(err, self.loop.time())
+        self._schedule_flush()
+
+    def _tcp_connect_done(self, flow: Any, handle: _TcpHandle) -> None:
+        sock = handle.sock
+        assert sock is not None
+        self.loop.remove_writer(handle.fd)
+        handle.connecting = False
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            handle.sock = None
+            handle.fd = -1
+            if handle.targets:
+                self._tcp_try_next(flow, handle, err)
+            else:
+                self._tcp_report_connect_failed(flow, handle, err)
+            return
+        handle.reading = True
+        self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
+        flow.host_connected(self.loop.time())
+        self._schedule_flush()
+
+    def _tcp_readable(self, flow: Any, handle: _TcpHandle) -> None:
+        sock = handle.sock
+        now = self.loop.time()
+        while not handle.closed and sock is not None:
+            budget = flow.host_read_budget()
+            if budget <= 0:
+                self._tcp_stop_reading(handle)
+                break
+            try:
+                data = sock.recv(min(budget, _HOST_READ_MAX))
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._tcp_stop_reading(handle)
+                flow.host_error(exc.errno or errno.ECONNRESET, now)
+                break
+            if not data:
+                self._tcp_stop_reading(handle)
+                flow.host_eof(now)
+                break
+            flow.host_data(data, now)
+            if len(data) < min(budget, _HOST_READ_MAX):
+                break  # the socket is drained for now; don't pay an EAGAIN syscall
+        self._schedule_flush()
+
+    def _tcp_stop_reading(self, handle: _TcpHandle) -> None:
+        if handle.reading:
+            handle.reading = False
+            self.loop.remove_reader(handle.fd)
+
+    def tcp_write(self, flow: Any, data: Any) -> int:
+        handle: _TcpHandle = flow.host_handle
+        sock = handle.sock
+        if sock is None or handle.closed:
+            return 0
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.loop.call_soon(self._tcp_report_error, flow, handle, exc.errno or errno.EPIPE)
+            return 0
+        if sent < len(data) and not handle.writing:
+            handle.writing = True
+            self.loop.add_writer(handle.fd, self._tcp_writable, flow, handle)
+        return sent
+
+    def _tcp_report_error(self, flow: Any, handle: _TcpHandle, err: int) -> None:
+        if not handle.closed:
+            flow.host_error(err, self.loop.time())
+            self._schedule_flush()
+
+    def _tcp_writable(self, flow: Any, handle: _TcpHandle) -> None:
+        if handle.writing:
+            handle.writing = False
+            self.loop.remove_writer(handle.fd)
+        if not handle.closed:
+            flow.host_writable(self.loop.time())
+            self._schedule_flush()
+
+    def tcp_shutdown_write(self, flow: Any) -> None:
+        handle: _TcpHandle = flow.host_handle
+        if handle.sock is not None and not handle.closed:
+            with contextlib.suppress(OSError):
+                handle.sock.shutdown(socket.SHUT_WR)
+
+    def tcp_pause_reading(self, flow: Any) -> None:
+        self._tcp_stop_reading(flow.host_handle)
+
+    def tcp_resume_reading(self, flow: Any) -> None:
+        handle: _TcpHandle = flow.host_handle
+        if handle is None or handle.closed or handle.sock is None or handle.connecting:
+            return
+        if not handle.reading:
+            handle.reading = True
+            self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
+
+    def tcp_close(self, flow: Any, reset: bool) -> None:
+        handle: _TcpHandle | None = getattr(flow, "host_handle", None)
+        if handle is None or handle.closed:
+            return
+        handle.closed = True
+        sock = handle.sock
+        if sock is None:
+            return
+        if handle.reading or handle.connecting:
+            self.loop.remove_reader(handle.fd)
+        if handle.writing or handle.connecting:
+            self.loop.remove_writer(handle.fd)
+        handle.reading = handle.writing = handle.connecting = False
+        if reset:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        handle.sock = None
+
+    # ---- HostPort: UDP ------------------------------------------------------------
+    def udp_open(self, flow: Any) -> bool:
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("cannot open a UDP socket: %s", exc.strerror)
+            return False
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        flow.host_handle = sock
+        self.loop.add_reader(sock.fileno(), self._udp_readable, flow, sock)
+        return True
+
+    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any) -> None:
+        sock: socket.socket | None = flow.host_handle
+        if sock is None:
+            return
+        try:
+            sock.sendto(data, dst)
+        except OSError:
+            self.stack.link.count("drop.udp.host_send")
+
+    def _udp_readable(self, flow: Any, sock: socket.socket) -> None:
+        now = self.loop.time()
+        udp = self.stack.udp
+        for _ in range(_UDP_READ_BATCH):
+            try:
+                data, (src_ip, src_port, *_rest) = sock.recvfrom(_UDP_MAX)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._udp_read_errors(flow, sock, now)
+                continue
+            udp.host_datagram(flow, src_ip, src_port, data, now)
+        self._schedule_flush()
+
+    def _udp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
+        """Drain the error queue (IP_RECVERR) and report ICMP errors to the engine."""
+        while True:
+            try:
+                _data, ancdata, _flags, addr = sock.recvmsg(
+                    512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except (BlockingIOError, OSError):
+                return
+            for level, kind, payload in ancdata:
+                if level != socket.IPPROTO_IP or kind != _IP_RECVERR:
+                    continue
+                if len(payload) < _SOCK_EE.size:
+                    continue
+                _ee_errno, origin, icmp_type, icmp_code, _pad, _info, _d = \
+                    _SOCK_EE.unpack_from(payload)
+                if origin == _SO_EE_ORIGIN_ICMP and addr:
+                    self.stack.udp.host_error(flow, (addr[0], addr[1]), icmp_type, icmp_code,
+                                              now)
+
+    def udp_close(self, flow: Any) -> None:
+        sock: socket.socket | None = getattr(flow, "host_handle", None)
+        if sock is None:
+            return
+        flow.host_handle = None
+        self.loop.remove_reader(sock.fileno())
+        sock.close()
+
+    # ---- HostPort: ICMP echo --------------------------------------------------------
+    def icmp_echo(self, flow: Any, dst: str, ident: int, seq: int, payload: Any) -> bool:
+        sock: socket.socket | None = getattr(flow, "host_handle", None)
+        if sock is None:
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            except OSError:
+                return False  # net.ipv4.ping_group_range does not include us
+            sock.setblocking(False)
+            flow.host_handle = sock
+            self.loop.add_reader(sock.fileno(), self._icmp_readable, flow, sock)
+        # The kernel rewrites the identifier to the socket's own and back on replies.
+        message = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(payload)
+        try:
+            sock.sendto(message, (dst, 0))
+        except OSError:
+            return False
+        return True
+
+    def _icmp_readable(self, flow: Any, sock: socket.socket) -> None:
+        now = self.loop.time()
+        for _ in range(_UDP_READ_BATCH):
+            try:
+                data = sock.recv(_UDP_MAX)
+            except (BlockingIOError, OSError):
+                break
+            if len(data) >= 8 and data[0] == 0:
+                seq = int.from_bytes(data[6:8], "big")
+                self.stack.icmp.host_echo_reply(flow, seq, data[8:], now)
+        self._schedule_flush()
+
+    def icmp_close(self, flow: Any) -> None:
+        sock: socket.socket | None = getattr(flow, "host_handle", None)
+        if sock is not None:
+            flow.host_handle = None
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+    # ---- HostPort: DNS --------------------------------------------------------------
+    def dns_send(self, query: Any, upstream: tuple[str, int], data: Any) -> None:
+        self.dns_cancel(query)
+        host, port = upstream
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.connect((host, port))
+            sock.send(data)
+        except OSError:
+            self.loop.call_soon(self._dns_failed, query)
+            return
+        query.runtime_state = sock
+        self.loop.add_reader(sock.fileno(), self._dns_readable, query, sock)
+
+    def _dns_failed(self, query: Any) -> None:
+        self.stack.dns.upstream_failed(query, self.loop.time())
+        self._schedule_flush()
+
+    def _dns_readable(self, query: Any, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(_UDP_MAX)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.dns_cancel(query)
+            self._dns_failed(query)
+            return
+        # The forwarder ignores a stray reply and keeps waiting; it cancels the
+        # query (closing this socket) itself once the query is answered.
+        self.stack.dns.upstream_reply(query, data, self.loop.time())
+        self._schedule_flush()
+
+    def dns_cancel(self, query: Any) -> None:
+        sock: socket.socket | None = query.runtime_state
+        if sock is not None:
+            query.runtime_state = None
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+    # ---- lifetime -------------------------------------------------------------------
+    def close(self) -> None:
+        """Reset every flow, close every host socket, stop reading the TAP."""
+        if self._closed:
+            return
+        now = self.loop.time()
+        try:
+            self.stack.close_all(now)
+        finally:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self.loop.remove_reader(self.fd)
+            if self.pcap is not None:
+                self.pcap.close()
+            counters = self.stack.counters
+            if counters:
+                log.info("counters for %s: %s", self.name,
+                         ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+
+
+def _faults_from_env() -> Any:
+    if not os.environ.get("PYSLIRP_FAULTS"):
+        return None
+    from pyslirp.runtime.faults import from_env
+
+    faults = from_env()
+    log.warning("PYSLIRP_FAULTS=%s: injecting faults on the guest link (test only)",
+                os.environ["PYSLIRP_FAULTS"])
+    return faults

@@ -1,0 +1,231 @@
+"""Process lifetime for the two ways of serving a namespace.
+
+Theory of operation
+-------------------
+:func:`serve_namespace` is slirp4netns's job: open (or attach to) the TAP in
+the target namespace, serve it until SIGTERM/SIGINT, the exit fd or the TAP
+going away, then close every host socket and exit 0. :func:`run_command` is
+``pyslirp run``: make fresh namespaces for a command, serve them, and exit
+with the command's status once it ends.
+
+Both go through :class:`Server`, which owns the uvloop loop, the
+:class:`~pyslirp.runtime.engine.Attachment`, the signal handlers and the
+resolv.conf watcher that keeps the DNS upstreams current when no
+``--dns-upstream`` was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.pcap import PcapWriter
+from pyslirp.stack.config import NetConfig
+from pyslirp.stack.dns import parse_resolv_conf
+
+log = logging.getLogger("pyslirp")
+
+RESOLV_CONF = "/etc/resolv.conf"
+_RESOLV_CHECK_INTERVAL = 2.0
+_DNS_PORT = 53
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        log.warning("uvloop is not installed; using the slower asyncio loop")
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class ResolvConfWatcher:
+    """Keeps the DNS forwarder's upstreams (and DHCP's search list) equal to resolv.conf."""
+
+    def __init__(self, server: Server, path: str = RESOLV_CONF) -> None:
+        self.server = server
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+
+    def check(self) -> None:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = (0, 0, 0)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            log.warning("cannot read %s: %s; DNS has no upstream", self.path, exc.strerror)
+            text = ""
+        nameservers, search = parse_resolv_conf(text)
+        upstreams = [(ns, _DNS_PORT) for ns in nameservers if "%" not in ns]
+        self.server.set_dns(upstreams, search)
+        log.info("DNS upstreams from %s: %s", self.path,
+                 ", ".join(h for h, _ in upstreams) or "none")
+
+
+class Server:
+    """One uvloop loop serving one guest link until told to stop."""
+
+    def __init__(self, tap_fd: int, config: NetConfig, *, tap_name: str = "tap0",
+                 pcap_path: str | None = None,
+                 dns_upstreams: list[tuple[str, int]] | None = None) -> None:
+        self.loop = _new_loop()
+        self.config = config
+        self.exit_status = 0
+        self._stopped = self.loop.create_future()
+        pcap = PcapWriter(pcap_path, strip_vnet=config.vnet_hdr) if pcap_path else None
+        self.attachment = Attachment(self.loop, tap_fd, config, pcap=pcap, name=tap_name,
+                                     on_fatal=lambda _msg: self.stop(1))
+        self._watcher: ResolvConfWatcher | None = None
+        if dns_upstreams:
+            self.set_dns(dns_upstreams, config.search_domains)
+        elif not config.disable_dns:
+            self._watcher = ResolvConfWatcher(self)
+            self._watcher.check()
+            self.loop.call_later(_RESOLV_CHECK_INTERVAL, self._recheck_resolv_conf)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def set_dns(self, upstreams: list[tuple[str, int]], search: list[str]) -> None:
+        self.attachment.stack.dns.upstreams = list(upstreams)
+        self.config.search_domains[:] = search
+
+    def _recheck_resolv_conf(self) -> None:
+        if self._watcher is not None and not self._stopped.done():
+            self._watcher.check()
+            self.loop.call_later(_RESOLV_CHECK_INTERVAL, self._recheck_resolv_conf)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("received %s, shutting down", signal.Signals(sig).name)
+        self.stop(0)
+
+    def stop(self, status: int) -> None:
+        if not self._stopped.done():
+            self.exit_status = status
+            self._stopped.set_result(None)
+
+    def watch_fd_for_exit(self, fd: int) -> None:
+        """slirp4netns --exit-fd: exit when the fd reports any event (data, EOF, error)."""
+        def on_event() -> None:
+            log.info("exit fd %d became readable, shutting down", fd)
+            self.loop.remove_reader(fd)
+            self.stop(0)
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, on_event)
+
+    def run(self, on_ready: Any = None) -> int:
+        if on_ready is not None:
+            self.loop.call_soon(on_ready)
+        try:
+            self.loop.run_until_complete(self._stopped)
+        finally:
+            self.attachment.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self.loop.remove_signal_handler(sig)
+            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.close()
+        return self.exit_status
+
+
+def _signal_ready(fd: int | None) -> None:
+    if fd is None or fd < 0:
+        return
+    try:
+        os.write(fd, b"1")
+    except OSError as exc:
+        log.warning("cannot write to ready fd %d: %s", fd, exc.strerror)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _open_tap_for(opts: Any, target: str, netns_type: str, tapname: str, configure: bool,
+                  userns_path: str | None) -> Any:
+    from pyslirp.runtime.tap import ConfigureSpec, open_tap
+
+    config: NetConfig = opts.net_config()
+    spec = ConfigureSpec.from_netconfig(config) if configure else None
+    # slirp4netns sets MTU and MAC only with --configure; without it the TAP is left as is.
+    return open_tap(target, netns_type, tapname=tapname, userns_path=userns_path,
+                    mtu=config.mtu if configure else None, configure=spec,
+                    mac=opts.macaddress if configure else None,
+                    vnet_hdr=opts.offload, offload=opts.offload), config
+
+
+def serve_namespace(opts: Any) -> int:
+    """``pyslirp [OPTIONS] PID|PATH [TAPNAME]``: serve until killed."""
+    started = time.monotonic()
+    try:
+        tap, config = _open_tap_for(opts, str(opts.target), opts.netns_type, opts.tapname,
+                                    opts.configure, opts.userns_path)
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.error("%s", exc)
+        return 1
+    config.vnet_hdr = tap.vnet_hdr
+    config.offload = tap.offload
+    server = Server(tap.fd, config, tap_name=tap.name, pcap_path=opts.pcap,
+                    dns_upstreams=opts.dns_upstreams)
+    if opts.exit_fd is not None:
+        server.watch_fd_for_exit(opts.exit_fd)
+    log.info("serving %s in %s %s (MTU %d, %s, vnet header %s, offload %s) after %.0f ms",
+             tap.name, opts.netns_type, opts.target, config.mtu, config.network,
+             "on" if tap.vnet_hdr else "off", "on" if tap.offload else "off",
+             (time.monotonic() - started) * 1000)
+    status = server.run(on_ready=lambda: _signal_ready(opts.ready_fd))
+    os.close(tap.fd)
+    return status
+
+
+def run_command(opts: Any) -> int:
+    """``pyslirp run -- CMD``: run CMD in fresh namespaces with networking; return its status."""
+    from pyslirp.runtime.spawn import spawn_isolated
+
+    config: NetConfig = opts.net_config()
+    resolv = "".join(f"search {d}\n" for d in config.search_domains[:1])
+    resolv += "nameserver " + str(config.network.network_address + 3) + "\n"
+    try:
+        child = spawn_isolated(list(opts.command), resolv_conf=resolv)
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot create namespaces: %s", exc)
+        return 1
+    try:
+        tap, config = _open_tap_for(opts, str(child.pid), "pid", "tap0", True, None)
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.error("%s", exc)
+        child.kill(signal.SIGKILL)
+        child.wait()
+        return 1
+    config.vnet_hdr = tap.vnet_hdr
+    config.offload = tap.offload
+    server = Server(tap.fd, config, tap_name=tap.name, pcap_path=opts.pcap,
+                    dns_upstreams=opts.dns_upstreams)
+    child_status: list[int] = []
+    pidfd = os.pidfd_open(child.pid)
+
+    def on_child_exit() -> None:
+        server.loop.remove_reader(pidfd)
+        child_status.append(child.wait())
+        server.stop(child_status[0])
+
+    server.loop.add_reader(pidfd, on_child_exit)
+    try:
+        status = server.run(on_ready=child.release)
+    finally:
+        os.close(pidfd)
+        os.close(tap.fd)
+    if not child_status:  # we were interrupted: take the command down with us
+        child.kill(signal.SIGTERM)
+        status = child.wait()
+    return status

@@ -1,0 +1,192 @@
+"""The stack: one virtual network (one guest link) and every engine serving it.
+
+Theory of operation
+-------------------
+:meth:`Stack.receive_frame` is the single entry point for frames from the
+guest. It strips the virtio-net header (noting whether the guest's kernel
+left the L4 checksum to us to trust: NEEDS_CSUM or DATA_VALID), parses
+Ethernet, learns the guest's MAC, answers ARP itself, and demultiplexes IPv4:
+
+* fragments go to the :class:`~pyslirp.stack.frag.Reassembler` first;
+* UDP to port 67 goes to the DHCP server, UDP to the DNS address's port 53
+  to the DNS forwarder, any other UDP to the UDP NAT;
+* TCP goes to the TCP engine (which also carries DNS over TCP, through the
+  address policy below); ICMP to the ICMP engine.
+
+Malformed frames raise :class:`MalformedPacket` inside the wire views; they
+are caught here, counted by kind (``drop.malformed.<layer>``) and dropped, so
+one bad frame never disturbs another flow.
+
+The address policy (:meth:`Stack.host_targets`) is the NAT's one decision,
+shared by every engine: what host address a guest destination maps to.
+The gateway address is the host's loopback (unless ``disable_host_loopback``),
+the DNS address on port 53 is the upstream resolvers, other addresses inside
+the virtual network are unreachable, and everything else is itself.
+
+ARP (RFC 826): we answer requests for the gateway and DNS addresses only, as
+libslirp does (the guest reaches everything else through the gateway). We learn the
+guest's MAC from every frame it sends; before sending to a guest whose MAC is
+unknown, :meth:`Stack.resolve_guest` broadcasts a request.
+"""
+
+from __future__ import annotations
+
+from pyslirp.stack.config import NetConfig
+from pyslirp.stack.dhcp import DhcpServer
+from pyslirp.stack.dns import DnsForwarder
+from pyslirp.stack.frag import Reassembler
+from pyslirp.stack.host import HostPort
+from pyslirp.stack.icmp import IcmpEngine
+from pyslirp.stack.link import FrameSink, Link
+from pyslirp.stack.tcp import TcpEngine
+from pyslirp.stack.timers import Timers
+from pyslirp.stack.udp import UdpEngine
+from pyslirp.wire import arp, ethernet, vnet
+from pyslirp.wire.errors import MalformedPacket
+from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Packet
+from pyslirp.wire.udp import UdpDatagram
+
+_CSUM_TRUSTED = vnet.F_NEEDS_CSUM | vnet.F_DATA_VALID
+_LOOPBACK = "127.0.0.1"
+_DHCP_SERVER_PORT = 67
+_DNS_PORT = 53
+
+
+class Stack:
+    """All protocol engines for one guest link. Sans-I/O: see pyslirp.stack."""
+
+    def __init__(self, config: NetConfig, sink: FrameSink, host: HostPort) -> None:
+        self.config = config
+        self.link = Link(config, sink)
+        self.timers = Timers()
+        self.host = host
+        self._gateway = config.gateway
+        self._dns = config.dns
+        self._network_int = int(config.network.network_address)
+        self._netmask_int = int(config.network.netmask)
+        self._broadcast = config.broadcast
+        #: The guest's IPv4 address as last seen in its frames.
+        self.guest_ip: bytes | None = None
+        self.dns = DnsForwarder(config, self.link, host, self.timers)
+        self.dhcp = DhcpServer(config, self.link)
+        self.tcp = TcpEngine(config, self.link, host, self.timers, self.host_targets)
+        self.udp = UdpEngine(config, self.link, host, self.timers, self.host_targets)
+        self.icmp = IcmpEngine(config, self.link, host, self.timers, self.host_targets)
+        self.frag = Reassembler(self.link)
+        self._vnet = config.vnet_hdr
+
+    # ---- address policy -------------------------------------------------------
+    def in_network(self, addr: bytes) -> bool:
+        return int.from_bytes(addr, "big") & self._netmask_int == self._network_int
+
+    def host_targets(self, dst_ip: bytes, dst_port: int) -> list[tuple[str, int]] | None:
+        """Where a guest's connection to ``dst_ip:dst_port`` goes on the host (None: nowhere)."""
+        if dst_ip == self._gateway:
+            if self.config.disable_host_loopback:
+                return None
+            return [(_LOOPBACK, dst_port)]
+        if dst_ip == self._dns:
+            if self.config.disable_dns or dst_port != _DNS_PORT:
+                return None
+            return list(self.dns.upstreams) or None
+        if self.in_network(dst_ip) or dst_ip[0] == 127 or dst_ip[0] >= 224 or dst_ip[0] == 0:
+            return None
+        return [(".".join(map(str, dst_ip)), dst_port)]
+
+    # ---- frames from the guest --------------------------------------------------
+    def receive_frame(self, frame: memoryview, now: float) -> None:
+        """Handle one frame from the guest (with its vnet header if the link has one)."""
+        try:
+            if self._vnet:
+                if len(frame) < vnet.HEADER_LEN:
+                    raise MalformedPacket("vnet: short frame")
+                trusted = bool(frame[0] & _CSUM_TRUSTED)
+                frame = frame[vnet.HEADER_LEN:]
+            else:
+                trusted = False
+            eth = ethernet.EthernetFrame(frame)
+            src_mac = eth.src
+            if src_mac != self.link.guest_mac and not src_mac[0] & 1:
+                self.link.guest_mac = src_mac
+            ethertype = eth.ethertype
+            if ethertype == ethernet.ETHERTYPE_IPV4:
+                self._receive_ipv4(Ipv4Packet(eth.payload), now, trusted, src_mac)
+            elif ethertype == ethernet.ETHERTYPE_ARP:
+                self._receive_arp(arp.ArpPacket(eth.payload))
+            else:
+                self.link.count("drop.ethertype")
+        except MalformedPacket as exc:
+            layer = str(exc).split(":", 1)[0]
+            self.link.count(f"drop.malformed.{layer}")
+
+    def _receive_ipv4(self, ip: Ipv4Packet, now: float, trusted: bool, src_mac: bytes) -> None:
+        if ip.is_fragment:
+            whole = self.frag.add(ip, now)
+            if whole is None:
+                return
+            ip = Ipv4Packet(memoryview(whole))
+            trusted = False
+        if self.in_network(ip.src):
+            self.guest_ip = ip.src
+        proto = ip.proto
+        if proto == PROTO_TCP:
+            self.tcp.handle(ip, now, trusted)
+        elif proto == PROTO_UDP:
+            self._receive_udp(ip, now, trusted, src_mac)
+        elif proto == PROTO_ICMP:
+            self.icmp.handle(ip, now, trusted)
+        else:
+            self.link.count("drop.ip_proto")
+
+    def _receive_udp(self, ip: Ipv4Packet, now: float, trusted: bool, src_mac: bytes) -> None:
+        dst = ip.dst
+        if dst == self._broadcast or dst == b"\xff\xff\xff\xff" or dst == self._gateway:
+            udp = UdpDatagram(ip.payload, ip.src, dst, verify_checksum=not trusted)
+            if udp.dst_port == _DHCP_SERVER_PORT:
+                self.dhcp.handle(src_mac, ip, udp, now)
+                return
+            if dst != self._gateway:
+                self.link.count("drop.udp.broadcast")
+                return
+        elif dst == self._dns and not self.config.disable_dns:
+            udp = UdpDatagram(ip.payload, ip.src, dst, verify_checksum=not trusted)
+            if udp.dst_port == _DNS_PORT:
+                self.dns.handle_query(ip, udp, now)
+                return
+        self.udp.handle(ip, now, trusted)
+
+    def _receive_arp(self, packet: arp.ArpPacket) -> None:
+        if packet.op == arp.OP_REQUEST:
+            target = packet.target_ip
+            if target == self._gateway or target == self._dns:
+                reply = arp.build(arp.OP_REPLY, self.link.our_mac, target,
+                                  packet.sender_mac, packet.sender_ip)
+                self.link.send_ethernet(packet.sender_mac, ethernet.ETHERTYPE_ARP, reply)
+        # Replies and requests alike taught us the guest's MAC (in receive_frame).
+
+    def resolve_guest(self, ip: bytes) -> None:
+        """Ask (by ARP broadcast) for the MAC of ``ip`` on the guest side."""
+        request = arp.build(arp.OP_REQUEST, self.link.our_mac, self._gateway, bytes(6), ip)
+        self.link.send_ethernet(ethernet.BROADCAST, ethernet.ETHERTYPE_ARP, request)
+
+    # ---- the runtime's other calls ------------------------------------------------
+    def flush(self, now: float) -> None:
+        """End of a batch of frames: send what engines held back to coalesce."""
+        self.tcp.flush(now)
+
+    def run_timers(self, now: float) -> None:
+        self.timers.run(now)
+
+    def next_deadline(self) -> float | None:
+        return self.timers.next_deadline()
+
+    def close_all(self, now: float) -> None:
+        """Shut every flow down (RST to the guest for TCP), e.g. on SIGTERM."""
+        self.tcp.close_all(now)
+        self.udp.close_all()
+        self.dns.close_all()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(self.link.counters)
+
