@@ -199,7 +199,7 @@ def boot_id() -> str:
 
 
 def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if no such process."""
+    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if no live such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -207,6 +207,8 @@ def process_start_time(pid: int) -> int | None:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = data[data.rfind(b")") + 2:].split()
+    if fields[:1] in ([b"Z"], [b"X"]):
+        return None  # a zombie is dead, whoever has yet to reap it
     try:
         return int(fields[19])
     except (IndexError, ValueError):
@@ -719,7 +721,8 @@ def cmd_check(conf: dict[str, Any], version: str, environ: dict[str, str]) -> No
         "op": "check", "network": name, "containerID": cid, "ifname": ifname,
         "netns": netns, "expected": expected}, start=False)
     if reply is None:
-        raise CniError(ERR_ENGINE_GONE, "the pyslirp engine does not answer")
+        raise CniError(ERR_ENGINE_GONE, f"the pyslirp engine serving container {cid} "
+                       f"interface {ifname} is gone (it does not answer)")
     _reply_ok(reply)
 
 
