@@ -8,7 +8,6 @@ and 10.0.2.3 (forwarded to the test's DNS server on loopback).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -229,8 +228,7 @@ def test_twenty_containers_at_once(runtime_factory: Any, netns_factory: Any, htt
     with ThreadPoolExecutor(20) as pool:
         outs = list(pool.map(lambda kv: rt.add(kv[0], kv[1].path), spaces.items()))
     assert all(o.ok for o in outs), [o.doc for o in outs if not o.ok]
-    engines = {json.load(open(os.path.join(rundir, "attachments", f)))["engine"]["pid"]
-               for f in states(rundir)}
+    engines = {state["engine"]["pid"] for _path, state in plugin.list_states(rundir)}
     assert len(engines) == 1 and len(states(rundir)) == 20  # one engine serves them all
     with ThreadPoolExecutor(20) as pool:
         got = list(pool.map(lambda ns: curl(ns, http_port), spaces.values()))
