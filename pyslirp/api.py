@@ -1,0 +1,633 @@
+"""slirp4netns's JSON API socket (``--api-socket PATH``), byte for byte.
+
+Theory of operation
+-------------------
+rootlesskit's and podman's port drivers talk to slirp4netns over a Unix
+stream socket, one request per connection: the client writes a JSON object
+(maybe followed by a newline, maybe half-closing), slirp4netns answers with
+one write and closes. This module speaks that protocol so those clients work
+unchanged:
+
+* ``{"execute":"add_hostfwd","arguments":{"proto":"tcp"|"udp","host_addr":A,
+  "host_port":P,"guest_addr":G,"guest_port":Q}}`` -> ``{"return":{"id":N}}``;
+  ``host_addr`` defaults to ``0.0.0.0``, ``guest_addr`` to the configured
+  guest address (network + 100); ids count from 1 and are never reused.
+* ``{"execute":"list_hostfwd"}`` -> ``{"entries":[{"id":..,"proto":..,
+  "host_addr":..,"host_port":..,"guest_addr":..,"guest_port":..},...]}``.
+* ``{"execute":"remove_hostfwd","arguments":{"id":N}}`` -> ``{"return":{}}``.
+* Errors are ``{"error":{"desc":"bad request: ..."}}`` with slirp4netns
+  1.2.0's texts (api.c): ``cannot parse JSON``, ``json_object() failed``,
+  ``no execute found``, ``unknown execute``, ``too large message``,
+  ``add_hostfwd: bad arguments.FIELD``, ``add_hostfwd: slirp_add_hostfwd
+  failed`` (the port is taken), ``remove_hostfwd: bad arguments.id``.
+
+slirp4netns reads a request with one ``read`` of at most 4096 bytes into a C
+string and parses it with parson; what *that* accepts is what we accept, so
+:func:`parse_json` is a small parser with parson's rules rather than Python's
+``json`` (they differ on duplicate keys, lone surrogates, ``NaN``, ``1.``,
+``0e5``, trailing garbage, a UTF-8 BOM, ...). The rules, all checked against
+the real binary (tests/test_api.py keeps the table):
+
+* a NUL byte ends the request (C string); a leading UTF-8 BOM is skipped;
+  whitespace is C ``isspace``; anything after the first value is ignored;
+* duplicate keys, keys containing ``\\u0000``, control bytes in strings,
+  unknown escapes, unpaired surrogates, non-finite numbers, numbers with a
+  leading zero (``01``, ``0e5``, ``-00``) or hex fail; invalid UTF-8 passes;
+* numbers are what ``strtod`` reads (``1.``, ``-.5``, ``1e-999`` pass) and
+  become ports and ids by C's ``(int)`` truncation; a string value is
+  compared up to its first ``\\u0000`` (``strcmp``); a field of the wrong
+  type is as if absent; nesting deeper than 2048 fails.
+
+Reading: slirp4netns blocks in that one ``read``. We read without blocking
+anyone and answer as soon as the bytes so far parse as a complete value, or
+cannot become one (a syntax error before their end), or the client
+half-closes, or 4096 bytes arrived (``too large message``), or nothing more
+came for ``timeout`` seconds (the bytes so far are the request, so a client
+that sends nothing gets ``cannot parse JSON``). Many clients are served
+at once; each gets exactly one reply, written with one ``send`` unless the
+socket buffer is full, then the connection is shut down and closed.
+
+Deliberate differences from slirp4netns (each would otherwise crash it or do
+something nobody asked for):
+
+* a missing or non-string ``proto`` gets ``add_hostfwd: bad arguments.proto``
+  (slirp4netns dereferences NULL and dies, taking the network with it);
+* ports outside 1..65535 (after truncation) are ``bad arguments.host_port`` /
+  ``guest_port``; slirp4netns passes them to ``htons`` and binds whatever
+  port the low 16 bits name (``-1`` is 65535, ``65536`` a random port);
+* the socket file is created owner-only (0600), an existing *socket* at the
+  path is replaced (slirp4netns unlinks whatever is there; we refuse to
+  remove anything else), and the file is removed on exit;
+* the request is logged at debug level, not always on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import socket
+import stat
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger("pyslirp")
+
+#: slirp4netns's read buffer: a read that fills it is "too large message".
+MAX_REQUEST = 4096
+#: parson's MAX_NESTING.
+MAX_NESTING = 2048
+#: Seconds a connection may stay silent before what it sent is taken as the request.
+DEFAULT_TIMEOUT = 10.0
+#: Connections served at once; more wait in the listen backlog.
+MAX_CLIENTS = 64
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def error_reply(desc: str) -> bytes:
+    """slirp4netns's error object for ``bad request: DESC``."""
+    return b'{"error":{"desc":"bad request: ' + desc.encode() + b'"}}'
+
+
+CANNOT_PARSE = error_reply("cannot parse JSON")
+NOT_OBJECT = error_reply("json_object() failed")
+NO_EXECUTE = error_reply("no execute found")
+UNKNOWN_EXECUTE = error_reply("unknown execute")
+TOO_LARGE = error_reply("too large message")
+ADD_FAILED = error_reply("add_hostfwd: slirp_add_hostfwd failed")
+REMOVE_FAILED = error_reply("remove_hostfwd: slirp_remove_hostfwd failed")
+REMOVE_OK = b'{"return":{}}'
+
+
+def bad_argument(execute: str, field: str) -> bytes:
+    return error_reply(f"{execute}: bad arguments.{field}")
+
+
+# ---- parson's JSON -------------------------------------------------------------------------
+
+class JsonError(ValueError):
+    """The text is not JSON as parson reads it."""
+
+
+class JsonIncomplete(JsonError):
+    """The text ended inside a value: more bytes could still make it valid."""
+
+
+_WS = frozenset(b" \t\n\v\f\r")
+# What strtod reads as a decimal number (the first byte is '-' or a digit).
+_NUMBER = re.compile(rb"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NONFINITE = re.compile(rb"-?(?:inf|nan)", re.IGNORECASE)
+_HEX_TAIL = re.compile(rb"[xX](?:[0-9a-fA-F]|\.[0-9a-fA-F])")
+_PLAIN = re.compile(rb'[^"\\\x00-\x1f]*')
+_HEX4 = re.compile(rb"[0-9a-fA-F]{4}")
+_ESCAPES = {ord('"'): b'"', ord("\\"): b"\\", ord("/"): b"/", ord("b"): b"\b",
+            ord("f"): b"\f", ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t"}
+_LITERALS: dict[int, tuple[bytes, Any]] = {
+    ord("t"): (b"true", True), ord("f"): (b"false", False), ord("n"): (b"null", None)}
+
+
+def _skip_ws(s: bytes, i: int) -> int:
+    n = len(s)
+    while i < n and s[i] in _WS:
+        i += 1
+    return i
+
+
+def _string(s: bytes, i: int) -> tuple[bytes, int]:
+    """The string whose opening quote is at ``i``: (its bytes, index after the closing quote)."""
+    n = len(s)
+    i += 1
+    out = bytearray()
+    while True:
+        m = _PLAIN.match(s, i)
+        assert m is not None  # the pattern matches the empty string
+        out += m.group()
+        i = m.end()
+        if i >= n:
+            raise JsonIncomplete("unterminated string")
+        c = s[i]
+        if c == 0x22:  # "
+            return bytes(out), i + 1
+        if c != 0x5C:  # a control byte
+            raise JsonError("control character in string")
+        if i + 1 >= n:
+            raise JsonIncomplete("unterminated escape")
+        e = s[i + 1]
+        if e != 0x75:  # not \u
+            simple = _ESCAPES.get(e)
+            if simple is None:
+                raise JsonError("unknown escape")
+            out += simple
+            i += 2
+            continue
+        cp, i = _hex4(s, i + 2)
+        if 0xD800 <= cp <= 0xDBFF:
+            pair = s[i:i + 2]
+            if len(pair) < 2 and b"\\u".startswith(pair):
+                raise JsonIncomplete("unterminated surrogate pair")
+            if pair != b"\\u":
+                raise JsonError("unpaired surrogate")
+            low, i = _hex4(s, i + 2)
+            if not 0xDC00 <= low <= 0xDFFF:
+                raise JsonError("unpaired surrogate")
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00)
+        elif 0xDC00 <= cp <= 0xDFFF:
+            raise JsonError("unpaired surrogate")
+        out += chr(cp).encode("utf-8")
+
+
+def _hex4(s: bytes, i: int) -> tuple[int, int]:
+    m = _HEX4.match(s, i)
+    if m is None:
+        if re.fullmatch(rb"[0-9a-fA-F]{0,3}", s[i:]):
+            raise JsonIncomplete("unterminated \\u escape")
+        raise JsonError("bad \\u escape")
+    return int(m.group(), 16), i + 4
+
+
+def _number(s: bytes, i: int) -> tuple[float, int]:
+    m = _NUMBER.match(s, i)
+    if m is None:
+        if _NONFINITE.match(s, i):
+            raise JsonError("non-finite number")
+        # strtod read nothing: parson takes 0 and does not advance.
+        return 0.0, i
+    text = m.group()
+    if text in (b"0", b"-0") and _HEX_TAIL.match(s, m.end()):
+        raise JsonError("hexadecimal number")
+    # parson's is_decimal: no leading zero unless a fraction follows.
+    if len(text) > 1 and text[0] == 0x30 and text[1] != 0x2E:
+        raise JsonError("leading zero")
+    if len(text) > 2 and text.startswith(b"-0") and text[2] != 0x2E:
+        raise JsonError("leading zero")
+    value = float(text)
+    if math.isinf(value):
+        raise JsonError("non-finite number")
+    return value, m.end()
+
+
+def _key(s: bytes, i: int) -> tuple[bytes, int]:
+    """An object key at ``i`` (after whitespace), then the ':'; returns index after the ':'."""
+    i = _skip_ws(s, i)
+    if i >= len(s):
+        raise JsonIncomplete("object key expected")
+    if s[i] != 0x22:
+        raise JsonError("object key expected")
+    key, i = _string(s, i)
+    if 0 in key:
+        raise JsonError("NUL in key")
+    i = _skip_ws(s, i)
+    if i >= len(s):
+        raise JsonIncomplete("':' expected")
+    if s[i] != 0x3A:
+        raise JsonError("':' expected")
+    return key, i + 1
+
+
+def parse_json(text: bytes) -> Any:
+    """Parse the first JSON value of ``text`` the way parson does (see the module docstring).
+
+    Objects become dicts with ``bytes`` keys, strings ``bytes``, numbers ``float``.
+    Raises :class:`JsonIncomplete` if ``text`` ends inside the value and
+    :class:`JsonError` if it cannot be JSON. Iterative, so nesting costs no recursion.
+    """
+    s = text[3:] if text.startswith(_BOM) else text
+    n = len(s)
+    # Open containers: (container, key of the member being parsed, for objects).
+    stack: list[tuple[dict[bytes, Any] | list[Any], bytes]] = []
+    i = 0
+    while True:
+        # ---- one value at i
+        if len(stack) > MAX_NESTING:
+            raise JsonError("nesting too deep")
+        i = _skip_ws(s, i)
+        if i >= n:
+            raise JsonIncomplete("value expected")
+        c = s[i]
+        value: Any
+        if c == 0x7B or c == 0x5B:  # { [
+            i = _skip_ws(s, i + 1)
+            if i >= n:
+                raise JsonIncomplete("unterminated container")
+            if s[i] == (0x7D if c == 0x7B else 0x5D):
+                value = {} if c == 0x7B else []
+                i += 1
+            elif c == 0x7B:
+                key, i = _key(s, i)
+                stack.append(({}, key))
+                continue
+            else:
+                stack.append(([], b""))
+                continue
+        elif c == 0x22:
+            value, i = _string(s, i)
+        elif c == 0x2D or 0x30 <= c <= 0x39:
+            value, i = _number(s, i)
+        elif c in _LITERALS:
+            word, value = _LITERALS[c]
+            if not s.startswith(word, i):
+                if word.startswith(s[i:]):
+                    raise JsonIncomplete("unterminated literal")
+                raise JsonError("bad literal")
+            i += len(word)
+        else:
+            raise JsonError("value expected")
+        # ---- attach it to its container; close every container that ends here
+        while True:
+            if not stack:
+                return value
+            container, key = stack[-1]
+            if isinstance(container, dict):
+                container[key] = value
+            else:
+                container.append(value)
+            i = _skip_ws(s, i)
+            if i >= n:
+                raise JsonIncomplete("',' or end of container expected")
+            if s[i] == 0x2C:  # ,
+                if isinstance(container, dict):
+                    key, i = _key(s, i + 1)
+                    if key in container:
+                        # parson fails once the value is parsed too; nothing can save it.
+                        raise JsonError("duplicate key")
+                    stack[-1] = (container, key)
+                else:
+                    i += 1
+                break
+            if s[i] != (0x7D if isinstance(container, dict) else 0x5D):
+                raise JsonError("',' or end of container expected")
+            i += 1
+            stack.pop()
+            value = container
+
+
+# ---- the requests ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class HostFwd:
+    """One forwarding rule as ``list_hostfwd`` shows it."""
+
+    id: int
+    proto: str
+    host_addr: str
+    host_port: int
+    guest_addr: str
+    guest_port: int
+
+    def to_json(self) -> bytes:
+        return (b'{"id":%d,"proto":"%s","host_addr":"%s","host_port":%d,'
+                b'"guest_addr":"%s","guest_port":%d}'
+                % (self.id, self.proto.encode(), self.host_addr.encode(), self.host_port,
+                   self.guest_addr.encode(), self.guest_port))
+
+
+class Forwarder(Protocol):
+    """What the API asks of the runtime (pyslirp.runtime.hostfwd.HostForwarder)."""
+
+    def add(self, proto: str, host_addr: str, host_port: int, guest_addr: str,
+            guest_port: int) -> None:
+        """Start forwarding; raise OSError (e.g. EADDRINUSE) if the host port can't be had."""
+
+    def remove(self, proto: str, host_addr: str, host_port: int) -> None:
+        """Stop listening on the host port (flows already forwarded go on)."""
+
+
+def _cstr(value: Any) -> bytes | None:
+    """A string value as C code sees it (up to the first NUL); None for other types."""
+    if not isinstance(value, bytes):
+        return None
+    return value.split(b"\0", 1)[0]
+
+
+def _c_int(value: Any) -> int:
+    """``(int)json_object_dotget_number(...)``: 0 for a non-number, truncated toward zero."""
+    if not isinstance(value, float) or math.isnan(value):
+        return 0
+    if not -(2**31) <= value < 2**31:
+        return -(2**31)  # what x86 gives for an out-of-range conversion (undefined in C)
+    return int(value)
+
+
+def _dotget(obj: dict[bytes, Any], *path: bytes) -> Any:
+    for name in path[:-1]:
+        obj = obj.get(name)  # type: ignore[assignment]
+        if not isinstance(obj, dict):
+            return None
+    return obj.get(path[-1])
+
+
+_INET_PTON4 = re.compile(rb"(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}")
+
+
+def inet_pton4(text: bytes) -> str | None:
+    """glibc's ``inet_pton(AF_INET, ...)``: strict dotted quad; the address text or None."""
+    if not _INET_PTON4.fullmatch(text) or any(int(p) > 255 for p in text.split(b".")):
+        return None
+    return text.decode()
+
+
+class ApiHandler:
+    """slirp4netns's request handling, sans I/O: request bytes in, reply bytes out."""
+
+    def __init__(self, forwarder: Forwarder, default_guest_addr: str) -> None:
+        self.forwarder = forwarder
+        self.default_guest_addr = default_guest_addr
+        self.forwards: list[HostFwd] = []
+        self.next_id = 1
+
+    def reply_for(self, data: bytes, final: bool) -> bytes | None:
+        """The reply to what a client sent so far, or None if more bytes may complete it.
+
+        ``final`` means nothing more will come (half-close, timeout).
+        """
+        if len(data) >= MAX_REQUEST:
+            return TOO_LARGE
+        text, nul, _ = data.partition(b"\0")
+        try:
+            request = parse_json(text)
+        except JsonIncomplete:
+            if final or nul:
+                return CANNOT_PARSE
+            return None
+        except JsonError:
+            return CANNOT_PARSE
+        return self.execute(request)
+
+    def execute(self, request: Any) -> bytes:
+        if not isinstance(request, dict):
+            return NOT_OBJECT
+        execute = _cstr(request.get(b"execute"))
+        if execute is None:
+            return NO_EXECUTE
+        if execute == b"add_hostfwd":
+            return self._add(request)
+        if execute == b"list_hostfwd":
+            return b'{"entries":[' + b",".join(f.to_json() for f in self.forwards) + b"]}"
+        if execute == b"remove_hostfwd":
+            return self._remove(request)
+        return UNKNOWN_EXECUTE
+
+    def _add(self, request: dict[bytes, Any]) -> bytes:
+        proto = _cstr(_dotget(request, b"arguments", b"proto"))
+        if proto not in (b"tcp", b"udp"):
+            return bad_argument("add_hostfwd", "proto")
+        host_text = _cstr(_dotget(request, b"arguments", b"host_addr")) or b"0.0.0.0"
+        host_addr = inet_pton4(host_text)
+        if host_addr is None:
+            return bad_argument("add_hostfwd", "host_addr")
+        host_port = _c_int(_dotget(request, b"arguments", b"host_port"))
+        if not 0 < host_port < 65536:
+            return bad_argument("add_hostfwd", "host_port")
+        guest_text = _cstr(_dotget(request, b"arguments", b"guest_addr"))
+        if guest_text:
+            guest_addr = inet_pton4(guest_text)
+            if guest_addr is None:
+                return bad_argument("add_hostfwd", "guest_addr")
+        else:
+            guest_addr = self.default_guest_addr
+        guest_port = _c_int(_dotget(request, b"arguments", b"guest_port"))
+        if not 0 < guest_port < 65536:
+            return bad_argument("add_hostfwd", "guest_port")
+        try:
+            self.forwarder.add(proto.decode(), host_addr, host_port, guest_addr, guest_port)
+        except OSError as exc:
+            log.warning("api: cannot forward %s %s:%d: %s", proto.decode(), host_addr,
+                        host_port, exc.strerror or exc)
+            return ADD_FAILED
+        fwd = HostFwd(self.next_id, proto.decode(), host_addr, host_port, guest_addr,
+                      guest_port)
+        self.next_id += 1
+        self.forwards.append(fwd)
+        log.info("api: forwarding %s %s:%d to %s:%d (id %d)", fwd.proto, host_addr, host_port,
+                 guest_addr, guest_port, fwd.id)
+        return b'{"return":{"id":%d}}' % fwd.id
+
+    def _remove(self, request: dict[bytes, Any]) -> bytes:
+        wanted = _c_int(_dotget(request, b"arguments", b"id"))
+        for fwd in self.forwards:
+            if fwd.id == wanted:
+                break
+        else:
+            return bad_argument("remove_hostfwd", "id")
+        try:
+            self.forwarder.remove(fwd.proto, fwd.host_addr, fwd.host_port)
+        except OSError as exc:
+            log.warning("api: cannot remove forward %d: %s", fwd.id, exc)
+            return REMOVE_FAILED
+        self.forwards.remove(fwd)
+        log.info("api: removed forward %d (%s %s:%d)", fwd.id, fwd.proto, fwd.host_addr,
+                 fwd.host_port)
+        return REMOVE_OK
+
+
+# ---- the socket ------------------------------------------------------------------------
+
+class ApiError(OSError):
+    """The API socket cannot be created; the message says why."""
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600; an old socket there is replaced."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ApiError(exc.errno, f"api socket {path}: {exc.strerror}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ApiError(17, f"api socket {path}: exists and is not a socket")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # umask is process-wide, but nothing else creates files while we start up.
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except (OSError, ValueError) as exc:
+        sock.close()
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ApiError(getattr(exc, "errno", None) or 22, f"api socket {path}: {why}") from None
+    finally:
+        os.umask(old)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class _Client:
+    __slots__ = ("sock", "fd", "buf", "timer", "out")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buf = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.out = b""
+
+
+class ApiServer:
+    """Serves an :class:`ApiHandler` on a Unix socket with the loop's readiness callbacks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str, handler: ApiHandler, *,
+                 timeout: float = DEFAULT_TIMEOUT, max_clients: int = MAX_CLIENTS) -> None:
+        self.loop = loop
+        self.path = path
+        self.handler = handler
+        self.timeout = timeout
+        self.max_clients = max_clients
+        self.clients: dict[int, _Client] = {}
+        self._sock: socket.socket | None = bind_unix(path)
+        self._ino = os.stat(path).st_ino
+        self._accepting = False
+        self._start_accepting()
+
+    def _start_accepting(self) -> None:
+        if not self._accepting and self._sock is not None:
+            self._accepting = True
+            self.loop.add_reader(self._sock.fileno(), self._on_accept)
+
+    def _stop_accepting(self) -> None:
+        if self._accepting and self._sock is not None:
+            self._accepting = False
+            self.loop.remove_reader(self._sock.fileno())
+
+    def _on_accept(self) -> None:
+        assert self._sock is not None
+        while len(self.clients) < self.max_clients:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: try again on the next event
+                log.warning("api: accept failed: %s", exc.strerror)
+                return
+            conn.setblocking(False)
+            client = _Client(conn)
+            self.clients[client.fd] = client
+            client.timer = self.loop.call_later(self.timeout, self._on_timeout, client)
+            self.loop.add_reader(client.fd, self._on_readable, client)
+        self._stop_accepting()  # full: the rest wait in the listen backlog
+
+    def _on_readable(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(MAX_REQUEST - len(client.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(client)
+            return
+        client.buf += data
+        reply = self.handler.reply_for(client.buf, final=not data)
+        if reply is not None:
+            self._reply(client, reply)
+
+    def _on_timeout(self, client: _Client) -> None:
+        client.timer = None
+        if client.fd in self.clients and not client.out:
+            self._reply(client, self.handler.reply_for(client.buf, final=True) or CANNOT_PARSE)
+
+    def _reply(self, client: _Client, reply: bytes) -> None:
+        log.debug("api: request %r -> %r", client.buf, reply)
+        self.loop.remove_reader(client.fd)
+        if client.timer is not None:
+            client.timer.cancel()
+            client.timer = None
+        client.out = reply
+        self._send(client)
+
+    def _send(self, client: _Client) -> None:
+        try:
+            sent = client.sock.send(client.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(client)
+            return
+        client.out = client.out[sent:]
+        if client.out:
+            # A reply larger than the socket buffer (a very long list): finish it later,
+            # but never wait on a client that does not read for longer than the timeout.
+            self.loop.add_writer(client.fd, self._on_writable, client)
+            client.timer = self.loop.call_later(self.timeout, self._close, client)
+            return
+        with contextlib.suppress(OSError):
+            client.sock.shutdown(socket.SHUT_RDWR)
+        self._close(client)
+
+    def _on_writable(self, client: _Client) -> None:
+        self.loop.remove_writer(client.fd)
+        if client.timer is not None:
+            client.timer.cancel()
+            client.timer = None
+        self._send(client)
+
+    def _close(self, client: _Client) -> None:
+        if self.clients.pop(client.fd, None) is None:
+            return
+        if client.timer is not None:
+            client.timer.cancel()
+            client.timer = None
+        self.loop.remove_reader(client.fd)
+        self.loop.remove_writer(client.fd)
+        client.sock.close()
+        self._start_accepting()
+
+    def close(self) -> None:
+        """Stop serving, drop every client, remove the socket file (if it is still ours)."""
+        for client in list(self.clients.values()):
+            self._close(client)
+        self._stop_accepting()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            try:
+                if os.lstat(self.path).st_ino == self._ino:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+
