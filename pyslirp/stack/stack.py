@@ -72,7 +72,7 @@ class Stack:
         self.tcp = TcpEngine(config, self.link, host, self.timers, self.host_targets)
         self.udp = UdpEngine(config, self.link, host, self.timers, self.host_targets)
         self.icmp = IcmpEngine(config, self.link, host, self.timers, self.host_targets)
-        self.frag = Reassembler(self.link)
+        self.frag = Reassembler(self.link, self.timers)
         self._vnet = config.vnet_hdr
 
     # ---- address policy -------------------------------------------------------
@@ -184,7 +184,9 @@ class Stack:
         """Shut every flow down (RST to the guest for TCP), e.g. on SIGTERM."""
         self.tcp.close_all(now)
         self.udp.close_all()
+        self.icmp.close_all()
         self.dns.close_all()
+        self.frag.clear()
 
     @property
     def counters(self) -> dict[str, int]:
