@@ -631,8 +631,8 @@ def test_tables_match_real_slirp4netns(tmp_path: Path) -> None:
                     s.shutdown(socket.SHUT_WR)
                     return read_all(s)
 
-            for request, reply in PARSE_CASES:
-                assert ask(request) == reply, request
+            for raw, expected in PARSE_CASES:
+                assert ask(raw) == expected, raw
             ports = session_ports(18080)
             for request, reply in SESSION:
                 assert ask(substitute(request, ports)) == substitute(reply, ports), request
