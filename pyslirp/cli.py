@@ -30,7 +30,7 @@ Deliberate differences from slirp4netns:
 * CIDR, MTU and MAC are checked while parsing, not after: the MTU must also
   satisfy :class:`~pyslirp.stack.config.NetConfig` (68..65521, the IPv4
   minimum), which slirp4netns leaves to the kernel's ``SIOCSIFMTU``.
-* Options slirp4netns has but pyslirp does not implement yet (``--api-socket``,
+* Options slirp4netns has but pyslirp does not implement yet (
   ``--enable-ipv6``, ``--enable-sandbox``, ``--enable-seccomp``,
   ``--outbound-addr[6]``, ``--target-type``) are unknown options, so nobody
   silently gets less isolation or a different network than asked for.
@@ -88,6 +88,7 @@ User-mode networking for unprivileged network namespaces.
 -e, --exit-fd=FD         specify the FD for terminating {PROG}
 -r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default={DEFAULT_MTU}, max={SLIRP_MAX_MTU})
+-a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default={DEFAULT_CIDR})
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
 --netns-type=TYPE        specify network namespace type ([path|pid], default={DEFAULT_NETNS_TYPE})
@@ -145,6 +146,8 @@ class Options:
     #: ``-r``/``-e``: None when not given (slirp4netns's -1).
     ready_fd: int | None = None
     exit_fd: int | None = None
+    #: ``-a``/``--api-socket``: where to serve slirp4netns's JSON API (None: nowhere).
+    api_socket: str | None = None
     #: ``--dns-upstream`` in order given, as (address text, port); empty means resolv.conf.
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
     pcap: str | None = None
@@ -203,6 +206,7 @@ _SERVE_OPTS = (
     _Opt("exit-fd", "e", True),
     _Opt("ready-fd", "r", True),
     *_COMMON_OPTS,
+    _Opt("api-socket", "a", True),
     _Opt("netns-type", None, True),
     _Opt("userns-path", None, True),
     _Opt("version", "v", False),
@@ -441,6 +445,11 @@ def parse_args(argv: list[str]) -> Options:
             if _path_error(path) is not None:
                 raise UsageError(f"userns path doesn't exist: {path}")
             opts.userns_path = path
+        elif name == "api-socket":
+            # slirp4netns takes any string (an empty one fails at bind time); we say so now.
+            if not value:
+                raise UsageError("--api-socket needs a path")
+            opts.api_socket = value
         elif name == "version":
             raise InfoRequested(version_text())
         else:

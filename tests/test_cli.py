@@ -299,13 +299,28 @@ def test_error_messages(argv: list[str], message: str) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["--api-socket=/tmp/api.sock"], ["-a", "/tmp/api.sock"], ["--enable-sandbox"],
-    ["--enable-seccomp"], ["--outbound-addr=127.0.0.1"], ["--outbound-addr6=::1"],
+    ["--enable-sandbox"], ["--enable-seccomp"], ["--outbound-addr=127.0.0.1"],
+    ["--outbound-addr6=::1"],
     ["--enable-ipv6"], ["-6"], ["--target-type=netns"], ["--no-host-loopback"],
 ])
 def test_unimplemented_slirp4netns_options_are_unknown(argv: list[str]) -> None:
     message = usage_error(*argv, NOPID)
     assert message.startswith(("unrecognized option '--", "invalid option -- '"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--api-socket=/tmp/api.sock"], ["--api-socket", "/tmp/api.sock"], ["-a", "/tmp/api.sock"],
+    ["-a/tmp/api.sock"], ["--api=/tmp/api.sock"], ["-ca", "/tmp/api.sock"],
+])
+def test_api_socket(argv: list[str]) -> None:
+    assert parse(*argv, NOPID).api_socket == "/tmp/api.sock"
+    assert parse(NOPID).api_socket is None
+
+
+def test_api_socket_needs_a_path() -> None:
+    assert usage_error("--api-socket=", NOPID) == "--api-socket needs a path"
+    assert usage_error(NOPID, "-a") == "option requires an argument -- 'a'"
+    assert usage_error("run", "--api-socket=/x", "true").startswith("unrecognized option")
 
 
 def test_options_act_in_order() -> None:
@@ -392,9 +407,9 @@ def test_help_lists_options() -> None:
     for option in ("--configure", "--exit-fd", "--ready-fd", "--mtu", "--cidr",
                    "--disable-host-loopback", "--netns-type", "--userns-path", "--disable-dns",
                    "--macaddress", "--help", "--version", "--dns-upstream", "--pcap",
-                   "--log-level", "--no-offload", "pyslirp run"):
+                   "--log-level", "--no-offload", "pyslirp run", "-a, --api-socket=PATH"):
         assert option in text
-    for absent in ("--api-socket", "--enable-ipv6", "--enable-sandbox", "--enable-seccomp",
+    for absent in ("--enable-ipv6", "--enable-sandbox", "--enable-seccomp",
                    "--outbound-addr", "--target-type"):
         assert absent not in text
 
