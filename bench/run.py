@@ -1,0 +1,1070 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of pyslirp, slirp4netns and pasta (issue 5).
+
+Theory of operation
+-------------------
+For every stack, MTU and round the runner creates a fresh network namespace
+(``unshare --user --map-root-user --net sleep infinity``: the same shape a rootless
+container has), starts the stack against that namespace's PID the way rootless
+tools do, waits until it says it is ready and a TCP connection through it to the
+host's loopback succeeds, runs the workloads, then stops the stack and the
+namespace.  Rounds interleave the stacks (A B C, then B C A, ...) so slow drifts
+of the machine hit all of them alike; the report shows medians over rounds.
+
+Servers run in the host namespace on 127.0.0.1 (iperf3 and bench/netload.py
+serve); clients run in the namespace under ``nsenter --net`` and reach the host
+as 10.0.2.2 (all three stacks map that address to the host's loopback: pasta is
+told ``-g 10.0.2.2`` and maps its gateway to the host by default).  DNS goes to
+10.0.2.3, forwarded by each stack to a test DNS server on 127.0.0.1:53:
+pyslirp gets ``--dns-upstream``, pasta ``-D 127.0.0.1 --dns-forward 10.0.2.3``,
+and slirp4netns, which reads /etc/resolv.conf, runs in a private mount namespace
+in which a resolv.conf naming 127.0.0.1 is bind-mounted over /etc/resolv.conf.
+No packet leaves the machine: every address used is loopback or inside the
+namespaces the runner created (and always removes, also on Ctrl-C).
+
+Workloads (MTU in brackets; the non-bulk ones run at the largest MTU only):
+  TCP bulk upload/download, 1 and 4 flows (iperf3)                  [each MTU]
+  stack CPU seconds per GB moved, from /proc/PID/stat around each bulk run
+  TCP 1-byte round trip p50/p99, new connections per second         [max MTU]
+  DNS queries per second, UDP throughput and loss (iperf3 -u)       [max MTU]
+  1,000 idle TCP connections: stack VmRSS before and after          [max MTU]
+CPU time and memory are summed over the stack process and its descendants.
+
+Output: a table on stdout with ratios to slirp4netns and the goals of issue 5
+(met / not met), and results.json, results.md and chart.png in --out.
+
+Usage: see bench/README.md.  Needs root, iperf3, util-linux (unshare, nsenter),
+iproute2, and for the chart matplotlib in the interpreter running this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+NETLOAD = HERE / "netload.py"
+
+STACKS = ("pyslirp", "slirp4netns", "pasta")
+BASELINE = "slirp4netns"
+GUEST_IP = "10.0.2.100"
+HOST_IP = "10.0.2.2"     # the host's loopback as the namespace sees it
+DNS_IP = "10.0.2.3"
+# pasta (2023-03 build) hands out its gateway as the DNS address when the resolver
+# it is given is on loopback, and maps that to the host; "--dns-forward 10.0.2.3"
+# to a loopback resolver goes unanswered in this build.
+DNS_TARGET = {"pasta": HOST_IP}
+TAP = "tap0"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class StackUnavailable(Exception):
+    """The stack is not installed: skip it for the whole run."""
+
+
+class StackFailed(Exception):
+    """The stack did not start, or does not forward traffic."""
+
+
+class WorkloadFailed(Exception):
+    """One measurement failed; the run goes on."""
+
+
+# ---------------------------------------------------------------- metrics
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    better: str  # "higher" or "lower"
+    chart: bool = True
+
+
+def _bulk_metrics(mtus: list[int]) -> list[Metric]:
+    out = []
+    for mtu in mtus:
+        for direction, word in (("up", "upload"), ("down", "download")):
+            for flows in (1, 4):
+                out.append(Metric(f"tcp_{direction}_p{flows}_mtu{mtu}",
+                                  f"TCP {word}, {flows} flow{'s' if flows > 1 else ''}, MTU {mtu}",
+                                  "Gbit/s", "higher"))
+    return out
+
+
+def _cpu_metrics(mtus: list[int]) -> list[Metric]:
+    return [Metric(f"cpu_{d}_p1_mtu{mtu}", f"stack CPU per GB, {w} 1 flow, MTU {mtu}",
+                   "CPU s/GB", "lower")
+            for mtu in mtus for d, w in (("up", "upload"), ("down", "download"))]
+
+
+MISC_METRICS = [
+    Metric("rtt_p50_us", "TCP 1-byte round trip p50", "us", "lower"),
+    Metric("rtt_p99_us", "TCP 1-byte round trip p99", "us", "lower"),
+    Metric("conn_per_s", "new TCP connections", "conn/s", "higher"),
+    Metric("dns_qps", "DNS queries through the stack", "queries/s", "higher"),
+    Metric("udp_up_mbps", "UDP upload received", "Mbit/s", "higher"),
+    Metric("udp_up_loss_pct", "UDP upload loss", "%", "lower", chart=False),
+    Metric("udp_down_mbps", "UDP download received", "Mbit/s", "higher"),
+    Metric("udp_down_loss_pct", "UDP download loss", "%", "lower", chart=False),
+    Metric("idle_rss_before_mb", "stack RSS before 1,000 idle conns", "MB", "lower",
+           chart=False),
+    Metric("idle_rss_after_mb", "stack RSS with 1,000 idle conns", "MB", "lower", chart=False),
+    Metric("idle_rss_delta_mb", "extra RSS for 1,000 idle conns", "MB", "lower"),
+]
+
+
+# ---------------------------------------------------------------- goals of issue 5
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    metric: str
+    kind: str        # "ratio_ge", "ratio_le" (vs slirp4netns), "vs_pasta_ge", "abs_le"
+    bound: float
+
+
+def goals_for(mtus: list[int], misc_mtu: int) -> list[Goal]:
+    g: list[Goal] = []
+    targets = {("up", 65520): 2.5, ("up", 1500): 8.0, ("down", 65520): 2.0, ("down", 1500): 4.0}
+    for (direction, mtu), bound in targets.items():
+        if mtu not in mtus:
+            continue
+        word = "Upload" if direction == "up" else "Download"
+        for flows in (1, 4):
+            g.append(Goal(f"{word} {flows} flow{'s' if flows > 1 else ''}, MTU {mtu}: "
+                          f">= {bound:g}x slirp4netns",
+                          f"tcp_{direction}_p{flows}_mtu{mtu}", "ratio_ge", bound))
+    if 65520 in mtus:
+        for flows in (1, 4):
+            g.append(Goal(f"Download {flows} flow{'s' if flows > 1 else ''}, MTU 65520: "
+                          "not below pasta",
+                          f"tcp_down_p{flows}_mtu65520", "vs_pasta_ge", 1.0))
+    g += [
+        Goal(f"Round trip p50 (MTU {misc_mtu}): no slower than slirp4netns",
+             "rtt_p50_us", "ratio_le", 1.0),
+        Goal("New connections per second: no fewer than slirp4netns",
+             "conn_per_s", "ratio_ge", 1.0),
+        Goal("DNS queries per second: no fewer than slirp4netns", "dns_qps", "ratio_ge", 1.0),
+        Goal("1,000 idle connections: at most 20 MB extra RSS",
+             "idle_rss_delta_mb", "abs_le", 20.0),
+    ]
+    return g
+
+
+def evaluate_goal(goal: Goal, med: dict[str, dict[str, float]], stack: str
+                  ) -> tuple[str, str]:
+    """Return (verdict, detail) for one stack; verdict is met / NOT met / n/a."""
+    value = med.get(stack, {}).get(goal.metric)
+    if value is None:
+        return "n/a", "not measured"
+    if goal.kind == "abs_le":
+        ok = value <= goal.bound
+        return ("met" if ok else "NOT met"), f"{value:.1f}"
+    other = BASELINE if goal.kind != "vs_pasta_ge" else "pasta"
+    ref = med.get(other, {}).get(goal.metric)
+    if not ref:
+        return "n/a", f"no {other} figure"
+    ratio = value / ref
+    ok = ratio <= goal.bound if goal.kind == "ratio_le" else ratio >= goal.bound
+    return ("met" if ok else "NOT met"), f"{ratio:.2f}x {other}"
+
+
+# ---------------------------------------------------------------- processes
+
+_live: list[subprocess.Popen[Any]] = []
+
+
+def _spawn(cmd: list[str], **kw: Any) -> subprocess.Popen[Any]:
+    p: subprocess.Popen[Any] = subprocess.Popen(cmd, **kw)
+    _live.append(p)
+    return p
+
+
+def _stop(p: subprocess.Popen[Any] | None, grace: float = 3.0) -> None:
+    if p is None:
+        return
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            p.terminate()
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
+    if p in _live:
+        _live.remove(p)
+
+
+def _stop_all() -> None:
+    for p in reversed(list(_live)):
+        _stop(p, grace=1.0)
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of pid and its descendants, in seconds."""
+    ticks = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])   # utime, stime (fields 14, 15)
+    return ticks / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of pid and its descendants, in MB (10^6 bytes)."""
+    kb = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        kb += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return kb * 1024 / 1e6
+
+
+# ---------------------------------------------------------------- namespace + stacks
+
+class Namespace:
+    """A user + network namespace kept alive by a sleeper process."""
+
+    def __init__(self) -> None:
+        self.proc = _spawn(["unshare", "--user", "--map-root-user", "--net", "--",
+                            "sleep", "infinity"], stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        mine = os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                comm = Path(f"/proc/{self.pid}/comm").read_text().strip()
+                if comm == "sleep" and os.readlink(f"/proc/{self.pid}/ns/net") != mine:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        self.close()
+        raise RuntimeError("could not create a network namespace with unshare")
+
+    def cmd(self, argv: list[str]) -> list[str]:
+        return ["nsenter", "-t", str(self.pid), "-n", "--", *argv]
+
+    def close(self) -> None:
+        _stop(self.proc, grace=1.0)
+
+
+@dataclass
+class Stack:
+    name: str
+    proc: subprocess.Popen[Any]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self, n: int = 6) -> str:
+        try:
+            lines = [ln for ln in self.log.read_text(errors="replace").splitlines()
+                     if ln.strip() and "Failed to send" not in ln]
+        except OSError:
+            return ""
+        return " | ".join(lines[-n:])
+
+
+def _find(name: str) -> str | None:
+    # The runner's own venv first: pyslirp lives there, not necessarily on PATH.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which(name, path=path)
+
+
+def _wait_ready_fd(proc: subprocess.Popen[Any], rfd: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StackFailed(f"no ready signal within {timeout:.0f} s")
+        r, _, _ = select.select([rfd], [], [], min(left, 0.1))
+        if r:
+            if os.read(rfd, 16):
+                return
+            raise StackFailed(f"ready-fd closed without a signal (exit {proc.poll()})")
+        if proc.poll() is not None:
+            raise StackFailed(f"exited with status {proc.returncode} before ready")
+
+
+def start_stack(name: str, ns: Namespace, mtu: int, cfg: RunConfig) -> Stack:
+    exe = _find(name)
+    if exe is None:
+        raise StackUnavailable(f"{name} is not installed (not on PATH)")
+    log = cfg.workdir / f"{name}-{ns.pid}.log"
+    logf = open(log, "wb")  # noqa: SIM115 - closed right below; the child keeps its copy
+    try:
+        if name == "pasta":
+            # Foreground (-f) so our child is pasta itself (its CPU and RSS are measured).
+            # As root pasta must be told --runas 0 or it drops to nobody and fails.
+            argv = [exe, "--runas", "0", "-f", "--config-net", "-4", "--mtu", str(mtu),
+                    "-I", TAP, "-a", GUEST_IP, "-n", "24", "-g", HOST_IP,
+                    "-D", cfg.dns_addr,
+                    "-t", "none", "-u", "none", "-T", "none", "-U", "none", str(ns.pid)]
+            proc = _spawn(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+            deadline = time.monotonic() + 10
+            while True:
+                out = subprocess.run(ns.cmd(["ip", "-4", "-o", "addr", "show", "dev", TAP]),
+                                     capture_output=True, text=True).stdout
+                if GUEST_IP in out:
+                    break
+                if proc.poll() is not None:
+                    raise StackFailed(f"pasta exited with status {proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise StackFailed("pasta did not configure tap0 within 10 s")
+                time.sleep(0.02)
+        else:
+            rfd, wfd = os.pipe()
+            try:
+                base = ["-c", "--mtu", str(mtu), "--ready-fd", str(wfd)]
+                if name == "slirp4netns":
+                    # slirp4netns forwards DNS to the nameservers of /etc/resolv.conf: give
+                    # it, in a private mount namespace, one that names the test server.
+                    script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+                    argv = ["unshare", "--mount", "--", "sh", "-c", script,
+                            str(cfg.resolv_conf), exe, *base, str(ns.pid), TAP]
+                else:
+                    argv = [exe, *base, "--dns-upstream", f"{cfg.dns_addr}:53",
+                            str(ns.pid), TAP]
+                proc = _spawn(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                              pass_fds=(wfd,))
+                os.close(wfd)
+                wfd = -1
+                try:
+                    _wait_ready_fd(proc, rfd, 15.0)
+                except StackFailed as exc:
+                    stack = Stack(name, proc, log)
+                    _stop(proc)
+                    raise StackFailed(f"{exc}; log: {stack.tail()}") from None
+            finally:
+                os.close(rfd)
+                if wfd >= 0:
+                    os.close(wfd)
+    finally:
+        logf.close()
+    stack = Stack(name, proc, log)
+    # Ready is not enough: check that a TCP connection to the host's loopback works.
+    res = _run_json(ns.cmd([cfg.python, str(NETLOAD), "probe", "--host", HOST_IP,
+                            "--port", str(cfg.accept_port), "--deadline", "5"]),
+                    timeout=15, check=False)
+    if not res.get("ok"):
+        tail = stack.tail()
+        _stop(proc)
+        raise StackFailed(f"started, but no TCP connection to {HOST_IP} went through "
+                          f"({res.get('error', res)}); log: {tail}")
+    return stack
+
+
+# ---------------------------------------------------------------- workloads
+
+@dataclass
+class RunConfig:
+    quick: bool
+    rounds: int
+    duration: int
+    mtus: list[int]
+    stacks: list[str]
+    out: Path
+    python: str
+    workdir: Path
+    base_port: int
+    udp_rate: str
+    rtt_count: int
+    conn_count: int
+    dns_count: int
+    dns_window: int
+    idle_count: int
+    dns_addr: str = "127.0.0.1"
+    dns_ok: bool = True
+    resolv_conf: Path = Path("/nonexistent")
+
+    @property
+    def iperf_port(self) -> int:
+        return self.base_port
+
+    @property
+    def rtt_port(self) -> int:
+        return self.base_port + 1
+
+    @property
+    def accept_port(self) -> int:
+        return self.base_port + 2
+
+    @property
+    def hold_port(self) -> int:
+        return self.base_port + 3
+
+    @property
+    def misc_mtu(self) -> int:
+        return 65520 if 65520 in self.mtus else max(self.mtus)
+
+
+def _run_json(argv: list[str], timeout: float, check: bool = True) -> dict[str, Any]:
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise WorkloadFailed(f"timed out after {timeout:.0f} s") from None
+    lines = [ln for ln in cp.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        if check:
+            raise WorkloadFailed(f"exit {cp.returncode}: {cp.stderr.strip()[-300:]}")
+        return {"ok": False, "error": cp.stderr.strip()[-300:]}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _iperf(cfg: RunConfig, ns: Namespace, stack: Stack, *, reverse: bool, flows: int = 1,
+           udp: bool = False) -> tuple[dict[str, Any], float]:
+    """One iperf3 run; returns (the receiver's summary, stack CPU seconds used)."""
+    server = _spawn(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(cfg.iperf_port)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True)
+    try:
+        assert server.stdout is not None
+        ready_by = time.monotonic() + 5
+        while time.monotonic() < ready_by:
+            r, _, _ = select.select([server.stdout], [], [], 0.1)
+            if r and "listening" in server.stdout.readline():
+                break
+            if server.poll() is not None:
+                raise WorkloadFailed("iperf3 server did not start")
+        argv = ["iperf3", "-c", HOST_IP, "-p", str(cfg.iperf_port), "-t", str(cfg.duration),
+                "-J", "--connect-timeout", "3000"]
+        if flows > 1:
+            argv += ["-P", str(flows)]
+        if reverse:
+            argv += ["-R"]
+        if udp:
+            argv += ["-u", "-b", cfg.udp_rate, "-l", "1400"]
+        cpu0 = cpu_seconds(stack.pid)
+        try:
+            cp = subprocess.run(ns.cmd(argv), capture_output=True, text=True,
+                                timeout=cfg.duration + 25, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise WorkloadFailed("iperf3 client timed out") from None
+        cpu = cpu_seconds(stack.pid) - cpu0
+        try:
+            data = json.loads(cp.stdout)
+        except json.JSONDecodeError:
+            raise WorkloadFailed(f"iperf3: {cp.stderr.strip()[-200:]}") from None
+        if "error" in data:
+            raise WorkloadFailed(f"iperf3: {data['error']}")
+        summary: dict[str, Any] = data["end"]["sum_received"]
+        if udp:
+            summary = dict(summary)
+            summary["lost_percent"] = data["end"]["sum_received"].get(
+                "lost_percent", data["end"]["sum"].get("lost_percent", 0.0))
+        return summary, cpu
+    finally:
+        _stop(server, grace=1.0)
+
+
+@dataclass
+class Step:
+    label: str
+    fn: Callable[[RunConfig, Namespace, Stack], dict[str, float]]
+
+
+def _bulk_step(mtu: int, direction: str, flows: int) -> Step:
+    def run(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+        summary, cpu = _iperf(cfg, ns, stack, reverse=direction == "down", flows=flows)
+        out = {f"tcp_{direction}_p{flows}_mtu{mtu}": summary["bits_per_second"] / 1e9}
+        gb = summary["bytes"] / 1e9
+        if flows == 1 and gb > 0:
+            out[f"cpu_{direction}_p1_mtu{mtu}"] = cpu / gb
+        return out
+    word = "upload" if direction == "up" else "download"
+    return Step(f"iperf3 TCP {word}, {flows} flow{'s' if flows > 1 else ''}", run)
+
+
+def _udp_step(direction: str) -> Step:
+    def run(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+        summary, _ = _iperf(cfg, ns, stack, reverse=direction == "down", udp=True)
+        return {f"udp_{direction}_mbps": summary["bits_per_second"] / 1e6,
+                f"udp_{direction}_loss_pct": float(summary["lost_percent"])}
+    return Step(f"iperf3 UDP {'upload' if direction == 'up' else 'download'}", run)
+
+
+def _rtt(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+    res = _run_json(ns.cmd([cfg.python, str(NETLOAD), "rtt", "--host", HOST_IP,
+                            "--port", str(cfg.rtt_port), "--count", str(cfg.rtt_count)]),
+                    timeout=120)
+    return {"rtt_p50_us": res["p50_us"], "rtt_p99_us": res["p99_us"]}
+
+
+def _connections(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+    res = _run_json(ns.cmd([cfg.python, str(NETLOAD), "connect", "--host", HOST_IP,
+                            "--port", str(cfg.accept_port), "--count", str(cfg.conn_count)]),
+                    timeout=180)
+    if res["errors"] > max(10, cfg.conn_count // 100):
+        raise WorkloadFailed(f"{res['errors']} failed connects (of {cfg.conn_count})")
+    return {"conn_per_s": res["conn_per_s"]}
+
+
+def _dns(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+    if not cfg.dns_ok:
+        raise WorkloadFailed("no test DNS server (port 53 on loopback was not free)")
+    server = DNS_TARGET.get(stack.name, DNS_IP)
+    res = _run_json(ns.cmd([cfg.python, str(NETLOAD), "dns", "--server", server,
+                            "--count", str(cfg.dns_count), "--window", str(cfg.dns_window)]),
+                    timeout=180)
+    if res["answered"] == 0:
+        raise WorkloadFailed(f"no DNS answer through {server} ({res['lost']} lost)")
+    if res["lost"] > cfg.dns_count // 100:
+        raise WorkloadFailed(f"{res['lost']} of {cfg.dns_count} DNS queries lost")
+    return {"dns_qps": res["qps"]}
+
+
+def _idle(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+    before = rss_mb(stack.pid)
+    client = _spawn(ns.cmd([cfg.python, str(NETLOAD), "hold", "--host", HOST_IP,
+                            "--port", str(cfg.hold_port), "--count", str(cfg.idle_count)]),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True)
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        r, _, _ = select.select([client.stdout], [], [], 120)
+        line = client.stdout.readline() if r else ""
+        if not line:
+            raise WorkloadFailed("idle-connection client gave no answer")
+        res = json.loads(line)
+        if res["connected"] < cfg.idle_count:
+            raise WorkloadFailed(f"only {res['connected']} of {cfg.idle_count} connections "
+                                 f"({res['error']})")
+        time.sleep(0.5)   # let the stack settle: the connections are idle now
+        after = rss_mb(stack.pid)
+        client.stdin.write("\n")
+        client.stdin.flush()
+        client.wait(30)
+        time.sleep(1.0)   # let the stack tear the connections down before what follows
+    finally:
+        _stop(client)
+    return {"idle_rss_before_mb": before, "idle_rss_after_mb": after,
+            "idle_rss_delta_mb": after - before}
+
+
+def plan(cfg: RunConfig, mtu: int) -> list[Step]:
+    steps = []
+    if mtu == cfg.misc_mtu:
+        # Idle memory first, so "before" is the stack's footprint right after start.
+        steps.append(Step(f"{cfg.idle_count} idle TCP connections (RSS)", _idle))
+    for direction in ("up", "down"):
+        for flows in (1, 4):
+            steps.append(_bulk_step(mtu, direction, flows))
+    if mtu == cfg.misc_mtu:
+        steps += [
+            Step("TCP 1-byte round trip", _rtt),
+            Step("new TCP connections", _connections),
+            Step("DNS queries", _dns),
+            _udp_step("up"),
+            _udp_step("down"),
+        ]
+    return steps
+
+
+# ---------------------------------------------------------------- progress
+
+class Progress:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.t0 = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def show(self, text: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        line = f"[{self.done + 1:3d}/{self.total}] {elapsed:5.0f}s  {text}"
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            sys.stderr.write("\r\033[K" + line[:width])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def note(self, text: str) -> None:
+        sys.stderr.write(("\r\033[K" if self.tty else "") + text + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- run
+
+@dataclass
+class Results:
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, stack: str, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.samples.setdefault(stack, {}).setdefault(k, []).append(float(v))
+
+    def note(self, stack: str, text: str) -> None:
+        notes = self.notes.setdefault(stack, [])
+        if text not in notes:
+            notes.append(text)
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {s: {k: statistics.median(v) for k, v in m.items() if v}
+                for s, m in self.samples.items()}
+
+
+def run_benchmark(cfg: RunConfig) -> Results:
+    res = Results()
+    stacks = list(cfg.stacks)
+    for name in list(stacks):
+        if _find(name) is None:
+            res.note(name, f"skipped: {name} is not installed")
+            stacks.remove(name)
+    total = sum((1 + len(plan(cfg, mtu))) * len(stacks) * cfg.rounds for mtu in cfg.mtus)
+    prog = Progress(total)
+    for name in cfg.stacks:
+        for n in res.notes.get(name, []):
+            prog.note(f"{name}: {n}")
+    dead: set[str] = set()
+    for mtu in cfg.mtus:
+        steps = plan(cfg, mtu)
+        for rnd in range(cfg.rounds):
+            order = stacks[rnd % len(stacks):] + stacks[:rnd % len(stacks)] if stacks else []
+            for name in order:
+                where = f"MTU {mtu} round {rnd + 1}/{cfg.rounds} {name}"
+                if name in dead:
+                    prog.done += 1 + len(steps)
+                    continue
+                prog.show(f"{where}: starting")
+                ns = Namespace()
+                stack = None
+                try:
+                    try:
+                        stack = start_stack(name, ns, mtu, cfg)
+                    except StackUnavailable as exc:
+                        res.note(name, f"skipped: {exc}")
+                        dead.add(name)
+                        prog.done += 1 + len(steps)
+                        continue
+                    except StackFailed as exc:
+                        msg = f"failed to start (MTU {mtu}, round {rnd + 1}): {exc}"
+                        res.note(name, msg)
+                        prog.note(f"{name}: {msg}")
+                        if name not in res.samples:
+                            dead.add(name)   # never worked in this run: stop retrying
+                            res.note(name, "skipped for the rest of the run")
+                        prog.done += 1 + len(steps)
+                        continue
+                    prog.done += 1
+                    for step in steps:
+                        prog.show(f"{where}: {step.label}")
+                        try:
+                            res.add(name, step.fn(cfg, ns, stack))
+                        except WorkloadFailed as exc:
+                            msg = f"{step.label} at MTU {mtu} failed: {exc}"
+                            res.note(name, msg)
+                            prog.note(f"{name}: {msg}")
+                        if stack.proc.poll() is not None:
+                            msg = (f"exited (status {stack.proc.returncode}) during "
+                                   f"{step.label} at MTU {mtu}; log: {stack.tail()}")
+                            res.note(name, msg)
+                            prog.note(f"{name}: {msg}")
+                            prog.done += 1
+                            break
+                        prog.done += 1
+                finally:
+                    if stack is not None:
+                        _stop(stack.proc)
+                    ns.close()
+    prog.finish()
+    return res
+
+
+# ---------------------------------------------------------------- reports
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def table_rows(cfg: RunConfig, med: dict[str, dict[str, float]], stacks: list[str]
+               ) -> tuple[list[str], list[list[str]]]:
+    others = [s for s in stacks if s != BASELINE]
+    header = ["workload", "unit", *stacks] + [f"{s}/{BASELINE}" for s in others]
+    rows = []
+    for m in all_metrics(cfg):
+        if not any(m.key in med.get(s, {}) for s in stacks):
+            continue
+        row = [m.label, m.unit]
+        row += [_fmt(med.get(s, {}).get(m.key)) for s in stacks]
+        base = med.get(BASELINE, {}).get(m.key)
+        for s in others:
+            v = med.get(s, {}).get(m.key)
+            row.append(f"{v / base:.2f}x" if v is not None and base else "-")
+        rows.append(row)
+    return header, rows
+
+
+def all_metrics(cfg: RunConfig) -> list[Metric]:
+    return _bulk_metrics(cfg.mtus) + _cpu_metrics(cfg.mtus) + MISC_METRICS
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    align = ["---", "---"] + ["---:"] * (len(header) - 2)
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def goal_rows(cfg: RunConfig, med: dict[str, dict[str, float]], stacks: list[str]
+              ) -> tuple[list[str], list[list[str]]]:
+    cands = [s for s in stacks if s != BASELINE]
+    header = ["goal of issue 5", *cands]
+    rows = []
+    for g in goals_for(cfg.mtus, cfg.misc_mtu):
+        row = [g.text]
+        for s in cands:
+            verdict, detail = evaluate_goal(g, med, s)
+            row.append(f"{verdict} ({detail})")
+        rows.append(row)
+    return header, rows
+
+
+def chart(cfg: RunConfig, med: dict[str, dict[str, float]], stacks: list[str],
+          path: Path) -> str | None:
+    """Grouped bars per workload: each stack's advantage over slirp4netns (1.0)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed in this interpreter: no chart (see bench/README.md)"
+    if BASELINE not in med:
+        return "no slirp4netns figures: no ratio chart"
+    metrics = [m for m in all_metrics(cfg) if m.chart and m.key in med[BASELINE]
+               and med[BASELINE][m.key] > 0]
+    if not metrics:
+        return "nothing to chart"
+    shown = [s for s in stacks if s in med]
+    fig, ax = plt.subplots(figsize=(max(10, 0.75 * len(metrics) + 3), 6.5))
+    width = 0.8 / len(shown)
+    colors = {"pyslirp": "#2a9d8f", "slirp4netns": "#8d99ae", "pasta": "#e9c46a"}
+    for i, s in enumerate(shown):
+        xs, ys = [], []
+        for j, m in enumerate(metrics):
+            v = med[s].get(m.key)
+            if v is None or v <= 0:
+                continue
+            ratio = v / med[BASELINE][m.key]
+            xs.append(j + (i - (len(shown) - 1) / 2) * width)
+            ys.append(ratio if m.better == "higher" else 1 / ratio)
+        ax.bar(xs, ys, width, label=s, color=colors.get(s))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels([m.label for m in metrics], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("advantage over slirp4netns (x, log scale; >1 is better)")
+    ax.set_title("pyslirp vs slirp4netns vs pasta, medians of "
+                 f"{cfg.rounds} interleaved round{'s' if cfg.rounds > 1 else ''}\n"
+                 "throughput: ratio; latency, CPU/GB, memory: inverse ratio", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    return out.strip().splitlines()[0] if out.strip() else "unknown"
+
+
+def environment() -> dict[str, str]:
+    commit = _version(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"])
+    return {
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "pyslirp": f"git {commit}",
+        "slirp4netns": _version(["slirp4netns", "--version"]),
+        "pasta": _version(["dpkg-query", "-W", "-f", "${Version}", "passt"]),
+        "iperf3": _version(["iperf3", "--version"]),
+    }
+
+
+def report(cfg: RunConfig, res: Results) -> str:
+    med = res.medians()
+    stacks = [s for s in cfg.stacks if s in med]
+    env = environment()
+    header, rows = table_rows(cfg, med, stacks)
+    gheader, grows = goal_rows(cfg, med, stacks)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    chart_note = chart(cfg, med, stacks, cfg.out / "chart.png")
+
+    settings = (f"{cfg.rounds} round{'s' if cfg.rounds > 1 else ''} (medians), "
+                f"{cfg.duration} s per iperf3 run, UDP at {cfg.udp_rate}bit/s x 1400 B, "
+                f"{cfg.rtt_count} round trips, {cfg.conn_count} connections, "
+                f"{cfg.dns_count} DNS queries (window {cfg.dns_window}), "
+                f"{cfg.idle_count} idle connections; non-bulk workloads at MTU {cfg.misc_mtu}"
+                + ("; --quick" if cfg.quick else ""))
+    env_line = ", ".join(f"{k} {v}" for k, v in env.items())
+    notes = [f"{s}: {n}" for s in cfg.stacks for n in res.notes.get(s, [])]
+    if chart_note:
+        notes.append(chart_note)
+
+    md = [f"Run {env['date']}: {settings}.", "", f"Environment: {env_line}.", "",
+          md_table(header, rows), ""]
+    if grows:
+        md += [md_table(gheader, grows), ""]
+    if notes:
+        md += ["Notes:", "", *[f"- {n}" for n in notes], ""]
+    if chart_note is None:
+        md += ["![benchmark chart](chart.png)", ""]
+    (cfg.out / "results.md").write_text("\n".join(md))
+
+    (cfg.out / "results.json").write_text(json.dumps({
+        "environment": env,
+        "settings": {k: (str(v) if isinstance(v, Path) else v)
+                     for k, v in vars(cfg).items() if k not in ("workdir", "resolv_conf")},
+        "metrics": {m.key: {"label": m.label, "unit": m.unit, "better": m.better}
+                    for m in all_metrics(cfg)},
+        "samples": res.samples,
+        "medians": med,
+        "goals": [{"goal": g.text, "metric": g.metric,
+                   **{s: dict(zip(("verdict", "detail"), evaluate_goal(g, med, s),
+                                  strict=True))
+                      for s in stacks if s != BASELINE}}
+                  for g in goals_for(cfg.mtus, cfg.misc_mtu)],
+        "notes": res.notes,
+    }, indent=2) + "\n")
+
+    txt = [f"{settings}", f"{env_line}", "", text_table(header, rows), ""]
+    if grows:
+        txt += [text_table(gheader, grows), ""]
+    if notes:
+        txt += ["Notes:", *[f"  {n}" for n in notes], ""]
+    txt.append(f"Wrote {cfg.out / 'results.json'}, {cfg.out / 'results.md'}"
+               + ("" if chart_note else f", {cfg.out / 'chart.png'}"))
+    return "\n".join(txt)
+
+
+# ---------------------------------------------------------------- main
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark pyslirp, slirp4netns and pasta side by side (issue 5).")
+    p.add_argument("--quick", action="store_true",
+                   help="short smoke run: 1 round, 1 s iperf3 runs, small counts")
+    p.add_argument("--stacks", default=",".join(STACKS),
+                   help="comma-separated, from: " + ", ".join(STACKS))
+    p.add_argument("--out", type=Path, default=HERE / "results",
+                   help="directory for results.json, results.md, chart.png")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
+    p.add_argument("--duration", type=int, help="seconds per iperf3 run (default 5; quick 1)")
+    p.add_argument("--mtus", default="1500,65520", help="comma-separated MTUs")
+    p.add_argument("--udp-rate", default="1G", help="iperf3 -b for UDP (default 1G)")
+    p.add_argument("--base-port", type=int, default=15400,
+                   help="first of 4 TCP ports used on 127.0.0.1 (default 15400)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run in the machine's own network namespace instead of a private one")
+    return p.parse_args(argv)
+
+
+ISOLATED_ENV = "PYSLIRP_BENCH_ISOLATED"
+
+
+def _run_isolated(argv: list[str]) -> int:
+    """Run this script again in a private network namespace and return its status.
+
+    Its "host" is then a namespace of our own: loopback plus a veth pair whose far
+    end leads nowhere (pasta needs an interface with a default route to copy its
+    template from).  Whatever a stack might try to send beyond loopback cannot
+    leave the machine.  The kernel paths measured are the same as in the
+    machine's own namespace.
+    """
+    env = dict(os.environ, **{ISOLATED_ENV: "1"})
+    child = subprocess.Popen(["unshare", "--net", "--", sys.executable, str(Path(__file__)),
+                              *argv], env=env)
+    # Ctrl-C reaches the child through the terminal; SIGTERM is passed on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    return child.wait()
+
+
+def _setup_isolated_host() -> str | None:
+    """Inside the private namespace: bring up lo and a dead-end default route."""
+    cmds = [["ip", "link", "set", "lo", "up"],
+            ["ip", "link", "add", "bench0", "type", "veth", "peer", "name", "bench0p"],
+            ["ip", "link", "set", "bench0p", "up"],
+            ["ip", "link", "set", "bench0", "up"],
+            ["ip", "addr", "add", "192.0.2.2/24", "dev", "bench0"],
+            ["ip", "route", "add", "default", "via", "192.0.2.1"]]
+    for i, cmd in enumerate(cmds):
+        cp = subprocess.run(cmd, capture_output=True, text=True)
+        if cp.returncode != 0:
+            if i == 0:
+                return f"cannot bring up loopback: {cp.stderr.strip()}"
+            return (f"no template interface for pasta ({' '.join(cmd)}: "
+                    f"{cp.stderr.strip()}); pasta may fail to start")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse(argv)
+    if os.geteuid() != 0:
+        print("bench/run.py: run as root (it creates namespaces and TAP devices)",
+              file=sys.stderr)
+        return 2
+    missing = [t for t in ("iperf3", "unshare", "nsenter", "ip") if shutil.which(t) is None]
+    if missing:
+        print(f"bench/run.py: missing {', '.join(missing)}; see bench/README.md (setup)",
+              file=sys.stderr)
+        return 2
+    isolated = os.environ.get(ISOLATED_ENV) == "1"
+    if not args.no_isolate and not isolated:
+        return _run_isolated(argv)
+    if isolated:
+        problem = _setup_isolated_host()
+        if problem and problem.startswith("cannot"):
+            print(f"bench/run.py: {problem}", file=sys.stderr)
+            return 1
+        if problem:
+            print(f"bench/run.py: {problem}", file=sys.stderr)
+    stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
+    unknown = [s for s in stacks if s not in STACKS]
+    if unknown:
+        print(f"bench/run.py: unknown stack(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    quick = args.quick
+    cfg = RunConfig(
+        quick=quick,
+        rounds=args.rounds or (1 if quick else 3),
+        duration=args.duration or (1 if quick else 5),
+        mtus=[int(m) for m in args.mtus.split(",")],
+        stacks=stacks,
+        out=args.out,
+        python=sys.executable,
+        workdir=Path(tempfile.mkdtemp(prefix="pyslirp-bench-")),
+        base_port=args.base_port,
+        udp_rate=args.udp_rate,
+        rtt_count=2000 if quick else 20000,
+        conn_count=300 if quick else 3000,
+        dns_count=2000 if quick else 20000,
+        dns_window=8,
+        idle_count=1000,
+    )
+    # 1,000 connections through a stack need 2,000+ descriptors in the stack and the
+    # servers; children inherit this limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 16384:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    # Ctrl-C / SIGTERM: unwind through the finally blocks that remove namespaces.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    cfg.resolv_conf = cfg.workdir / "resolv.conf"
+    cfg.resolv_conf.write_text(f"nameserver {cfg.dns_addr}\n")
+    server = None
+    try:
+        server = _spawn([sys.executable, str(NETLOAD), "serve", "--bind", "127.0.0.1",
+                         "--rtt-port", str(cfg.rtt_port), "--accept-port", str(cfg.accept_port),
+                         "--hold-port", str(cfg.hold_port), "--dns", f"{cfg.dns_addr}:53"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if not line:
+            print("bench/run.py: the loopback test servers did not start (ports "
+                  f"{cfg.rtt_port}-{cfg.hold_port} in use? try --base-port)", file=sys.stderr)
+            return 1
+        hello = json.loads(line)
+        if hello.get("dns_error"):
+            cfg.dns_ok = False
+            print(f"bench/run.py: {hello['dns_error']}: DNS workload skipped", file=sys.stderr)
+        res = run_benchmark(cfg)
+    except KeyboardInterrupt:
+        print("\nbench/run.py: interrupted; namespaces and processes removed", file=sys.stderr)
+        return 130
+    finally:
+        _stop_all()
+        if server is not None:
+            _stop(server)
+        shutil.rmtree(cfg.workdir, ignore_errors=True)
+    print(report(cfg, res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
