@@ -56,9 +56,13 @@ per second (token bucket, burst of one second's worth), so a guest cannot
 exhaust the host's file descriptors or ports; excess datagrams are dropped
 and counted (``drop.udp.*`` in ``link.counters``).
 
+Port forwarding (inbound) rides on the same flows: :meth:`UdpEngine.add_forward`
+pins a flow for the forwarded guest port on the runtime's bound host socket
+(pyslirp.runtime.hostfwd); it never expires, admits loopback peers (as the
+gateway) and sends the guest's replies back to the exact peer.
+
 Not done: UDP to broadcast or multicast addresses (dropped and counted:
-nothing on the host side would be the right receiver), inbound port
-forwarding (that belongs to the runtime's API), UDP-Lite, IPv6.
+nothing on the host side would be the right receiver), UDP-Lite, IPv6.
 """
 
 from __future__ import annotations
@@ -138,7 +142,7 @@ class UdpFlow:
     """
 
     __slots__ = ("engine", "guest_ip", "guest_port", "dns_only", "last_active",
-                 "targets", "origins", "closed", "timer_deadline", "host_handle")
+                 "targets", "origins", "closed", "timer_deadline", "host_handle", "forward")
 
     def __init__(self, engine: UdpEngine, guest_ip: bytes, guest_port: int,
                  now: float) -> None:
@@ -155,6 +159,8 @@ class UdpFlow:
         self.closed = False
         self.timer_deadline: float | None = None
         self.host_handle: object = None
+        #: A port forward's flow (:meth:`UdpEngine.add_forward`): never expires.
+        self.forward = False
 
     @property
     def key(self) -> _Origin:
@@ -340,7 +346,9 @@ class UdpEngine:
         except OSError:
             return None
         if addr[0] == 127:
-            if not self._loopback_ok:
+            # A host peer of a port forward is let in even without host loopback,
+            # as libslirp does: the guest answers it, never reaches out to it.
+            if not self._loopback_ok and not flow.forward:
                 return None
             addr = self._gateway
         origin = (addr, src_port)
@@ -348,6 +356,9 @@ class UdpEngine:
             flow.targets.clear()
             flow.origins.clear()
         flow.origins[(src_ip, src_port)] = origin
+        if flow.forward:
+            # The guest's reply goes back to exactly this peer (127.0.0.5 too).
+            flow.targets[origin] = (src_ip, src_port)
         return origin
 
     def host_error(self, flow: UdpFlow, dst: tuple[str, int], icmp_type: int, icmp_code: int,
@@ -377,9 +388,40 @@ class UdpEngine:
         link.send_ipv4(sender, flow.guest_ip, PROTO_ICMP, message)
         link.count("udp.icmp_errors")
 
+    # ---- port forwarding -----------------------------------------------------------
+    def add_forward(self, guest_ip: bytes, guest_port: int, host_handle: object,
+                    now: float) -> UdpFlow:
+        """A permanent flow for ``guest_ip:guest_port`` over the runtime's bound socket.
+
+        For a host port forwarded into the guest: the runtime passes what that
+        socket receives to :meth:`host_datagram` (a loopback peer appears as
+        the gateway, even with host loopback disabled), and whatever the guest
+        sends from ``guest_port`` leaves through ``host_handle`` (``udp_send``),
+        so replies come from the forwarded host port. An ordinary flow of the
+        same guest port is closed first. Undone by :meth:`remove_forward`.
+        """
+        key = (guest_ip, guest_port)
+        old = self.flows.get(key)
+        if old is not None:
+            if old.forward:
+                raise ValueError(f"{old!r} is already forwarded")
+            self._close(old)
+        flow = UdpFlow(self, guest_ip, guest_port, now)
+        flow.forward = True
+        flow.dns_only = False
+        flow.host_handle = host_handle
+        self.flows[key] = flow
+        self.link.count("udp.forwards_added")
+        return flow
+
+    def remove_forward(self, flow: UdpFlow) -> None:
+        """End a forward: ``host.udp_close(flow)`` releases the runtime's socket."""
+        if not flow.closed:
+            self._close(flow)
+
     # ---- lifetime ----------------------------------------------------------------
     def _check_expiry(self, flow: UdpFlow, now: float) -> None:
-        if flow.closed:
+        if flow.closed or flow.forward:
             return
         deadline = flow.last_active + flow.idle_timeout()
         if now < deadline:
