@@ -15,7 +15,8 @@ Shape (DESIGN.md, "Tests"; namespaces from :mod:`tests.nsutil`):
   (SIGTERM, then SIGKILL) and both namespaces are deleted even when the test
   fails. pyslirp's log is printed at teardown, so a failing test shows it.
 
-``PYSLIRP_E2E_SIZE`` sets the payload size (default 100 MiB) for quick local runs.
+``PYSLIRP_E2E_SIZE`` sets the payload size (default 100 MiB) for quick local runs;
+``PYSLIRP_E2E_COMMAND`` runs another command in place of ``python -m pyslirp``.
 """
 
 from __future__ import annotations
@@ -220,7 +221,11 @@ def user_guest(host: Host, tmp_path: Path) -> Iterator[Guest]:
 # ---- pyslirp ------------------------------------------------------------------------
 
 def pyslirp_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pyslirp", *args]
+    """The command line that starts pyslirp; ``PYSLIRP_E2E_COMMAND`` (split on spaces) replaces
+    ``python -m pyslirp``, e.g. to test an installed ``pyslirp`` or a wrapper around another
+    stack."""
+    custom = os.environ.get("PYSLIRP_E2E_COMMAND", "").split()
+    return [*(custom or [sys.executable, "-m", "pyslirp"]), *args]
 
 
 def _descendants(pid: int) -> set[int]:
