@@ -120,6 +120,7 @@ class Engine:
         self._dns: list[tuple[str, int]] = []
         self._search: list[str] = []
         self._watcher: Any = None
+        self._pending_close: list[int] = []
 
     # ---- DNS from resolv.conf (only for attachments without dnsUpstreams) ---------------
     def start_resolv_watcher(self) -> None:
@@ -176,6 +177,7 @@ class Engine:
                                          "msg": f"bad request to the engine: {exc}"}
             else:
                 reply = self.dispatch(request)
+                await self._close_pending()
             writer.write(json.dumps(reply).encode())
             with contextlib.suppress(OSError):
                 await writer.drain()
@@ -301,14 +303,25 @@ class Engine:
         log.warning("attachment %s lost its TAP: %s", key, message)
         served.dead = message
         self._close(served)
+        self.loop.create_task(self._close_pending())
 
     def _close(self, served: Served) -> None:
         with contextlib.suppress(Exception):
             served.attachment.close()
         if served.tap_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(served.tap_fd)
+            self._pending_close.append(served.tap_fd)
             served.tap_fd = -1
+
+    async def _close_pending(self) -> None:
+        """Close the TAP fds of deleted attachments in a worker thread.
+
+        Closing a TAP's last fd unregisters the device, which waits for RCU
+        grace periods: ~20 ms during which the loop would serve nobody. The
+        reply to DEL still waits for it, so the TAP is gone when DEL returns.
+        """
+        fds, self._pending_close = self._pending_close, []
+        if fds:
+            await self.loop.run_in_executor(None, _close_fds, fds)
 
     # ---- DEL ------------------------------------------------------------------------
     def delete(self, req: dict[str, Any]) -> None:
@@ -435,6 +448,14 @@ class Engine:
         for served in self.served.values():
             self._close(served)
         self.served.clear()
+        fds, self._pending_close = self._pending_close, []
+        _close_fds(fds)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _unlink(path: str) -> None:

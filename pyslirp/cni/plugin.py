@@ -11,8 +11,10 @@ and the network configuration as JSON on stdin, and reads one JSON document
 
 A Python interpreter that imports an event loop and the stack costs ~22 MB and
 tens of milliseconds, too much per container. So this module is deliberately
-small: it imports only ``json``, ``os``, ``_socket`` and ``sys`` (no ``typing``,
-no ``ipaddress``: each costs milliseconds at every ADD), validates the request
+small: it imports only ``os``, ``sys``, ``_socket`` and ``_json`` (no ``typing``,
+no ``ipaddress``, not even ``json``, whose ``re`` import is half of a bare
+interpreter's startup: :func:`loads`/:func:`dumps` below are a strict RFC 8259
+parser and a compact encoder built on ``_json``'s C string scanner), validates the request
 itself, and hands the work to ONE engine daemon (:mod:`pyslirp.cni.daemon`) per
 runtime directory over a Unix socket, starting it on demand. The daemon serves
 every container's TAP from one loop, writes one state file per attachment and
@@ -44,9 +46,10 @@ the plugin's own :data:`ERR_ENGINE` and following.
 from __future__ import annotations
 
 import _socket as socket  # the C module: `socket` pulls in enum, ~8 ms of startup
-import json
 import os
 import sys
+from _json import encode_basestring_ascii as _encode_str
+from _json import scanstring as _scanstring
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - typing costs ~10 ms of startup; mypy only
@@ -94,6 +97,134 @@ ENGINE_REPLY_TIMEOUT = 60.0
 
 DAEMON_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
                "from pyslirp.cni.daemon import main; sys.exit(main(sys.argv[2:]))")
+
+
+# ------------------------------------------------------------------ JSON without `json`
+
+_WS = " \t\n\r"
+_DIGITS = "0123456789"
+
+
+def loads(text: str) -> Any:
+    """Parse one JSON document (RFC 8259, strict: no NaN, no trailing data).
+
+    Errors raise ValueError. Strings go through ``_json.scanstring``, the C
+    routine ``json`` itself uses, so escapes and surrogates behave the same.
+    """
+    value, end = _value(text, _skip(text, 0), 0)
+    if _skip(text, end) != len(text):
+        raise ValueError(f"extra data at offset {end}")
+    return value
+
+
+def _skip(s: str, i: int) -> int:
+    n = len(s)
+    while i < n and s[i] in _WS:
+        i += 1
+    return i
+
+
+def _value(s: str, i: int, depth: int) -> tuple[Any, int]:
+    if depth > 200:
+        raise ValueError("JSON nested too deeply")
+    if i >= len(s):
+        raise ValueError("unexpected end of JSON")
+    c = s[i]
+    if c == '"':
+        return _scanstring(s, i + 1, True)
+    if c == "{":
+        obj: dict[str, Any] = {}
+        i = _skip(s, i + 1)
+        if s[i:i + 1] == "}":
+            return obj, i + 1
+        while True:
+            if s[i:i + 1] != '"':
+                raise ValueError(f"expected a property name at offset {i}")
+            key, i = _scanstring(s, i + 1, True)
+            i = _skip(s, i)
+            if s[i:i + 1] != ":":
+                raise ValueError(f"expected ':' at offset {i}")
+            obj[key], i = _value(s, _skip(s, i + 1), depth + 1)
+            i = _skip(s, i)
+            c = s[i:i + 1]
+            if c == "}":
+                return obj, i + 1
+            if c != ",":
+                raise ValueError(f"expected ',' or '}}' at offset {i}")
+            i = _skip(s, i + 1)
+    if c == "[":
+        arr: list[Any] = []
+        i = _skip(s, i + 1)
+        if s[i:i + 1] == "]":
+            return arr, i + 1
+        while True:
+            item, i = _value(s, i, depth + 1)
+            arr.append(item)
+            i = _skip(s, i)
+            c = s[i:i + 1]
+            if c == "]":
+                return arr, i + 1
+            if c != ",":
+                raise ValueError(f"expected ',' or ']' at offset {i}")
+            i = _skip(s, i + 1)
+    for word, val in (("true", True), ("false", False), ("null", None)):
+        if s.startswith(word, i):
+            return val, i + len(word)
+    return _number(s, i)
+
+
+def _number(s: str, i: int) -> tuple[Any, int]:
+    n = len(s)
+    j = i + (s[i] == "-")
+
+    def digits(k: int) -> int:
+        start = k
+        while k < n and s[k] in _DIGITS:
+            k += 1
+        if k == start:
+            raise ValueError(f"invalid JSON value at offset {i}")
+        return k
+
+    if j < n and s[j] == "0":
+        j += 1
+    else:
+        j = digits(j)
+    is_float = False
+    if j < n and s[j] == ".":
+        j = digits(j + 1)
+        is_float = True
+    if j < n and s[j] in "eE":
+        j += 1
+        if j < n and s[j] in "+-":
+            j += 1
+        j = digits(j)
+        is_float = True
+    text = s[i:j]
+    return (float(text) if is_float else int(text)), j
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON for dicts, lists, strings, ints, floats, booleans and None."""
+    if isinstance(value, str):
+        return str(_encode_str(value))
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("NaN and infinities are not JSON")
+        return float.__repr__(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_encode_str(str(k))}: {dumps(v)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(dumps(v) for v in value) + "]"
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
 class CniError(Exception):
@@ -152,7 +283,7 @@ def state_path(rundir: str, network: str, container_id: str, ifname: str) -> str
 def read_state(path: str) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+            state = loads(f.read())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -165,8 +296,9 @@ def write_state(path: str, state: dict[str, Any]) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, json.dumps(state, indent=1, sort_keys=True).encode())
-        os.fsync(fd)
+        # No fsync: the runtime directory is a tmpfs (/run, $XDG_RUNTIME_DIR) that does
+        # not outlive a reboot, and rename() is atomic against our own crashes.
+        os.write(fd, dumps(state).encode())
     finally:
         os.close(fd)
     os.rename(tmp, path)
@@ -460,7 +592,7 @@ def parse_cni_args(text: str) -> dict[str, str]:
 
 def shape_result(result: dict[str, Any], version: str) -> dict[str, Any]:
     """Convert a 1.1.0-shaped result to ``version``'s shape."""
-    out = json.loads(json.dumps(result))
+    out = loads(dumps(result))
     out["cniVersion"] = version
     v = _version_tuple(version)
     if v < (1, 1, 0):
@@ -480,7 +612,7 @@ def _normalize_prev(prev: Any) -> dict[str, Any]:
     """A previous plugin's result in the 1.1.0 shape (``ips[].version`` dropped)."""
     if not isinstance(prev, dict):
         raise CniError(ERR_INVALID_CONFIG, "invalid prevResult: expected an object")
-    out = json.loads(json.dumps(prev))
+    out = loads(dumps(prev))
     out.pop("cniVersion", None)
     for ip in out.get("ips", []) or []:
         if isinstance(ip, dict):
@@ -529,7 +661,7 @@ def _exchange(sock: socket.socket, request: dict[str, Any]) -> dict[str, Any] | 
     """One request, one reply; None when the engine closed without answering."""
     try:
         sock.settimeout(ENGINE_REPLY_TIMEOUT)
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        sock.sendall(dumps(request).encode() + b"\n")
         chunks = []
         while True:
             data = sock.recv(65536)
@@ -546,7 +678,7 @@ def _exchange(sock: socket.socket, request: dict[str, Any]) -> dict[str, Any] | 
     if not chunks:
         return None
     try:
-        reply = json.loads(b"".join(chunks))
+        reply = loads(b"".join(chunks).decode())
     except ValueError:
         raise CniError(ERR_ENGINE, "the pyslirp engine sent an undecodable reply") from None
     return reply if isinstance(reply, dict) else None
@@ -796,7 +928,7 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | No
         if command == "VERSION":
             return 0, version_info()
         try:
-            conf = json.loads(stdin) if stdin.strip() else None
+            conf = loads(stdin.decode()) if stdin.strip() else None
         except ValueError as exc:
             raise CniError(ERR_DECODE, f"cannot decode the network configuration: {exc}") \
                 from None
@@ -826,7 +958,7 @@ def main(stdin: Any = None, stdout: TextIO | None = None) -> int:
     status, doc = run(dict(os.environ), data)
     out = stdout or sys.stdout
     if doc is not None:
-        out.write(json.dumps(doc) + "\n")
+        out.write(dumps(doc) + "\n")
         out.flush()
     if status and doc is not None:
         sys.stderr.write(f"slirp: {doc.get('msg')}\n")

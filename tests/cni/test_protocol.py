@@ -269,11 +269,61 @@ def test_dns_passthrough_adds_our_server(rundir: str) -> None:
 
 
 def test_plugin_imports_only_the_small_modules() -> None:
-    """The executable's startup cost: no typing, asyncio, ipaddress, socket wrapper."""
+    """The executable's startup cost: no typing, asyncio, ipaddress, socket wrapper, json."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); before = set(sys.modules); "
             "import pyslirp.cni.plugin; "
             "print(' '.join(sorted(set(sys.modules) - before)))")
     out = subprocess.run([sys.executable, "-IS", "-c", code, REPO], capture_output=True,
                          text=True, check=True).stdout.split()
-    for heavy in ("typing", "asyncio", "ipaddress", "socket", "uvloop", "pyroute2"):
+    for heavy in ("typing", "asyncio", "ipaddress", "socket", "json", "re", "uvloop"):
         assert heavy not in out
+
+
+# ---- the plugin's own JSON reader and writer
+
+JSON_SAMPLES = [
+    '{}', '[]', '""', '0', '-0', '1.5e3', '-12', '3.25', '1E-2', 'true', 'false', 'null',
+    '{"a": [1, 2, {"b": null}], "c": "x\\u00e9\\n\\"q\\"", "d": -0.5}',
+    ' \n\t{ "k" : [ ] , "l" : { } } \r\n',
+    '"\\ud83d\\ude00 snow \u2603"',
+]
+
+
+@pytest.mark.parametrize("text", JSON_SAMPLES)
+def test_loads_agrees_with_json(text: str) -> None:
+    assert plugin.loads(text) == json.loads(text)
+    assert json.loads(plugin.dumps(plugin.loads(text))) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ['', '{', '{"a"}', '{"a":1,}', '[1,]', '01', '1.', '-',
+                                  'tru', '{"a":1} x', "{'a':1}", '"\x01"', '[1 2]',
+                                  '.5', '1e', '"unterminated'])
+def test_loads_rejects_what_json_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        plugin.loads(text)
+
+
+def test_loads_is_strict_about_nan() -> None:
+    with pytest.raises(ValueError):
+        plugin.loads('{"mtu": NaN}')  # json.loads accepts it; RFC 8259 does not
+
+
+def test_dumps_round_trips_arbitrary_documents() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers() | st.text() | \
+        st.floats(allow_nan=False, allow_infinity=False)
+    docs = st.recursive(leaves, lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+                        max_leaves=30)
+
+    @given(docs)
+    def check(doc: Any) -> None:
+        text = plugin.dumps(doc)
+        assert json.loads(text) == doc
+        assert plugin.loads(text) == doc
+        assert plugin.loads(json.dumps(doc)) == doc
+
+    check()
