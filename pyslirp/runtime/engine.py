@@ -426,6 +426,7 @@ class Attachment:
             except OSError:
                 return False  # net.ipv4.ping_group_range does not include us
             sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
             flow.host_handle = sock
             self.loop.add_reader(sock.fileno(), self._icmp_readable, flow, sock)
         # The kernel rewrites the identifier to the socket's own and back on replies.
@@ -441,12 +442,34 @@ class Attachment:
         for _ in range(_UDP_READ_BATCH):
             try:
                 data = sock.recv(_UDP_MAX)
-            except (BlockingIOError, OSError):
+            except BlockingIOError:
                 break
+            except OSError:
+                self._icmp_read_errors(flow, sock, now)
+                continue
             if len(data) >= 8 and data[0] == 0:
                 seq = int.from_bytes(data[6:8], "big")
                 self.stack.icmp.host_echo_reply(flow, seq, data[8:], now)
         self._schedule_flush()
+
+    def _icmp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
+        """An echo of ours met an ICMP error (e.g. host unreachable): tell the guest."""
+        while True:
+            try:
+                data, ancdata, _flags, _addr = sock.recvmsg(
+                    512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except OSError:
+                return
+            for level, kind, payload in ancdata:
+                if level != socket.IPPROTO_IP or kind != _IP_RECVERR:
+                    continue
+                if len(payload) < _SOCK_EE.size or len(data) < 8:
+                    continue
+                _ee_errno, origin, icmp_type, icmp_code, _pad, _info, _d = \
+                    _SOCK_EE.unpack_from(payload)
+                if origin == _SO_EE_ORIGIN_ICMP:
+                    seq = int.from_bytes(data[6:8], "big")
+                    self.stack.icmp.host_echo_error(flow, seq, icmp_type, icmp_code, now)
 
     def icmp_close(self, flow: Any) -> None:
         sock: socket.socket | None = getattr(flow, "host_handle", None)
