@@ -80,14 +80,16 @@ class Server:
 
     def __init__(self, tap_fd: int, config: NetConfig, *, tap_name: str = "tap0",
                  pcap_path: str | None = None,
-                 dns_upstreams: list[tuple[str, int]] | None = None) -> None:
+                 dns_upstreams: list[tuple[str, int]] | None = None,
+                 attachment_class: type[Attachment] = Attachment) -> None:
         self.loop = _new_loop()
         self.config = config
         self.exit_status = 0
         self._stopped = self.loop.create_future()
         pcap = PcapWriter(pcap_path, strip_vnet=config.vnet_hdr) if pcap_path else None
-        self.attachment = Attachment(self.loop, tap_fd, config, pcap=pcap, name=tap_name,
-                                     on_fatal=lambda _msg: self.stop(1))
+        # attachment_class: the link's kind (a TAP, or a QEMU socket: runtime/qemu.py).
+        self.attachment = attachment_class(self.loop, tap_fd, config, pcap=pcap, name=tap_name,
+                                           on_fatal=lambda _msg: self.stop(1))
         self._watcher: ResolvConfWatcher | None = None
         if dns_upstreams:
             self.set_dns(dns_upstreams, config.search_domains)
