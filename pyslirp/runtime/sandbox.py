@@ -1,0 +1,256 @@
+"""``--enable-sandbox``: a minimal root, no capabilities but one, no new privileges.
+
+Theory of operation
+-------------------
+This does what slirp4netns 1.2's ``sandbox.c`` does, with ctypes, once the
+TAP and the API socket are open and before the first frame is served:
+
+1. ``unshare(CLONE_NEWNS)`` and make every mount private, so nothing below
+   propagates back to the host's mount namespace.
+2. Mount a tiny tmpfs on ``/tmp`` (of the new namespace only), create
+   ``etc``, ``run`` and ``old`` in it and bind ``/etc`` and ``/run`` there
+   recursively, then remount those binds read-only, ``nosuid``, ``nodev``,
+   ``noexec``. ``/etc`` is what the resolv.conf watcher reads (and
+   ``/etc/resolv.conf`` may be a symlink into ``/run``).
+3. ``pivot_root`` into the tmpfs, detach the old root (``umount2(MNT_DETACH)``)
+   and remove its mount point, then remount the new root read-only.
+4. ``PR_SET_NO_NEW_PRIVS``; clear the ambient set; drop every capability
+   from the bounding set except ``CAP_NET_BIND_SERVICE`` (forwarded ports
+   below 1024 still bind); ``capset`` effective, permitted and inheritable
+   to ``CAP_NET_BIND_SERVICE`` alone.
+
+As slirp4netns does, a caller that is not root on the host first joins the
+target's user namespace (where it is root with every capability) so step 1
+is permitted; the capabilities dropped in step 4 are then those.
+
+Python-specific: once the old root is gone, the interpreter cannot import
+anything any more (the venv and the standard library are not in the new
+root). :func:`preload` imports every module pyslirp may import lazily while
+serving (its own runtime, stack, wire and API modules, and the standard
+library modules they pull in on first use) and must run before
+:func:`create_sandbox`; ``serve_namespace`` calls both through
+:func:`apply`.
+
+What it deliberately does not do: no seccomp here (``seccomp.py``), no
+cgroups or rlimits, no new user or PID namespace (slirp4netns has none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import importlib
+import logging
+import os
+import pkgutil
+import platform
+
+from pyslirp.runtime import netns
+
+log = logging.getLogger("pyslirp")
+
+# <linux/capability.h>
+CAP_NET_BIND_SERVICE = 10
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# <linux/prctl.h>
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_NO_NEW_PRIVS = 38
+# <sys/mount.h>
+MNT_DETACH = 2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+#: The directories bound (read-only) into the new root, as slirp4netns does.
+KEPT_DIRS = ("etc", "run")
+#: Where the tmpfs goes in the new mount namespace; slirp4netns uses /tmp too.
+_STAGE = "/tmp"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.umount2.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+_libc.capset.restype = ctypes.c_int
+
+
+class SandboxError(OSError):
+    """A sandbox step failed; the message names the step (as slirp4netns's do)."""
+
+
+def _fail(what: str) -> None:
+    err = ctypes.get_errno()
+    raise SandboxError(err, f"sandbox: {what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None, what: str) -> None:
+    try:
+        netns.mount(source, target, fstype, flags, data)
+    except OSError as exc:
+        raise SandboxError(exc.errno, f"sandbox: {what}: {os.strerror(exc.errno or 0)}") \
+            from None
+
+
+def _bind_read_only(source: str, target: str) -> None:
+    flags = netns.MS_NOSUID | netns.MS_NODEV | netns.MS_NOEXEC
+    _mount(source, target, None, netns.MS_BIND | netns.MS_REC | flags, None,
+           f"cannot bind mount {source} to {target}")
+    _mount(None, target, None, netns.MS_SLAVE | netns.MS_REC, None,
+           f"cannot make mount propagation slave {target}")
+    _mount(source, target, None, netns.MS_REMOUNT | netns.MS_BIND | netns.MS_RDONLY | flags,
+           None, f"cannot remount ro {target}")
+
+
+def enter_user_namespace(userns_path: str) -> None:
+    """Join the user namespace at ``userns_path`` and become its root (non-root callers).
+
+    The kernel allows this only in a single-threaded process; pyslirp has
+    no threads at this point (the TAP was opened by a forked helper).
+    """
+    fd = os.open(userns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        netns.setns(fd, netns.CLONE_NEWUSER)
+    except OSError as exc:
+        raise SandboxError(exc.errno, f"sandbox: cannot join the user namespace {userns_path}: "
+                                      f"{os.strerror(exc.errno or 0)}") from None
+    finally:
+        os.close(fd)
+    try:
+        os.setegid(0)
+        os.seteuid(0)
+    except OSError as exc:
+        raise SandboxError(exc.errno, f"sandbox: cannot become root in {userns_path}: "
+                                      f"{exc.strerror}") from None
+
+
+def _pivot_root(new_root: str, put_old: str) -> None:
+    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise SandboxError(errno.ENOSYS, f"sandbox: pivot_root unknown on {platform.machine()}")
+    if _libc.syscall(nr, os.fsencode(new_root), os.fsencode(put_old)) != 0:
+        _fail(f"cannot pivot_root to {_STAGE}")
+
+
+def create_mount_sandbox() -> None:
+    """Steps 1-3: a new mount namespace whose root holds only read-only /etc and /run."""
+    try:
+        netns.unshare(netns.CLONE_NEWNS)
+    except OSError as exc:
+        raise SandboxError(exc.errno, "sandbox: cannot unshare new mount namespace: "
+                                      f"{os.strerror(exc.errno or 0)}") from None
+    _mount(None, "/", None, netns.MS_REC | netns.MS_PRIVATE, None, "cannot remount / private")
+    _mount("tmpfs", _STAGE, "tmpfs", netns.MS_NOSUID | netns.MS_NODEV | netns.MS_NOEXEC,
+           "size=4k,mode=755", f"cannot mount tmpfs on {_STAGE}")
+    for name in (*KEPT_DIRS, "old"):
+        os.mkdir(os.path.join(_STAGE, name), 0o755)
+    for name in KEPT_DIRS:
+        _bind_read_only(f"/{name}", os.path.join(_STAGE, name))
+    os.chdir(_STAGE)
+    _pivot_root(".", "old")
+    os.chdir("/")
+    if _libc.umount2(b"/old", MNT_DETACH) != 0:
+        _fail("cannot umount /old")
+    os.rmdir("/old")
+    # slirp4netns ignores a failure here too: the root is a throwaway tmpfs either way.
+    with contextlib.suppress(SandboxError):
+        _mount("tmpfs", "/", "tmpfs", netns.MS_REMOUNT | netns.MS_RDONLY, None,
+               "cannot remount / read-only")
+
+
+def drop_privileges() -> None:
+    """Step 4: no new privileges, and CAP_NET_BIND_SERVICE as the only capability left."""
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_NO_NEW_PRIVS)")
+    if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        _fail("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    cap = 0
+    while True:
+        if cap != CAP_NET_BIND_SERVICE and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            if ctypes.get_errno() == errno.EINVAL:
+                break  # past the last capability this kernel knows
+            _fail(f"prctl(PR_CAPBSET_DROP, {cap})")
+        cap += 1
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    bit = 1 << CAP_NET_BIND_SERVICE
+    data[0].effective = data[0].permitted = data[0].inheritable = bit
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        _fail("capset")
+
+
+#: Standard-library modules pyslirp's serving code may import on first use.
+_STDLIB_LAZY = (
+    "encodings.idna", "encodings.ascii", "encodings.latin_1", "json", "json.decoder",
+    "json.encoder", "fcntl", "termios", "select", "selectors", "signal", "errno", "traceback",
+    "linecache", "tokenize", "ipaddress", "struct", "hashlib", "random", "asyncio",
+    "concurrent.futures", "concurrent.futures.thread", "logging.handlers", "uvloop",
+)
+#: pyslirp subpackages whose modules are all imported; front ends with their own process
+#: (the CNI plugin) are left out.
+_OUR_PACKAGES = ("pyslirp.wire", "pyslirp.stack", "pyslirp.runtime")
+_OUR_MODULES = ("pyslirp.api", "pyslirp.cli")
+
+
+def preload() -> list[str]:
+    """Import everything serving may need later; returns the names that failed (logged)."""
+    failed: list[str] = []
+    names: list[str] = list(_STDLIB_LAZY) + list(_OUR_MODULES)
+    for package in _OUR_PACKAGES:
+        mod = importlib.import_module(package)
+        names += [f"{package}.{info.name}" for info in pkgutil.iter_modules(mod.__path__)]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            failed.append(name)
+            log.debug("sandbox: cannot preload %s: %s", name, exc)
+    return failed
+
+
+def create_sandbox(userns_path: str | None = None) -> None:
+    """Everything ``--enable-sandbox`` does, in slirp4netns's order (irreversible).
+
+    ``userns_path`` is the target's user namespace, joined first when we are
+    not root (slirp4netns does the same); root ignores it.
+    """
+    preload()
+    if os.geteuid() != 0 and userns_path is not None:
+        enter_user_namespace(userns_path)
+    create_mount_sandbox()
+    drop_privileges()
+
+
+def capabilities(pid: int | str = "self") -> dict[str, int]:
+    """The ``Cap*`` masks of ``/proc/PID/status`` (CapInh, CapPrm, CapEff, CapBnd, CapAmb)."""
+    caps: dict[str, int] = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Cap"):
+                key, _, value = line.partition(":")
+                caps[key] = int(value.strip(), 16)
+    return caps
+
+
+def no_new_privs(pid: int | str = "self") -> bool:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("NoNewPrivs:"):
+                return line.split()[1] == "1"
+    return False  # pragma: no cover - every kernel since 4.10 reports it
