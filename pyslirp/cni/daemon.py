@@ -23,7 +23,7 @@ request per connection, one JSON reply, then the connection closes.
 
 Exactly one engine runs per runtime directory: it holds an exclusive
 ``flock`` on ``RUNDIR/engine.lock`` for its lifetime. It leaves when it has
-served no attachment for :data:`IDLE_EXIT` seconds after a request: it stops
+had no attachment for :data:`IDLE_EXIT` seconds (pings do not count): it stops
 listening first and unlinks the socket, so a plugin that connects in that
 window is refused (or sees the connection closed unanswered) and starts a
 fresh engine. An ``add`` is only ever processed by a listening engine, so
@@ -164,8 +164,9 @@ class Engine:
 
     async def _on_client(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
+        # The idle timer is not reset here: a stream of pings (or CHECKs) must not keep
+        # an engine with no attachments alive. It re-checks when it fires.
         self.inflight += 1
-        self._cancel_idle()
         try:
             try:
                 line = await asyncio.wait_for(reader.readline(), 30.0)
@@ -415,18 +416,20 @@ class Engine:
             self._cleanup_stale(path, state)
 
     # ---- lifetime -------------------------------------------------------------------
-    def _cancel_idle(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
-
     def _maybe_idle(self) -> None:
-        if not self.served and self.inflight == 0 and self._idle_handle is None:
+        if not self.served and self.inflight == 0:
+            self._maybe_idle_later()
+
+    def _maybe_idle_later(self) -> None:
+        if self._idle_handle is None:
             self._idle_handle = self.loop.call_later(IDLE_EXIT, self._idle_exit)
 
     def _idle_exit(self) -> None:
         self._idle_handle = None
-        if self.served or self.inflight:
+        if self.served:
+            return  # an ADD came; the DEL of the last attachment will re-arm
+        if self.inflight:
+            self._maybe_idle_later()
             return
         log.info("no attachments left: exiting")
         self.stop_listening()

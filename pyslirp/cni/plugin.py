@@ -84,7 +84,8 @@ DEFAULT_CIDR = "10.0.2.0/24"
 #: Top-level configuration keys and what they mean to us.
 KNOWN_KEYS = frozenset({
     "cniVersion", "name", "type", "mtu", "dns", "cidr", "disableHostLoopback",
-    "macAddress", "dnsUpstreams", "capabilities", "runtimeConfig", "args", "prevResult",
+    "macAddress", "dnsUpstreams", "runtimeDir", "capabilities", "runtimeConfig", "args",
+    "prevResult",
     "cni.dev/valid-attachments",
 })
 #: runtimeConfig keys that would change behaviour and that we cannot honour.
@@ -249,13 +250,21 @@ def _in_initial_userns() -> bool:
     return fields[:3] == ["0", "0", "4294967295"]
 
 
-def runtime_dir(environ: dict[str, str]) -> str:
+def runtime_dir(environ: dict[str, str], conf: dict[str, Any] | None = None) -> str:
     """Where the engine's socket and the state files live.
 
-    ``PYSLIRP_RUNDIR`` overrides (tests use it); root in the initial user
-    namespace uses ``/run/pyslirp``; anyone else (including root inside a
+    The configuration's ``runtimeDir`` wins (it reaches every verb: runtimes
+    such as podman run DEL from a cleanup process with a scrubbed
+    environment), then ``PYSLIRP_RUNDIR``; otherwise root in the initial user
+    namespace uses ``/run/pyslirp``, anyone else (including root inside a
     rootless runtime's user namespace) ``$XDG_RUNTIME_DIR/pyslirp``.
     """
+    configured = (conf or {}).get("runtimeDir")
+    if configured is not None:
+        if not isinstance(configured, str) or not configured.startswith("/"):
+            raise CniError(ERR_INVALID_CONFIG,
+                           f"invalid runtimeDir {configured!r}: expected an absolute path")
+        return configured
     override = environ.get("PYSLIRP_RUNDIR")
     if override:
         return override
@@ -788,7 +797,7 @@ def cmd_add(conf: dict[str, Any], version: str, environ: dict[str, str]) -> dict
     prev = conf.get("prevResult")
     if prev is not None:
         _normalize_prev(prev)  # validate before any work
-    rundir = runtime_dir(environ)
+    rundir = runtime_dir(environ, conf)
     reply = engine_request(rundir, environ, {
         "op": "add", "containerID": cid, "ifname": ifname, "netns": netns,
         "settings": settings})
@@ -802,7 +811,7 @@ def cmd_del(conf: dict[str, Any], environ: dict[str, str]) -> None:
     name = conf.get("name")
     if not _is_name(name):
         raise CniError(ERR_INVALID_CONFIG, f"invalid name {name!r}")
-    rundir = runtime_dir(environ)
+    rundir = runtime_dir(environ, conf)
     request = {"op": "del", "network": name, "containerID": cid, "ifname": ifname}
     state = read_state(state_path(rundir, str(name), cid, ifname))
     # Nothing recorded: no engine needs starting (DEL is idempotent), but a running
@@ -840,7 +849,7 @@ def cmd_check(conf: dict[str, Any], version: str, environ: dict[str, str]) -> No
     if "prevResult" not in conf:
         raise CniError(ERR_INVALID_CONFIG, "CHECK needs prevResult in the network configuration")
     expected = _expected_from_prev(conf["prevResult"], ifname, netns)
-    rundir = runtime_dir(environ)
+    rundir = runtime_dir(environ, conf)
     name = str(conf["name"])
     state = read_state(state_path(rundir, name, cid, ifname))
     if state is None:
@@ -875,7 +884,7 @@ def cmd_gc(conf: dict[str, Any], version: str, environ: dict[str, str]) -> None:
                 not isinstance(item.get("ifname"), str):
             raise CniError(ERR_INVALID_CONFIG, f"invalid cni.dev/valid-attachments entry {item!r}")
         valid.append([item["containerID"], item["ifname"]])
-    rundir = runtime_dir(environ)
+    rundir = runtime_dir(environ, conf)
     keep = {(c, i) for c, i in valid}
     doomed = [s for _p, s in list_states(rundir)
               if s.get("network") == name and (s.get("containerID"), s.get("ifname")) not in keep]
@@ -895,7 +904,7 @@ def cmd_status(conf: dict[str, Any], version: str, environ: dict[str, str]) -> N
         os.close(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
     except OSError as exc:
         raise CniError(ERR_NOT_AVAILABLE, f"cannot open /dev/net/tun: {exc.strerror}") from None
-    rundir = runtime_dir(environ)
+    rundir = runtime_dir(environ, conf)
     try:
         os.makedirs(attachments_dir(rundir), mode=0o700, exist_ok=True)
     except OSError as exc:

@@ -1,0 +1,111 @@
+"""A real CNI runtime: podman (Debian's 4.3, CNI backend) running busybox containers on ``slirp``.
+
+podman reads a ``containers.conf`` named by ``CONTAINERS_CONF`` with
+``network_backend = "cni"`` and our plugin and configuration directories, and
+keeps its storage under the test's own directory (``--root``/``--runroot``),
+so nothing of the machine's podman setup is used or changed. The container is
+a busybox tree (``--rootfs``): no image registry. Flags as TESTBED.md says
+(runc, cgroupfs, explicit rlimits).
+
+podman runs DEL from ``podman container cleanup``, which conmon starts with a
+scrubbed environment: the network configuration's ``runtimeDir`` is what
+makes ADD and DEL agree on the engine here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pyslirp.cni import install
+from tests.cni.conftest import DNS_ADDR, DNS_NAME, HTTP_BODY, DnsServer, engine_pid, wait_until
+
+pytestmark = pytest.mark.e2e
+
+BUSYBOX = "/bin/busybox"
+
+
+def _missing() -> str | None:
+    for tool in ("podman", "runc"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install podman runc)"
+    if not os.path.exists(BUSYBOX):
+        return "busybox-static is not installed"
+    return None
+
+
+@pytest.fixture
+def podman(dns_server: DnsServer) -> Iterator[Any]:
+    reason = _missing()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    work = tempfile.mkdtemp(prefix="pyslirp-pod-", dir="/tmp")
+    rootfs = os.path.join(work, "rootfs")
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp"):
+        os.makedirs(os.path.join(rootfs, d))
+    shutil.copy(BUSYBOX, os.path.join(rootfs, "bin", "busybox"))
+    for applet in ("sh", "wget", "nslookup", "ip", "cat", "grep"):
+        os.symlink("busybox", os.path.join(rootfs, "bin", applet))
+    bindir, netdir, rundir = (os.path.join(work, d) for d in ("bin", "net", "run"))
+    os.makedirs(netdir)
+    install.install(bindir)
+    with open(os.path.join(netdir, "slirptest.conflist"), "w") as f:
+        f.write('{"cniVersion": "1.0.0", "name": "slirptest", "plugins": [{"type": "slirp", '
+                f'"runtimeDir": "{rundir}", "dnsUpstreams": ["127.0.0.1:{dns_server.port}"], '
+                '"capabilities": {"portMappings": true}}]}')
+    conf = os.path.join(work, "containers.conf")
+    with open(conf, "w") as f:
+        f.write(f'[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["{bindir}", '
+                f'"/usr/lib/cni"]\nnetwork_config_dir = "{netdir}"\n')
+    env = {**os.environ, "CONTAINERS_CONF": conf}
+    base = ["podman", "--root", os.path.join(work, "root"), "--runroot",
+            os.path.join(work, "runroot"), "--runtime=runc", "--cgroup-manager=cgroupfs"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [*base, "run", "--rm", "--ulimit", "nofile=1024:1024", "--ulimit",
+               "nproc=1024:1024", "--network", "slirptest", *args[:-1], "--rootfs", rootfs,
+               "sh", "-c", args[-1]]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+
+    run.rundir = rundir  # type: ignore[attr-defined]
+    try:
+        yield run
+    finally:
+        subprocess.run([*base, "rm", "-af", "-t", "0"], capture_output=True, env=env,
+                       timeout=120)
+        mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True,
+                                text=True).stdout.split()
+        for m in sorted((m for m in mounts if m.startswith(work)), reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        from tests.cni.conftest import stop_engine
+        stop_engine(rundir)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_podman_container_on_slirp(podman: Any, http_port: int) -> None:
+    script = (f"wget -q -O - http://10.0.2.2:{http_port}/ && "
+              f"nslookup {DNS_NAME} 10.0.2.3 && ip -4 addr show eth0")
+    proc = podman(script)
+    assert proc.returncode == 0, proc.stderr
+    assert HTTP_BODY.decode() in proc.stdout
+    assert DNS_ADDR in proc.stdout
+    assert "10.0.2.100/24" in proc.stdout
+    # --rm: podman's cleanup ran DEL; the attachment and then the engine are gone.
+    rundir = podman.rundir
+    assert wait_until(lambda: os.listdir(os.path.join(rundir, "attachments")) == [], 30)
+    assert wait_until(lambda: engine_pid(rundir) is None, 30)
+
+
+def test_podman_publish_is_refused_clearly(podman: Any) -> None:
+    proc = podman("-p", "18080:80", "true")
+    assert proc.returncode != 0
+    assert "portMappings" in proc.stderr
+    assert os.listdir(os.path.join(podman.rundir, "attachments")) == []
