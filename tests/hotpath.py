@@ -1,0 +1,115 @@
+"""A whole Stack on a fake TAP, with one established TCP flow, for hot-path measurements.
+
+Used by the deterministic call-count guard (tests/test_hotpath_budget.py) and by
+the pytest-benchmark microbenchmarks (bench/test_hotpath.py), so both measure the
+same path: complete frames (vnet header + Ethernet + IPv4 + TCP) into
+``Stack.receive_frame`` and ``Stack.flush``, host data into ``TcpFlow.host_data``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pyslirp.stack.config import NetConfig
+from pyslirp.stack.stack import Stack
+from pyslirp.wire import ethernet, ipv4, vnet
+from pyslirp.wire import tcp as wtcp
+from tests.stack.fakes import FakeHost
+
+GUEST_MAC = bytes.fromhex("020000000064")
+GUEST_IP = bytes([10, 0, 2, 100])
+GATEWAY_IP = bytes([10, 0, 2, 2])
+GUEST_PORT = 40000
+SERVER_PORT = 5201
+MSS = 1460
+SUPER_PAYLOAD = 44 * MSS  # what the guest kernel hands us with TSO at MTU 1500
+
+
+class CountingSink:
+    """Keeps only the last frame, so a long run does not hold every frame."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.last: Sequence[Any] = ()
+
+    def __call__(self, parts: Sequence[Any]) -> None:
+        self.frames += 1
+        self.last = parts
+
+
+class SinkHost(FakeHost):
+    """A host socket that takes every byte at once and keeps none (no copy to time)."""
+
+    def tcp_write(self, flow: Any, data: Any) -> int:
+        self.calls.append(("tcp_write", flow, len(data)))
+        return len(data)
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.config = NetConfig(vnet_hdr=True, offload=True)
+        self.sink = CountingSink()
+        self.host = SinkHost()
+        self.stack = Stack(self.config, self.sink, self.host)
+        self.now = 1000.0
+        self.guest_seq = 1_000_000
+        self.payload = bytes(range(256)) * (SUPER_PAYLOAD // 256) + bytes(SUPER_PAYLOAD % 256)
+        self._handshake()
+
+    def frame(self, flags: int, seq: int, ack: int, payload: bytes = b"",
+              options: bytes = b"", window: int = 0xFFFF) -> bytes:
+        seg = wtcp.build(GUEST_IP, GATEWAY_IP, GUEST_PORT, SERVER_PORT, seq, ack, flags,
+                         window, payload, options)
+        head = bytearray(vnet.HEADER_LEN + ethernet.HEADER_LEN + 20)
+        head[:vnet.HEADER_LEN] = vnet.build(vnet.F_DATA_VALID)
+        ethernet.build_header(head, vnet.HEADER_LEN, self.config.our_mac, GUEST_MAC,
+                              ethernet.ETHERTYPE_IPV4)
+        ipv4.build_header(head, vnet.HEADER_LEN + ethernet.HEADER_LEN, GUEST_IP, GATEWAY_IP,
+                          6, len(seg))
+        return bytes(head) + bytes(seg)
+
+    def _handshake(self) -> None:
+        syn = self.frame(wtcp.SYN, self.guest_seq, 0,
+                         options=wtcp.syn_options(mss=MSS, wscale=7))
+        self.stack.receive_frame(memoryview(syn), self.now)
+        call = self.host.last("tcp_connect")
+        assert call is not None
+        self.flow = call[1]
+        self.flow.host_connected(self.now)
+        synack = self.sink.last
+        raw = b"".join(bytes(p) for p in synack)
+        seg = wtcp.TcpSegment(memoryview(raw)[vnet.HEADER_LEN + 14 + 20:])
+        self.guest_seq += 1
+        ack = self.frame(wtcp.ACK, self.guest_seq, (seg.seq + 1) & 0xFFFFFFFF)
+        self.stack.receive_frame(memoryview(ack), self.now)
+        self.stack.flush(self.now)
+
+    def upload_frame(self) -> bytes:
+        """The next in-order 64 KB TSO super-frame from the guest."""
+        data = self.frame(wtcp.ACK | wtcp.PSH, self.guest_seq, self.flow.snd_nxt, self.payload)
+        self.guest_seq = (self.guest_seq + len(self.payload)) & 0xFFFFFFFF
+        return data
+
+    def upload(self, frame: bytes) -> None:
+        self.stack.receive_frame(memoryview(frame), self.now)
+        self.stack.flush(self.now)
+        self.host.calls.clear()
+
+    def host_data(self) -> None:
+        """64 KB read from the host socket, out to the guest."""
+        self.flow.host_data(self.payload, self.now)
+        self.stack.flush(self.now)
+
+    def ack_frame(self) -> bytes:
+        """The guest's ACK for everything it was sent (slow start may hold some back)."""
+        return self.frame(wtcp.ACK, self.guest_seq, self.flow.snd_nxt)
+
+    def receive(self, frame: bytes) -> None:
+        self.stack.receive_frame(memoryview(frame), self.now)
+        self.stack.flush(self.now)
+        self.host.calls.clear()
+
+    def download(self) -> None:
+        self.host_data()
+        self.receive(self.ack_frame())

@@ -1,0 +1,84 @@
+"""Deterministic guard on the hot path: function calls per 64 KB frame.
+
+Timings are noisy on shared 2-core machines, so the regular suite does not time
+anything; it counts the calls (Python and C) the stack makes per 64 KB TSO
+super-frame, guest->host and host->guest, and fails when a change raises the
+count above the budget checked in beside this file. Speed itself lives in bench/.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.hotpath import SUPER_PAYLOAD, Rig
+
+BUDGET = json.loads((Path(__file__).parent / "hotpath_budget.json").read_text())
+
+
+def count_calls(fn: Callable[[], None]) -> int:
+    calls = 0
+
+    def profiler(_frame: object, event: str, _arg: object) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    sys.setprofile(profiler)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.fixture
+def rig() -> Rig:
+    rig = Rig()
+    # Warm up: the first frames take one-off paths (window growth, reader resume).
+    for _ in range(3):
+        rig.upload(rig.upload_frame())
+        rig.download()
+    return rig
+
+
+def test_upload_frame_stays_within_call_budget(rig: Rig) -> None:
+    frame = rig.upload_frame()
+    before = rig.sink.frames
+    calls = count_calls(lambda: rig.upload(frame))
+    assert rig.flow.state == "ESTABLISHED"
+    assert rig.sink.frames == before + 1, "one coalesced ACK per frame batch"
+    assert calls <= BUDGET["upload_64k_frame"], (
+        f"{calls} calls per 64 KB upload frame, budget {BUDGET['upload_64k_frame']}")
+
+
+def test_download_frame_stays_within_call_budget(rig: Rig) -> None:
+    written_before = rig.sink.frames
+    calls = count_calls(rig.host_data)
+    assert rig.sink.frames == written_before + 1, "64 KB goes out as one GSO super-frame"
+    parts = rig.sink.last
+    assert sum(len(p) for p in parts[1:]) == SUPER_PAYLOAD, "payload passed through whole"
+    ack = rig.ack_frame()
+    calls += count_calls(lambda: rig.receive(ack))
+    assert rig.sink.frames == written_before + 1, "a pure ACK from the guest is not answered"
+    assert calls <= BUDGET["download_64k_frame"], (
+        f"{calls} calls per 64 KB download frame, budget {BUDGET['download_64k_frame']}")
+
+
+def test_upload_payload_reaches_the_host_without_copies(rig: Rig) -> None:
+    """The host write gets a view of the frame itself, not a copy of the payload."""
+    seen: list[object] = []
+
+    def spy(flow: object, data: memoryview) -> int:
+        seen.append(data)
+        return len(data)
+
+    rig.host.tcp_write = spy  # type: ignore[method-assign]
+    rig.upload(rig.upload_frame())
+    assert len(seen) == 1
+    assert isinstance(seen[0], memoryview), type(seen[0])
+    assert len(seen[0]) == SUPER_PAYLOAD
