@@ -598,6 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     """The ``pyslirp`` console entry point; returns the process exit status."""
     if argv is None:
         argv = sys.argv[1:]
+    if argv and argv[0] == "cni":
+        # `pyslirp cni install DIR`: the CNI plugin's own small parser (pyslirp.cni).
+        from pyslirp.cni.install import main as cni_main
+        return cni_main(argv[1:])
     try:
         opts = parse_args(argv)
     except InfoRequested as info:
