@@ -471,17 +471,18 @@ def _iperf(cfg: RunConfig, ns: Namespace, stack: Stack, *, reverse: bool, flows:
            udp: bool = False) -> tuple[dict[str, Any], float]:
     """One iperf3 run; returns (the receiver's summary, stack CPU seconds used)."""
     server = _spawn(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(cfg.iperf_port)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    text=True)
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE, text=True)
     try:
-        assert server.stdout is not None
+        # iperf3 buffers its "listening" line when writing to a pipe: watch the socket.
         ready_by = time.monotonic() + 5
-        while time.monotonic() < ready_by:
-            r, _, _ = select.select([server.stdout], [], [], 0.1)
-            if r and "listening" in server.stdout.readline():
-                break
+        while not _tcp_listening(cfg.iperf_port):
             if server.poll() is not None:
-                raise WorkloadFailed("iperf3 server did not start")
+                err = server.stderr.read() if server.stderr else ""
+                raise WorkloadFailed(f"iperf3 server did not start: {err.strip()[-200:]}")
+            if time.monotonic() > ready_by:
+                raise WorkloadFailed("iperf3 server not listening after 5 s")
+            time.sleep(0.01)
         argv = ["iperf3", "-c", HOST_IP, "-p", str(cfg.iperf_port), "-t", str(cfg.duration),
                 "-J", "--connect-timeout", "3000"]
         if flows > 1:
@@ -511,6 +512,15 @@ def _iperf(cfg: RunConfig, ns: Namespace, stack: Stack, *, reverse: bool, flows:
         return summary, cpu
     finally:
         _stop(server, grace=1.0)
+
+
+def _tcp_listening(port: int) -> bool:
+    """Whether a TCP socket listens on 127.0.0.1:port in our namespace."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(cols[1] == want and cols[3] == "0A"
+                   for cols in (line.split() for line in f))
 
 
 @dataclass
@@ -827,13 +837,15 @@ def chart(cfg: RunConfig, med: dict[str, dict[str, float]], stacks: list[str],
             ratio = v / med[BASELINE][m.key]
             xs.append(j + (i - (len(shown) - 1) / 2) * width)
             ys.append(ratio if m.better == "higher" else 1 / ratio)
-        ax.bar(xs, ys, width, label=s, color=colors.get(s))
+        bars = ax.bar(xs, ys, width, label=s, color=colors.get(s))
+        if s != BASELINE:
+            ax.bar_label(bars, labels=[f"{y:.2g}" for y in ys], fontsize=6, padding=1)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([m.label for m in metrics], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("advantage over slirp4netns (x, log scale; >1 is better)")
-    ax.set_title("pyslirp vs slirp4netns vs pasta, medians of "
+    ax.set_title(" vs ".join(shown) + ", medians of "
                  f"{cfg.rounds} interleaved round{'s' if cfg.rounds > 1 else ''}\n"
                  "throughput: ratio; latency, CPU/GB, memory: inverse ratio", fontsize=10)
     ax.legend()
