@@ -42,7 +42,8 @@ class Outcome:
 def exec_plugin(cni_path: str, plugin_type: str, command: str, conf: dict[str, Any] | bytes,
                 *, container_id: str | None = None, netns: str | None = None,
                 ifname: str | None = None, args: str = "", extra_env: dict[str, str] | None = None,
-                timeout: float = 60.0) -> Outcome:
+                timeout: float = 60.0, prefix: list[str] | None = None) -> Outcome:
+    """Run one verb; ``prefix`` (e.g. an ``nsenter`` command) runs the plugin elsewhere."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
     env.update(extra_env or {})
     env["CNI_COMMAND"] = command
@@ -62,7 +63,8 @@ def exec_plugin(cni_path: str, plugin_type: str, command: str, conf: dict[str, A
             break
     assert exe is not None, f"no plugin {plugin_type} in {cni_path}"
     stdin = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
-    proc = subprocess.run([exe], input=stdin, capture_output=True, env=env, timeout=timeout)
+    proc = subprocess.run([*(prefix or []), exe], input=stdin, capture_output=True, env=env,
+                          timeout=timeout)
     out = proc.stdout.decode()
     doc = json.loads(out) if out.strip() else None
     return Outcome(proc.returncode, doc, proc.stderr.decode())

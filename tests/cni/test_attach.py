@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from pyslirp.cni import plugin
+from tests.cni.cnirun import exec_plugin
 from tests.cni.conftest import (
     DNS_ADDR,
     DNS_NAME,
@@ -27,7 +28,7 @@ from tests.cni.conftest import (
     slirp_conflist,
     wait_until,
 )
-from tests.nsutil import NetNS
+from tests.nsutil import NetNS, UserNetNS
 
 pytestmark = pytest.mark.e2e
 
@@ -283,3 +284,37 @@ def test_gc_deletes_live_attachments_not_listed(runtime_factory: Any, netns_fact
     assert other.gc([]).ok  # another network's GC leaves ours alone
     assert states(rundir) == ["slirptest:keep:eth0.json"]
     assert rt.delete("keep", keep.path).ok
+
+
+def test_container_in_its_own_user_namespace(runtime_factory: Any, http_port: int) -> None:
+    """A rootless container's netns belongs to a user namespace of its own."""
+    rt = runtime_factory(slirp_conflist())
+    with UserNetNS("cni-userns") as ns:
+        out = rt.add("uns", ns.path)
+        assert out.ok, out.doc
+        assert curl(ns, http_port).stdout == HTTP_BODY.decode()
+        assert rt.check("uns", ns.path).ok
+        assert rt.delete("uns", ns.path).ok
+        assert ns.link("eth0") is None
+
+
+def test_plugin_run_inside_a_rootless_runtimes_user_namespace(cni_bin: str, env: dict[str, str],
+                                                              rundir: str,
+                                                              http_port: int) -> None:
+    """The runtime (and so the plugin and its engine) lives in the user namespace too."""
+    with UserNetNS("cni-rootless") as ns:
+        inside = ["nsenter", f"--target={ns.pid}", "--user", "--preserve-credentials"]
+        conf = {"cniVersion": "1.1.0", "name": "slirptest", "type": "slirp"}
+        out = exec_plugin(cni_bin, "slirp", "ADD", conf, container_id="rl", netns=ns.path,
+                          ifname="eth0", extra_env=env, prefix=inside)
+        assert out.ok, (out.doc, out.stderr)
+        pid = engine_pid(rundir)
+        assert pid is not None
+        assert os.stat(f"/proc/{pid}/ns/user").st_ino == os.stat(ns.userns_path).st_ino
+        assert curl(ns, http_port).stdout == HTTP_BODY.decode()
+        out = exec_plugin(cni_bin, "slirp", "DEL", {**conf, "prevResult": out.doc},
+                          container_id="rl", netns=ns.path, ifname="eth0", extra_env=env,
+                          prefix=inside)
+        assert out.ok, out.doc
+        assert ns.link("eth0") is None
+        assert wait_until(lambda: engine_gone(rundir))
