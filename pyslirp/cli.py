@@ -88,11 +88,16 @@ User-mode networking for unprivileged network namespaces.
 -e, --exit-fd=FD         specify the FD for terminating {PROG}
 -r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default={DEFAULT_MTU}, max={SLIRP_MAX_MTU})
+-6, --enable-ipv6        accepted for compatibility; IPv6 is not served yet (a warning says so)
 -a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default={DEFAULT_CIDR})
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
 --netns-type=TYPE        specify network namespace type ([path|pid], default={DEFAULT_NETNS_TYPE})
 --userns-path=PATH       specify user namespace path
+--enable-sandbox         create a new mount namespace (and drop all caps except CAP_NET_BIND_SERVICE if running as the root)
+--enable-seccomp         enable seccomp to limit syscalls
+--outbound-addr=IPv4     sets outbound ipv4 address (or interface name) to bound to
+--outbound-addr6=IPv6    sets outbound ipv6 address (or interface name) to bound to
 --disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
 --macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
 -h, --help               show this help and exit
@@ -154,6 +159,14 @@ class Options:
     log_level: str = DEFAULT_LOG_LEVEL
     #: False with ``--no-offload``: no vnet header, no TSO/checksum offload.
     offload: bool = True
+    #: ``-6``/``--enable-ipv6``: accepted (callers always pass it); IPv6 is not served yet.
+    enable_ipv6: bool = False
+    #: ``--enable-sandbox`` / ``--enable-seccomp`` (pyslirp.runtime.sandbox / .seccomp).
+    enable_sandbox: bool = False
+    enable_seccomp: bool = False
+    #: ``--outbound-addr[6]`` resolved to an address (an interface name becomes its address).
+    outbound_addr: str | None = None
+    outbound_addr6: str | None = None
     #: ``run``: the command and its arguments.
     command: list[str] = field(default_factory=list)
     #: Positionals after TAPNAME; slirp4netns warns about them and carries on.
@@ -206,6 +219,11 @@ _SERVE_OPTS = (
     _Opt("exit-fd", "e", True),
     _Opt("ready-fd", "r", True),
     *_COMMON_OPTS,
+    _Opt("enable-ipv6", "6", False),
+    _Opt("enable-sandbox", None, False),
+    _Opt("enable-seccomp", None, False),
+    _Opt("outbound-addr", None, True),
+    _Opt("outbound-addr6", None, True),
     _Opt("api-socket", "a", True),
     _Opt("netns-type", None, True),
     _Opt("userns-path", None, True),
@@ -375,6 +393,34 @@ def _parse_dns_upstream(text: str) -> tuple[str, int]:
     return str(addr), port
 
 
+def _parse_outbound(text: str, version: Literal[4, 6]) -> str:
+    """``--outbound-addr[6]``: an address of that family, or an interface holding one.
+
+    slirp4netns looks the name up with getifaddrs(3) and takes the first
+    address of the family; so do we (pyroute2 would cost more to import).
+    """
+    option = "--outbound-addr" if version == 4 else "--outbound-addr6"
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        if addr.version != version:
+            raise UsageError(f"{option}={text}: not an IPv{version} address")
+        return str(addr)
+    from pyslirp.runtime.ifaddrs import interface_addresses
+
+    if not text:
+        raise UsageError(f"{option} needs an IPv{version} address or an interface name")
+    found = interface_addresses(text, version)
+    if found is None:
+        raise UsageError(f"{option}={text}: no such interface (expected an IPv{version} "
+                         "address or an interface name)")
+    if not found:
+        raise UsageError(f"{option}={text}: interface {text} has no IPv{version} address")
+    return found[0]
+
+
 def _path_error(path: str) -> str | None:
     """Why ``path`` can't be used (strerror), or None if it exists (access(F_OK) semantics)."""
     try:
@@ -408,7 +454,16 @@ def version_text() -> str:
             f"commit: {git_commit()}\n"
             f"libslirp: {PROG}-{__version__}\n"
             f"SLIRP_CONFIG_VERSION_MAX: {SLIRP_CONFIG_VERSION_MAX}\n"
-            "libseccomp: (not used)\n")
+            f"libseccomp: {_libseccomp_version()}\n")
+
+
+def _libseccomp_version() -> str:
+    """slirp4netns prints the libseccomp it links; ours is loaded only if installed."""
+    try:
+        from pyslirp.runtime.seccomp import libseccomp_version
+    except (ImportError, OSError):  # pragma: no cover - ctypes always imports on Linux
+        return "(not used)"
+    return libseccomp_version() or "(not installed; built-in BPF filter)"
 
 
 # --- parse_args ---------------------------------------------------------------------------
@@ -433,6 +488,16 @@ def parse_args(argv: list[str]) -> Options:
             opts.exit_fd = _parse_fd(_val(value), "exit-fd")
         elif name == "ready-fd":
             opts.ready_fd = _parse_fd(_val(value), "ready-fd")
+        elif name == "enable-ipv6":
+            opts.enable_ipv6 = True
+        elif name == "enable-sandbox":
+            opts.enable_sandbox = True
+        elif name == "enable-seccomp":
+            opts.enable_seccomp = True
+        elif name == "outbound-addr":
+            opts.outbound_addr = _parse_outbound(_val(value), 4)
+        elif name == "outbound-addr6":
+            opts.outbound_addr6 = _parse_outbound(_val(value), 6)
         elif name == "netns-type":
             if value == "pid":
                 opts.netns_type = "pid"
@@ -602,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
         # `pyslirp cni install DIR`: the CNI plugin's own small parser (pyslirp.cni).
         from pyslirp.cni.install import main as cni_main
         return cni_main(argv[1:])
+    if argv and argv[0] == "cni":
+        # `pyslirp cni install DIR`: the CNI plugin's own small parser (pyslirp.cni).
+        from pyslirp.cni.install import main as cni_main
+        return cni_main(argv[1:])
     try:
         opts = parse_args(argv)
     except InfoRequested as info:
@@ -614,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(opts.log_level)
     if opts.extra_args:
         log.warning("too many arguments")
+    if opts.enable_ipv6:
+        # podman and rootlesskit --ipv6 always pass it; refusing would break them.
+        log.warning("--enable-ipv6: IPv6 is not served yet; the namespace gets IPv4 only")
     try:
         from pyslirp.runtime.main import run_command, serve_namespace
     except ImportError as exc:

@@ -53,8 +53,17 @@ sends one ACK per marked flow, or nothing when outgoing data carries it.
 Out-of-order and duplicate segments are answered at once, so the guest's
 fast retransmit sees its three duplicate ACKs.
 
-Deliberately not done: SACK and timestamps are not negotiated (the link
-is a local queue; NewReno recovers its rare losses), urgent data is
+SACK (RFC 2018) is negotiated when the guest offers it: our duplicate ACKs
+carry blocks for the data we hold, and the guest's blocks mark its duplicate
+ACKs as such (its reader keeps moving the window, which would otherwise
+disqualify them) and tell us where the hole ends, so recovery resends just
+the hole. There is no full RFC 6675 scoreboard: one hole per round trip, as
+NewReno. With offloads a lost frame is a whole GSO super-frame that brings a
+single duplicate ACK, so the duplicate-ACK threshold follows RFC 5827 (early
+retransmit) counted in frames.
+
+Deliberately not done: timestamps are not negotiated (the link is a local
+queue; Karn's algorithm suffices), urgent data is
 delivered inline, ECN is ignored, IP options are ignored, TCP Fast Open data
 on a SYN is dropped (the guest resends it). Timers are lazy: each flow has
 one entry in the shared :class:`~pyslirp.stack.timers.Timers` heap, pushed
@@ -133,7 +142,7 @@ class TcpConfig:
     """Limits and timers of the TCP engine (defaults suit a container's NAT)."""
 
     max_flows: int = 4096
-    max_half_open: int = 256
+    max_half_open: int = 1024
     #: Receive space per flow: bounds the advertised window and the backlog.
     rcv_buf: int = 4 << 20
     #: Send queue per flow (host data not yet acknowledged by the guest).
@@ -178,7 +187,7 @@ class TcpFlow:
         "fin_rcvd", "host_shut", "host_closed", "host_connected_flag",
         # send side (host -> guest)
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale",
-        "mss", "max_burst", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery",
+        "mss", "max_burst", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "tx_ends",
         "sq", "sq_start", "una_pos", "sq_end", "cur_i", "cur_pos", "fin_queued", "fin_seq",
         "fin_out", "reading_paused",
         # timers
@@ -186,6 +195,8 @@ class TcpFlow:
         "persist", "last_rx",
         # framing
         "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "wscale_ok",
+        # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una, newest OOO seq
+        "sack_ok", "sack_hole", "ooo_last",
     )
 
     def __init__(self, engine: TcpEngine, guest_addr: bytes, guest_port: int,
@@ -226,6 +237,8 @@ class TcpFlow:
         self.dupacks = 0
         self.recover = self.iss
         self.in_recovery = False
+        #: Stream end positions of the data frames in flight (for the dup-ACK threshold).
+        self.tx_ends: deque[int] = deque()
         self.sq: deque[bytes] = deque()
         self.sq_start = self.una_pos = self.sq_end = 0
         self.cur_i = self.cur_pos = 0
@@ -251,6 +264,9 @@ class TcpFlow:
         self.syn_quote = b""
         self.half_open = False
         self.wscale_ok = False
+        self.sack_ok = False
+        self.sack_hole: int | None = None
+        self.ooo_last = 0
 
     def __repr__(self) -> str:
         return (f"TcpFlow({self.guest_port}->{'.'.join(map(str, self.remote_addr))}:"
@@ -329,7 +345,24 @@ class TcpFlow:
 
     def _send_ack(self) -> None:
         self.ack_pending = False
-        self._xmit(ACK, self.snd_nxt, [], 0)
+        if self.ooo and self.sack_ok:
+            self._xmit(ACK, self.snd_nxt, [], 0, wtcp.sack_option(self._sack_blocks()))
+        else:
+            self._xmit(ACK, self.snd_nxt, [], 0)
+
+    def _sack_blocks(self) -> list[tuple[int, int]]:
+        """Held out-of-order ranges, the one with the newest segment first (RFC 2018 4)."""
+        rcv = self.rcv_nxt
+        spans = sorted(((s - rcv) & _M, len(d)) for s, (d, _) in self.ooo.items())
+        merged: list[list[int]] = []
+        for rel, n in spans:
+            if merged and rel <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], rel + n)
+            else:
+                merged.append([rel, rel + n])
+        last = (self.ooo_last - rcv) & _M
+        merged.sort(key=lambda b: not b[0] <= last < b[1])
+        return [((rcv + a) & _M, (rcv + b) & _M) for a, b in merged if b > a]
 
     def _send_rst(self) -> None:
         self._xmit(RST | ACK, self.snd_nxt, [], 0)
@@ -337,7 +370,8 @@ class TcpFlow:
     def _send_syn(self, with_ack: bool) -> None:
         opts = wtcp.syn_options(
             mss=self.link.mtu - 40,
-            wscale=self.rcv_wscale if self.wscale_ok or not with_ack else None)
+            wscale=self.rcv_wscale if self.wscale_ok or not with_ack else None,
+            sack_permitted=self.sack_ok or not with_ack)
         self._xmit(SYN | ACK if with_ack else SYN, self.iss, [], 0, opts)
 
     def _mark(self) -> None:
@@ -549,9 +583,11 @@ class TcpFlow:
                     flags = ACK | PSH | FIN
             seq = (una + sent) & _M
             self._xmit(flags, seq, self._collect(self.una_pos + sent, n), n)
-            if self.rtt_seq is None and seq == self.snd_max:
-                self.rtt_seq = (seq + n) & _M
-                self.rtt_time = now
+            if ((seq - self.snd_max) & _M) < _HALF:  # new data, not a retransmission
+                self.tx_ends.append(self.una_pos + sent + n)
+                if self.rtt_seq is None:
+                    self.rtt_seq = (seq + n) & _M
+                    self.rtt_time = now
             sent += n
             self.snd_nxt = (una + sent) & _M
             if flags & FIN:
@@ -732,12 +768,20 @@ class TcpFlow:
             self._mark_ack()  # ACKs something never sent
             return False
         win = seg.window << self.snd_wscale
+        sacked = False
+        if self.sack_ok and seg.header_len > 20 and (not d or self.in_recovery):
+            sacked = self._read_sack(seg, ack)
         if d:
             self._acked(ack, d, now)
-        elif (not plen and not seg.flags & FIN and win == self.snd_wnd
+        elif (not plen and not seg.flags & FIN and (sacked or win == self.snd_wnd)
               and self.snd_max != una):
+            # A duplicate ACK (RFC 5681 2); one carrying SACK blocks is one even
+            # if the window moved, as the guest's reader keeps opening it.
             self.dupacks += 1
-            if self.dupacks == 3:
+            # RFC 5827 early retransmit: with few frames in flight (a GSO frame
+            # brings one duplicate ACK, not one per segment) fewer duplicates suffice.
+            frames = len(self.tx_ends)
+            if self.dupacks == (3 if frames > 3 else frames - 1 if frames > 1 else 1):
                 self._fast_retransmit(now)
         # Window update (RFC 9293 3.10.7.4: SND.WL1/WL2 guard against old segments).
         s1 = (seg.seq - self.snd_wl1) & _M
@@ -763,6 +807,9 @@ class TcpFlow:
             self.rtt_seq = None
         if data:
             self.una_pos += data
+            ends = self.tx_ends
+            while ends and ends[0] <= self.una_pos:
+                ends.popleft()
             sq = self.sq
             popped = 0
             while sq and self.sq_start + len(sq[0]) <= self.una_pos:
@@ -804,6 +851,21 @@ class TcpFlow:
             elif state == LAST_ACK:
                 self._enter_time_wait(now, from_last_ack=True)
 
+    def _read_sack(self, seg: wtcp.TcpSegment, ack: int) -> bool:
+        """Note where the first hole above ``ack`` ends; True if the ACK had SACK blocks."""
+        try:
+            blocks = seg.options().sack
+        except MalformedPacket:
+            return False
+        hole = None
+        span = (self.snd_max - ack) & _M
+        for left, _right in blocks:
+            rel = (left - ack) & _M
+            if 0 < rel <= span and (hole is None or rel < hole):
+                hole = rel
+        self.sack_hole = None if hole is None else (ack + hole) & _M
+        return bool(blocks)
+
     def _rtt_sample(self, r: float) -> None:
         # RFC 6298 2.2 / 2.3
         if self.srtt == 0.0:
@@ -830,9 +892,18 @@ class TcpFlow:
         self.rto_at = now + self.rto
 
     def _retransmit_head(self) -> None:
-        """Resend one segment at snd_una (fast retransmit, partial ACK)."""
+        """Resend the first frame's worth at snd_una (fast retransmit, partial ACK).
+
+        With offloads a lost frame is a whole GSO super-frame, so up to a burst is resent.
+        """
         buffered = self.sq_end - self.una_pos
-        n = min(self.mss, buffered)
+        n = min(self.max_burst, buffered, (self.snd_max - self.snd_una) & _M)
+        if self.sack_hole is not None:
+            # Resend only the hole the guest's SACK blocks point at.
+            hole = (self.sack_hole - self.snd_una) & _M
+            if 0 < hole < n:
+                n = hole
+            self.sack_hole = None
         if n > 0:
             flags = ACK | PSH if n == buffered else ACK
             if n == buffered and self.fin_seq is not None:
@@ -864,6 +935,7 @@ class TcpFlow:
             else:
                 ooo[seq] = (data, fin)
                 self.ooo_len += plen
+                self.ooo_last = seq
         elif len(old[0]) < plen:
             ooo[seq] = (data, fin)
             self.ooo_len += plen - len(old[0])
@@ -967,6 +1039,7 @@ class TcpFlow:
                                  * self.mss)
         else:
             self.max_burst = self.mss
+        self.sack_ok = opts.sack_permitted
         if opts.wscale is not None:
             self.wscale_ok = True
             self.snd_wscale = opts.wscale

@@ -12,14 +12,15 @@ slice of the original buffer, never a copy. Options are parsed only on demand
 (:meth:`TcpSegment.options`), because only SYNs carry options the stack acts on.
 
 Understood options: End, NOP, MSS (RFC 9293 3.7.1), Window Scale (RFC 7323
-2), SACK-permitted (RFC 2018), Timestamps (RFC 7323 3). Unknown options are
+2), SACK-permitted and SACK blocks (RFC 2018), Timestamps (RFC 7323 3). Unknown options are
 skipped by their length; a malformed option list (length < 2 or running past
 the header) raises :class:`MalformedPacket`.
 
 Builders: :func:`build_header` writes a header with ``pack_into`` into a
 caller's buffer; :func:`build` returns a complete segment with its checksum
 (for control segments off the hot path; the stack's data path builds whole
-frames itself); :func:`syn_options` encodes the options of a SYN.
+frames itself); :func:`syn_options` encodes the options of a SYN and
+:func:`sack_option` a SACK block list.
 Urgent data is parsed but nothing here interprets it.
 """
 
@@ -64,12 +65,14 @@ _U32X2 = struct.Struct("!II")
 class TcpOptions:
     """The options of one segment that the stack understands (None: absent)."""
 
-    __slots__ = ("mss", "wscale", "sack_permitted", "ts_val", "ts_ecr")
+    __slots__ = ("mss", "wscale", "sack_permitted", "sack", "ts_val", "ts_ecr")
 
     def __init__(self) -> None:
         self.mss: int | None = None
         self.wscale: int | None = None
         self.sack_permitted = False
+        #: SACK blocks (RFC 2018 3) as (left edge, right edge) sequence numbers.
+        self.sack: list[tuple[int, int]] = []
         self.ts_val: int | None = None
         self.ts_ecr: int | None = None
 
@@ -102,6 +105,8 @@ def parse_options(buf: bytes | bytearray | memoryview) -> TcpOptions:
             opts.wscale = min(buf[i + 2], MAX_WSCALE)
         elif kind == OPT_SACK_PERM and length == 2:
             opts.sack_permitted = True
+        elif kind == OPT_SACK and length >= 10 and (length - 2) % 8 == 0:
+            opts.sack = [_U32X2.unpack_from(buf, j) for j in range(i + 2, i + length, 8)]
         elif kind == OPT_TIMESTAMP and length == 10:
             opts.ts_val, opts.ts_ecr = _U32X2.unpack_from(buf, i + 2)
         i += length
@@ -171,6 +176,17 @@ def syn_options(mss: int | None = None, wscale: int | None = None,
             out += struct.pack("!BBBB", OPT_NOP, OPT_NOP, OPT_SACK_PERM, 2)
     if wscale is not None:
         out += struct.pack("!BBBB", OPT_NOP, OPT_WSCALE, 3, wscale)
+    return bytes(out)
+
+
+def sack_option(blocks: list[tuple[int, int]]) -> bytes:
+    """A SACK option (NOP-padded) with at most 4 blocks; b"" when there are none."""
+    blocks = blocks[:4]
+    if not blocks:
+        return b""
+    out = bytearray((OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(blocks)))
+    for left, right in blocks:
+        out += _U32X2.pack(left & 0xFFFFFFFF, right & 0xFFFFFFFF)
     return bytes(out)
 
 

@@ -110,11 +110,12 @@ class Harness:
 
     # -- scripted handshake
     def connect(self, wscale: int | None = 7, mss: int = 1460, window: int = 502,
-                sport: int | None = None) -> tuple[TcpFlow, int]:
+                sport: int | None = None, sack: bool = False) -> tuple[TcpFlow, int]:
         """Guest SYN, host connects, SYN-ACK, guest ACK. Returns (flow, our next seq)."""
         if sport is not None:
             self.sport = sport
-        self.send(S, options=wtcp.syn_options(mss=mss, wscale=wscale), window=64240)
+        self.send(S, options=wtcp.syn_options(mss=mss, wscale=wscale, sack_permitted=sack),
+                  window=64240)
         call = self.host.last("tcp_connect")
         assert call is not None
         flow = call[1]
@@ -288,6 +289,40 @@ def test_reordered_guest_segments_are_reassembled_and_dup_acked() -> None:
     assert h.expect_one().ack == h.gseq + 300
 
 
+def test_sack_is_negotiated_and_held_data_is_reported() -> None:
+    h = Harness()
+    h.send(S, options=wtcp.syn_options(mss=1460, wscale=7, sack_permitted=True))
+    flow = h.host.calls[0][1]
+    flow.host_connected(h.clock.now)
+    synack = h.expect_one()
+    assert synack.tcp is not None and synack.tcp.options().sack_permitted
+    h.gseq += 1
+    h.send(A, ack=synack.seq + 1)
+    h.out()
+    h.send(A, seq=h.gseq + 100, ack=synack.seq + 1, data=b"b" * 100)
+    h.send(A, seq=h.gseq + 300, ack=synack.seq + 1, data=b"d" * 100)
+    outs = h.out()
+    assert outs[-1].ack == h.gseq
+    assert outs[-1].tcp is not None and outs[-1].tcp.options().sack == [
+        (h.gseq + 300, h.gseq + 400), (h.gseq + 100, h.gseq + 200)]
+
+
+def test_sack_blocks_point_fast_retransmit_at_the_hole() -> None:
+    h = Harness()
+    flow, ours = h.connect(window=4000, sack=True)
+    flow.cwnd = 1 << 20
+    data = random.Random(4).randbytes(5 * 64240)
+    flow.host_data(data, h.clock.now)
+    assert len(h.out()) == 5
+    # 3000 bytes at the head were lost; the guest holds the rest, and its reader
+    # keeps opening the window, so the window differs in every duplicate ACK.
+    for i, win in enumerate((4000, 4100, 4200)):
+        h.send(A, ack=ours, window=win,
+               options=wtcp.sack_option([(ours + 3000, ours + 64240 * (i + 2))]))
+    (rtx,) = h.out()
+    assert rtx.seq == ours and rtx.data == data[:3000]
+
+
 def test_duplicate_guest_segments_are_delivered_once() -> None:
     h = Harness()
     flow, ours = h.connect()
@@ -323,7 +358,7 @@ def test_retransmission_with_exponential_backoff_then_give_up() -> None:
 
 
 def test_three_duplicate_acks_trigger_fast_retransmit() -> None:
-    h = Harness()
+    h = Harness(offload=False, vnet_hdr=False)
     flow, ours = h.connect()
     flow.host_data(bytes(1460 * 6), h.clock.now)
     h.out()
@@ -335,6 +370,23 @@ def test_three_duplicate_acks_trigger_fast_retransmit() -> None:
     rtx = h.out()
     assert len(rtx) == 1 and rtx[0].seq == ours + 1460 and len(rtx[0].data) == 1460
     assert h.link.counters["tcp.fast_retransmit"] == 1
+
+
+def test_one_duplicate_ack_recovers_a_lost_gso_frame() -> None:
+    h = Harness()
+    flow, ours = h.connect(window=4000)
+    flow.cwnd = 1 << 20  # past slow start
+    data = random.Random(3).randbytes(3 * 64240)
+    flow.host_data(data, h.clock.now)
+    frames = h.out()
+    assert len(frames) == 3
+    # The first super-frame is lost; the guest says so once per frame that arrived.
+    h.send(A, ack=ours, window=4000)
+    assert h.out() == []
+    h.send(A, ack=ours, window=4000)
+    (rtx,) = h.out()
+    assert rtx.seq == ours and rtx.data == data[:64240]
+    assert rtx.vnet is not None and rtx.vnet[1] == vnet.GSO_TCPV4
 
 
 def test_go_back_n_after_timeout_resends_everything_unacked() -> None:
@@ -640,7 +692,7 @@ def test_random_segments_never_raise(
         segs: list[tuple[int, int, int, int, bytes, bytes, int, bool, bool]],
         garbage: bytes) -> None:
     h = Harness(cfg=TcpConfig(rcv_buf=8000, snd_buf=8000, max_ooo_segments=4))
-    flow, ours = h.connect()
+    flow, ours = h.connect(sack=True)
     flow.host_data(b"q" * 3000, h.clock.now)
     for flags, seq, ack, window, data, opts, sport, near, host_event in segs:
         if len(opts) % 4:

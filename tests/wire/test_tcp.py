@@ -101,3 +101,13 @@ def test_cross_check_with_scapy() -> None:
     chk = IP(src="10.0.2.100", dst="93.184.216.34", proto=6) / TCP(bytes(ours))
     del chk[TCP].chksum
     assert TCP(bytes(chk)[20:]).chksum == back.chksum
+
+
+def test_sack_blocks_round_trip() -> None:
+    opt = tcp.sack_option([(100, 200), (0xFFFFFFF0, 5)])
+    assert opt == bytes.fromhex("0101051200000064000000c8fffffff000000005")
+    o = tcp.parse_options(opt)
+    assert o.sack == [(100, 200), (0xFFFFFFF0, 5)]
+    assert tcp.sack_option([]) == b""
+    assert len(tcp.sack_option([(1, 2)] * 6)) == 4 + 32  # at most 4 blocks fit
+    assert tcp.parse_options(b"\x05\x0b" + bytes(9)).sack == []  # odd length ignored
