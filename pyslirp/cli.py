@@ -32,8 +32,14 @@ Deliberate differences from slirp4netns:
   minimum), which slirp4netns leaves to the kernel's ``SIOCSIFMTU``.
 * Options slirp4netns has but pyslirp does not implement yet (
   ``--enable-ipv6``, ``--enable-sandbox``, ``--enable-seccomp``,
-  ``--outbound-addr[6]``, ``--target-type``) are unknown options, so nobody
+  ``--outbound-addr[6]``) are unknown options, so nobody
   silently gets less isolation or a different network than asked for.
+* ``--target-type`` takes ``netns`` (the default) and pyslirp's own
+  ``qemu-stream``/``qemu-dgram`` (serve a VM: the positional is the Unix
+  socket QEMU's ``-netdev stream``/``dgram`` connects to, see
+  ``pyslirp.runtime.qemu``); slirp4netns's experimental ``bess`` is refused.
+  The namespace-only options (``-c``, ``--netns-type``, ``--userns-path``,
+  ``--macaddress``, TAPNAME) are errors with a QEMU target.
 * ``WARNING: too many arguments`` goes to stderr through logging, not stdout.
 
 ``pyslirp run [OPTION]... [--] CMD [ARG]...`` takes the network-shaping
@@ -82,6 +88,7 @@ _DNS, _LOG = DEFAULT_DNS_PORT, DEFAULT_LOG_LEVEL
 USAGE = f"""\
 Usage: {PROG} [OPTION]... PID|PATH [TAPNAME]
        {PROG} run [RUN-OPTION]... [--] COMMAND [ARG]...
+       {PROG} kubevirt-sidecar [--help]  (KubeVirt's slirp network binding hook sidecar)
 User-mode networking for unprivileged network namespaces.
 
 -c, --configure          bring up the interface
@@ -110,6 +117,9 @@ User-mode networking for unprivileged network namespaces.
 --pcap=FILE              write every frame on the link to FILE (pcap format)
 --log-level=LEVEL        specify log verbosity ([debug|info|warning|error], default={_LOG})
 --no-offload             open the TAP without vnet header and offloads (plain frames)
+--target-type=TYPE       netns (default), or serve a VM: qemu-stream|qemu-dgram, where PATH
+                         is the Unix socket for QEMU's -netdev stream|dgram
+                         (pyslirp --target-type=qemu-stream [OPTION]... SOCKET)
 
 {PROG} run: run COMMAND in new namespaces served by {PROG}, exit with its status.
 RUN-OPTIONs: -m/--mtu, --cidr, --disable-host-loopback, --disable-dns, --macaddress,
@@ -153,6 +163,8 @@ class Options:
     exit_fd: int | None = None
     #: ``-a``/``--api-socket``: where to serve slirp4netns's JSON API (None: nowhere).
     api_socket: str | None = None
+    #: ``--target-type``: a namespace's TAP, or a QEMU socket back end at ``target``.
+    target_type: Literal["netns", "qemu-stream", "qemu-dgram"] = "netns"
     #: ``--dns-upstream`` in order given, as (address text, port); empty means resolv.conf.
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
     pcap: str | None = None
@@ -227,6 +239,7 @@ _SERVE_OPTS = (
     _Opt("api-socket", "a", True),
     _Opt("netns-type", None, True),
     _Opt("userns-path", None, True),
+    _Opt("target-type", None, True),
     _Opt("version", "v", False),
 )
 _RUN_OPTS = _COMMON_OPTS
@@ -510,6 +523,11 @@ def parse_args(argv: list[str]) -> Options:
             if _path_error(path) is not None:
                 raise UsageError(f"userns path doesn't exist: {path}")
             opts.userns_path = path
+        elif name == "target-type":
+            if value not in ("netns", "qemu-stream", "qemu-dgram"):
+                raise UsageError("--target-type must be one of netns, qemu-stream, qemu-dgram "
+                                 f"(not '{value}')")
+            opts.target_type = value  # type: ignore[assignment]
         elif name == "api-socket":
             # slirp4netns takes any string (an empty one fails at bind time); we say so now.
             if not value:
@@ -523,6 +541,10 @@ def parse_args(argv: list[str]) -> Options:
     # The checks slirp4netns makes after its getopt loop, in its order.
     if mac_text is not None and not opts.configure:
         raise UsageError("--macaddr cannot be specified when --configure or -c is not specified")
+    if opts.target_type != "netns":
+        _finish_qemu(opts, positionals, mac_text)
+        _finish(opts, cidr_text, None)
+        return opts
     if not positionals:
         raise UsageError(f"missing PID|PATH argument (see '{PROG} --help')")
     target = positionals[0]
@@ -541,6 +563,21 @@ def parse_args(argv: list[str]) -> Options:
     opts.extra_args = positionals[2:]
     _finish(opts, cidr_text, mac_text)
     return opts
+
+
+def _finish_qemu(opts: Options, positionals: list[str], mac_text: str | None) -> None:
+    """``--target-type=qemu-*``: one positional, the socket; no namespace options."""
+    if opts.netns_type != DEFAULT_NETNS_TYPE or opts.userns_path is not None:
+        raise UsageError("--netns-type and --userns-path apply only to --target-type=netns")
+    if opts.configure or mac_text is not None:
+        raise UsageError("--configure and --macaddress apply only to --target-type=netns "
+                         "(a VM configures its own NIC by DHCP)")
+    if not positionals or not positionals[0]:
+        raise UsageError(f"missing SOCKET argument for --target-type={opts.target_type}")
+    if len(positionals) > 1:
+        raise UsageError(f"--target-type={opts.target_type} takes one SOCKET argument, "
+                         f"not also '{positionals[1]}'")
+    opts.target = positionals[0]
 
 
 def _parse_run(argv: list[str]) -> Options:
@@ -671,6 +708,11 @@ def main(argv: list[str] | None = None) -> int:
         # `pyslirp cni install DIR`: the CNI plugin's own small parser (pyslirp.cni).
         from pyslirp.cni.install import main as cni_main
         return cni_main(argv[1:])
+    if argv and argv[0] == "kubevirt-sidecar":
+        # Its own parser and dependencies (grpcio), loaded only when asked for.
+        from pyslirp.kubevirt.sidecar import main as sidecar_main
+
+        return sidecar_main(argv[1:])
     try:
         opts = parse_args(argv)
     except InfoRequested as info:
@@ -694,6 +736,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.subcommand == "run":
             return run_command(opts)
+        if opts.target_type != "netns":
+            from pyslirp.runtime.qemu import serve_qemu
+
+            return serve_qemu(opts)
         return serve_namespace(opts)
     except KeyboardInterrupt:
         # The runtime handles SIGINT once its loop runs; this covers the moments before.

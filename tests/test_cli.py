@@ -301,7 +301,7 @@ def test_error_messages(argv: list[str], message: str) -> None:
 @pytest.mark.parametrize("argv", [
     ["--enable-sandbox"], ["--enable-seccomp"], ["--outbound-addr=127.0.0.1"],
     ["--outbound-addr6=::1"],
-    ["--enable-ipv6"], ["-6"], ["--target-type=netns"], ["--no-host-loopback"],
+    ["--enable-ipv6"], ["-6"], ["--no-host-loopback"],
 ])
 def test_unimplemented_slirp4netns_options_are_unknown(argv: list[str]) -> None:
     message = usage_error(*argv, NOPID)
@@ -410,7 +410,7 @@ def test_help_lists_options() -> None:
                    "--log-level", "--no-offload", "pyslirp run", "-a, --api-socket=PATH"):
         assert option in text
     for absent in ("--enable-ipv6", "--enable-sandbox", "--enable-seccomp",
-                   "--outbound-addr", "--target-type"):
+                   "--outbound-addr"):
         assert absent not in text
 
 

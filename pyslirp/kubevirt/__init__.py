@@ -1,0 +1,1 @@
+"""KubeVirt integration: the slirp network binding's hook sidecar (``pyslirp kubevirt-sidecar``)."""

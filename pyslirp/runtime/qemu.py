@@ -1,0 +1,438 @@
+"""QEMU back ends: serve a VM's NIC over ``-netdev stream`` or ``-netdev dgram``.
+
+Theory of operation
+-------------------
+A namespace's link is a TAP fd; a VM's link is a socket QEMU connects to, as
+with passt. Everything above the link (the :class:`~pyslirp.stack.stack.Stack`,
+host sockets, DNS, port forwarding, the API socket, pcap) is the same, so the
+two classes here are :class:`~pyslirp.runtime.engine.Attachment` subclasses
+that only replace how frames cross the link. Frames are plain Ethernet (no
+virtio-net header, no GSO): QEMU's socket back ends carry what the guest's
+NIC put on the wire, so ``config.vnet_hdr`` and ``config.offload`` must be
+False and the TCP engine segments to the MSS itself.
+
+The attachment's fd is the *listening* socket (stream) or the bound datagram
+socket (dgram); the base class registers it with the loop and calls
+``_on_tap_readable`` when it is readable, which here means "accept" or
+"datagrams waiting".
+
+``-netdev stream`` (QEMU >= 7.2, net/stream.c): each frame is preceded by
+its length as a 4-byte big-endian integer. We accept on a Unix stream socket
+(QEMU runs with ``server=off,addr.type=unix,addr.path=SOCKET``), read in
+large chunks and cut frames out of them as zero-copy slices of the immutable
+chunk, so the stack may keep a slice without it being overwritten; only the
+tail of a frame split across reads is copied. A length above
+:data:`MAX_FRAME` (65,536 + 4,096, QEMU's ``NET_BUFSIZE``) means the byte
+stream is not what we think it is: we log it and drop the connection (QEMU
+reconnects if told to with ``reconnect=``). A frame shorter than an Ethernet
+header is counted and skipped; the framing is still intact.
+
+One QEMU at a time: a new connection replaces the current one, since a VM
+that reconnects (QEMU restarted, ``reconnect=`` after a hiccup) is the live
+peer and a half-dead old connection must not lock it out. Frames to the
+guest while nobody is connected are dropped and counted
+(``drop.tx.no_peer``), as a NIC with its cable pulled would.
+
+Writing: ``sendmsg`` of the length prefix plus the frame's own buffers (no
+join). A stream socket may take only part of a message when its buffer is
+full; a cut frame would desynchronise QEMU's reader for good, so the
+unsent rest is kept (copied, it's the only copy we make) together with any
+further frames until the socket is writable again, up to
+:data:`MAX_BACKLOG` bytes, beyond which whole frames are dropped and counted
+(``drop.tx.backlog``): the guest's TCP retransmits, exactly as for a TAP
+whose queue is full.
+
+``-netdev dgram`` (QEMU >= 7.2, net/dgram.c): one frame per datagram on a
+Unix datagram socket. QEMU sends from its ``local`` address to ours
+(``remote``); we answer to the address the last datagram came from, so
+QEMU must bind a ``local.path``. Until QEMU has sent something, frames to it
+are dropped and counted (``drop.tx.no_peer``).
+
+Not done: inet/vsock/fd addresses (only Unix sockets), vhost-user, the
+virtio-net header (QEMU's socket back ends never carry one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.pcap import PcapWriter
+from pyslirp.stack.config import NetConfig
+
+log = logging.getLogger("pyslirp")
+
+#: QEMU's NET_BUFSIZE: the largest frame its socket back ends send or accept.
+MAX_FRAME = 65536 + 4096
+#: Bytes queued for a slow QEMU before frames are dropped.
+MAX_BACKLOG = 4 * 1024 * 1024
+_ETH_HEADER = 14
+_LENGTH = struct.Struct("!I")
+_READ_SIZE = 256 * 1024
+_ACCEPT_BACKLOG = 4
+_DGRAM_BATCH = 128
+
+
+def bind_unix(path: str, kind: int) -> socket.socket:
+    """A non-blocking Unix socket bound at ``path`` (a stale socket file there is replaced).
+
+    Anything at ``path`` that is not a socket is left alone and reported, so a
+    typo can never delete somebody's file.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(_ACCEPT_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
+
+
+def _remove_socket_file(path: str, ino: int) -> None:
+    """Remove ``path`` if it is still the socket we bound (not a successor's)."""
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_ino == ino:
+            os.unlink(path)
+
+
+class QemuStreamAttachment(Attachment):
+    """The guest link over QEMU's ``-netdev stream`` (length-prefixed frames on a stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, config: NetConfig,
+                 pcap: PcapWriter | None = None, name: str = "qemu",
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        if config.vnet_hdr or config.offload:
+            raise ValueError("QEMU socket back ends carry plain frames: "
+                             "config.vnet_hdr and config.offload must be False")
+        self._listener = socket.socket(fileno=os.dup(fd))
+        self._conn: socket.socket | None = None
+        self._conn_fd = -1
+        self._partial = b""
+        self._out: deque[bytes] = deque()
+        self._out_bytes = 0
+        self._writing = False
+        self.connections = 0
+        super().__init__(loop, fd, config, pcap=pcap, name=name, on_fatal=on_fatal)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    # ---- accepting -----------------------------------------------------------------
+    def _on_tap_readable(self) -> None:
+        """The listening socket is readable: take the newest connection."""
+        while True:
+            try:
+                conn, _addr = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # EMFILE and friends: leave the connection in the backlog, try next time.
+                log.warning("%s: cannot accept a QEMU connection: %s", self.name, exc.strerror)
+                return
+            if self._conn is not None:
+                log.info("%s: QEMU connected again; dropping the previous connection",
+                         self.name)
+                self._drop_connection()
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1024 * 1024)
+            self._conn = conn
+            self._conn_fd = conn.fileno()
+            self.connections += 1
+            self.loop.add_reader(self._conn_fd, self._on_conn_readable)
+            log.info("%s: QEMU connected", self.name)
+
+    def _drop_connection(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self.loop.remove_reader(self._conn_fd)
+        if self._writing:
+            self.loop.remove_writer(self._conn_fd)
+            self._writing = False
+        conn.close()
+        self._conn = None
+        self._conn_fd = -1
+        self._partial = b""
+        self._out.clear()
+        self._out_bytes = 0
+
+    # ---- frames from QEMU ----------------------------------------------------------
+    def _on_conn_readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            chunk = conn.recv(_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("%s: reading from QEMU failed: %s; waiting for it to reconnect",
+                        self.name, exc.strerror)
+            self._drop_connection()
+            return
+        if not chunk:
+            log.info("%s: QEMU disconnected", self.name)
+            self._drop_connection()
+            return
+        data = self._partial + chunk if self._partial else chunk
+        now = self.loop.time()
+        view = memoryview(data)
+        end = len(data)
+        pos = 0
+        unpack = _LENGTH.unpack_from
+        receive = self._receive
+        while end - pos >= 4 and self._conn is conn:
+            (length,) = unpack(data, pos)
+            if length > MAX_FRAME:
+                log.error("%s: QEMU stream out of sync: a frame of %d bytes announced "
+                          "(at most %d); dropping the connection", self.name, length, MAX_FRAME)
+                self.stack.link.count("drop.rx.bad_length")
+                self._drop_connection()
+                self._after_input(now)
+                return
+            if end - pos - 4 < length:
+                break
+            pos += 4
+            if length < _ETH_HEADER:
+                self.stack.link.count("drop.rx.runt")
+            else:
+                receive(view[pos:pos + length], now)
+            pos += length
+        if self._conn is conn:  # not dropped by a failed write meanwhile
+            self._partial = data[pos:] if pos < end else b""
+        self._after_input(now)
+
+    def _receive(self, frame: memoryview, now: float) -> None:
+        if self.pcap is not None:
+            self.pcap.write(frame, time.time())
+        faults = self._faults
+        if faults is not None:
+            for held in faults.process(bytes(frame), "from_guest"):
+                self.stack.receive_frame(memoryview(held), now)
+            self._release_held_frames_later("from_guest")
+        else:
+            self.stack.receive_frame(frame, now)
+
+    def _after_input(self, now: float) -> None:
+        if self._closed:
+            return
+        self.stack.flush(now)
+        self._arm_timer()
+
+    # ---- frames to QEMU ------------------------------------------------------------
+    def _write_frame(self, parts: Sequence[Any]) -> None:
+        conn = self._conn
+        if conn is None:
+            self.stack.link.count("drop.tx.no_peer")
+            return
+        size = 0
+        for part in parts:
+            size += len(part)
+        if size > MAX_FRAME:
+            self.stack.link.count("drop.tx.too_big")
+            return
+        buffers = [_LENGTH.pack(size), *parts]
+        if self._out:
+            self._queue(buffers, size + 4)
+        else:
+            try:
+                sent = conn.sendmsg(buffers)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                log.info("%s: writing to QEMU failed: %s; waiting for it to reconnect",
+                         self.name, exc.strerror)
+                self._drop_connection()
+                return
+            if sent < size + 4:
+                self._queue(buffers, size + 4, sent)
+        if self.pcap is not None:
+            self.pcap.write(parts, time.time())
+
+    def _queue(self, buffers: list[Any], size: int, skip: int = 0) -> None:
+        """Keep a frame (minus ``skip`` bytes already sent) until the socket drains."""
+        if skip == 0 and self._out_bytes + size > MAX_BACKLOG:
+            self.stack.link.count("drop.tx.backlog")
+            return
+        rest = b"".join(buffers)[skip:]
+        self._out.append(rest)
+        self._out_bytes += len(rest)
+        if not self._writing:
+            self._writing = True
+            self.loop.add_writer(self._conn_fd, self._on_conn_writable)
+
+    def _on_conn_writable(self) -> None:
+        conn = self._conn
+        out = self._out
+        if conn is None:
+            return
+        while out:
+            head = out[0]
+            try:
+                sent = conn.send(head)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.info("%s: writing to QEMU failed: %s; waiting for it to reconnect",
+                         self.name, exc.strerror)
+                self._drop_connection()
+                return
+            self._out_bytes -= sent
+            if sent < len(head):
+                out[0] = head[sent:]
+                return
+            out.popleft()
+        self._writing = False
+        self.loop.remove_writer(self._conn_fd)
+
+    # ---- lifetime ------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            super().close()
+        finally:
+            self._drop_connection()
+            self._listener.close()
+
+
+class QemuDgramAttachment(Attachment):
+    """The guest link over QEMU's ``-netdev dgram`` (one frame per Unix datagram)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, config: NetConfig,
+                 pcap: PcapWriter | None = None, name: str = "qemu",
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        if config.vnet_hdr or config.offload:
+            raise ValueError("QEMU socket back ends carry plain frames: "
+                             "config.vnet_hdr and config.offload must be False")
+        self._sock = socket.socket(fileno=os.dup(fd))
+        #: Where QEMU's datagrams come from (its ``local.path``); None until the first one.
+        self.peer: str | None = None
+        super().__init__(loop, fd, config, pcap=pcap, name=name, on_fatal=on_fatal)
+
+    def _on_tap_readable(self) -> None:
+        sock = self._sock
+        now = self.loop.time()
+        for _ in range(_DGRAM_BATCH):
+            try:
+                data, addr = sock.recvfrom(MAX_FRAME)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._fatal(f"reading the QEMU datagram socket failed: {exc.strerror}")
+                return
+            if not addr:
+                # An unbound sender: we could never answer it, and QEMU always binds.
+                self.stack.link.count("drop.rx.unbound_peer")
+                continue
+            if addr != self.peer:
+                if self.peer is not None:
+                    log.info("%s: QEMU now sends from %s", self.name, addr)
+                self.peer = addr
+            if len(data) < _ETH_HEADER:
+                self.stack.link.count("drop.rx.runt")
+                continue
+            if self.pcap is not None:
+                self.pcap.write(data, time.time())
+            faults = self._faults
+            if faults is not None:
+                for frame in faults.process(data, "from_guest"):
+                    self.stack.receive_frame(memoryview(frame), now)
+                self._release_held_frames_later("from_guest")
+            else:
+                self.stack.receive_frame(memoryview(data), now)
+        if not self._closed:
+            self.stack.flush(now)
+            self._arm_timer()
+
+    def _write_frame(self, parts: Sequence[Any]) -> None:
+        peer = self.peer
+        if peer is None:
+            self.stack.link.count("drop.tx.no_peer")
+            return
+        try:
+            self._sock.sendmsg(parts, (), 0, peer)
+        except BlockingIOError:
+            self.stack.link.count("drop.tx.tap_full")
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                # QEMU went away (its socket file is gone); wait for it to speak again.
+                log.info("%s: QEMU at %s is gone", self.name, peer)
+                self.peer = None
+            self.stack.link.count("drop.tx.error")
+            return
+        if self.pcap is not None:
+            self.pcap.write(parts, time.time())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            super().close()
+        finally:
+            self._sock.close()
+
+
+def serve_qemu(opts: Any) -> int:
+    """``pyslirp --target-type=qemu-stream|qemu-dgram SOCKET``: serve a VM until killed."""
+    from pyslirp.runtime.main import Server, _signal_ready
+
+    stream = opts.target_type == "qemu-stream"
+    path = str(opts.target)
+    config: NetConfig = opts.net_config()
+    config.vnet_hdr = False
+    config.offload = False
+    try:
+        sock = bind_unix(path, socket.SOCK_STREAM if stream else socket.SOCK_DGRAM)
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return 1
+    ino = os.lstat(path).st_ino  # the file, not the socket (fstat gives sockfs)
+    cls: type[Attachment] = QemuStreamAttachment if stream else QemuDgramAttachment
+    try:
+        server = Server(sock.fileno(), config, tap_name=path, pcap_path=opts.pcap,
+                        dns_upstreams=opts.dns_upstreams, attachment_class=cls)
+    except (OSError, ValueError) as exc:
+        log.error("%s", exc)
+        sock.close()
+        _remove_socket_file(path, ino)
+        return 1
+    try:
+        if opts.exit_fd is not None:
+            server.watch_fd_for_exit(opts.exit_fd)
+        if opts.api_socket:
+            try:
+                server.serve_api(opts.api_socket)
+            except OSError as exc:
+                log.error("%s", exc)
+                server.stop(1)
+        log.info("serving QEMU %s at %s (MTU %d, %s)", "-netdev stream" if stream
+                 else "-netdev dgram", path, config.mtu, config.network)
+        return server.run(on_ready=lambda: _signal_ready(opts.ready_fd))
+    finally:
+        sock.close()
+        _remove_socket_file(path, ino)

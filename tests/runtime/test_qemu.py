@@ -1,0 +1,314 @@
+"""QEMU socket back ends: the framing QEMU's -netdev stream/dgram speak, over real Unix sockets.
+
+The stack behind the link is the real one; ARP for the gateway is the probe,
+since every ARP request for 10.0.2.2 gets exactly one reply frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scapy.layers.l2 import ARP, Ether
+
+from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.qemu import (
+    MAX_FRAME,
+    QemuDgramAttachment,
+    QemuStreamAttachment,
+    bind_unix,
+)
+from pyslirp.stack.config import NetConfig
+
+GUEST_MAC = "02:00:00:00:00:01"
+OUR_MAC = "52:55:0a:00:02:02"
+
+
+def arp_request(sender_ip: str = "10.0.2.15", target: str = "10.0.2.2") -> bytes:
+    return bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff")
+                 / ARP(op=1, hwsrc=GUEST_MAC, psrc=sender_ip, pdst=target))
+
+
+def framed(frame: bytes) -> bytes:
+    return struct.pack("!I", len(frame)) + frame
+
+
+def is_arp_reply(frame: bytes, to_ip: str = "10.0.2.15") -> bool:
+    eth = Ether(frame)
+    return (ARP in eth and eth[ARP].op == 2 and eth[ARP].psrc == "10.0.2.2"
+            and eth[ARP].pdst == to_ip and eth.src == OUR_MAC)
+
+
+class StreamReader:
+    """The QEMU end of a stream: reads length-prefixed frames with a deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def frame(self, timeout: float = 5.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.buf) >= 4:
+                (n,) = struct.unpack_from("!I", self.buf)
+                assert 14 <= n <= MAX_FRAME, f"corrupt framing: length {n}"
+                if len(self.buf) >= 4 + n:
+                    frame, self.buf = self.buf[4:4 + n], self.buf[4 + n:]
+                    return frame
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no frame from pyslirp")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("pyslirp closed the connection")
+            self.buf += chunk
+
+
+class LoopThread:
+    """An event loop in a thread serving one attachment; the test plays QEMU."""
+
+    def __init__(self, factory: Callable[[asyncio.AbstractEventLoop], Attachment]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.attachment: Any = self.call(lambda: factory(self.loop))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        done: asyncio.Future[Any] = asyncio.run_coroutine_threadsafe(self._run(fn), self.loop)
+        return done.result(timeout=10)
+
+    @staticmethod
+    async def _run(fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.call(lambda: self.attachment.stack.counters))
+
+    def close(self) -> None:
+        self.call(self.attachment.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+def plain_config() -> NetConfig:
+    return NetConfig(vnet_hdr=False, offload=False, disable_dns=True)
+
+
+@pytest.fixture
+def stream_link(tmp_path: Path) -> Iterator[tuple[LoopThread, str]]:
+    path = str(tmp_path / "qemu.sock")
+    listener = bind_unix(path, socket.SOCK_STREAM)
+    server = LoopThread(lambda loop: QemuStreamAttachment(loop, listener.fileno(),
+                                                          plain_config()))
+    try:
+        yield server, path
+    finally:
+        server.close()
+        listener.close()
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    return sock
+
+
+def test_frame_split_into_single_bytes_is_reassembled(stream_link: tuple[LoopThread, str]) -> None:
+    server, path = stream_link
+    with connect(path) as qemu:
+        for byte in framed(arp_request()):
+            qemu.send(bytes([byte]))
+        assert is_arp_reply(StreamReader(qemu).frame())
+
+
+def test_many_frames_in_one_write_each_answered(stream_link: tuple[LoopThread, str]) -> None:
+    server, path = stream_link
+    with connect(path) as qemu:
+        ips = [f"10.0.2.{i}" for i in range(15, 45)]
+        qemu.sendall(b"".join(framed(arp_request(ip)) for ip in ips))
+        reader = StreamReader(qemu)
+        assert [Ether(reader.frame())[ARP].pdst for _ in ips] == ips
+
+
+def test_runt_frame_is_counted_and_framing_survives(stream_link: tuple[LoopThread, str]) -> None:
+    server, path = stream_link
+    with connect(path) as qemu:
+        qemu.sendall(framed(b"\x01\x02\x03") + framed(b"") + framed(arp_request()))
+        assert is_arp_reply(StreamReader(qemu).frame())
+    assert server.counters()["drop.rx.runt"] == 2
+
+
+def test_bad_length_drops_the_connection_and_qemu_can_reconnect(
+        stream_link: tuple[LoopThread, str], caplog: pytest.LogCaptureFixture) -> None:
+    server, path = stream_link
+    with connect(path) as qemu:
+        qemu.sendall(struct.pack("!I", MAX_FRAME + 1) + b"\0" * 64)
+        qemu.settimeout(5)
+        assert qemu.recv(100) == b""  # we hung up
+    assert "out of sync" in caplog.text and str(MAX_FRAME + 1) in caplog.text
+    with connect(path) as qemu:
+        qemu.sendall(framed(arp_request()))
+        assert is_arp_reply(StreamReader(qemu).frame())
+
+
+def test_largest_frame_is_accepted(stream_link: tuple[LoopThread, str]) -> None:
+    server, path = stream_link
+    big = arp_request() + b"\0" * (MAX_FRAME - len(arp_request()))
+    with connect(path) as qemu:
+        qemu.sendall(framed(big) + framed(arp_request("10.0.2.16")))
+        reader = StreamReader(qemu)
+        assert is_arp_reply(reader.frame(), to_ip="10.0.2.15")
+        assert is_arp_reply(reader.frame(), to_ip="10.0.2.16")
+
+
+def test_new_connection_replaces_the_old_one(stream_link: tuple[LoopThread, str]) -> None:
+    server, path = stream_link
+    old = connect(path)
+    old.sendall(framed(arp_request()))
+    assert is_arp_reply(StreamReader(old).frame())
+    with connect(path) as new:
+        new.sendall(framed(arp_request("10.0.2.16")))
+        assert is_arp_reply(StreamReader(new).frame(), to_ip="10.0.2.16")
+    old.settimeout(5)
+    assert old.recv(100) == b""
+    old.close()
+    assert server.call(lambda: server.attachment.connections) == 2
+
+
+def test_frames_while_nobody_is_connected_are_counted(stream_link: tuple[LoopThread, str]) -> None:
+    server, path = stream_link
+    server.call(lambda: server.attachment.stack.resolve_guest(bytes([10, 0, 2, 15])))
+    assert server.counters()["drop.tx.no_peer"] == 1
+
+
+def test_slow_reader_never_sees_a_cut_frame(stream_link: tuple[LoopThread, str]) -> None:
+    """A full socket buffer holds frames back whole; none is ever sent in part."""
+    server, path = stream_link
+    n = 3000
+    with connect(path) as qemu:
+        qemu.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server.call(lambda: server.attachment._conn.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
+        for i in range(0, n, 100):
+            qemu.sendall(b"".join(framed(arp_request(f"10.0.{j // 250}.{j % 250 + 1}"))
+                                  for j in range(i, i + 100)))
+        assert server.call(lambda: server.attachment._out_bytes) > 0  # really held back
+        reader = StreamReader(qemu)
+        got = [Ether(reader.frame())[ARP].pdst for _ in range(n)]
+    assert got == [f"10.0.{j // 250}.{j % 250 + 1}" for j in range(n)]
+
+
+def test_plain_frames_only() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError, match="plain frames"):
+            QemuStreamAttachment(loop, 0, NetConfig())
+    finally:
+        loop.close()
+
+
+def test_bind_refuses_to_replace_a_regular_file(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-socket"
+    path.write_text("precious")
+    with pytest.raises(OSError, match="not a socket"):
+        bind_unix(str(path), socket.SOCK_STREAM)
+    assert path.read_text() == "precious"
+
+
+def test_bind_replaces_a_stale_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    bind_unix(path, socket.SOCK_STREAM).close()  # left behind, as by a killed pyslirp
+    with bind_unix(path, socket.SOCK_STREAM), connect(path):
+        pass
+
+
+def test_dgram_one_frame_per_datagram_answered_to_the_sender(tmp_path: Path) -> None:
+    path = str(tmp_path / "pyslirp.sock")
+    sock = bind_unix(path, socket.SOCK_DGRAM)
+    server = LoopThread(lambda loop: QemuDgramAttachment(loop, sock.fileno(), plain_config()))
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    qemu.bind(str(tmp_path / "qemu.sock"))
+    qemu.settimeout(5)
+    try:
+        qemu.sendto(arp_request(), path)
+        qemu.sendto(b"\0" * 10, path)
+        qemu.sendto(arp_request("10.0.2.16"), path)
+        assert is_arp_reply(qemu.recv(MAX_FRAME))
+        assert is_arp_reply(qemu.recv(MAX_FRAME), to_ip="10.0.2.16")
+        assert server.counters()["drop.rx.runt"] == 1
+        # QEMU restarted: its socket file is gone; replies are dropped, not an error.
+        os.unlink(str(tmp_path / "qemu.sock"))
+        server.call(lambda: server.attachment.stack.resolve_guest(bytes([10, 0, 2, 15])))
+        assert server.call(lambda: server.attachment.peer) is None
+    finally:
+        qemu.close()
+        server.close()
+        sock.close()
+
+
+# --- the command line -------------------------------------------------------------------
+
+def test_cli_target_types(tmp_path: Path) -> None:
+    from pyslirp import cli
+
+    opts = cli.parse_args(["--target-type=qemu-stream", "--mtu=9000", "/run/vm.sock"])
+    assert (opts.target_type, opts.target, opts.mtu) == ("qemu-stream", "/run/vm.sock", 9000)
+    assert cli.parse_args(["--target-type", "qemu-dgram", "x"]).target_type == "qemu-dgram"
+    assert cli.parse_args(["--target-type=netns", "123"]).pid == 123
+    assert cli.parse_args(["123"]).target_type == "netns"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--target-type=bess", "x"], "--target-type must be one of netns, qemu-stream, qemu-dgram"),
+    (["--target-type=qemu-stream"], "missing SOCKET argument for --target-type=qemu-stream"),
+    (["--target-type=qemu-stream", "a", "b"], "takes one SOCKET argument, not also 'b'"),
+    (["--target-type=qemu-stream", "-c", "a"], "--configure and --macaddress apply only to"),
+    (["--target-type=qemu-dgram", "--netns-type=path", "a"],
+     "--netns-type and --userns-path apply only to --target-type=netns"),
+])
+def test_cli_target_type_errors(argv: list[str], message: str) -> None:
+    from pyslirp import cli
+
+    with pytest.raises(cli.UsageError, match=message.replace("-", r"\-")):
+        cli.parse_args(argv)
+
+
+def test_pyslirp_serves_qemu_stream_until_sigterm(tmp_path: Path) -> None:
+    """The real command: ready fd, ARP answered, SIGTERM exits 0 and removes the socket."""
+    import signal
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "vm.sock")
+    ready_r, ready_w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyslirp", "--target-type=qemu-stream", f"--ready-fd={ready_w}",
+         "--dns-upstream=127.0.0.1:9", "--pcap", str(tmp_path / "vm.pcap"), path],
+        pass_fds=(ready_w,), stderr=subprocess.PIPE, text=True)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        with connect(path) as qemu:
+            qemu.sendall(framed(arp_request()))
+            assert is_arp_reply(StreamReader(qemu).frame())
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        os.close(ready_r)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "QEMU connected" in err
+    assert not os.path.exists(path)
+    assert (tmp_path / "vm.pcap").stat().st_size > 24 + 2 * 16  # both frames captured
