@@ -299,9 +299,7 @@ def test_error_messages(argv: list[str], message: str) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["--enable-sandbox"], ["--enable-seccomp"], ["--outbound-addr=127.0.0.1"],
-    ["--outbound-addr6=::1"],
-    ["--enable-ipv6"], ["-6"], ["--no-host-loopback"],
+    ["--no-host-loopback"],
 ])
 def test_unimplemented_slirp4netns_options_are_unknown(argv: list[str]) -> None:
     message = usage_error(*argv, NOPID)
@@ -409,19 +407,19 @@ def test_help_lists_options() -> None:
                    "--macaddress", "--help", "--version", "--dns-upstream", "--pcap",
                    "--log-level", "--no-offload", "pyslirp run", "-a, --api-socket=PATH"):
         assert option in text
-    for absent in ("--enable-ipv6", "--enable-sandbox", "--enable-seccomp",
-                   "--outbound-addr"):
+    for absent in ("--no-host-loopback", "--create-sandbox"):
         assert absent not in text
 
 
 def test_version_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "git_commit", lambda: "v0.1.0-3-gabcdef0")
+    monkeypatch.setattr(cli, "_libseccomp_version", lambda: "9.8.7")
     assert cli.version_text().splitlines() == [
         "pyslirp version 0.1.0",
         "commit: v0.1.0-3-gabcdef0",
         "libslirp: pyslirp-0.1.0",
         "SLIRP_CONFIG_VERSION_MAX: 4",
-        "libseccomp: (not used)",
+        "libseccomp: 9.8.7",
     ]
 
 
@@ -673,7 +671,7 @@ def test_help_shares_slirp4netns_wording() -> None:
     ours = {" ".join(line.split()) for line in cli.USAGE.splitlines()}
     implemented = ("--configure", "--exit-fd", "--ready-fd", "--mtu", "--cidr",
                    "--disable-host-loopback", "--netns-type", "--userns-path", "--disable-dns",
-                   "--macaddress", "--help", "--version")
+                   "--macaddress", "--help", "--version", "--enable-sandbox", "--enable-seccomp")
     compared = 0
     for line in theirs.splitlines():
         option = re.search(r"--[a-z0-9-]+", line)
@@ -696,3 +694,66 @@ def test_version_has_slirp4netns_layout() -> None:
     def keys(lines: list[str]) -> list[str]:
         return [re.sub(r"^\S+ version .*", "NAME version", line).split(":")[0] for line in lines]
     assert keys(ours) == keys(theirs)
+
+
+# --- hardening and outbound options (issue 4) ----------------------------------------------
+
+@pytest.mark.parametrize("argv", [["-6"], ["--enable-ipv6"], ["--enable-ip"], ["-c6"]])
+def test_enable_ipv6_is_accepted(argv: list[str]) -> None:
+    assert parse(*argv, NOPID).enable_ipv6
+    assert not parse(NOPID).enable_ipv6
+
+
+def test_sandbox_and_seccomp_flags() -> None:
+    opts = parse("--enable-sandbox", "--enable-seccomp", NOPID)
+    assert opts.enable_sandbox and opts.enable_seccomp
+    opts = parse(NOPID)
+    assert not opts.enable_sandbox and not opts.enable_seccomp
+    assert usage_error("--enable", NOPID).startswith("option '--enable' is ambiguous")
+
+
+def test_outbound_addresses_and_interfaces() -> None:
+    opts = parse("--outbound-addr=127.0.0.2", "--outbound-addr6", "::1", NOPID)
+    assert (opts.outbound_addr, opts.outbound_addr6) == ("127.0.0.2", "::1")
+    # An interface name becomes its first address of the family (lo always has these).
+    opts = parse("--outbound-addr=lo", "--outbound-addr6=lo", NOPID)
+    assert (opts.outbound_addr, opts.outbound_addr6) == ("127.0.0.1", "::1")
+    assert parse(NOPID).outbound_addr is None
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--outbound-addr=nosuchif0"], "--outbound-addr=nosuchif0: no such interface "
+                                    "(expected an IPv4 address or an interface name)"),
+    (["--outbound-addr=::1"], "--outbound-addr=::1: not an IPv4 address"),
+    (["--outbound-addr6=127.0.0.1"], "--outbound-addr6=127.0.0.1: not an IPv6 address"),
+    (["--outbound-addr6=nosuchif0"], "--outbound-addr6=nosuchif0: no such interface "
+                                     "(expected an IPv6 address or an interface name)"),
+    (["--outbound-addr="], "--outbound-addr needs an IPv4 address or an interface name"),
+])
+def test_outbound_errors(argv: list[str], message: str) -> None:
+    assert usage_error(*argv, NOPID) == message
+
+
+def test_help_has_what_rootlesskit_and_podman_probe_for() -> None:
+    for probe in ("--netns-type", "--enable-ipv6", "--cidr", "--disable-host-loopback",
+                  "--api-socket", "--enable-sandbox", "--enable-seccomp", "--mtu",
+                  "--outbound-addr", "--outbound-addr6", "-6, --enable-ipv6"):
+        assert probe in cli.USAGE
+
+
+def test_main_warns_that_ipv6_is_not_served(runtime: FakeRuntime,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--enable-ipv6", NOPID]) == 0
+    err = capsys.readouterr().err
+    assert "pyslirp: WARNING: --enable-ipv6: IPv6 is not served yet" in err
+    assert runtime.calls[0][1].enable_ipv6
+    main([NOPID])
+    assert "IPv6" not in capsys.readouterr().err
+
+
+def test_version_reports_the_seccomp_library() -> None:
+    from pyslirp.runtime import seccomp
+
+    line = cli.version_text().splitlines()[-1]
+    version = seccomp.libseccomp_version()
+    assert line == f"libseccomp: {version or '(not installed; built-in BPF filter)'}"
