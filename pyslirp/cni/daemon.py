@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -65,6 +66,7 @@ from pyslirp.cni.plugin import (
     ERR_INVALID_CONFIG,
     ERR_NO_ATTACHMENT,
     ERR_SETUP_FAILED,
+    ERR_TRY_AGAIN,
     ERR_UNSUPPORTED_FIELD,
 )
 
@@ -121,6 +123,8 @@ class Engine:
         self._search: list[str] = []
         self._watcher: Any = None
         self._pending_close: list[int] = []
+        #: Keys whose ADD is waiting for its TAP (a second ADD is "try again").
+        self._adding: set[str] = set()
 
     # ---- DNS from resolv.conf (only for attachments without dnsUpstreams) ---------------
     def start_resolv_watcher(self) -> None:
@@ -177,7 +181,7 @@ class Engine:
                 reply: dict[str, Any] = {"ok": False, "code": ERR_ENGINE,
                                          "msg": f"bad request to the engine: {exc}"}
             else:
-                reply = self.dispatch(request)
+                reply = await self.dispatch(request)
                 await self._close_pending()
             writer.write(json.dumps(reply).encode())
             with contextlib.suppress(OSError):
@@ -187,20 +191,20 @@ class Engine:
             self.inflight -= 1
             self._maybe_idle()
 
-    def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         started = time.monotonic()
         try:
             if op == "add":
-                reply = {"ok": True, "result": self.add(request)}
+                reply = {"ok": True, "result": await self.add(request)}
             elif op == "del":
-                self.delete(request)
+                await self.delete(request)
                 reply = {"ok": True}
             elif op == "check":
-                self.check(request)
+                await self.check(request)
                 reply = {"ok": True}
             elif op == "gc":
-                self.gc(request)
+                await self.gc(request)
                 reply = {"ok": True}
             elif op == "ping":
                 reply = {"ok": True, "attachments": len(self.served),
@@ -221,7 +225,7 @@ class Engine:
         return reply
 
     # ---- ADD ------------------------------------------------------------------------
-    def add(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def add(self, req: dict[str, Any]) -> dict[str, Any]:
         from pyslirp.runtime.engine import Attachment
         from pyslirp.runtime.tap import ConfigureSpec, TapError, open_tap
         from pyslirp.stack.config import ConfigError, NetConfig, parse_cidr
@@ -246,7 +250,7 @@ class Engine:
                                    f"{ifname} in network {network} (served by pid "
                                    f"{stale['engine'].get('pid')})")
             log.info("ADD over the stale state of %s: cleaning it up first", key)
-            self._cleanup_stale(path, stale)
+            await self._cleanup_stale(path, stale)
         try:
             config = NetConfig(network=parse_cidr(s["cidr"]), mtu=s["mtu"],
                                disable_host_loopback=s["disableHostLoopback"],
@@ -258,11 +262,21 @@ class Engine:
         mac = bytes.fromhex(s["mac"].replace(":", "")) if s.get("mac") else None
         spec = ConfigureSpec(ipaddress.IPv4Interface(f"{s['address']}/{s['prefix']}"),
                              ipaddress.IPv4Address(s["gateway"]))
+        if key in self._adding:
+            raise RequestError(ERR_TRY_AGAIN, f"an ADD of container {cid} interface {ifname} "
+                               "is in progress")
+        self._adding.add(key)
         try:
-            tap = open_tap(netns, "path", tapname=ifname, mtu=s["mtu"], configure=spec, mac=mac)
+            tap = await self._in_thread(functools.partial(
+                open_tap, netns, "path", tapname=ifname, mtu=s["mtu"], configure=spec, mac=mac))
         except TapError as exc:
             raise RequestError(ERR_SETUP_FAILED, f"cannot set up {ifname} in {netns}: "
                                f"{exc}") from None
+        finally:
+            self._adding.discard(key)
+        if self.stopped.done():  # SIGTERM while the TAP was being made
+            tap.close()
+            raise RequestError(ERR_TRY_AGAIN, "the pyslirp engine is shutting down")
         try:
             config.vnet_hdr = tap.vnet_hdr
             config.offload = tap.offload
@@ -297,6 +311,17 @@ class Engine:
         self.served[key] = served
         return result
 
+    async def _in_thread(self, func: Any, *args: Any) -> Any:
+        """Run a blocking namespace helper (fork + wait) off the loop.
+
+        Opening a TAP or looking into a namespace forks a child and waits for
+        it (~10 ms, mostly the kernel registering the device); on the loop that
+        would stall every other container's traffic. The helpers are built to
+        fork from a threaded process: the child runs only their code and ends
+        in ``os._exit``.
+        """
+        return await self.loop.run_in_executor(None, func, *args)
+
     def _on_fatal(self, key: str, message: str) -> None:
         served = self.served.get(key)
         if served is None or served.dead is not None:
@@ -325,7 +350,7 @@ class Engine:
             await self.loop.run_in_executor(None, _close_fds, fds)
 
     # ---- DEL ------------------------------------------------------------------------
-    def delete(self, req: dict[str, Any]) -> None:
+    async def delete(self, req: dict[str, Any]) -> None:
         network, cid, ifname = req["network"], req["containerID"], req["ifname"]
         key = _key(network, cid, ifname)
         path = plugin.state_path(self.rundir, network, cid, ifname)
@@ -343,21 +368,22 @@ class Engine:
             # this means the lock was broken); leave its attachment alone.
             raise RequestError(ERR_ENGINE, f"attachment {key} is served by another engine "
                                f"(pid {state['engine'].get('pid')})")
-        self._cleanup_stale(path, state)
+        await self._cleanup_stale(path, state)
 
-    def _cleanup_stale(self, path: str, state: dict[str, Any]) -> None:
+    async def _cleanup_stale(self, path: str, state: dict[str, Any]) -> None:
         """Remove what a dead engine left of one attachment: the TAP if still there, the file."""
         netns, ifname = state.get("netns"), state.get("ifname")
         if isinstance(netns, str) and isinstance(ifname, str) and os.path.exists(netns):
             try:
-                done = nsops.run_in_netns(netns, nsops.remove_tap, ifname)
+                done = await self._in_thread(nsops.run_in_netns, netns, nsops.remove_tap,
+                                             ifname)
                 log.info("stale attachment %s: TAP %s", path, done)
             except OSError as exc:
                 log.warning("stale attachment %s: cannot inspect %s: %s", path, netns, exc)
         _unlink(path)
 
     # ---- CHECK ----------------------------------------------------------------------
-    def check(self, req: dict[str, Any]) -> None:
+    async def check(self, req: dict[str, Any]) -> None:
         network, cid, ifname = req["network"], req["containerID"], req["ifname"]
         key = _key(network, cid, ifname)
         served = self.served.get(key)
@@ -369,7 +395,8 @@ class Engine:
                                f"{cid} stopped: {served.dead}")
         expected = req.get("expected") or {}
         try:
-            seen = nsops.run_in_netns(req["netns"], nsops.probe_interface, ifname)
+            seen = await self._in_thread(nsops.run_in_netns, req["netns"],
+                                         nsops.probe_interface, ifname)
         except OSError as exc:
             raise RequestError(ERR_CHECK_FAILED, f"cannot inspect {req['netns']}: "
                                f"{exc}") from None
@@ -392,13 +419,13 @@ class Engine:
                                    f"{ifname} is missing")
 
     # ---- GC -------------------------------------------------------------------------
-    def gc(self, req: dict[str, Any]) -> None:
+    async def gc(self, req: dict[str, Any]) -> None:
         network = req["network"]
         keep = {_key(network, c, i) for c, i in req["valid"]}
         for key, served in list(self.served.items()):
             if served.network == network and key not in keep:
                 log.info("GC: deleting %s", key)
-                self.delete({"network": network, "containerID": served.container_id,
+                await self.delete({"network": network, "containerID": served.container_id,
                              "ifname": served.ifname})
         for path, state in plugin.list_states(self.rundir):
             if not state:
@@ -413,7 +440,7 @@ class Engine:
             if plugin.identity_alive(state.get("engine")):
                 continue  # another live engine's (see delete())
             log.info("GC: removing stale %s", key)
-            self._cleanup_stale(path, state)
+            await self._cleanup_stale(path, state)
 
     # ---- lifetime -------------------------------------------------------------------
     def _maybe_idle(self) -> None:
