@@ -30,9 +30,18 @@ Deliberate differences from slirp4netns:
 * CIDR, MTU and MAC are checked while parsing, not after: the MTU must also
   satisfy :class:`~pyslirp.stack.config.NetConfig` (68..65521, the IPv4
   minimum), which slirp4netns leaves to the kernel's ``SIOCSIFMTU``.
-* Options slirp4netns has but pyslirp does not implement yet (
-  ``--enable-ipv6``, ``--enable-sandbox``, ``--enable-seccomp``,
-  ``--outbound-addr[6]``) are unknown options, so nobody
+* ``-6``/``--enable-ipv6`` is accepted, because podman and rootlesskit
+  ``--ipv6`` always pass it, but IPv6 is not served yet: a warning on
+  stderr says so and the namespace gets IPv4 only.
+* ``--outbound-addr6=IFNAME`` looks up IFNAME (slirp4netns 1.2 looks up
+  ``--outbound-addr``'s value instead); an unknown interface or one without
+  an address of the family is a usage error naming it. Both options are
+  resolved once, at start-up, as slirp4netns does.
+* ``--enable-sandbox``/``--enable-seccomp``: see ``pyslirp.runtime.sandbox``
+  and ``pyslirp.runtime.seccomp``; seccomp additionally blocks module
+  loading, ``pivot_root``, kexec and the new mount API.
+* Options slirp4netns has but pyslirp does not implement (the deprecated
+  ``--no-host-loopback`` and ``--create-sandbox``) are unknown options, so nobody
   silently gets less isolation or a different network than asked for.
 * ``--target-type`` takes ``netns`` (the default) and pyslirp's own
   ``qemu-stream``/``qemu-dgram`` (serve a VM: the positional is the Unix
