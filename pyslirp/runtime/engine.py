@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pyslirp.runtime.ifaddrs import Outbound
 from pyslirp.runtime.pcap import PcapWriter
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.stack import Stack
@@ -90,6 +91,8 @@ class Attachment:
         self._timer_at: float | None = None
         self._closed = False
         self._faults = _faults_from_env()
+        #: ``--outbound-addr[6]``: host sockets toward the outside bind here first.
+        self.outbound = Outbound()
         self.stack = Stack(config, self._send_frame, self)
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_tap_readable)
@@ -219,6 +222,13 @@ class Attachment:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self.outbound:
+                try:
+                    self.outbound.bind(sock)
+                except OSError as exc:
+                    sock.close()
+                    last_error = exc.errno or errno.EADDRNOTAVAIL
+                    continue
             err = sock.connect_ex((host, port))
             if err not in (0, errno.EINPROGRESS):
                 sock.close()
@@ -363,6 +373,13 @@ class Attachment:
             return False
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        if self.outbound:
+            try:
+                self.outbound.bind(sock)
+            except OSError as exc:
+                sock.close()
+                log.warning("cannot bind a UDP socket to the outbound address: %s", exc.strerror)
+                return False
         flow.host_handle = sock
         self.loop.add_reader(sock.fileno(), self._udp_readable, flow, sock)
         return True
@@ -427,6 +444,12 @@ class Attachment:
                 return False  # net.ipv4.ping_group_range does not include us
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            if self.outbound:
+                try:
+                    self.outbound.bind(sock)
+                except OSError:
+                    sock.close()
+                    return False
             flow.host_handle = sock
             self.loop.add_reader(sock.fileno(), self._icmp_readable, flow, sock)
         # The kernel rewrites the identifier to the socket's own and back on replies.
@@ -486,6 +509,8 @@ class Attachment:
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setblocking(False)
+            if self.outbound:
+                self.outbound.bind(sock)
             sock.connect((host, port))
             sock.send(data)
         except OSError:
