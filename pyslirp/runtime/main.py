@@ -185,6 +185,19 @@ def serve_namespace(opts: Any) -> int:
              tap.name, opts.netns_type, opts.target, config.mtu, config.network,
              "on" if tap.vnet_hdr else "off", "on" if tap.offload else "off",
              (time.monotonic() - started) * 1000)
+    server.attachment.outbound.ipv4 = getattr(opts, "outbound_addr", None)
+    server.attachment.outbound.ipv6 = getattr(opts, "outbound_addr6", None)
+    if server.attachment.outbound:
+        log.info("outbound address: %s", " ".join(
+            a for a in (server.attachment.outbound.ipv4, server.attachment.outbound.ipv6) if a))
+    # slirp4netns's order: sockets (TAP, API) first, then sandbox and seccomp, then ready.
+    from pyslirp.runtime.sandbox import apply as apply_hardening
+
+    if not apply_hardening(opts):
+        server.stop(1)
+        status = server.run()
+        os.close(tap.fd)
+        return status
     status = server.run(on_ready=lambda: _signal_ready(opts.ready_fd))
     os.close(tap.fd)
     return status

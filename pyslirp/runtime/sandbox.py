@@ -46,6 +46,7 @@ import logging
 import os
 import pkgutil
 import platform
+from typing import Any
 
 from pyslirp.runtime import netns
 
@@ -227,10 +228,11 @@ def preload() -> list[str]:
 def create_sandbox(userns_path: str | None = None) -> None:
     """Everything ``--enable-sandbox`` does, in slirp4netns's order (irreversible).
 
+    Call :func:`preload` first: nothing can be imported afterwards.
+
     ``userns_path`` is the target's user namespace, joined first when we are
     not root (slirp4netns does the same); root ignores it.
     """
-    preload()
     if os.geteuid() != 0 and userns_path is not None:
         enter_user_namespace(userns_path)
     create_mount_sandbox()
@@ -254,3 +256,42 @@ def no_new_privs(pid: int | str = "self") -> bool:
             if line.startswith("NoNewPrivs:"):
                 return line.split()[1] == "1"
     return False  # pragma: no cover - every kernel since 4.10 reports it
+
+
+def _userns_for(opts: Any) -> str | None:
+    """The user namespace a non-root caller joins for the sandbox (slirp4netns's choice)."""
+    if getattr(opts, "userns_path", None):
+        return str(opts.userns_path)
+    pid = getattr(opts, "pid", None)
+    return f"/proc/{pid}/ns/user" if pid else None
+
+
+def apply(opts: Any) -> bool:
+    """``--enable-sandbox`` then ``--enable-seccomp`` as ``opts`` asks; False (logged) on failure.
+
+    Call once the TAP and the API socket are open and before serving; the
+    process cannot open new files outside /etc and /run afterwards, nor exec.
+    """
+    sandbox, filtered = getattr(opts, "enable_sandbox", False), \
+        getattr(opts, "enable_seccomp", False)
+    if not (sandbox or filtered):
+        return True
+    failed = preload()
+    if failed:
+        log.warning("sandbox: could not preload %s", ", ".join(failed))
+    try:
+        if sandbox:
+            create_sandbox(_userns_for(opts))
+            log.info("sandbox: new mount namespace with read-only /etc and /run; "
+                     "capabilities: CAP_NET_BIND_SERVICE only; no new privileges")
+        if filtered:
+            from pyslirp.runtime import seccomp
+
+            info = seccomp.install()
+            log.info("seccomp (%s, %s): the following syscalls will be blocked by seccomp: %s",
+                     info.backend, "kill process" if info.kill_process else "kill thread",
+                     " ".join(info.names))
+    except OSError as exc:
+        log.error("%s", exc)
+        return False
+    return True
