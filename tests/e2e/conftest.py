@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +228,7 @@ def pyslirp_argv(*args: str) -> list[str]:
     return [*(custom or [sys.executable, "-m", "pyslirp"]), *args]
 
 
-def _descendants(pid: int) -> set[int]:
+def descendants(pid: int) -> set[int]:
     """Every live process below ``pid``, from ``/proc/*/stat``."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -265,7 +265,6 @@ class Slirp:
     proc: subprocess.Popen[bytes]
     argv: list[str]
     log: Path
-    stopped: bool = field(default=False)
 
     @property
     def pid(self) -> int:
@@ -285,7 +284,6 @@ class Slirp:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
                 pytest.fail(f"pyslirp ignored signal {sig} for {timeout:.0f} s\n{self.log_text()}")
-        self.stopped = True
         return self.proc.returncode
 
 
@@ -323,12 +321,8 @@ def start_slirp(host: Host, guest: Guest, tmp_path: Path) -> Iterator[StartSlirp
         os.close(write_fd)
         slirp = Slirp(proc, argv, log)
         started.append(slirp)
-        try:
-            with os.fdopen(read_fd, "rb") as ready:
-                line = ready.read(1) if select.select([ready], [], [], READY_TIMEOUT)[0] else None
-        except OSError as exc:
-            line = None
-            print(exc)
+        with os.fdopen(read_fd, "rb") as ready:
+            line = ready.read(1) if select.select([ready], [], [], READY_TIMEOUT)[0] else None
         if line != b"1":
             why = ("exited" if proc.poll() is not None else f"not ready after {READY_TIMEOUT} s")
             pytest.fail(f"pyslirp {why} (status {proc.poll()}): {' '.join(argv)}\n"

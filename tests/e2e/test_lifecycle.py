@@ -19,8 +19,8 @@ from tests.e2e.conftest import (
     Guest,
     Host,
     StartSlirp,
-    _descendants,
     alive,
+    descendants,
     pyslirp_argv,
 )
 from tests.e2e.servers import HELLO
@@ -113,7 +113,7 @@ def test_sigterm_leaves_nothing_behind(host: Host, guest: Guest,
                          stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert client.stdout is not None and client.stdout.readline().strip() == "open"
     assert host.established_to(host.echo), "the flow should be open on the host side"
-    helpers = _descendants(slirp.pid)
+    helpers = descendants(slirp.pid)
 
     assert slirp.stop(signal.SIGTERM) == 0, slirp.log_text()
 
