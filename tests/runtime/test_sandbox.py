@@ -1,0 +1,129 @@
+"""--enable-sandbox in a forked child: what the sandboxed process can see and do, from outside.
+
+The child builds the sandbox exactly as pyslirp does (``preload`` then
+``create_sandbox``), reports what it sees, and waits; the parent reads its
+capabilities from ``/proc/PID/status`` and its root through
+``/proc/PID/root``, as an administrator would. Needs root (mount namespaces).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyslirp.runtime import sandbox
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox test needs root")
+
+NET_BIND_SERVICE = 1 << sandbox.CAP_NET_BIND_SERVICE
+
+
+def _child_report() -> dict[str, Any]:
+    report: dict[str, Any] = {"root": sorted(os.listdir("/"))}
+    with open("/etc/resolv.conf", "rb") as f:
+        report["resolv_conf"] = len(f.read())
+    for path in ("/pyslirp-test", "/etc/pyslirp-test"):
+        try:
+            open(path, "w").close()  # noqa: SIM115
+            report[path] = "writable"
+        except OSError as exc:
+            report[path] = exc.errno
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", 1023))  # privileged port: needs CAP_NET_BIND_SERVICE
+        report["bind_1023"] = "ok"
+    except OSError as exc:
+        report["bind_1023"] = exc.errno
+    finally:
+        s.close()
+    try:
+        os.chown("/etc", 0, 0)  # a no-op change, but needs CAP_CHOWN and a writable fs
+        report["chown"] = "ok"
+    except OSError as exc:
+        report["chown"] = exc.errno
+    return report
+
+
+@dataclass
+class Sandboxed:
+    pid: int
+    report: dict[str, Any]
+
+
+@pytest.fixture
+def sandboxed() -> Iterator[Sandboxed]:
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        status = 0
+        try:
+            os.close(r)
+            os.close(go_w)
+            sandbox.preload()
+            sandbox.create_sandbox()
+            os.write(w, json.dumps(_child_report()).encode() + b"\n")
+            os.close(w)
+            os.read(go_r, 1)  # wait until the parent has looked at us
+        except BaseException as exc:  # noqa: BLE001
+            os.write(w, json.dumps({"error": repr(exc)}).encode() + b"\n")
+            status = 3
+        os._exit(status)
+    os.close(w)
+    os.close(go_r)
+    try:
+        with os.fdopen(r, "rb") as f:
+            report = json.loads(f.readline())
+        assert "error" not in report, report
+        yield Sandboxed(pid, report)
+    finally:
+        os.close(go_w)
+        try:
+            _, st = os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        else:
+            if os.WIFSIGNALED(st):
+                pytest.fail(f"sandboxed child died of {signal.Signals(os.WTERMSIG(st)).name}")
+
+
+def test_only_cap_net_bind_service_is_left(sandboxed: Sandboxed) -> None:
+    caps = sandbox.capabilities(sandboxed.pid)
+    assert caps == {"CapInh": NET_BIND_SERVICE, "CapPrm": NET_BIND_SERVICE,
+                    "CapEff": NET_BIND_SERVICE, "CapBnd": NET_BIND_SERVICE, "CapAmb": 0}
+    assert sandbox.no_new_privs(sandboxed.pid)
+    assert sandboxed.report["bind_1023"] == "ok"
+    assert sandboxed.report["chown"] != "ok"
+
+
+def test_root_holds_only_read_only_etc_and_run(sandboxed: Sandboxed) -> None:
+    assert sandboxed.report["root"] == ["etc", "run"]
+    assert sorted(os.listdir(f"/proc/{sandboxed.pid}/root")) == ["etc", "run"]
+    # the same /etc as ours, readable (resolv.conf), but read-only, like the new root itself
+    assert sandboxed.report["resolv_conf"] == os.path.getsize("/etc/resolv.conf")
+    assert sandboxed.report["/pyslirp-test"] == 30  # EROFS
+    assert sandboxed.report["/etc/pyslirp-test"] == 30
+    mounts = Path(f"/proc/{sandboxed.pid}/mountinfo").read_text().splitlines()
+    by_point = {line.split()[4]: line.split()[5].split(",") for line in mounts}
+    for point in ("/", "/etc", "/run"):
+        assert "ro" in by_point[point], (point, by_point)
+    assert os.stat(f"/proc/{sandboxed.pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+
+
+def test_nothing_leaks_into_our_mount_namespace(sandboxed: Sandboxed) -> None:
+    ours = Path("/proc/self/mountinfo").read_text()
+    assert " /tmp/etc " not in ours and " /tmp/run " not in ours and " /old " not in ours
+    assert not os.path.exists("/tmp/old")
+
+
+def test_preload_imports_what_serving_needs() -> None:
+    assert sandbox.preload() == []
