@@ -347,7 +347,7 @@ def sha256_of_get(guest: Guest, url: str, client: str = "curl", timeout: float =
     """Download ``url`` inside the guest and return the sha256 of what arrived."""
     if client == "curl":
         cmd = f"curl -sS --fail --max-time {int(timeout)} {url}"
-    elif client == "wget":  # busybox's: its -T option crashes (TESTBED.md), so no timeout here
+    elif client == "busybox-wget":  # its -T option crashes (TESTBED.md), so no timeout here
         cmd = f"busybox wget -q -O - {url}"
     else:
         raise ValueError(client)
@@ -355,12 +355,18 @@ def sha256_of_get(guest: Guest, url: str, client: str = "curl", timeout: float =
     return out.split()[0]
 
 
-def post_file(guest: Guest, url: str, path: Path, timeout: float = 300) -> dict[str, Any]:
+def post_file(guest: Guest, url: str, path: Path, client: str = "curl",
+              timeout: float = 300) -> dict[str, Any]:
     """POST ``path`` from the guest; the server answers the byte count and sha256 it got."""
-    out = guest.run(["curl", "-sS", "--fail", "--max-time", str(int(timeout)), "-H", "Expect:",
-                     "-H", "Content-Type: application/octet-stream",
-                     "--data-binary", f"@{path}", url], timeout=timeout + 30).stdout
-    result: dict[str, Any] = json.loads(out)
+    if client == "curl":
+        args = ["curl", "-sS", "--fail", "--max-time", str(int(timeout)), "-H", "Expect:",
+                "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{path}", url]
+    elif client == "wget":  # GNU wget: busybox's --post-file stops at the first NUL byte
+        args = ["wget", "-q", "-O", "-", f"--timeout={int(timeout)}", "--tries=1",
+                f"--post-file={path}", url]
+    else:
+        raise ValueError(client)
+    result: dict[str, Any] = json.loads(guest.run(args, timeout=timeout + 30).stdout)
     return result
 
 

@@ -23,13 +23,14 @@ def test_small_get(host: Host, guest: Guest, slirp: Slirp) -> None:
     assert out.encode() == b"hello from the host\n"
 
 
-@pytest.mark.parametrize("client", ["curl", "wget"])
+@pytest.mark.parametrize("client", ["curl", "busybox-wget"])
 def test_get_100mb_intact(host: Host, guest: Guest, slirp: Slirp, client: str) -> None:
     assert sha256_of_get(guest, host.url("/payload"), client) == host.sha256
 
 
-def test_post_100mb_intact(host: Host, guest: Guest, slirp: Slirp) -> None:
-    got = post_file(guest, host.url("/upload"), host.payload)
+@pytest.mark.parametrize("client", ["curl", "wget"])
+def test_post_100mb_intact(host: Host, guest: Guest, slirp: Slirp, client: str) -> None:
+    got = post_file(guest, host.url("/upload"), host.payload, client)
     assert got == {"bytes": host.size, "sha256": host.sha256}
 
 
@@ -42,7 +43,7 @@ def test_get_and_post_without_offload(host: Host, guest: Guest, start_slirp: Sta
 def test_100mb_intact_under_2_percent_loss(host: Host, guest: Guest, slirp: Slirp) -> None:
     add_random_loss(guest, 2)
     assert sha256_of_get(guest, host.url("/payload"), timeout=600) == host.sha256
-    assert post_file(guest, host.url("/upload"), host.payload, timeout=600) == {
+    assert post_file(guest, host.url("/upload"), host.payload, timeout=600.0) == {
         "bytes": host.size, "sha256": host.sha256}
     dropped_in, dropped_out = loss_counts(guest)
     # The loss really happened, both ways, so recovery was exercised.
