@@ -192,7 +192,7 @@ class TcpFlow:
         "fin_out", "reading_paused",
         # timers
         "rto", "srtt", "rttvar", "rtt_seq", "rtt_time", "rto_at", "ka_at", "retries", "probes",
-        "persist", "last_rx",
+        "persist", "last_rx", "tlp_armed",
         # framing
         "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "wscale_ok",
         # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una, newest OOO seq
@@ -247,7 +247,8 @@ class TcpFlow:
         self.fin_out = False
         self.reading_paused = False
         self.rto = cfg.rto_initial
-        self.srtt = 0.0
+        self.srtt: float | None = None
+        self.tlp_armed = False
         self.rttvar = 0.0
         self.rtt_seq: int | None = None
         self.rtt_time = 0.0
@@ -428,6 +429,9 @@ class TcpFlow:
             return
         if self.snd_nxt == self.snd_una and self.snd_max == self.snd_una:
             return  # nothing outstanding: stale deadline
+        if self.tlp_armed:
+            self._tail_loss_probe(now)
+            return
         if self.snd_wnd == 0:
             # The guest closed its window on data in flight: nothing may be
             # resent, so probe it like a zero window instead of counting it dead.
@@ -450,12 +454,12 @@ class TcpFlow:
         self.rtt_seq = None  # Karn: no sample from a retransmitted segment
         self.in_recovery = False
         self.dupacks = 0
-        # Go back N: resend from the oldest unacknowledged byte.
+        # Go back N: resend from the oldest unacknowledged byte. No tail loss
+        # probe until an ACK shows progress again.
         self.snd_nxt = self.snd_una
         self.fin_out = False
+        self.rto_at = now + self.rto
         self._output(now)
-        if self.rto_at is None:
-            self.rto_at = now + self.rto
 
     def _on_idle(self, now: float) -> None:
         cfg = self.cfg
@@ -602,9 +606,9 @@ class TcpFlow:
             self.snd_max = self.snd_nxt
         if xmitted:
             self.ack_pending = False
-            if self.rto_at is None or self.persist:
+            if self.rto_at is None or self.persist or self.tlp_armed:
                 self.persist = False
-                self.rto_at = now + self.rto
+                self._restart_timer(now)
                 self._arm()
         elif (sent < buffered and self.snd_max == una and self.snd_wnd <= sent
               and not self.persist):
@@ -612,6 +616,41 @@ class TcpFlow:
             self.persist = True
             self.rto_at = now + self.rto
             self._arm()
+
+    def _restart_timer(self, now: float) -> None:
+        """Arm the retransmission timer, preceded by a tail loss probe when possible.
+
+        RFC 8985 7 (TLP): a Linux guest whose reader lags delays its ACK (up to
+        200 ms), and the last frames of a flight may be lost with nothing after
+        them to cause duplicate ACKs. A probe after two smoothed RTTs elicits an
+        immediate ACK (with SACK/D-SACK) instead of waiting for the RTO.
+        """
+        if self.srtt is not None and not self.in_recovery:
+            pto = 2 * self.srtt
+            if pto < 0.01:
+                pto = 0.01
+            if pto < self.rto:
+                self.tlp_armed = True
+                self.rto_at = now + pto
+                return
+        self.tlp_armed = False
+        self.rto_at = now + self.rto
+
+    def _tail_loss_probe(self, now: float) -> None:
+        """Resend the last in-flight segment once (RFC 8985 7.3), then wait for the RTO."""
+        self.tlp_armed = False
+        self.rto_at = now + self.rto
+        flight = (self.snd_max - self.snd_una) & _M
+        data = min(flight, self.sq_end - self.una_pos)
+        if data <= 0:
+            return
+        self.link.count("tcp.tlp")
+        n = data if data < self.mss else self.mss
+        off = data - n
+        flags = ACK | PSH
+        if off + n == self.sq_end - self.una_pos and self.fin_seq is not None:
+            flags |= FIN
+        self._xmit(flags, (self.snd_una + off) & _M, self._collect(self.una_pos + off, n), n)
 
     def _fin_sent(self) -> None:
         self.fin_out = True
@@ -838,8 +877,9 @@ class TcpFlow:
         self.dupacks = 0
         if self.snd_max == ack:
             self.rto_at = None
+            self.tlp_armed = False
         else:
-            self.rto_at = now + self.rto
+            self._restart_timer(now)
         self._mark()
         if fin_acked:
             state = self.state
@@ -868,7 +908,7 @@ class TcpFlow:
 
     def _rtt_sample(self, r: float) -> None:
         # RFC 6298 2.2 / 2.3
-        if self.srtt == 0.0:
+        if self.srtt is None:
             self.srtt = r
             self.rttvar = r / 2
         else:

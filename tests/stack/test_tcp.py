@@ -351,10 +351,27 @@ def test_retransmission_with_exponential_backoff_then_give_up() -> None:
                 assert o.seq == first.seq and o.data == b"lost"
                 times.append(("rtx", h.clock.now - start))
     kinds = [k for k, _ in times]
-    assert kinds == ["rtx"] * 4 + ["rst"]
-    gaps = [t2 - t1 for (_, t1), (_, t2) in zip(times, times[1:], strict=False)]
+    # One tail loss probe, then max_retries timeouts, then the reset.
+    assert kinds == ["rtx"] * 5 + ["rst"]
+    assert h.link.counters["tcp.tlp"] == 1 and h.link.counters["tcp.rto"] == 4
+    gaps = [t2 - t1 for (_, t1), (_, t2) in zip(times[1:], times[2:], strict=False)]
     assert all(g2 > g1 * 1.5 for g1, g2 in zip(gaps, gaps[1:], strict=False))
     assert h.host.closed[flow] is True and len(h.engine) == 0
+
+
+def test_tail_loss_probe_elicits_the_ack_a_lagging_guest_would_delay() -> None:
+    h = Harness()
+    flow, ours = h.connect()
+    flow.host_data(b"x" * 3000, h.clock.now)
+    h.out()
+    h.send(A, ack=ours + 1000)  # an RTT sample; then the guest goes quiet
+    h.out()
+    h.clock.advance(0.05)  # far less than the 200 ms minimum RTO
+    (probe,) = h.out()
+    assert probe.seq == ours + 3000 - 1460 and len(probe.data) == 1460
+    h.send(A, ack=ours + 3000)  # the probe's ACK shows nothing was lost
+    h.clock.advance(5)
+    assert h.out() == [] and h.link.counters["tcp.rto"] == 0
 
 
 def test_three_duplicate_acks_trigger_fast_retransmit() -> None:
