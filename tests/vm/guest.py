@@ -1,0 +1,194 @@
+"""A small Linux guest for QEMU, made from Debian's packages: kernel, e1000 module, busybox.
+
+* :func:`debian_kernel` gives the path of a Debian 12 kernel and its e1000
+  module, fetched once with ``apt-get download`` + ``dpkg -x`` (nothing is
+  installed) into a cache directory the test runs share
+  (``$PYSLIRP_TEST_CACHE``, default ``~/.cache/pyslirp-tests``); only the two
+  files are kept, under the package's name, so a kernel update fetches anew.
+* :func:`build_initramfs` writes an uncompressed ``newc`` cpio archive (the
+  format the kernel unpacks into its rootfs) holding busybox-static, the
+  module and an ``/init`` script. Written here rather than with cpio(1):
+  it's 30 lines and needs nothing installed.
+* :func:`run_qemu` boots it under TCG (no KVM needed) with the serial
+  console in a file the test reads.
+
+The init script does the guest's side of the test and reports on the console
+with lines starting ``VM:``; see ``INIT`` below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+CACHE = Path(os.environ.get("PYSLIRP_TEST_CACHE",
+                            Path.home() / ".cache" / "pyslirp-tests"))
+BUSYBOX = "/bin/busybox"
+GUEST_MAC = "52:54:00:12:34:56"
+
+#: The guest's part. Ports come on the kernel command line (vmtest_*=...).
+INIT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /etc /www /usr/bin /usr/sbin /sbin
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+    vmtest_http=*) HTTP="${word#*=}" ;;
+    vmtest_fwd=*) FWD="${word#*=}" ;;
+    esac
+done
+echo "VM: booted $(uname -r)"
+insmod /e1000.ko || echo "VM: insmod failed"
+ip link set lo up
+ip link set eth0 up
+echo "VM: mac $(cat /sys/class/net/eth0/address)"
+udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /udhcpc.script || echo "VM: no lease"
+echo "VM: dns $(nslookup test.pyslirp 10.0.2.3 2>&1 | tr '\n' ' ')"
+if wget -q -O /tmp/payload "http://10.0.2.2:$HTTP/payload"; then
+    echo "VM: payload $(sha256sum /tmp/payload)"
+else
+    echo "VM: payload fetch failed"
+fi
+if [ "$FWD" = 1 ]; then
+    dd if=/dev/urandom of=/www/guest.bin bs=1024 count=256 2>/dev/null
+    httpd -p 8080 -h /www
+    echo "VM: serving $(sha256sum /www/guest.bin)"
+    # The host connects to the second forwarded port when it is done with us.
+    nc -l -p 8081 >/dev/null
+fi
+echo "VM: done"
+poweroff -f
+"""
+
+UDHCPC_SCRIPT = r"""#!/bin/busybox sh
+case "$1" in
+bound|renew)
+    ifconfig "$interface" "$ip" netmask "$subnet"
+    route add default gw "$router" dev "$interface"
+    echo "nameserver $dns" > /etc/resolv.conf
+    echo "VM: lease $ip mask $subnet router $router dns $dns mtu $mtu"
+    ;;
+esac
+"""
+
+
+def _run(*args: str, cwd: Path | None = None) -> str:
+    return subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True,
+                          timeout=600).stdout
+
+
+def _kernel_package() -> str:
+    """The linux-image-6.1.0-N-amd64 that Debian's linux-image-amd64 points at now."""
+    for attempt in range(2):
+        try:
+            out = _run("apt-cache", "depends", "linux-image-amd64")
+        except subprocess.CalledProcessError:
+            out = ""
+        m = re.search(r"Depends: (linux-image-6\.1\.0-\d+-amd64)\b", out)
+        if m:
+            return m.group(1)
+        if attempt == 0 and os.geteuid() == 0:
+            _run("apt-get", "update", "-q")  # a fresh machine has no package lists yet
+    raise RuntimeError("apt-cache knows no linux-image-6.1.0-*-amd64 (run apt-get update)")
+
+
+def debian_kernel() -> tuple[Path, Path]:
+    """(vmlinuz, e1000.ko) of Debian 12's current kernel, from the cache or fetched."""
+    for found in sorted(CACHE.glob("linux-image-6.1.0-*-amd64")):
+        if (found / "vmlinuz").exists() and (found / "e1000.ko").exists():
+            return found / "vmlinuz", found / "e1000.ko"
+    package = _kernel_package()
+    dest = CACHE / package
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)  # apt's _apt user writes the download here
+        _run("apt-get", "download", "-q", package, cwd=work)
+        [deb] = work.glob("*.deb")
+        _run("dpkg-deb", "-x", str(deb), str(work / "root"))
+        [vmlinuz] = (work / "root" / "boot").glob("vmlinuz-*")
+        [e1000] = (work / "root" / "lib" / "modules").glob(
+            "*/kernel/drivers/net/ethernet/intel/e1000/e1000.ko")
+        staged = work / "staged"
+        staged.mkdir()
+        shutil.copy(vmlinuz, staged / "vmlinuz")
+        shutil.copy(e1000, staged / "e1000.ko")
+        for old in CACHE.glob("linux-image-6.1.0-*-amd64"):
+            shutil.rmtree(old, ignore_errors=True)
+        staged.rename(dest)
+    return dest / "vmlinuz", dest / "e1000.ko"
+
+
+def _cpio_entry(name: str, mode: int, data: bytes, ino: int) -> bytes:
+    """One ``newc`` record: 110-byte ASCII header, name + NUL, data, each 4-aligned."""
+    fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
+    header = b"070701" + b"".join(b"%08X" % f for f in fields)
+    out = header + name.encode() + b"\0"
+    out += b"\0" * (-len(out) % 4)
+    out += data + b"\0" * (-len(data) % 4)
+    return out
+
+
+def build_initramfs(path: Path, e1000: Path) -> None:
+    files = [
+        ("bin", 0o040755, b""),
+        ("bin/busybox", 0o100755, Path(BUSYBOX).read_bytes()),
+        ("bin/sh", 0o120777, b"busybox"),
+        ("init", 0o100755, INIT.encode()),
+        ("udhcpc.script", 0o100755, UDHCPC_SCRIPT.encode()),
+        ("e1000.ko", 0o100644, e1000.read_bytes()),
+    ]
+    with open(path, "wb") as f:
+        for ino, (name, mode, data) in enumerate(files, start=1):
+            f.write(_cpio_entry(name, mode, data, ino))
+        f.write(_cpio_entry("TRAILER!!!", 0, b"", 0))
+
+
+def qemu_command(vmlinuz: Path, initrd: Path, netdev: str, console: Path,
+                 cmdline: str) -> list[str]:
+    return [
+        "qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-m", "256", "-smp", "1",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(vmlinuz), "-initrd", str(initrd),
+        "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 {cmdline}",
+        "-serial", f"file:{console}", "-monitor", "none",
+        "-netdev", netdev,
+        # romfile=: no PXE option ROM (we boot -kernel; ipxe-qemu need not be installed).
+        "-device", f"e1000,netdev=n0,mac={GUEST_MAC},romfile=",
+    ]
+
+
+class Console:
+    """The guest's serial console as it is written, read line by line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def text(self) -> str:
+        try:
+            return self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: str, proc: subprocess.Popen[bytes],
+                 timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern, re.M)
+        while True:
+            m = rx.search(self.text())
+            if m:
+                return m
+            if proc.poll() is not None:
+                raise AssertionError(f"QEMU exited ({proc.returncode}) before /{pattern}/; "
+                                     f"console:\n{self.text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no /{pattern}/ on the console within {timeout:.0f} s;"
+                                     f" console:\n{self.text()}")
+            time.sleep(0.2)
