@@ -35,9 +35,13 @@ given (tests point it at a server on loopback), otherwise to the nameservers
 of ``/etc/resolv.conf`` (``PYSLIRP_RESOLV_CONF`` overrides the path), re-read
 when it changes.
 
-What it deliberately does not do: port forwarding (``runtimeConfig.portMappings``
-is refused with a clear error until the engine can forward ports, issue 4),
-and IPv6.
+Port mappings (``runtimeConfig.portMappings``, what the portmap plugin reads
+and ``podman run -p`` sends) become host ports of the engine forwarded into
+the container by :class:`pyslirp.runtime.hostfwd.HostForwarder`, closed on
+DEL; a pyslirp without that module refuses them with a clear error.
+
+What it deliberately does not do: IPv6, and port ranges beyond what the
+runtime spells out one mapping at a time.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pyslirp.cni import nsops, plugin
@@ -99,7 +103,8 @@ class Served:
     explicit_dns: bool
     explicit_search: bool
     dead: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: The host ports of runtimeConfig.portMappings (a HostForwarder), if any.
+    forwarder: Any = None
 
 
 def _key(network: str, cid: str, ifname: str) -> str:
@@ -226,6 +231,27 @@ class Engine:
 
     # ---- ADD ------------------------------------------------------------------------
     async def add(self, req: dict[str, Any]) -> dict[str, Any]:
+        s = req["settings"]
+        network, cid, ifname = s["network"], req["containerID"], req["ifname"]
+        key = _key(network, cid, ifname)
+        if s.get("portMappings") and _forwarder_class() is None:
+            raise RequestError(ERR_UNSUPPORTED_FIELD,
+                               "unsupported field runtimeConfig.portMappings: this pyslirp "
+                               "has no port forwarding (pyslirp.runtime.hostfwd); remove the "
+                               "-p/portMappings")
+        if key in self.served:
+            raise RequestError(ERR_EXISTS, f"container {cid} already has interface {ifname} "
+                               f"in network {network}")
+        if key in self._adding:
+            raise RequestError(ERR_TRY_AGAIN, f"an ADD of container {cid} interface {ifname} "
+                               "is in progress")
+        self._adding.add(key)
+        try:
+            return await self._add(req, key)
+        finally:
+            self._adding.discard(key)
+
+    async def _add(self, req: dict[str, Any], key: str) -> dict[str, Any]:
         from pyslirp.runtime.engine import Attachment
         from pyslirp.runtime.tap import ConfigureSpec, TapError, open_tap
         from pyslirp.stack.config import ConfigError, NetConfig, parse_cidr
@@ -233,16 +259,7 @@ class Engine:
         s = req["settings"]
         network, cid, ifname, netns = s["network"], req["containerID"], req["ifname"], \
             req["netns"]
-        if s.get("portMappings"):
-            raise RequestError(ERR_UNSUPPORTED_FIELD,
-                               "unsupported field runtimeConfig.portMappings: the pyslirp "
-                               "engine cannot forward ports yet (issue 4); remove the -p/"
-                               "portMappings or the portMappings capability")
-        key = _key(network, cid, ifname)
         path = plugin.state_path(self.rundir, network, cid, ifname)
-        if key in self.served:
-            raise RequestError(ERR_EXISTS, f"container {cid} already has interface {ifname} "
-                               f"in network {network}")
         stale = plugin.read_state(path)
         if stale is not None:
             if plugin.identity_alive(stale.get("engine")):
@@ -262,18 +279,12 @@ class Engine:
         mac = bytes.fromhex(s["mac"].replace(":", "")) if s.get("mac") else None
         spec = ConfigureSpec(ipaddress.IPv4Interface(f"{s['address']}/{s['prefix']}"),
                              ipaddress.IPv4Address(s["gateway"]))
-        if key in self._adding:
-            raise RequestError(ERR_TRY_AGAIN, f"an ADD of container {cid} interface {ifname} "
-                               "is in progress")
-        self._adding.add(key)
         try:
             tap = await self._in_thread(functools.partial(
                 open_tap, netns, "path", tapname=ifname, mtu=s["mtu"], configure=spec, mac=mac))
         except TapError as exc:
             raise RequestError(ERR_SETUP_FAILED, f"cannot set up {ifname} in {netns}: "
                                f"{exc}") from None
-        finally:
-            self._adding.discard(key)
         if self.stopped.done():  # SIGTERM while the TAP was being made
             tap.close()
             raise RequestError(ERR_TRY_AGAIN, "the pyslirp engine is shutting down")
@@ -288,28 +299,52 @@ class Engine:
         served = Served(key=key, network=network, container_id=cid, ifname=ifname,
                         netns=netns, state_path=path, tap_fd=tap.fd, attachment=attachment,
                         explicit_dns=bool(s["dnsUpstreams"]), explicit_search=bool(s["search"]))
-        mac_text = ":".join(f"{b:02x}" for b in tap.mac)
-        result = {
-            "cniVersion": plugin.CURRENT_VERSION,
-            "interfaces": [{"name": tap.name, "mac": mac_text, "mtu": tap.mtu,
-                            "sandbox": netns}],
-            "ips": [{"address": f"{s['address']}/{s['prefix']}", "gateway": s["gateway"],
-                     "interface": 0}],
-            "routes": [{"dst": "0.0.0.0/0", "gw": s["gateway"]}],
-            "dns": s["dns"],
-        }
-        state = {"version": 1, "network": network, "containerID": cid, "ifname": ifname,
-                 "netns": netns, "engine": self.identity, "result": result,
-                 "created": time.time()}
         try:
-            plugin.write_state(path, state)
-        except OSError as exc:
-            attachment.close()
-            tap.close()
-            raise RequestError(ERR_SETUP_FAILED, f"cannot write state {path}: "
-                               f"{exc.strerror}") from None
+            served.forwarder = self._forward_ports(attachment, s)
+            mac_text = ":".join(f"{b:02x}" for b in tap.mac)
+            result = {
+                "cniVersion": plugin.CURRENT_VERSION,
+                "interfaces": [{"name": tap.name, "mac": mac_text, "mtu": tap.mtu,
+                                "sandbox": netns}],
+                "ips": [{"address": f"{s['address']}/{s['prefix']}", "gateway": s["gateway"],
+                         "interface": 0}],
+                "routes": [{"dst": "0.0.0.0/0", "gw": s["gateway"]}],
+                "dns": s["dns"],
+            }
+            state = {"version": 1, "network": network, "containerID": cid, "ifname": ifname,
+                     "netns": netns, "engine": self.identity, "result": result,
+                     "portMappings": s.get("portMappings") or [], "created": time.time()}
+            try:
+                plugin.write_state(path, state)
+            except OSError as exc:
+                raise RequestError(ERR_SETUP_FAILED, f"cannot write state {path}: "
+                                   f"{exc.strerror}") from None
+        except BaseException:
+            self._close(served)
+            await self._close_pending()
+            raise
         self.served[key] = served
         return result
+
+    def _forward_ports(self, attachment: Any, s: dict[str, Any]) -> Any:
+        """Open the host ports of ``runtimeConfig.portMappings`` (as the portmap plugin's)."""
+        mappings = s.get("portMappings") or []
+        if not mappings:
+            return None
+        forwarder_class = _forwarder_class()
+        assert forwarder_class is not None  # checked before the TAP was made
+        forwarder = forwarder_class(attachment)
+        for m in mappings:
+            host_ip = m["hostIP"] or "0.0.0.0"
+            try:
+                forwarder.add(m["protocol"], host_ip, m["hostPort"], s["address"],
+                              m["containerPort"])
+            except OSError as exc:
+                forwarder.close()
+                raise RequestError(ERR_SETUP_FAILED, f"cannot forward {m['protocol']} port "
+                                   f"{host_ip}:{m['hostPort']}: "
+                                   f"{exc.strerror or exc}") from None
+        return forwarder
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:
         """Run a blocking namespace helper (fork + wait) off the loop.
@@ -332,6 +367,10 @@ class Engine:
         self.loop.create_task(self._close_pending())
 
     def _close(self, served: Served) -> None:
+        if served.forwarder is not None:
+            with contextlib.suppress(Exception):
+                served.forwarder.close()
+            served.forwarder = None
         with contextlib.suppress(Exception):
             served.attachment.close()
         if served.tap_fd >= 0:
@@ -480,6 +519,15 @@ class Engine:
         self.served.clear()
         fds, self._pending_close = self._pending_close, []
         _close_fds(fds)
+
+
+def _forwarder_class() -> Any:
+    """pyslirp.runtime.hostfwd.HostForwarder, or None in a pyslirp without port forwarding."""
+    try:
+        from pyslirp.runtime.hostfwd import HostForwarder
+    except ImportError:
+        return None
+    return HostForwarder
 
 
 def _close_fds(fds: list[int]) -> None:

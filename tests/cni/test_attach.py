@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -154,17 +156,69 @@ def test_add_fails_cleanly_when_the_name_is_taken(runtime_factory: Any, netns_fa
     assert ns.link("eth0") is not None  # the veth is left alone
 
 
-def test_port_mappings_are_refused_until_the_engine_forwards(runtime_factory: Any,
-                                                             netns_factory: Any,
-                                                             rundir: str) -> None:
+ECHO_SERVER = """
+import socket, sys, threading
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("0.0.0.0", 8080)); t.listen(8)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 5300))
+def udp():
+    while True:
+        data, peer = u.recvfrom(2048)
+        u.sendto(b"udp:" + data, peer)
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+while True:
+    c, _ = t.accept()
+    c.sendall(b"tcp:" + c.recv(2048)); c.close()
+"""
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_port_mappings_forward_host_ports(runtime_factory: Any, netns_factory: Any,
+                                          rundir: str) -> None:
     ns = netns_factory()
     rt = runtime_factory(slirp_conflist(capabilities={"portMappings": True}))
-    out = rt.add("pm", ns.path, runtime_config={
-        "portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]})
-    assert out.code == plugin.ERR_UNSUPPORTED_FIELD and "portMappings" in out.msg
+    tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    mappings = [{"hostPort": tcp_port, "containerPort": 8080, "protocol": "tcp",
+                 "hostIP": "127.0.0.1"},
+                {"hostPort": udp_port, "containerPort": 5300, "protocol": "udp",
+                 "hostIP": "127.0.0.1"}]
+    out = rt.add("pm", ns.path, runtime_config={"portMappings": mappings})
+    assert out.ok, out.doc
+    server = ns.popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as c:
+        c.sendall(b"ping")
+        assert c.recv(100) == b"tcp:ping"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(10)
+        u.sendto(b"ping", ("127.0.0.1", udp_port))
+        assert u.recvfrom(100)[0] == b"udp:ping"
+    assert rt.delete("pm", ns.path, runtime_config={"portMappings": mappings}).ok
+    with pytest.raises(ConnectionRefusedError), \
+            socket.create_connection(("127.0.0.1", tcp_port), timeout=10):
+        pass
+
+
+def test_port_mapping_on_a_taken_port_fails_cleanly(runtime_factory: Any, netns_factory: Any,
+                                                    rundir: str) -> None:
+    ns = netns_factory()
+    rt = runtime_factory(slirp_conflist(capabilities={"portMappings": True}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = rt.add("busy", ns.path, runtime_config={"portMappings": [
+            {"hostPort": port, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.1"}]})
+    assert out.code == plugin.ERR_SETUP_FAILED and str(port) in out.msg, out.doc
     assert ns.link("eth0") is None and states(rundir) == []
-    assert rt.add("pm", ns.path, runtime_config={"portMappings": []}).ok
-    assert rt.delete("pm", ns.path).ok
+    assert rt.add("busy", ns.path, runtime_config={"portMappings": []}).ok
+    assert rt.delete("busy", ns.path).ok
 
 
 def test_netns_path_kinds(runtime_factory: Any, netns_factory: Any, http_port: int) -> None:
