@@ -403,6 +403,13 @@ def serve_qemu(opts: Any) -> int:
 
     stream = opts.target_type == "qemu-stream"
     path = str(opts.target)
+    if getattr(opts, "enable_sandbox", False) or getattr(opts, "enable_seccomp", False):
+        # The sandbox pivots into a root without the socket's directory (the file could
+        # not be removed at exit) and joins the target's user namespace, which a VM has
+        # not got; refusing beats running with less isolation than asked for.
+        log.error("--enable-sandbox and --enable-seccomp are not supported with "
+                  "--target-type=%s", opts.target_type)
+        return 1
     config: NetConfig = opts.net_config()
     config.vnet_hdr = False
     config.offload = False
@@ -424,6 +431,9 @@ def serve_qemu(opts: Any) -> int:
     try:
         if opts.exit_fd is not None:
             server.watch_fd_for_exit(opts.exit_fd)
+        outbound = server.attachment.outbound
+        outbound.ipv4 = getattr(opts, "outbound_addr", None)
+        outbound.ipv6 = getattr(opts, "outbound_addr6", None)
         if opts.api_socket:
             try:
                 server.serve_api(opts.api_socket)
