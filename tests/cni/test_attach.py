@@ -372,3 +372,20 @@ def test_plugin_run_inside_a_rootless_runtimes_user_namespace(cni_bin: str, env:
         assert out.ok, out.doc
         assert ns.link("eth0") is None
         assert wait_until(lambda: engine_gone(rundir))
+
+
+def test_netns_deleted_before_del(runtime_factory: Any, rundir: str) -> None:
+    """Runtimes often delete the namespace first: CHECK then fails, DEL still cleans up."""
+    rt = runtime_factory(slirp_conflist())
+    ns = NetNS("cni-gone")
+    path = ns.path
+    try:
+        assert rt.add("gone", path).ok
+    finally:
+        ns.close()
+    out = rt.check("gone", path)
+    assert out.code == plugin.ERR_INVALID_ENV and "CNI_NETNS" in out.msg, out.doc
+    assert rt.delete("gone", path).ok
+    assert rt.delete("gone", None).ok
+    assert states(rundir) == []
+    assert wait_until(lambda: engine_gone(rundir))
