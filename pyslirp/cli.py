@@ -97,6 +97,7 @@ _DNS, _LOG = DEFAULT_DNS_PORT, DEFAULT_LOG_LEVEL
 USAGE = f"""\
 Usage: {PROG} [OPTION]... PID|PATH [TAPNAME]
        {PROG} run [RUN-OPTION]... [--] COMMAND [ARG]...
+       {PROG} shim install DIR  (write DIR/slirp4netns, which execs {PROG}; see 'shim --help')
        {PROG} kubevirt-sidecar [--help]  (KubeVirt's slirp network binding hook sidecar)
 User-mode networking for unprivileged network namespaces.
 
@@ -709,6 +710,10 @@ def main(argv: list[str] | None = None) -> int:
     """The ``pyslirp`` console entry point; returns the process exit status."""
     if argv is None:
         argv = sys.argv[1:]
+    if argv and argv[0] == "shim":
+        from pyslirp.shim import main as shim_main
+
+        return shim_main(argv[1:])
     if argv and argv[0] == "cni":
         # `pyslirp cni install DIR`: the CNI plugin's own small parser (pyslirp.cni).
         from pyslirp.cni.install import main as cni_main
