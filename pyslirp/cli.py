@@ -111,7 +111,8 @@ User-mode networking for unprivileged network namespaces.
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
 --netns-type=TYPE        specify network namespace type ([path|pid], default={DEFAULT_NETNS_TYPE})
 --userns-path=PATH       specify user namespace path
---enable-sandbox         create a new mount namespace (and drop all caps except CAP_NET_BIND_SERVICE if running as the root)
+--enable-sandbox         create a new mount namespace (and drop all caps except \
+CAP_NET_BIND_SERVICE if running as the root)
 --enable-seccomp         enable seccomp to limit syscalls
 --outbound-addr=IPv4     sets outbound ipv4 address (or interface name) to bound to
 --outbound-addr6=IPv6    sets outbound ipv6 address (or interface name) to bound to
