@@ -1227,8 +1227,12 @@ class TcpEngine:
         self.cur_ip: Ipv4Packet | None = None
 
     def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool) -> None:
-        """One TCP/IPv4 packet from the guest."""
-        if ip.is_fragment:
+        """One TCP/IPv4 packet from the guest (its buffer is not kept after return).
+
+        ``checksum_verified``: the link vouched for the TCP checksum (vnet
+        NEEDS_CSUM/DATA_VALID), so it is not summed here.
+        """
+        if ip.flags_frag & 0x3FFF:  # MF or a fragment offset: the stack reassembles
             self.link.count("tcp.drop.fragment")
             return
         try:
@@ -1241,6 +1245,7 @@ class TcpEngine:
         if flow is not None:
             self.cur_ip = ip
             flow._segment(seg, now)
+            self.cur_ip = None  # the runtime reuses the frame's buffer
             return
         if seg.flags & (SYN | ACK | RST) == SYN:
             self._new_syn(ip, seg, key, now)

@@ -882,3 +882,68 @@ def test_window_closed_on_data_in_flight_is_probed_not_given_up() -> None:
     assert len(h.engine) == 1
     h.send(A, ack=ours, window=100)
     assert b"".join(o.data for o in h.out()) == b"A" * 1000
+
+
+def test_guest_rst_while_connecting_aborts_the_host_connect() -> None:
+    h = Harness()
+    h.send(S, options=wtcp.syn_options(mss=1460))
+    flow = h.host.calls[0][1]
+    h.send(R, seq=h.gseq + 1)
+    assert h.host.closed[flow] is True and len(h.engine) == 0 and h.engine.half_open == 0
+    flow.host_connected(h.clock.now)  # a late report changes nothing
+    assert h.out() == []
+
+
+def test_flow_table_limit_drops_new_syns() -> None:
+    h = Harness(cfg=TcpConfig(max_flows=2))
+    h.connect(sport=1)
+    h.connect(sport=2)
+    h.send(S, sport=3)
+    assert len(h.engine) == 2 and h.link.counters["tcp.drop.max_flows"] == 1
+    assert h.out() == []
+
+
+def test_unanswered_zero_window_probes_give_up() -> None:
+    h = Harness(cfg=TcpConfig(max_retries=3))
+    flow, ours = h.connect(window=0)
+    flow.host_data(b"stuck", h.clock.now)
+    h.clock.advance(600)  # the guest vanished
+    outs = h.out()
+    assert [o.flags & R for o in outs].count(R) == 1 and outs[-1].flags & R
+    assert h.host.closed[flow] is True and len(h.engine) == 0
+
+
+def test_backlog_nobody_reads_after_the_guest_left_is_dropped_in_the_end() -> None:
+    h = Harness(cfg=TcpConfig(drain_timeout=30))
+    h.host.accept = 0
+    flow, ours = h.connect()
+    flow.host_eof(h.clock.now)
+    h.send(A | F, ack=ours + 1, data=b"never read")
+    assert flow.state == TIME_WAIT and flow not in h.host.closed
+    h.clock.advance(10)
+    assert len(h.engine) == 1  # still trying to hand the data over
+    h.clock.advance(60)
+    assert h.host.closed[flow] is True and len(h.engine) == 0
+    assert h.link.counters["tcp.drain_timeout"] == 1
+
+
+def test_rst_in_time_wait_is_ignored() -> None:
+    h = Harness()
+    flow, ours = h.connect()
+    flow.host_eof(h.clock.now)
+    h.send(A | F, ack=ours + 1)
+    assert flow.state == TIME_WAIT
+    h.send(R, seq=h.gseq + 1)
+    assert len(h.engine) == 1 and flow.state == TIME_WAIT
+
+
+def test_host_data_before_the_handshake_completes_is_sent_after_it() -> None:
+    h = Harness()
+    h.send(S, options=wtcp.syn_options(mss=1460, wscale=7))
+    flow = h.host.calls[0][1]
+    flow.host_connected(h.clock.now)
+    synack = h.expect_one()
+    flow.host_data(b"220 smtp ready\r\n", h.clock.now)  # the server speaks first
+    assert h.out() == []
+    h.send(A, seq=h.gseq + 1, ack=synack.seq + 1)
+    assert h.expect_one().data == b"220 smtp ready\r\n"
