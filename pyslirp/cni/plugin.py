@@ -737,8 +737,6 @@ def engine_request(rundir: str, environ: dict[str, str], request: dict[str, Any]
     import time  # only on this path: it is cheap, but most verbs never get here
 
     deadline = time.monotonic() + ENGINE_START_TIMEOUT
-    spawned = False
-    delay = 0.002
     while True:
         sock = _connect(rundir)
         if sock is not None:
@@ -748,14 +746,44 @@ def engine_request(rundir: str, environ: dict[str, str], request: dict[str, Any]
             # Closed without an answer: the engine was going idle. Nothing was done; retry.
         elif not start:
             return None
-        elif not spawned:
-            spawn_engine(rundir, environ)
-            spawned = True
+        else:
+            _start_engine(rundir, environ, deadline)
         if time.monotonic() > deadline:
             raise CniError(ERR_ENGINE, f"the pyslirp engine did not start within "
                            f"{ENGINE_START_TIMEOUT:g} s; see {rundir}/engine.log")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+
+
+def _start_engine(rundir: str, environ: dict[str, str], deadline: float) -> None:
+    """Start an engine and wait until it listens, unless another plugin already did.
+
+    Plugins run in parallel for different containers (20 ADDs at once on a
+    fresh node); an flock on ``RUNDIR/spawn.lock`` makes one of them start the
+    engine while the others wait for it, instead of 20 engines racing for the
+    engine lock.
+    """
+    import fcntl
+    import time
+
+    os.makedirs(attachments_dir(rundir), mode=0o700, exist_ok=True)
+    lock = os.open(os.path.join(rundir, "spawn.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                   0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sock = _connect(rundir)
+        if sock is not None:
+            sock.close()  # started by whoever held the lock before us
+            return
+        spawn_engine(rundir, environ)
+        delay = 0.002
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            sock = _connect(rundir)
+            if sock is not None:
+                sock.close()
+                return
+    finally:
+        os.close(lock)
 
 
 def _reply_ok(reply: dict[str, Any]) -> dict[str, Any]:

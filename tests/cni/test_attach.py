@@ -308,7 +308,9 @@ def test_engine_killed_then_del_and_gc_clean_up(runtime_factory: Any, netns_fact
 
     out = rt.check("k1", spaces["k1"].path)
     assert out.code == plugin.ERR_ENGINE_GONE and "gone" in out.msg
-    # The TAP died with the engine's fds; simulate one that is still there for k2.
+    # The TAP dies with the engine's fds (the kernel finishes that a moment later);
+    # then simulate one that is still there for k2.
+    assert wait_until(lambda: spaces["k2"].link("eth0") is None)
     spaces["k2"].run(["ip", "tuntap", "add", "dev", "eth0", "mode", "tap"])
     for cid in ("k1", "k2"):
         assert rt.delete(cid, spaces[cid].path).ok
