@@ -285,6 +285,9 @@ def test_twenty_containers_at_once(runtime_factory: Any, netns_factory: Any, htt
     assert all(o.ok for o in outs), [o.doc for o in outs if not o.ok]
     engines = {state["engine"]["pid"] for _path, state in plugin.list_states(rundir)}
     assert len(engines) == 1 and len(states(rundir)) == 20  # one engine serves them all
+    with open(os.path.join(rundir, "engine.log")) as f:
+        log = f.read()
+    assert log.count(" serving ") == 1 and "another engine" not in log  # and only one started
     with ThreadPoolExecutor(20) as pool:
         got = list(pool.map(lambda ns: curl(ns, http_port), spaces.values()))
     assert [g.stdout for g in got] == [HTTP_BODY.decode()] * 20, [g.stderr for g in got]
