@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +129,45 @@ def test_nothing_leaks_into_our_mount_namespace(sandboxed: Sandboxed) -> None:
 
 def test_preload_imports_what_serving_needs() -> None:
     assert sandbox.preload() == []
+
+
+def test_unprivileged_caller_sandboxes_inside_the_targets_user_namespace() -> None:
+    # slirp4netns's rootless path: as nobody, join the target's user namespace (root there),
+    # then build the same sandbox. The child plays both the rootless stack and its target.
+    sandbox.preload()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net",
+                                       "sleep", "60"])
+            try:
+                ours = os.stat("/proc/self/ns/user").st_ino
+                while os.stat(f"/proc/{holder.pid}/ns/user").st_ino == ours:
+                    time.sleep(0.005)
+                userns = f"/proc/{holder.pid}/ns/user"
+                sandbox.create_sandbox(userns)
+                os.write(w, json.dumps({"root": sorted(os.listdir("/")),
+                                        "euid": os.geteuid()}).encode() + b"\n")
+                time.sleep(0.5)  # let the parent look at us
+            finally:
+                holder.kill()
+                holder.wait()
+        except BaseException as exc:  # noqa: BLE001
+            os.write(w, json.dumps({"error": repr(exc)}).encode() + b"\n")
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        report = json.loads(f.readline())
+    try:
+        assert report == {"root": ["etc", "run"], "euid": 0}
+        caps = sandbox.capabilities(pid)  # relative to the joined user namespace
+        assert caps["CapEff"] == NET_BIND_SERVICE and caps["CapBnd"] == NET_BIND_SERVICE
+        uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split("\n")[0].split()
+        assert uids == ["65534"] * 4  # root in there is still nobody out here
+    finally:
+        os.waitpid(pid, 0)
