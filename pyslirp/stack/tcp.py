@@ -175,8 +175,13 @@ def _wsum(addr: bytes) -> int:
 class TcpFlow:
     """One guest TCP connection and its host counterpart.
 
-    The runtime calls the ``host_*`` methods; everything else is driven by the
-    engine. ``host_handle`` is free for the runtime (its socket object).
+    The runtime calls the ``host_*`` methods (each takes ``now``; none raises,
+    and each is a no-op once the flow is closed); everything else is driven by
+    the engine. ``host_handle`` is free for the runtime (its socket object);
+    ``guest_addr``/``guest_port``/``remote_addr``/``remote_port`` name the
+    connection (addresses as 4-byte ``bytes``). After ``host.tcp_close`` the
+    engine makes no more host calls for the flow, and after
+    ``host_connect_failed`` none at all.
     """
 
     __slots__ = (
@@ -1160,7 +1165,11 @@ class TcpFlow:
         return self.cfg.rcv_buf - self.backlog_len - self.ooo_len
 
     def host_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
-        """Bytes read from the host socket (at most ``host_read_budget()``)."""
+        """Bytes read from the host socket (at most ``host_read_budget()``).
+
+        ``bytes`` are kept by reference until the guest acknowledges them (and
+        handed to the link as slices); any other buffer is copied first.
+        """
         if self.state not in _SND_STATES and self.state not in _HALF_OPEN or self.fin_queued:
             return
         n = len(data)
@@ -1208,7 +1217,15 @@ class TcpFlow:
 
 
 class TcpEngine:
-    """All TCP flows of one stack; see the module docstring."""
+    """All TCP flows of one stack; see the module docstring.
+
+    The stack calls :meth:`handle` for every TCP/IPv4 packet from the guest,
+    :meth:`flush` after each batch of frames or host events (coalesced ACKs
+    and the output they unblock go out there), and :meth:`close_all` at
+    shutdown. ``policy(dst_ip, dst_port)`` maps a destination to the host
+    targets to connect to, or None to refuse it (ICMP net-unreachable).
+    Counters go to ``link.count`` under ``tcp.*``.
+    """
 
     def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
                  policy: Policy, tcp_config: TcpConfig | None = None,
