@@ -394,3 +394,39 @@ def test_netns_deleted_before_del(runtime_factory: Any, rundir: str) -> None:
     assert rt.delete("gone", None).ok
     assert states(rundir) == []
     assert wait_until(lambda: engine_gone(rundir))
+
+
+def test_engine_is_detached_from_the_plugin(cni_bin: str, env: dict[str, str], rundir: str,
+                                            netns_factory: Any) -> None:
+    """Own session, stdio on /dev/null and the log, none of the runtime's descriptors."""
+    ns = netns_factory()
+    leaked_r, leaked_w = os.pipe()  # an inheritable descriptor the "runtime" leaks to us
+    os.set_inheritable(leaked_r, True)
+    os.set_inheritable(leaked_w, True)
+    envs = {**os.environ, **env, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "det",
+            "CNI_NETNS": ns.path, "CNI_IFNAME": "eth0", "CNI_PATH": cni_bin}
+    try:
+        proc = subprocess.Popen([os.path.join(cni_bin, "slirp")], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=envs,
+                                pass_fds=(leaked_r, leaked_w))
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        runtime_pipes = {os.fstat(f.fileno()).st_ino
+                         for f in (proc.stdin, proc.stdout, proc.stderr)}
+        out, err = proc.communicate(b'{"cniVersion": "1.1.0", "name": "slirptest", '
+                                    b'"type": "slirp"}', timeout=60)
+        assert proc.returncode == 0, err
+        pid = engine_pid(rundir)
+        assert pid is not None
+        links = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(
+            f"/proc/{pid}/fd")}
+        assert links[0] == links[1] == "/dev/null"
+        assert links[2] == os.path.join(rundir, "engine.log")
+        leaked = {f"pipe:[{ino}]" for ino in runtime_pipes | {os.fstat(leaked_r).st_ino}}
+        assert not leaked & set(links.values())
+        assert os.getsid(pid) != os.getsid(0)
+    finally:
+        os.close(leaked_r)
+        os.close(leaked_w)
+    conf = {"cniVersion": "1.1.0", "name": "slirptest", "type": "slirp"}
+    assert exec_plugin(cni_bin, "slirp", "DEL", conf, container_id="det", netns=ns.path,
+                       ifname="eth0", extra_env=env).ok
