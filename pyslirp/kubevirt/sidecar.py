@@ -1,10 +1,220 @@
-"""``pyslirp kubevirt-sidecar``: KubeVirt's hook gRPC server (work in progress)."""
+"""``pyslirp kubevirt-sidecar``: KubeVirt's slirp network binding, served by pyslirp.
+
+Theory of operation
+-------------------
+KubeVirt runs a network binding plugin's ``sidecarImage`` next to
+virt-launcher in the VM's pod, with a shared volume at
+``/var/run/kubevirt-hooks``. virt-launcher dials every socket there, calls
+``kubevirt.hooks.info.Info/Info`` and then, for the newest Callbacks version
+the hook lists, the hook points it subscribed to. This server listens on
+``/var/run/kubevirt-hooks/slirp.sock`` (``--socket``) and answers:
+
+* ``Info``: name ``network-slirp-binding``, versions v1alpha1, v1alpha2 and
+  v1alpha3, hook points ``OnDefineDomain`` and ``Shutdown`` (virt-launcher
+  calls Shutdown only on v1alpha3, which it prefers).
+* ``OnDefineDomain`` (every version): read the VMI, start or reuse one
+  pyslirp stack per NIC bound to the plugin (``pyslirp.kubevirt.stacks``),
+  and return the domain XML with QEMU connected to it
+  (``pyslirp.kubevirt.domain``). Bad input is ``INVALID_ARGUMENT`` with the
+  reason and nothing started; a stack that can't start (a port in use) is
+  ``FAILED_PRECONDITION``. Either way no domain comes back, so virt-launcher
+  never defines a half-edited one.
+* ``PreCloudInitIso``: hands the cloud-init data back unchanged (it is in
+  the service, but not subscribed).
+* ``Shutdown`` (v1alpha3): stop the stacks, answer, and exit 0, which is how
+  a sidecar container ends when its VM does.
+
+SIGTERM/SIGINT do the same as Shutdown. gRPC handlers run on a small thread
+pool; the stack manager serialises what they do to the stacks.
+
+The plugin's name (the ``binding.name`` a VMI's interface uses) is
+``NETWORK_BINDING_PLUGIN_NAME`` from the environment (KubeVirt sets it for
+binding sidecars), else ``slirp``; ``--plugin-name`` overrides both.
+"""
 
 from __future__ import annotations
 
-import sys
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import stat
+import threading
+from concurrent import futures
+from typing import Any
+
+from pyslirp.kubevirt import domain
+from pyslirp.kubevirt.domain import HookError
+from pyslirp.kubevirt.stacks import StackError, StackManager
+
+log = logging.getLogger("pyslirp")
+
+DEFAULT_SOCKET = "/var/run/kubevirt-hooks/slirp.sock"
+HOOK_NAME = "network-slirp-binding"
+DATA_SUBDIR = "pyslirp"
+
+
+class HookServer:
+    """The hook's behaviour, independent of gRPC plumbing (tests call it directly too)."""
+
+    def __init__(self, stacks: StackManager, plugin: str, on_shutdown: Any = None) -> None:
+        self.stacks = stacks
+        self.plugin = plugin
+        self._on_shutdown = on_shutdown
+        self._messages: dict[str, Any] = {}
+
+    def info(self, result_cls: Any) -> Any:
+        result = result_cls(name=HOOK_NAME, versions=list(domain_versions()))
+        for point in ("OnDefineDomain", "Shutdown"):
+            result.hookPoints.add(name=point, priority=0)
+        return result
+
+    def on_define_domain(self, domain_xml: bytes, vmi_json: bytes) -> bytes:
+        """The edited domain; HookError/StackError say why not."""
+        ifaces = domain.slirp_interfaces(vmi_json, self.plugin)
+        # Check the XML before starting anything: bad input must leave no stack behind.
+        domain.edit_domain(domain_xml, [])
+        sockets = self.stacks.ensure(ifaces)
+        return domain.edit_domain(domain_xml, [(i, sockets[i.name]) for i in ifaces])
+
+    def shutdown(self) -> None:
+        self.stacks.stop_all()
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+
+
+def domain_versions() -> tuple[str, ...]:
+    from pyslirp.kubevirt.hookapi import VERSIONS
+
+    return VERSIONS
+
+
+def _handlers(hooks: HookServer, grpc: Any) -> list[Any]:
+    from pyslirp.kubevirt.hookapi import SERVICES
+
+    def unary(request_cls: Any, fn: Any) -> Any:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=request_cls.FromString,
+            response_serializer=lambda message: message.SerializeToString())
+
+    def info(response_cls: Any) -> Any:
+        def call(_request: Any, _context: Any) -> Any:
+            log.info("kubevirt: Info called")
+            return hooks.info(response_cls)
+        return call
+
+    def on_define_domain(version: str, response_cls: Any) -> Any:
+        def call(request: Any, context: Any) -> Any:
+            log.info("kubevirt: OnDefineDomain (%s) called", version)
+            try:
+                xml = hooks.on_define_domain(request.domainXML, request.vmi)
+            except HookError as exc:
+                log.error("kubevirt: OnDefineDomain: %s", exc)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except StackError as exc:
+                log.error("kubevirt: OnDefineDomain: %s", exc)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return response_cls(domainXML=xml)
+        return call
+
+    def pre_cloud_init_iso(response_cls: Any) -> Any:
+        def call(request: Any, _context: Any) -> Any:
+            return response_cls(cloudInitNoCloudSource=request.cloudInitNoCloudSource,
+                                cloudInitData=request.cloudInitData)
+        return call
+
+    def shutdown(response_cls: Any) -> Any:
+        def call(_request: Any, _context: Any) -> Any:
+            log.info("kubevirt: Shutdown called; stopping the stacks and exiting")
+            hooks.shutdown()
+            return response_cls()
+        return call
+
+    handlers = []
+    for service, methods in SERVICES.items():
+        version = service.split(".")[2]
+        table = {}
+        for method, (request_cls, response_cls) in methods.items():
+            if method == "Info":
+                fn = info(response_cls)
+            elif method == "OnDefineDomain":
+                fn = on_define_domain(version, response_cls)
+            elif method == "PreCloudInitIso":
+                fn = pre_cloud_init_iso(response_cls)
+            else:
+                fn = shutdown(response_cls)
+            table[method] = unary(request_cls, fn)
+        handlers.append(grpc.method_handlers_generic_handler(service, table))
+    return handlers
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pyslirp kubevirt-sidecar",
+        description="KubeVirt's slirp network binding hook sidecar: serves the hook gRPC API "
+                    "and gives each VM NIC bound to the plugin a pyslirp stack over "
+                    "QEMU's -netdev stream.")
+    parser.add_argument("--socket", default=DEFAULT_SOCKET,
+                        help=f"the hook socket (default {DEFAULT_SOCKET})")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"where QEMU's sockets go (default: SOCKET's directory/"
+                             f"{DATA_SUBDIR}; must be visible to the compute container)")
+    parser.add_argument("--plugin-name", default=None,
+                        help="the binding name interfaces use (default "
+                             "$NETWORK_BINDING_PLUGIN_NAME, else slirp)")
+    parser.add_argument("--dns-upstream", action="append", default=[], metavar="HOST[:PORT]",
+                        help="the stacks' DNS upstream instead of the pod's resolv.conf; "
+                             "repeatable")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    print("pyslirp: kubevirt-sidecar is not available yet", file=sys.stderr)
-    return 1
+    args = _parse_args(argv)
+    from pyslirp.cli import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        import grpc
+    except ImportError:
+        log.error("kubevirt-sidecar needs grpcio and protobuf: pip install 'pyslirp[kubevirt]'")
+        return 1
+    plugin = args.plugin_name or os.environ.get("NETWORK_BINDING_PLUGIN_NAME") \
+        or domain.DEFAULT_PLUGIN_NAME
+    path = os.path.abspath(args.socket)
+    data_dir = args.data_dir or os.path.join(os.path.dirname(path), DATA_SUBDIR)
+    stop = threading.Event()
+    stacks = StackManager(data_dir, dns_upstreams=args.dns_upstream)
+    hooks = HookServer(stacks, plugin, on_shutdown=stop.set)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers(_handlers(hooks, grpc))
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # left by a sidecar that was killed
+    except FileNotFoundError:
+        pass
+    try:
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise RuntimeError("gRPC could not bind it")
+    except RuntimeError as exc:
+        log.error("cannot listen on %s: %s", path, exc)
+        stacks.close()
+        return 1
+    server.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _s, _f: stop.set())
+    log.info("kubevirt: hook server on %s (plugin name %s, QEMU sockets in %s)",
+             path, plugin, data_dir)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        # Let an in-flight Shutdown answer before the process goes.
+        server.stop(grace=2).wait(5)
+        stacks.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        log.info("kubevirt: hook server stopped")
+    return 0

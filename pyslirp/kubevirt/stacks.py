@@ -1,0 +1,245 @@
+"""The sidecar's pyslirp stacks: one ``pyslirp --target-type=qemu-stream`` process per NIC.
+
+Theory of operation
+-------------------
+Each NIC gets its own pyslirp process (the same program and the same code
+path as ``pyslirp --target-type=qemu-stream SOCKET``), listening on
+``DATA_DIR/NAME.sock``. DATA_DIR is a subdirectory of the hook directory,
+which the sidecar and virt-launcher's compute container share, so QEMU
+reaches the socket at the same path; it is not the hook directory itself,
+since virt-launcher dials every entry there as a hook. The socket is made
+world-connectable (0666) because QEMU may run as another user than the
+sidecar; only the pod's containers that mount the hook volume can see it.
+
+The process runs in the sidecar's network namespace, which is the pod's:
+the VM's flows leave from the pod's address and the forwarded ports are the
+pod's ports, as with KubeVirt's own slirp. Its DNS upstreams and search
+domains come from the pod's resolv.conf (watched, as for a namespace) unless
+the sidecar was given ``--dns-upstream``.
+
+Start-up is synchronous and checked: :meth:`StackManager.ensure` returns
+only once the process wrote its ready byte (the socket listens, so QEMU can
+connect the moment the domain starts) and every declared port was added
+through the stack's private API socket (slirp4netns's ``add_hostfwd``, to
+the guest's DHCP address). Anything failing stops that process again and
+raises :class:`StackError` with the reason, so a domain is never returned
+pointing at a stack that is not there.
+
+Calls repeat (virt-launcher defines the domain again on restarts and
+updates): a running stack whose settings are unchanged is reused as is; one
+whose settings changed is replaced. Lifetime: each process also watches an
+``--exit-fd`` pipe whose other end only the sidecar holds, so if the sidecar
+dies, even by SIGKILL, its stacks exit too. :meth:`StackManager.stop_all`
+closes those pipes (a clean exit), waits, and escalates to SIGTERM/SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from pyslirp.kubevirt.domain import SlirpInterface
+
+log = logging.getLogger("pyslirp")
+
+READY_TIMEOUT = 15.0
+STOP_TIMEOUT = 5.0
+
+
+class StackError(RuntimeError):
+    """A stack could not be started or configured; the message says why."""
+
+
+@dataclass
+class _Stack:
+    iface: SlirpInterface
+    proc: subprocess.Popen[bytes]
+    exit_w: int
+    socket_path: str
+    api_path: str
+
+
+def api_request(path: str, request: dict[str, object], timeout: float = 10.0) -> dict[str, object]:
+    """One slirp4netns-API request on ``path``; the decoded JSON reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(request).encode())
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    decoded = json.loads(reply)
+    if not isinstance(decoded, dict):
+        raise ValueError(f"unexpected API reply {reply!r}")
+    return decoded
+
+
+class StackManager:
+    """Starts, reuses and stops the per-NIC pyslirp processes; thread-safe."""
+
+    def __init__(self, data_dir: str, *, dns_upstreams: list[str] | None = None,
+                 command: list[str] | None = None, ready_timeout: float = READY_TIMEOUT) -> None:
+        self.data_dir = data_dir
+        self.dns_upstreams = list(dns_upstreams or [])
+        self.command = command or [sys.executable, "-m", "pyslirp"]
+        self.ready_timeout = ready_timeout
+        self._stacks: dict[str, _Stack] = {}
+        self._lock = threading.Lock()
+        self._run_dir = tempfile.mkdtemp(prefix="pyslirp-kubevirt-")
+
+    def socket_path(self, iface: SlirpInterface) -> str:
+        return os.path.join(self.data_dir, f"{iface.name}.sock")
+
+    def running(self) -> dict[str, int]:
+        """NIC name -> pid of its live stack."""
+        with self._lock:
+            return {n: s.proc.pid for n, s in self._stacks.items() if s.proc.poll() is None}
+
+    def ensure(self, ifaces: list[SlirpInterface]) -> dict[str, str]:
+        """Make every NIC's stack run with its settings; NIC name -> socket path."""
+        with self._lock:
+            started: list[str] = []
+            try:
+                for iface in ifaces:
+                    current = self._stacks.get(iface.name)
+                    if current is not None and current.iface == iface \
+                            and current.proc.poll() is None \
+                            and os.path.exists(current.socket_path):
+                        log.info("kubevirt: interface %s: reusing pyslirp (pid %d)",
+                                 iface.name, current.proc.pid)
+                        continue
+                    if current is not None:
+                        log.info("kubevirt: interface %s: settings changed or pyslirp gone; "
+                                 "restarting it", iface.name)
+                        self._stop(self._stacks.pop(iface.name))
+                    self._stacks[iface.name] = self._start(iface)
+                    started.append(iface.name)
+            except BaseException:
+                for name in started:  # all or nothing for this call
+                    self._stop(self._stacks.pop(name))
+                raise
+            return {i.name: self._stacks[i.name].socket_path for i in ifaces}
+
+    def _start(self, iface: SlirpInterface) -> _Stack:
+        os.makedirs(self.data_dir, mode=0o755, exist_ok=True)
+        sock = self.socket_path(iface)
+        api = os.path.join(self._run_dir, f"{iface.name}.api")
+        ready_r, ready_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        args = [*self.command, "--target-type=qemu-stream", f"--cidr={iface.network}",
+                f"--api-socket={api}", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
+                *(f"--dns-upstream={u}" for u in self.dns_upstreams), sock]
+        try:
+            proc = subprocess.Popen(args, pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            for fd in (ready_r, ready_w, exit_r, exit_w):
+                os.close(fd)
+            raise StackError(f"cannot run pyslirp for interface {iface.name}: {exc}") from None
+        os.close(ready_w)
+        os.close(exit_r)
+        stack = _Stack(iface, proc, exit_w, sock, api)
+        try:
+            self._wait_ready(stack, ready_r)
+            os.chmod(sock, 0o666)
+            for port in iface.ports:
+                self._forward(stack, port.protocol, port.port)
+        except BaseException:
+            self._stop(stack)
+            raise
+        finally:
+            os.close(ready_r)
+        log.info("kubevirt: interface %s: pyslirp (pid %d) on %s, network %s, ports %s",
+                 iface.name, proc.pid, sock, iface.network,
+                 " ".join(f"{p.port}/{p.protocol}" for p in iface.ports) or "none")
+        return stack
+
+    def _wait_ready(self, stack: _Stack, ready_r: int) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StackError(f"pyslirp for interface {stack.iface.name} did not get ready "
+                                 f"within {self.ready_timeout:.0f} s")
+            readable, _, _ = select.select([ready_r], [], [], min(left, 0.2))
+            if readable:
+                if os.read(ready_r, 1) == b"1":
+                    return
+                break  # EOF: it exited (or closed the fd) without saying ready
+            if stack.proc.poll() is not None:
+                break
+        status = stack.proc.wait(timeout=STOP_TIMEOUT)
+        raise StackError(f"pyslirp for interface {stack.iface.name} exited with status "
+                         f"{status} before it was ready (its log is in the sidecar's)")
+
+    def _forward(self, stack: _Stack, protocol: str, port: int) -> None:
+        try:
+            reply = api_request(stack.api_path, {"execute": "add_hostfwd", "arguments": {
+                "proto": protocol, "host_addr": "0.0.0.0", "host_port": port,
+                "guest_addr": stack.iface.guest_address, "guest_port": port}})
+        except (OSError, ValueError) as exc:
+            raise StackError(f"interface {stack.iface.name}: cannot forward port "
+                             f"{port}/{protocol.upper()}: {exc}") from None
+        if "return" not in reply:
+            desc = _get_desc(reply)
+            if "slirp_add_hostfwd failed" in desc:
+                desc = "the pod's port is in use"
+            raise StackError(f"interface {stack.iface.name}: cannot forward port "
+                             f"{port}/{protocol.upper()}: {desc}")
+
+    def _stop(self, stack: _Stack) -> None:
+        with contextlib.suppress(OSError):
+            os.close(stack.exit_w)  # the clean way: pyslirp exits when its exit fd says EOF
+        proc = stack.proc
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None and proc.poll() is None:
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(OSError):
+            if stat_is_socket(stack.socket_path):
+                os.unlink(stack.socket_path)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            for name in list(self._stacks):
+                stack = self._stacks.pop(name)
+                log.info("kubevirt: interface %s: stopping pyslirp (pid %d)", name,
+                         stack.proc.pid)
+                self._stop(stack)
+
+    def close(self) -> None:
+        self.stop_all()
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.data_dir)  # only if empty: never anybody else's files
+
+
+def stat_is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _get_desc(reply: dict[str, object]) -> str:
+    error = reply.get("error")
+    if isinstance(error, dict):
+        return str(error.get("desc", reply))
+    return str(reply)
