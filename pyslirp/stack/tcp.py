@@ -876,7 +876,9 @@ class TcpFlow:
         elif self.cwnd < self.ssthresh:
             self.cwnd += d
         else:
-            self.cwnd += max(1, self.mss * self.mss // self.cwnd)
+            # Congestion avoidance with byte counting (RFC 3465): one ACK may
+            # cover a whole GSO frame, so grow by the bytes it acknowledges.
+            self.cwnd += self.mss * d // self.cwnd + 1
         if self.cwnd > self.cfg.snd_buf:
             self.cwnd = self.cfg.snd_buf
         self.dupacks = 0

@@ -947,3 +947,25 @@ def test_host_data_before_the_handshake_completes_is_sent_after_it() -> None:
     assert h.out() == []
     h.send(A, seq=h.gseq + 1, ack=synack.seq + 1)
     assert h.expect_one().data == b"220 smtp ready\r\n"
+
+
+def test_sending_rate_regrows_after_a_loss_when_acks_cover_whole_frames() -> None:
+    h = Harness()
+    flow, ours = h.connect(window=60000)
+    flow.host_data(bytes(3_000_000), h.clock.now)
+    h.out()
+    # Three duplicate ACKs halve the flight; each round the guest then ACKs all
+    # it got with one ACK (as it does per GSO frame).
+    acked = ours
+    for _ in range(3):
+        h.send(A, ack=acked, window=60000)
+    h.out()
+    first = last = 0
+    for rnd in range(40):
+        flow_before = flow.snd_max
+        h.send(A, ack=flow_before, window=60000)
+        sent = sum(len(o.data) for o in h.out())
+        if rnd == 1:
+            first = sent
+        last = sent
+    assert last > first + 20 * 1460
