@@ -96,6 +96,9 @@ UNSUPPORTED_RUNTIME_KEYS = frozenset({"ips", "ipRanges", "bandwidth", "infiniban
 ENGINE_START_TIMEOUT = 20.0
 ENGINE_REPLY_TIMEOUT = 60.0
 
+#: engine.log is moved to engine.log.1 when an engine starts and finds it bigger.
+LOG_ROTATE_BYTES = 4 << 20
+
 DAEMON_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
                "from pyslirp.cni.daemon import main; sys.exit(main(sys.argv[2:]))")
 
@@ -709,6 +712,11 @@ def spawn_engine(rundir: str, environ: dict[str, str]) -> None:
     argv = [python, "-c", DAEMON_BOOT, package_root(), "--rundir", rundir]
     env = {k: v for k, v in environ.items() if not k.startswith("CNI_")}
     log_path = os.path.join(rundir, "engine.log")
+    try:
+        if os.stat(log_path).st_size > LOG_ROTATE_BYTES:
+            os.replace(log_path, log_path + ".1")  # one old generation is enough
+    except OSError:
+        pass
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child's coverage is not collected
         try:
