@@ -141,6 +141,8 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
                        sha256=info["sha256"], payload=Path(info["payload"]))
         finally:
             err.close()
+            # 100 MB per session run; pytest keeps the last few temp dirs around.
+            (state / "payload.bin").unlink(missing_ok=True)
 
 
 # ---- the guest side -----------------------------------------------------------------

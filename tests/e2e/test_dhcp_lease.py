@@ -60,7 +60,7 @@ def test_dhclient_gets_the_slirp_lease(bare_tap: Guest) -> None:
                            "-pf", str(tmp / "dhclient.pid"), TAP],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: out.exists() or proc.poll() is not None, timeout=60,
+        wait_for(lambda: out.exists() or proc.poll() is not None, timeout=60, interval=0.05,
                  what="dhclient to bind a lease")
         assert out.exists(), f"dhclient exited {proc.returncode}: {proc.stderr.read()}"
     finally:
