@@ -327,3 +327,19 @@ def test_dumps_round_trips_arbitrary_documents() -> None:
         assert plugin.loads(json.dumps(doc)) == doc
 
     check()
+
+
+def test_pyslirp_cni_install(tmp_path: Any) -> None:
+    target = tmp_path / "opt-cni-bin"
+    proc = subprocess.run([sys.executable, "-m", "pyslirp", "cni", "install", str(target)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    exe = target / "slirp"
+    assert proc.stdout.strip() == str(exe)
+    assert os.access(exe, os.X_OK)
+    assert exe.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
+    out = exec_plugin(str(target), "slirp", "VERSION", b"")
+    assert out.ok and out.doc["supportedVersions"] == ALL_VERSIONS
+    bad = subprocess.run([sys.executable, "-m", "pyslirp", "cni", "frob"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
