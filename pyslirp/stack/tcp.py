@@ -630,7 +630,10 @@ class TcpFlow:
         them to cause duplicate ACKs. A probe after two smoothed RTTs elicits an
         immediate ACK (with SACK/D-SACK) instead of waiting for the RTO.
         """
-        if self.srtt is not None and not self.in_recovery:
+        if (self.srtt is not None and not self.in_recovery
+                and ((self.snd_max - self.snd_una) & _M) > self.mss):
+            # (With one segment in flight the guest may delay its ACK by design,
+            # RFC 8985 7.2: leave that to the RTO.)
             pto = 2 * self.srtt
             if pto < 0.01:
                 pto = 0.01

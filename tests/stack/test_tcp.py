@@ -351,10 +351,11 @@ def test_retransmission_with_exponential_backoff_then_give_up() -> None:
                 assert o.seq == first.seq and o.data == b"lost"
                 times.append(("rtx", h.clock.now - start))
     kinds = [k for k, _ in times]
-    # One tail loss probe, then max_retries timeouts, then the reset.
-    assert kinds == ["rtx"] * 5 + ["rst"]
-    assert h.link.counters["tcp.tlp"] == 1 and h.link.counters["tcp.rto"] == 4
-    gaps = [t2 - t1 for (_, t1), (_, t2) in zip(times[1:], times[2:], strict=False)]
+    # One small segment in flight may see a delayed ACK: no tail loss probe,
+    # just max_retries timeouts, then the reset.
+    assert kinds == ["rtx"] * 4 + ["rst"]
+    assert h.link.counters["tcp.tlp"] == 0 and h.link.counters["tcp.rto"] == 4
+    gaps = [t2 - t1 for (_, t1), (_, t2) in zip(times, times[1:], strict=False)]
     assert all(g2 > g1 * 1.5 for g1, g2 in zip(gaps, gaps[1:], strict=False))
     assert h.host.closed[flow] is True and len(h.engine) == 0
 
