@@ -99,6 +99,23 @@ class Server:
             self.loop.call_later(_RESOLV_CHECK_INTERVAL, self._recheck_resolv_conf)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
+        self.api: Any = None
+        self.forwarder: Any = None
+
+    def serve_api(self, path: str) -> None:
+        """slirp4netns --api-socket: serve its JSON API (port forwarding) at ``path``.
+
+        The socket is created owner-only and removed when the server stops;
+        raises OSError (pyslirp.api.ApiError) if it cannot be created.
+        """
+        from pyslirp.api import ApiHandler, ApiServer
+        from pyslirp.runtime.hostfwd import HostForwarder
+
+        forwarder = HostForwarder(self.attachment)
+        handler = ApiHandler(forwarder, str(self.config.network.network_address + 100))
+        self.api = ApiServer(self.loop, path, handler)
+        self.forwarder = forwarder
+        log.info("API socket at %s", path)
 
     def set_dns(self, upstreams: list[tuple[str, int]], search: list[str]) -> None:
         self.attachment.stack.dns.upstreams = list(upstreams)
@@ -133,6 +150,10 @@ class Server:
         try:
             self.loop.run_until_complete(self._stopped)
         finally:
+            if self.api is not None:
+                self.api.close()
+            if self.forwarder is not None:
+                self.forwarder.close()
             self.attachment.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(sig)
@@ -181,6 +202,15 @@ def serve_namespace(opts: Any) -> int:
                     dns_upstreams=opts.dns_upstreams)
     if opts.exit_fd is not None:
         server.watch_fd_for_exit(opts.exit_fd)
+    if getattr(opts, "api_socket", None):
+        try:
+            server.serve_api(opts.api_socket)
+        except OSError as exc:
+            log.error("%s", exc)
+            server.stop(1)
+            status = server.run()
+            os.close(tap.fd)
+            return status
     log.info("serving %s in %s %s (MTU %d, %s, vnet header %s, offload %s) after %.0f ms",
              tap.name, opts.netns_type, opts.target, config.mtu, config.network,
              "on" if tap.vnet_hdr else "off", "on" if tap.offload else "off",
