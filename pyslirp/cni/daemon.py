@@ -38,7 +38,13 @@ when it changes.
 Port mappings (``runtimeConfig.portMappings``, what the portmap plugin reads
 and ``podman run -p`` sends) become host ports of the engine forwarded into
 the container by :class:`pyslirp.runtime.hostfwd.HostForwarder`, closed on
-DEL; a pyslirp without that module refuses them with a clear error.
+DEL; a pyslirp without that module refuses them with a clear error. (Rootful
+podman reserves the published host ports itself right after ADD, for the
+portmap plugin's iptables DNAT, so there the two collide and podman gives up.)
+
+Blocking work (forking into a namespace to open a TAP or inspect it, closing
+a TAP, which waits for the kernel to unregister it) runs in worker threads,
+so an ADD or DEL never stalls the traffic of the other containers.
 
 What it deliberately does not do: IPv6, and port ranges beyond what the
 runtime spells out one mapping at a time.
