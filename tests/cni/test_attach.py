@@ -273,6 +273,9 @@ def test_check_notices_a_missing_route_and_address(runtime_factory: Any,
     ns.run(["ip", "addr", "flush", "dev", "eth0"])
     out = rt.check("chk", ns.path)
     assert out.code == plugin.ERR_CHECK_FAILED and "address" in out.msg
+    ns.run(["ip", "link", "del", "eth0"])
+    out = rt.check("chk", ns.path)
+    assert not out.ok and "eth0" in out.msg, out.doc
     assert rt.delete("chk", ns.path).ok
 
 
