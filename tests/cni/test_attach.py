@@ -8,6 +8,7 @@ and 10.0.2.3 (forwarded to the test's DNS server on loopback).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -21,9 +22,11 @@ import pytest
 from pyslirp.cni import plugin
 from tests.cni.cnirun import exec_plugin
 from tests.cni.conftest import (
+    DEBIAN_PLUGINS,
     DNS_ADDR,
     DNS_NAME,
     HTTP_BODY,
+    REPO,
     DnsServer,
     engine_pid,
     pid_alive,
@@ -433,3 +436,19 @@ def test_engine_is_detached_from_the_plugin(cni_bin: str, env: dict[str, str], r
     conf = {"cniVersion": "1.1.0", "name": "slirptest", "type": "slirp"}
     assert exec_plugin(cni_bin, "slirp", "DEL", conf, container_id="det", netns=ns.path,
                        ifname="eth0", extra_env=env).ok
+
+
+@pytest.mark.parametrize("name", ["10-slirp.conflist", "10-slirp.json"])
+def test_example_configurations_work(name: str, runtime_factory: Any, netns_factory: Any,
+                                     http_port: int) -> None:
+    with open(os.path.join(REPO, "cni", name)) as f:
+        conf = json.load(f)
+    if "plugins" not in conf:  # the single-plugin form, as libcni wraps it
+        conf = {"cniVersion": conf["cniVersion"], "name": conf["name"], "plugins": [conf]}
+    rt = runtime_factory(conf, cni_path=f"{os.path.join(REPO, 'cni')}:{DEBIAN_PLUGINS}")
+    ns = netns_factory()
+    out = rt.add("example", ns.path, runtime_config={"portMappings": []})
+    assert out.ok, (out.doc, out.stderr)
+    assert curl(ns, http_port).stdout == HTTP_BODY.decode()
+    assert rt.check("example", ns.path).ok
+    assert rt.delete("example", ns.path).ok
