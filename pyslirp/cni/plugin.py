@@ -996,6 +996,13 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | No
         if exc.details:
             error["details"] = exc.details
         return 1, error
+    except OSError as exc:  # e.g. the runtime directory cannot be created
+        where = f" ({exc.filename})" if exc.filename else ""
+        return 1, {"cniVersion": version, "code": ERR_IO,
+                   "msg": f"I/O failure: {exc.strerror or exc}{where}"}
+    except Exception as exc:  # noqa: BLE001 - the runtime must get JSON, not a traceback
+        return 1, {"cniVersion": version, "code": ERR_ENGINE,
+                   "msg": f"internal error in the slirp plugin: {type(exc).__name__}: {exc}"}
 
 
 def main(stdin: Any = None, stdout: TextIO | None = None) -> int:

@@ -343,3 +343,10 @@ def test_pyslirp_cni_install(tmp_path: Any) -> None:
     bad = subprocess.run([sys.executable, "-m", "pyslirp", "cni", "frob"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_unusable_runtime_dir_is_an_io_error(run: Any, tmp_path: Any) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = run("ADD", conf(runtimeDir=str(blocker / "run")))
+    assert out.code == 5 and str(blocker) in out.msg, out.doc
