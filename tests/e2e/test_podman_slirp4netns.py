@@ -1,0 +1,202 @@
+"""podman (Debian's 4.3) with ``--network slirp4netns`` running pyslirp through the shim.
+
+podman starts ``network_cmd_path`` from containers.conf (``[engine]``) as
+``--disable-host-loopback --mtu=65520 --enable-sandbox --enable-seccomp
+--enable-ipv6 -c -e 3 -r 4 --api-socket /run/libpod/ID.net --netns-type=path
+/run/netns/netns-ID tap0`` (``--disable-host-loopback`` unless
+``allow_host_loopback=true``), and with ``port_handler=slirp4netns`` adds
+each ``-p`` over the API socket. A recorder in front of the shim keeps the
+arguments; it ``exec``s the shim, so the PID podman holds is pyslirp.
+
+podman runs with only its network namespace switched (``nsenter --net``) to
+the session's "host" namespace, so pyslirp's host sockets reach nothing but
+the test servers on its loopback (``ip netns exec`` would remount /sys and
+hide the cgroup mounts runc needs). The container is a busybox tree
+(``--rootfs``), its storage under the test's directory; flags as TESTBED.md
+says (runc, cgroupfs, explicit rlimits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pyslirp.runtime import sandbox
+from tests.e2e.conftest import REPO, Host, alive
+from tests.e2e.servers import HELLO, free_port
+
+pytestmark = pytest.mark.e2e
+
+BUSYBOX = "/bin/busybox"
+NET_BIND_SERVICE = 1 << sandbox.CAP_NET_BIND_SERVICE
+INNER_PORT = 8080
+BODY = "served from inside podman\n"
+
+
+def _missing() -> str | None:
+    for tool in ("podman", "runc", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install podman runc util-linux)"
+    if not os.path.exists(BUSYBOX):
+        return "busybox-static is not installed"
+    return None
+
+
+@dataclass
+class PodRun:
+    status: int
+    output: str
+    argv: list[str]
+    inside: dict[str, str]
+    host_fetch: str
+    caps: dict[str, int]
+    seccomp: str
+    outlived: bool
+
+
+PodRunner = Callable[..., PodRun]
+
+
+@pytest.fixture
+def podman_slirp(host: Host) -> Iterator[PodRunner]:
+    reason = _missing()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # podman refuses a runroot longer than 50 characters: pytest's tmp_path is too deep.
+    work = Path(tempfile.mkdtemp(prefix="pyslirp-pod-", dir="/tmp"))
+    rootfs = work / "rootfs"
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "www"):
+        (rootfs / d).mkdir(parents=True)
+    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
+    for applet in ("sh", "wget", "ip", "cat", "httpd", "sleep", "awk", "echo"):
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    (rootfs / "www" / "index.html").write_text(BODY)
+    shim_dir = work / "shim"
+    shim_dir.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pyslirp", "shim", "install", str(shim_dir)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    recorder = work / "slirp4netns"
+    recorder.write_text("#!/bin/sh\n"
+                        f"printf '%s\\n' \"$$ $*\" >> {shlex.quote(str(work / 'argv.log'))}\n"
+                        f"exec {shlex.quote(proc.stdout.strip())} \"$@\"\n")
+    recorder.chmod(0o755)
+    conf = work / "containers.conf"
+    conf.write_text(f'[engine]\nnetwork_cmd_path = "{recorder}"\n')
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    base = ["nsenter", f"--net={host.ns.path}", "podman", "--root", str(work / "root"),
+            "--runroot", str(work / "runroot"), "--runtime=runc", "--cgroup-manager=cgroupfs"]
+    api_sockets: list[str] = []
+
+    def run(network: str) -> PodRun:
+        out, done = rootfs / "tmp" / "inside.txt", rootfs / "tmp" / "done"
+        for f in (out, done, work / "argv.log"):
+            f.unlink(missing_ok=True)
+        host_port = free_port()
+        script = (f"httpd -p {INNER_PORT} -h /www; "
+                  "echo \"addr $(ip -4 -o addr show tap0 | awk '{print $4}')\" >> /tmp/inside.txt; "
+                  f"if wget -q -O - http://10.0.2.2:{host.http}/hello > /tmp/hello; "
+                  "then echo \"gateway_fetch $(cat /tmp/hello)\" >> /tmp/inside.txt; "
+                  "else echo 'gateway_fetch failed' >> /tmp/inside.txt; fi; "
+                  "echo ready >> /tmp/inside.txt; "
+                  "while [ ! -e /tmp/done ]; do sleep 0.05; done")
+        argv = [*base, "run", "--rm", "--ulimit", "nofile=1024:1024", "--ulimit",
+                "nproc=1024:1024", "--network", network,
+                "-p", f"127.0.0.1:{host_port}:{INNER_PORT}", "--rootfs", str(rootfs),
+                "sh", "-c", script]
+        pod = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, env=env, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while "ready" not in (out.read_text() if out.exists() else ""):
+                if pod.poll() is not None or time.monotonic() > deadline:
+                    pod.kill()
+                    pytest.fail(f"the container never got ready (podman status {pod.poll()}):"
+                                f"\n{pod.communicate()[0]}")
+                time.sleep(0.05)
+            recorded = [line.split() for line in (work / "argv.log").read_text().splitlines()]
+            served = [r for r in recorded if "--help" not in r]
+            assert len(served) == 1, recorded
+            pid = int(served[0][0])
+            args = served[0][1:]
+            api_sockets.extend(args[i + 1] for i, a in enumerate(args) if a == "--api-socket")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"pyslirp" in cmdline, cmdline  # podman's child IS the stack
+            caps = sandbox.capabilities(pid)
+            seccomp_mode = next(line.split()[1] for line in
+                                Path(f"/proc/{pid}/status").read_text().splitlines()
+                                if line.startswith("Seccomp:"))
+            fetch = ""
+            for _ in range(100):  # podman adds the forward over the API socket
+                r = host.run(["curl", "-sS", "--max-time", "10",
+                              f"http://127.0.0.1:{host_port}/index.html"], check=False)
+                fetch = r.stdout
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            done.touch()
+            output, _ = pod.communicate(timeout=120)
+            # podman's exit fd ends the stack with the container
+            deadline = time.monotonic() + 30
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            done.touch()
+            if pod.poll() is None:
+                pod.kill()
+                pod.wait(timeout=30)
+        inside = dict(line.split(" ", 1) for line in out.read_text().splitlines() if " " in line)
+        return PodRun(pod.returncode, output, args, inside, fetch, caps, seccomp_mode,
+                      alive(pid))
+
+    try:
+        yield run
+    finally:
+        subprocess.run([*base, "rm", "-af", "-t", "0"], capture_output=True, env=env,
+                       timeout=120)
+        mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True,
+                                text=True).stdout.split()
+        for m in sorted((m for m in mounts if m.startswith(str(work))), reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        for path in api_sockets:  # under --enable-sandbox the stack cannot reach it any more
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_podman_default_slirp4netns(podman_slirp: PodRunner) -> None:
+    result = podman_slirp("slirp4netns:port_handler=slirp4netns")
+    assert result.status == 0, result.output
+    # podman 4.3's exact shape
+    assert result.argv[:5] == ["--disable-host-loopback", "--mtu=65520", "--enable-sandbox",
+                               "--enable-seccomp", "--enable-ipv6"]
+    assert result.argv[5:10] == ["-c", "-e", "3", "-r", "4"]
+    assert result.argv[10] == "--api-socket" and result.argv[11].startswith("/run/libpod/")
+    assert result.argv[12] == "--netns-type=path" and result.argv[14] == "tap0"
+    assert result.inside["addr"] == "10.0.2.100/24"
+    assert result.inside["gateway_fetch"] == "failed"  # podman's default: no host loopback
+    assert result.host_fetch == BODY
+    assert result.caps["CapEff"] == NET_BIND_SERVICE and result.seccomp == "2"
+    assert not result.outlived
+
+
+def test_podman_allow_host_loopback(podman_slirp: PodRunner, host: Host) -> None:
+    result = podman_slirp("slirp4netns:port_handler=slirp4netns,allow_host_loopback=true")
+    assert result.status == 0, result.output
+    assert "--disable-host-loopback" not in result.argv
+    assert result.inside["gateway_fetch"] == HELLO.decode().strip()
+    assert result.host_fetch == BODY
+    assert not result.outlived
