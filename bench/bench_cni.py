@@ -24,6 +24,7 @@ Traffic goes only to 127.0.0.1 (the HTTP server this script starts) and to
 the namespaces it made. Needs root, iproute2 and curl.
 
 Usage: ``sudo /path/to/venv/bin/python bench/bench_cni.py [--containers 50] [--json FILE]``
+(``PYSLIRP_BENCH_KEEP_LOG=FILE`` keeps a copy of the engine's log, with per-request times).
 """
 
 from __future__ import annotations

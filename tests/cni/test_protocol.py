@@ -350,3 +350,24 @@ def test_unusable_runtime_dir_is_an_io_error(run: Any, tmp_path: Any) -> None:
     blocker.write_text("not a directory")
     out = run("ADD", conf(runtimeDir=str(blocker / "run")))
     assert out.code == 5 and str(blocker) in out.msg, out.doc
+
+
+def test_runtime_dir_choice() -> None:
+    """Root on the host: /run/pyslirp; root inside a rootless user namespace: XDG."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pyslirp.cni import plugin; "
+            "import os; print(plugin.runtime_dir(dict(os.environ)))")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("PYSLIRP_RUNDIR", "XDG_RUNTIME_DIR")}
+    xdg = {**base, "XDG_RUNTIME_DIR": "/run/user/1000"}
+
+    def ask(env: dict[str, str], prefix: tuple[str, ...] = ()) -> str:
+        return subprocess.run([*prefix, sys.executable, "-c", code, REPO], env=env,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert ask(xdg) == "/run/pyslirp"
+    assert ask(xdg, ("unshare", "--user", "--map-root-user")) == "/run/user/1000/pyslirp"
+    assert ask({**xdg, "PYSLIRP_RUNDIR": "/tmp/x"}) == "/tmp/x"
+    assert plugin.runtime_dir({"PYSLIRP_RUNDIR": "/tmp/x"}, {"runtimeDir": "/srv/r"}) == "/srv/r"
+    with pytest.raises(plugin.CniError) as err:
+        plugin.runtime_dir({}, {"runtimeDir": "relative"})
+    assert err.value.code == 7 and "runtimeDir" in err.value.msg
