@@ -263,8 +263,9 @@ class TcpFlow:
         self.probes = 0
         self.persist = False
         self.last_rx = now
-        self.ip_sum0 = 0x4500 + 0x4000 + (64 << 8 | 6) + _wsum(remote_addr) + _wsum(guest_addr)
-        self.ph0 = _wsum(remote_addr) + _wsum(guest_addr) + 6
+        addr_sum = _wsum(remote_addr) + _wsum(guest_addr)
+        self.ip_sum0 = 0x4500 + 0x4000 + (64 << 8 | 6) + addr_sum
+        self.ph0 = addr_sum + 6
         self.ack_pending = False
         self.dirty = False
         self.syn_quote = b""

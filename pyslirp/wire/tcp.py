@@ -151,7 +151,8 @@ class TcpSegment:
         return len(self.buf) - self.header_len + (self.flags & SYN) // SYN + (self.flags & FIN)
 
     def options(self) -> TcpOptions:
-        return parse_options(self.buf[HEADER_LEN:self.header_len])
+        # Indexing bytes is twice as fast as indexing a memoryview.
+        return parse_options(bytes(self.buf[HEADER_LEN:self.header_len]))
 
     def __repr__(self) -> str:
         names = "".join(c for bit, c in ((FIN, "F"), (SYN, "S"), (RST, "R"), (PSH, "P"),

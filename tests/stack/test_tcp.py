@@ -970,3 +970,14 @@ def test_sending_rate_regrows_after_a_loss_when_acks_cover_whole_frames() -> Non
             first = sent
         last = sent
     assert last > first + 20 * 1460
+
+
+def test_fin_held_out_of_order_takes_effect_when_the_gap_fills() -> None:
+    h = Harness()
+    flow, ours = h.connect()
+    h.send(A | F, seq=h.gseq + 5, ack=ours, data=b"world")
+    assert flow.state == ESTABLISHED and flow not in h.host.shut
+    h.send(A, seq=h.gseq, ack=ours, data=b"hello")
+    assert bytes(h.host.written[flow]) == b"helloworld"
+    assert flow.state == CLOSE_WAIT and flow in h.host.shut
+    assert h.out()[-1].ack == h.gseq + 11
