@@ -431,6 +431,7 @@ def _parse_outbound(text: str, version: Literal[4, 6]) -> str:
     else:
         if addr.version != version:
             raise UsageError(f"{option}={text}: not an IPv{version} address")
+        _check_bindable(option, text, str(addr))
         return str(addr)
     from pyslirp.runtime.ifaddrs import interface_addresses
 
@@ -443,6 +444,19 @@ def _parse_outbound(text: str, version: Literal[4, 6]) -> str:
     if not found:
         raise UsageError(f"{option}={text}: interface {text} has no IPv{version} address")
     return found[0]
+
+
+def _check_bindable(option: str, text: str, addr: str) -> None:
+    """slirp4netns takes any address and every connection then fails; we say so up front."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((addr, 0))
+        except OSError as exc:
+            raise UsageError(f"{option}={text}: cannot bind to it: {exc.strerror} (not an "
+                             "address of this host?)") from None
 
 
 def _path_error(path: str) -> str | None:

@@ -729,6 +729,8 @@ def test_outbound_addresses_and_interfaces() -> None:
     (["--outbound-addr6=nosuchif0"], "--outbound-addr6=nosuchif0: no such interface "
                                      "(expected an IPv6 address or an interface name)"),
     (["--outbound-addr="], "--outbound-addr needs an IPv4 address or an interface name"),
+    (["--outbound-addr=192.0.2.123"], "--outbound-addr=192.0.2.123: cannot bind to it: Cannot "
+                                      "assign requested address (not an address of this host?)"),
 ])
 def test_outbound_errors(argv: list[str], message: str) -> None:
     assert usage_error(*argv, NOPID) == message
