@@ -46,7 +46,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pyslirp.cni import install  # noqa: E402
+from pyslirp.cni import install, plugin  # noqa: E402
 
 ADD_P50_GOAL_MS = 50.0
 MARGINAL_RSS_GOAL_MB = 3.0
@@ -156,10 +156,9 @@ def main() -> int:
             t, _ = cni(plugin_dir, "DEL", conf, env, f"c{i}", f"/run/netns/{name}")
             dels.append(t)
         deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        while plugin.process_start_time(pid) is not None and time.monotonic() < deadline:
             time.sleep(0.05)
-        exited = not os.path.exists(f"/proc/{pid}/stat") or \
-            open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+        exited = plugin.process_start_time(pid) is None  # gone, or a zombie
     finally:
         server.shutdown()
         for name in made:
