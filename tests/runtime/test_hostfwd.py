@@ -1,0 +1,271 @@
+"""HostForwarder with a real Attachment whose "TAP" is a datagram socketpair.
+
+The test plays the guest with scapy on the other end of the pair, and the
+host clients are ordinary sockets on this machine's loopback (nothing else
+is ever contacted). The loop runs in the test thread between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import ARP, Ether
+from scapy.packet import Packet, Raw
+
+from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.hostfwd import HostForwarder
+from pyslirp.stack.config import NetConfig
+
+GUEST_MAC = "02:00:00:00:00:64"
+GUEST = "10.0.2.100"
+GATEWAY = "10.0.2.2"
+GPORT = 8000
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.tap, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.guest.setblocking(False)
+        self.config = NetConfig(vnet_hdr=False, offload=False)
+        self.att = Attachment(self.loop, self.tap.fileno(), self.config)
+        self.fwd = HostForwarder(self.att)
+        self.our_mac = ":".join(f"{b:02x}" for b in self.config.our_mac)
+        self.seen: list[Packet] = []
+
+    def spin(self, seconds: float = 0.02) -> None:
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+
+    def frames(self) -> list[Packet]:
+        out: list[Packet] = []
+        while True:
+            try:
+                out.append(Ether(self.guest.recv(70000)))
+            except BlockingIOError:
+                return out
+
+    def wait_frame(self, match: Callable[[Packet], bool], timeout: float = 5.0) -> Packet:
+        """The first frame (oldest first, kept across calls) that ``match`` accepts."""
+        for _ in range(int(timeout / 0.02)):
+            self.seen += self.frames()
+            for i, f in enumerate(self.seen):
+                if match(f):
+                    del self.seen[i]
+                    return f
+            self.spin()
+        raise AssertionError("no such frame")
+
+    def send(self, pkt: Packet) -> None:
+        frame = Ether(src=GUEST_MAC, dst=self.our_mac) / pkt
+        self.guest.send(bytes(frame))
+        self.spin()
+
+    def know_guest(self) -> None:
+        self.att.stack.link.guest_mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
+
+    def close(self) -> None:
+        self.fwd.close()
+        self.att.close()
+        self.spin(0)
+        self.loop.close()
+        self.tap.close()
+        self.guest.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.close()
+
+
+def is_syn(f: Packet) -> bool:
+    return TCP in f and f[TCP].flags == "S"
+
+
+def tcp_client(port: int, bind: tuple[str, int] | None = None) -> socket.socket:
+    s = socket.socket()
+    if bind is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(bind)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))  # the kernel accepts; the loop sees it on the next spin
+    return s
+
+
+def test_first_connection_asks_for_the_guest_mac_then_sends_a_syn_from_the_gateway(
+        rig: Rig) -> None:
+    port = free_port()
+    rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)
+    with tcp_client(port) as c:
+        arp = rig.wait_frame(lambda f: ARP in f)
+        assert (arp[ARP].op, arp[ARP].pdst, arp[ARP].psrc) == (1, GUEST, GATEWAY)
+        rig.send(ARP(op=2, hwsrc=GUEST_MAC, psrc=GUEST, hwdst=rig.our_mac, pdst=GATEWAY))
+        syn = rig.wait_frame(is_syn)
+        assert (syn[IP].src, syn[IP].dst) == (GATEWAY, GUEST)
+        assert (syn[TCP].sport, syn[TCP].dport) == (c.getsockname()[1], GPORT)
+
+
+def test_guest_refusal_resets_the_host_client(rig: Rig) -> None:
+    rig.know_guest()
+    port = free_port()
+    rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)
+    with tcp_client(port) as c:
+        syn = rig.wait_frame(is_syn)
+        rig.send(IP(src=GUEST, dst=GATEWAY) / TCP(sport=GPORT, dport=syn[TCP].sport, flags="RA",
+                                                  seq=0, ack=syn[TCP].seq + 1))
+        rig.spin(0.05)
+        with pytest.raises(ConnectionResetError):
+            c.recv(10)
+
+
+def test_accepted_guest_gets_the_client_bytes_and_the_client_the_guest_bytes(rig: Rig) -> None:
+    rig.know_guest()
+    port = free_port()
+    rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)
+    with tcp_client(port) as c:
+        c.sendall(b"hello guest")  # waits in the host socket until the guest accepted
+        syn = rig.wait_frame(is_syn)
+        sport, iss = syn[TCP].sport, syn[TCP].seq
+        rig.send(IP(src=GUEST, dst=GATEWAY) / TCP(sport=GPORT, dport=sport, flags="SA", seq=5000,
+                                                  ack=iss + 1, window=65535))
+        data = rig.wait_frame(lambda f: Raw in f)
+        assert bytes(data[Raw]) == b"hello guest"
+        assert data[TCP].seq == iss + 1
+        rig.send(IP(src=GUEST, dst=GATEWAY) / TCP(sport=GPORT, dport=sport, flags="PA",
+                                                  seq=5001, ack=iss + 12, window=65535)
+                 / Raw(b"hello host"))
+        rig.spin(0.05)
+        assert c.recv(100) == b"hello host"
+
+
+def test_two_loopback_peers_with_one_port_get_distinct_four_tuples(rig: Rig) -> None:
+    rig.know_guest()
+    port = free_port()
+    rig.fwd.add("tcp", "0.0.0.0", port, GUEST, GPORT)
+    cport = free_port()
+    with tcp_client(port, ("127.0.0.1", cport)), tcp_client(port, ("127.0.0.2", cport)):
+        first = rig.wait_frame(is_syn)
+        second = rig.wait_frame(is_syn)
+    ports = {first[TCP].sport, second[TCP].sport}
+    assert first[IP].src == second[IP].src == GATEWAY
+    assert len(ports) == 2 and cport in ports
+
+
+def test_a_taken_port_or_a_duplicate_is_refused(rig: Rig) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as info:
+            rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)
+        assert info.value.errno == errno.EADDRINUSE
+        with pytest.raises(OSError):
+            rig.fwd.add("tcp", "0.0.0.0", port, GUEST, GPORT)
+    uport = free_port(socket.SOCK_DGRAM)
+    rig.fwd.add("udp", "127.0.0.1", uport, GUEST, GPORT)
+    for addr in ("127.0.0.1", "0.0.0.0"):
+        with pytest.raises(OSError) as info:
+            rig.fwd.add("udp", addr, uport, GUEST, GPORT + 1)
+        assert info.value.errno == errno.EADDRINUSE
+    assert list(rig.fwd.forwards) == [("udp", "127.0.0.1", uport)]
+
+
+def test_remove_closes_the_listener(rig: Rig) -> None:
+    port = free_port()
+    rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)
+    rig.fwd.remove("tcp", "127.0.0.1", port)
+    with pytest.raises(ConnectionRefusedError):
+        tcp_client(port)
+    with pytest.raises(OSError):
+        rig.fwd.remove("tcp", "127.0.0.1", port)
+    rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)  # free again
+
+
+def udp_client(port: int, bind: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((bind, 0))
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def is_udp(f: Packet) -> bool:
+    return UDP in f
+
+
+def test_udp_in_and_the_reply_back_through_the_port_the_peer_used(rig: Rig) -> None:
+    rig.know_guest()
+    p1, p2 = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    rig.fwd.add("udp", "127.0.0.1", p1, GUEST, GPORT)
+    rig.fwd.add("udp", "127.0.0.1", p2, GUEST, GPORT)  # two host ports, one guest port
+    with udp_client(p1) as a, udp_client(p2, "127.0.0.3") as b:
+        for client, port in ((a, p1), (b, p2)):
+            client.send(b"ping")
+            frame = rig.wait_frame(is_udp)
+            assert (frame[IP].src, frame[UDP].sport) == (GATEWAY, client.getsockname()[1])
+            assert (frame[IP].dst, frame[UDP].dport) == (GUEST, GPORT)
+            assert bytes(frame[UDP].payload) == b"ping"
+            rig.send(IP(src=GUEST, dst=GATEWAY) / UDP(sport=GPORT, dport=frame[UDP].sport)
+                     / Raw(b"pong"))
+            # connect()ed: only a reply from the very port it sent to gets through.
+            assert client.recv(100) == b"pong"
+            assert client.getpeername() == ("127.0.0.1", port)
+        # Removing one host port leaves the other working.
+        rig.fwd.remove("udp", "127.0.0.1", p1)
+        b.send(b"again")
+        assert bytes(rig.wait_frame(is_udp)[UDP].payload) == b"again"
+        a.send(b"lost")
+        rig.spin(0.05)
+        with pytest.raises(ConnectionRefusedError):
+            a.recv(100)
+
+
+def test_udp_waits_for_the_guest_mac(rig: Rig) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    rig.fwd.add("udp", "127.0.0.1", port, GUEST, GPORT)
+    with udp_client(port) as c:
+        c.send(b"early")
+        rig.wait_frame(lambda f: ARP in f)
+        rig.send(ARP(op=2, hwsrc=GUEST_MAC, psrc=GUEST, hwdst=rig.our_mac, pdst=GATEWAY))
+        assert bytes(rig.wait_frame(is_udp)[UDP].payload) == b"early"
+
+
+def test_close_releases_every_port(rig: Rig) -> None:
+    tport, uport = free_port(), free_port(socket.SOCK_DGRAM)
+    rig.fwd.add("tcp", "127.0.0.1", tport, GUEST, GPORT)
+    rig.fwd.add("udp", "127.0.0.1", uport, GUEST, GPORT)
+    rig.fwd.close()
+    assert rig.fwd.forwards == {}
+    for kind, port in ((socket.SOCK_STREAM, tport), (socket.SOCK_DGRAM, uport)):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_api_drives_the_forwarder(rig: Rig) -> None:
+    from pyslirp.api import ApiHandler
+
+    handler = ApiHandler(rig.fwd, GUEST)
+    port = free_port()
+    add: Any = (b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1",'
+                b'"host_port":%d,"guest_port":80}}' % port)
+    assert handler.reply_for(add, final=True) == b'{"return":{"id":1}}'
+    assert handler.reply_for(add, final=True) == (
+        b'{"error":{"desc":"bad request: add_hostfwd: slirp_add_hostfwd failed"}}')
+    assert handler.reply_for(b'{"execute":"remove_hostfwd","arguments":{"id":1}}',
+                             final=True) == b'{"return":{}}'
+    with pytest.raises(ConnectionRefusedError):
+        tcp_client(port)
