@@ -42,6 +42,7 @@ for word in $(cat /proc/cmdline); do
     case "$word" in
     vmtest_http=*) HTTP="${word#*=}" ;;
     vmtest_fwd=*) FWD="${word#*=}" ;;
+    vmtest_dns=*) DNS="${word#*=}" ;;
     esac
 done
 echo "VM: booted $(uname -r)"
@@ -50,7 +51,9 @@ ip link set lo up
 ip link set eth0 up
 echo "VM: mac $(cat /sys/class/net/eth0/address)"
 udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /udhcpc.script || echo "VM: no lease"
-echo "VM: dns $(nslookup test.pyslirp 10.0.2.3 2>&1 | tr '\n' ' ')"
+if [ "$DNS" != 0 ]; then
+    echo "VM: dns $(nslookup test.pyslirp 10.0.2.3 2>&1 | tr '\n' ' ')"
+fi
 if wget -q -O /tmp/payload "http://10.0.2.2:$HTTP/payload"; then
     echo "VM: payload $(sha256sum /tmp/payload)"
 else
@@ -152,16 +155,18 @@ def build_initramfs(path: Path, e1000: Path) -> None:
 
 
 def qemu_command(vmlinuz: Path, initrd: Path, netdev: str, console: Path,
-                 cmdline: str) -> list[str]:
+                 cmdline: str, nic: list[str] | None = None) -> list[str]:
+    """QEMU for the guest; ``nic`` replaces the -netdev/-device pair (e.g. a hook's args)."""
+    if nic is None:
+        # romfile=: no PXE option ROM (we boot -kernel; ipxe-qemu need not be installed).
+        nic = ["-netdev", netdev, "-device", f"e1000,netdev=n0,mac={GUEST_MAC},romfile="]
     return [
         "qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-m", "256", "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(vmlinuz), "-initrd", str(initrd),
         "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 {cmdline}",
         "-serial", f"file:{console}", "-monitor", "none",
-        "-netdev", netdev,
-        # romfile=: no PXE option ROM (we boot -kernel; ipxe-qemu need not be installed).
-        "-device", f"e1000,netdev=n0,mac={GUEST_MAC},romfile=",
+        *nic,
     ]
 
 

@@ -1,0 +1,89 @@
+"""The whole binding: a real VM started with the QEMU arguments the sidecar put in its domain.
+
+What virt-launcher would do, minus libvirt: ask the sidecar (in its own
+network namespace, standing in for the pod) for the domain, take the
+``<qemu:commandline>`` arguments from the answer and start QEMU with them.
+The guest must then get its lease, carry the VMI's MAC, fetch a file from
+the pod's loopback through 10.0.2.2, and serve a port that a client in the
+pod reaches through the forward the sidecar set up from the VMI's ``ports``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.kubevirt.test_domain import qemu_args
+from tests.kubevirt.test_sidecar import Sidecar, sidecar  # noqa: F401 (fixture)
+from tests.vm import guest
+from tests.vm.test_vm import SERVERS, kernel  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vm]
+
+MAC = "02:42:ac:11:00:02"
+
+
+def in_pod(side: Sidecar, *args: str, **kw: object) -> subprocess.Popen[str]:
+    """Run a command in the sidecar's network namespace."""
+    return subprocess.Popen(["nsenter", f"--net=/proc/{side.proc.pid}/ns/net", *args],
+                            text=True, **kw)  # type: ignore[call-overload]
+
+
+FETCH = """
+import hashlib, socket, sys, urllib.request
+body = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/guest.bin", timeout=60).read()
+print(len(body), hashlib.sha256(body).hexdigest(), flush=True)
+socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=30).close()
+"""
+
+
+def test_vm_runs_on_the_domain_the_sidecar_returned(
+        sidecar: Sidecar, protos: SimpleNamespace, domain_xml: bytes, vmi_json: bytes,  # noqa: F811
+        kernel: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    vmi = json.loads(vmi_json)
+    iface = vmi["spec"]["domain"]["devices"]["interfaces"][0]
+    iface["model"] = "e1000"  # the driver our small guest has
+    iface["ports"] = [{"name": "http", "port": 8080}, {"name": "done", "port": 8081}]
+    out = sidecar.define(protos, domain_xml, json.dumps(vmi).encode())
+    nic = qemu_args(out)
+    assert nic[0] == "-netdev" and nic[2] == "-device"
+
+    servers = in_pod(sidecar, sys.executable, str(SERVERS), str(tmp_path / "state"),
+                     "--size", str(1 << 20), stdout=subprocess.PIPE)
+    qemu = None
+    try:
+        assert servers.stdout is not None
+        info = json.loads(servers.stdout.readline())
+        vmlinuz, e1000 = kernel
+        initrd = tmp_path / "initrd.cpio"
+        guest.build_initramfs(initrd, e1000)
+        console = tmp_path / "console.log"
+        qemu = subprocess.Popen(
+            guest.qemu_command(vmlinuz, initrd, "", console,
+                               f"vmtest_http={info['http']} vmtest_fwd=1 vmtest_dns=0", nic=nic),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "qemu.log", "wb"))  # noqa: SIM115
+        con = guest.Console(console)
+        assert con.wait_for(r"^VM: mac (\S+)", qemu, 180).group(1) == MAC
+        lease = con.wait_for(r"^VM: lease (\S+) mask \S+ router (\S+) dns (\S+)", qemu, 120)
+        assert lease.groups() == ("10.0.2.15", "10.0.2.2", "10.0.2.3")
+        assert con.wait_for(r"^VM: payload (\S+)", qemu, 120).group(1) == info["sha256"]
+        served = con.wait_for(r"^VM: serving (\S+)", qemu, 60).group(1)
+
+        client = in_pod(sidecar, sys.executable, "-c", FETCH, "8080", "8081",
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        fetched, err = client.communicate(timeout=120)
+        assert client.returncode == 0, err
+        assert fetched.split() == [str(256 * 1024), served]
+        con.wait_for(r"^VM: done", qemu, 60)
+        assert qemu.wait(timeout=60) == 0
+    finally:
+        for proc in (qemu, servers):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
