@@ -403,3 +403,34 @@ except OSError as exc:
     out = host.run([sys.executable, "-c", code, str(port)]).stdout.strip()
     assert out == "ECONNREFUSED"  # ICMP port unreachable: nobody has the port any more
 
+
+
+# ---- other configurations --------------------------------------------------------------------
+
+def test_loopback_forwards_work_with_disable_host_loopback(
+        host: Host, guest: Guest, start_slirp: StartSlirp, tmp_path: Path,
+        guest_server: subprocess.Popen[bytes]) -> None:
+    """rootlesskit forwards from 127.0.0.1 even when the guest may not reach the host's lo."""
+    path = tmp_path / "api.sock"
+    start_slirp("--disable-host-loopback", "--api-socket", str(path))
+    port = free_port(host)
+    add_fwd(path, "tcp", port, host_addr="127.0.0.1")
+    add_fwd(path, "udp", port, host_addr="127.0.0.1")
+    assert client(host.ns, "who", "127.0.0.1", str(port))["reply"].startswith(GATEWAY + ":")
+    udp = client(host.ns, "udp", "127.0.0.1", str(port))
+    assert all(same for _size, same, _seen in udp["replies"])
+    # The guest itself still cannot reach the host's loopback through the gateway.
+    out = guest.python(CONNECT, GATEWAY, str(host.echo)).stdout.strip()
+    assert out in ("ENETUNREACH", "EHOSTUNREACH", "timeout"), out
+
+
+def test_default_guest_addr_follows_cidr(host: Host, guest: Guest, start_slirp: StartSlirp,
+                                         tmp_path: Path,
+                                         guest_server: subprocess.Popen[bytes]) -> None:
+    path = tmp_path / "api.sock"
+    start_slirp("--cidr=10.0.3.0/24", "--api-socket", str(path))
+    port = free_port(host)
+    add_fwd(path, "tcp", port, host_addr="127.0.0.1")
+    listing = json.loads(api(path, b'{"execute":"list_hostfwd"}'))
+    assert listing["entries"][0]["guest_addr"] == "10.0.3.100"
+    assert client(host.ns, "who", "127.0.0.1", str(port))["reply"].startswith("10.0.3.2:")
