@@ -434,3 +434,17 @@ def test_default_guest_addr_follows_cidr(host: Host, guest: Guest, start_slirp: 
     listing = json.loads(api(path, b'{"execute":"list_hostfwd"}'))
     assert listing["entries"][0]["guest_addr"] == "10.0.3.100"
     assert client(host.ns, "who", "127.0.0.1", str(port))["reply"].startswith("10.0.3.2:")
+
+
+def test_unusable_api_socket_path_fails_clearly(host: Host, guest: Guest, tmp_path: Path) -> None:
+    from tests.e2e.conftest import pyslirp_argv
+
+    regular = tmp_path / "precious"
+    regular.write_text("keep me")
+    for path, why in ((regular, "exists and is not a socket"),
+                      (tmp_path / "missing" / "api.sock", "No such file or directory")):
+        proc = host.run(pyslirp_argv("-c", "--api-socket", str(path), str(guest.pid), "tap0"),
+                        check=False, timeout=60)
+        assert proc.returncode == 1
+        assert f"api socket {path}: {why}" in proc.stderr
+    assert regular.read_text() == "keep me"
