@@ -759,7 +759,8 @@ class GuestTcp:
 
     def syn(self, wire: list[bytes]) -> None:
         seg = wtcp.build(GUEST, REMOTE, self.sport, 80, self.iss, 0, S, 1024,
-                         options=wtcp.syn_options(mss=1460, wscale=7))
+                         options=wtcp.syn_options(mss=1460, wscale=7,
+                                                  sack_permitted=self.sport % 2 == 0))
         head = bytearray(20)
         ipv4.build_header(head, 0, GUEST, REMOTE, 6, len(seg))
         wire.append(bytes(head) + bytes(seg))
