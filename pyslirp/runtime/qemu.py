@@ -440,6 +440,9 @@ def serve_qemu(opts: Any) -> int:
             except OSError as exc:
                 log.error("%s", exc)
                 server.stop(1)
+            else:
+                # A VM takes the first DHCP address, not a namespace's configured one.
+                server.api.handler.default_guest_addr = str(config.network.network_address + 15)
         log.info("serving QEMU %s at %s (MTU %d, %s)", "-netdev stream" if stream
                  else "-netdev dgram", path, config.mtu, config.network)
         return server.run(on_ready=lambda: _signal_ready(opts.ready_fd))

@@ -283,24 +283,41 @@ def test_cli_target_type_errors(argv: list[str], message: str) -> None:
         cli.parse_args(argv)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_pyslirp_serves_qemu_stream_until_sigterm(tmp_path: Path) -> None:
-    """The real command: ready fd, ARP answered, SIGTERM exits 0 and removes the socket."""
+    """The real command: ready fd, ARP answered, API socket, SIGTERM exits 0, socket removed."""
     import signal
     import subprocess
     import sys
 
-    path = str(tmp_path / "vm.sock")
+    path, api = str(tmp_path / "vm.sock"), str(tmp_path / "api.sock")
     ready_r, ready_w = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyslirp", "--target-type=qemu-stream", f"--ready-fd={ready_w}",
-         "--dns-upstream=127.0.0.1:9", "--pcap", str(tmp_path / "vm.pcap"), path],
+         "--dns-upstream=127.0.0.1:9", "--pcap", str(tmp_path / "vm.pcap"), "--cidr=10.9.8.0/24",
+         f"--api-socket={api}", path],
         pass_fds=(ready_w,), stderr=subprocess.PIPE, text=True)
     os.close(ready_w)
     try:
         assert os.read(ready_r, 1) == b"1"
         with connect(path) as qemu:
-            qemu.sendall(framed(arp_request()))
-            assert is_arp_reply(StreamReader(qemu).frame())
+            qemu.sendall(framed(arp_request("10.9.8.15", "10.9.8.2")))
+            reply = Ether(StreamReader(qemu).frame())
+            assert reply[ARP].op == 2 and reply[ARP].psrc == "10.9.8.2"
+        # A forward without guest_addr goes to the VM's DHCP address, not network + 100.
+        from pyslirp.kubevirt.stacks import api_request
+
+        added = api_request(api, {"execute": "add_hostfwd", "arguments": {
+            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": _free_port(),
+            "guest_port": 80}})
+        assert "return" in added, added
+        listed = api_request(api, {"execute": "list_hostfwd"})
+        assert [e["guest_addr"] for e in listed["entries"]] == ["10.9.8.15"]  # type: ignore
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=20)
     finally:
