@@ -1,5 +1,5 @@
-"""TCP and UDP flows from the guest to the host's loopback (10.0.2.2): echo, refusal,
-many concurrent connections, and --disable-host-loopback."""
+"""TCP, UDP and ICMP echo from the guest to the host's loopback (10.0.2.2): echo,
+refusal, many concurrent connections, ping, and --disable-host-loopback."""
 
 from __future__ import annotations
 
@@ -108,3 +108,10 @@ def test_disable_host_loopback(host: Host, guest: Guest, start_slirp: StartSlirp
     token = f"blocked-{uuid.uuid4().hex}"
     assert guest.python(UDP_ONCE, GATEWAY, str(host.echo), token).stdout.strip() == "no reply"
     assert token not in host.echo_log()
+
+
+@pytest.mark.parametrize("addr", [GATEWAY, "10.0.2.3"])
+def test_ping(guest: Guest, slirp: Slirp, addr: str) -> None:
+    proc = guest.run(["ping", "-n", "-c", "2", "-W", "5", addr], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 received" in proc.stdout
