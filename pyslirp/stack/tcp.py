@@ -537,6 +537,7 @@ class TcpFlow:
         # TIME_WAIT proper, or (after LAST_ACK) waiting for the host to take the backlog.
         self.ka_at = now + self.cfg.time_wait
         self._arm()
+        self.engine.time_wait[self.key] = self
 
     # ------------------------------------------------------------------ output
 
@@ -1246,6 +1247,8 @@ class TcpEngine:
         self.flows: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
         self.half_open = 0
         self.dirty: list[TcpFlow] = []
+        #: Flows in TIME_WAIT, oldest first.
+        self.time_wait: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
         #: The packet being handled (a SYN replacing a TIME_WAIT flow quotes it).
         self.cur_ip: Ipv4Packet | None = None
 
@@ -1283,7 +1286,7 @@ class TcpEngine:
             link.count("tcp.drop.bad_destination")
             return
         cfg = self.cfg
-        if len(self.flows) >= cfg.max_flows:
+        if len(self.flows) >= cfg.max_flows and not self._evict_time_wait():
             link.count("tcp.drop.max_flows")
             return
         if self.half_open >= cfg.max_half_open:
@@ -1307,6 +1310,21 @@ class TcpEngine:
         self.flows[key] = flow
         link.count("tcp.flows_opened")
         self.host.tcp_connect(flow, targets)
+
+    def _evict_time_wait(self) -> bool:
+        """Free a table slot held by the oldest TIME_WAIT flow whose host side is done.
+
+        TIME_WAIT only re-ACKs a lost final FIN; a new connection matters more
+        (the kernel's tcp_tw_reuse makes the same trade).
+        """
+        for flow in self.time_wait.values():  # insertion order: oldest first
+            if flow.host_closed:
+                break
+        else:
+            return False
+        self.link.count("tcp.time_wait_evicted")
+        self._remove(flow)
+        return True
 
     def open_to_guest(self, remote_addr: bytes, remote_port: int, guest_addr: bytes,
                       guest_port: int, now: float, host_handle: Any = None) -> TcpFlow | None:
@@ -1367,8 +1385,11 @@ class TcpEngine:
                 flow._send_ack()
 
     def _remove(self, flow: TcpFlow) -> None:
-        if self.flows.get(flow.key) is flow:
-            del self.flows[flow.key]
+        key = flow.key
+        if self.flows.get(key) is flow:
+            del self.flows[key]
+        if self.time_wait.get(key) is flow:
+            del self.time_wait[key]
         if flow.half_open:
             flow.half_open = False
             self.half_open -= 1

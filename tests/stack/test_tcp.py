@@ -998,3 +998,19 @@ def test_fin_held_out_of_order_takes_effect_when_the_gap_fills() -> None:
     assert bytes(h.host.written[flow]) == b"helloworld"
     assert flow.state == CLOSE_WAIT and flow in h.host.shut
     assert h.out()[-1].ack == h.gseq + 11
+
+
+def test_full_table_recycles_time_wait_flows_for_new_connections() -> None:
+    h = Harness(cfg=TcpConfig(max_flows=3, time_wait=60))
+    for port in (1, 2, 3):  # servers that close first leave TIME_WAIT flows behind
+        flow, ours = h.connect(sport=port)
+        flow.host_eof(h.clock.now)
+        h.send(A | F, ack=ours + 1)
+        h.gseq += 1
+        assert flow.state == TIME_WAIT
+        h.out()
+    h.send(S, sport=4)
+    assert len(h.engine) == 3 and h.link.counters["tcp.time_wait_evicted"] == 1
+    assert (GUEST, 1, REMOTE, 80) not in h.engine.flows  # the oldest went
+    h.clock.advance(120)
+    assert len(h.engine) == 1 and not h.engine.time_wait
