@@ -719,7 +719,7 @@ def run_benchmark(cfg: RunConfig) -> Results:
                         prog.done += 1 + len(steps)
                         continue
                     prog.done += 1
-                    for step in steps:
+                    for i, step in enumerate(steps):
                         prog.show(f"{where}: {step.label}")
                         try:
                             res.add(name, step.fn(cfg, ns, stack))
@@ -732,7 +732,7 @@ def run_benchmark(cfg: RunConfig) -> Results:
                                    f"{step.label} at MTU {mtu}; log: {stack.tail()}")
                             res.note(name, msg)
                             prog.note(f"{name}: {msg}")
-                            prog.done += 1
+                            prog.done += len(steps) - i
                             break
                         prog.done += 1
                 finally:
@@ -863,24 +863,36 @@ def _version(argv: list[str]) -> str:
     return out.strip().splitlines()[0] if out.strip() else "unknown"
 
 
-def environment() -> dict[str, str]:
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def environment(load_at_start: str) -> dict[str, str]:
     commit = _version(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"])
+    dirty = _version(["git", "-C", str(HERE.parent), "status", "--porcelain", "--",
+                      "pyslirp"])
     return {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "kernel": platform.release(),
         "cpus": str(os.cpu_count()),
         "python": platform.python_version(),
-        "pyslirp": f"git {commit}",
-        "slirp4netns": _version(["slirp4netns", "--version"]),
+        "pyslirp": f"git {commit}" + (" + uncommitted changes" if dirty.strip() and
+                                      dirty not in ("unknown", "not installed") else ""),
+        "slirp4netns": _version(["slirp4netns", "--version"]).split()[-1],
         "pasta": _version(["dpkg-query", "-W", "-f", "${Version}", "passt"]),
-        "iperf3": _version(["iperf3", "--version"]),
+        "iperf3": _version(["iperf3", "--version"]).replace("iperf ", "", 1),
+        # Other work on the machine skews a run: say how busy it was.
+        "load average at start / end": f"{load_at_start} / {_loadavg()}",
     }
 
 
-def report(cfg: RunConfig, res: Results) -> str:
+def report(cfg: RunConfig, res: Results, load_at_start: str) -> str:
     med = res.medians()
     stacks = [s for s in cfg.stacks if s in med]
-    env = environment()
+    env = environment(load_at_start)
     header, rows = table_rows(cfg, med, stacks)
     gheader, grows = goal_rows(cfg, med, stacks)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -1065,6 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
         if hello.get("dns_error"):
             cfg.dns_ok = False
             print(f"bench/run.py: {hello['dns_error']}: DNS workload skipped", file=sys.stderr)
+        load_at_start = _loadavg()
         res = run_benchmark(cfg)
     except KeyboardInterrupt:
         print("\nbench/run.py: interrupted; namespaces and processes removed", file=sys.stderr)
@@ -1074,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             _stop(server)
         shutil.rmtree(cfg.workdir, ignore_errors=True)
-    print(report(cfg, res))
+    print(report(cfg, res, load_at_start))
     return 0
 
 
