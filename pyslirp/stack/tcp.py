@@ -40,18 +40,20 @@ timer per RFC 6298 (Karn's algorithm with one timed segment, 200 ms
 minimum, 60 s maximum, exponential backoff, give up after
 ``max_retries``: RST to the guest, reset the host socket); Reno congestion
 control (RFC 5681: slow start, fast retransmit on the third duplicate ACK,
-NewReno partial ACKs per RFC 6582) so a queue that overflowed is not
-flooded again; receiver silly-window avoidance (RFC 1122 4.2.3.3);
-zero-window probing (persist timer, RFC 9293 3.8.6.1); half-close in both
-directions, simultaneous close and a short TIME_WAIT (a NAT's guest-side
-four-tuple is private, so seconds suffice); keepalive probes toward an idle
-guest (RFC 1122 4.2.3.6).
+NewReno partial ACKs per RFC 6582, byte counting per RFC 3465) so a queue
+that overflowed is not flooded again; tail loss probes (RFC 8985 7), since
+a Linux guest whose reader lags delays its ACKs past our 200 ms RTO;
+receiver silly-window avoidance (RFC 1122 4.2.3.3); zero-window probing
+(persist timer, RFC 9293 3.8.6.1); half-close in both directions,
+simultaneous close and a short TIME_WAIT (a NAT's guest-side four-tuple is
+private, so seconds suffice; a full table recycles the oldest TIME_WAIT
+flow); keepalive probes toward an idle guest (RFC 1122 4.2.3.6).
 
 ACKs are coalesced: segments of one batch of guest frames only mark their
 flow, and :meth:`TcpEngine.flush` (called by the stack after each batch)
 sends one ACK per marked flow, or nothing when outgoing data carries it.
-Out-of-order and duplicate segments are answered at once, so the guest's
-fast retransmit sees its three duplicate ACKs.
+Out-of-order segments are answered at once, so the guest's fast retransmit
+sees one duplicate ACK per segment.
 
 SACK (RFC 2018) is negotiated when the guest offers it: our duplicate ACKs
 carry blocks for the data we hold, and the guest's blocks mark its duplicate
@@ -63,9 +65,10 @@ single duplicate ACK, so the duplicate-ACK threshold follows RFC 5827 (early
 retransmit) counted in frames.
 
 Deliberately not done: timestamps are not negotiated (the link is a local
-queue; Karn's algorithm suffices), urgent data is
-delivered inline, ECN is ignored, IP options are ignored, TCP Fast Open data
-on a SYN is dropped (the guest resends it). Timers are lazy: each flow has
+queue; Karn's algorithm suffices), urgent data is delivered inline, ECN is
+ignored, IP options are ignored, TCP Fast Open data on a SYN is dropped (the
+guest resends it), and memory is bounded per flow, not globally (TcpConfig
+sizes times max_flows). Timers are lazy: each flow has
 one entry in the shared :class:`~pyslirp.stack.timers.Timers` heap, pushed
 only when a deadline moves earlier; a wake-up that finds nothing due
 re-arms for the next deadline, so per-ACK timer restarts cost nothing.
