@@ -335,7 +335,11 @@ def _wait_ready_fd(proc: subprocess.Popen[Any], rfd: int, timeout: float) -> Non
         if r:
             if os.read(rfd, 16):
                 return
-            raise StackFailed(f"ready-fd closed without a signal (exit {proc.poll()})")
+            try:
+                status = f"exit status {proc.wait(1.0)}"
+            except subprocess.TimeoutExpired:
+                status = "still running"
+            raise StackFailed(f"ready-fd closed without a signal ({status})")
         if proc.poll() is not None:
             raise StackFailed(f"exited with status {proc.returncode} before ready")
 
@@ -894,7 +898,8 @@ def report(cfg: RunConfig, res: Results, load_at_start: str) -> str:
     stacks = [s for s in cfg.stacks if s in med]
     env = environment(load_at_start)
     header, rows = table_rows(cfg, med, stacks)
-    gheader, grows = goal_rows(cfg, med, stacks)
+    # Goals for every stack asked for, measured or not ("n/a" says it was not).
+    gheader, grows = goal_rows(cfg, med, list(cfg.stacks))
     cfg.out.mkdir(parents=True, exist_ok=True)
     chart_note = chart(cfg, med, stacks, cfg.out / "chart.png")
 
@@ -930,7 +935,7 @@ def report(cfg: RunConfig, res: Results, load_at_start: str) -> str:
         "goals": [{"goal": g.text, "metric": g.metric,
                    **{s: dict(zip(("verdict", "detail"), evaluate_goal(g, med, s),
                                   strict=True))
-                      for s in stacks if s != BASELINE}}
+                      for s in cfg.stacks if s != BASELINE}}
                   for g in goals_for(cfg.mtus, cfg.misc_mtu)],
         "notes": res.notes,
     }, indent=2) + "\n")
