@@ -296,13 +296,14 @@ def start_slirp(host: Host, guest: Guest, tmp_path: Path) -> Iterator[StartSlirp
 
     ``start_slirp("--mtu", "9000", configure=False, upstreams=[...], env={...})``;
     ``upstreams`` defaults to the test DNS server; pass ``target``/``netns_args`` to
-    serve another namespace (e.g. ``--netns-type=path``).
+    serve another namespace (e.g. ``--netns-type=path``), ``pass_fds`` for fds that
+    options name (``--exit-fd``).
     """
     started: list[Slirp] = []
 
     def start(*options: str, configure: bool = True, upstreams: Sequence[str] | None = None,
               env: dict[str, str] | None = None, target: Guest | None = None,
-              by_path: bool = False) -> Slirp:
+              by_path: bool = False, pass_fds: Sequence[int] = ()) -> Slirp:
         g = target or guest
         ups = [host.dns_upstream] if upstreams is None else list(upstreams)
         read_fd, write_fd = os.pipe()
@@ -316,7 +317,7 @@ def start_slirp(host: Host, guest: Guest, tmp_path: Path) -> Iterator[StartSlirp
         log = tmp_path / f"pyslirp-{len(started)}.log"
         with open(log, "wb") as logf:
             proc = host.ns.popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                 stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=REPO,
+                                 stderr=subprocess.STDOUT, pass_fds=(write_fd, *pass_fds), cwd=REPO,
                                  env={**os.environ, **(env or {})})
         os.close(write_fd)
         slirp = Slirp(proc, argv, log)

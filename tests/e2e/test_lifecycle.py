@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -94,6 +95,20 @@ def test_pcap_has_the_guests_syn(host: Host, guest: Guest, start_slirp: StartSli
          "-T", "fields", "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.dstport"],
         check=True, capture_output=True, text=True, timeout=60).stdout
     assert f"{GUEST_ADDR}\t{GATEWAY}\t{host.http}" in out.splitlines()
+
+
+def test_closing_the_exit_fd_stops_it(host: Host, guest: Guest,
+                                      start_slirp: StartSlirp) -> None:
+    # slirp4netns's --exit-fd: the caller (podman) holds the write end; closing it stops us.
+    exit_r, exit_w = os.pipe()
+    with open(exit_w, "wb") as holder:
+        try:
+            slirp = start_slirp(f"--exit-fd={exit_r}", pass_fds=(exit_r,))
+        finally:
+            os.close(exit_r)
+        assert _hello(guest, host) == HELLO.decode()
+    assert slirp.proc.wait(timeout=20) == 0, slirp.log_text()
+    assert holder.closed and guest.link(TAP) is None
 
 
 HOLD_OPEN = """
