@@ -201,7 +201,10 @@ class HostForwarder:
         self._closed = True
         for proto, host_addr, host_port in list(self.forwards):
             self.remove(proto, host_addr, host_port)
-        self._pending.clear()
+        # Work still waiting for the guest's MAC: connections are closed, datagrams dropped.
+        pending, self._pending = self._pending, []
+        for work in pending:
+            work()
 
     # ---- TCP --------------------------------------------------------------------------
     def _on_accept(self, fwd: _Forward) -> None:
@@ -225,7 +228,7 @@ class HostForwarder:
 
     def _open_tcp(self, fwd: _Forward, conn: socket.socket, peer: tuple[str, int]) -> None:
         if self._closed:
-            conn.close()
+            _reset(conn)
             return
         engine = self.stack.tcp
         remote = self._as_seen_by_guest(peer[0])
@@ -298,7 +301,8 @@ class HostForwarder:
         self.attachment._schedule_flush()
 
     def _late_datagram(self, flow: Any, src_ip: str, src_port: int, data: bytes) -> None:
-        self.stack.udp.host_datagram(flow, src_ip, src_port, data, self.loop.time())
+        if not self._closed:
+            self.stack.udp.host_datagram(flow, src_ip, src_port, data, self.loop.time())
 
     # ---- common -----------------------------------------------------------------------
     def _as_seen_by_guest(self, ip: str) -> bytes:
@@ -321,6 +325,8 @@ class HostForwarder:
             self.loop.call_later(_ARP_POLL, self._poll_guest_mac)
 
     def _poll_guest_mac(self) -> None:
+        if self._closed:
+            return
         now = self.loop.time()
         assert self._arp_started is not None
         if self.stack.link.guest_mac is None and now - self._arp_started < _ARP_GIVE_UP:

@@ -269,3 +269,13 @@ def test_api_drives_the_forwarder(rig: Rig) -> None:
                              final=True) == b'{"return":{}}'
     with pytest.raises(ConnectionRefusedError):
         tcp_client(port)
+
+
+def test_close_while_waiting_for_the_guest_mac_closes_the_waiting_connection(rig: Rig) -> None:
+    port = free_port()
+    rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)
+    with tcp_client(port) as c:
+        rig.wait_frame(lambda f: ARP in f)  # accepted, now waiting for the guest's answer
+        rig.fwd.close()
+        with pytest.raises(ConnectionResetError):  # reset, as the guest never took it
+            c.recv(10)
