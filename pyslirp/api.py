@@ -85,6 +85,9 @@ DEFAULT_TIMEOUT = 10.0
 #: Connections served at once; more wait in the listen backlog.
 MAX_CLIENTS = 64
 
+#: How long the listener is left alone after accept failed (out of file descriptors).
+_ACCEPT_PAUSE = 0.5
+
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -543,8 +546,12 @@ class ApiServer:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: try again on the next event
-                log.warning("api: accept failed: %s", exc.strerror)
+            except OSError as exc:
+                # EMFILE and friends: the listener stays readable; don't spin on it.
+                log.warning("api: accept failed: %s; pausing %.1f s", exc.strerror,
+                            _ACCEPT_PAUSE)
+                self._stop_accepting()
+                self.loop.call_later(_ACCEPT_PAUSE, self._start_accepting)
                 return
             conn.setblocking(False)
             client = _Client(conn)

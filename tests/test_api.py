@@ -8,6 +8,7 @@ so the tables cannot drift from what slirp4netns does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -644,3 +646,39 @@ def _net_ino(pid: int) -> int | None:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
     except OSError:
         return None
+
+
+def test_out_of_fds_pauses_accepting_instead_of_spinning(tmp_path: Path) -> None:
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    server = ApiServer(loop, str(tmp_path / "api.sock"), handler())
+    real = server._sock
+    assert real is not None
+    calls = []
+
+    class OutOfFds:
+        def accept(self) -> Any:
+            calls.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        def fileno(self) -> int:
+            assert real is not None
+            return real.fileno()
+
+        def close(self) -> None:
+            assert real is not None
+            real.close()
+
+    server._sock = OutOfFds()  # type: ignore[assignment]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(str(tmp_path / "api.sock"))
+        loop.run_until_complete(asyncio.sleep(0.3))
+        assert 1 <= len(calls) <= 3
+        server._sock = real
+        c.sendall(LIST)
+        c.shutdown(socket.SHUT_WR)
+        loop.run_until_complete(asyncio.sleep(0.5))
+        assert read_all(c) == ENTRIES_EMPTY
+    server.close()
+    loop.close()

@@ -62,6 +62,8 @@ from pyslirp.runtime.engine import Attachment, _TcpHandle
 log = logging.getLogger("pyslirp")
 
 _ACCEPT_BATCH = 64
+#: How long a listener is left alone after accept failed (out of file descriptors).
+_ACCEPT_PAUSE = 0.5
 _UDP_BATCH = 64
 _UDP_MAX = 65536
 _LISTEN_BACKLOG = 128
@@ -214,10 +216,13 @@ class HostForwarder:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE/ENFILE: the connection waits in the backlog; try on the next event.
+                # EMFILE/ENFILE: the connection waits in the backlog. The listener stays
+                # readable, so stop watching it for a while instead of spinning on it.
                 self.stack.link.count("hostfwd.accept_error")
-                log.warning("port forward %s:%d: accept failed: %s", fwd.host_addr,
-                            fwd.host_port, exc.strerror)
+                log.warning("port forward %s:%d: accept failed: %s; pausing %.1f s",
+                            fwd.host_addr, fwd.host_port, exc.strerror, _ACCEPT_PAUSE)
+                self.loop.remove_reader(fwd.sock.fileno())
+                self.loop.call_later(_ACCEPT_PAUSE, self._resume_accept, fwd)
                 return
             fwd.accepted += 1
             conn.setblocking(False)
@@ -225,6 +230,10 @@ class HostForwarder:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             self._when_guest_known(functools.partial(self._open_tcp, fwd, conn, peer))
+
+    def _resume_accept(self, fwd: _Forward) -> None:
+        if self.forwards.get((fwd.proto, fwd.host_addr, fwd.host_port)) is fwd:
+            self.loop.add_reader(fwd.sock.fileno(), self._on_accept, fwd)
 
     def _open_tcp(self, fwd: _Forward, conn: socket.socket, peer: tuple[str, int]) -> None:
         if self._closed:

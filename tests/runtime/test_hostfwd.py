@@ -279,3 +279,40 @@ def test_close_while_waiting_for_the_guest_mac_closes_the_waiting_connection(rig
         rig.fwd.close()
         with pytest.raises(ConnectionResetError):  # reset, as the guest never took it
             c.recv(10)
+
+
+class _OutOfFds:
+    """A listening socket whose accept() fails with EMFILE while ``failing``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.failing = True
+        self.calls = 0
+
+    def accept(self) -> Any:
+        self.calls += 1
+        if self.failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_out_of_fds_pauses_the_listener_instead_of_spinning(rig: Rig) -> None:
+    rig.know_guest()
+    port = free_port()
+    rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)
+    fwd = rig.fwd.forwards[("tcp", "127.0.0.1", port)]
+    flaky = _OutOfFds(fwd.sock)
+    fwd.sock = flaky  # type: ignore[assignment]
+    with tcp_client(port) as c:
+        rig.spin(0.3)
+        assert 1 <= flaky.calls <= 3  # a level-triggered busy loop would call it thousands of times
+        assert rig.att.stack.link.counters["hostfwd.accept_error"] == flaky.calls
+        flaky.failing = False
+        syn = rig.wait_frame(is_syn)  # once descriptors are back, the connection goes through
+        assert syn[TCP].sport == c.getsockname()[1]
