@@ -13,9 +13,9 @@ Destinations go through the stack's address policy once per (flow,
 destination) and the answer is cached in the flow: the gateway means the
 host's loopback (unless ``disable_host_loopback``), the DNS address is not
 ours (DNS to 10.0.2.3:53 never reaches this engine), anything the policy
-refuses is dropped and counted, and the guest gets destination unreachable,
-code 13 "administratively prohibited" (rate-limited), from the gateway: a
-connected socket fails at once with EHOSTUNREACH, as a TCP connect does.
+refuses is silently dropped and counted, as slirp4netns does (the engine
+issue asks for exactly that: with ``--disable-host-loopback`` UDP to the
+gateway is dropped, while TCP gets ICMP net unreachable from the TCP engine).
 
 The flow remembers which guest destination each host target stands for, so
 a reply is sent to the guest from the address the guest used. A reply from
@@ -88,10 +88,6 @@ IDLE_TIMEOUT = 240.0
 DNS_IDLE_TIMEOUT = 10.0
 DEFAULT_MAX_FLOWS = 4096
 DEFAULT_NEW_FLOWS_PER_SECOND = 1000.0
-#: ICMP errors we originate (for refused destinations) per second.
-ERRORS_PER_SECOND = 100.0
-#: RFC 1812 section 5.2.7.1: communication administratively prohibited.
-ADMIN_PROHIBITED = 13
 #: Guest destinations (and host sources) remembered per flow before the cache is reset.
 MAX_PEERS_PER_FLOW = 256
 #: The largest UDP payload one IPv4 packet can carry (65535 - 20 - 8).
@@ -180,7 +176,7 @@ class UdpEngine:
     """The UDP NAT for one guest link. Sans-I/O: see :mod:`pyslirp.stack`."""
 
     __slots__ = ("config", "link", "host", "timers", "policy", "flows", "max_flows",
-                 "_new_flows", "_errors", "_gateway",
+                 "_new_flows", "_gateway",
                  "_broadcast", "_loopback_ok")
 
     def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
@@ -194,7 +190,6 @@ class UdpEngine:
         self.flows: dict[_Origin, UdpFlow] = {}
         self.max_flows = max_flows
         self._new_flows = TokenBucket(new_flows_per_second)
-        self._errors = TokenBucket(ERRORS_PER_SECOND)
         self._gateway = config.gateway
         self._broadcast = config.broadcast
         self._loopback_ok = not config.disable_host_loopback
@@ -250,11 +245,6 @@ class UdpEngine:
         if targets:
             return targets[0]
         self.link.count("drop.udp.policy")
-        # Tell the guest at once (a connected socket gets EHOSTUNREACH, as TCP does)
-        # rather than let it time out; rate-limited as RFC 1812 section 4.3.2.8 asks.
-        if self._errors.take(now):
-            message = icmp.build_error(icmp.DEST_UNREACH, ADMIN_PROHIBITED, ip.buf)
-            self.link.send_ipv4(self._gateway, ip.src, PROTO_ICMP, message)
         return None
 
     @staticmethod
