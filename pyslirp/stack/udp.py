@@ -59,7 +59,8 @@ and counted (``drop.udp.*`` in ``link.counters``).
 Port forwarding (inbound) rides on the same flows: :meth:`UdpEngine.add_forward`
 pins a flow for the forwarded guest port on the runtime's bound host socket
 (pyslirp.runtime.hostfwd); it never expires, admits loopback peers (as the
-gateway) and sends the guest's replies back to the exact peer.
+gateway, as are peers with an address on the virtual network) and sends the
+guest's replies back to the exact peer.
 
 Not done: UDP to broadcast or multicast addresses (dropped and counted:
 nothing on the host side would be the right receiver), UDP-Lite, IPv6.
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from ipaddress import IPv4Address
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.frag import send_fragmented
@@ -340,6 +342,10 @@ class UdpEngine:
             # as libslirp does: the guest answers it, never reaches out to it.
             if not self._loopback_ok and not flow.forward:
                 return None
+            addr = self._gateway
+        elif flow.forward and IPv4Address(addr) in self.config.network:
+            # A host peer whose address is on the virtual network (a nested setup)
+            # would be looked for on the link; it talks through the gateway instead.
             addr = self._gateway
         origin = (addr, src_port)
         if len(flow.origins) >= MAX_PEERS_PER_FLOW:

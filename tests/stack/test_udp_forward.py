@@ -93,3 +93,12 @@ def test_close_all_releases_forwards_too() -> None:
     flow = forwarded(h)
     h.udp.close_all()
     assert ("udp_close", flow) in h.host.calls
+
+
+def test_a_peer_with_an_address_on_the_virtual_network_appears_as_the_gateway() -> None:
+    h = UdpHarness()
+    flow = forwarded(h)
+    h.udp.host_datagram(flow, "10.0.2.100", 40000, b"nested", h.now)  # the guest's own address
+    assert [udp_of(p) for p in h.take()] == [(GATEWAY, 40000, GUEST, 53, b"nested")]
+    h.send(GATEWAY, 40000, b"back", sport=53)
+    assert h.host.calls == [("udp_send", flow, ("10.0.2.100", 40000), b"back")]
