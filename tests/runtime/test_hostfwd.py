@@ -316,3 +316,11 @@ def test_out_of_fds_pauses_the_listener_instead_of_spinning(rig: Rig) -> None:
         flaky.failing = False
         syn = rig.wait_frame(is_syn)  # once descriptors are back, the connection goes through
         assert syn[TCP].sport == c.getsockname()[1]
+
+
+@pytest.mark.parametrize(("peer", "seen"), [
+    ("127.0.0.1", GATEWAY), ("127.9.9.9", GATEWAY), ("10.0.2.100", GATEWAY),
+    ("10.0.2.77", GATEWAY), ("198.18.0.2", "198.18.0.2"), ("10.0.3.1", "10.0.3.1"),
+])
+def test_source_address_the_guest_sees(rig: Rig, peer: str, seen: str) -> None:
+    assert rig.fwd._as_seen_by_guest(peer) == socket.inet_aton(seen)
