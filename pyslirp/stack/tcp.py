@@ -572,8 +572,14 @@ class TcpFlow:
                 c = sq[i]
         return parts
 
-    def _output(self, now: float) -> None:
-        """Send what the guest's window and our congestion window allow."""
+    def _output(self, now: float, push: bool = True) -> None:
+        """Send what the guest's window and our congestion window allow.
+
+        ``push=False`` (while the runtime is still reading the host socket)
+        holds back a tail shorter than a full frame: the next read or the
+        batch's :meth:`TcpEngine.flush` sends it, so a 256 KB read does not
+        end in a runt frame.
+        """
         if self.state not in _SND_STATES:
             return
         una = self.snd_una
@@ -590,6 +596,8 @@ class TcpFlow:
             elif n < self.mss and sent + n < buffered and sent:
                 break  # sender SWS avoidance: wait for a full segment (Nagle-like)
             end = sent + n == buffered
+            if end and not push and n < burst:
+                break
             flags = ACK
             if end:
                 flags = ACK | PSH
@@ -1178,7 +1186,9 @@ class TcpFlow:
         """Bytes read from the host socket (at most ``host_read_budget()``).
 
         ``bytes`` are kept by reference until the guest acknowledges them (and
-        handed to the link as slices); any other buffer is copied first.
+        handed to the link as slices); any other buffer is copied first. Full
+        frames go out at once; a shorter tail waits for the next read or for
+        :meth:`TcpEngine.flush`, which the runtime calls after its read loop.
         """
         if self.state not in _SND_STATES and self.state not in _HALF_OPEN or self.fin_queued:
             return
@@ -1197,7 +1207,8 @@ class TcpFlow:
         if not self.reading_paused and self.sq_end - self.una_pos >= self.cfg.snd_buf:
             self.reading_paused = True
             self.host.tcp_pause_reading(self)
-        self._output(now)
+        self._output(now, push=False)
+        self._mark()  # flush() sends the tail
 
     def host_eof(self, now: float) -> None:
         """The host peer closed its sending side: FIN to the guest after the data."""

@@ -96,6 +96,11 @@ class Harness:
         if flush:
             self.engine.flush(self.clock.now)
 
+    def feed(self, flow: TcpFlow, data: bytes) -> None:
+        """Host data for ``flow`` as the runtime delivers it: a read, then a flush."""
+        flow.host_data(data, self.clock.now)
+        self.engine.flush(self.clock.now)
+
     # -- engine -> guest
     def out(self) -> list[Out]:
         res = []
@@ -179,7 +184,7 @@ def test_no_window_scale_when_guest_does_not_offer_it() -> None:
     synack = h.expect_one()
     assert synack.tcp is not None and synack.tcp.options().wscale is None
     h.send(A, seq=h.gseq + 1, ack=synack.seq + 1)
-    flow.host_data(b"x", h.clock.now)
+    h.feed(flow, b"x")
     assert h.expect_one().tcp.window <= 0xFFFF  # type: ignore[union-attr]
 
 
@@ -224,7 +229,7 @@ def test_host_data_goes_out_as_gso_super_frames() -> None:
     h = Harness()
     flow, ours = h.connect(window=2000)  # 2000 << 7 = 256000 bytes
     data = random.Random(1).randbytes(200_000)
-    flow.host_data(data, h.clock.now)
+    h.feed(flow, data)
     outs = h.out()
     got = b""
     acked = ours
@@ -256,7 +261,7 @@ def test_without_offload_frames_are_mss_sized_with_full_checksums() -> None:
     h = Harness(offload=False, vnet_hdr=False)
     flow, ours = h.connect(mss=1000)
     data = random.Random(2).randbytes(9000)
-    flow.host_data(data, h.clock.now)
+    h.feed(flow, data)
     outs = h.out()  # parse() verifies every checksum
     assert all(len(o.data) <= 1000 for o in outs)
     assert b"".join(o.data for o in outs) == data
@@ -266,7 +271,7 @@ def test_without_offload_frames_are_mss_sized_with_full_checksums() -> None:
 def test_vnet_without_offload_sends_plain_vnet_headers() -> None:
     h = Harness(offload=False, vnet_hdr=True)
     flow, _ = h.connect()
-    flow.host_data(b"z" * 5000, h.clock.now)
+    h.feed(flow, b"z" * 5000)
     outs = h.out()
     assert all(o.vnet == (0, 0, 0, 0, 0, 0, 0) for o in outs)
     assert all(len(o.data) <= 1460 for o in outs)
@@ -312,7 +317,7 @@ def test_sack_blocks_point_fast_retransmit_at_the_hole() -> None:
     flow, ours = h.connect(window=4000, sack=True)
     flow.cwnd = 1 << 20
     data = random.Random(4).randbytes(5 * 64240)
-    flow.host_data(data, h.clock.now)
+    h.feed(flow, data)
     assert len(h.out()) == 5
     # 3000 bytes at the head were lost; the guest holds the rest, and its reader
     # keeps opening the window, so the window differs in every duplicate ACK.
@@ -338,7 +343,7 @@ def test_retransmission_with_exponential_backoff_then_give_up() -> None:
     cfg = TcpConfig(max_retries=4)
     h = Harness(cfg=cfg)
     flow, ours = h.connect()
-    flow.host_data(b"lost", h.clock.now)
+    h.feed(flow, b"lost")
     first = h.expect_one()
     times = []
     start = h.clock.now
@@ -363,7 +368,7 @@ def test_retransmission_with_exponential_backoff_then_give_up() -> None:
 def test_tail_loss_probe_elicits_the_ack_a_lagging_guest_would_delay() -> None:
     h = Harness()
     flow, ours = h.connect()
-    flow.host_data(b"x" * 3000, h.clock.now)
+    h.feed(flow, b"x" * 3000)
     h.out()
     h.send(A, ack=ours + 1000)  # an RTT sample; then the guest goes quiet
     h.out()
@@ -378,7 +383,7 @@ def test_tail_loss_probe_elicits_the_ack_a_lagging_guest_would_delay() -> None:
 def test_three_duplicate_acks_trigger_fast_retransmit() -> None:
     h = Harness(offload=False, vnet_hdr=False)
     flow, ours = h.connect()
-    flow.host_data(bytes(1460 * 6), h.clock.now)
+    h.feed(flow, bytes(1460 * 6))
     h.out()
     h.send(A, ack=ours + 1460)
     for _ in range(2):
@@ -395,7 +400,7 @@ def test_one_duplicate_ack_recovers_a_lost_gso_frame() -> None:
     flow, ours = h.connect(window=4000)
     flow.cwnd = 1 << 20  # past slow start
     data = random.Random(3).randbytes(3 * 64240)
-    flow.host_data(data, h.clock.now)
+    h.feed(flow, data)
     frames = h.out()
     assert len(frames) == 3
     # The first super-frame is lost; the guest says so once per frame that arrived.
@@ -411,7 +416,7 @@ def test_go_back_n_after_timeout_resends_everything_unacked() -> None:
     h = Harness(offload=False, vnet_hdr=False)
     flow, ours = h.connect()
     data = bytes(range(256)) * 20
-    flow.host_data(data, h.clock.now)
+    h.feed(flow, data)
     h.out()
     h.clock.advance(5)
     got = b""
@@ -431,7 +436,7 @@ def test_go_back_n_after_timeout_resends_everything_unacked() -> None:
 def test_zero_window_is_probed_and_data_flows_when_it_opens() -> None:
     h = Harness()
     flow, ours = h.connect(window=0)
-    flow.host_data(b"waiting", h.clock.now)
+    h.feed(flow, b"waiting")
     assert h.out() == []
     h.clock.advance(0.5)
     probes = h.out()
@@ -484,9 +489,9 @@ def test_full_guest_window_pauses_host_reading_and_acks_resume_it() -> None:
     cfg = TcpConfig(snd_buf=100_000)
     h = Harness(cfg=cfg)
     flow, ours = h.connect(window=100)  # 12800 bytes
-    flow.host_data(bytes(60_000), h.clock.now)
+    h.feed(flow, bytes(60_000))
     assert flow.host_read_budget() == 40_000
-    flow.host_data(bytes(40_000), h.clock.now)
+    h.feed(flow, bytes(40_000))
     assert flow in h.host.paused and flow.host_read_budget() == 0
     acked = ours
     while flow in h.host.paused:
@@ -580,7 +585,7 @@ def test_guest_half_close_then_host_finishes() -> None:
     assert bytes(h.host.written[flow]) == b"request" and flow in h.host.shut
     assert flow.state == CLOSE_WAIT and h.expect_one().ack == h.gseq + 8
     h.gseq += 8
-    flow.host_data(b"response", h.clock.now)  # host keeps talking after our half-close
+    h.feed(flow, b"response")  # host keeps talking after our half-close
     flow.host_eof(h.clock.now)
     outs = h.out()
     assert b"".join(o.data for o in outs) == b"response" and outs[-1].flags & F
@@ -685,7 +690,7 @@ def test_open_to_guest() -> None:
     assert flow.state == ESTABLISHED and flow in h.host.calls[-1]
     assert h.host.names()[-1] == "tcp_resume_reading"
     assert h.expect_one().ack == 7001
-    flow.host_data(b"hi guest", h.clock.now)
+    h.feed(flow, b"hi guest")
     assert h.expect_one().data == b"hi guest"
 
 
@@ -711,7 +716,7 @@ def test_random_segments_never_raise(
         garbage: bytes) -> None:
     h = Harness(cfg=TcpConfig(rcv_buf=8000, snd_buf=8000, max_ooo_segments=4))
     flow, ours = h.connect(sack=True)
-    flow.host_data(b"q" * 3000, h.clock.now)
+    h.feed(flow, b"q" * 3000)
     for flags, seq, ack, window, data, opts, sport, near, host_event in segs:
         if len(opts) % 4:
             opts = opts[: len(opts) // 4 * 4]
@@ -724,7 +729,7 @@ def test_random_segments_never_raise(
                 c[1].host_connected(h.clock.now)
         if host_event:
             for f in list(h.engine.flows.values()):
-                f.host_data(data, h.clock.now)
+                h.feed(f, data)
                 if window & 1:
                     f.host_eof(h.clock.now)
                 f.host_writable(h.clock.now)
@@ -864,7 +869,7 @@ def test_two_flows_survive_random_loss_reordering_and_duplication(offload: bool,
             if flow.state in (ESTABLISHED, CLOSE_WAIT) and down_off[k] < len(down[k]):
                 n = min(flow.host_read_budget(), 20_000, len(down[k]) - down_off[k])
                 if n:
-                    flow.host_data(down[k][down_off[k]:down_off[k] + n], h.clock.now)
+                    h.feed(flow, down[k][down_off[k]:down_off[k] + n])
                     down_off[k] += n
                 if down_off[k] == len(down[k]):
                     flow.host_eof(h.clock.now)
@@ -887,7 +892,7 @@ def test_two_flows_survive_random_loss_reordering_and_duplication(offload: bool,
 def test_window_closed_on_data_in_flight_is_probed_not_given_up() -> None:
     h = Harness(cfg=TcpConfig(max_retries=3))
     flow, ours = h.connect()
-    flow.host_data(b"A" * 1000, h.clock.now)
+    h.feed(flow, b"A" * 1000)
     assert h.expect_one().data == b"A" * 1000
     probes = 0
     for _ in range(100):  # a guest that is alive but does not read, for a long while
@@ -924,7 +929,7 @@ def test_flow_table_limit_drops_new_syns() -> None:
 def test_unanswered_zero_window_probes_give_up() -> None:
     h = Harness(cfg=TcpConfig(max_retries=3))
     flow, ours = h.connect(window=0)
-    flow.host_data(b"stuck", h.clock.now)
+    h.feed(flow, b"stuck")
     h.clock.advance(600)  # the guest vanished
     outs = h.out()
     assert [o.flags & R for o in outs].count(R) == 1 and outs[-1].flags & R
@@ -961,7 +966,7 @@ def test_host_data_before_the_handshake_completes_is_sent_after_it() -> None:
     flow = h.host.calls[0][1]
     flow.host_connected(h.clock.now)
     synack = h.expect_one()
-    flow.host_data(b"220 smtp ready\r\n", h.clock.now)  # the server speaks first
+    h.feed(flow, b"220 smtp ready\r\n")  # the server speaks first
     assert h.out() == []
     h.send(A, seq=h.gseq + 1, ack=synack.seq + 1)
     assert h.expect_one().data == b"220 smtp ready\r\n"
@@ -970,7 +975,7 @@ def test_host_data_before_the_handshake_completes_is_sent_after_it() -> None:
 def test_sending_rate_regrows_after_a_loss_when_acks_cover_whole_frames() -> None:
     h = Harness()
     flow, ours = h.connect(window=60000)
-    flow.host_data(bytes(3_000_000), h.clock.now)
+    h.feed(flow, bytes(3_000_000))
     h.out()
     # Three duplicate ACKs halve the flight; each round the guest then ACKs all
     # it got with one ACK (as it does per GSO frame).
@@ -1014,3 +1019,17 @@ def test_full_table_recycles_time_wait_flows_for_new_connections() -> None:
     assert (GUEST, 1, REMOTE, 80) not in h.engine.flows  # the oldest went
     h.clock.advance(120)
     assert len(h.engine) == 1 and not h.engine.time_wait
+
+
+def test_consecutive_host_reads_do_not_leave_runt_frames() -> None:
+    h = Harness()
+    flow, ours = h.connect(window=8000)
+    flow.cwnd = 1 << 22
+    data = random.Random(5).randbytes(4 * 65536)
+    for i in range(4):  # one readable callback: four reads, then the runtime flushes
+        flow.host_data(data[i * 65536:(i + 1) * 65536], h.clock.now)
+    h.engine.flush(h.clock.now)
+    outs = h.out()
+    assert b"".join(o.data for o in outs) == data
+    assert [len(o.data) for o in outs[:-1]] == [64240] * (len(outs) - 1)
+    assert len(outs) == 5 and outs[-1].flags & P
