@@ -279,19 +279,26 @@ def apply(opts: Any) -> bool:
     failed = preload()
     if failed:
         log.warning("sandbox: could not preload %s", ", ".join(failed))
-    try:
-        if sandbox:
+    if sandbox:
+        try:
             create_sandbox(_userns_for(opts))
-            log.info("sandbox: new mount namespace with read-only /etc and /run; "
-                     "capabilities: CAP_NET_BIND_SERVICE only; no new privileges")
-        if filtered:
-            from pyslirp.runtime import seccomp
+        except SandboxError as exc:
+            log.error("%s", exc.strerror)  # the whole message, errno text included
+            return False
+        except OSError as exc:  # mkdir, chdir, rmdir: errors that name their path
+            log.error("sandbox: %s", exc)
+            return False
+        log.info("sandbox: new mount namespace with read-only /etc and /run; "
+                 "capabilities: CAP_NET_BIND_SERVICE only; no new privileges")
+    if filtered:
+        from pyslirp.runtime import seccomp
 
+        try:
             info = seccomp.install()
-            log.info("seccomp (%s, %s): the following syscalls will be blocked by seccomp: %s",
-                     info.backend, "kill process" if info.kill_process else "kill thread",
-                     " ".join(info.names))
-    except OSError as exc:
-        log.error("%s", exc)
-        return False
+        except seccomp.SeccompError as exc:
+            log.error("%s", exc.strerror)
+            return False
+        log.info("seccomp (%s, %s): the following syscalls will be blocked by seccomp: %s",
+                 info.backend, "kill process" if info.kill_process else "kill thread",
+                 " ".join(info.names))
     return True

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -171,3 +172,37 @@ def test_unprivileged_caller_sandboxes_inside_the_targets_user_namespace() -> No
         assert uids == ["65534"] * 4  # root in there is still nobody out here
     finally:
         os.waitpid(pid, 0)
+
+
+def test_apply_does_nothing_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    called: list[str] = []
+    monkeypatch.setattr(sandbox, "create_sandbox", lambda *_a: called.append("sandbox"))
+    assert sandbox.apply(SimpleNamespace(enable_sandbox=False, enable_seccomp=False))
+    assert called == []
+
+
+def test_apply_failure_is_one_logged_error(monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    def fail(_userns: str | None) -> None:
+        raise sandbox.SandboxError(1, "sandbox: cannot unshare new mount namespace: "
+                                      "Operation not permitted")
+    monkeypatch.setattr(sandbox, "create_sandbox", fail)
+    opts = SimpleNamespace(enable_sandbox=True, enable_seccomp=True, userns_path=None, pid=1)
+    with caplog.at_level("ERROR", logger="pyslirp"):
+        assert not sandbox.apply(opts)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sandbox: cannot unshare new mount namespace: Operation not permitted"]
+
+
+def test_apply_seccomp_failure_is_one_logged_error(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from pyslirp.runtime import seccomp
+
+    def fail(**_kw: object) -> None:
+        raise seccomp.SeccompError(22, "seccomp: seccomp_load: Invalid argument")
+    monkeypatch.setattr(seccomp, "install", fail)
+    opts = SimpleNamespace(enable_sandbox=False, enable_seccomp=True)
+    with caplog.at_level("ERROR", logger="pyslirp"):
+        assert not sandbox.apply(opts)
+    assert [r.getMessage() for r in caplog.records] == [
+        "seccomp: seccomp_load: Invalid argument"]
