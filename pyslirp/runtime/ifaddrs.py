@@ -18,12 +18,13 @@ address changes later (slirp4netns does not either), no IPv6 zone handling
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import ipaddress
 import socket
 from dataclasses import dataclass
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# dlopen(NULL): the libc already mapped into the interpreter (find_library would
+# run ldconfig in a subprocess).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _Sockaddr(ctypes.Structure):

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import importlib
 import logging
@@ -69,7 +68,9 @@ KEPT_DIRS = ("etc", "run")
 #: Where the tmpfs goes in the new mount namespace; slirp4netns uses /tmp too.
 _STAGE = "/tmp"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# dlopen(NULL): the libc already mapped into the interpreter (find_library would
+# run ldconfig in a subprocess).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
 _libc.syscall.restype = ctypes.c_long

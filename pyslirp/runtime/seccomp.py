@@ -163,7 +163,9 @@ def native_arches() -> tuple[int, ...]:
 
 # --- the C libraries, loaded now so nothing needs loading once the filter is on ----------
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# dlopen(NULL): the libc already mapped into the interpreter (find_library would
+# run ldconfig in a subprocess).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
@@ -184,11 +186,16 @@ class _ScmpVersion(ctypes.Structure):
 
 
 def _load_libseccomp() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
     try:
-        lib = ctypes.CDLL(name, use_errno=True)
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
-        return None
+        name = ctypes.util.find_library("seccomp")
+        if name is None:
+            return None
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError:  # pragma: no cover - found by ldconfig yet not loadable
+            return None
     try:
         lib.seccomp_init.argtypes = [ctypes.c_uint32]
         lib.seccomp_init.restype = ctypes.c_void_p
