@@ -915,7 +915,11 @@ class TcpFlow:
                 self._enter_time_wait(now, from_last_ack=True)
 
     def _read_sack(self, seg: wtcp.TcpSegment, ack: int) -> bool:
-        """Note where the first hole above ``ack`` ends; True if the ACK had SACK blocks."""
+        """Note where the first hole above ``ack`` ends; True if a block lies above it.
+
+        A block at or below ``ack`` is a D-SACK (RFC 2883): the guest got
+        something twice (e.g. a tail loss probe), which signals no loss.
+        """
         try:
             blocks = seg.options().sack
         except MalformedPacket:
@@ -926,8 +930,11 @@ class TcpFlow:
             rel = (left - ack) & _M
             if 0 < rel <= span and (hole is None or rel < hole):
                 hole = rel
-        self.sack_hole = None if hole is None else (ack + hole) & _M
-        return bool(blocks)
+        if hole is None:
+            self.sack_hole = None
+            return False
+        self.sack_hole = (ack + hole) & _M
+        return True
 
     def _rtt_sample(self, r: float) -> None:
         # RFC 6298 2.2 / 2.3

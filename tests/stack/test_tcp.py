@@ -1033,3 +1033,18 @@ def test_consecutive_host_reads_do_not_leave_runt_frames() -> None:
     assert b"".join(o.data for o in outs) == data
     assert [len(o.data) for o in outs[:-1]] == [64240] * (len(outs) - 1)
     assert len(outs) == 5 and outs[-1].flags & P
+
+
+def test_dsack_for_a_probe_is_not_a_duplicate_ack() -> None:
+    h = Harness()
+    flow, ours = h.connect(window=4000, sack=True)
+    flow.cwnd = 1 << 20
+    flow.host_data(bytes(5 * 64240), h.clock.now)
+    h.engine.flush(h.clock.now)
+    assert len(h.out()) == 5
+    # The guest reports, again and again, a segment it got twice (below its ACK),
+    # with a window that keeps moving: that is no sign of loss.
+    for i in range(4):
+        h.send(A, ack=ours + 1000, window=4000 + i,
+               options=wtcp.sack_option([(ours, ours + 1000)]))
+    assert h.out() == [] and h.link.counters["tcp.fast_retransmit"] == 0
