@@ -60,7 +60,11 @@ _SO_EE_ORIGIN_ICMP = 2
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 
 
-class _TcpHandle:
+class TcpHandle:
+    """The runtime's side of one TCP flow (``flow.host_handle``): its host socket and
+    which readiness callbacks are registered. Port forwarding creates these for
+    accepted connections too (pyslirp.runtime.hostfwd)."""
+
     __slots__ = ("sock", "fd", "targets", "reading", "writing", "connecting", "closed")
 
     def __init__(self) -> None:
@@ -119,7 +123,7 @@ class Attachment:
                 self._write_frame((frame,))
             else:
                 self.stack.receive_frame(memoryview(frame), self.loop.time())
-        self._schedule_flush()
+        self.schedule_flush()
 
     def _write_frame(self, parts: Sequence[Any]) -> None:
         try:
@@ -170,7 +174,8 @@ class Attachment:
             self._on_fatal(message)
 
     # ---- batching and timers ----------------------------------------------------
-    def _schedule_flush(self) -> None:
+    def schedule_flush(self) -> None:
+        """Run one ``Stack.flush`` and timer re-arm after this loop iteration's callbacks."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -205,12 +210,12 @@ class Attachment:
 
     # ---- HostPort: TCP ------------------------------------------------------------
     def tcp_connect(self, flow: Any, targets: list[tuple[str, int]]) -> None:
-        handle = _TcpHandle()
+        handle = TcpHandle()
         handle.targets = list(targets)
         flow.host_handle = handle
         self._tcp_try_next(flow, handle, errno.ENETUNREACH)
 
-    def _tcp_try_next(self, flow: Any, handle: _TcpHandle, last_error: int) -> None:
+    def _tcp_try_next(self, flow: Any, handle: TcpHandle, last_error: int) -> None:
         while handle.targets:
             host, port = handle.targets.pop(0)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -241,14 +246,14 @@ class Attachment:
             return
         self.loop.call_soon(self._tcp_report_connect_failed, flow, handle, last_error)
 
-    def _tcp_report_connect_failed(self, flow: Any, handle: _TcpHandle, err: int) -> None:
+    def _tcp_report_connect_failed(self, flow: Any, handle: TcpHandle, err: int) -> None:
         if handle.closed:
             return
         handle.closed = True
         flow.host_connect_failed(err, self.loop.time())
-        self._schedule_flush()
+        self.schedule_flush()
 
-    def _tcp_connect_done(self, flow: Any, handle: _TcpHandle) -> None:
+    def _tcp_connect_done(self, flow: Any, handle: TcpHandle) -> None:
         sock = handle.sock
         assert sock is not None
         self.loop.remove_writer(handle.fd)
@@ -266,9 +271,9 @@ class Attachment:
         handle.reading = True
         self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
         flow.host_connected(self.loop.time())
-        self._schedule_flush()
+        self.schedule_flush()
 
-    def _tcp_readable(self, flow: Any, handle: _TcpHandle) -> None:
+    def _tcp_readable(self, flow: Any, handle: TcpHandle) -> None:
         sock = handle.sock
         now = self.loop.time()
         while not handle.closed and sock is not None:
@@ -291,15 +296,15 @@ class Attachment:
             flow.host_data(data, now)
             if len(data) < min(budget, _HOST_READ_MAX):
                 break  # the socket is drained for now; don't pay an EAGAIN syscall
-        self._schedule_flush()
+        self.schedule_flush()
 
-    def _tcp_stop_reading(self, handle: _TcpHandle) -> None:
+    def _tcp_stop_reading(self, handle: TcpHandle) -> None:
         if handle.reading:
             handle.reading = False
             self.loop.remove_reader(handle.fd)
 
     def tcp_write(self, flow: Any, data: Any) -> int:
-        handle: _TcpHandle = flow.host_handle
+        handle: TcpHandle = flow.host_handle
         sock = handle.sock
         if sock is None or handle.closed:
             return 0
@@ -315,21 +320,21 @@ class Attachment:
             self.loop.add_writer(handle.fd, self._tcp_writable, flow, handle)
         return sent
 
-    def _tcp_report_error(self, flow: Any, handle: _TcpHandle, err: int) -> None:
+    def _tcp_report_error(self, flow: Any, handle: TcpHandle, err: int) -> None:
         if not handle.closed:
             flow.host_error(err, self.loop.time())
-            self._schedule_flush()
+            self.schedule_flush()
 
-    def _tcp_writable(self, flow: Any, handle: _TcpHandle) -> None:
+    def _tcp_writable(self, flow: Any, handle: TcpHandle) -> None:
         if handle.writing:
             handle.writing = False
             self.loop.remove_writer(handle.fd)
         if not handle.closed:
             flow.host_writable(self.loop.time())
-            self._schedule_flush()
+            self.schedule_flush()
 
     def tcp_shutdown_write(self, flow: Any) -> None:
-        handle: _TcpHandle = flow.host_handle
+        handle: TcpHandle = flow.host_handle
         if handle.sock is not None and not handle.closed:
             with contextlib.suppress(OSError):
                 handle.sock.shutdown(socket.SHUT_WR)
@@ -338,7 +343,7 @@ class Attachment:
         self._tcp_stop_reading(flow.host_handle)
 
     def tcp_resume_reading(self, flow: Any) -> None:
-        handle: _TcpHandle = flow.host_handle
+        handle: TcpHandle = flow.host_handle
         if handle is None or handle.closed or handle.sock is None or handle.connecting:
             return
         if not handle.reading:
@@ -346,7 +351,7 @@ class Attachment:
             self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
 
     def tcp_close(self, flow: Any, reset: bool) -> None:
-        handle: _TcpHandle | None = getattr(flow, "host_handle", None)
+        handle: TcpHandle | None = getattr(flow, "host_handle", None)
         if handle is None or handle.closed:
             return
         handle.closed = True
@@ -402,12 +407,12 @@ class Attachment:
             except BlockingIOError:
                 break
             except OSError:
-                self._udp_read_errors(flow, sock, now)
+                self.udp_read_errors(flow, sock, now)
                 continue
             udp.host_datagram(flow, src_ip, src_port, data, now)
-        self._schedule_flush()
+        self.schedule_flush()
 
-    def _udp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
+    def udp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
         """Drain the error queue (IP_RECVERR) and report ICMP errors to the engine."""
         while True:
             try:
@@ -473,7 +478,7 @@ class Attachment:
             if len(data) >= 8 and data[0] == 0:
                 seq = int.from_bytes(data[6:8], "big")
                 self.stack.icmp.host_echo_reply(flow, seq, data[8:], now)
-        self._schedule_flush()
+        self.schedule_flush()
 
     def _icmp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
         """An echo of ours met an ICMP error (e.g. host unreachable): tell the guest."""
@@ -521,7 +526,7 @@ class Attachment:
 
     def _dns_failed(self, query: Any) -> None:
         self.stack.dns.upstream_failed(query, self.loop.time())
-        self._schedule_flush()
+        self.schedule_flush()
 
     def _dns_readable(self, query: Any, sock: socket.socket) -> None:
         try:
@@ -535,7 +540,7 @@ class Attachment:
         # The forwarder ignores a stray reply and keeps waiting; it cancels the
         # query (closing this socket) itself once the query is answered.
         self.stack.dns.upstream_reply(query, data, self.loop.time())
-        self._schedule_flush()
+        self.schedule_flush()
 
     def dns_cancel(self, query: Any) -> None:
         sock: socket.socket | None = query.runtime_state

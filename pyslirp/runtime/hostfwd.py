@@ -11,7 +11,7 @@ same backpressure, the same throughput as the guest's own outbound flows.
 * **TCP**: a listening socket (``SO_REUSEADDR``, so a port can be forwarded
   again while old connections linger in TIME_WAIT; a port someone listens on
   is still refused). Each accepted connection becomes a
-  :class:`~pyslirp.runtime.engine._TcpHandle` of the attachment and an
+  :class:`~pyslirp.runtime.engine.TcpHandle` of the attachment and an
   active open toward the guest (``TcpEngine.open_to_guest``: SYN_SENT). The
   engine asks the attachment to start reading the host socket once the guest
   accepted; a guest that refuses (RST) or never answers makes the engine
@@ -57,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyslirp.runtime.engine import Attachment, _TcpHandle
+from pyslirp.runtime.engine import Attachment, TcpHandle
 
 log = logging.getLogger("pyslirp")
 
@@ -242,7 +242,7 @@ class HostForwarder:
         engine = self.stack.tcp
         remote = self._as_seen_by_guest(peer[0])
         port = self._free_tcp_port(fwd, remote, peer[1])
-        handle = _TcpHandle()
+        handle = TcpHandle()
         handle.sock = conn
         handle.fd = conn.fileno()
         flow = None
@@ -254,7 +254,7 @@ class HostForwarder:
             _reset(conn)
             return
         self.stack.link.count("hostfwd.tcp_opened")
-        self.attachment._schedule_flush()
+        self.attachment.schedule_flush()
 
     def _free_tcp_port(self, fwd: _Forward, remote: bytes, port: int) -> int | None:
         flows = self.stack.tcp.flows
@@ -294,7 +294,7 @@ class HostForwarder:
                 break
             except OSError:
                 # An ICMP error for something the guest sent from this port (IP_RECVERR).
-                self.attachment._udp_read_errors(flow, sock, now)
+                self.attachment.udp_read_errors(flow, sock, now)
                 continue
             if peers.get((src_ip, src_port)) is not sock:
                 if len(peers) >= _MAX_UDP_PEERS:
@@ -307,7 +307,7 @@ class HostForwarder:
                     self._late_datagram, flow, src_ip, src_port, data))
             else:
                 self.stack.link.count("hostfwd.udp_no_guest_mac")
-        self.attachment._schedule_flush()
+        self.attachment.schedule_flush()
 
     def _late_datagram(self, flow: Any, src_ip: str, src_port: int, data: bytes) -> None:
         if not self._closed:
@@ -330,7 +330,7 @@ class HostForwarder:
         if self._arp_started is None:
             self._arp_started = self._arp_sent = self.loop.time()
             self.stack.resolve_guest(self._arp_target)
-            self.attachment._schedule_flush()
+            self.attachment.schedule_flush()
             self.loop.call_later(_ARP_POLL, self._poll_guest_mac)
 
     def _poll_guest_mac(self) -> None:
@@ -342,7 +342,7 @@ class HostForwarder:
             if now - self._arp_sent >= _ARP_RETRY:
                 self._arp_sent = now
                 self.stack.resolve_guest(self._arp_target)
-                self.attachment._schedule_flush()
+                self.attachment.schedule_flush()
             self.loop.call_later(_ARP_POLL, self._poll_guest_mac)
             return
         if self.stack.link.guest_mac is None:
@@ -351,7 +351,7 @@ class HostForwarder:
         pending, self._pending = self._pending, []
         for work in pending:
             work()
-        self.attachment._schedule_flush()
+        self.attachment.schedule_flush()
 
 
 def _reset(conn: socket.socket) -> None:
