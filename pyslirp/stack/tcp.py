@@ -140,6 +140,10 @@ _ICMP_FOR_ERRNO = {
 }
 
 
+#: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
+_SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
+
+
 @dataclass(slots=True)
 class TcpConfig:
     """Limits and timers of the TCP engine (defaults suit a container's NAT)."""
@@ -378,10 +382,12 @@ class TcpFlow:
         self._xmit(RST | ACK, self.snd_nxt, [], 0)
 
     def _send_syn(self, with_ack: bool) -> None:
-        opts = wtcp.syn_options(
-            mss=self.link.mtu - 40,
-            wscale=self.rcv_wscale if self.wscale_ok or not with_ack else None,
-            sack_permitted=self.sack_ok or not with_ack)
+        spec = (self.link.mtu - 40, self.rcv_wscale if self.wscale_ok or not with_ack else None,
+                self.sack_ok or not with_ack)
+        opts = _SYN_OPTIONS.get(spec)
+        if opts is None:
+            opts = _SYN_OPTIONS[spec] = wtcp.syn_options(
+                mss=spec[0], wscale=spec[1], sack_permitted=spec[2])
         self._xmit(SYN | ACK if with_ack else SYN, self.iss, [], 0, opts)
 
     def _mark(self) -> None:
@@ -1113,10 +1119,7 @@ class TcpFlow:
         if opts.wscale is not None:
             self.wscale_ok = True
             self.snd_wscale = opts.wscale
-            ws = 0
-            while (self.cfg.rcv_buf >> ws) > 0xFFFF and ws < wtcp.MAX_WSCALE:
-                ws += 1
-            self.rcv_wscale = ws
+            self.rcv_wscale = self.engine.our_wscale
         else:
             self.wscale_ok = False
             self.snd_wscale = 0
@@ -1264,6 +1267,11 @@ class TcpEngine:
         self.timers = timers
         self.policy = policy
         self.cfg = tcp_config or TcpConfig()
+        ws = 0
+        while (self.cfg.rcv_buf >> ws) > 0xFFFF and ws < wtcp.MAX_WSCALE:
+            ws += 1
+        #: The window scale we offer: the smallest that can express rcv_buf.
+        self.our_wscale = ws
         self.rng = rng or random.Random()
         self.flows: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
         self.half_open = 0
@@ -1367,10 +1375,7 @@ class TcpEngine:
         flow.state = SYN_SENT
         flow.half_open = True
         self.half_open += 1
-        ws = 0
-        while (self.cfg.rcv_buf >> ws) > 0xFFFF and ws < wtcp.MAX_WSCALE:
-            ws += 1
-        flow.rcv_wscale = ws
+        flow.rcv_wscale = self.our_wscale
         self.flows[key] = flow
         flow._send_syn(with_ack=False)
         flow.snd_nxt = flow.snd_max = (flow.iss + 1) & _M
