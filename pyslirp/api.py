@@ -526,6 +526,11 @@ class ApiServer:
         self.clients: dict[int, _Client] = {}
         self._sock: socket.socket | None = bind_unix(path)
         self._ino = os.stat(path).st_ino
+        # Held so the socket file can still be removed after --enable-sandbox has
+        # pivoted the root away (the path no longer resolves then; the directory fd does).
+        self._dir_fd: int | None = os.open(os.path.dirname(os.path.abspath(path)),
+                                           os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._name = os.path.basename(path)
         self._accepting = False
         self._start_accepting()
 
@@ -633,8 +638,11 @@ class ApiServer:
             self._sock.close()
             self._sock = None
             try:
-                if os.lstat(self.path).st_ino == self._ino:
-                    os.unlink(self.path)
+                if os.lstat(self._name, dir_fd=self._dir_fd).st_ino == self._ino:
+                    os.unlink(self._name, dir_fd=self._dir_fd)
             except OSError:
                 pass
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 

@@ -156,3 +156,13 @@ def test_enable_ipv6_warns_and_serves_ipv4(host: Host, guest: Guest,
     slirp = start_slirp("--enable-ipv6")
     assert _hello(guest, host) == HELLO.decode()
     assert "WARNING: --enable-ipv6: IPv6 is not served yet" in slirp.log_text()
+
+
+def test_sandboxed_stack_removes_its_api_socket_on_exit(
+        host: Host, guest: Guest, start_slirp: StartSlirp, tmp_path: Path) -> None:
+    """After pivot_root the socket's path no longer resolves; the file must still go."""
+    api = tmp_path / "api.sock"
+    slirp = start_slirp("--enable-sandbox", "--enable-seccomp", f"--api-socket={api}")
+    assert api.is_socket()
+    assert slirp.stop() == 0
+    assert not api.exists()
