@@ -135,7 +135,10 @@ class StackManager:
             return {i.name: self._stacks[i.name].socket_path for i in ifaces}
 
     def _start(self, iface: SlirpInterface) -> _Stack:
-        os.makedirs(self.data_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.data_dir, exist_ok=True)
+        with contextlib.suppress(OSError):
+            # Searchable by QEMU's user whatever our umask (the sockets themselves are 0666).
+            os.chmod(self.data_dir, 0o755)
         sock = self.socket_path(iface)
         api = os.path.join(self._run_dir, f"{iface.name}.api")
         ready_r, ready_w = os.pipe()
