@@ -19,9 +19,11 @@ socket (dgram); the base class registers it with the loop and calls
 ``-netdev stream`` (QEMU >= 7.2, net/stream.c): each frame is preceded by
 its length as a 4-byte big-endian integer. We accept on a Unix stream socket
 (QEMU runs with ``server=off,addr.type=unix,addr.path=SOCKET``), read in
-large chunks and cut frames out of them as zero-copy slices of the immutable
-chunk, so the stack may keep a slice without it being overwritten; only the
-tail of a frame split across reads is copied. A length above
+large chunks and cut each frame out as a bytes object of its own, as a TAP
+read gives it: the stack may keep a view of a frame (a fragment waiting for
+its siblings) and must not pin a whole 256 KiB chunk by doing so, and
+copying a frame of at most MTU + 14 bytes costs far less than the stack's
+work on it. A length above
 :data:`MAX_FRAME` (65,536 + 4,096, QEMU's ``NET_BUFSIZE``) means the byte
 stream is not what we think it is: we log it and drop the connection (QEMU
 reconnects if told to with ``reconnect=``). A frame shorter than an Ethernet
@@ -199,7 +201,6 @@ class QemuStreamAttachment(Attachment):
             return
         data = self._partial + chunk if self._partial else chunk
         now = self.loop.time()
-        view = memoryview(data)
         end = len(data)
         pos = 0
         unpack = _LENGTH.unpack_from
@@ -219,7 +220,7 @@ class QemuStreamAttachment(Attachment):
             if length < _ETH_HEADER:
                 self.stack.link.count("drop.rx.runt")
             else:
-                receive(view[pos:pos + length], now)
+                receive(memoryview(data[pos:pos + length]), now)
             pos += length
         if self._conn is conn:  # not dropped by a failed write meanwhile
             self._partial = data[pos:] if pos < end else b""
