@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyslirp.wire import tcp
 from pyslirp.wire.errors import MalformedPacket
@@ -111,3 +115,23 @@ def test_sack_blocks_round_trip() -> None:
     assert tcp.sack_option([]) == b""
     assert len(tcp.sack_option([(1, 2)] * 6)) == 4 + 32  # at most 4 blocks fit
     assert tcp.parse_options(b"\x05\x0b" + bytes(9)).sack == []  # odd length ignored
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF),
+       st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFF), st.integers(0, 0xFFFF),
+       st.binary(max_size=100), st.sampled_from([b"", tcp.syn_options(mss=1460, wscale=3),
+                                                 tcp.sack_option([(1, 2), (3, 4)])]))
+def test_build_then_parse_round_trips(sport: int, dport: int, seq: int, ack: int, flags: int,
+                                      window: int, payload: bytes, options: bytes) -> None:
+    raw = tcp.build(SRC, DST, sport, dport, seq, ack, flags, window, payload, options)
+    seg = tcp.TcpSegment(memoryview(raw), SRC, DST, verify_checksum=True)
+    assert (seg.src_port, seg.dst_port, seg.seq, seg.ack, seg.flags, seg.window) == (
+        sport, dport, seq, ack, flags, window)
+    assert bytes(seg.payload) == payload and seg.header_len == 20 + len(options)
+    seg.options()
+
+
+@given(st.binary(max_size=40))
+def test_option_parsing_raises_only_malformed_packet(raw: bytes) -> None:
+    with contextlib.suppress(MalformedPacket):
+        tcp.parse_options(raw)
