@@ -612,7 +612,8 @@ class TcpFlow:
             seq = (una + sent) & _M
             self._xmit(flags, seq, self._collect(self.una_pos + sent, n), n)
             if ((seq - self.snd_max) & _M) < _HALF:  # new data, not a retransmission
-                self.tx_ends.append(self.una_pos + sent + n)
+                if len(self.tx_ends) < 4096:  # bounded even for a flight of 1-byte frames
+                    self.tx_ends.append(self.una_pos + sent + n)
                 if self.rtt_seq is None:
                     self.rtt_seq = (seq + n) & _M
                     self.rtt_time = now
