@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pyslirp.runtime import malloc
 from pyslirp.runtime.ifaddrs import Outbound
 from pyslirp.runtime.pcap import PcapWriter
 from pyslirp.stack.config import NetConfig
@@ -58,6 +59,9 @@ _UDP_MAX = 65536
 _SOCK_EE = struct.Struct("=IBBBBII")
 _SO_EE_ORIGIN_ICMP = 2
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+
+
+_malloc_tuned = False
 
 
 class TcpHandle:
@@ -97,6 +101,10 @@ class Attachment:
         self._faults = _faults_from_env()
         #: ``--outbound-addr[6]``: host sockets toward the outside bind here first.
         self.outbound = Outbound()
+        global _malloc_tuned
+        if not _malloc_tuned:
+            _malloc_tuned = True
+            malloc.tune()
         self.stack = Stack(config, self._send_frame, self)
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_tap_readable)
