@@ -792,8 +792,8 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    align = ["---", "---"] + ["---:"] * (len(header) - 2)
+def md_table(header: list[str], rows: list[list[str]], left: int = 2) -> str:
+    align = ["---"] * left + ["---:"] * (len(header) - left)
     out = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
@@ -917,7 +917,7 @@ def report(cfg: RunConfig, res: Results, load_at_start: str) -> str:
     md = [f"Run {env['date']}: {settings}.", "", f"Environment: {env_line}.", "",
           md_table(header, rows), ""]
     if grows:
-        md += [md_table(gheader, grows), ""]
+        md += [md_table(gheader, grows, left=len(gheader)), ""]
     if notes:
         md += ["Notes:", "", *[f"- {n}" for n in notes], ""]
     if chart_note is None:
