@@ -48,7 +48,8 @@ whose queue is full.
 Unix datagram socket. QEMU sends from its ``local`` address to ours
 (``remote``); we answer to the address the last datagram came from, so
 QEMU must bind a ``local.path``. Until QEMU has sent something, frames to it
-are dropped and counted (``drop.tx.no_peer``).
+are dropped and counted (``drop.tx.no_peer``). A datagram longer than
+:data:`MAX_FRAME` is dropped and counted (``drop.rx.too_big``), never cut.
 
 Not done: inet/vsock/fd addresses (only Unix sockets), vhost-user, the
 virtio-net header (QEMU's socket back ends never carry one).
@@ -339,12 +340,16 @@ class QemuDgramAttachment(Attachment):
         now = self.loop.time()
         for _ in range(_DGRAM_BATCH):
             try:
-                data, addr = sock.recvfrom(MAX_FRAME)
+                data, _anc, flags, addr = sock.recvmsg(MAX_FRAME)
             except BlockingIOError:
                 break
             except OSError as exc:
                 self._fatal(f"reading the QEMU datagram socket failed: {exc.strerror}")
                 return
+            if flags & socket.MSG_TRUNC:
+                # Bigger than any frame QEMU sends: not a frame; never hand on a cut one.
+                self.stack.link.count("drop.rx.too_big")
+                continue
             if not addr:
                 # An unbound sender: we could never answer it, and QEMU always binds.
                 self.stack.link.count("drop.rx.unbound_peer")

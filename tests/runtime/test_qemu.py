@@ -240,12 +240,15 @@ def test_dgram_one_frame_per_datagram_answered_to_the_sender(tmp_path: Path) -> 
     qemu.bind(str(tmp_path / "qemu.sock"))
     qemu.settimeout(5)
     try:
+        qemu.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_FRAME)
         qemu.sendto(arp_request(), path)
         qemu.sendto(b"\0" * 10, path)
+        qemu.sendto(arp_request("10.0.2.17") + b"\0" * MAX_FRAME, path)  # too big to be a frame
         qemu.sendto(arp_request("10.0.2.16"), path)
         assert is_arp_reply(qemu.recv(MAX_FRAME))
         assert is_arp_reply(qemu.recv(MAX_FRAME), to_ip="10.0.2.16")
-        assert server.counters()["drop.rx.runt"] == 1
+        counters = server.counters()
+        assert counters["drop.rx.runt"] == 1 and counters["drop.rx.too_big"] == 1
         # QEMU restarted: its socket file is gone; replies are dropped, not an error.
         os.unlink(str(tmp_path / "qemu.sock"))
         server.call(lambda: server.attachment.stack.resolve_guest(bytes([10, 0, 2, 15])))
