@@ -79,6 +79,7 @@ from pyslirp.cni.plugin import (
     ERR_TRY_AGAIN,
     ERR_UNSUPPORTED_FIELD,
 )
+from pyslirp.runtime import malloc
 
 log = logging.getLogger("pyslirp.cni")
 
@@ -591,6 +592,7 @@ def serve(rundir: str) -> int:
     engine = Engine(loop, rundir)
     try:
         loop.run_until_complete(engine.listen())
+        malloc.freeze_startup_objects()
     except OSError as exc:
         log.error("cannot listen on %s: %s", plugin.socket_path(rundir), exc)
         return 1

@@ -105,7 +105,6 @@ class Attachment:
         if not _malloc_tuned:
             _malloc_tuned = True
             malloc.tune()
-            malloc.freeze_startup_objects()
         self.stack = Stack(config, self._send_frame, self)
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_tap_readable)

@@ -24,6 +24,7 @@ import signal
 import time
 from typing import Any
 
+from pyslirp.runtime import malloc
 from pyslirp.runtime.engine import Attachment
 from pyslirp.runtime.pcap import PcapWriter
 from pyslirp.stack.config import NetConfig
@@ -147,6 +148,7 @@ class Server:
     def run(self, on_ready: Any = None) -> int:
         if on_ready is not None:
             self.loop.call_soon(on_ready)
+        malloc.freeze_startup_objects()
         try:
             self.loop.run_until_complete(self._stopped)
         finally:
