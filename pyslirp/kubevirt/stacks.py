@@ -99,7 +99,7 @@ class StackManager:
         self.ready_timeout = ready_timeout
         self._stacks: dict[str, _Stack] = {}
         self._lock = threading.Lock()
-        self._run_dir = tempfile.mkdtemp(prefix="pyslirp-kubevirt-")
+        self._run_dir = _private_dir(data_dir)
 
     def socket_path(self, iface: SlirpInterface) -> str:
         return os.path.join(self.data_dir, f"{iface.name}.sock")
@@ -232,6 +232,19 @@ class StackManager:
         shutil.rmtree(self._run_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(self.data_dir)  # only if empty: never anybody else's files
+
+
+def _private_dir(data_dir: str) -> str:
+    """A 0700 directory for the stacks' API sockets: under $TMPDIR, or next to the data.
+
+    A sidecar may run with a read-only root file system; the hook volume is
+    always writable.
+    """
+    try:
+        return tempfile.mkdtemp(prefix="pyslirp-kubevirt-")
+    except OSError:
+        os.makedirs(data_dir, exist_ok=True)
+        return tempfile.mkdtemp(prefix=".private-", dir=data_dir)
 
 
 def stat_is_socket(path: str) -> bool:
