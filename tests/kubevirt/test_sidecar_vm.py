@@ -47,11 +47,10 @@ def test_vm_runs_on_the_domain_the_sidecar_returned(
         kernel: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
     vmi = json.loads(vmi_json)
     iface = vmi["spec"]["domain"]["devices"]["interfaces"][0]
-    iface["model"] = "e1000"  # the driver our small guest has
     iface["ports"] = [{"name": "http", "port": 8080}, {"name": "done", "port": 8081}]
     out = sidecar.define(protos, domain_xml, json.dumps(vmi).encode())
     nic = qemu_args(out)
-    assert nic[0] == "-netdev" and nic[2] == "-device"
+    assert nic[0] == "-netdev" and nic[2] == "-device" and "virtio-net-pci" in nic[3]
 
     servers = in_pod(sidecar, sys.executable, str(SERVERS), str(tmp_path / "state"),
                      "--size", str(1 << 20), stdout=subprocess.PIPE)
@@ -59,9 +58,9 @@ def test_vm_runs_on_the_domain_the_sidecar_returned(
     try:
         assert servers.stdout is not None
         info = json.loads(servers.stdout.readline())
-        vmlinuz, e1000 = kernel
+        vmlinuz, modules = kernel
         initrd = tmp_path / "initrd.cpio"
-        guest.build_initramfs(initrd, e1000)
+        guest.build_initramfs(initrd, modules)
         console = tmp_path / "console.log"
         qemu = subprocess.Popen(
             guest.qemu_command(vmlinuz, initrd, "", console,
@@ -70,6 +69,8 @@ def test_vm_runs_on_the_domain_the_sidecar_returned(
             stderr=open(tmp_path / "qemu.log", "wb"))  # noqa: SIM115
         con = guest.Console(console)
         assert con.wait_for(r"^VM: mac (\S+)", qemu, 180).group(1) == MAC
+        # The VMI's model (virtio, KubeVirt's default) is the NIC the guest found.
+        assert con.wait_for(r"^VM: driver (\S+)", qemu, 60).group(1) == "virtio_net"
         lease = con.wait_for(r"^VM: lease (\S+) mask \S+ router (\S+) dns (\S+)", qemu, 120)
         assert lease.groups() == ("10.0.2.15", "10.0.2.2", "10.0.2.3")
         assert con.wait_for(r"^VM: payload (\S+)", qemu, 120).group(1) == info["sha256"]

@@ -1,15 +1,16 @@
-"""A small Linux guest for QEMU, made from Debian's packages: kernel, e1000 module, busybox.
+"""A small Linux guest for QEMU, made from Debian's packages: kernel, NIC modules, busybox.
 
-* :func:`debian_kernel` gives the path of a Debian 12 kernel and its e1000
-  module, fetched once with ``apt-get download`` + ``dpkg -x`` (nothing is
-  installed) into a cache directory the test runs share
-  (``$PYSLIRP_TEST_CACHE``, default ``~/.cache/pyslirp-tests``); only the two
-  files are kept, under the package's name, so a kernel update fetches anew.
+* :func:`debian_kernel` gives the path of a Debian 12 kernel and its NIC
+  modules (e1000, and virtio-net with what it needs), fetched once with
+  ``apt-get download`` + ``dpkg -x`` (nothing is installed) into a cache
+  directory the test runs share (``$PYSLIRP_TEST_CACHE``, default
+  ``~/.cache/pyslirp-tests``); only those files are kept, under the
+  package's name, so a kernel update fetches anew.
 * :func:`build_initramfs` writes an uncompressed ``newc`` cpio archive (the
   format the kernel unpacks into its rootfs) holding busybox-static, the
-  module and an ``/init`` script. Written here rather than with cpio(1):
+  modules and an ``/init`` script. Written here rather than with cpio(1):
   it's 30 lines and needs nothing installed.
-* :func:`run_qemu` boots it under TCG (no KVM needed) with the serial
+* :func:`qemu_command` boots it under TCG (no KVM needed) with the serial
   console in a file the test reads.
 
 The init script does the guest's side of the test and reports on the console
@@ -30,6 +31,19 @@ CACHE = Path(os.environ.get("PYSLIRP_TEST_CACHE",
                             Path.home() / ".cache" / "pyslirp-tests"))
 BUSYBOX = "/bin/busybox"
 GUEST_MAC = "52:54:00:12:34:56"
+#: NIC drivers and their dependencies, in the order insmod needs them (no modprobe:
+#: the package's modules.dep is made at install time, and we don't install it).
+MODULES = (
+    "drivers/net/ethernet/intel/e1000/e1000.ko",
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+)
 
 #: The guest's part. Ports come on the kernel command line (vmtest_*=...).
 INIT = r"""#!/bin/busybox sh
@@ -46,10 +60,13 @@ for word in $(cat /proc/cmdline); do
     esac
 done
 echo "VM: booted $(uname -r)"
-insmod /e1000.ko || echo "VM: insmod failed"
+for module in $(cat /modules/order); do
+    insmod "/modules/$module" || echo "VM: insmod $module failed"
+done
 ip link set lo up
 ip link set eth0 up
 echo "VM: mac $(cat /sys/class/net/eth0/address)"
+echo "VM: driver $(basename "$(readlink /sys/class/net/eth0/device/driver)")"
 udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /udhcpc.script || echo "VM: no lease"
 if [ "$DNS" != 0 ]; then
     echo "VM: dns $(nslookup test.pyslirp 10.0.2.3 2>&1 | tr '\n' ' ')"
@@ -103,10 +120,11 @@ def _kernel_package() -> str:
 
 
 def debian_kernel() -> tuple[Path, Path]:
-    """(vmlinuz, e1000.ko) of Debian 12's current kernel, from the cache or fetched."""
+    """(vmlinuz, directory of the :data:`MODULES`) of Debian 12's kernel, cached or fetched."""
+    names = [Path(m).name for m in MODULES]
     for found in sorted(CACHE.glob("linux-image-6.1.0-*-amd64")):
-        if (found / "vmlinuz").exists() and (found / "e1000.ko").exists():
-            return found / "vmlinuz", found / "e1000.ko"
+        if (found / "vmlinuz").exists() and all((found / n).exists() for n in names):
+            return found / "vmlinuz", found
     package = _kernel_package()
     dest = CACHE / package
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -117,16 +135,16 @@ def debian_kernel() -> tuple[Path, Path]:
         [deb] = work.glob("*.deb")
         _run("dpkg-deb", "-x", str(deb), str(work / "root"))
         [vmlinuz] = (work / "root" / "boot").glob("vmlinuz-*")
-        [e1000] = (work / "root" / "lib" / "modules").glob(
-            "*/kernel/drivers/net/ethernet/intel/e1000/e1000.ko")
+        [kernel_dir] = (work / "root" / "lib" / "modules").glob("*/kernel")
         staged = work / "staged"
         staged.mkdir()
         shutil.copy(vmlinuz, staged / "vmlinuz")
-        shutil.copy(e1000, staged / "e1000.ko")
+        for module in MODULES:
+            shutil.copy(kernel_dir / module, staged / Path(module).name)
         for old in CACHE.glob("linux-image-6.1.0-*-amd64"):
             shutil.rmtree(old, ignore_errors=True)
         staged.rename(dest)
-    return dest / "vmlinuz", dest / "e1000.ko"
+    return dest / "vmlinuz", dest
 
 
 def _cpio_entry(name: str, mode: int, data: bytes, ino: int) -> bytes:
@@ -139,14 +157,17 @@ def _cpio_entry(name: str, mode: int, data: bytes, ino: int) -> bytes:
     return out
 
 
-def build_initramfs(path: Path, e1000: Path) -> None:
+def build_initramfs(path: Path, modules: Path) -> None:
+    names = [Path(m).name for m in MODULES]
     files = [
         ("bin", 0o040755, b""),
         ("bin/busybox", 0o100755, Path(BUSYBOX).read_bytes()),
         ("bin/sh", 0o120777, b"busybox"),
         ("init", 0o100755, INIT.encode()),
         ("udhcpc.script", 0o100755, UDHCPC_SCRIPT.encode()),
-        ("e1000.ko", 0o100644, e1000.read_bytes()),
+        ("modules", 0o040755, b""),
+        ("modules/order", 0o100644, "\n".join(names).encode() + b"\n"),
+        *((f"modules/{n}", 0o100644, (modules / n).read_bytes()) for n in names),
     ]
     with open(path, "wb") as f:
         for ino, (name, mode, data) in enumerate(files, start=1):

@@ -108,9 +108,9 @@ class Vm:
 def boot(tmp: Path, kernel: tuple[Path, Path], backend: str,
          forward: bool) -> Iterator[Vm]:
     """Servers on loopback, pyslirp serving ``backend``, then QEMU booting the guest."""
-    vmlinuz, e1000 = kernel
+    vmlinuz, modules = kernel
     initrd = tmp / "initrd.cpio"
-    guest.build_initramfs(initrd, e1000)
+    guest.build_initramfs(initrd, modules)
     procs: list[subprocess.Popen[bytes] | subprocess.Popen[str]] = []
     try:
         servers = subprocess.Popen([sys.executable, str(SERVERS), str(tmp / "state"),
@@ -180,6 +180,7 @@ def test_guest_gets_its_lease_by_dhcp(vm: Vm) -> None:
     m = vm.wait_for(r"^VM: lease (\S+) mask (\S+) router (\S+) dns (\S+) mtu (\S+)")
     assert m.groups() == ("10.0.2.15", "255.255.255.0", "10.0.2.2", "10.0.2.3", "1500")
     assert re.search(rf"^VM: mac {guest.GUEST_MAC}$", vm.console.text(), re.M)
+    assert re.search(r"^VM: driver e1000$", vm.console.text(), re.M)
 
 
 def test_guest_resolves_a_name_through_10_0_2_3(vm: Vm) -> None:
