@@ -126,12 +126,20 @@ def debian_kernel() -> tuple[Path, Path]:
         if (found / "vmlinuz").exists() and all((found / n).exists() for n in names):
             return found / "vmlinuz", found
     package = _kernel_package()
-    dest = CACHE / package
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)  # apt's _apt user writes the download here
-        _run("apt-get", "download", "-q", package, cwd=work)
+        try:
+            _run("apt-get", "download", "-q", package, cwd=work)
+        except subprocess.CalledProcessError:
+            if os.geteuid() != 0:
+                raise
+            # Stale package lists name a kernel the archive has replaced since.
+            _run("apt-get", "update", "-q")
+            package = _kernel_package()
+            _run("apt-get", "download", "-q", package, cwd=work)
+        dest = CACHE / package
         [deb] = work.glob("*.deb")
         _run("dpkg-deb", "-x", str(deb), str(work / "root"))
         [vmlinuz] = (work / "root" / "boot").glob("vmlinuz-*")
