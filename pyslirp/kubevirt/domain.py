@@ -33,6 +33,15 @@ Model names are KubeVirt's (``virtio``, ``e1000``, ``e1000e``, ``igb``,
 QEMU's own slirp (``-netdev user``), a stream back end works with any of
 them, so virtio, KubeVirt's default, stays virtio.
 
+MTU: the link between the VM and its stack is private to them (everything
+leaves through the pod's sockets), so a virtio NIC gets a 65,520-byte MTU by
+default, as passt gives VMs: QEMU announces it to the guest driver
+(``host_mtu``, VIRTIO_NET_F_MTU) and the stack's DHCP offers it. Every frame
+costs the stack the same Python work whatever its size, so this is the
+largest single throughput lever (a 64 MiB download took half the time in a
+TCG guest). Other models have no way to learn an MTU from the device and
+stay at 1,500.
+
 Not done: PCI addresses, boot order and ACPI index from the VMI (KubeVirt's
 slirp sidecar ignored them too); more than the pod network (slirp is
 user-mode networking in the pod, there is nothing else to bind to).
@@ -51,10 +60,14 @@ from xml.parsers.expat import ExpatError
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 DEFAULT_CIDR = "10.0.2.0/24"
 DEFAULT_PLUGIN_NAME = "slirp"
+#: The MTU a virtio NIC gets (``virtio_mtu`` of :func:`slirp_interfaces`).
+DEFAULT_VIRTIO_MTU = 65520
+ETHERNET_MTU = 1500
+VIRTIO_DRIVER = "virtio-net-pci"
 #: KubeVirt interface models -> QEMU device drivers.
 MODELS = {
-    "": "virtio-net-pci",
-    "virtio": "virtio-net-pci",
+    "": VIRTIO_DRIVER,
+    "virtio": VIRTIO_DRIVER,
     "e1000": "e1000",
     "e1000e": "e1000e",
     "igb": "igb",
@@ -89,6 +102,8 @@ class SlirpInterface:
     mac: str | None
     network: ipaddress.IPv4Network
     ports: tuple[Port, ...]
+    #: The link MTU: the stack's ``--mtu`` and, for virtio, QEMU's ``host_mtu``.
+    mtu: int = ETHERNET_MTU
 
     @property
     def netdev_id(self) -> str:
@@ -108,8 +123,12 @@ def _get(obj: Any, *path: str) -> Any:
     return obj
 
 
-def slirp_interfaces(vmi_json: bytes, plugin: str = DEFAULT_PLUGIN_NAME) -> list[SlirpInterface]:
-    """The VMI's pod-network NICs bound to ``plugin``; HookError if there is none or one is bad."""
+def slirp_interfaces(vmi_json: bytes, plugin: str = DEFAULT_PLUGIN_NAME,
+                     virtio_mtu: int = DEFAULT_VIRTIO_MTU) -> list[SlirpInterface]:
+    """The VMI's pod-network NICs bound to ``plugin``; HookError if there is none or one is bad.
+
+    A virtio NIC's link gets ``virtio_mtu``, any other 1500.
+    """
     try:
         vmi = json.loads(vmi_json)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -130,7 +149,7 @@ def slirp_interfaces(vmi_json: bytes, plugin: str = DEFAULT_PLUGIN_NAME) -> list
             if not isinstance(iface, dict) or iface.get("name") != network.get("name"):
                 continue
             if _get(iface, "binding", "name") == plugin:
-                found.append(_interface(iface, network))
+                found.append(_interface(iface, network, virtio_mtu))
     if not found:
         names = ", ".join(repr(n.get("name")) for n in pod)
         raise HookError(f"no interface of the VMI's pod network ({names}) has "
@@ -138,7 +157,8 @@ def slirp_interfaces(vmi_json: bytes, plugin: str = DEFAULT_PLUGIN_NAME) -> list
     return found
 
 
-def _interface(iface: dict[str, Any], network: dict[str, Any]) -> SlirpInterface:
+def _interface(iface: dict[str, Any], network: dict[str, Any],
+               virtio_mtu: int) -> SlirpInterface:
     name = iface.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise HookError(f"interface name {name!r} is not a DNS label (a-z, 0-9, '-')")
@@ -173,8 +193,10 @@ def _interface(iface: dict[str, Any], network: dict[str, Any]) -> SlirpInterface
         if port in ports:
             raise HookError(f"{where}: port {number}/{protocol} is declared twice")
         ports.append(port)
-    return SlirpInterface(name, MODELS[model], mac.lower().replace("-", ":") if mac else None,
-                          net, tuple(ports))
+    driver = MODELS[model]
+    return SlirpInterface(name, driver, mac.lower().replace("-", ":") if mac else None,
+                          net, tuple(ports),
+                          virtio_mtu if driver == VIRTIO_DRIVER else ETHERNET_MTU)
 
 
 # ---- the domain XML -----------------------------------------------------------------------
@@ -183,10 +205,12 @@ def qemu_args(iface: SlirpInterface, socket_path: str) -> list[tuple[str, str]]:
     """The ``-netdev``/``-device`` pairs that connect ``iface`` to its stack's socket."""
     netdev = (f"stream,id={iface.netdev_id},server=off,addr.type=unix,"
               f"addr.path={socket_path.replace(',', ',,')}")
-    device: dict[str, str] = {"driver": iface.driver, "netdev": iface.netdev_id,
-                              "id": iface.netdev_id}
+    device: dict[str, str | int] = {"driver": iface.driver, "netdev": iface.netdev_id,
+                                    "id": iface.netdev_id}
     if iface.mac:
         device["mac"] = iface.mac
+    if iface.driver == VIRTIO_DRIVER and iface.mtu != ETHERNET_MTU:
+        device["host_mtu"] = iface.mtu
     return [("-netdev", netdev), ("-device", json.dumps(device, separators=(",", ":")))]
 
 

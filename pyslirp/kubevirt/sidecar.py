@@ -58,9 +58,11 @@ DATA_SUBDIR = "pyslirp"
 class HookServer:
     """The hook's behaviour, independent of gRPC plumbing (tests call it directly too)."""
 
-    def __init__(self, stacks: StackManager, plugin: str, on_shutdown: Any = None) -> None:
+    def __init__(self, stacks: StackManager, plugin: str, on_shutdown: Any = None,
+                 virtio_mtu: int = domain.DEFAULT_VIRTIO_MTU) -> None:
         self.stacks = stacks
         self.plugin = plugin
+        self.virtio_mtu = virtio_mtu
         self._on_shutdown = on_shutdown
         self._messages: dict[str, Any] = {}
 
@@ -72,7 +74,7 @@ class HookServer:
 
     def on_define_domain(self, domain_xml: bytes, vmi_json: bytes) -> bytes:
         """The edited domain; HookError/StackError say why not."""
-        ifaces = domain.slirp_interfaces(vmi_json, self.plugin)
+        ifaces = domain.slirp_interfaces(vmi_json, self.plugin, self.virtio_mtu)
         # Check the XML before starting anything: bad input must leave no stack behind.
         domain.edit_domain(domain_xml, [])
         sockets = self.stacks.ensure(ifaces)
@@ -149,6 +151,13 @@ def _handlers(hooks: HookServer, grpc: Any) -> list[Any]:
     return handlers
 
 
+def _mtu(text: str) -> int:
+    value = int(text)
+    if not 576 <= value <= 65521:
+        raise argparse.ArgumentTypeError("must be 576..65521")
+    return value
+
+
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pyslirp kubevirt-sidecar",
@@ -166,6 +175,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dns-upstream", action="append", default=[], metavar="HOST[:PORT]",
                         help="the stacks' DNS upstream instead of the pod's resolv.conf; "
                              "repeatable")
+    parser.add_argument("--virtio-mtu", type=_mtu, default=domain.DEFAULT_VIRTIO_MTU,
+                        help="the MTU of virtio NICs' links to their stacks (default "
+                             f"{domain.DEFAULT_VIRTIO_MTU}; 1500 for a plain Ethernet MTU)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -187,7 +199,7 @@ def main(argv: list[str]) -> int:
     data_dir = args.data_dir or os.path.join(os.path.dirname(path), DATA_SUBDIR)
     stop = threading.Event()
     stacks = StackManager(data_dir, dns_upstreams=args.dns_upstream)
-    hooks = HookServer(stacks, plugin, on_shutdown=stop.set)
+    hooks = HookServer(stacks, plugin, on_shutdown=stop.set, virtio_mtu=args.virtio_mtu)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers(_handlers(hooks, grpc))
     try:

@@ -144,6 +144,7 @@ class StackManager:
         ready_r, ready_w = os.pipe()
         exit_r, exit_w = os.pipe()
         args = [*self.command, "--target-type=qemu-stream", f"--cidr={iface.network}",
+                f"--mtu={iface.mtu}",
                 f"--api-socket={api}", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
                 *(f"--dns-upstream={u}" for u in self.dns_upstreams), sock]
         try:

@@ -55,7 +55,7 @@ def test_fixture_vmi(vmi_json: bytes) -> None:
     [iface] = slirp_interfaces(vmi_json)
     assert iface == SlirpInterface(
         "default", "virtio-net-pci", "02:42:ac:11:00:02", iface.network,
-        (Port("tcp", 8080), Port("udp", 5353), Port("tcp", 2222)))
+        (Port("tcp", 8080), Port("udp", 5353), Port("tcp", 2222)), 65520)
     assert str(iface.network) == "10.0.2.0/24" and iface.guest_address == "10.0.2.15"
 
 
@@ -64,6 +64,7 @@ def test_model_cidr_and_plugin_name() -> None:
               [{"name": "default", "pod": {"vmNetworkCIDR": "10.11.12.0/24"}}])
     [iface] = slirp_interfaces(raw, plugin="userspace")
     assert (iface.driver, str(iface.network), iface.mac) == ("e1000", "10.11.12.0/24", None)
+    assert iface.mtu == 1500  # an e1000 has no way to learn a bigger one
     assert iface.guest_address == "10.11.12.15"
     with pytest.raises(HookError, match="binding {name: slirp}"):
         slirp_interfaces(raw)
@@ -102,6 +103,14 @@ def test_bad_vmi(raw: bytes, message: str) -> None:
         slirp_interfaces(raw)
 
 
+def test_virtio_mtu_is_configurable() -> None:
+    [iface] = slirp_interfaces(vmi([slirp()]), virtio_mtu=9000)
+    assert iface.mtu == 9000
+    [plain] = slirp_interfaces(vmi([slirp()]), virtio_mtu=1500)
+    out = edit_domain(b"<domain/>", [(plain, SOCK)])
+    assert b"host_mtu" not in out  # 1500 is the device's own default: nothing to say
+
+
 def test_same_port_for_tcp_and_udp_is_two_ports() -> None:
     [iface] = slirp_interfaces(vmi([slirp(ports=[{"port": 53, "protocol": "UDP"},
                                                  {"port": 53}])]))
@@ -117,7 +126,7 @@ def test_fixture_domain_gets_netdev_and_device(domain_xml: bytes, vmi_json: byte
     assert qemu_args(out) == [
         "-netdev", f"stream,id=pyslirp-default,server=off,addr.type=unix,addr.path={SOCK}",
         "-device", '{"driver":"virtio-net-pci","netdev":"pyslirp-default",'
-                   '"id":"pyslirp-default","mac":"02:42:ac:11:00:02"}',
+                   '"id":"pyslirp-default","mac":"02:42:ac:11:00:02","host_mtu":65520}',
     ]
     validate(out, tmp_path)
     # Everything else is as it was: same elements, same text, same namespaces.

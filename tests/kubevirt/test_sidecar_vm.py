@@ -71,8 +71,11 @@ def test_vm_runs_on_the_domain_the_sidecar_returned(
         assert con.wait_for(r"^VM: mac (\S+)", qemu, 180).group(1) == MAC
         # The VMI's model (virtio, KubeVirt's default) is the NIC the guest found.
         assert con.wait_for(r"^VM: driver (\S+)", qemu, 60).group(1) == "virtio_net"
-        lease = con.wait_for(r"^VM: lease (\S+) mask \S+ router (\S+) dns (\S+)", qemu, 120)
-        assert lease.groups() == ("10.0.2.15", "10.0.2.2", "10.0.2.3")
+        lease = con.wait_for(r"^VM: lease (\S+) mask \S+ router (\S+) dns (\S+) mtu (\S+)",
+                             qemu, 120)
+        # virtio: the 65520-byte link MTU the sidecar chose, by DHCP and by the device.
+        assert lease.groups() == ("10.0.2.15", "10.0.2.2", "10.0.2.3", "65520")
+        assert con.wait_for(r"^VM: link mtu (\d+)", qemu, 10).group(1) == "65520"
         assert con.wait_for(r"^VM: payload (\S+)", qemu, 120).group(1) == info["sha256"]
         served = con.wait_for(r"^VM: serving (\S+)", qemu, 60).group(1)
 

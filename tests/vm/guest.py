@@ -94,6 +94,7 @@ bound|renew)
     route add default gw "$router" dev "$interface"
     echo "nameserver $dns" > /etc/resolv.conf
     echo "VM: lease $ip mask $subnet router $router dns $dns mtu $mtu"
+    echo "VM: link mtu $(cat /sys/class/net/$interface/mtu)"
     ;;
 esac
 """
