@@ -843,7 +843,8 @@ def chart(cfg: RunConfig, med: dict[str, dict[str, float]], stacks: list[str],
             ys.append(ratio if m.better == "higher" else 1 / ratio)
         bars = ax.bar(xs, ys, width, label=s, color=colors.get(s))
         if s != BASELINE:
-            ax.bar_label(bars, labels=[f"{y:.2g}" for y in ys], fontsize=6, padding=1)
+            labels = [f"{y:.0f}" if y >= 10 else f"{y:.2g}" for y in ys]
+            ax.bar_label(bars, labels=labels, fontsize=6, padding=1)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xticks(range(len(metrics)))
