@@ -15,12 +15,16 @@ Servers run in the host namespace on 127.0.0.1 (iperf3 and bench/netload.py
 serve); clients run in the namespace under ``nsenter --net`` and reach the host
 as 10.0.2.2 (all three stacks map that address to the host's loopback: pasta is
 told ``-g 10.0.2.2`` and maps its gateway to the host by default).  DNS goes to
-10.0.2.3, forwarded by each stack to a test DNS server on 127.0.0.1:53:
-pyslirp gets ``--dns-upstream``, pasta ``-D 127.0.0.1 --dns-forward 10.0.2.3``,
-and slirp4netns, which reads /etc/resolv.conf, runs in a private mount namespace
-in which a resolv.conf naming 127.0.0.1 is bind-mounted over /etc/resolv.conf.
-No packet leaves the machine: every address used is loopback or inside the
-namespaces the runner created (and always removes, also on Ctrl-C).
+the stack's DNS address, forwarded to a test DNS server on 127.0.0.1:53: pyslirp
+(10.0.2.3) gets ``--dns-upstream``; slirp4netns (10.0.2.3), which reads
+/etc/resolv.conf, runs in a private mount namespace in which a resolv.conf naming
+127.0.0.1 is bind-mounted over /etc/resolv.conf; pasta gets ``-D 127.0.0.1`` and,
+given a loopback resolver, serves DNS on its gateway address (10.0.2.2).
+
+By default the whole run happens inside a private network namespace of its own
+(see _run_isolated), so no packet can leave the machine; every address used is
+loopback or inside the namespaces the runner created (and always removes, also
+on Ctrl-C or SIGTERM).
 
 Workloads (MTU in brackets; the non-bulk ones run at the largest MTU only):
   TCP bulk upload/download, 1 and 4 flows (iperf3)                  [each MTU]
