@@ -71,12 +71,16 @@ def sidecar(tmp_path: Path) -> Iterator[Sidecar]:
     hooks = tmp_path / "kubevirt-hooks"
     hooks.mkdir()
     log = tmp_path / "sidecar.log"
+    # Private files (the stacks' API sockets) under the test's directory, so even a
+    # sidecar killed with SIGKILL leaves nothing behind in the machine's /tmp.
+    (tmp_path / "tmp").mkdir()
     proc = subprocess.Popen(
         ["unshare", "--net", "--", "sh", "-c",
          'ip link set lo up && exec "$@"', "sh",
          sys.executable, "-m", "pyslirp", "kubevirt-sidecar", "--socket",
          str(hooks / "slirp.sock"), "--dns-upstream=127.0.0.1:9"],
-        stdin=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115
+        stdin=subprocess.DEVNULL, stderr=open(log, "wb"),  # noqa: SIM115
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     side = Sidecar(hooks, proc, log)
     try:
         deadline = time.monotonic() + 30
