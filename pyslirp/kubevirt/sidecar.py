@@ -196,7 +196,11 @@ def main(argv: list[str]) -> int:
     plugin = args.plugin_name or os.environ.get("NETWORK_BINDING_PLUGIN_NAME") \
         or domain.DEFAULT_PLUGIN_NAME
     path = os.path.abspath(args.socket)
-    data_dir = args.data_dir or os.path.join(os.path.dirname(path), DATA_SUBDIR)
+    data_dir = os.path.abspath(args.data_dir or os.path.join(os.path.dirname(path), DATA_SUBDIR))
+    if data_dir == os.path.dirname(path):
+        # virt-launcher would dial QEMU's sockets as hooks (and wait for them forever).
+        log.error("--data-dir must not be the hook directory itself; use a subdirectory")
+        return 1
     stop = threading.Event()
     stacks = StackManager(data_dir, dns_upstreams=args.dns_upstream)
     hooks = HookServer(stacks, plugin, on_shutdown=stop.set, virtio_mtu=args.virtio_mtu)

@@ -38,3 +38,11 @@ def test_close_keeps_files_it_does_not_own(tmp_path: Path) -> None:
     manager.close()
     assert (data / "someone-elses").read_text() == "x"
     assert not os.path.exists(run_dir)
+
+
+def test_sidecar_refuses_the_hook_directory_as_data_dir(tmp_path: Path) -> None:
+    """QEMU's sockets there would be dialled by virt-launcher as hooks."""
+    from pyslirp.kubevirt.sidecar import main
+
+    assert main(["--socket", str(tmp_path / "slirp.sock"), "--data-dir", str(tmp_path)]) == 1
+    assert list(tmp_path.iterdir()) == []
