@@ -149,9 +149,16 @@ class HostForwarder:
 
     # ---- the API's calls --------------------------------------------------------------
     def add(self, proto: str, host_addr: str, host_port: int, guest_addr: str,
-            guest_port: int) -> None:
+            guest_port: int, sock: socket.socket | None = None) -> None:
         """Forward ``host_addr:host_port`` to ``guest_addr:guest_port``; OSError if the
-        port cannot be had (EADDRINUSE, EACCES for a privileged port, ...)."""
+        port cannot be had (EADDRINUSE, EACCES for a privileged port, ...).
+
+        ``sock``: serve this socket instead of binding one (a port someone else
+        reserved and handed over, see :mod:`pyslirp.runtime.adopt`): an IPv4
+        socket of the protocol's type bound to exactly ``host_addr:host_port``,
+        listening for TCP (ValueError otherwise). The forwarder owns it from
+        then on (made non-blocking, closed with the forward).
+        """
         if proto not in ("tcp", "udp"):
             raise ValueError(f"unknown protocol {proto!r}")
         key = (proto, host_addr, host_port)
@@ -159,6 +166,23 @@ class HostForwarder:
             raise OSError(errno.EADDRINUSE, "Address already in use")
         guest = socket.inet_aton(guest_addr)
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        if sock is not None:
+            _check_adopted(sock, kind, host_addr, host_port)
+            sock.setblocking(False)
+            if proto == "udp":
+                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        else:
+            sock = self._bind(proto, kind, host_addr, host_port)
+        fwd = _Forward(proto, host_addr, host_port, guest, guest_port, sock)
+        if proto == "tcp":
+            self.loop.add_reader(sock.fileno(), self._on_accept, fwd)
+        else:
+            self._add_udp(fwd)
+        self.forwards[key] = fwd
+        self._arp_target = guest
+
+    @staticmethod
+    def _bind(proto: str, kind: int, host_addr: str, host_port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             if proto == "tcp":
@@ -171,13 +195,7 @@ class HostForwarder:
         except OSError:
             sock.close()
             raise
-        fwd = _Forward(proto, host_addr, host_port, guest, guest_port, sock)
-        if proto == "tcp":
-            self.loop.add_reader(sock.fileno(), self._on_accept, fwd)
-        else:
-            self._add_udp(fwd)
-        self.forwards[key] = fwd
-        self._arp_target = guest
+        return sock
 
     def remove(self, proto: str, host_addr: str, host_port: int) -> None:
         """Close the forward's host socket; connections already forwarded go on."""
@@ -352,6 +370,19 @@ class HostForwarder:
         for work in pending:
             work()
         self.attachment.schedule_flush()
+
+
+def _check_adopted(sock: socket.socket, kind: int, host_addr: str, host_port: int) -> None:
+    """A handed-over socket must be what the forward promises to serve."""
+    if sock.family != socket.AF_INET or sock.type != kind:
+        raise ValueError(f"socket is {sock.family!r}/{sock.type!r}, not AF_INET/{kind!r}")
+    bound = sock.getsockname()
+    if bound != (host_addr, host_port):
+        raise ValueError(f"socket is bound to {bound[0]}:{bound[1]}, not "
+                         f"{host_addr}:{host_port}")
+    if kind == socket.SOCK_STREAM and \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ValueError("TCP socket is not listening")
 
 
 def _reset(conn: socket.socket) -> None:
