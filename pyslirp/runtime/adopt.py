@@ -1,0 +1,268 @@
+"""Taking over a host port that the runtime calling us reserved: find its socket, duplicate it.
+
+Theory of operation
+-------------------
+Rootful podman (4.x, ``enable_port_reservation``, on by default) reserves every
+published host port itself: right *after* the CNI ADD it binds (and, for TCP,
+listens on) ``hostIP:hostPort`` in its own process, hands the socket to conmon
+and closes its copy; conmon holds it for the container's life. Those sockets
+are meant to keep the port from being reused while the portmap plugin's
+iptables DNAT serves it; nobody ever accepts on them. A plugin that serves the
+port from a userspace socket collides with that reservation: whoever binds
+second gets EADDRINUSE.
+
+Instead of fighting it, the engine serves the reservation itself. A listening
+socket is just a kernel object: :func:`pidfd_getfd` (Linux >= 5.6) gives us
+our own descriptor for the very same socket, so connections to the port reach
+our ``accept`` while conmon's copy keeps the port reserved. When the engine
+closes its descriptor (DEL), the reservation is podman's/conmon's alone again
+and disappears with conmon.
+
+Finding it: ``/proc/self/net/{tcp,udp}`` lists the sockets of the engine's
+network namespace with their inode; ``/proc/PID/fd/N`` links read
+``socket:[INODE]``. A TCP socket counts when it listens on exactly the
+address and port (a TCP socket that is only bound does not appear in
+``/proc/net/tcp``; :func:`find_holder` then inspects the candidates' socket
+descriptors directly when asked to); a UDP socket when it is bound to them and
+not connected.
+
+Whose sockets we take (security): only those of the process that ran the
+plugin (the runtime: the plugin passes its parent PID along) and of that
+process's descendants, as :class:`CallerTree` tracks them by PID *and* start
+time, so a recycled PID is never trusted; a process that was seen as a
+descendant stays eligible after it was re-parented (conmon daemonizes away
+from podman right after it starts). A socket of any other process is never
+touched: the forward then fails with the usual "address already in use".
+
+Not done: IPv6 (the port forwarder is IPv4 only), SCTP; reservations made by a
+runtime process that is not a descendant of the plugin's caller (podman's
+``--userns`` containers, whose conmon reserves the ports before the network is
+set up by a later step, keep the clean error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import platform
+import socket
+import struct
+
+#: pidfd_getfd's number; the same in x86_64's table and in the generic table (aarch64, riscv64).
+_SYS_PIDFD_GETFD = {"x86_64": 438, "aarch64": 438, "riscv64": 438}.get(platform.machine(), 438)
+_TCP_LISTEN = 0x0A
+_TCP_CLOSE = 0x07  # UDP's "bound, not connected" in /proc/net/udp
+_NATIVE_U32 = struct.Struct("=I")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class AdoptError(OSError):
+    """A matching socket was found but could not be taken over."""
+
+
+def pidfd_getfd(pid: int, fd: int) -> int:
+    """Our own descriptor (close-on-exec) for descriptor ``fd`` of process ``pid``."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        new = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if new < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
+        return int(new)
+    finally:
+        os.close(pidfd)
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks after boot): with the PID, a process's identity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    if not fields or fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+def _parents() -> dict[int, tuple[int, int]]:
+    """Every live process: pid -> (ppid, start time)."""
+    out: dict[int, tuple[int, int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if len(fields) > 19 and fields[0] != b"Z":
+            out[int(name)] = (int(fields[1]), int(fields[19]))
+    return out
+
+
+class CallerTree:
+    """The plugin's caller and its descendants, remembered by (PID, start time)."""
+
+    def __init__(self, pid: int, start: int | None = None) -> None:
+        self.pid = pid
+        start = start if start is not None else _start_time(pid)
+        #: pid -> start time of every process ever seen in the tree.
+        self.known: dict[int, int] = {pid: start} if start is not None else {}
+
+    def members(self) -> list[int]:
+        """The live processes that belong (or belonged) to the tree, caller first."""
+        procs = _parents()
+        if self.pid in self.known and procs.get(self.pid, (0, -1))[1] == self.known[self.pid]:
+            children: dict[int, list[int]] = {}
+            for pid, (ppid, _start) in procs.items():
+                children.setdefault(ppid, []).append(pid)
+            todo = [self.pid]
+            while todo:
+                for child in children.get(todo.pop(), ()):
+                    if child not in self.known or self.known[child] != procs[child][1]:
+                        self.known[child] = procs[child][1]
+                    todo.append(child)
+        live = [pid for pid, start in self.known.items()
+                if pid in procs and procs[pid][1] == start]
+        for pid in [p for p in self.known if p not in live]:
+            del self.known[pid]  # gone: its PID may be reused by a stranger
+        return sorted(live, key=lambda p: p != self.pid)
+
+
+def _hex_addr(addr: str, port: int) -> str:
+    """``addr:port`` as /proc/net/{tcp,udp} spell an IPv4 local address."""
+    return f"{_NATIVE_U32.unpack(socket.inet_aton(addr))[0]:08X}:{port:04X}"
+
+
+def socket_inodes(proto: str, addr: str, port: int, net_dir: str = "/proc/self/net") -> set[int]:
+    """Inodes of the sockets bound to exactly ``addr:port`` (TCP: listening; UDP: unconnected)."""
+    want = _hex_addr(addr, port)
+    state = _TCP_LISTEN if proto == "tcp" else _TCP_CLOSE
+    found: set[int] = set()
+    with open(os.path.join(net_dir, proto)) as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) > 9 and fields[1] == want and int(fields[3], 16) == state:
+                found.add(int(fields[9]))
+    return found
+
+
+def _socket_fds(pid: int) -> list[tuple[int, int]]:
+    """(fd, inode) of every socket descriptor of ``pid``."""
+    out: list[tuple[int, int]] = []
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            if target.startswith("socket:["):
+                out.append((int(name), int(target[8:-1])))
+    return out
+
+
+def _matches(sock: socket.socket, proto: str, addr: str, port: int) -> bool:
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    try:
+        return (sock.family == socket.AF_INET and sock.type == kind
+                and sock.getsockname() == (addr, port))
+    except OSError:
+        return False
+
+
+def find_holder(proto: str, addr: str, port: int, tree: CallerTree,
+                probe_unlisted: bool = False) -> tuple[int, int] | None:
+    """(pid, fd) of a tree member's socket bound to exactly ``addr:port``, or None.
+
+    ``probe_unlisted``: for TCP, also look at the members' sockets that no
+    /proc/net table lists (bound, not listening) by duplicating each and
+    asking it its address; the duplicates are closed at once.
+    """
+    inodes = socket_inodes(proto, addr, port)
+    members = tree.members()
+    for pid in members:
+        for fd, inode in _socket_fds(pid):
+            if inode in inodes:
+                return pid, fd
+    if not (probe_unlisted and proto == "tcp"):
+        return None
+    listed = _listed_inodes()
+    for pid in members:
+        for fd, inode in _socket_fds(pid):
+            if inode in listed:
+                continue
+            try:
+                dup = socket.socket(fileno=pidfd_getfd(pid, fd))
+            except OSError:
+                continue
+            with dup:  # closing our duplicate leaves the member's descriptor alone
+                if _matches(dup, proto, addr, port):
+                    return pid, fd
+    return None
+
+
+def _listed_inodes() -> set[int]:
+    """Inodes of every socket /proc/self/net lists (TCP, UDP, raw, unix, netlink)."""
+    found: set[int] = set()
+    for table, column in (("tcp", 9), ("udp", 9), ("tcp6", 9), ("udp6", 9), ("raw", 9),
+                          ("unix", 6), ("netlink", 8)):
+        with contextlib.suppress(OSError), open(f"/proc/self/net/{table}") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) > column and fields[column].isdigit():
+                    found.add(int(fields[column]))
+    return found
+
+
+def adopt(proto: str, addr: str, port: int, tree: CallerTree,
+          probe_unlisted: bool = False) -> socket.socket | None:
+    """Our own descriptor for the tree's socket reserving ``proto`` ``addr:port``, ready to serve.
+
+    None if no member of ``tree`` holds one (someone else's socket is never
+    taken, see the module docstring). A TCP socket that is only bound is made
+    to listen. Raises :class:`AdoptError` if the socket was found but cannot
+    be duplicated (the holder exited meanwhile, or we may not: EPERM).
+    """
+    holder = find_holder(proto, addr, port, tree, probe_unlisted)
+    if holder is None:
+        return None
+    pid, fd = holder
+    try:
+        sock = socket.socket(fileno=pidfd_getfd(pid, fd))
+    except OSError as exc:
+        raise AdoptError(exc.errno or errno.EPERM,
+                         f"cannot take over {proto} {addr}:{port} from pid {pid}: "
+                         f"{exc.strerror or exc}") from None
+    # Between the lookup and the duplication the process could have closed fd and
+    # reused the number: make sure we got what we looked for.
+    if not _matches(sock, proto, addr, port):
+        sock.close()
+        return None
+    if proto == "tcp" and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.listen(128)
+    return sock
+
+
+def caller_reserves_ports(pid: int) -> bool:
+    """Whether ``pid`` is a rootful podman, which reserves published host ports after ADD.
+
+    Rootful means: euid 0 in the initial user namespace (rootless podman runs
+    the plugins in its own user namespace and leaves host ports alone).
+    """
+    try:
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        with open(f"/proc/{pid}/uid_map") as f:
+            uid_map = f.read().split()
+        with open(f"/proc/{pid}/status") as f:
+            euid = next(int(line.split()[2]) for line in f if line.startswith("Uid:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+    return exe == "podman" and euid == 0 and uid_map == ["0", "0", "4294967295"]
