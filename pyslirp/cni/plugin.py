@@ -834,9 +834,11 @@ def cmd_add(conf: dict[str, Any], version: str, environ: dict[str, str]) -> dict
     if prev is not None:
         _normalize_prev(prev)  # validate before any work
     rundir = runtime_dir(environ, conf)
+    # "caller": the runtime that ran us; the engine may take over host ports it reserved
+    # (pyslirp.runtime.adopt), and only ever from it and its descendants.
     reply = engine_request(rundir, environ, {
         "op": "add", "containerID": cid, "ifname": ifname, "netns": netns,
-        "settings": settings})
+        "settings": settings, "caller": os.getppid()})
     assert reply is not None
     result = _reply_ok(reply)["result"]
     return shape_result(merge_result(prev, result), version)
