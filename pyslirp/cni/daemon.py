@@ -38,9 +38,13 @@ when it changes.
 Port mappings (``runtimeConfig.portMappings``, what the portmap plugin reads
 and ``podman run -p`` sends) become host ports of the engine forwarded into
 the container by :class:`pyslirp.runtime.hostfwd.HostForwarder`, closed on
-DEL; a pyslirp without that module refuses them with a clear error. (Rootful
-podman reserves the published host ports itself right after ADD, for the
-portmap plugin's iptables DNAT, so there the two collide and podman gives up.)
+DEL; a pyslirp without that module refuses them with a clear error. Rootful
+podman reserves the published host ports itself right after ADD (for the
+portmap plugin's iptables DNAT; conmon then holds them): for such a caller the
+engine only checks the ports are free at ADD, then takes over podman's
+reservation sockets as they appear (:mod:`pyslirp.runtime.adopt`, only ever
+from the plugin's caller and its descendants) and serves them; DEL closes our
+duplicates. A port already held by the caller at ADD is taken over the same way.
 
 Blocking work (forking into a namespace to open a TAP or inspect it, closing
 a TAP, which waits for the kernel to unregister it) runs in worker threads,
@@ -62,6 +66,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -79,13 +84,17 @@ from pyslirp.cni.plugin import (
     ERR_TRY_AGAIN,
     ERR_UNSUPPORTED_FIELD,
 )
-from pyslirp.runtime import malloc
+from pyslirp.runtime import adopt, malloc
 
 log = logging.getLogger("pyslirp.cni")
 
 #: Seconds without attachments (after the last request) before the engine leaves.
 IDLE_EXIT = float(os.environ.get("PYSLIRP_CNI_IDLE_EXIT", "1.0"))
 RESOLV_CHECK_INTERVAL = 2.0
+#: How long the engine waits for a runtime that reserves host ports (rootful podman)
+#: to do so, and how often it looks (five times less often after the first second).
+ADOPT_WAIT = 10.0
+ADOPT_POLL = 0.01
 
 
 class RequestError(Exception):
@@ -112,6 +121,8 @@ class Served:
     dead: str | None = None
     #: The host ports of runtimeConfig.portMappings (a HostForwarder), if any.
     forwarder: Any = None
+    #: The task waiting to take over host ports the runtime reserves after ADD.
+    adopting: Any = None
 
 
 def _key(network: str, cid: str, ifname: str) -> str:
@@ -307,7 +318,9 @@ class Engine:
                         netns=netns, state_path=path, tap_fd=tap.fd, attachment=attachment,
                         explicit_dns=bool(s["dnsUpstreams"]), explicit_search=bool(s["search"]))
         try:
-            served.forwarder = self._forward_ports(attachment, s)
+            served.forwarder, pending = self._forward_ports(attachment, s, req.get("caller"))
+            if pending:
+                served.adopting = self.loop.create_task(self._adopt_later(served, pending))
             mac_text = ":".join(f"{b:02x}" for b in tap.mac)
             result = {
                 "cniVersion": plugin.CURRENT_VERSION,
@@ -333,25 +346,94 @@ class Engine:
         self.served[key] = served
         return result
 
-    def _forward_ports(self, attachment: Any, s: dict[str, Any]) -> Any:
-        """Open the host ports of ``runtimeConfig.portMappings`` (as the portmap plugin's)."""
+    def _forward_ports(self, attachment: Any, s: dict[str, Any],
+                       caller: Any) -> tuple[Any, list[_Pending]]:
+        """Open the host ports of ``runtimeConfig.portMappings`` (as the portmap plugin's).
+
+        Returns the forwarder and the ports left for :meth:`_adopt_later`: a
+        runtime that reserves host ports itself right after ADD (rootful podman)
+        must find them free, so they are only checked here. A port already held
+        by the caller or its descendants is taken over at once
+        (:mod:`pyslirp.runtime.adopt`); held by anyone else, it is an error.
+        """
         mappings = s.get("portMappings") or []
         if not mappings:
-            return None
+            return None, []
         forwarder_class = _forwarder_class()
         assert forwarder_class is not None  # checked before the TAP was made
         forwarder = forwarder_class(attachment)
+        tree = adopt.CallerTree(caller) if isinstance(caller, int) and caller > 1 else None
+        defer = tree is not None and adopt.caller_reserves_ports(tree.pid)
+        pending: list[_Pending] = []
         for m in mappings:
-            host_ip = m["hostIP"] or "0.0.0.0"
+            p = _Pending(m["protocol"], m["hostIP"] or "0.0.0.0", m["hostPort"], s["address"],
+                         m["containerPort"], tree)
             try:
-                forwarder.add(m["protocol"], host_ip, m["hostPort"], s["address"],
-                              m["containerPort"])
+                if defer:
+                    _probe_port(p.proto, p.host_ip, p.host_port)
+                    pending.append(p)
+                else:
+                    forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip, p.guest_port)
             except OSError as exc:
-                forwarder.close()
-                raise RequestError(ERR_SETUP_FAILED, f"cannot forward {m['protocol']} port "
-                                   f"{host_ip}:{m['hostPort']}: "
-                                   f"{exc.strerror or exc}") from None
-        return forwarder
+                try:
+                    sock = _adopt(p, exc)
+                    forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip, p.guest_port,
+                                  sock=sock)
+                except (OSError, ValueError) as final:
+                    forwarder.close()
+                    raise RequestError(ERR_SETUP_FAILED, f"cannot forward {p.proto} port "
+                                       f"{p.host_ip}:{p.host_port}: "
+                                       f"{getattr(final, 'strerror', None) or final}") from None
+                log.info("took over %s port %s:%d reserved by the runtime", p.proto, p.host_ip,
+                         p.host_port)
+        return forwarder, pending
+
+    async def _adopt_later(self, served: Served, pending: list[_Pending]) -> None:
+        """Take over the host ports the runtime reserves after ADD; serve the rest ourselves.
+
+        podman binds them a few milliseconds after ADD returned and keeps them
+        open (podman, then its conmon) for the container's life. If none shows
+        up within :data:`ADOPT_WAIT` (``enable_port_reservation = false``), the
+        engine binds the ports itself, as for any other runtime.
+        """
+        deadline = self.loop.time() + ADOPT_WAIT
+        fast_until = self.loop.time() + 1.0
+        while pending and self.loop.time() < deadline:
+            await asyncio.sleep(ADOPT_POLL if self.loop.time() < fast_until else ADOPT_POLL * 5)
+            for p in list(pending):
+                assert p.tree is not None
+                try:
+                    sock = await self._in_thread(adopt.adopt, p.proto, p.host_ip, p.host_port,
+                                                 p.tree)
+                except OSError as exc:
+                    log.warning("%s: %s", served.key, exc)
+                    continue
+                if sock is None:
+                    continue
+                pending.remove(p)
+                if served.forwarder is None:  # deleted meanwhile
+                    sock.close()
+                    return
+                self._serve_pending(served, p, sock)
+        for p in pending:
+            if served.forwarder is None:
+                return
+            log.info("%s: no reservation of %s port %s:%d appeared; binding it", served.key,
+                     p.proto, p.host_ip, p.host_port)
+            self._serve_pending(served, p, None)
+
+    def _serve_pending(self, served: Served, p: _Pending, sock: Any) -> None:
+        try:
+            served.forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip, p.guest_port,
+                                 sock=sock)
+        except (OSError, ValueError) as exc:
+            if sock is not None:
+                sock.close()
+            log.warning("%s: cannot forward %s port %s:%d: %s", served.key, p.proto,
+                        p.host_ip, p.host_port, exc)
+            return
+        log.info("%s: %s %s port %s:%d", served.key, "took over" if sock else "bound",
+                 p.proto, p.host_ip, p.host_port)
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:
         """Run a blocking namespace helper (fork + wait) off the loop.
@@ -374,6 +456,9 @@ class Engine:
         self.loop.create_task(self._close_pending())
 
     def _close(self, served: Served) -> None:
+        if served.adopting is not None:
+            served.adopting.cancel()
+            served.adopting = None
         if served.forwarder is not None:
             with contextlib.suppress(Exception):
                 served.forwarder.close()
@@ -526,6 +611,42 @@ class Engine:
         self.served.clear()
         fds, self._pending_close = self._pending_close, []
         _close_fds(fds)
+
+
+@dataclass
+class _Pending:
+    """One port mapping on its way to the forwarder."""
+
+    proto: str
+    host_ip: str
+    host_port: int
+    guest_ip: str
+    guest_port: int
+    tree: adopt.CallerTree | None
+
+
+def _probe_port(proto: str, host_ip: str, host_port: int) -> None:
+    """OSError (EADDRINUSE, ...) unless the port could be bound now; it is left free."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as probe:
+        if proto == "tcp":  # as the forwarder binds: lingering TIME_WAIT does not count
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host_ip, host_port))
+
+
+def _adopt(p: _Pending, exc: OSError) -> Any:
+    """The caller's socket holding ``p``'s port, taken over; else re-raise ``exc``.
+
+    Only the plugin's caller and its descendants are asked (CallerTree): a port
+    held by an unrelated process stays that process's, and ADD fails with
+    "address already in use".
+    """
+    if exc.errno != errno.EADDRINUSE or p.tree is None:
+        raise exc
+    sock = adopt.adopt(p.proto, p.host_ip, p.host_port, p.tree, probe_unlisted=True)
+    if sock is None:
+        raise exc
+    return sock
 
 
 def _forwarder_class() -> Any:
