@@ -353,7 +353,7 @@ class Engine:
         Returns the forwarder and the ports left for :meth:`_adopt_later`: a
         runtime that reserves host ports itself right after ADD (rootful podman)
         must find them free, so they are only checked here. A port already held
-        by the caller or its descendants is taken over at once
+        by that caller or its descendants is taken over at once
         (:mod:`pyslirp.runtime.adopt`); held by anyone else, it is an error.
         """
         mappings = s.get("portMappings") or []
@@ -362,8 +362,11 @@ class Engine:
         forwarder_class = _forwarder_class()
         assert forwarder_class is not None  # checked before the TAP was made
         forwarder = forwarder_class(attachment)
-        tree = adopt.CallerTree(caller) if isinstance(caller, int) and caller > 1 else None
-        defer = tree is not None and adopt.caller_reserves_ports(tree.pid)
+        # Only a caller known to reserve ports is searched: any other caller (cnitool,
+        # containerd, a test) listening on the port does so for itself, and keeps it.
+        tree = adopt.CallerTree(caller) if isinstance(caller, int) and caller > 1 and \
+            adopt.caller_reserves_ports(caller) else None
+        defer = tree is not None
         pending: list[_Pending] = []
         for m in mappings:
             p = _Pending(m["protocol"], m["hostIP"] or "0.0.0.0", m["hostPort"], s["address"],
