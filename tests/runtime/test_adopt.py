@@ -1,0 +1,223 @@
+"""Taking over a host port's socket from the plugin's caller (pyslirp.runtime.adopt).
+
+A child process of the test stands in for podman/conmon: it binds (and for
+TCP listens on) a loopback port and keeps it. The test process is the
+"caller", so the child is in its CallerTree; a process outside the tree
+(a sibling started with ``setsid`` and re-parented away) must never be
+touched. Only loopback is used.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pyslirp.runtime import adopt
+from tests.runtime.test_hostfwd import GPORT, GUEST, Rig
+
+HOLDER = r"""
+import socket, sys
+proto, listen = sys.argv[1], sys.argv[2] == "1"
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+if listen and proto == "tcp":
+    s.listen(8)
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()  # hold the socket until the test closes our stdin
+"""
+
+
+class Holder:
+    """A child process holding a socket on a loopback port until closed."""
+
+    def __init__(self, proto: str = "tcp", listen: bool = True, detach: bool = False) -> None:
+        argv = [sys.executable, "-c", HOLDER, proto, "1" if listen else "0"]
+        if detach:
+            # Outside our process tree: a double fork, so its parent is not us.
+            argv = ["setsid", "-f", *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        self.proto = proto
+
+    def listening(self) -> bool:
+        return bool(adopt.socket_inodes(self.proto, "127.0.0.1", self.port))
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def holders() -> Iterator[Any]:
+    made: list[Holder] = []
+
+    def make(*args: Any, **kw: Any) -> Holder:
+        h = Holder(*args, **kw)
+        made.append(h)
+        return h
+
+    try:
+        yield make
+    finally:
+        for h in made:
+            h.close()
+
+
+def test_socket_inodes_finds_exactly_the_listening_tcp_and_bound_udp_socket() -> None:
+    with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as connected:
+        tcp.bind(("127.0.0.1", 0))
+        port = tcp.getsockname()[1]
+        assert adopt.socket_inodes("tcp", "127.0.0.1", port) == set()  # bound only: unlisted
+        tcp.listen(1)
+        assert adopt.socket_inodes("tcp", "127.0.0.1", port) == {os.fstat(tcp.fileno()).st_ino}
+        assert adopt.socket_inodes("tcp", "0.0.0.0", port) == set()  # another address
+        udp.bind(("127.0.0.1", 0))
+        uport = udp.getsockname()[1]
+        assert adopt.socket_inodes("udp", "127.0.0.1", uport) == {os.fstat(udp.fileno()).st_ino}
+        assert adopt.socket_inodes("tcp", "127.0.0.1", uport) == set()  # another protocol
+        connected.bind(("127.0.0.1", 0))
+        connected.connect(("127.0.0.1", uport))
+        cport = connected.getsockname()[1]
+        assert adopt.socket_inodes("udp", "127.0.0.1", cport) == set()  # connected: no server
+
+
+def test_a_childs_listening_socket_is_taken_over_and_serves_connections(holders: Any) -> None:
+    h = holders("tcp")
+    sock = adopt.adopt("tcp", "127.0.0.1", h.port, adopt.CallerTree(os.getpid()))
+    assert sock is not None
+    with sock, socket.create_connection(("127.0.0.1", h.port), timeout=5) as client:
+        sock.settimeout(5)
+        conn, _peer = sock.accept()  # the child never accepts: our copy does
+        with conn:
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+    # Closing our duplicate leaves the child's reservation in place.
+    assert h.listening()
+
+
+def test_a_childs_bound_only_tcp_socket_is_found_by_probing_and_made_to_listen(
+        holders: Any) -> None:
+    h = holders("tcp", listen=False)
+    tree = adopt.CallerTree(os.getpid())
+    assert adopt.adopt("tcp", "127.0.0.1", h.port, tree) is None  # invisible in /proc/net/tcp
+    sock = adopt.adopt("tcp", "127.0.0.1", h.port, tree, probe_unlisted=True)
+    assert sock is not None
+    with sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        socket.create_connection(("127.0.0.1", h.port), timeout=5).close()
+
+
+def test_a_childs_udp_socket_is_taken_over(holders: Any) -> None:
+    h = holders("udp")
+    sock = adopt.adopt("udp", "127.0.0.1", h.port, adopt.CallerTree(os.getpid()))
+    assert sock is not None
+    with sock, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        sock.settimeout(5)
+        peer.sendto(b"datagram", ("127.0.0.1", h.port))
+        assert sock.recvfrom(100)[0] == b"datagram"
+
+
+def test_a_socket_outside_the_callers_tree_is_never_taken(holders: Any) -> None:
+    stranger = holders("tcp", detach=True)
+    child = holders("tcp")
+    tree = adopt.CallerTree(os.getpid())
+    assert adopt.find_holder("tcp", "127.0.0.1", stranger.port, tree, probe_unlisted=True) \
+        is None
+    assert adopt.adopt("tcp", "127.0.0.1", stranger.port, tree) is None
+    # The tree of a sibling (not an ancestor of the holder) does not reach it either,
+    # while ours does.
+    sibling = holders("udp")
+    assert adopt.adopt("tcp", "127.0.0.1", child.port,
+                       adopt.CallerTree(sibling.proc.pid)) is None
+    found = adopt.find_holder("tcp", "127.0.0.1", child.port, tree)
+    assert found is not None and found[0] == child.proc.pid
+
+
+def test_a_caller_whose_pid_was_reused_owns_nothing(holders: Any) -> None:
+    h = holders("tcp")
+    start = adopt._start_time(os.getpid())
+    assert start is not None
+    stale = adopt.CallerTree(os.getpid(), start=start + 1)
+    assert stale.members() == []
+    assert adopt.adopt("tcp", "127.0.0.1", h.port, stale) is None
+
+
+def test_a_descendant_stays_eligible_after_its_parent_exits(holders: Any) -> None:
+    # conmon daemonizes away from podman: a holder seen in the tree once stays in it.
+    h = holders("tcp")
+    tree = adopt.CallerTree(os.getpid())
+    assert h.proc.pid in tree.members()
+    tree.pid = -1  # as if the caller had exited
+    assert h.proc.pid in tree.members()
+    assert adopt.find_holder("tcp", "127.0.0.1", h.port, tree) is not None
+
+
+def test_only_a_rootful_podman_counts_as_reserving_ports() -> None:
+    assert not adopt.caller_reserves_ports(os.getpid())
+    assert not adopt.caller_reserves_ports(2 ** 22 + 1)  # no such process
+
+
+# ---- HostForwarder serving a handed-over socket --------------------------------------
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_forwarder_serves_an_adopted_listener_and_closes_only_its_copy(
+        rig: Rig, holders: Any) -> None:
+    h = holders("tcp")
+    sock = adopt.adopt("tcp", "127.0.0.1", h.port, adopt.CallerTree(os.getpid()))
+    assert sock is not None
+    rig.fwd.add("tcp", "127.0.0.1", h.port, GUEST, GPORT, sock=sock)
+    rig.know_guest()
+    client = socket.create_connection(("127.0.0.1", h.port), timeout=5)
+    try:
+        syn = rig.wait_frame(lambda f: bool(f.haslayer("TCP") and f["TCP"].flags == "S"))
+        assert syn["IP"].dst == GUEST and syn["TCP"].dport == GPORT
+    finally:
+        client.close()
+    rig.fwd.remove("tcp", "127.0.0.1", h.port)
+    assert sock.fileno() == -1  # ours is closed ...
+    assert h.listening()  # ... the holder's reservation is not
+
+
+def test_forwarder_refuses_a_socket_that_is_not_what_the_forward_says(rig: Rig) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        with pytest.raises(ValueError, match="not listening"):
+            rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT, sock=s)
+        s.listen(1)
+        with pytest.raises(ValueError, match="bound to"):
+            rig.fwd.add("tcp", "127.0.0.1", port + 1, GUEST, GPORT, sock=s)
+        with pytest.raises(ValueError, match="not AF_INET"):
+            rig.fwd.add("udp", "127.0.0.1", port, GUEST, GPORT, sock=s)
+    assert rig.fwd.forwards == {}
+
+
+def test_forwarder_serves_an_adopted_udp_socket(rig: Rig, holders: Any) -> None:
+    h = holders("udp")
+    sock = adopt.adopt("udp", "127.0.0.1", h.port, adopt.CallerTree(os.getpid()))
+    assert sock is not None
+    rig.fwd.add("udp", "127.0.0.1", h.port, GUEST, GPORT, sock=sock)
+    rig.know_guest()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.sendto(b"to the guest", ("127.0.0.1", h.port))
+        frame = rig.wait_frame(lambda f: bool(f.haslayer("UDP") and f["UDP"].dport == GPORT))
+    assert bytes(frame["UDP"].payload) == b"to the guest"
