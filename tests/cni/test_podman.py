@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -77,6 +78,7 @@ def podman(dns_server: DnsServer) -> Iterator[Any]:
         return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=180)
 
     run.rundir = rundir  # type: ignore[attr-defined]
+    run.rootfs = rootfs  # type: ignore[attr-defined]
     try:
         yield run
     finally:
@@ -106,20 +108,76 @@ def test_podman_container_on_slirp(podman: Any, http_port: int) -> None:
     assert wait_until(lambda: engine_pid(rundir) is None, 30)
 
 
-def test_podman_publish_fails_cleanly(podman: Any) -> None:
-    """Rootful podman reserves a published host port itself *after* the CNI ADD (for the
-    portmap plugin's iptables DNAT), so the engine's forward and podman's reservation
-    collide and podman gives up. What a user must see: a clear error, and nothing left
-    behind (podman's DEL removes the attachment and its host port). Runtimes that leave
-    host ports to the plugins (containerd/nerdctl, cnitool) get forwarding; see
-    test_attach.py::test_port_mappings_forward_host_ports."""
+def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = podman("-p", f"127.0.0.1:{port}:8080", "true")
-    assert proc.returncode != 0
-    assert f"127.0.0.1:{port}" in proc.stderr and "address already in use" in proc.stderr
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _http_get(port: int) -> bytes | None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+            return data
+    except OSError:
+        return None
+
+
+def test_podman_publish_reaches_a_server_in_the_container(podman: Any) -> None:
+    """``podman run -p 127.0.0.1:PORT:80``: a host client reaches busybox httpd in the
+    container. Rootful podman reserves the published port itself right after ADD (its
+    process binds and listens, conmon keeps the socket); the engine takes that very
+    socket over and serves it. After the container is gone nothing listens any more."""
+    port = _free_port()
+    www = os.path.join(podman.rootfs, "www")
+    os.makedirs(www)
+    with open(os.path.join(www, "index.html"), "w") as f:
+        f.write("published through slirp\n")
+    with ThreadPoolExecutor(1) as pool:
+        # The container serves until the test creates /www/stop in its root file system.
+        running = pool.submit(podman, "-p", f"127.0.0.1:{port}:80",
+                              "httpd -p 80 -h /www && "
+                              "while [ ! -e /www/stop ]; do busybox sleep 0.1; done")
+        try:
+            assert wait_until(lambda: b"published through slirp" in (_http_get(port) or b"")
+                              or running.done(), 120)
+            assert not running.done(), running.result().stderr
+            reply = _http_get(port)
+            assert reply is not None and b"published through slirp" in reply
+        finally:
+            open(os.path.join(www, "stop"), "w").close()
+        done = running.result()
+    assert done.returncode == 0, done.stderr
     rundir = podman.rundir
     assert wait_until(lambda: os.listdir(os.path.join(rundir, "attachments")) == [], 30)
+    assert wait_until(lambda: engine_pid(rundir) is None, 30)
     with socket.socket() as again:
-        again.bind(("127.0.0.1", port))  # the engine let go of the port
+        # Nobody listens on the port any more (the forwarded connections' TIME_WAIT
+        # may linger, hence SO_REUSEADDR, which still refuses a listening socket).
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+        again.listen(1)
+
+
+def test_podman_publish_of_a_port_someone_else_holds_fails_cleanly(podman: Any) -> None:
+    """A port held by a process outside podman's own process tree (here: the test) is
+    never taken over: podman fails with "address already in use" naming the port, and
+    leaves nothing behind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = podman("-p", f"127.0.0.1:{port}:8080", "true")
+        assert proc.returncode != 0
+        assert f"127.0.0.1:{port}" in proc.stderr, proc.stderr
+        assert "address already in use" in proc.stderr.lower(), proc.stderr
+        rundir = podman.rundir
+        assert wait_until(lambda: os.listdir(os.path.join(rundir, "attachments")) == [], 30)
+        # Still ours: a connection reaches this socket, not the engine.
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            conn, _ = taken.accept()
+            conn.close()
