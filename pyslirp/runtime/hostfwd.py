@@ -41,6 +41,11 @@ Removing a forward closes its host socket at once: nobody can connect to or
 send to the port any more. TCP connections already forwarded carry on until
 they end, as with slirp4netns.
 
+A forward can also serve a socket it is handed instead of binding one
+(``add(..., sock=)``): the CNI engine takes over the port reservations rootful
+podman makes (:mod:`pyslirp.runtime.adopt`). Closing the forward closes only
+our descriptor; whoever shares the socket keeps it.
+
 Not done: IPv6 forwards, SCTP (slirp4netns has neither).
 """
 
