@@ -378,11 +378,14 @@ class Engine:
                 else:
                     forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip, p.guest_port)
             except OSError as exc:
+                sock = None
                 try:
                     sock = _adopt(p, exc)
                     forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip, p.guest_port,
                                   sock=sock)
                 except (OSError, ValueError) as final:
+                    if sock is not None:
+                        sock.close()
                     forwarder.close()
                     raise RequestError(ERR_SETUP_FAILED, f"cannot forward {p.proto} port "
                                        f"{p.host_ip}:{p.host_port}: "
