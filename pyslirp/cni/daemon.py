@@ -93,7 +93,7 @@ IDLE_EXIT = float(os.environ.get("PYSLIRP_CNI_IDLE_EXIT", "1.0"))
 RESOLV_CHECK_INTERVAL = 2.0
 #: How long the engine waits for a runtime that reserves host ports (rootful podman)
 #: to do so, and how often it looks (five times less often after the first second).
-ADOPT_WAIT = 10.0
+ADOPT_WAIT = float(os.environ.get("PYSLIRP_CNI_ADOPT_WAIT", "10.0"))
 ADOPT_POLL = 0.01
 
 
