@@ -79,6 +79,8 @@ def podman(dns_server: DnsServer) -> Iterator[Any]:
 
     run.rundir = rundir  # type: ignore[attr-defined]
     run.rootfs = rootfs  # type: ignore[attr-defined]
+    run.conf = conf  # type: ignore[attr-defined]
+    run.env = env  # type: ignore[attr-defined]
     try:
         yield run
     finally:
@@ -127,11 +129,19 @@ def _http_get(port: int) -> bytes | None:
         return None
 
 
-def test_podman_publish_reaches_a_server_in_the_container(podman: Any) -> None:
+@pytest.mark.parametrize("reservation", [True, False], ids=["reserved", "unreserved"])
+def test_podman_publish_reaches_a_server_in_the_container(podman: Any,
+                                                          reservation: bool) -> None:
     """``podman run -p 127.0.0.1:PORT:80``: a host client reaches busybox httpd in the
     container. Rootful podman reserves the published port itself right after ADD (its
     process binds and listens, conmon keeps the socket); the engine takes that very
-    socket over and serves it. After the container is gone nothing listens any more."""
+    socket over and serves it. With ``enable_port_reservation = false`` no reservation
+    comes and the engine binds the port itself after a while. After the container is
+    gone nothing listens any more."""
+    if not reservation:
+        with open(podman.conf, "a") as f:
+            f.write("[engine]\nenable_port_reservation = false\n")
+        podman.env["PYSLIRP_CNI_ADOPT_WAIT"] = "1"
     port = _free_port()
     www = os.path.join(podman.rootfs, "www")
     os.makedirs(www)
