@@ -733,10 +733,6 @@ def main(argv: list[str] | None = None) -> int:
         # `pyslirp cni install DIR`: the CNI plugin's own small parser (pyslirp.cni).
         from pyslirp.cni.install import main as cni_main
         return cni_main(argv[1:])
-    if argv and argv[0] == "cni":
-        # `pyslirp cni install DIR`: the CNI plugin's own small parser (pyslirp.cni).
-        from pyslirp.cni.install import main as cni_main
-        return cni_main(argv[1:])
     if argv and argv[0] == "kubevirt-sidecar":
         # Its own parser and dependencies (grpcio), loaded only when asked for.
         from pyslirp.kubevirt.sidecar import main as sidecar_main
