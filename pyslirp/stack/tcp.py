@@ -745,7 +745,8 @@ class TcpFlow:
             if seg.ack != ((self.iss + 1) & _M):
                 self.engine.send_reset_for(seg, self.key)
                 return
-            self._established(seg, now)
+            self._established(seg, now, seg.window << self.snd_wscale)
+            self._mark()
             state = self.state
         self.last_rx = now
         self.probes = 0
@@ -805,14 +806,15 @@ class TcpFlow:
             self.ack_pending = True
             self._mark()
 
-    def _established(self, seg: wtcp.TcpSegment, now: float) -> None:
+    def _established(self, seg: wtcp.TcpSegment, now: float, window: int) -> None:
+        """The handshake completed (either way round): our SYN is acknowledged."""
         self.state = ESTABLISHED
         if self.half_open:
             self.half_open = False
             self.engine.half_open -= 1
         self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & _M
         self.recover = self.snd_una
-        self.snd_wnd = seg.window << self.snd_wscale
+        self.snd_wnd = window
         self.snd_wl1 = seg.seq
         self.snd_wl2 = seg.ack
         self.retries = 0
@@ -822,7 +824,6 @@ class TcpFlow:
         self.rtt_seq = None
         self.ka_at = now + self.cfg.keepalive_idle
         self._arm()
-        self._mark()
 
     def _ack_field(self, seg: wtcp.TcpSegment, now: float, plen: int) -> bool:
         """Process the ACK field; False if the segment is to be dropped."""
@@ -1083,23 +1084,8 @@ class TcpFlow:
         self._apply_syn_options(seg)
         if not flags & ACK:
             return  # simultaneous open is not something a guest does to a NAT
-        self.state = ESTABLISHED
-        if self.half_open:
-            self.half_open = False
-            self.engine.half_open -= 1
-        self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & _M
-        self.recover = self.snd_una
-        self.snd_wnd = seg.window  # never scaled in a SYN
-        self.snd_wl1 = seg.seq
-        self.snd_wl2 = seg.ack
-        self.retries = 0
-        self.rto_at = None
-        if self.rtt_seq is not None:
-            self._rtt_sample(now - self.rtt_time)
-            self.rtt_seq = None
-        self.ka_at = now + self.cfg.keepalive_idle
+        self._established(seg, now, seg.window)  # a SYN's window is never scaled
         self._send_ack()
-        self._arm()
         self.host.tcp_resume_reading(self)
         self._output(now)
 
