@@ -5,15 +5,14 @@ Theory of operation
 The guest's UDP queries to ``config.dns`` port 53 arrive in
 :meth:`DnsForwarder.handle_query`. A query is checked just enough to be
 forwarded safely (a readable header, not a response, opcode QUERY, exactly
-one readable question) and then sent, byte for byte, to the upstream
-resolvers in the order of :attr:`DnsForwarder.upstreams`, one at a time:
+one readable question) and then sent to the upstream resolvers in the order
+of :attr:`DnsForwarder.upstreams`, one at a time:
 
-* each attempt gets :attr:`DnsForwarder.attempt_timeout` seconds (on the
-  shared Timers heap; the :class:`DnsQuery` is the timer client);
+* each attempt gets :attr:`DnsForwarder.attempt_timeout` seconds;
 * the next upstream is tried when the attempt times out, when the runtime
-  reports the send failed (``upstream_failed``: e.g. ICMP port unreachable on
-  the connected socket), or when the upstream answers SERVFAIL or REFUSED
-  (that resolver cannot help; another may);
+  reports that the attempt failed (``upstream_failed``, or ``upstream_error``:
+  e.g. ICMP port unreachable), or when the upstream answers SERVFAIL or
+  REFUSED (that resolver cannot help; another may);
 * any other answer (NOERROR, NXDOMAIN, a truncated answer, ...) goes to the
   guest at once, and the query is finished;
 * when every upstream has been tried the guest gets the last SERVFAIL/REFUSED
@@ -22,16 +21,64 @@ resolvers in the order of :attr:`DnsForwarder.upstreams`, one at a time:
 
 The list of upstreams is copied into each query when it starts, so that the
 runtime may replace :attr:`DnsForwarder.upstreams` (after re-reading
-resolv.conf) at any time. Replies are matched to their query by the runtime
-(a fresh socket per query) and checked here again: the DNS ID, the QR bit
-and the question must match, so a stray or spoofed datagram is dropped and
-counted, and waiting continues (RFC 5452 9.1). A late answer from an
-upstream that already timed out is accepted: it is as good as any other.
+resolv.conf) at any time.
+
+One socket per upstream, IDs rewritten
+--------------------------------------
+The runtime keeps one long-lived connected UDP socket per upstream and sends
+every attempt to that upstream over it (a socket per query cost about six
+system calls and two event-loop registrations per query; this is what made
+forwarding slower than slirp4netns). Queries from the guest (or from several
+guest sockets) may carry the same ID, so each attempt is sent under an ID of
+its own: a random 16-bit ID, unique among the attempts pending at that
+upstream (:meth:`DnsForwarder._new_id`). The query is otherwise forwarded
+byte for byte, and the guest's ID is put back into the answer.
+
+Every datagram from an upstream's socket is handed to
+:meth:`DnsForwarder.upstream_datagram` with the upstream it came from, and is
+matched to an attempt by that upstream's table of IDs; it must then also be
+a response (QR) whose question equals the query's (names compared
+case-insensitively, RFC 4343). Anything else is dropped and counted, and
+waiting continues (RFC 5452 9.1). A reply without a question section is
+accepted only with an error RCODE (FORMERR, SERVFAIL, NOTIMP, REFUSED), which
+servers may send that way; an answer needs its question. A late answer from
+an upstream that already timed out is accepted: the attempt's ID stays
+registered until the query finishes, and the answer is as good as any other.
+
+An error on an upstream's socket (ICMP port unreachable and the like) fails
+the attempt whose datagram caused it when the runtime can tell which (Linux
+returns the datagram's start with ``IP_RECVERR``: ``upstream_error`` with its
+ID), and otherwise every attempt currently waiting on that upstream.
+
+When an upstream leaves :attr:`DnsForwarder.upstreams` and nothing waits on it
+any more, and for every upstream on :meth:`DnsForwarder.close_all`, the
+runtime is told (``host.dns_release``) to close its socket.
+
+Security trade-off of a fixed source port. With a socket per query, a forged
+answer had to guess the source port as well as the ID. Now the source port
+is the same for many queries, so an attacker who can forge datagrams from the
+upstream's address (and knows or guesses the port) has only the 16-bit ID and
+the question to match, against as many IDs as there are attempts pending at
+that upstream. What is done about it cheaply: IDs come from a
+cryptographically strong source (``secrets``; the guest's own ID is never
+what the upstream sees), the question must match, the socket is connected
+(the kernel drops datagrams from any other address or port), and the
+answer's question section may not be missing. Upstreams are normally local
+resolvers (loopback or the host's LAN), which off-path attackers cannot
+reach with forged loopback addresses. Not done: DNS 0x20 case randomisation
+(it would need the guest's spelling restored in the answer, and some
+resolvers do not echo case).
 
 The number of queries in flight is bounded (:attr:`DnsForwarder.max_pending`);
 beyond it new queries are dropped and counted, and the guest's resolver
 retries. A retransmission of a query already in flight (same guest address,
 port and ID) is dropped too: the forwarder is already working on it.
+
+Timeouts: every attempt has the same timeout, so deadlines are queued in the
+order they are made (a deque, not one heap entry per query) and the forwarder
+is a single client of the shared Timers heap, scheduled for the earliest
+deadline. Entries of finished queries are dropped from the front of the queue
+as queries finish, and the rest when the timer fires.
 
 Malformed input: a datagram without a readable header is dropped and counted;
 a query whose question cannot be parsed, or that does not have exactly one
@@ -40,35 +87,43 @@ too big for the link's MTU is replaced by its truncated form (TC set), so the
 guest retries over TCP, which the TCP NAT forwards to the same upstreams.
 
 Not done here: caching, DNSSEC, EDNS processing (OPT records pass through
-untouched), DNS over TCP (see the TCP NAT), IPv6 upstreams (the runtime
-filters them; see :func:`parse_resolv_conf`).
+untouched), DNS over TCP (see the TCP NAT), IPv6 upstreams from resolv.conf
+(the runtime filters them; see :func:`parse_resolv_conf`).
 
 Runtime contract (see ``stack/host.py``): ``host.dns_send(query, upstream,
-data)`` for each attempt; the runtime answers with
-``forwarder.upstream_reply(query, data, now)`` or
-``forwarder.upstream_failed(query, now)``, passing ``upstream=`` when it
-knows which attempt the event belongs to (so a late failure from an earlier
-upstream does not cut the current attempt short). ``host.dns_cancel(query)``
-is called exactly once when a query finishes; the runtime then releases the
-query's sockets and delivers nothing more for it.
+data)`` for each attempt (``data`` carries the attempt's ID); the runtime
+answers with ``forwarder.upstream_datagram(upstream, data, now)`` for each
+datagram read from the upstream's socket, ``forwarder.upstream_error(upstream,
+now, wire_id)`` for an error on it, and ``forwarder.upstream_failed(query,
+now, upstream)`` when an attempt could not be sent. ``host.dns_cancel(query)``
+is called exactly once when a query finishes (the runtime holds nothing per
+query, so it may ignore it); ``host.dns_release(upstream)``, if the runtime
+has it, when the upstream's socket may be closed.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import secrets
+import struct
+from array import array
+from bisect import insort
+from collections import deque
+from collections.abc import Callable, Iterable
+from operator import itemgetter
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.host import HostPort
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import dns
+from pyslirp.wire import dns, ipv4, vnet
+from pyslirp.wire.checksum import finish, partial_sum, pseudo_header_sum
 from pyslirp.wire.errors import MalformedPacket
-from pyslirp.wire.ipv4 import MIN_HEADER_LEN as IPV4_HEADER_LEN
+from pyslirp.wire.ethernet import ETHERTYPE_IPV4
 from pyslirp.wire.ipv4 import Ipv4Packet
 from pyslirp.wire.udp import HEADER_LEN as UDP_HEADER_LEN
 from pyslirp.wire.udp import PROTO as UDP_PROTO
 from pyslirp.wire.udp import UdpDatagram
-from pyslirp.wire.udp import build as build_udp
 
 #: Seconds each upstream gets to answer before the next is tried.
 DEFAULT_ATTEMPT_TIMEOUT = 2.0
@@ -76,49 +131,95 @@ DEFAULT_ATTEMPT_TIMEOUT = 2.0
 DEFAULT_MAX_PENDING = 512
 
 Buffer = bytes | bytearray | memoryview
+Upstream = tuple[str, int]
+
+# ID, flags, QDCOUNT: all the header a forwarder reads.
+_HEAD = struct.Struct("!HHH")
+_U16 = struct.Struct("!H")
+_QNAME = dns.HEADER_LEN  # where the (first) question's name starts
+#: Error RCODEs a server may send without echoing the question.
+_RCODES_WITHOUT_QUESTION = frozenset(
+    {dns.RCODE_FORMERR, dns.RCODE_SERVFAIL, dns.RCODE_NOTIMP, dns.RCODE_REFUSED})
+#: Random bytes fetched at a time for attempt IDs (two per ID).
+_ID_BATCH_BYTES = 512
+
+# A reply frame: Ethernet + IPv4 (20 bytes, no options) + UDP headers, as the UDP
+# engine builds them (see stack/udp.py).
+_FRAME = struct.Struct("!6s6sH" "BBHHHBBH4s4s" "HHHH")
+_FRAME_LEN = _FRAME.size
+_IP_START = 14
+_L4_START = _IP_START + ipv4.MIN_HEADER_LEN
+_IP_CSUM = _IP_START + 10
+_UDP_CSUM = _L4_START + 6
+_VNET_CSUM = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, _FRAME_LEN, 0, _L4_START, 6)
+_IP_UDP_LEN = ipv4.MIN_HEADER_LEN + UDP_HEADER_LEN
+_IP_LEN_ID = struct.Struct("!HH")  # total length, identification
+_UDP_HEAD = struct.Struct("!HHHH")
+
+_deadline_of = itemgetter(0)
+
+
+def _name_end(buf: Buffer, n: int) -> int:
+    """Offset just past the name at the question's start, if it is plain; else -1.
+
+    Plain: uncompressed, labels of at most 63 bytes, at most 255 bytes in all,
+    inside the message. Such a name reads the same here as with
+    :func:`pyslirp.wire.dns.read_name`; anything else (a compression pointer, a
+    name cut short) is left to that careful parser.
+    """
+    pos = _QNAME
+    limit = min(n, _QNAME + dns.MAX_NAME_LEN)
+    while pos < limit:
+        length = buf[pos]
+        if length == 0:
+            return pos + 1
+        if length > 63:
+            return -1
+        pos += length + 1
+    return -1
 
 
 class DnsQuery:
-    """One guest query in flight; also the timer client for its attempt timeout.
+    """One guest query in flight.
 
     The runtime may read ``guest_ip``, ``guest_port``, ``query_id``,
-    ``attempt``, ``upstream`` and ``data``; it may attach its own state in
-    ``runtime_state``.
+    ``attempt``, ``upstream``, ``wire_id`` and ``data``.
     """
 
-    __slots__ = ("forwarder", "guest_ip", "guest_port", "query_id", "question", "data",
-                 "upstreams", "attempt", "last_reply", "timer_deadline", "done",
-                 "runtime_state")
+    __slots__ = ("key", "guest_ip", "guest_port", "query_id", "data", "qname", "qtail",
+                 "upstreams", "attempt", "wire_id", "earlier", "last_reply", "done")
 
-    def __init__(self, forwarder: DnsForwarder, guest_ip: bytes, guest_port: int,
-                 query_id: int, question: dns.Question, data: bytes,
-                 upstreams: tuple[tuple[str, int], ...]) -> None:
-        self.forwarder = forwarder
-        self.guest_ip = guest_ip
-        self.guest_port = guest_port
-        self.query_id = query_id
-        self.question = question
-        #: The query exactly as the guest sent it (what goes upstream).
+    def __init__(self, key: tuple[bytes, int, int], data: bytes, qname: bytes | None,
+                 qtail: bytes, upstreams: tuple[Upstream, ...]) -> None:
+        #: (guest address, guest port, the guest's ID): what identifies it in ``pending``.
+        self.key = key
+        self.guest_ip, self.guest_port, self.query_id = key
+        #: The query exactly as the guest sent it (what goes upstream, under another ID).
         self.data = data
+        #: The question's name in wire form, lower-cased, and its type and class bytes;
+        #: None when the name is compressed (then replies are matched by parsing).
+        self.qname = qname
+        self.qtail = qtail
         self.upstreams = upstreams
         #: Index into ``upstreams`` of the attempt in progress.
         self.attempt = 0
-        #: The last SERVFAIL/REFUSED answer, sent to the guest if nothing better comes.
+        #: The ID the attempt in progress was sent under.
+        self.wire_id = -1
+        #: (upstream, ID) of the earlier attempts, if any: they stay registered (a late
+        #: answer is welcome) until the query finishes.
+        self.earlier: list[tuple[Upstream, int]] | None = None
+        #: The last SERVFAIL/REFUSED answer (as the upstream sent it, with its ID),
+        #: sent to the guest if nothing better comes.
         self.last_reply: bytes | None = None
-        self.timer_deadline: float | None = None
         self.done = False
-        self.runtime_state: object = None
 
     @property
-    def key(self) -> tuple[bytes, int, int]:
-        return self.guest_ip, self.guest_port, self.query_id
-
-    @property
-    def upstream(self) -> tuple[str, int]:
+    def upstream(self) -> Upstream:
         return self.upstreams[self.attempt]
 
-    def on_timer(self, now: float) -> None:
-        self.forwarder._attempt_timed_out(self, now)
+    @property
+    def question(self) -> dns.Question | None:
+        return dns.DnsMessage(self.data).question()
 
     def __repr__(self) -> str:
         return (f"DnsQuery({ipaddress.IPv4Address(self.guest_ip)}:{self.guest_port} "
@@ -131,102 +232,220 @@ class DnsForwarder:
         self.link = link
         self.host = host
         self.timers = timers
-        #: Where queries go, in order; set by the runtime (config or resolv.conf).
-        self.upstreams: list[tuple[str, int]] = list(config.dns_upstreams)
+        self._upstreams: list[Upstream] = list(config.dns_upstreams)
         self.attempt_timeout = DEFAULT_ATTEMPT_TIMEOUT
         self.max_pending = DEFAULT_MAX_PENDING
         self.pending: dict[tuple[bytes, int, int], DnsQuery] = {}
+        #: The attempts waiting at each upstream, by the ID each was sent under.
+        self.inflight: dict[Upstream, dict[int, DnsQuery]] = {}
+        #: Where attempt IDs come from (tests substitute their own).
+        self.random_bytes: Callable[[int], bytes] = secrets.token_bytes
+        self._ids: list[int] = []
+        #: (deadline, query, attempt index) of every attempt, in deadline order.
+        self._expiry: deque[tuple[float, DnsQuery, int]] = deque()
+        #: When the shared Timers heap wakes us (Timers' client protocol).
+        self.timer_deadline: float | None = None
+        # Optional in the HostPort contract (added later): older runtimes lack it.
+        self._release: Callable[[Upstream], None] | None = getattr(host, "dns_release", None)
+        self._counters = link.counters
+        self._src = config.dns
+        # Reply frame headers for the last guest seen (see _templates).
+        self._template_key: tuple[bytes, bytes | None, bool, bool] | None = None
+        self._template = self._template_id = b""
+        self._ip_base = self._pseudo_base = 0
         # Largest UDP payload that fits the link without IP fragmentation.
-        self._max_payload = config.mtu - IPV4_HEADER_LEN - UDP_HEADER_LEN
+        self._max_payload = config.mtu - _IP_UDP_LEN
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        """Where queries go, in order; set by the runtime (config or resolv.conf)."""
+        return self._upstreams
+
+    @upstreams.setter
+    def upstreams(self, value: Iterable[Upstream]) -> None:
+        self._upstreams = list(value)
+        current = set(self._upstreams)
+        for upstream, table in list(self.inflight.items()):
+            if not table and upstream not in current:
+                self._drop_upstream(upstream)
 
     # ---- from the guest -------------------------------------------------------
 
     def handle_query(self, ip: Ipv4Packet, udp: UdpDatagram, now: float) -> None:
         """A UDP datagram from the guest to the DNS address, port 53."""
         data = udp.payload
-        try:
-            msg = dns.DnsMessage(data)
-        except MalformedPacket:
+        n = len(data)
+        if n < dns.HEADER_LEN:
             self.link.count("dns.drop.malformed")
             return
-        if msg.is_response:
+        query_id, flags, qdcount = _HEAD.unpack_from(data)
+        if flags & dns.FLAG_QR:
             self.link.count("dns.drop.not_query")
             return
-        if msg.opcode != dns.OPCODE_QUERY:
+        if flags & dns.OPCODE_MASK:
             self.link.count("dns.notimp")
             self._answer(ip.src, udp.src_port, dns.build_error_reply(data, dns.RCODE_NOTIMP))
             return
-        try:
-            question = msg.question() if msg.qdcount == 1 else None
-        except MalformedPacket:
-            question = None
-        if question is None:
-            self.link.count("dns.formerr")
-            self._answer(ip.src, udp.src_port, dns.build_error_reply(data, dns.RCODE_FORMERR))
-            return
-        key = (ip.src, udp.src_port, msg.id)
-        if key in self.pending:
+        raw = bytes(data)
+        end = _name_end(raw, n) if qdcount == 1 else -1
+        if 0 <= end <= n - 4:
+            qname: bytes | None = raw[_QNAME:end].lower()
+            qtail = raw[end:end + 4]
+        else:
+            try:
+                question = dns.DnsMessage(raw).question() if qdcount == 1 else None
+            except MalformedPacket:
+                question = None
+            if question is None:
+                self.link.count("dns.formerr")
+                self._answer(ip.src, udp.src_port, dns.build_error_reply(raw, dns.RCODE_FORMERR))
+                return
+            qname, qtail = None, b""
+        guest_ip = ip.src
+        guest_port = udp.src_port
+        key = (guest_ip, guest_port, query_id)
+        pending = self.pending
+        if key in pending:
             self.link.count("dns.drop.retransmit")
             return
-        if not self.upstreams:
+        if not self._upstreams:
             self.link.count("dns.no_upstream")
-            self._answer(ip.src, udp.src_port, dns.build_error_reply(data, dns.RCODE_SERVFAIL))
+            self._answer(guest_ip, guest_port, dns.build_error_reply(raw, dns.RCODE_SERVFAIL))
             return
-        if len(self.pending) >= self.max_pending:
+        if len(pending) >= self.max_pending:
             self.link.count("dns.drop.pending_limit")
             return
-        query = DnsQuery(self, ip.src, udp.src_port, msg.id, question, bytes(data),
-                         tuple(self.upstreams))
-        self.pending[key] = query
-        self.link.count("dns.query")
+        query = DnsQuery(key, raw, qname, qtail, tuple(self._upstreams))
+        pending[key] = query
+        self._counters["dns.query"] += 1
         self._send_attempt(query, now)
 
     # ---- from the runtime -----------------------------------------------------
 
-    def upstream_reply(self, query: DnsQuery, data: Buffer, now: float,
-                       upstream: tuple[str, int] | None = None) -> None:
-        """An answer arrived for ``query`` (from ``upstream``, if the runtime knows)."""
-        if query.done:
-            self.link.count("dns.drop.late_reply")
-            return
-        try:
-            msg = dns.DnsMessage(data)
-            question = msg.question()
-        except MalformedPacket:
+    def upstream_datagram(self, upstream: Upstream, data: bytes | bytearray, now: float) -> None:
+        """A datagram arrived on ``upstream``'s socket."""
+        if len(data) < dns.HEADER_LEN:
             self.link.count("dns.drop.bad_reply")
             return
-        if (not msg.is_response or msg.id != query.query_id
-                or (question is not None and question.key() != query.question.key())):
+        table = self.inflight.get(upstream)
+        wire_id = data[0] << 8 | data[1]
+        query = table.get(wire_id) if table is not None else None
+        if query is None:
             self.link.count("dns.drop.mismatched_reply")
             return
-        if msg.rcode in (dns.RCODE_SERVFAIL, dns.RCODE_REFUSED):
-            query.last_reply = bytes(data)
-            self.link.count("dns.upstream_servfail")
-            if upstream is None or upstream == query.upstream:
-                self._next_attempt(query, now)
+        self._reply(query, upstream, wire_id, data, now)
+
+    def upstream_error(self, upstream: Upstream, now: float, wire_id: int | None = None) -> None:
+        """``upstream``'s socket reported an error (e.g. ICMP port unreachable) for the
+        datagram sent under ``wire_id``, or, when None, for one it cannot name."""
+        table = self.inflight.get(upstream)
+        if not table:
             return
-        self._finish(query, data)
+        if wire_id is not None:
+            query = table.get(wire_id)
+            targets = [query] if query is not None and query.wire_id == wire_id else []
+        else:
+            targets = list(table.values())
+        for query in targets:
+            if not query.done and query.upstreams[query.attempt] == upstream:
+                self.link.count("dns.upstream_failed")
+                self._next_attempt(query, now)
 
     def upstream_failed(self, query: DnsQuery, now: float,
-                        upstream: tuple[str, int] | None = None) -> None:
-        """Sending to or receiving from the upstream failed (e.g. ICMP unreachable)."""
+                        upstream: Upstream | None = None) -> None:
+        """An attempt of ``query`` (to ``upstream``, if given) could not be sent."""
         if query.done:
             return
         self.link.count("dns.upstream_failed")
-        if upstream is None or upstream == query.upstream:
+        if upstream is None or upstream == query.upstreams[query.attempt]:
             self._next_attempt(query, now)
 
-    def _attempt_timed_out(self, query: DnsQuery, now: float) -> None:
-        if query.done:
-            return
-        self.link.count("dns.upstream_timeout")
-        self._next_attempt(query, now)
+    def on_timer(self, now: float) -> None:
+        """The earliest attempt deadline came (Timers' client protocol)."""
+        expiry = self._expiry
+        while expiry:
+            deadline, query, attempt = expiry[0]
+            if query.done or query.attempt != attempt:
+                expiry.popleft()
+                continue
+            if deadline > now:
+                break
+            expiry.popleft()
+            self.link.count("dns.upstream_timeout")
+            self._next_attempt(query, now)
+        if expiry:
+            self.timers.schedule(self, expiry[0][0])
 
     # ---- internals ------------------------------------------------------------
 
+    def _reply(self, query: DnsQuery, upstream: Upstream, wire_id: int, data: bytes | bytearray,
+               now: float) -> None:
+        _id, flags, qdcount = _HEAD.unpack_from(data)
+        rcode = flags & dns.RCODE_MASK
+        if not flags & dns.FLAG_QR:
+            self.link.count("dns.drop.mismatched_reply")
+            return
+        if qdcount == 0:
+            if rcode not in _RCODES_WITHOUT_QUESTION:
+                self.link.count("dns.drop.mismatched_reply")
+                return
+        else:
+            qname = query.qname
+            end = _QNAME + len(qname) if qname is not None else 0
+            if qname is None or data[_QNAME:end].lower() != qname \
+                    or data[end:end + 4] != query.qtail:
+                # Not the same bytes: maybe the same question compressed or spelt
+                # otherwise; the wire parser decides.
+                try:
+                    theirs = dns.DnsMessage(data).question()
+                    ours = dns.DnsMessage(query.data).question()
+                except MalformedPacket:
+                    self.link.count("dns.drop.bad_reply")
+                    return
+                if theirs is None or ours is None or theirs.key() != ours.key():
+                    self.link.count("dns.drop.mismatched_reply")
+                    return
+        if rcode == dns.RCODE_SERVFAIL or rcode == dns.RCODE_REFUSED:
+            query.last_reply = bytes(data)
+            self.link.count("dns.upstream_servfail")
+            # A late one from an earlier attempt only sets what the guest gets if all fail.
+            if wire_id == query.wire_id and upstream == query.upstreams[query.attempt]:
+                self._next_attempt(query, now)
+            return
+        self._finish(query, data, True)
+
+    def _new_id(self, table: dict[int, DnsQuery]) -> int:
+        ids = self._ids
+        while True:
+            if not ids:
+                ids.extend(array("H", self.random_bytes(_ID_BATCH_BYTES)))
+            wire_id = ids.pop()
+            if wire_id not in table:
+                return wire_id
+
     def _send_attempt(self, query: DnsQuery, now: float) -> None:
-        self.timers.schedule(query, now + self.attempt_timeout)
-        self.host.dns_send(query, query.upstream, query.data)
+        upstream = query.upstreams[query.attempt]
+        table = self.inflight.get(upstream)
+        if table is None:
+            table = self.inflight[upstream] = {}
+        wire_id = self._new_id(table)
+        table[wire_id] = query
+        if query.wire_id >= 0:
+            earlier = query.earlier
+            if earlier is None:
+                earlier = query.earlier = []
+            earlier.append((query.upstreams[query.attempt - 1], query.wire_id))
+        query.wire_id = wire_id
+        deadline = now + self.attempt_timeout
+        entry = (deadline, query, query.attempt)
+        expiry = self._expiry
+        if expiry and deadline < expiry[-1][0]:
+            insort(expiry, entry, key=_deadline_of)  # attempt_timeout was lowered
+        else:
+            expiry.append(entry)
+        if self.timer_deadline is None or deadline < self.timer_deadline:
+            self.timers.schedule(self, deadline)
+        self.host.dns_send(query, upstream, _U16.pack(wire_id) + query.data[2:])
 
     def _next_attempt(self, query: DnsQuery, now: float) -> None:
         if query.attempt + 1 < len(query.upstreams):
@@ -235,28 +454,114 @@ class DnsForwarder:
             return
         self.link.count("dns.all_upstreams_failed")
         reply = query.last_reply
-        self._finish(query, reply if reply is not None
-                     else dns.build_error_reply(query.data, dns.RCODE_SERVFAIL))
+        if reply is not None:
+            self._finish(query, reply, True)
+        else:
+            self._finish(query, dns.build_error_reply(query.data, dns.RCODE_SERVFAIL), False)
 
-    def _finish(self, query: DnsQuery, reply: Buffer) -> None:
+    def _finish(self, query: DnsQuery, reply: Buffer, from_upstream: bool) -> None:
+        """Answer the guest; ``reply`` carries the ID it was sent under if ``from_upstream``."""
         query.done = True
-        self.timers.cancel(query)
         del self.pending[query.key]
+        inflight = self.inflight
+        upstream = query.upstreams[query.attempt]
+        table = inflight.get(upstream)
+        if table is not None and table.get(query.wire_id) is query:
+            del table[query.wire_id]
+            if not table and upstream not in self._upstreams:
+                self._drop_upstream(upstream)
+        if query.earlier is not None:
+            for upstream, wire_id in query.earlier:
+                table = inflight.get(upstream)
+                if table is not None and table.get(wire_id) is query:
+                    del table[wire_id]
+                    if not table and upstream not in self._upstreams:
+                        self._drop_upstream(upstream)
+        # Forget finished attempts at the front of the deadline queue now, so that
+        # finished queries are not kept alive until their deadlines.
+        expiry = self._expiry
+        while expiry:
+            head = expiry[0]
+            if head[1].done or head[1].attempt != head[2]:
+                expiry.popleft()
+            else:
+                break
         self.host.dns_cancel(query)
-        self._answer(query.guest_ip, query.guest_port, reply)
+        self._answer(query.guest_ip, query.guest_port, reply,
+                     query.query_id if from_upstream else None)
 
-    def _answer(self, guest_ip: bytes, guest_port: int, data: Buffer) -> None:
+    def _drop_upstream(self, upstream: Upstream) -> None:
+        del self.inflight[upstream]
+        if self._release is not None:
+            self._release(upstream)
+
+    def _answer(self, guest_ip: bytes, guest_port: int, data: Buffer,
+                query_id: int | None = None) -> None:
+        """Send ``data`` to the guest, with its first two bytes replaced by ``query_id``
+        if given (an upstream's answer gets the guest's ID back without a copy)."""
+        link = self.link
         if len(data) > self._max_payload:
-            self.link.count("dns.truncated_for_mtu")
+            link.count("dns.truncated_for_mtu")
+            if query_id is not None:
+                data = _U16.pack(query_id) + bytes(data[2:])
+                query_id = None
             data = dns.build_truncated(data)
-        src = self.config.dns
-        self.link.send_ipv4(src, guest_ip, UDP_PROTO,
-                            build_udp(src, dns.PORT, guest_ip, guest_port, data))
+        mac = link.guest_mac
+        if mac is None:
+            link.count("drop.tx.no_guest_mac")
+            return
+        if (guest_ip, mac, link.vnet_hdr, link.offload) != self._template_key:
+            self._make_templates(guest_ip, mac)
+        off = vnet.HEADER_LEN if link.vnet_hdr else 0
+        ulen = UDP_HEADER_LEN + len(data)
+        ip_len = ipv4.MIN_HEADER_LEN + ulen
+        ident = link.next_ip_id()
+        # Ones' complement sums mod 0xFFFF, as in pyslirp.wire.checksum.
+        ip_csum = (~((self._ip_base + ip_len + ident) % 0xFFFF) & 0xFFFF) or 0xFFFF
+        if query_id is None:
+            head = bytearray(self._template)
+            body: Buffer = data
+        else:
+            head = bytearray(self._template_id)
+            _U16.pack_into(head, off + _FRAME_LEN, query_id)
+            body = memoryview(data)[2:]
+        _IP_LEN_ID.pack_into(head, off + _IP_START + 2, ip_len, ident)
+        _U16.pack_into(head, off + _IP_CSUM, ip_csum)
+        pseudo = (self._pseudo_base + ulen) % 0xFFFF
+        if link.offload:
+            _UDP_HEAD.pack_into(head, off + _L4_START, dns.PORT, guest_port, ulen, pseudo)
+        else:
+            _UDP_HEAD.pack_into(head, off + _L4_START, dns.PORT, guest_port, ulen, 0)
+            # The header part is 8 or 10 bytes: even, so the two sums add up.
+            total = partial_sum(body, partial_sum(memoryview(head)[off + _L4_START:], pseudo))
+            _U16.pack_into(head, off + _UDP_CSUM, finish(total))
+        link.send_frame((head, body))
+
+    def _make_templates(self, guest_ip: bytes, mac: bytes) -> None:
+        """Reply headers to ``guest_ip`` without the fields that change per reply
+        (lengths, IP ID, checksums, guest port), and their checksums' fixed parts."""
+        link = self.link
+        off = vnet.HEADER_LEN if link.vnet_hdr else 0
+        head = bytearray(off + _FRAME_LEN)
+        if link.offload:
+            head[:off] = _VNET_CSUM
+        _FRAME.pack_into(head, off, mac, link.our_mac, ETHERTYPE_IPV4,
+                         0x45, 0, 0, 0, ipv4.FLAG_DF, 64, UDP_PROTO, 0, self._src, guest_ip,
+                         dns.PORT, 0, 0, 0)
+        self._template = bytes(head)
+        self._template_id = bytes(head) + b"\0\0"
+        self._ip_base = partial_sum(head[off + _IP_START:off + _L4_START])
+        self._pseudo_base = pseudo_header_sum(self._src, guest_ip, UDP_PROTO, 0)
+        self._template_key = (guest_ip, mac, link.vnet_hdr, link.offload)
 
     def close_all(self) -> None:
-        """Give up every query in flight (shutdown): each guest gets a SERVFAIL."""
+        """Give up every query in flight (shutdown): each guest gets a SERVFAIL, and
+        the runtime may close every upstream's socket."""
         for query in list(self.pending.values()):
-            self._finish(query, dns.build_error_reply(query.data, dns.RCODE_SERVFAIL))
+            self._finish(query, dns.build_error_reply(query.data, dns.RCODE_SERVFAIL), False)
+        self._expiry.clear()
+        for upstream in list(self.inflight):
+            self._drop_upstream(upstream)
 
 
 def parse_resolv_conf(text: str) -> tuple[list[str], list[str]]:

@@ -73,8 +73,20 @@ class HostPort(Protocol):
 
     # ---- DNS forwarding -----------------------------------------------------
     def dns_send(self, query: Any, upstream: tuple[str, int], data: Buffer) -> None:
-        """Send a DNS query over UDP to ``upstream``; the runtime calls
-        ``stack.dns.upstream_reply(query, data, now)`` or
-        ``stack.dns.upstream_failed(query, now)``."""
+        """Send ``data`` (a DNS query, under an ID the forwarder chose) over UDP to
+        ``upstream``, on one socket kept per upstream and created on first use.
 
-    def dns_cancel(self, query: Any) -> None: ...
+        The runtime calls ``stack.dns.upstream_datagram(upstream, data, now)`` for
+        every datagram read from that socket, ``stack.dns.upstream_error(upstream,
+        now, wire_id)`` for an error on it (``wire_id``: the ID of the datagram the
+        error is about, or None), and ``stack.dns.upstream_failed(query, now,
+        upstream)`` when this datagram could not be sent.
+        """
+
+    def dns_cancel(self, query: Any) -> None:
+        """``query`` is finished (nothing is held per query with shared sockets)."""
+
+    # Optional: the forwarder calls it only if the runtime has it.
+    def dns_release(self, upstream: tuple[str, int]) -> None:
+        """Nothing waits on ``upstream`` any more and it is no longer used (or the
+        stack is closing): close its socket. A later ``dns_send`` opens a new one."""
