@@ -59,6 +59,7 @@ _UDP_MAX = 65536
 _SOCK_EE = struct.Struct("=IBBBBII")
 _SO_EE_ORIGIN_ICMP = 2
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+_IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 
 
 _malloc_tuned = False
@@ -101,6 +102,8 @@ class Attachment:
         self._faults = _faults_from_env()
         #: ``--outbound-addr[6]``: host sockets toward the outside bind here first.
         self.outbound = Outbound()
+        #: The DNS forwarder's sockets, one per upstream (see dns_send).
+        self._dns_sockets: dict[tuple[str, int], socket.socket] = {}
         global _malloc_tuned
         if not _malloc_tuned:
             _malloc_tuned = True
@@ -524,45 +527,101 @@ class Attachment:
             sock.close()
 
     # ---- HostPort: DNS --------------------------------------------------------------
+    # One connected UDP socket per upstream, shared by every query (the forwarder
+    # gives each attempt an ID of its own); see pyslirp/stack/dns.py.
     def dns_send(self, query: Any, upstream: tuple[str, int], data: Any) -> None:
-        self.dns_cancel(query)
+        sock = self._dns_sockets.get(upstream)
+        if sock is None:
+            sock = self._dns_open(upstream)
+            if sock is None:
+                self.loop.call_soon(self._dns_failed, query, upstream)
+                return
+        for _ in range(2):
+            try:
+                sock.send(data)
+                return
+            except ConnectionRefusedError:
+                # An ICMP error about an earlier datagram was pending on the socket and
+                # this send reported it instead of sending (the error queue still says
+                # which datagram it was about): send again.
+                continue
+            except BlockingIOError:
+                self.stack.link.count("dns.drop.send_full")  # the attempt times out
+                return
+            except OSError:
+                break
+        self.loop.call_soon(self._dns_failed, query, upstream)
+
+    def _dns_open(self, upstream: tuple[str, int]) -> socket.socket | None:
         host, port = upstream
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        v6 = ":" in host
         try:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError:
+            return None
+        try:
             sock.setblocking(False)
+            # Errors arrive with the start of the datagram they are about (its DNS ID).
+            if v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
             if self.outbound:
                 self.outbound.bind(sock)
             sock.connect((host, port))
-            sock.send(data)
         except OSError:
-            self.loop.call_soon(self._dns_failed, query)
-            return
-        query.runtime_state = sock
-        self.loop.add_reader(sock.fileno(), self._dns_readable, query, sock)
+            sock.close()
+            return None
+        self._dns_sockets[upstream] = sock
+        self.loop.add_reader(sock.fileno(), self._dns_readable, upstream, sock)
+        return sock
 
-    def _dns_failed(self, query: Any) -> None:
-        self.stack.dns.upstream_failed(query, self.loop.time())
+    def _dns_failed(self, query: Any, upstream: tuple[str, int]) -> None:
+        self.stack.dns.upstream_failed(query, self.loop.time(), upstream)
         self.schedule_flush()
 
-    def _dns_readable(self, query: Any, sock: socket.socket) -> None:
-        try:
-            data = sock.recv(_UDP_MAX)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.dns_cancel(query)
-            self._dns_failed(query)
-            return
-        # The forwarder ignores a stray reply and keeps waiting; it cancels the
-        # query (closing this socket) itself once the query is answered.
-        self.stack.dns.upstream_reply(query, data, self.loop.time())
+    def _dns_readable(self, upstream: tuple[str, int], sock: socket.socket) -> None:
+        now = self.loop.time()
+        dns = self.stack.dns
+        sockets = self._dns_sockets
+        for _ in range(_UDP_READ_BATCH):
+            try:
+                data = sock.recv(_UDP_MAX)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._dns_read_errors(upstream, sock, now)
+            else:
+                dns.upstream_datagram(upstream, data, now)
+            if sockets.get(upstream) is not sock:
+                break  # the forwarder released the upstream meanwhile
         self.schedule_flush()
+
+    def _dns_read_errors(self, upstream: tuple[str, int], sock: socket.socket,
+                         now: float) -> None:
+        """Fail the attempts that the socket's queued errors are about (IP_RECVERR
+        returns the start of each datagram that met an error), or, if none is
+        queued, every attempt waiting on this upstream."""
+        dns = self.stack.dns
+        named = False
+        while True:
+            try:
+                data, _anc, _flags, _addr = sock.recvmsg(
+                    2, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if len(data) == 2:
+                named = True
+                dns.upstream_error(upstream, now, data[0] << 8 | data[1])
+        if not named:
+            dns.upstream_error(upstream, now, None)
 
     def dns_cancel(self, query: Any) -> None:
-        sock: socket.socket | None = query.runtime_state
+        pass  # nothing is held per query
+
+    def dns_release(self, upstream: tuple[str, int]) -> None:
+        sock = self._dns_sockets.pop(upstream, None)
         if sock is not None:
-            query.runtime_state = None
             self.loop.remove_reader(sock.fileno())
             sock.close()
 
