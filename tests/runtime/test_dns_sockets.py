@@ -68,7 +68,7 @@ class Rig:
 
     def answers(self) -> list[tuple[int, int, str, str]]:
         """(guest port, DNS ID, name, first address) of each answer the guest got."""
-        out = []
+        out: list[tuple[int, int, str, str]] = []
         while True:
             try:
                 f = Ether(self.guest.recv(70000))
