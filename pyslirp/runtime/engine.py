@@ -593,9 +593,13 @@ class Attachment:
                 self._dns_read_errors(upstream, sock, now)
             else:
                 dns.upstream_datagram(upstream, data, now)
+                if not dns.inflight.get(upstream):
+                    break  # nothing more is expected: spare the read that gets EAGAIN
             if sockets.get(upstream) is not sock:
                 break  # the forwarder released the upstream meanwhile
-        self.schedule_flush()
+        # Answers went to the guest already and no TCP flow was touched: no
+        # Stack.flush is needed, only the timer (a failover sets a deadline).
+        self._arm_timer()
 
     def _dns_read_errors(self, upstream: tuple[str, int], sock: socket.socket,
                          now: float) -> None:
