@@ -37,7 +37,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pyslirp.runtime import malloc
@@ -434,22 +434,9 @@ class Attachment:
 
     def udp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
         """Drain the error queue (IP_RECVERR) and report ICMP errors to the engine."""
-        while True:
-            try:
-                _data, ancdata, _flags, addr = sock.recvmsg(
-                    512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
-            except (BlockingIOError, OSError):
-                return
-            for level, kind, payload in ancdata:
-                if level != socket.IPPROTO_IP or kind != _IP_RECVERR:
-                    continue
-                if len(payload) < _SOCK_EE.size:
-                    continue
-                _ee_errno, origin, icmp_type, icmp_code, _pad, _info, _d = \
-                    _SOCK_EE.unpack_from(payload)
-                if origin == _SO_EE_ORIGIN_ICMP and addr:
-                    self.stack.udp.host_error(flow, (addr[0], addr[1]), icmp_type, icmp_code,
-                                              now)
+        for _data, addr, icmp_type, icmp_code in _queued_icmp_errors(sock):
+            if addr:
+                self.stack.udp.host_error(flow, (addr[0], addr[1]), icmp_type, icmp_code, now)
 
     def udp_close(self, flow: Any) -> None:
         sock: socket.socket | None = getattr(flow, "host_handle", None)
@@ -502,22 +489,10 @@ class Attachment:
 
     def _icmp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
         """An echo of ours met an ICMP error (e.g. host unreachable): tell the guest."""
-        while True:
-            try:
-                data, ancdata, _flags, _addr = sock.recvmsg(
-                    512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
-            except OSError:
-                return
-            for level, kind, payload in ancdata:
-                if level != socket.IPPROTO_IP or kind != _IP_RECVERR:
-                    continue
-                if len(payload) < _SOCK_EE.size or len(data) < 8:
-                    continue
-                _ee_errno, origin, icmp_type, icmp_code, _pad, _info, _d = \
-                    _SOCK_EE.unpack_from(payload)
-                if origin == _SO_EE_ORIGIN_ICMP:
-                    seq = int.from_bytes(data[6:8], "big")
-                    self.stack.icmp.host_echo_error(flow, seq, icmp_type, icmp_code, now)
+        for data, _addr, icmp_type, icmp_code in _queued_icmp_errors(sock):
+            if len(data) >= 8:
+                seq = int.from_bytes(data[6:8], "big")
+                self.stack.icmp.host_echo_error(flow, seq, icmp_type, icmp_code, now)
 
     def icmp_close(self, flow: Any) -> None:
         sock: socket.socket | None = getattr(flow, "host_handle", None)
@@ -648,6 +623,23 @@ class Attachment:
             if counters:
                 log.info("counters for %s: %s", self.name,
                          ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+
+
+def _queued_icmp_errors(sock: socket.socket) -> Iterator[tuple[bytes, Any, int, int]]:
+    """Drain an IP_RECVERR socket's error queue: for each ICMP error, the start of the
+    datagram it was about, that datagram's destination, and the ICMP type and code."""
+    while True:
+        try:
+            data, ancdata, _flags, addr = sock.recvmsg(
+                512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        for level, kind, payload in ancdata:
+            if level != socket.IPPROTO_IP or kind != _IP_RECVERR or len(payload) < _SOCK_EE.size:
+                continue
+            _errno, origin, icmp_type, icmp_code, _pad, _info, _data = _SOCK_EE.unpack_from(payload)
+            if origin == _SO_EE_ORIGIN_ICMP:
+                yield data, addr, icmp_type, icmp_code
 
 
 def _connected(sock: socket.socket) -> bool:

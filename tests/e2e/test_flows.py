@@ -57,6 +57,27 @@ def test_refused_port_is_refused_at_once(host: Host, guest: Guest, slirp: Slirp)
     assert proc.returncode == 7, proc.stderr  # curl: "Failed to connect"
 
 
+UDP_REFUSED = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"anyone?")
+try:
+    s.recv(100)
+    print("reply")
+except ConnectionRefusedError:
+    print("ECONNREFUSED")
+except TimeoutError:
+    print("timeout")
+"""
+
+
+def test_udp_to_a_closed_port_is_refused(host: Host, guest: Guest, slirp: Slirp) -> None:
+    """The host kernel's port-unreachable comes back to the guest as an ICMP error."""
+    assert guest.python(UDP_REFUSED, GATEWAY, str(host.dead)).stdout.strip() == "ECONNREFUSED"
+
+
 MANY = """
 import asyncio, sys
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
