@@ -231,11 +231,11 @@ class Attachment:
             host, port = handle.targets.pop(0)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                # Non-blocking from the start: one syscall fewer than setblocking().
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:
                 last_error = exc.errno or errno.EMFILE
                 continue
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if self.outbound:
