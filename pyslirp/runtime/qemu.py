@@ -124,15 +124,19 @@ def _remove_socket_file(path: str, ino: int) -> None:
             os.unlink(path)
 
 
+def _require_plain_frames(config: NetConfig) -> None:
+    if config.vnet_hdr or config.offload:
+        raise ValueError("QEMU socket back ends carry plain frames: "
+                         "config.vnet_hdr and config.offload must be False")
+
+
 class QemuStreamAttachment(Attachment):
     """The guest link over QEMU's ``-netdev stream`` (length-prefixed frames on a stream)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, config: NetConfig,
                  pcap: PcapWriter | None = None, name: str = "qemu",
                  on_fatal: Callable[[str], None] | None = None) -> None:
-        if config.vnet_hdr or config.offload:
-            raise ValueError("QEMU socket back ends carry plain frames: "
-                             "config.vnet_hdr and config.offload must be False")
+        _require_plain_frames(config)
         self._listener = socket.socket(fileno=os.dup(fd))
         self._conn: socket.socket | None = None
         self._conn_fd = -1
@@ -330,9 +334,7 @@ class QemuDgramAttachment(Attachment):
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, config: NetConfig,
                  pcap: PcapWriter | None = None, name: str = "qemu",
                  on_fatal: Callable[[str], None] | None = None) -> None:
-        if config.vnet_hdr or config.offload:
-            raise ValueError("QEMU socket back ends carry plain frames: "
-                             "config.vnet_hdr and config.offload must be False")
+        _require_plain_frames(config)
         self._sock = socket.socket(fileno=os.dup(fd))
         #: Where QEMU's datagrams come from (its ``local.path``); None until the first one.
         self.peer: str | None = None
