@@ -166,9 +166,13 @@ def add_fwd(path: Path, proto: str, host_port: int, host_addr: str | None = None
 
 
 def free_port(host: Host, kind: str = "-tu") -> int:
-    """A port nothing in the host namespace uses (TCP or UDP)."""
-    used = host.run(["ss", "-Hln" + kind.lstrip("-")]).stdout
-    for port in itertools.count(21000 + os.getpid() % 1000 * 17):
+    """A port nothing in the host namespace uses (TCP or UDP), in any state.
+
+    Below the ephemeral range (32768..60999), so that no connection's local port can
+    take it between this check and the bind (callers use up to base + 110).
+    """
+    used = host.run(["ss", "-Han" + kind.lstrip("-")]).stdout
+    for port in itertools.count(20000 + os.getpid() % 1000 * 12):
         if f":{port} " not in used:
             return port
     raise AssertionError
