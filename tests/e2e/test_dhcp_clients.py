@@ -16,24 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.leasehook import lease_hook, read_env
 from tests.nsutil import NetNS, skip_unless_capable, wait_for
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH = ["corp.example.com", "example.com"]
-
-
-def _hook(path: Path, out: Path, when: str) -> Path:
-    path.write_text(f'#!/bin/sh\nif [ "$1" = {when} ] || [ "$reason" = {when} ]; then\n'
-                    f"  env > {out}.tmp && mv {out}.tmp {out}\nfi\nexit 0\n")
-    path.chmod(0o755)
-    return path
-
-
-def _env(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return {k: v.strip("'") for k, v in pairs}
 
 
 @pytest.fixture
@@ -68,12 +57,12 @@ def test_udhcpc_gets_a_lease(wire, tmp_path: Path, broadcast: bool) -> None:  # 
         pytest.skip("udhcpc not installed")
     cli, bridge = wire
     out = tmp_path / "lease.env"
-    hook = _hook(tmp_path / "hook", out, "bound")
+    hook = lease_hook(tmp_path / "hook", out, "bound")
     cmd = ["udhcpc", "-i", "vcli", "-n", "-q", "-f", "-t", "5", "-T", "1", "-s", str(hook)]
     if broadcast:
         cmd.append("-B")
     cli.run(cmd, timeout=30)
-    env = _env(out)
+    env = read_env(out)
     assert env["ip"] == "10.0.2.15"
     assert env["subnet"] == "255.255.255.0"
     assert env["router"] == "10.0.2.2"
@@ -92,7 +81,7 @@ def test_dhclient_gets_a_lease(wire, tmp_path: Path) -> None:  # type: ignore[no
         pytest.skip("dhclient not installed")
     cli, bridge = wire
     out = tmp_path / "lease.env"
-    hook = _hook(tmp_path / "hook", out, "BOUND")
+    hook = lease_hook(tmp_path / "hook", out, "BOUND")
     proc = cli.popen(["dhclient", "-d", "-1", "-sf", str(hook), "-lf", str(tmp_path / "leases"),
                       "-pf", str(tmp_path / "pid"), "vcli"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -101,7 +90,7 @@ def test_dhclient_gets_a_lease(wire, tmp_path: Path) -> None:  # type: ignore[no
     finally:
         proc.kill()
         proc.wait(timeout=10)
-    env = _env(out)
+    env = read_env(out)
     assert env["new_ip_address"] == "10.0.2.15"
     assert env["new_subnet_mask"] == "255.255.255.0"
     assert env["new_routers"] == "10.0.2.2"
@@ -143,6 +132,6 @@ def test_udhcpc_renews_by_unicast(wire, tmp_path: Path) -> None:  # type: ignore
     finally:
         proc.kill()
         proc.wait(timeout=10)
-    env = _env(out)
+    env = read_env(out)
     assert env["ip"] == "10.0.2.15" and env["lease"] == "6"
     assert _log(bridge)[:6] == ["in 1", "out 2", "in 3", "out 5", "in 3", "out 5"]
