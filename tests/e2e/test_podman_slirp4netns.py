@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from pyslirp.runtime import sandbox
-from tests.e2e.conftest import REPO, Host, alive
+from tests.e2e.conftest import Host, alive
+from tests.e2e.recorded import install_recorded_shim, served_stack, wait_until_ready
 from tests.e2e.servers import HELLO, free_port
 
 pytestmark = pytest.mark.e2e
@@ -84,16 +83,7 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
     for applet in ("sh", "wget", "ip", "cat", "httpd", "sleep", "awk", "echo"):
         (rootfs / "bin" / applet).symlink_to("busybox")
     (rootfs / "www" / "index.html").write_text(BODY)
-    shim_dir = work / "shim"
-    shim_dir.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "pyslirp", "shim", "install", str(shim_dir)],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    recorder = work / "slirp4netns"
-    recorder.write_text("#!/bin/sh\n"
-                        f"printf '%s\\n' \"$$ $*\" >> {shlex.quote(str(work / 'argv.log'))}\n"
-                        f"exec {shlex.quote(proc.stdout.strip())} \"$@\"\n")
-    recorder.chmod(0o755)
+    recorder = install_recorded_shim(work)
     conf = work / "containers.conf"
     conf.write_text(f'[engine]\nnetwork_cmd_path = "{recorder}"\n')
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
@@ -120,25 +110,14 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
         pod = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, env=env, text=True)
         try:
-            deadline = time.monotonic() + 120
-            while "ready" not in (out.read_text() if out.exists() else ""):
-                if pod.poll() is not None or time.monotonic() > deadline:
-                    pod.kill()
-                    pytest.fail(f"the container never got ready (podman status {pod.poll()}):"
-                                f"\n{pod.communicate()[0]}")
-                time.sleep(0.05)
-            recorded = [line.split() for line in (work / "argv.log").read_text().splitlines()]
-            served = [r for r in recorded if "--help" not in r]
-            assert len(served) == 1, recorded
-            pid = int(served[0][0])
-            args = served[0][1:]
+            def podman_output() -> str:
+                pod.kill()
+                return pod.communicate()[0]
+
+            wait_until_ready(out, pod, 120, "the container", podman_output)
+            stack = served_stack(work / "argv.log")
+            pid, args = stack.pid, stack.args
             api_sockets.extend(args[i + 1] for i, a in enumerate(args) if a == "--api-socket")
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            assert b"pyslirp" in cmdline, cmdline  # podman's child IS the stack
-            caps = sandbox.capabilities(pid)
-            seccomp_mode = next(line.split()[1] for line in
-                                Path(f"/proc/{pid}/status").read_text().splitlines()
-                                if line.startswith("Seccomp:"))
             fetch = ""
             for _ in range(100):  # podman adds the forward over the API socket
                 r = host.run(["curl", "-sS", "--max-time", "10",
@@ -159,7 +138,7 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
                 pod.kill()
                 pod.wait(timeout=30)
         inside = dict(line.split(" ", 1) for line in out.read_text().splitlines() if " " in line)
-        return PodRun(pod.returncode, output, args, inside, fetch, caps, seccomp_mode,
+        return PodRun(pod.returncode, output, args, inside, fetch, stack.caps, stack.seccomp,
                       alive(pid))
 
     try:

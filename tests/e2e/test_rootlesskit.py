@@ -22,7 +22,6 @@ rootless tools on the machine may rely on them from then on).
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -35,7 +34,8 @@ from pathlib import Path
 import pytest
 
 from pyslirp.runtime import sandbox
-from tests.e2e.conftest import REPO, Host, alive
+from tests.e2e.conftest import Host, alive
+from tests.e2e.recorded import install_recorded_shim, served_stack, wait_until_ready
 from tests.e2e.servers import HELLO, free_port
 
 pytestmark = [
@@ -65,19 +65,7 @@ def subid_ranges() -> None:
 @pytest.fixture
 def shim(tmp_path: Path) -> Path:
     """``pyslirp shim install`` into a private directory, behind an argument recorder."""
-    shim_dir = tmp_path / "shim"
-    shim_dir.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "pyslirp", "shim", "install", str(shim_dir)],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    installed = Path(proc.stdout.strip())
-    assert installed == shim_dir / "slirp4netns" and os.access(installed, os.X_OK)
-    recorder = tmp_path / "slirp4netns"
-    recorder.write_text("#!/bin/sh\n"
-                        f"printf '%s\\n' \"$$ $*\" >> {shlex.quote(str(tmp_path / 'argv.log'))}\n"
-                        f"exec {shlex.quote(str(installed))} \"$@\"\n")
-    recorder.chmod(0o755)
-    return recorder
+    return install_recorded_shim(tmp_path)
 
 
 @dataclass
@@ -135,24 +123,10 @@ def _run_rootlesskit(host: Host, tmp_path: Path, shim: Path, *extra: str) -> Run
         proc = host.ns.popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
                              stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while "ready" not in (out.read_text() if out.exists() else ""):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"rootlesskit's command never got ready (status {proc.poll()}):\n"
-                            f"{log.read_text()}\n{out.read_text() if out.exists() else ''}")
-            time.sleep(0.05)
-        recorded = [line.split() for line in (tmp_path / "argv.log").read_text().splitlines()]
-        served = [r for r in recorded if "--help" not in r]
-        assert len(served) == 1, recorded
-        pid = int(served[0][0])
-        assert alive(pid)
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().split(b"\0")
-        assert b"pyslirp" in cmdline, cmdline  # exec'd: rootlesskit's child IS the stack
-        caps = sandbox.capabilities(pid)
-        seccomp_mode = next(line.split()[1] for line in
-                            Path(f"/proc/{pid}/status").read_text().splitlines()
-                            if line.startswith("Seccomp:"))
+        wait_until_ready(out, proc, 60, "rootlesskit's command", lambda: (
+            f"{log.read_text()}\n{out.read_text() if out.exists() else ''}"))
+        stack = served_stack(tmp_path / "argv.log")
+        pid = stack.pid
         fetch = ""
         for _ in range(100):  # the -p forward lands once the server inside listens
             r = host.run(["curl", "-sS", "--max-time", "10",
@@ -176,8 +150,7 @@ def _run_rootlesskit(host: Host, tmp_path: Path, shim: Path, *extra: str) -> Run
             proc.kill()
             proc.wait(timeout=30)
     inside = dict(line.split(" ", 1) for line in out.read_text().splitlines() if " " in line)
-    return Run(inside, [r[1:] for r in recorded], pid, fetch, caps, seccomp_mode,
-               log.read_text())
+    return Run(inside, stack.calls, pid, fetch, stack.caps, stack.seccomp, log.read_text())
 
 
 @pytest.fixture
