@@ -21,41 +21,23 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pyslirp.cni import install
 from tests.cni.conftest import DNS_ADDR, DNS_NAME, HTTP_BODY, DnsServer, engine_pid, wait_until
+from tests.podmanutil import busybox_rootfs, require_podman
 
 pytestmark = pytest.mark.e2e
 
-BUSYBOX = "/bin/busybox"
-
-
-def _missing() -> str | None:
-    for tool in ("podman", "runc"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install podman runc)"
-    if not os.path.exists(BUSYBOX):
-        return "busybox-static is not installed"
-    return None
-
-
 @pytest.fixture
 def podman(dns_server: DnsServer) -> Iterator[Any]:
-    reason = _missing()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_podman()
     work = tempfile.mkdtemp(prefix="pyslirp-pod-", dir="/tmp")
-    rootfs = os.path.join(work, "rootfs")
-    for d in ("bin", "etc", "proc", "sys", "dev", "tmp"):
-        os.makedirs(os.path.join(rootfs, d))
-    shutil.copy(BUSYBOX, os.path.join(rootfs, "bin", "busybox"))
-    for applet in ("sh", "wget", "nslookup", "ip", "cat", "grep", "httpd"):
-        os.symlink("busybox", os.path.join(rootfs, "bin", applet))
+    rootfs = str(busybox_rootfs(Path(work) / "rootfs",
+                                ("sh", "wget", "nslookup", "ip", "cat", "grep", "httpd")))
     bindir, netdir, rundir = (os.path.join(work, d) for d in ("bin", "net", "run"))
     os.makedirs(netdir)
     install.install(bindir)

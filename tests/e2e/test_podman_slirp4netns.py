@@ -34,22 +34,13 @@ from pyslirp.runtime import sandbox
 from tests.e2e.conftest import Host, alive
 from tests.e2e.recorded import install_recorded_shim, served_stack, wait_until_ready
 from tests.e2e.servers import HELLO, free_port
+from tests.podmanutil import busybox_rootfs, require_podman
 
 pytestmark = pytest.mark.e2e
 
-BUSYBOX = "/bin/busybox"
 NET_BIND_SERVICE = 1 << sandbox.CAP_NET_BIND_SERVICE
 INNER_PORT = 8080
 BODY = "served from inside podman\n"
-
-
-def _missing() -> str | None:
-    for tool in ("podman", "runc", "nsenter"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install podman runc util-linux)"
-    if not os.path.exists(BUSYBOX):
-        return "busybox-static is not installed"
-    return None
 
 
 @dataclass
@@ -69,19 +60,11 @@ PodRunner = Callable[..., PodRun]
 
 @pytest.fixture
 def podman_slirp(host: Host) -> Iterator[PodRunner]:
-    reason = _missing()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_podman("nsenter")
     # podman refuses a runroot longer than 50 characters: pytest's tmp_path is too deep.
     work = Path(tempfile.mkdtemp(prefix="pyslirp-pod-", dir="/tmp"))
-    rootfs = work / "rootfs"
-    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "www"):
-        (rootfs / d).mkdir(parents=True)
-    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
-    for applet in ("sh", "wget", "ip", "cat", "httpd", "sleep", "awk", "echo"):
-        (rootfs / "bin" / applet).symlink_to("busybox")
+    rootfs = busybox_rootfs(work / "rootfs",
+                            ("sh", "wget", "ip", "cat", "httpd", "sleep", "awk", "echo"), ("www",))
     (rootfs / "www" / "index.html").write_text(BODY)
     recorder = install_recorded_shim(work)
     conf = work / "containers.conf"

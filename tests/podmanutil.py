@@ -1,0 +1,42 @@
+"""What the podman tests share (tests/cni/test_podman.py, tests/e2e/test_podman_slirp4netns.py):
+the check that podman can run here, and a busybox root filesystem so no image registry is
+needed (``podman run --rootfs``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+BUSYBOX = "/bin/busybox"
+
+
+def require_podman(*tools: str) -> None:
+    """Skip the test when podman, runc, ``tools`` or busybox-static are missing; under
+    CI=true fail instead, since CI installs them."""
+    reason = None
+    for tool in ("podman", "runc", *tools):
+        if shutil.which(tool) is None:
+            reason = f"{tool} is not installed (apt-get install podman runc util-linux)"
+            break
+    else:
+        if not os.path.exists(BUSYBOX):
+            reason = "busybox-static is not installed"
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def busybox_rootfs(rootfs: Path, applets: tuple[str, ...], extra_dirs: tuple[str, ...] = ()
+                   ) -> Path:
+    """A minimal root at ``rootfs``: the usual mount points, busybox and the applets."""
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", *extra_dirs):
+        (rootfs / d).mkdir(parents=True)
+    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
+    for applet in applets:
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    return rootfs
