@@ -7,7 +7,6 @@ is contacted). The loop runs in the test thread between steps.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -16,11 +15,9 @@ from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from pyslirp.runtime.engine import Attachment
 from pyslirp.stack.config import NetConfig
+from tests.runtime.linkrig import GUEST, LinkRig
 
-GUEST_MAC = "02:00:00:00:00:64"
-GUEST = "10.0.2.100"
 DNS_IP = "10.0.2.3"
 
 
@@ -47,44 +44,20 @@ class Upstream:
                                    an=[DNSRR(rrname=q.qd[0].qname, rdata=addr)])), peer)
 
 
-class Rig:
+class Rig(LinkRig):
     def __init__(self, upstreams: list[tuple[str, int]]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.tap, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.guest.setblocking(False)
-        self.config = NetConfig(vnet_hdr=False, offload=False, dns_upstreams=upstreams)
-        self.att = Attachment(self.loop, self.tap.fileno(), self.config)
-        self.att.stack.link.guest_mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
-        self.our_mac = ":".join(f"{b:02x}" for b in self.config.our_mac)
-
-    def spin(self, seconds: float = 0.02) -> None:
-        self.loop.run_until_complete(asyncio.sleep(seconds))
+        super().__init__(NetConfig(vnet_hdr=False, offload=False, dns_upstreams=upstreams))
+        self.know_guest()
 
     def ask(self, name: str, qid: int, sport: int) -> None:
-        frame = (Ether(src=GUEST_MAC, dst=self.our_mac) / IP(src=GUEST, dst=DNS_IP)
-                 / UDP(sport=sport, dport=53) / DNS(id=qid, rd=1, qd=DNSQR(qname=name)))
-        self.guest.send(bytes(frame))
-        self.spin()
+        self.send(IP(src=GUEST, dst=DNS_IP) / UDP(sport=sport, dport=53)
+                  / DNS(id=qid, rd=1, qd=DNSQR(qname=name)))
 
     def answers(self) -> list[tuple[int, int, str, str]]:
         """(guest port, DNS ID, name, first address) of each answer the guest got."""
-        out: list[tuple[int, int, str, str]] = []
-        while True:
-            try:
-                f = Ether(self.guest.recv(70000))
-            except BlockingIOError:
-                return out
-            if UDP in f and f[UDP].sport == 53:
-                d = f[DNS]
-                out.append((f[UDP].dport, d.id, d.qd[0].qname.decode(),
-                            d.an[0].rdata if d.an else ""))
-
-    def close(self) -> None:
-        self.att.close()
-        self.spin(0)
-        self.loop.close()
-        self.tap.close()
-        self.guest.close()
+        return [(f[UDP].dport, f[DNS].id, f[DNS].qd[0].qname.decode(),
+                 f[DNS].an[0].rdata if f[DNS].an else "")
+                for f in self.frames() if UDP in f and f[UDP].sport == 53]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ is ever contacted). The loop runs in the test thread between steps.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import socket
 from collections.abc import Callable, Iterator
@@ -15,15 +14,13 @@ from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import ARP
 from scapy.packet import Packet, Raw
 
-from pyslirp.runtime.engine import Attachment
 from pyslirp.runtime.hostfwd import HostForwarder
 from pyslirp.stack.config import NetConfig
+from tests.runtime.linkrig import GUEST, GUEST_MAC, LinkRig
 
-GUEST_MAC = "02:00:00:00:00:64"
-GUEST = "10.0.2.100"
 GATEWAY = "10.0.2.2"
 GPORT = 8000
 
@@ -35,27 +32,11 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return port
 
 
-class Rig:
+class Rig(LinkRig):
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.tap, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.guest.setblocking(False)
-        self.config = NetConfig(vnet_hdr=False, offload=False)
-        self.att = Attachment(self.loop, self.tap.fileno(), self.config)
+        super().__init__(NetConfig(vnet_hdr=False, offload=False))
         self.fwd = HostForwarder(self.att)
-        self.our_mac = ":".join(f"{b:02x}" for b in self.config.our_mac)
         self.seen: list[Packet] = []
-
-    def spin(self, seconds: float = 0.02) -> None:
-        self.loop.run_until_complete(asyncio.sleep(seconds))
-
-    def frames(self) -> list[Packet]:
-        out: list[Packet] = []
-        while True:
-            try:
-                out.append(Ether(self.guest.recv(70000)))
-            except BlockingIOError:
-                return out
 
     def wait_frame(self, match: Callable[[Packet], bool], timeout: float = 5.0) -> Packet:
         """The first frame (oldest first, kept across calls) that ``match`` accepts."""
@@ -68,21 +49,10 @@ class Rig:
             self.spin()
         raise AssertionError("no such frame")
 
-    def send(self, pkt: Packet) -> None:
-        frame = Ether(src=GUEST_MAC, dst=self.our_mac) / pkt
-        self.guest.send(bytes(frame))
-        self.spin()
-
-    def know_guest(self) -> None:
-        self.att.stack.link.guest_mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
 
     def close(self) -> None:
         self.fwd.close()
-        self.att.close()
-        self.spin(0)
-        self.loop.close()
-        self.tap.close()
-        self.guest.close()
+        super().close()
 
 
 @pytest.fixture

@@ -1,0 +1,57 @@
+"""A real Attachment on one end of a socketpair, the test as the guest on the other.
+
+Frames cross as plain Ethernet (no vnet header), built and dissected with scapy, so
+runtime tests see what the runtime really does with its host sockets, without a TAP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet
+
+from pyslirp.runtime.engine import Attachment
+from pyslirp.stack.config import NetConfig
+
+GUEST_MAC = "02:00:00:00:00:64"
+GUEST = "10.0.2.100"
+
+
+class LinkRig:
+    def __init__(self, config: NetConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.tap, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.guest.setblocking(False)
+        self.config = config
+        self.att = Attachment(self.loop, self.tap.fileno(), config)
+        self.our_mac = ":".join(f"{b:02x}" for b in config.our_mac)
+
+    def know_guest(self) -> None:
+        """Let the stack know the guest's MAC without an ARP exchange."""
+        self.att.stack.link.guest_mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
+
+    def spin(self, seconds: float = 0.02) -> None:
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+
+    def send(self, pkt: Packet) -> None:
+        """One frame from the guest (``pkt`` is what goes inside the Ethernet header)."""
+        self.guest.send(bytes(Ether(src=GUEST_MAC, dst=self.our_mac) / pkt))
+        self.spin()
+
+    def frames(self) -> list[Packet]:
+        """Every frame the stack has sent the guest since the last call."""
+        out: list[Packet] = []
+        while True:
+            try:
+                out.append(Ether(self.guest.recv(70000)))
+            except BlockingIOError:
+                return out
+
+    def close(self) -> None:
+        self.att.close()
+        self.spin(0)
+        self.loop.close()
+        self.tap.close()
+        self.guest.close()
