@@ -139,21 +139,22 @@ class Stack:
             self.link.count("drop.ip_proto")
 
     def _receive_udp(self, ip: Ipv4Packet, now: float, trusted: bool, src_mac: bytes) -> None:
+        # Peek at the destination port; only DHCP and DNS need the datagram parsed here
+        # (the UDP NAT parses and verifies it itself, once).
         dst = ip.dst
-        if dst == self._broadcast or dst == b"\xff\xff\xff\xff" or dst == self._gateway:
-            udp = UdpDatagram(ip.payload, ip.src, dst, verify_checksum=not trusted)
-            if udp.dst_port == _DHCP_SERVER_PORT:
-                self.dhcp.handle(src_mac, ip, udp, now)
-                return
-            if dst != self._gateway:
-                self.link.count("drop.udp.broadcast")
-                return
-        elif dst == self._dns and not self.config.disable_dns:
-            udp = UdpDatagram(ip.payload, ip.src, dst, verify_checksum=not trusted)
-            if udp.dst_port == _DNS_PORT:
-                self.dns.handle_query(ip, udp, now)
-                return
-        self.udp.handle(ip, now, trusted)
+        payload = ip.payload
+        dport = payload[2] << 8 | payload[3] if len(payload) >= 4 else -1
+        broadcast = dst == self._broadcast or dst == b"\xff\xff\xff\xff"
+        if dport == _DHCP_SERVER_PORT and (broadcast or dst == self._gateway):
+            udp = UdpDatagram(payload, ip.src, dst, verify_checksum=not trusted)
+            self.dhcp.handle(src_mac, ip, udp, now)
+        elif broadcast:
+            self.link.count("drop.udp.broadcast")
+        elif dport == _DNS_PORT and dst == self._dns and not self.config.disable_dns:
+            udp = UdpDatagram(payload, ip.src, dst, verify_checksum=not trusted)
+            self.dns.handle_query(ip, udp, now)
+        else:
+            self.udp.handle(ip, now, trusted)
 
     def _receive_arp(self, packet: arp.ArpPacket) -> None:
         if packet.op == arp.OP_REQUEST:
