@@ -607,8 +607,6 @@ class ApiServer:
             self.loop.add_writer(client.fd, self._on_writable, client)
             client.timer = self.loop.call_later(self.timeout, self._close, client)
             return
-        with contextlib.suppress(OSError):
-            client.sock.shutdown(socket.SHUT_RDWR)
         self._close(client)
 
     def _on_writable(self, client: _Client) -> None:
@@ -626,6 +624,10 @@ class ApiServer:
             client.timer = None
         self.loop.remove_reader(client.fd)
         self.loop.remove_writer(client.fd)
+        # The client learns it is done (EOF) only after it has left `clients`: shut down
+        # explicitly too, in case a forked child still holds a copy of the fd.
+        with contextlib.suppress(OSError):
+            client.sock.shutdown(socket.SHUT_RDWR)
         client.sock.close()
         self._start_accepting()
 
