@@ -418,6 +418,9 @@ def start_stack(name: str, ns: Namespace, mtu: int, cfg: RunConfig) -> Stack:
 
 # ---------------------------------------------------------------- workloads
 
+WORKLOAD_KINDS = ("bulk", "rtt", "connect", "dns", "udp", "idle")
+
+
 @dataclass
 class RunConfig:
     quick: bool
@@ -435,6 +438,7 @@ class RunConfig:
     dns_count: int
     dns_window: int
     idle_count: int
+    only: tuple[str, ...] = WORKLOAD_KINDS
     dns_addr: str = "127.0.0.1"
     dns_ok: bool = True
     resolv_conf: Path = Path("/nonexistent")
@@ -535,6 +539,7 @@ def _tcp_listening(port: int) -> bool:
 class Step:
     label: str
     fn: Callable[[RunConfig, Namespace, Stack], dict[str, float]]
+    kind: str   # what --only selects by: one of WORKLOAD_KINDS
 
 
 def _bulk_step(mtu: int, direction: str, flows: int) -> Step:
@@ -546,7 +551,7 @@ def _bulk_step(mtu: int, direction: str, flows: int) -> Step:
             out[f"cpu_{direction}_p1_mtu{mtu}"] = cpu / gb
         return out
     word = "upload" if direction == "up" else "download"
-    return Step(f"iperf3 TCP {word}, {flows} flow{'s' if flows > 1 else ''}", run)
+    return Step(f"iperf3 TCP {word}, {flows} flow{'s' if flows > 1 else ''}", run, "bulk")
 
 
 def _udp_step(direction: str) -> Step:
@@ -554,7 +559,7 @@ def _udp_step(direction: str) -> Step:
         summary, _ = _iperf(cfg, ns, stack, reverse=direction == "down", udp=True)
         return {f"udp_{direction}_mbps": summary["bits_per_second"] / 1e6,
                 f"udp_{direction}_loss_pct": float(summary["lost_percent"])}
-    return Step(f"iperf3 UDP {'upload' if direction == 'up' else 'download'}", run)
+    return Step(f"iperf3 UDP {'upload' if direction == 'up' else 'download'}", run, "udp")
 
 
 def _rtt(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
@@ -619,19 +624,19 @@ def plan(cfg: RunConfig, mtu: int) -> list[Step]:
     steps = []
     if mtu == cfg.misc_mtu:
         # Idle memory first, so "before" is the stack's footprint right after start.
-        steps.append(Step(f"{cfg.idle_count} idle TCP connections (RSS)", _idle))
+        steps.append(Step(f"{cfg.idle_count} idle TCP connections (RSS)", _idle, "idle"))
     for direction in ("up", "down"):
         for flows in (1, 4):
             steps.append(_bulk_step(mtu, direction, flows))
     if mtu == cfg.misc_mtu:
         steps += [
-            Step("TCP 1-byte round trip", _rtt),
-            Step("new TCP connections", _connections),
-            Step("DNS queries", _dns),
+            Step("TCP 1-byte round trip", _rtt, "rtt"),
+            Step("new TCP connections", _connections, "connect"),
+            Step("DNS queries", _dns, "dns"),
             _udp_step("up"),
             _udp_step("down"),
         ]
-    return steps
+    return [s for s in steps if s.kind in cfg.only]
 
 
 # ---------------------------------------------------------------- progress
@@ -691,7 +696,8 @@ def run_benchmark(cfg: RunConfig) -> Results:
         if _find(name) is None:
             res.note(name, f"skipped: {name} is not installed")
             stacks.remove(name)
-    total = sum((1 + len(plan(cfg, mtu))) * len(stacks) * cfg.rounds for mtu in cfg.mtus)
+    total = sum((1 + len(plan(cfg, mtu))) * len(stacks) * cfg.rounds
+                for mtu in cfg.mtus if plan(cfg, mtu))
     prog = Progress(total)
     for name in cfg.stacks:
         for n in res.notes.get(name, []):
@@ -699,6 +705,8 @@ def run_benchmark(cfg: RunConfig) -> Results:
     dead: set[str] = set()
     for mtu in cfg.mtus:
         steps = plan(cfg, mtu)
+        if not steps:
+            continue   # --only left nothing to run at this MTU
         for rnd in range(cfg.rounds):
             order = stacks[rnd % len(stacks):] + stacks[:rnd % len(stacks)] if stacks else []
             for name in order:
@@ -972,6 +980,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--udp-rate", default="1G", help="iperf3 -b for UDP (default 1G)")
     p.add_argument("--base-port", type=int, default=15400,
                    help="first of 4 TCP ports used on 127.0.0.1 (default 15400)")
+    p.add_argument("--only", default=",".join(WORKLOAD_KINDS),
+                   help="comma-separated workloads to run, from: " + ", ".join(WORKLOAD_KINDS)
+                   + " (default all)")
     p.add_argument("--no-isolate", action="store_true",
                    help="run in the machine's own network namespace instead of a private one")
     return p.parse_args(argv)
@@ -1043,6 +1054,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench/run.py: unknown stack(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
+    only = tuple(w.strip() for w in args.only.split(",") if w.strip())
+    unknown = [w for w in only if w not in WORKLOAD_KINDS]
+    if unknown or not only:
+        print(f"bench/run.py: --only: unknown workload(s) {', '.join(unknown) or '(none given)'}"
+              f"; choose from {', '.join(WORKLOAD_KINDS)}", file=sys.stderr)
+        return 2
     quick = args.quick
     cfg = RunConfig(
         quick=quick,
@@ -1060,6 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
         dns_count=2000 if quick else 20000,
         dns_window=8,
         idle_count=1000,
+        only=only,
     )
     # 1,000 connections through a stack need 2,000+ descriptors in the stack and the
     # servers; children inherit this limit.
