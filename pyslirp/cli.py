@@ -81,6 +81,10 @@ DEFAULT_TAPNAME = "tap0"
 DEFAULT_NETNS_TYPE = "pid"
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_DNS_PORT = 53
+#: --busy-poll: long enough to catch a loopback peer's answer on this kind of VM
+#: (bench/README.md, "Latency"), short enough to cost little CPU when idle.
+DEFAULT_BUSY_POLL_US = 50
+MAX_BUSY_POLL_US = 1_000_000
 #: slirp4netns's hard ceiling ("MTU must be a positive integer (< 65522)").
 SLIRP_MAX_MTU = 65521
 #: What ``-v`` reports in slirp4netns's SLIRP_CONFIG_VERSION_MAX line.
@@ -128,13 +132,16 @@ CAP_NET_BIND_SERVICE if running as the root)
 --pcap=FILE              write every frame on the link to FILE (pcap format)
 --log-level=LEVEL        specify log verbosity ([debug|info|warning|error], default={_LOG})
 --no-offload             open the TAP without vnet header and offloads (plain frames)
+--busy-poll=USEC         after handling traffic, keep polling for USEC microseconds before
+                         sleeping: lower latency where waking up is slow (VMs); 0 turns it
+                         off (default={DEFAULT_BUSY_POLL_US})
 --target-type=TYPE       netns (default), or serve a VM: qemu-stream|qemu-dgram, where PATH
                          is the Unix socket for QEMU's -netdev stream|dgram
                          (pyslirp --target-type=qemu-stream [OPTION]... SOCKET)
 
 {PROG} run: run COMMAND in new namespaces served by {PROG}, exit with its status.
 RUN-OPTIONs: -m/--mtu, --cidr, --disable-host-loopback, --disable-dns, --macaddress,
-             --dns-upstream, --pcap, --log-level, --no-offload, -h/--help
+             --dns-upstream, --pcap, --log-level, --no-offload, --busy-poll, -h/--help
              (--configure is implied)
 """
 
@@ -182,6 +189,8 @@ class Options:
     log_level: str = DEFAULT_LOG_LEVEL
     #: False with ``--no-offload``: no vnet header, no TSO/checksum offload.
     offload: bool = True
+    #: ``--busy-poll``: microseconds the loop keeps polling after work (0 = off).
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
     #: ``-6``/``--enable-ipv6``: accepted (callers always pass it); IPv6 is not served yet.
     enable_ipv6: bool = False
     #: ``--enable-sandbox`` / ``--enable-seccomp`` (pyslirp.runtime.sandbox / .seccomp).
@@ -213,6 +222,7 @@ class Options:
             dns_upstreams=list(self.dns_upstreams),
             vnet_hdr=self.offload,
             offload=self.offload,
+            busy_poll=self.busy_poll_us / 1e6,
         )
 
 
@@ -235,6 +245,7 @@ _COMMON_OPTS = (
     _Opt("pcap", None, True),
     _Opt("log-level", None, True),
     _Opt("no-offload", None, False),
+    _Opt("busy-poll", None, True),
     _Opt("help", "h", False),
 )
 _SERVE_OPTS = (
@@ -649,6 +660,12 @@ def _common_option(opts: Options, name: str, value: str | None, cidr_text: str |
         opts.log_level = level
     elif name == "no-offload":
         opts.offload = False
+    elif name == "busy-poll":
+        text = _val(value)
+        if not text.isdigit() or int(text) > MAX_BUSY_POLL_US:
+            raise UsageError(f"--busy-poll must be microseconds from 0 to {MAX_BUSY_POLL_US} "
+                             f"(not '{value}')")
+        opts.busy_poll_us = int(text)
     else:  # pragma: no cover - every table entry is handled above
         raise AssertionError(name)
     return cidr_text, mac_text

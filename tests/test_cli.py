@@ -174,6 +174,13 @@ def test_pcap_log_level_no_offload() -> None:
         assert parse("--log-level", level, NOPID).log_level == level
 
 
+def test_busy_poll_microseconds_reach_the_runtime_config() -> None:
+    assert parse(NOPID).net_config().busy_poll == cli.DEFAULT_BUSY_POLL_US / 1e6
+    assert parse("--busy-poll", "0", NOPID).net_config().busy_poll == 0
+    assert parse("--busy-poll=250", NOPID).net_config().busy_poll == 250e-6
+    assert parse("run", "--busy-poll=0", "--", "true").net_config().busy_poll == 0
+
+
 def test_options_after_positionals_are_parsed() -> None:
     # GNU getopt permutes argv, so slirp4netns accepts "PID TAP -c".
     opts = parse(NOPID, "tap3", "-c", "--mtu", "9000")
@@ -288,6 +295,12 @@ def test_net_config_defaults_use_vnet_header_and_offload() -> None:
     (["--dns-upstream", "1.2.3.4:dns", NOPID],
      "invalid --dns-upstream '1.2.3.4:dns': port must be 1..65535"),
     (["--pcap=", NOPID], "--pcap needs a file name"),
+    (["--busy-poll", "-5", NOPID],
+     "--busy-poll must be microseconds from 0 to 1000000 (not '-5')"),
+    (["--busy-poll=1000001", NOPID],
+     "--busy-poll must be microseconds from 0 to 1000000 (not '1000001')"),
+    (["--busy-poll=fast", NOPID],
+     "--busy-poll must be microseconds from 0 to 1000000 (not 'fast')"),
     (["--log-level", "trace", NOPID],
      "--log-level must be one of debug, info, warning, error (not 'trace')"),
     ([NOPID, "a-very-long-tapname"],
@@ -405,7 +418,8 @@ def test_help_lists_options() -> None:
     for option in ("--configure", "--exit-fd", "--ready-fd", "--mtu", "--cidr",
                    "--disable-host-loopback", "--netns-type", "--userns-path", "--disable-dns",
                    "--macaddress", "--help", "--version", "--dns-upstream", "--pcap",
-                   "--log-level", "--no-offload", "pyslirp run", "-a, --api-socket=PATH"):
+                   "--log-level", "--no-offload", "--busy-poll", "pyslirp run",
+                   "-a, --api-socket=PATH"):
         assert option in text
     for absent in ("--no-host-loopback", "--create-sandbox"):
         assert absent not in text

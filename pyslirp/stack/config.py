@@ -54,6 +54,9 @@ class NetConfig:
     vnet_hdr: bool = True
     #: The link accepts GSO super-frames and partial checksums (TSO offload on).
     offload: bool = True
+    #: For the runtime (the stack never sleeps): after each burst of work, keep
+    #: polling the loop instead of sleeping for this many seconds; 0 = off.
+    busy_poll: float = 50e-6
     dhcp_lease_seconds: int = 86400
     dhcp_pool_size: int = 16
 
