@@ -662,7 +662,7 @@ def _common_option(opts: Options, name: str, value: str | None, cidr_text: str |
         opts.offload = False
     elif name == "busy-poll":
         text = _val(value)
-        if not text.isdigit() or int(text) > MAX_BUSY_POLL_US:
+        if not (text.isascii() and text.isdigit()) or int(text) > MAX_BUSY_POLL_US:
             raise UsageError(f"--busy-poll must be microseconds from 0 to {MAX_BUSY_POLL_US} "
                              f"(not '{value}')")
         opts.busy_poll_us = int(text)

@@ -301,6 +301,8 @@ def test_net_config_defaults_use_vnet_header_and_offload() -> None:
      "--busy-poll must be microseconds from 0 to 1000000 (not '1000001')"),
     (["--busy-poll=fast", NOPID],
      "--busy-poll must be microseconds from 0 to 1000000 (not 'fast')"),
+    (["--busy-poll=\u00b2", NOPID],
+     "--busy-poll must be microseconds from 0 to 1000000 (not '\u00b2')"),
     (["--log-level", "trace", NOPID],
      "--log-level must be one of debug, info, warning, error (not 'trace')"),
     ([NOPID, "a-very-long-tapname"],

@@ -22,8 +22,8 @@ the attachment keeps one ``call_soon`` callback alive for a few tens of
 microseconds, so the loop polls with a zero timeout instead of sleeping. In a
 request/response exchange the peer's answer usually comes within that time,
 and waking a sleeping process (on a VM: a halted virtual CPU) costs more than
-the polling. Measured on this machine kind: 1-byte TCP round trip p50 ~200 us
--> ~110 us, with *less* CPU per round trip (bench/README.md, "Latency").
+the polling. Measured on this machine kind: 1-byte TCP round trip p50 ~210 us
+-> ~130 us, with *less* CPU per round trip (bench/README.md, "Latency").
 Bulk traffic keeps the loop busy anyway, and an idle stack does not poll.
 
 Errors on host sockets never escape into the loop: they are reported to the
