@@ -51,6 +51,8 @@ import sys
 from _json import encode_basestring_ascii as _encode_str
 from _json import scanstring as _scanstring
 
+from pyslirp.procfs import process_start_time
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - typing costs ~10 ms of startup; mypy only
     from typing import Any, TextIO
@@ -340,23 +342,6 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if no live such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(b")") + 2:].split()
-    if fields[:1] in ([b"Z"], [b"X"]):
-        return None  # a zombie is dead, whoever has yet to reap it
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 def own_identity() -> dict[str, Any]:

@@ -50,6 +50,8 @@ import platform
 import socket
 import struct
 
+from pyslirp.procfs import process_start_time
+
 #: pidfd_getfd's number; the same in x86_64's table and in the generic table (aarch64, riscv64).
 _SYS_PIDFD_GETFD = {"x86_64": 438, "aarch64": 438, "riscv64": 438}.get(platform.machine(), 438)
 _TCP_LISTEN = 0x0A
@@ -75,19 +77,6 @@ def pidfd_getfd(pid: int, fd: int) -> int:
         os.close(pidfd)
 
 
-def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks after boot): with the PID, a process's identity."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2:].split()
-    if not fields or fields[0] == b"Z":
-        return None
-    return int(fields[19])
-
-
 def _parents() -> dict[int, tuple[int, int]]:
     """Every live process: pid -> (ppid, start time)."""
     out: dict[int, tuple[int, int]] = {}
@@ -110,7 +99,7 @@ class CallerTree:
 
     def __init__(self, pid: int, start: int | None = None) -> None:
         self.pid = pid
-        start = start if start is not None else _start_time(pid)
+        start = start if start is not None else process_start_time(pid)
         #: pid -> start time of every process ever seen in the tree.
         self.known: dict[int, int] = {pid: start} if start is not None else {}
 

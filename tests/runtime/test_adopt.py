@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from pyslirp.procfs import process_start_time
 from pyslirp.runtime import adopt
 from tests.runtime.test_hostfwd import GPORT, GUEST, Rig
 
@@ -146,7 +147,7 @@ def test_a_socket_outside_the_callers_tree_is_never_taken(holders: Any) -> None:
 
 def test_a_caller_whose_pid_was_reused_owns_nothing(holders: Any) -> None:
     h = holders("tcp")
-    start = adopt._start_time(os.getpid())
+    start = process_start_time(os.getpid())
     assert start is not None
     stale = adopt.CallerTree(os.getpid(), start=start + 1)
     assert stale.members() == []
