@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,20 @@ def wait_until_ready(out: Path, proc: subprocess.Popen[str] | subprocess.Popen[b
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"{what} never got ready (status {proc.poll()}):\n{details()}")
         time.sleep(0.05)
+
+
+def fetch_published_port(host: Any, port: int) -> str:
+    """GET /index.html from the host's published ``port`` until it answers (the caller adds
+    the forward some time after the container is ready); the body, or "" if it never did."""
+    body = ""
+    for _ in range(100):
+        r = host.run(["curl", "-sS", "--max-time", "10",
+                      f"http://127.0.0.1:{port}/index.html"], check=False)
+        body = r.stdout
+        if r.returncode == 0:
+            break
+        time.sleep(0.1)
+    return body
 
 
 @dataclass

@@ -32,7 +32,12 @@ import pytest
 
 from pyslirp.runtime import sandbox
 from tests.e2e.conftest import Host, alive
-from tests.e2e.recorded import install_recorded_shim, served_stack, wait_until_ready
+from tests.e2e.recorded import (
+    fetch_published_port,
+    install_recorded_shim,
+    served_stack,
+    wait_until_ready,
+)
 from tests.e2e.servers import HELLO, free_port
 from tests.podmanutil import busybox_rootfs, require_podman
 
@@ -101,14 +106,7 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
             stack = served_stack(work / "argv.log")
             pid, args = stack.pid, stack.args
             api_sockets.extend(args[i + 1] for i, a in enumerate(args) if a == "--api-socket")
-            fetch = ""
-            for _ in range(100):  # podman adds the forward over the API socket
-                r = host.run(["curl", "-sS", "--max-time", "10",
-                              f"http://127.0.0.1:{host_port}/index.html"], check=False)
-                fetch = r.stdout
-                if r.returncode == 0:
-                    break
-                time.sleep(0.1)
+            fetch = fetch_published_port(host, host_port)  # podman adds it over the API
             done.touch()
             output, _ = pod.communicate(timeout=120)
             # podman's exit fd ends the stack with the container

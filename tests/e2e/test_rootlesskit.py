@@ -35,7 +35,12 @@ import pytest
 
 from pyslirp.runtime import sandbox
 from tests.e2e.conftest import Host, alive
-from tests.e2e.recorded import install_recorded_shim, served_stack, wait_until_ready
+from tests.e2e.recorded import (
+    fetch_published_port,
+    install_recorded_shim,
+    served_stack,
+    wait_until_ready,
+)
 from tests.e2e.servers import HELLO, free_port
 
 pytestmark = [
@@ -127,14 +132,7 @@ def _run_rootlesskit(host: Host, tmp_path: Path, shim: Path, *extra: str) -> Run
             f"{log.read_text()}\n{out.read_text() if out.exists() else ''}"))
         stack = served_stack(tmp_path / "argv.log")
         pid = stack.pid
-        fetch = ""
-        for _ in range(100):  # the -p forward lands once the server inside listens
-            r = host.run(["curl", "-sS", "--max-time", "10",
-                          f"http://127.0.0.1:{host_port}/index.html"], check=False)
-            fetch = r.stdout
-            if r.returncode == 0:
-                break
-            time.sleep(0.1)
+        fetch = fetch_published_port(host, host_port)  # lands once the server listens
         done.touch()
         proc.wait(timeout=60)
         gone = not alive(pid)
