@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,13 @@ def busybox_rootfs(rootfs: Path, applets: tuple[str, ...], extra_dirs: tuple[str
     for applet in applets:
         (rootfs / "bin" / applet).symlink_to("busybox")
     return rootfs
+
+
+def remove_pods(podman: list[str], env: dict[str, str], work: Path | str) -> None:
+    """Remove every container of this podman root (``podman`` is its argv prefix) and
+    lazily unmount whatever podman left mounted below ``work``."""
+    subprocess.run([*podman, "rm", "-af", "-t", "0"], capture_output=True, env=env, timeout=120)
+    mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True,
+                            text=True).stdout.split()
+    for m in sorted((m for m in mounts if m.startswith(str(work))), reverse=True):
+        subprocess.run(["umount", "-l", m], capture_output=True)

@@ -28,7 +28,7 @@ import pytest
 
 from pyslirp.cni import install
 from tests.cni.conftest import DNS_ADDR, DNS_NAME, HTTP_BODY, DnsServer, engine_pid, wait_until
-from tests.podmanutil import busybox_rootfs, require_podman
+from tests.podmanutil import busybox_rootfs, remove_pods, require_podman
 
 pytestmark = pytest.mark.e2e
 
@@ -66,12 +66,7 @@ def podman(dns_server: DnsServer) -> Iterator[Any]:
     try:
         yield run
     finally:
-        subprocess.run([*base, "rm", "-af", "-t", "0"], capture_output=True, env=env,
-                       timeout=120)
-        mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True,
-                                text=True).stdout.split()
-        for m in sorted((m for m in mounts if m.startswith(work)), reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True)
+        remove_pods(base, env, work)
         from tests.cni.conftest import stop_engine
         stop_engine(rundir)
         if not os.environ.get("PYSLIRP_KEEP_POD"):

@@ -39,7 +39,7 @@ from tests.e2e.recorded import (
     wait_until_ready,
 )
 from tests.e2e.servers import HELLO, free_port
-from tests.podmanutil import busybox_rootfs, require_podman
+from tests.podmanutil import busybox_rootfs, remove_pods, require_podman
 
 pytestmark = pytest.mark.e2e
 
@@ -125,12 +125,7 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
     try:
         yield run
     finally:
-        subprocess.run([*base, "rm", "-af", "-t", "0"], capture_output=True, env=env,
-                       timeout=120)
-        mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True,
-                                text=True).stdout.split()
-        for m in sorted((m for m in mounts if m.startswith(str(work))), reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True)
+        remove_pods(base, env, work)
         for path in api_sockets:  # under --enable-sandbox the stack cannot reach it any more
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
