@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from pyslirp.kubevirt.stacks import api_request
 from tests.vm import guest
 
 pytestmark = pytest.mark.vm
@@ -66,19 +67,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _api(path: str, request: dict[str, object]) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(path)
-        s.sendall(json.dumps(request).encode())
-        s.shutdown(socket.SHUT_WR)
-        reply = b""
-        while chunk := s.recv(4096):
-            reply += chunk
-    result: dict[str, object] = json.loads(reply)
-    return result
 
 
 def _stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> int:
@@ -136,7 +124,7 @@ def boot(tmp: Path, kernel: tuple[Path, Path], backend: str,
         if forward:
             for guest_port in (8080, 8081):
                 host_port = _free_port()
-                reply = _api(api, {"execute": "add_hostfwd", "arguments": {
+                reply = api_request(api, {"execute": "add_hostfwd", "arguments": {
                     "proto": "tcp", "host_addr": "127.0.0.1", "host_port": host_port,
                     "guest_addr": "10.0.2.15", "guest_port": guest_port}})
                 assert "return" in reply, reply
