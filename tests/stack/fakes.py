@@ -15,6 +15,7 @@ Generic on purpose: any engine's tests can use them.
 
 from __future__ import annotations
 
+import struct
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.link import Buffer, Link
 from pyslirp.stack.timers import Timers
+from pyslirp.wire import vnet
+from pyslirp.wire.checksum import checksum
 
 GUEST_MAC = bytes.fromhex("020000000064")
 
@@ -150,3 +153,16 @@ class FakeHost:
 
     def dns_cancel(self, query: Any) -> None:
         self.calls.append(("dns_cancel", query))
+
+
+def complete_checksum(frame: bytes) -> bytes:
+    """Strip the vnet header, doing what the guest's kernel does for NEEDS_CSUM."""
+    flags, gso_type, _hdr_len, _gso_size, start, offset, _n = vnet.unpack(frame)
+    assert gso_type == vnet.GSO_NONE
+    out = bytearray(frame[vnet.HEADER_LEN:])
+    if flags & vnet.F_NEEDS_CSUM:
+        # The field holds the pseudo-header sum; the sum runs from csum_start to the end.
+        struct.pack_into("!H", out, start + offset, checksum(out[start:]))
+    else:
+        assert flags == 0
+    return bytes(out)

@@ -28,11 +28,12 @@ from pyslirp.stack.dns import (
 )
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import dns, vnet
+from pyslirp.wire import dns
 from pyslirp.wire.checksum import checksum
 from pyslirp.wire.ethernet import EthernetFrame
 from pyslirp.wire.ipv4 import Ipv4Packet
 from pyslirp.wire.udp import UdpDatagram
+from tests.stack.fakes import complete_checksum
 
 GUEST = "10.0.2.100"
 UP1, UP2, UP3 = ("127.0.0.11", 53), ("127.0.0.12", 53), ("127.0.0.13", 5353)
@@ -449,16 +450,6 @@ def test_reply_bigger_than_mtu_is_truncated() -> None:
     msg = dns.DnsMessage(data)
     assert msg.truncated and msg.id == 0x1A2B and msg.ancount == 0
     assert msg.question() is not None and msg.question().name == "big.example"  # type: ignore[union-attr]
-
-
-def complete_checksum(frame: bytes) -> bytes:
-    """Strip the vnet header, doing what the guest's kernel does for NEEDS_CSUM."""
-    flags, gso_type, _hdr_len, _gso_size, start, offset, _n = vnet.unpack(frame)
-    assert gso_type == vnet.GSO_NONE
-    out = bytearray(frame[vnet.HEADER_LEN:])
-    if flags & vnet.F_NEEDS_CSUM:
-        struct.pack_into("!H", out, start + offset, checksum(out[start:]))
-    return bytes(out)
 
 
 @pytest.mark.parametrize("offload", [True, False])

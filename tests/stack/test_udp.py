@@ -7,7 +7,6 @@ with scapy (so our own parsers are not the judge of our own output).
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import pytest
@@ -18,10 +17,9 @@ from scapy.packet import Packet, Raw
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.timers import Timers
 from pyslirp.stack.udp import UdpEngine, UdpFlow
-from pyslirp.wire import vnet
-from pyslirp.wire.checksum import checksum
 from pyslirp.wire.ipv4 import Ipv4Packet
 from tests.stack import fakes
+from tests.stack.fakes import complete_checksum
 
 GUEST_MAC = bytes.fromhex("66696895ca9c")
 GUEST = "10.0.2.100"
@@ -67,19 +65,6 @@ class FakeHost(fakes.FakeHost):
     def icmp_echo(self, flow: Any, dst: str, ident: int, seq: int, payload: Any) -> bool:
         super().icmp_echo(flow, dst, ident, seq, payload)
         return self.icmp_ok
-
-
-def complete_checksum(frame: bytes) -> bytes:
-    """Strip the vnet header, doing what the guest's kernel does for NEEDS_CSUM."""
-    flags, gso_type, _hdr_len, _gso_size, start, offset, _n = vnet.unpack(frame)
-    assert gso_type == vnet.GSO_NONE
-    out = bytearray(frame[vnet.HEADER_LEN:])
-    if flags & vnet.F_NEEDS_CSUM:
-        # The field holds the pseudo-header sum; the sum runs from csum_start to the end.
-        struct.pack_into("!H", out, start + offset, checksum(out[start:]))
-    else:
-        assert flags == 0
-    return bytes(out)
 
 
 class Harness:
