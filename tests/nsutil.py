@@ -205,6 +205,19 @@ class NetNS(Namespace):
         return f"NetNS({self.name!r})"
 
 
+def userns_mapped(pid: int) -> bool:
+    """Whether ``unshare --user --map-root-user`` (process ``pid``) is done with the user
+    namespace: unshare creates the namespaces first and writes the uid and gid maps after
+    (the gid map last), and whoever joins in between is nobody in there, not root."""
+    try:
+        if os.stat(f"/proc/{pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino:
+            return False
+        with open(f"/proc/{pid}/gid_map") as f:
+            return bool(f.read().strip())
+    except OSError:
+        return False
+
+
 class UserNetNS(Namespace):
     """A sleeping process in new user (root-mapped) and network namespaces."""
 
@@ -219,7 +232,8 @@ class UserNetNS(Namespace):
         self.pid = self._holder.pid
         ours = os.stat("/proc/self/ns/net").st_ino
         try:
-            wait_for(lambda: self._ns_ino() not in (None, ours), what=f"{self.name} to unshare")
+            wait_for(lambda: self._ns_ino() not in (None, ours) and userns_mapped(self.pid),
+                     what=f"{self.name} to unshare")
         except BaseException:
             self.close()
             raise

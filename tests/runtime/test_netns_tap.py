@@ -369,8 +369,10 @@ def test_unprivileged_caller_is_told_what_is_missing() -> None:
         holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net",
                                    "sleep", "60"])
         try:
+            # Until unshare has written the maps (gid last), joining would make us nobody.
             ours = os.stat("/proc/self/ns/net").st_ino
-            while os.stat(f"/proc/{holder.pid}/ns/net").st_ino == ours:
+            while (os.stat(f"/proc/{holder.pid}/ns/net").st_ino == ours
+                   or not open(f"/proc/{holder.pid}/gid_map").read().strip()):
                 time.sleep(0.005)
             for target, kind in ((f"/proc/{holder.pid}/ns/net", "path"),
                                  (str(holder.pid), "pid")):

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from pyslirp.runtime import sandbox
+from tests.nsutil import userns_mapped
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox test needs root")
 
@@ -147,8 +148,7 @@ def test_unprivileged_caller_sandboxes_inside_the_targets_user_namespace() -> No
             holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net",
                                        "sleep", "60"])
             try:
-                ours = os.stat("/proc/self/ns/user").st_ino
-                while os.stat(f"/proc/{holder.pid}/ns/user").st_ino == ours:
+                while not userns_mapped(holder.pid):
                     time.sleep(0.005)
                 userns = f"/proc/{holder.pid}/ns/user"
                 sandbox.create_sandbox(userns)
