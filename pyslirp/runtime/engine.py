@@ -111,6 +111,9 @@ class Attachment:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
+        #: Host connects that finished inside connect() (loopback does), waiting for the
+        #: engine call that started them to return; see _answer_connected.
+        self._connected_now: list[tuple[Any, TcpHandle]] = []
         self._faults = _faults_from_env()
         #: ``--outbound-addr[6]``: host sockets toward the outside bind here first.
         self.outbound = Outbound()
@@ -188,10 +191,9 @@ class Attachment:
                 self._release_held_frames_later("from_guest")
             else:
                 receive(memoryview(data), now)
-        self.stack.flush(now)
-        self._arm_timer()
-        if self._busy_poll:
-            self._keep_polling(now)
+            if self._connected_now:
+                self._answer_connected(flush=False)
+        self._flush_now(now)
 
     def _fatal(self, message: str) -> None:
         log.error("%s", message)
@@ -207,9 +209,16 @@ class Attachment:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._closed:
-            return
-        now = self.loop.time()
+        if not self._closed:
+            self._flush_now(self.loop.time())
+
+    def _input_done(self, now: float) -> None:
+        """After a batch of guest frames: answer finished connects, then flush."""
+        if self._connected_now:
+            self._answer_connected(flush=False)
+        self._flush_now(now)
+
+    def _flush_now(self, now: float) -> None:
         self.stack.flush(now)
         self._arm_timer()
         if self._busy_poll:
@@ -284,13 +293,25 @@ class Attachment:
             handle.sock = sock
             handle.fd = sock.fileno()
             if err == 0 or _connected(sock):
-                # Loopback connects finish inside connect(): skip the epoll round trip.
-                self.loop.call_soon(self._tcp_established, flow, handle)
+                # Loopback connects finish inside connect(): skip the epoll round trip,
+                # and answer the SYN as soon as the engine's call returns (the TAP
+                # callback checks after each frame) rather than a loop iteration later,
+                # behind other flows' work: a client's connect() waits for that SYN-ACK.
+                if not self._connected_now:
+                    self.loop.call_soon(self._answer_connected)
+                self._connected_now.append((flow, handle))
                 return
             handle.connecting = True
             self.loop.add_writer(handle.fd, self._tcp_connect_done, flow, handle)
             return
         self.loop.call_soon(self._tcp_report_connect_failed, flow, handle, last_error)
+
+    def _answer_connected(self, flush: bool = True) -> None:
+        connected = self._connected_now
+        if connected:
+            self._connected_now = []
+            for flow, handle in connected:
+                self._tcp_established(flow, handle, flush)
 
     def _tcp_report_connect_failed(self, flow: Any, handle: TcpHandle, err: int) -> None:
         if handle.closed:
@@ -316,13 +337,14 @@ class Attachment:
             return
         self._tcp_established(flow, handle)
 
-    def _tcp_established(self, flow: Any, handle: TcpHandle) -> None:
+    def _tcp_established(self, flow: Any, handle: TcpHandle, flush: bool = True) -> None:
         if handle.closed:
             return
         handle.reading = True
         self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
         flow.host_connected(self.loop.time())
-        self.schedule_flush()
+        if flush:
+            self.schedule_flush()
 
     def _tcp_readable(self, flow: Any, handle: TcpHandle) -> None:
         sock = handle.sock
@@ -347,7 +369,11 @@ class Attachment:
             flow.host_data(data, now)
             if len(data) < min(budget, _HOST_READ_MAX):
                 break  # the socket is drained for now; don't pay an EAGAIN syscall
-        self.schedule_flush()
+        # Flush now, not at the end of the loop iteration: the guest is waiting for
+        # these bytes (a request/response exchange), and per-flow frames gain nothing
+        # from waiting for other callbacks.
+        if not self._closed:
+            self._flush_now(now)
 
     def _tcp_stop_reading(self, handle: TcpHandle) -> None:
         if handle.reading:

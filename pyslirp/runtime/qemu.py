@@ -249,10 +249,8 @@ class QemuStreamAttachment(Attachment):
             self.stack.receive_frame(frame, now)
 
     def _after_input(self, now: float) -> None:
-        if self._closed:
-            return
-        self.stack.flush(now)
-        self._arm_timer()
+        if not self._closed:
+            self._input_done(now)
 
     # ---- frames to QEMU ------------------------------------------------------------
     def _write_frame(self, parts: Sequence[Any]) -> None:
@@ -376,8 +374,7 @@ class QemuDgramAttachment(Attachment):
             else:
                 self.stack.receive_frame(memoryview(data), now)
         if not self._closed:
-            self.stack.flush(now)
-            self._arm_timer()
+            self._input_done(now)
 
     def _write_frame(self, parts: Sequence[Any]) -> None:
         peer = self.peer

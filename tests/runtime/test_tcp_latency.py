@@ -1,0 +1,96 @@
+"""Where the runtime sits on a TCP exchange's critical path: no loop round trips.
+
+A guest's connect() waits for our SYN-ACK, and a request/response client waits for
+the host's answer; each loop iteration between the event and the frame is time the
+guest waits (bench/README.md, "Latency"). These tests run the real Attachment on a
+socketpair (the test plays the guest with scapy) against servers on loopback, and
+count loop iterations, which is deterministic where timing is not. They also check
+that the retransmission timer, which the runtime re-arms lazily, still fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from pyslirp.stack.config import NetConfig
+from tests.runtime.linkrig import GUEST, GUEST_MAC, LinkRig
+
+GATEWAY = "10.0.2.2"
+GUEST_PORT = 40000
+GUEST_ISN = 1000
+
+
+@pytest.fixture
+def server() -> Iterator[socket.socket]:
+    """A listening socket on loopback; the guest reaches it as 10.0.2.2."""
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    yield lsock
+    lsock.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[LinkRig]:
+    link = LinkRig(NetConfig(vnet_hdr=False, offload=False, busy_poll=0))
+    link.know_guest()
+    yield link
+    link.close()
+
+
+def _guest_frame(rig: LinkRig, port: int, flags: str, seq: int, ack: int = 0,
+                 payload: bytes = b"") -> bytes:
+    return bytes(Ether(src=GUEST_MAC, dst=rig.our_mac)
+                 / IP(src=GUEST, dst=GATEWAY)
+                 / TCP(sport=GUEST_PORT, dport=port, flags=flags, seq=seq, ack=ack,
+                       window=65535, options=[("MSS", 1460)] if flags == "S" else [])
+                 / payload)
+
+
+def _one_iteration(loop: asyncio.AbstractEventLoop) -> None:
+    """Run exactly one loop iteration: ready I/O callbacks run, what they schedule does not."""
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+
+
+def _tcp_frames(rig: LinkRig) -> list[Any]:
+    return [f[TCP] for f in rig.frames() if TCP in f]
+
+
+def _connect(rig: LinkRig, server: socket.socket) -> tuple[socket.socket, int]:
+    """Complete a guest connection to the server; return the host side and our ISS."""
+    port = server.getsockname()[1]
+    rig.guest.send(_guest_frame(rig, port, "S", GUEST_ISN))
+    rig.spin()
+    (synack,) = _tcp_frames(rig)
+    rig.guest.send(_guest_frame(rig, port, "A", GUEST_ISN + 1, synack.seq + 1))
+    rig.spin()
+    conn, _ = server.accept()
+    return conn, synack.seq + 1
+
+
+def test_syn_is_answered_in_the_iteration_that_reads_it(rig: LinkRig,
+                                                          server: socket.socket) -> None:
+    # A loopback connect completes inside connect(); the SYN-ACK must not wait for
+    # another loop iteration (behind other flows' work) before going to the guest.
+    rig.guest.send(_guest_frame(rig, server.getsockname()[1], "S", GUEST_ISN))
+    _one_iteration(rig.loop)
+    (synack,) = _tcp_frames(rig)
+    assert synack.flags == "SA" and synack.ack == GUEST_ISN + 1
+
+
+def test_host_data_reaches_the_guest_in_the_iteration_that_reads_it(
+        rig: LinkRig, server: socket.socket) -> None:
+    conn, _ = _connect(rig, server)
+    with conn:
+        conn.send(b"pong")  # loopback: readable at once on the runtime's socket
+        _one_iteration(rig.loop)
+        data = [bytes(seg.payload) for seg in _tcp_frames(rig) if bytes(seg.payload)]
+        assert data == [b"pong"]
