@@ -111,9 +111,9 @@ class Attachment:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
-        #: Host connects that finished inside connect() (loopback does), waiting for the
-        #: engine call that started them to return; see _answer_connected.
-        self._connected_now: list[tuple[Any, TcpHandle]] = []
+        #: Host-socket work the engine's current call asked for, run once it has
+        #: returned; see _after_engine_call.
+        self._after_call: list[tuple[Callable[[Any, TcpHandle], None], Any, TcpHandle]] = []
         self._faults = _faults_from_env()
         #: ``--outbound-addr[6]``: host sockets toward the outside bind here first.
         self.outbound = Outbound()
@@ -191,8 +191,8 @@ class Attachment:
                 self._release_held_frames_later("from_guest")
             else:
                 receive(memoryview(data), now)
-            if self._connected_now:
-                self._answer_connected(flush=False)
+            if self._after_call:
+                self._run_after_call(flush=False)
         self._flush_now(now)
 
     def _fatal(self, message: str) -> None:
@@ -214,8 +214,8 @@ class Attachment:
 
     def _input_done(self, now: float) -> None:
         """After a batch of guest frames: answer finished connects, then flush."""
-        if self._connected_now:
-            self._answer_connected(flush=False)
+        if self._after_call:
+            self._run_after_call(flush=False)
         self._flush_now(now)
 
     def _flush_now(self, now: float) -> None:
@@ -294,24 +294,36 @@ class Attachment:
             handle.fd = sock.fileno()
             if err == 0 or _connected(sock):
                 # Loopback connects finish inside connect(): skip the epoll round trip,
-                # and answer the SYN as soon as the engine's call returns (the TAP
-                # callback checks after each frame) rather than a loop iteration later,
-                # behind other flows' work: a client's connect() waits for that SYN-ACK.
-                if not self._connected_now:
-                    self.loop.call_soon(self._answer_connected)
-                self._connected_now.append((flow, handle))
+                # and answer the SYN as soon as the engine's call returns rather than
+                # a loop iteration later, behind other flows' work: the guest's
+                # connect() is waiting for that SYN-ACK.
+                self._after_engine_call(self._tcp_established, flow, handle)
                 return
             handle.connecting = True
             self.loop.add_writer(handle.fd, self._tcp_connect_done, flow, handle)
             return
         self.loop.call_soon(self._tcp_report_connect_failed, flow, handle, last_error)
 
-    def _answer_connected(self, flush: bool = True) -> None:
-        connected = self._connected_now
-        if connected:
-            self._connected_now = []
-            for flow, handle in connected:
-                self._tcp_established(flow, handle, flush)
+    def _after_engine_call(self, callback: Callable[[Any, TcpHandle], None], flow: Any,
+                           handle: TcpHandle) -> None:
+        """Run ``callback(flow, handle)`` once the engine call in progress has returned.
+
+        The engine is never re-entered from its own call. Guest input runs these after
+        each frame (the TAP callback) or batch; anything else gets them in the next loop
+        iteration.
+        """
+        if not self._after_call:
+            self.loop.call_soon(self._run_after_call)
+        self._after_call.append((callback, flow, handle))
+
+    def _run_after_call(self, flush: bool = True) -> None:
+        pending = self._after_call
+        if pending:
+            self._after_call = []
+            for callback, flow, handle in pending:
+                callback(flow, handle)
+            if flush:
+                self.schedule_flush()
 
     def _tcp_report_connect_failed(self, flow: Any, handle: TcpHandle, err: int) -> None:
         if handle.closed:
@@ -336,19 +348,30 @@ class Attachment:
                 self._tcp_report_connect_failed(flow, handle, err)
             return
         self._tcp_established(flow, handle)
+        self.schedule_flush()
 
-    def _tcp_established(self, flow: Any, handle: TcpHandle, flush: bool = True) -> None:
+    def _tcp_established(self, flow: Any, handle: TcpHandle) -> None:
         if handle.closed:
             return
         handle.reading = True
         self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
         flow.host_connected(self.loop.time())
-        if flush:
-            self.schedule_flush()
 
     def _tcp_readable(self, flow: Any, handle: TcpHandle) -> None:
-        sock = handle.sock
         now = self.loop.time()
+        self._tcp_read(flow, handle, now)
+        # Flush now, not at the end of the loop iteration: the guest is waiting for
+        # these bytes (a request/response exchange), and per-flow frames gain nothing
+        # from waiting for other callbacks.
+        if not self._closed:
+            self._flush_now(now)
+
+    def _tcp_read_now(self, flow: Any, handle: TcpHandle) -> None:
+        if handle.reading and not handle.closed:
+            self._tcp_read(flow, handle, self.loop.time())
+
+    def _tcp_read(self, flow: Any, handle: TcpHandle, now: float) -> None:
+        sock = handle.sock
         while not handle.closed and sock is not None:
             budget = flow.host_read_budget()
             if budget <= 0:
@@ -369,11 +392,6 @@ class Attachment:
             flow.host_data(data, now)
             if len(data) < min(budget, _HOST_READ_MAX):
                 break  # the socket is drained for now; don't pay an EAGAIN syscall
-        # Flush now, not at the end of the loop iteration: the guest is waiting for
-        # these bytes (a request/response exchange), and per-flow frames gain nothing
-        # from waiting for other callbacks.
-        if not self._closed:
-            self._flush_now(now)
 
     def _tcp_stop_reading(self, handle: TcpHandle) -> None:
         if handle.reading:
@@ -415,6 +433,11 @@ class Attachment:
         if handle.sock is not None and not handle.closed:
             with contextlib.suppress(OSError):
                 handle.sock.shutdown(socket.SHUT_WR)
+            # The guest closed its side. A request/response peer has usually closed
+            # too and its EOF is waiting unread: read it before the guest's FIN is
+            # acknowledged, so our FIN carries that ACK (one frame, not two, and no
+            # loop round trip). When nothing is there, it costs one recv().
+            self._after_engine_call(self._tcp_read_now, flow, handle)
 
     def tcp_pause_reading(self, flow: Any) -> None:
         self._tcp_stop_reading(flow.host_handle)

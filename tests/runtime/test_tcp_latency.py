@@ -94,3 +94,17 @@ def test_host_data_reaches_the_guest_in_the_iteration_that_reads_it(
         _one_iteration(rig.loop)
         data = [bytes(seg.payload) for seg in _tcp_frames(rig) if bytes(seg.payload)]
         assert data == [b"pong"]
+
+
+def test_guest_fin_after_the_host_closed_gets_one_fin_ack(rig: LinkRig,
+                                                          server: socket.socket) -> None:
+    # Request/response peers close right after the response: when the guest's FIN
+    # arrives the host's EOF is usually waiting unread. The guest's FIN is then
+    # answered by our FIN carrying its ACK (one frame), not an ACK and a FIN.
+    conn, rcv_nxt = _connect(rig, server)
+    port = server.getsockname()[1]
+    rig.guest.send(_guest_frame(rig, port, "FA", GUEST_ISN + 1, rcv_nxt))
+    conn.close()  # after the guest's FIN, so the TAP is the first ready fd
+    _one_iteration(rig.loop)
+    frames = [(str(seg.flags), seg.ack) for seg in _tcp_frames(rig)]
+    assert frames == [("FA", GUEST_ISN + 2)]
