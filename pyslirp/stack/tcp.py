@@ -1408,7 +1408,7 @@ class TcpEngine:
             self.half_open -= 1
         flow.state = CLOSED
         flow.rto_at = flow.ka_at = None
-        Timers.cancel(flow)
+        self.timers.cancel(flow)
         flow.sq.clear()
         flow.backlog.clear()
         flow.ooo.clear()

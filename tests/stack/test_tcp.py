@@ -594,6 +594,23 @@ def test_guest_half_close_then_host_finishes() -> None:
     assert h.host.closed[flow] is False and len(h.engine) == 0
 
 
+def test_closed_connections_do_not_pile_up_in_the_timer_heap() -> None:
+    # Each connection leaves a keepalive deadline 10 minutes out; under churn the
+    # shared heap (which holds the flow objects) must stay small all the same.
+    h = Harness()
+    for i in range(3000):
+        flow, ours = h.connect(sport=20000 + i)
+        h.send(A | F, ack=ours)
+        flow.host_eof(h.clock.now)
+        h.engine.flush(h.clock.now)
+        h.gseq += 1
+        h.send(A, ack=ours + 1)
+        h.out()
+        h.host.calls.clear()
+    assert len(h.engine) == 0
+    assert len(h.timers) < 1000
+
+
 def test_host_half_close_then_guest_keeps_sending() -> None:
     h = Harness(cfg=TcpConfig(time_wait=2.0))
     flow, ours = h.connect()
