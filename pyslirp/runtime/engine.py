@@ -10,10 +10,12 @@ readiness back into calls on the engines.
 
 Batching is what makes Python fast enough here (shared/PERF-FACTS.md):
 
-* a readable TAP is drained (up to ``_TAP_BATCH`` frames) in one callback;
-* after any work the attachment schedules one *flush* with ``call_soon``, so
-  every callback of a loop iteration is followed by a single
-  ``Stack.flush`` (coalesced ACKs) and a single re-arm of the timer;
+* a readable TAP is drained (up to ``_TAP_BATCH`` frames) in one callback,
+  which ends with one ``Stack.flush`` (coalesced ACKs) and timer re-arm;
+* a readable host socket is read and flushed in its own callback: the guest
+  is waiting for those bytes, so they do not wait for the loop's next turn;
+* other work (UDP, DNS, error reports) schedules one *flush* with
+  ``call_soon``, so it coalesces over the callbacks of one loop iteration;
 * frames to the guest go out with one ``os.writev`` each, header and payload
   as separate buffers, so a 64 KB payload is never copied.
 
@@ -29,6 +31,12 @@ Bulk traffic keeps the loop busy anyway, and an idle stack does not poll.
 Errors on host sockets never escape into the loop: they are reported to the
 engine that owns the socket (as a real socket would), after the current call
 returns (``call_soon``), so an engine is never re-entered from its own call.
+Work that the engine's call asks for but that must wait for it to return (a
+loopback connect that finished inside ``connect()``; reading the host socket
+when the guest half-closes) is queued and run right after that call, within
+the same callback (``_after_engine_call``): a guest's ``connect()`` waits for
+that SYN-ACK, and a host EOF read then lets our FIN carry the ACK of the
+guest's FIN.
 Frames to the TAP that the kernel does not take (queue full) are dropped and
 counted, like a NIC would; TCP retransmits.
 
