@@ -663,6 +663,8 @@ class Attachment:
         # Answers went to the guest already and no TCP flow was touched: no
         # Stack.flush is needed, only the timer (a failover sets a deadline).
         self._arm_timer()
+        if self._busy_poll:
+            self._keep_polling(now)  # the guest's next query follows the answer
 
     def _dns_read_errors(self, upstream: tuple[str, int], sock: socket.socket,
                          now: float) -> None:
