@@ -73,7 +73,14 @@ from dataclasses import dataclass, field
 from typing import Literal, TextIO
 
 from pyslirp import __version__
-from pyslirp.stack.config import DEFAULT_CIDR, DEFAULT_MTU, ConfigError, NetConfig, parse_cidr
+from pyslirp.stack.config import (
+    DEFAULT_BUSY_POLL,
+    DEFAULT_CIDR,
+    DEFAULT_MTU,
+    ConfigError,
+    NetConfig,
+    parse_cidr,
+)
 from pyslirp.wire.ethernet import mac_from_str
 
 PROG = "pyslirp"
@@ -81,9 +88,7 @@ DEFAULT_TAPNAME = "tap0"
 DEFAULT_NETNS_TYPE = "pid"
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_DNS_PORT = 53
-#: --busy-poll: long enough to catch a loopback peer's answer on this kind of VM
-#: (bench/README.md, "Latency"), short enough to cost little CPU when idle.
-DEFAULT_BUSY_POLL_US = 50
+DEFAULT_BUSY_POLL_US = round(DEFAULT_BUSY_POLL * 1e6)
 MAX_BUSY_POLL_US = 1_000_000
 #: slirp4netns's hard ceiling ("MTU must be a positive integer (< 65522)").
 SLIRP_MAX_MTU = 65521
