@@ -696,17 +696,15 @@ def run_benchmark(cfg: RunConfig) -> Results:
         if _find(name) is None:
             res.note(name, f"skipped: {name} is not installed")
             stacks.remove(name)
-    total = sum((1 + len(plan(cfg, mtu))) * len(stacks) * cfg.rounds
-                for mtu in cfg.mtus if plan(cfg, mtu))
+    # --only may leave nothing to run at an MTU: such MTUs are skipped.
+    plans = {mtu: steps for mtu in cfg.mtus if (steps := plan(cfg, mtu))}
+    total = sum((1 + len(steps)) * len(stacks) * cfg.rounds for steps in plans.values())
     prog = Progress(total)
     for name in cfg.stacks:
         for n in res.notes.get(name, []):
             prog.note(f"{name}: {n}")
     dead: set[str] = set()
-    for mtu in cfg.mtus:
-        steps = plan(cfg, mtu)
-        if not steps:
-            continue   # --only left nothing to run at this MTU
+    for mtu, steps in plans.items():
         for rnd in range(cfg.rounds):
             order = stacks[rnd % len(stacks):] + stacks[:rnd % len(stacks)] if stacks else []
             for name in order:
