@@ -14,8 +14,9 @@ Batching is what makes Python fast enough here (shared/PERF-FACTS.md):
   which ends with one ``Stack.flush`` (coalesced ACKs) and timer re-arm;
 * a readable host socket is read and flushed in its own callback: the guest
   is waiting for those bytes, so they do not wait for the loop's next turn;
-* other work (UDP, DNS, error reports) schedules one *flush* with
-  ``call_soon``, so it coalesces over the callbacks of one loop iteration;
+* other work (UDP, error reports) schedules one *flush* with ``call_soon``,
+  so it coalesces over the callbacks of one loop iteration (DNS answers need
+  no flush: they go to the guest as they are read);
 * frames to the guest go out with one ``os.writev`` each, header and payload
   as separate buffers, so a 64 KB payload is never copied.
 
