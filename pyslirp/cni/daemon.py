@@ -43,8 +43,9 @@ podman reserves the published host ports itself right after ADD (for the
 portmap plugin's iptables DNAT; conmon then holds them): for such a caller the
 engine only checks the ports are free at ADD, then takes over podman's
 reservation sockets as they appear (:mod:`pyslirp.runtime.adopt`, only ever
-from the plugin's caller and its descendants) and serves them; DEL closes our
-duplicates. A port already held by the caller at ADD is taken over the same way.
+from the plugin's caller, its descendants and the container's conmon) and serves
+them; DEL closes our duplicates. A port already held by the caller at ADD is
+taken over the same way.
 
 Blocking work (forking into a namespace to open a TAP or inspect it, closing
 a TAP, which waits for the kernel to unregister it) runs in worker threads,
@@ -318,7 +319,7 @@ class Engine:
                         netns=netns, state_path=path, tap_fd=tap.fd, attachment=attachment,
                         explicit_dns=bool(s["dnsUpstreams"]), explicit_search=bool(s["search"]))
         try:
-            served.forwarder, pending = self._forward_ports(attachment, s, req.get("caller"))
+            served.forwarder, pending = self._forward_ports(attachment, s, req.get("caller"), cid)
             if pending:
                 served.adopting = self.loop.create_task(self._adopt_later(served, pending))
             mac_text = ":".join(f"{b:02x}" for b in tap.mac)
@@ -347,7 +348,7 @@ class Engine:
         return result
 
     def _forward_ports(self, attachment: Any, s: dict[str, Any],
-                       caller: Any) -> tuple[Any, list[_Pending]]:
+                       caller: Any, container_id: str) -> tuple[Any, list[_Pending]]:
         """Open the host ports of ``runtimeConfig.portMappings`` (as the portmap plugin's).
 
         Returns the forwarder and the ports left for :meth:`_adopt_later`: a
@@ -364,8 +365,8 @@ class Engine:
         forwarder = forwarder_class(attachment)
         # Only a caller known to reserve ports is searched: any other caller (cnitool,
         # containerd, a test) listening on the port does so for itself, and keeps it.
-        tree = adopt.CallerTree(caller) if isinstance(caller, int) and caller > 1 and \
-            adopt.caller_reserves_ports(caller) else None
+        reserves = isinstance(caller, int) and caller > 1 and adopt.caller_reserves_ports(caller)
+        tree = adopt.CallerTree(caller, container_id=container_id) if reserves else None
         defer = tree is not None
         pending: list[_Pending] = []
         for m in mappings:

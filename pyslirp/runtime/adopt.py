@@ -30,14 +30,18 @@ Whose sockets we take (security): only those of the process that ran the
 plugin (the runtime: the plugin passes its parent PID along) and of that
 process's descendants, as :class:`CallerTree` tracks them by PID *and* start
 time, so a recycled PID is never trusted; a process that was seen as a
-descendant stays eligible after it was re-parented (conmon daemonizes away
-from podman right after it starts). A socket of any other process is never
-touched: the forward then fails with the usual "address already in use".
+descendant stays eligible after it was re-parented. One more process counts:
+the container's own monitor. podman hands the reservation to conmon, and
+conmon daemonizes at once (a double fork: the middle process exits within
+milliseconds and the monitor is re-parented to init). On a busy machine a
+poll of /proc easily misses both podman's copy and the middle process, and
+the monitor is then nobody's descendant; so a ``conmon`` whose argv names
+the very container being added (``-c CONTAINERID``, which podman passes and
+the runtime gave us as ``CNI_CONTAINERID``) and that runs as the caller's
+user is a member too. A socket of any other process is never touched: the
+forward then fails with the usual "address already in use".
 
-Not done: IPv6 (the port forwarder is IPv4 only), SCTP; reservations made by a
-runtime process that is not a descendant of the plugin's caller (podman's
-``--userns`` containers, whose conmon reserves the ports before the network is
-set up by a later step, keep the clean error).
+Not done: IPv6 (the port forwarder is IPv4 only), SCTP.
 """
 
 from __future__ import annotations
@@ -77,9 +81,9 @@ def pidfd_getfd(pid: int, fd: int) -> int:
         os.close(pidfd)
 
 
-def _parents() -> dict[int, tuple[int, int]]:
-    """Every live process: pid -> (ppid, start time)."""
-    out: dict[int, tuple[int, int]] = {}
+def _parents() -> dict[int, tuple[int, int, str]]:
+    """Every live process: pid -> (ppid, start time, command name)."""
+    out: dict[int, tuple[int, int, str]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -88,27 +92,56 @@ def _parents() -> dict[int, tuple[int, int]]:
                 data = f.read()
         except OSError:
             continue
-        fields = data[data.rfind(b")") + 2:].split()
+        close = data.rfind(b")")
+        fields = data[close + 2:].split()
         if len(fields) > 19 and fields[0] != b"Z":
-            out[int(name)] = (int(fields[1]), int(fields[19]))
+            comm = data[data.find(b"(") + 1:close].decode(errors="replace")
+            out[int(name)] = (int(fields[1]), int(fields[19]), comm)
     return out
+
+
+def _euid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[2]) for line in f if line.startswith("Uid:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def is_container_monitor(pid: int, container_id: str, euid: int | None) -> bool:
+    """Whether ``pid`` is the conmon of ``container_id``, running with effective uid ``euid``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    if not argv or os.path.basename(argv[0]) != b"conmon" or euid is None:
+        return False
+    cid = container_id.encode()
+    named = any(arg in (b"-c", b"--cid") and value == cid
+                for arg, value in zip(argv, argv[1:], strict=False))
+    return (named or b"--cid=" + cid in argv) and _euid(pid) == euid
 
 
 class CallerTree:
     """The plugin's caller and its descendants, remembered by (PID, start time)."""
 
-    def __init__(self, pid: int, start: int | None = None) -> None:
+    def __init__(self, pid: int, start: int | None = None,
+                 container_id: str | None = None) -> None:
         self.pid = pid
         start = start if start is not None else process_start_time(pid)
         #: pid -> start time of every process ever seen in the tree.
         self.known: dict[int, int] = {pid: start} if start is not None else {}
+        #: The container being added: its conmon belongs to the tree (module docstring).
+        self.container_id = container_id
+        self.euid = _euid(pid)
 
     def members(self) -> list[int]:
         """The live processes that belong (or belonged) to the tree, caller first."""
         procs = _parents()
         if self.pid in self.known and procs.get(self.pid, (0, -1))[1] == self.known[self.pid]:
             children: dict[int, list[int]] = {}
-            for pid, (ppid, _start) in procs.items():
+            for pid, (ppid, _start, _comm) in procs.items():
                 children.setdefault(ppid, []).append(pid)
             todo = [self.pid]
             while todo:
@@ -116,6 +149,11 @@ class CallerTree:
                     if child not in self.known or self.known[child] != procs[child][1]:
                         self.known[child] = procs[child][1]
                     todo.append(child)
+        if self.container_id is not None:
+            for pid, (_ppid, start, comm) in procs.items():
+                if comm == "conmon" and self.known.get(pid) != start and \
+                        is_container_monitor(pid, self.container_id, self.euid):
+                    self.known[pid] = start
         live = [pid for pid, start in self.known.items()
                 if pid in procs and procs[pid][1] == start]
         for pid in [p for p in self.known if p not in live]:
@@ -250,8 +288,7 @@ def caller_reserves_ports(pid: int) -> bool:
         exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
         with open(f"/proc/{pid}/uid_map") as f:
             uid_map = f.read().split()
-        with open(f"/proc/{pid}/status") as f:
-            euid = next(int(line.split()[2]) for line in f if line.startswith("Uid:"))
-    except (OSError, StopIteration, ValueError, IndexError):
+    except OSError:
         return False
+    euid = _euid(pid)
     return exe == "podman" and euid == 0 and uid_map == ["0", "0", "4294967295"]

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.e2e
 def podman(dns_server: DnsServer) -> Iterator[Any]:
     require_podman()
     work = tempfile.mkdtemp(prefix="pyslirp-pod-", dir="/tmp")
+    os.chmod(work, 0o755)  # a --uidmap container's root (uid 200000) must reach its rootfs
     rootfs = str(busybox_rootfs(Path(work) / "rootfs",
                                 ("sh", "wget", "nslookup", "ip", "cat", "grep", "httpd")))
     bindir, netdir, rundir = (os.path.join(work, d) for d in ("bin", "net", "run"))
@@ -106,9 +107,12 @@ def _http_get(port: int) -> bytes | None:
         return None
 
 
-@pytest.mark.parametrize("reservation", [True, False], ids=["reserved", "unreserved"])
-def test_podman_publish_reaches_a_server_in_the_container(podman: Any,
-                                                          reservation: bool) -> None:
+@pytest.mark.parametrize(("reservation", "userns"),
+                         [(True, ()), (False, ()),
+                          (True, ("--uidmap", "0:200000:65536", "--gidmap", "0:200000:65536"))],
+                         ids=["reserved", "unreserved", "reserved-uidmap"])
+def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservation: bool,
+                                                          userns: tuple[str, ...]) -> None:
     """``podman run -p 127.0.0.1:PORT:80``: a host client reaches busybox httpd in the
     container. Rootful podman reserves the published port itself right after ADD (its
     process binds and listens, conmon keeps the socket); the engine takes that very
@@ -124,9 +128,11 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any,
     os.makedirs(www)
     with open(os.path.join(www, "index.html"), "w") as f:
         f.write("published through slirp\n")
+    if userns:  # the container's root is uid 200000 outside: let it own its root file system
+        subprocess.run(["chown", "-R", "200000:200000", podman.rootfs], check=True)
     with ThreadPoolExecutor(1) as pool:
         # The container serves until the test creates /www/stop in its root file system.
-        running = pool.submit(podman, "-p", f"127.0.0.1:{port}:80",
+        running = pool.submit(podman, *userns, "-p", f"127.0.0.1:{port}:80",
                               "httpd -p 80 -h /www && "
                               "while [ ! -e /www/stop ]; do busybox sleep 0.1; done")
         try:

@@ -10,6 +10,7 @@ touched. Only loopback is used.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,8 +39,9 @@ sys.stdin.read()  # hold the socket until the test closes our stdin
 class Holder:
     """A child process holding a socket on a loopback port until closed."""
 
-    def __init__(self, proto: str = "tcp", listen: bool = True, detach: bool = False) -> None:
-        argv = [sys.executable, "-c", HOLDER, proto, "1" if listen else "0"]
+    def __init__(self, proto: str = "tcp", listen: bool = True, detach: bool = False,
+                 python: str = sys.executable, extra: tuple[str, ...] = ()) -> None:
+        argv = [python, "-c", HOLDER, proto, "1" if listen else "0", *extra]
         if detach:
             # Outside our process tree: a double fork, so its parent is not us.
             argv = ["setsid", "-f", *argv]
@@ -162,6 +164,38 @@ def test_a_descendant_stays_eligible_after_its_parent_exits(holders: Any) -> Non
     tree.pid = -1  # as if the caller had exited
     assert h.proc.pid in tree.members()
     assert adopt.find_holder("tcp", "127.0.0.1", h.port, tree) is not None
+
+
+CID = "639dccf12c4919f6289ca7cde8507e3e398e333b6ff60039a35a1f0c54438965"
+
+
+def test_the_containers_conmon_counts_though_never_seen_as_a_descendant(
+        holders: Any, tmp_path: Any) -> None:
+    # podman hands its reservation to conmon, which double-forks at once: the monitor is
+    # re-parented to init within milliseconds, and a poll that missed podman's copy and
+    # the middle process (a busy machine) never sees it as a descendant. The holder here
+    # is such a monitor: a program named conmon, detached from us, with -c CONTAINERID.
+    conmon = tmp_path / "conmon"
+    shutil.copy(os.path.realpath(sys.executable), conmon)
+    h = holders("tcp", detach=True, python=str(conmon), extra=("-c", CID))
+    assert adopt.find_holder("tcp", "127.0.0.1", h.port, adopt.CallerTree(os.getpid())) is None
+    other = adopt.CallerTree(os.getpid(), container_id=CID.replace("6", "7"))
+    assert adopt.adopt("tcp", "127.0.0.1", h.port, other) is None  # another container's
+    sock = adopt.adopt("tcp", "127.0.0.1", h.port,
+                       adopt.CallerTree(os.getpid(), container_id=CID))
+    assert sock is not None
+    with sock, socket.create_connection(("127.0.0.1", h.port), timeout=5) as client:
+        conn, _ = sock.accept()
+        with conn:
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+
+
+def test_a_stranger_naming_the_container_is_not_its_monitor(holders: Any) -> None:
+    # Only a program called conmon counts; any other process with the same argv is a stranger.
+    h = holders("tcp", detach=True, extra=("-c", CID))
+    tree = adopt.CallerTree(os.getpid(), container_id=CID)
+    assert adopt.adopt("tcp", "127.0.0.1", h.port, tree, probe_unlisted=True) is None
 
 
 def test_only_a_rootful_podman_counts_as_reserving_ports() -> None:
