@@ -72,6 +72,25 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+def unix_listening(pid: int, path: object) -> bool:
+    """Whether a Unix socket listens at ``path`` in the network namespace of ``pid``.
+
+    The socket file appears at bind(), and connect() is refused until the
+    listen() that follows: a busy machine can run a client in between.
+    """
+    try:
+        with open(f"/proc/{pid}/net/unix") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                # Flags has __SO_ACCEPTCON (0x10000) once the socket listens.
+                if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

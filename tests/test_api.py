@@ -616,7 +616,7 @@ def ask_unix(path: Path, data: bytes) -> bytes:
 @pytest.fixture
 def real_slirp4netns(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     """slirp4netns 1.2.0 with an API socket, in a host and a guest namespace of our own."""
-    from tests.nsutil import NetNS, skip_unless_capable, wait_for
+    from tests.nsutil import NetNS, skip_unless_capable, unix_listening, wait_for
 
     skip_unless_capable()
     binary = shutil.which("slirp4netns")
@@ -631,7 +631,10 @@ def real_slirp4netns(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[by
         with open(tmp_path / "s4n.log", "wb") as log:
             proc = host.popen([binary, "-c", "--api-socket", str(path), str(holder.pid),
                                "tap0"], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-            wait_for(path.exists, what="slirp4netns's API socket")
+            # Not path.exists(): the file is there from bind(), before slirp4netns listens.
+            wait_for(lambda: unix_listening(proc.pid, path) or proc.poll() is not None,
+                     what="slirp4netns's API socket")
+            assert proc.poll() is None, (tmp_path / "s4n.log").read_text()
             yield path, proc
             assert proc.poll() is None, "slirp4netns died"
 
@@ -678,15 +681,21 @@ def test_mutated_requests_get_slirp4netns_s_replies(
         real_slirp4netns: tuple[Path, subprocess.Popen[bytes]]) -> None:
     """Differential fuzzing of the parser: 3000 seeded mutations of harmless requests
     (23000 agreed when this was written)."""
-    path, _proc = real_slirp4netns
+    path, proc = real_slirp4netns
     rng = random.Random(20261122)
     ours = handler()
     mismatches = []
+    previous = None
     for _ in range(3000):
         request = _mutate(rng, rng.choice(_FUZZ_TEMPLATES))
         if b"add_hostfwd" in request:  # could crash slirp4netns (NULL proto)
             continue
-        theirs = ask_unix(path, request)
+        try:
+            theirs = ask_unix(path, request)
+        except ConnectionRefusedError:
+            assert proc.poll() is None, f"slirp4netns died after the request {previous!r}"
+            raise
+        previous = request
         if theirs != ours.reply_for(request, final=True):
             mismatches.append((request, theirs))
     assert mismatches == []

@@ -24,6 +24,7 @@ import pytest
 
 from pyslirp.kubevirt.domain import QEMU_NS
 from tests.kubevirt.test_domain import qemu_args, validate
+from tests.nsutil import unix_listening
 
 grpc = pytest.importorskip("grpc")
 
@@ -84,7 +85,8 @@ def sidecar(tmp_path: Path) -> Iterator[Sidecar]:
     side = Sidecar(hooks, proc, log)
     try:
         deadline = time.monotonic() + 30
-        while not side.socket.exists():
+        # Listening, not only bound: the file is there from bind(), before listen().
+        while not unix_listening(proc.pid, side.socket):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the sidecar did not listen: " + log.read_text()
             time.sleep(0.05)
