@@ -399,14 +399,21 @@ class Engine:
         """Take over the host ports the runtime reserves after ADD; serve the rest ourselves.
 
         podman binds them a few milliseconds after ADD returned and keeps them
-        open (podman, then its conmon) for the container's life. If none shows
-        up within :data:`ADOPT_WAIT` (``enable_port_reservation = false``), the
-        engine binds the ports itself, as for any other runtime.
+        open (podman, then its conmon) for the container's life. podman binds
+        them *before* it starts the container's conmon, which inherits them: once
+        that conmon is seen holding none of a port (``enable_port_reservation =
+        false``), no reservation of it is coming, and the engine binds the port
+        itself at once, as for any other runtime. If no conmon shows up either,
+        it does so after :data:`ADOPT_WAIT`.
         """
         deadline = self.loop.time() + ADOPT_WAIT
         fast_until = self.loop.time() + 1.0
+        tree = pending[0].tree
+        assert tree is not None
         while pending and self.loop.time() < deadline:
             await asyncio.sleep(ADOPT_POLL if self.loop.time() < fast_until else ADOPT_POLL * 5)
+            # Decided only by a pass that began with conmon known: each port looked for in it.
+            last_pass = tree.monitor_seen
             for p in list(pending):
                 assert p.tree is not None
                 try:
@@ -422,11 +429,14 @@ class Engine:
                     sock.close()
                     return
                 self._serve_pending(served, p, sock)
+            if last_pass:
+                break
         for p in pending:
             if served.forwarder is None:
                 return
-            log.info("%s: no reservation of %s port %s:%d appeared; binding it", served.key,
-                     p.proto, p.host_ip, p.host_port)
+            log.info("%s: no reservation of %s port %s:%d %s; binding it", served.key,
+                     p.proto, p.host_ip, p.host_port,
+                     "held by the container's conmon" if tree.monitor_seen else "appeared")
             self._serve_pending(served, p, None)
 
     def _serve_pending(self, served: Served, p: _Pending, sock: Any) -> None:

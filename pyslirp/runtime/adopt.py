@@ -135,6 +135,15 @@ class CallerTree:
         #: The container being added: its conmon belongs to the tree (module docstring).
         self.container_id = container_id
         self.euid = _euid(pid)
+        #: (pid, start time) of every conmon of the container seen so far.
+        self.monitors: set[tuple[int, int]] = set()
+
+    @property
+    def monitor_seen(self) -> bool:
+        """Whether the container's conmon has been seen: podman binds the reservations
+        before it starts conmon (they are conmon's inherited descriptors), so from then
+        on a reservation that is not there is not coming."""
+        return bool(self.monitors)
 
     def members(self) -> list[int]:
         """The live processes that belong (or belonged) to the tree, caller first."""
@@ -151,8 +160,9 @@ class CallerTree:
                     todo.append(child)
         if self.container_id is not None:
             for pid, (_ppid, start, comm) in procs.items():
-                if comm == "conmon" and self.known.get(pid) != start and \
+                if comm == "conmon" and (pid, start) not in self.monitors and \
                         is_container_monitor(pid, self.container_id, self.euid):
+                    self.monitors.add((pid, start))
                     self.known[pid] = start
         live = [pid for pid, start in self.known.items()
                 if pid in procs and procs[pid][1] == start]

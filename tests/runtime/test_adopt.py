@@ -181,9 +181,13 @@ def test_the_containers_conmon_counts_though_never_seen_as_a_descendant(
     assert adopt.find_holder("tcp", "127.0.0.1", h.port, adopt.CallerTree(os.getpid())) is None
     other = adopt.CallerTree(os.getpid(), container_id=CID.replace("6", "7"))
     assert adopt.adopt("tcp", "127.0.0.1", h.port, other) is None  # another container's
-    sock = adopt.adopt("tcp", "127.0.0.1", h.port,
-                       adopt.CallerTree(os.getpid(), container_id=CID))
+    assert not other.monitor_seen
+    tree = adopt.CallerTree(os.getpid(), container_id=CID)
+    sock = adopt.adopt("tcp", "127.0.0.1", h.port, tree)
     assert sock is not None
+    # The reservations are conmon's inherited descriptors: a port it does not hold now
+    # is not reserved (enable_port_reservation = false) and the engine may bind it.
+    assert tree.monitor_seen
     with sock, socket.create_connection(("127.0.0.1", h.port), timeout=5) as client:
         conn, _ = sock.accept()
         with conn:
