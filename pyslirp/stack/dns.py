@@ -506,6 +506,10 @@ class DnsForwarder:
                 data = _U16.pack(query_id) + bytes(data[2:])
                 query_id = None
             data = dns.build_truncated(data)
+            if len(data) > self._max_payload:
+                # Even header and question do not fit (a tiny MTU): nothing can be sent.
+                link.count("drop.tx.over_mtu")
+                return
         mac = link.guest_mac
         if mac is None:
             link.count("drop.tx.no_guest_mac")
