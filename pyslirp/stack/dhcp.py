@@ -42,7 +42,12 @@ time (51), T1 (58) = 1/2 and T2 (59) = 7/8 of the lease (RFC 2131 4.4.5),
 server identifier (54). They are all sent whether or not the client asked
 (RFC 2131 4.3.1 allows it; both busybox udhcpc and ISC dhclient accept them),
 except that the domain search list is left out when the reply would exceed
-the client's maximum message size (option 57, default 576).
+the client's maximum message size (option 57, default 576) or the link's MTU.
+The client identifier (option 61) is echoed (RFC 6842) when it fits one
+option (255 bytes); a longer one, which only a long option (RFC 3396) can
+carry, is not echoed (``dhcp.client_id_not_echoed``), so that no client can
+make a reply of the size it likes. A reply too big for the link anyway (an
+MTU below what DHCP needs) is dropped by the link (``drop.tx.over_mtu``).
 
 Replies are addressed as RFC 2131 4.1 says: to ``giaddr`` (port 67) for a
 relayed message; to ``ciaddr`` when the client has one (RENEWING, INFORM);
@@ -66,7 +71,8 @@ from pyslirp.stack.link import Link
 from pyslirp.wire import dhcp
 from pyslirp.wire.errors import MalformedPacket
 from pyslirp.wire.ethernet import BROADCAST as BROADCAST_MAC
-from pyslirp.wire.ipv4 import Ipv4Packet
+from pyslirp.wire.ipv4 import MIN_HEADER_LEN, Ipv4Packet
+from pyslirp.wire.udp import HEADER_LEN as UDP_HEADER_LEN
 from pyslirp.wire.udp import PROTO as UDP_PROTO
 from pyslirp.wire.udp import UdpDatagram
 from pyslirp.wire.udp import build as build_udp
@@ -80,6 +86,7 @@ _ZERO = bytes(4)
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
+_IP_UDP_LEN = MIN_HEADER_LEN + UDP_HEADER_LEN
 
 
 class Lease:
@@ -339,14 +346,12 @@ class DhcpServer:
         options += self._static_options
         if lease:
             options += self._lease_options
-        client_id = msg.client_id
-        if client_id is not None:
-            # RFC 6842: echo the client identifier (clients may match replies on it).
-            options.append((dhcp.OPT_CLIENT_ID, client_id))
+        options += self._echoed_client_id(msg)
         payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, options + self._search_option,
                              flags=msg.flags, ciaddr=msg.ciaddr, yiaddr=yiaddr,
                              giaddr=msg.giaddr)
-        if self._search_option and len(payload) > msg.max_message_size:
+        limit = min(msg.max_message_size, self.link.mtu - _IP_UDP_LEN)
+        if self._search_option and len(payload) > limit:
             self.link.count("dhcp.search_list_omitted")
             payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, options,
                                  flags=msg.flags, ciaddr=msg.ciaddr, yiaddr=yiaddr,
@@ -359,11 +364,22 @@ class DhcpServer:
             (dhcp.OPT_SERVER_ID, self.server_id),
             (dhcp.OPT_MESSAGE, b"requested address not available"),
         ]
-        if msg.client_id is not None:
-            options.append((dhcp.OPT_CLIENT_ID, msg.client_id))
+        options += self._echoed_client_id(msg)
         payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, options, flags=msg.flags,
                              giaddr=msg.giaddr)
         self._send(src_mac, msg, payload, _ZERO, nak=True)
+
+    def _echoed_client_id(self, msg: dhcp.DhcpMessage) -> list[tuple[int, bytes]]:
+        """Option 61 to echo (RFC 6842: clients may match replies on it), if any."""
+        client_id = msg.client_id
+        if client_id is None:
+            return []
+        if len(client_id) > dhcp.MAX_OPTION_LEN:
+            # Only possible as a long option (RFC 3396) that no real client sends; echoed,
+            # it would let the client size our reply (up to a frame past the MTU).
+            self.link.count("dhcp.client_id_not_echoed")
+            return []
+        return [(dhcp.OPT_CLIENT_ID, client_id)]
 
     def _send(self, src_mac: bytes, msg: dhcp.DhcpMessage, payload: bytearray, yiaddr: bytes,
               nak: bool) -> None:

@@ -50,6 +50,8 @@ MIN_MESSAGE_LEN = 300
 DEFAULT_MAX_MESSAGE_LEN = 576 - 20 - 8
 
 FLAG_BROADCAST = 0x8000
+#: An option's value in one instance (its length is one byte); longer is RFC 3396's.
+MAX_OPTION_LEN = 255
 
 # Message types (option 53), RFC 2132 9.6
 DISCOVER = 1
@@ -90,7 +92,9 @@ _SNAME_OFFSET = 44
 _FILE_OFFSET = 108
 
 
-def _parse_options(buf: memoryview, start: int, end: int, into: dict[int, bytes]) -> None:
+def _parse_options(buf: memoryview, start: int, end: int, into: dict[int, list[bytes]]) -> None:
+    """Append each option's value to ``into[code]`` (joined later: RFC 3396 concatenation
+    by ``+`` would copy a long option's bytes once per instance, quadratic in its size)."""
     i = start
     while i < end:
         code = buf[i]
@@ -105,8 +109,11 @@ def _parse_options(buf: memoryview, start: int, end: int, into: dict[int, bytes]
         if i + 2 + length > end:
             raise MalformedPacket(f"dhcp: truncated option {code} ({length} bytes)")
         value = bytes(buf[i + 2:i + 2 + length])
-        prev = into.get(code)
-        into[code] = value if prev is None else prev + value
+        parts = into.get(code)
+        if parts is None:
+            into[code] = [value]
+        else:
+            parts.append(value)
         i += 2 + length
 
 
@@ -132,16 +139,20 @@ class DhcpMessage:
         if self.hlen > 16:
             raise MalformedPacket(f"dhcp: hardware address length {self.hlen} > 16")
         self.chaddr: bytes = chaddr[: self.hlen]
-        self.options: dict[int, bytes] = {}
-        _parse_options(buf, OPTIONS_OFFSET, len(buf), self.options)
-        overload = self.options.get(OPT_OVERLOAD)
-        if overload is not None:
+        parts: dict[int, list[bytes]] = {}
+        _parse_options(buf, OPTIONS_OFFSET, len(buf), parts)
+        overload_parts = parts.get(OPT_OVERLOAD)
+        if overload_parts is not None:
+            overload = b"".join(overload_parts)
             if len(overload) != 1 or overload[0] not in (1, 2, 3):
                 raise MalformedPacket(f"dhcp: bad overload option {overload!r}")
             if overload[0] & 1:
-                _parse_options(buf, _FILE_OFFSET, _FILE_OFFSET + 128, self.options)
+                _parse_options(buf, _FILE_OFFSET, _FILE_OFFSET + 128, parts)
             if overload[0] & 2:
-                _parse_options(buf, _SNAME_OFFSET, _SNAME_OFFSET + 64, self.options)
+                _parse_options(buf, _SNAME_OFFSET, _SNAME_OFFSET + 64, parts)
+        self.options: dict[int, bytes] = {
+            code: values[0] if len(values) == 1 else b"".join(values)
+            for code, values in parts.items()}
 
     @property
     def msg_type(self) -> int | None:
