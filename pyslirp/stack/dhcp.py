@@ -37,11 +37,13 @@ and no lease (RFC 2131 4.3.5).
 
 Options sent with OFFER/ACK: subnet mask (1), router (3), DNS (6, omitted
 with ``config.disable_dns``), domain name (15) and domain search (119) from
-``config.search_domains``, interface MTU (26), broadcast address (28), lease
-time (51), T1 (58) = 1/2 and T2 (59) = 7/8 of the lease (RFC 2131 4.4.5),
-server identifier (54). They are all sent whether or not the client asked
-(RFC 2131 4.3.1 allows it; both busybox udhcpc and ISC dhclient accept them),
-except that the domain search list is left out when the reply would exceed
+``config.search_domains`` (a name that cannot be served is left out with a
+warning, see :func:`~pyslirp.stack.config.valid_search_domains`), interface
+MTU (26), broadcast address (28), lease time (51), T1 (58) = 1/2 and T2 (59)
+= 7/8 of the lease (RFC 2131 4.4.5), server identifier (54). They are all
+sent whether or not the client asked (RFC 2131 4.3.1 allows it; both busybox
+udhcpc and ISC dhclient accept them), except that the domain search list is
+left out when the reply would exceed
 the client's maximum message size (option 57, default 576) or the link's MTU.
 The client identifier (option 61) is echoed (RFC 6842) when it fits one
 option (255 bytes); a longer one, which only a long option (RFC 3396) can
@@ -66,7 +68,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from pyslirp.stack.config import NetConfig
+from pyslirp.stack.config import NetConfig, valid_search_domains
 from pyslirp.stack.link import Link
 from pyslirp.wire import dhcp
 from pyslirp.wire.errors import MalformedPacket
@@ -144,11 +146,14 @@ class DhcpServer:
         key = (tuple(cfg.search_domains), cfg.disable_dns, cfg.mtu, cfg.dhcp_lease_seconds)
         if key == self._options_key:
             return
+        # Already validated where the list was set; again here, so that a bad name that
+        # slipped through costs that name only (it used to cost every option but 53).
+        domains = valid_search_domains(cfg.search_domains)
+        self._static_options = self._build_static_options(domains)
+        self._search_option = self._build_search_option(domains)
         self._options_key = key
-        self._static_options = self._build_static_options()
-        self._search_option = self._build_search_option()
 
-    def _build_static_options(self) -> list[tuple[int, bytes]]:
+    def _build_static_options(self, domains: list[str]) -> list[tuple[int, bytes]]:
         cfg = self.config
         lease = cfg.dhcp_lease_seconds
         opts: list[tuple[int, bytes]] = [
@@ -162,9 +167,8 @@ class DhcpServer:
             (dhcp.OPT_MTU, _U16.pack(cfg.mtu)),
             (dhcp.OPT_BROADCAST, cfg.broadcast),
         ]
-        if cfg.search_domains:
-            opts.append((dhcp.OPT_DOMAIN_NAME,
-                         cfg.search_domains[0].rstrip(".").encode("idna")))
+        if domains:
+            opts.append((dhcp.OPT_DOMAIN_NAME, b".".join(dhcp.domain_labels(domains[0]))))
         self._lease_options = [
             (dhcp.OPT_LEASE_TIME, _U32.pack(lease)),
             (dhcp.OPT_RENEWAL_TIME, _U32.pack(lease // 2)),
@@ -172,15 +176,10 @@ class DhcpServer:
         ]
         return opts
 
-    def _build_search_option(self) -> list[tuple[int, bytes]]:
-        if not self.config.search_domains:
+    def _build_search_option(self, domains: list[str]) -> list[tuple[int, bytes]]:
+        if not domains:
             return []
-        try:
-            return [(dhcp.OPT_DOMAIN_SEARCH,
-                     dhcp.encode_domain_search(self.config.search_domains))]
-        except ValueError:
-            self.link.count("dhcp.bad_search_domain")
-            return []
+        return [(dhcp.OPT_DOMAIN_SEARCH, dhcp.encode_domain_search(domains))]
 
     # ---- entry point ----------------------------------------------------------
 

@@ -112,7 +112,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from operator import itemgetter
 
-from pyslirp.stack.config import NetConfig
+from pyslirp.stack.config import NetConfig, valid_search_domains
 from pyslirp.stack.host import HostPort
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
@@ -578,7 +578,9 @@ def parse_resolv_conf(text: str) -> tuple[list[str], list[str]]:
     IPv6 nameservers (including link-local ones with a ``%zone``) are kept, as
     text: they are recognisable by containing ``:`` (see :func:`is_ipv6`), so
     the caller can skip them while it has no IPv6 upstream support. Trailing
-    dots are removed from search domains, and the root domain is dropped.
+    dots are removed from search domains, and the root domain is dropped, as
+    is (with a warning) a name DHCP cannot serve
+    (:func:`~pyslirp.stack.config.valid_search_domains`).
     """
     nameservers: list[str] = []
     search: list[str] = []
@@ -609,7 +611,7 @@ def parse_resolv_conf(text: str) -> tuple[list[str], list[str]]:
                 name = domain.rstrip(".")
                 if name and name not in search:
                     search.append(name)
-    return nameservers, search
+    return nameservers, valid_search_domains(search, "resolv.conf")
 
 
 def is_ipv6(nameserver: str) -> bool:

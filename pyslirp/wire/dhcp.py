@@ -223,22 +223,48 @@ def build(op: int, xid: int, chaddr: bytes, options: list[tuple[int, bytes]], *,
     return out
 
 
+def domain_labels(domain: str) -> tuple[bytes, ...]:
+    """The labels of ``domain`` (a trailing dot allowed) as they go on the wire.
+
+    Non-ASCII labels are IDNA-encoded (RFC 3490). Raises ValueError, saying
+    why, for a name that cannot be a DNS name: an empty label, a label over 63
+    bytes, a name over 255 bytes in wire form, a label IDNA rejects.
+    """
+    text = domain.rstrip(".")
+    if not text:
+        return ()
+    labels = []
+    for label in text.split("."):
+        if label.isascii():
+            raw = label.encode()
+        else:
+            try:
+                raw = label.encode("idna")
+            except UnicodeError as exc:
+                reason = exc.__cause__ or exc
+                raise ValueError(f"label {label!r} is not a valid internationalised "
+                                 f"name ({reason})") from None
+        if not 1 <= len(raw) <= 63:
+            raise ValueError(f"label {label!r} is {len(raw)} bytes long (1..63 allowed)")
+        labels.append(raw)
+    if sum(len(label) + 1 for label in labels) + 1 > 255:
+        raise ValueError("the name is longer than 255 bytes")
+    return tuple(labels)
+
+
 def encode_domain_search(domains: list[str]) -> bytes:
     """Option 119 value: ``domains`` as DNS names with RFC 1035 compression (RFC 3397).
 
-    Raises ValueError for a name that is not a valid DNS name (empty label,
-    label over 63 bytes, name over 255 bytes).
+    Raises ValueError for a name that is not a valid DNS name (see
+    :func:`domain_labels`).
     """
     out = bytearray()
     suffixes: dict[tuple[bytes, ...], int] = {}
     for domain in domains:
-        text = domain.rstrip(".")
-        labels = tuple(label.encode("idna") if not label.isascii() else label.encode()
-                       for label in text.split(".")) if text else ()
-        if any(not 1 <= len(label) <= 63 for label in labels):
-            raise ValueError(f"invalid domain name {domain!r}")
-        if sum(len(label) + 1 for label in labels) + 1 > 255:
-            raise ValueError(f"domain name {domain!r} is longer than 255 bytes")
+        try:
+            labels = domain_labels(domain)
+        except ValueError as exc:
+            raise ValueError(f"invalid domain name {domain!r}: {exc}") from None
         for i in range(len(labels)):
             suffix = labels[i:]
             offset = suffixes.get(tuple(label.lower() for label in suffix))

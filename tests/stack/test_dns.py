@@ -8,6 +8,7 @@ socket.
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -635,3 +636,12 @@ def test_resolv_conf_domain_keyword() -> None:
     assert parse_resolv_conf("domain lab.example.\nnameserver 10.1.1.1\n") == (
         ["10.1.1.1"], ["lab.example"])
     assert parse_resolv_conf("") == ([], [])
+
+
+def test_resolv_conf_search_domain_dhcp_cannot_serve_is_skipped_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="pyslirp")
+    # What reading a non-UTF-8 resolv.conf with errors="replace" gives.
+    _servers, search = parse_resolv_conf("search corp\ufffd.example ok.example\n")
+    assert search == ["ok.example"]
+    assert "corp\ufffd.example" in caplog.text and "resolv.conf" in caplog.text
