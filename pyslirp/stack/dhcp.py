@@ -43,8 +43,8 @@ MTU (26), broadcast address (28), lease time (51), T1 (58) = 1/2 and T2 (59)
 = 7/8 of the lease (RFC 2131 4.4.5), server identifier (54). They are all
 sent whether or not the client asked (RFC 2131 4.3.1 allows it; both busybox
 udhcpc and ISC dhclient accept them), except that the domain search list is
-left out when the reply would exceed
-the client's maximum message size (option 57, default 576) or the link's MTU.
+left out when the reply would exceed the client's maximum message size
+(option 57, default 576) or the link's MTU.
 The client identifier (option 61) is echoed (RFC 6842) when it fits one
 option (255 bytes); a longer one, which only a long option (RFC 3396) can
 carry, is not echoed (``dhcp.client_id_not_echoed``), so that no client can
