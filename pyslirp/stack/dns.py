@@ -77,8 +77,15 @@ port and ID) is dropped too: the forwarder is already working on it.
 Timeouts: every attempt has the same timeout, so deadlines are queued in the
 order they are made (a deque, not one heap entry per query) and the forwarder
 is a single client of the shared Timers heap, scheduled for the earliest
-deadline. Entries of finished queries are dropped from the front of the queue
-as queries finish, and the rest when the timer fires.
+deadline. Entries of finished queries (and of attempts that gave way to the
+next) are stale: they are dropped from the front of the queue as queries
+finish and when the timer fires. Behind one unanswered query at the front,
+stale entries would pile up (each keeping its finished query alive) until
+that query's deadline, without bound under a steady stream of answered
+queries; so the queue is rebuilt without them once they are more than half of
+it, as :mod:`pyslirp.stack.timers` does for its heap. The queue then holds at
+most about twice as many entries as there are queries in flight, which
+:attr:`DnsForwarder.max_pending` bounds.
 
 Malformed input: a datagram without a readable header is dropped and counted;
 a query whose question cannot be parsed, or that does not have exactly one
@@ -142,6 +149,8 @@ _RCODES_WITHOUT_QUESTION = frozenset(
     {dns.RCODE_FORMERR, dns.RCODE_SERVFAIL, dns.RCODE_NOTIMP, dns.RCODE_REFUSED})
 #: Random bytes fetched at a time for attempt IDs (two per ID).
 _ID_BATCH_BYTES = 512
+#: Below this many stale entries the deadline queue is never rebuilt (not worth it).
+_EXPIRY_COMPACT_MIN = 64
 
 # A reply frame: Ethernet + IPv4 (20 bytes, no options) + UDP headers, as the UDP
 # engine builds them (see stack/udp.py).
@@ -243,6 +252,9 @@ class DnsForwarder:
         self._ids: list[int] = []
         #: (deadline, query, attempt index) of every attempt, in deadline order.
         self._expiry: deque[tuple[float, DnsQuery, int]] = deque()
+        #: Entries of ``_expiry`` that are stale (an estimate, never below the truth:
+        #: an entry may be counted when it has already left the queue).
+        self._expiry_stale = 0
         #: When the shared Timers heap wakes us (Timers' client protocol).
         self.timer_deadline: float | None = None
         # Optional in the HostPort contract (added later): older runtimes lack it.
@@ -367,6 +379,8 @@ class DnsForwarder:
             deadline, query, attempt = expiry[0]
             if query.done or query.attempt != attempt:
                 expiry.popleft()
+                if self._expiry_stale:
+                    self._expiry_stale -= 1
                 continue
             if deadline > now:
                 break
@@ -447,7 +461,19 @@ class DnsForwarder:
             self.timers.schedule(self, deadline)
         self.host.dns_send(query, upstream, _U16.pack(wire_id) + query.data[2:])
 
+    def _went_stale(self) -> None:
+        """One more entry of the deadline queue is stale: rebuild the queue (in place:
+        on_timer may be iterating it) once they are more than half of it."""
+        self._expiry_stale += 1
+        expiry = self._expiry
+        if self._expiry_stale > _EXPIRY_COMPACT_MIN and self._expiry_stale * 2 > len(expiry):
+            live = [e for e in expiry if not e[1].done and e[1].attempt == e[2]]
+            expiry.clear()
+            expiry.extend(live)
+            self._expiry_stale = 0
+
     def _next_attempt(self, query: DnsQuery, now: float) -> None:
+        self._went_stale()  # the attempt's entry (if on_timer has not just taken it)
         if query.attempt + 1 < len(query.upstreams):
             query.attempt += 1
             self._send_attempt(query, now)
@@ -463,6 +489,7 @@ class DnsForwarder:
         """Answer the guest; ``reply`` carries the ID it was sent under if ``from_upstream``."""
         query.done = True
         del self.pending[query.key]
+        self._went_stale()
         inflight = self.inflight
         upstream = query.upstreams[query.attempt]
         table = inflight.get(upstream)
@@ -484,6 +511,8 @@ class DnsForwarder:
             head = expiry[0]
             if head[1].done or head[1].attempt != head[2]:
                 expiry.popleft()
+                if self._expiry_stale:
+                    self._expiry_stale -= 1
             else:
                 break
         self.host.dns_cancel(query)
@@ -564,6 +593,7 @@ class DnsForwarder:
         for query in list(self.pending.values()):
             self._finish(query, dns.build_error_reply(query.data, dns.RCODE_SERVFAIL), False)
         self._expiry.clear()
+        self._expiry_stale = 0
         for upstream in list(self.inflight):
             self._drop_upstream(upstream)
 

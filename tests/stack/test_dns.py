@@ -29,7 +29,8 @@ from pyslirp.stack.dns import (
 )
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import dns
+from pyslirp.wire import dns, ipv4
+from pyslirp.wire import udp as wire_udp
 from pyslirp.wire.checksum import checksum
 from pyslirp.wire.ethernet import EthernetFrame
 from pyslirp.wire.ipv4 import Ipv4Packet
@@ -545,6 +546,66 @@ def test_pending_limit() -> None:
     h.answer(0)
     h.query(make_query(qid=99))
     assert len(h.host.sent) == 4
+
+
+def fast_query(h: Harness, payload: bytes, sport: int) -> None:
+    """Harness.query without scapy (for tests that send tens of thousands)."""
+    src, dst = bytes([10, 0, 2, 100]), h.config.dns
+    datagram = wire_udp.build(src, sport, dst, 53, payload)
+    head = bytearray(ipv4.MIN_HEADER_LEN)
+    ipv4.build_header(head, 0, src, dst, wire_udp.PROTO, len(datagram))
+    pkt = Ipv4Packet(memoryview(bytes(head) + datagram))
+    h.fwd.handle_query(pkt, UdpDatagram(pkt.payload, pkt.src, pkt.dst, True), h.now)
+
+
+def answer_noerror(data: bytes) -> bytes:
+    """The query sent upstream turned into its (empty, NOERROR) answer: QR set."""
+    return data[:2] + bytes([data[2] | 0x80]) + data[3:]
+
+
+def test_answered_queries_are_not_kept_behind_an_unanswered_one() -> None:
+    # 30,000 answered queries behind one that waits for its timeout used to stay
+    # referenced from the deadline queue (+58 MiB): memory must follow max_pending.
+    h = Harness()
+    h.query(make_query("stuck.example", qid=1))
+    template = make_query("example.com")
+    for i in range(30_000):
+        fast_query(h, with_id(template, i & 0xFFFF), sport=1024 + (i >> 16))
+        _query, upstream, data = h.host.sent[-1]
+        h.fwd.upstream_datagram(upstream, answer_noerror(data), h.now)
+        if len(h.frames) > 1000:
+            h.frames.clear()
+    assert h.link.counters["dns.query"] == 30_001
+    assert len(h.fwd.pending) == 1
+    bound = 2 * h.fwd.max_pending
+    assert len(h.fwd._expiry) <= bound
+    assert len({id(query) for _, query, _ in h.fwd._expiry}) <= bound
+    # The unanswered one still times out, attempt after attempt, and gets its SERVFAIL.
+    h.frames.clear()
+    sent = len(h.host.sent)
+    h.advance(h.fwd.attempt_timeout)
+    assert h.upstreams_asked()[sent:] == [UP2]
+    h.advance(h.fwd.attempt_timeout)
+    h.advance(h.fwd.attempt_timeout)
+    [(_ip, port, reply)] = h.answers()
+    assert port == 40000 and dns.DnsMessage(reply).rcode == dns.RCODE_SERVFAIL
+    assert h.fwd.pending == {} and len(h.fwd._expiry) == 0
+
+
+def test_deadline_queue_stays_bounded_when_queries_fail_over() -> None:
+    # Queries that move on to the next upstream leave their old entry behind too.
+    h = Harness()
+    h.query(make_query("stuck.example", qid=1))
+    template = make_query("example.com")
+    for i in range(5_000):
+        fast_query(h, with_id(template, i), sport=2000)
+        query, upstream, data = h.host.sent[-1]
+        h.fwd.upstream_failed(query, h.now, upstream)  # on to UP2
+        _query, upstream, data = h.host.sent[-1]
+        h.fwd.upstream_datagram(upstream, answer_noerror(data), h.now)
+        h.frames.clear()
+    assert len(h.fwd.pending) == 1
+    assert len(h.fwd._expiry) <= 2 * h.fwd.max_pending
 
 
 def test_close_answers_everyone() -> None:
