@@ -30,7 +30,9 @@ REQUEST is handled per the client state RFC 2131 4.3.2 describes:
   (outside the pool, leased to another MAC, declined) is NAKed.
 
 DECLINE marks the address unusable for :data:`DECLINE_HOLD` seconds (the
-guest found it in use, RFC 2131 4.3.3). RELEASE expires the lease at once,
+guest found it in use, RFC 2131 4.3.3); it is honoured only from the client
+the address is offered or leased to (``dhcp.drop.decline_not_holder``
+otherwise), so that no other MAC can take a guest's address away. RELEASE expires the lease at once,
 while remembering the client, so the address goes to others only when the
 never-used ones are gone. INFORM gets an ACK with the configuration options
 and no lease (RFC 2131 4.3.5).
@@ -323,8 +325,12 @@ class DhcpServer:
             self.link.count("dhcp.drop.decline_ignored")
             return
         lease = self._by_addr.get(addr)
-        if lease is not None and lease.mac == msg.chaddr:
-            self._forget(lease)
+        if lease is None or lease.mac != msg.chaddr:
+            # Only the client we gave the address to can have found it in use; from
+            # anyone else a DECLINE would take a guest's address away at its renewal.
+            self.link.count("dhcp.drop.decline_not_holder")
+            return
+        self._forget(lease)
         if addr in self._pool_set:
             self._declined[addr] = now + DECLINE_HOLD
         self.link.count("dhcp.decline")

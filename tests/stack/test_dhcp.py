@@ -427,6 +427,18 @@ def test_decline_takes_address_out_of_pool_for_a_while() -> None:
     assert h.one(dhclient("request", mac=b"\x02" * 6, requested=a)).type == dhcp.ACK
 
 
+def test_decline_from_another_client_does_not_take_a_guests_address() -> None:
+    h = Harness()
+    h.one(udhcpc("discover"))
+    assert h.one(udhcpc("request", requested="10.0.2.15", server=GW)).type == dhcp.ACK
+    other = b"\x02" * 6
+    assert h.deliver(udhcpc("decline", mac=other, requested="10.0.2.15", server=GW)) == []
+    h.now += 100
+    renew = h.one(udhcpc("request", ciaddr="10.0.2.15", src="10.0.2.15", dst=GW))
+    assert renew.type == dhcp.ACK and renew.yiaddr == "10.0.2.15"  # was a NAK
+    assert h.link.counters["dhcp.drop.decline_not_holder"] == 1
+
+
 def test_inform_gets_configuration_without_lease() -> None:
     h = Harness()
     ack = h.one(dhclient("inform", ciaddr="10.0.2.100", src="10.0.2.100", dst=GW))
