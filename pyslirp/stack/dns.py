@@ -92,6 +92,13 @@ a query whose question cannot be parsed, or that does not have exactly one
 question, gets FORMERR (RFC 1035 4.1.1); another opcode gets NOTIMP. A reply
 too big for the link's MTU is replaced by its truncated form (TC set), so the
 guest retries over TCP, which the TCP NAT forwards to the same upstreams.
+From an upstream: a datagram that is unreadable, not a response, under an ID
+nothing waits for (a second answer to the same attempt included) or with
+another question is dropped and counted, and the attempt goes on waiting (its
+timeout then fails it over as usual). Past the question a reply is not
+parsed: an answer the upstream truncated (TC set) or cut short in its records
+goes to the guest as it came, for the guest's resolver to judge (retry over
+TCP, or treat as an error), as any forwarder that does not cache does.
 
 Not done here: caching, DNSSEC, EDNS processing (OPT records pass through
 untouched), DNS over TCP (see the TCP NAT), IPv6 upstreams from resolv.conf

@@ -9,6 +9,7 @@ socket.
 from __future__ import annotations
 
 import logging
+import random
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -398,6 +399,52 @@ def test_mismatched_replies_are_ignored(bad: Callable[[bytes], bytes]) -> None:
     assert h.answers() == [] and h.upstreams_asked() == [UP1]
     good = h.answer()
     assert h.answers() == [(GUEST, 40000, with_id(good, 0x1A2B))]
+
+
+def test_flood_of_garbage_and_wrong_ids_leaves_the_query_waiting_then_failing_over() -> None:
+    h = Harness()
+    h.query(make_query())
+    _, _, sent = h.host.sent[0]
+    reply = make_reply(sent)
+    rng = random.Random(3)
+    for _ in range(5000):
+        garbage = rng.randbytes(rng.randrange(0, 120))
+        h.fwd.upstream_datagram(UP1, garbage, h.now)
+        other = rng.randrange(0x10000)
+        if other != wire_id(sent):
+            h.fwd.upstream_datagram(UP1, with_id(reply, other), h.now)
+    assert h.answers() == [] and len(h.fwd.pending) == 1
+    assert len(h.fwd.inflight[UP1]) == 1 and len(h.fwd._expiry) == 1
+    counters = h.link.counters
+    assert counters["dns.drop.mismatched_reply"] + counters["dns.drop.bad_reply"] >= 5000
+    # Waiting goes on to the attempt's timeout, then the next upstream answers.
+    h.advance(h.fwd.attempt_timeout)
+    assert h.upstreams_asked() == [UP1, UP2]
+    good = h.answer()
+    assert h.answers() == [(GUEST, 40000, with_id(good, 0x1A2B))]
+
+
+def test_second_answer_to_the_same_attempt_is_dropped() -> None:
+    h = Harness()
+    h.query(make_query())
+    first = h.answer()
+    h.answer(make=lambda d: make_reply(d, addr="198.51.100.7"))
+    assert h.answers() == [(GUEST, 40000, with_id(first, 0x1A2B))]
+    assert h.link.counters["dns.drop.mismatched_reply"] == 1
+
+
+def test_truncated_answers_go_to_the_guest_as_they_came() -> None:
+    h = Harness()
+    # TC set by the upstream: the guest retries over TCP.
+    h.query(make_query(qid=1))
+    tc = h.answer(make=lambda d: bytes(DNS(id=wire_id(d), qr=1, tc=1, qd=DNS(d).qd)))
+    # Cut short inside the answer record: not parsed here, passed on.
+    h.query(make_query(qid=2), sport=40001)
+    cut = h.answer(make=lambda d: make_reply(d)[:-3])
+    got = h.answers()
+    assert got == [(GUEST, 40000, with_id(tc, 1)), (GUEST, 40001, with_id(cut, 2))]
+    assert dns.DnsMessage(got[0][2]).flags & dns.FLAG_TC
+    assert h.fwd.pending == {}
 
 
 def test_reply_from_another_upstream_is_ignored() -> None:
