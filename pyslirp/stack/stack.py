@@ -87,7 +87,7 @@ class ErrorReporter:
         suppressed = last[1] if last is not None else 0
         self._last[name] = (now, 0)
         log.error("internal error (%s: %s) %s; dropped it and carried on%s", name, exc, what,
-                  f" ({suppressed} more not logged in the last {self.interval:g} s)"
+                  f" ({suppressed} more not logged since the last report)"
                   if suppressed else "", exc_info=exc)
 
 
