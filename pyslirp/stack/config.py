@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from pyslirp.wire.dhcp import domain_labels
+
+log = logging.getLogger("pyslirp")
 
 DEFAULT_CIDR = "10.0.2.0/24"
 DEFAULT_MTU = 1500
@@ -33,6 +39,43 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network:
     return net
 
 
+#: What a search domain's labels may contain: letters, digits, hyphen (RFC 952/1123
+#: host names) and underscore (used in practice). Guests copy the DHCP search list
+#: into their resolv.conf, where anything else (spaces, newlines) would not be a name.
+_NAME_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def search_domain_problem(domain: str) -> str | None:
+    """Why ``domain`` cannot be served as a search domain, or None if it can."""
+    try:
+        labels = domain_labels(domain)
+    except ValueError as exc:
+        return str(exc)
+    if not labels:
+        return "the root domain is no search domain"
+    for label in labels:
+        if not _NAME_BYTES.issuperset(label):
+            return (f"label {label.decode(errors='replace')!r} has characters other than "
+                    "letters, digits, '-' and '_'")
+    return None
+
+
+def valid_search_domains(domains: Iterable[str], source: str = "configuration") -> list[str]:
+    """``domains`` without those that cannot be served, each left out with a warning.
+
+    Search domains come from the host's resolv.conf or a CNI config, which the
+    guest must not be able to break DHCP with, nor the host by one typo.
+    """
+    good = []
+    for domain in domains:
+        problem = search_domain_problem(domain)
+        if problem is None:
+            good.append(domain)
+        else:
+            log.warning("ignoring search domain %r from the %s: %s", domain, source, problem)
+    return good
+
+
 @dataclass(slots=True)
 class NetConfig:
     """Everything the stack needs to know about the virtual network.
@@ -52,6 +95,10 @@ class NetConfig:
     disable_dns: bool = False
     #: DNS upstreams as (host, port); empty means "read /etc/resolv.conf".
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
+    #: Served by DHCP (options 15 and 119); invalid ones are left out (with a warning)
+    #: when the config is made. Whoever changes the list later passes it through
+    #: :func:`valid_search_domains` first (:func:`~pyslirp.stack.dns.parse_resolv_conf`
+    #: does); the DHCP server filters it again rather than fail.
     search_domains: list[str] = field(default_factory=list)
     #: Frames on the link carry a virtio-net header.
     vnet_hdr: bool = True
@@ -91,6 +138,7 @@ class NetConfig:
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:
             raise ConfigError(f"MTU {self.mtu} is out of range {MIN_MTU}..{MAX_MTU}")
+        self.search_domains = valid_search_domains(self.search_domains)
         if not self.our_mac:
             # libslirp's convention: 52:55 followed by the gateway's IPv4 address.
             self.our_mac = b"\x52\x55" + self.gateway

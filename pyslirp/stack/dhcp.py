@@ -30,19 +30,28 @@ REQUEST is handled per the client state RFC 2131 4.3.2 describes:
   (outside the pool, leased to another MAC, declined) is NAKed.
 
 DECLINE marks the address unusable for :data:`DECLINE_HOLD` seconds (the
-guest found it in use, RFC 2131 4.3.3). RELEASE expires the lease at once,
+guest found it in use, RFC 2131 4.3.3); it is honoured only from the client
+the address is offered or leased to (``dhcp.drop.decline_not_holder``
+otherwise), so that no other MAC can take a guest's address away. RELEASE expires the lease at once,
 while remembering the client, so the address goes to others only when the
 never-used ones are gone. INFORM gets an ACK with the configuration options
 and no lease (RFC 2131 4.3.5).
 
 Options sent with OFFER/ACK: subnet mask (1), router (3), DNS (6, omitted
 with ``config.disable_dns``), domain name (15) and domain search (119) from
-``config.search_domains``, interface MTU (26), broadcast address (28), lease
-time (51), T1 (58) = 1/2 and T2 (59) = 7/8 of the lease (RFC 2131 4.4.5),
-server identifier (54). They are all sent whether or not the client asked
-(RFC 2131 4.3.1 allows it; both busybox udhcpc and ISC dhclient accept them),
-except that the domain search list is left out when the reply would exceed
-the client's maximum message size (option 57, default 576).
+``config.search_domains`` (a name that cannot be served is left out with a
+warning, see :func:`~pyslirp.stack.config.valid_search_domains`), interface
+MTU (26), broadcast address (28), lease time (51), T1 (58) = 1/2 and T2 (59)
+= 7/8 of the lease (RFC 2131 4.4.5), server identifier (54). They are all
+sent whether or not the client asked (RFC 2131 4.3.1 allows it; both busybox
+udhcpc and ISC dhclient accept them), except that the domain search list is
+left out when the reply would exceed the client's maximum message size
+(option 57, default 576) or the link's MTU.
+The client identifier (option 61) is echoed (RFC 6842) when it fits one
+option (255 bytes); a longer one, which only a long option (RFC 3396) can
+carry, is not echoed (``dhcp.client_id_not_echoed``), so that no client can
+make a reply of the size it likes. A reply too big for the link anyway (an
+MTU below what DHCP needs) is dropped by the link (``drop.tx.over_mtu``).
 
 Replies are addressed as RFC 2131 4.1 says: to ``giaddr`` (port 67) for a
 relayed message; to ``ciaddr`` when the client has one (RENEWING, INFORM);
@@ -61,12 +70,13 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from pyslirp.stack.config import NetConfig
+from pyslirp.stack.config import NetConfig, valid_search_domains
 from pyslirp.stack.link import Link
 from pyslirp.wire import dhcp
 from pyslirp.wire.errors import MalformedPacket
 from pyslirp.wire.ethernet import BROADCAST as BROADCAST_MAC
-from pyslirp.wire.ipv4 import Ipv4Packet
+from pyslirp.wire.ipv4 import MIN_HEADER_LEN, Ipv4Packet
+from pyslirp.wire.udp import HEADER_LEN as UDP_HEADER_LEN
 from pyslirp.wire.udp import PROTO as UDP_PROTO
 from pyslirp.wire.udp import UdpDatagram
 from pyslirp.wire.udp import build as build_udp
@@ -80,6 +90,7 @@ _ZERO = bytes(4)
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
+_IP_UDP_LEN = MIN_HEADER_LEN + UDP_HEADER_LEN
 
 
 class Lease:
@@ -137,11 +148,14 @@ class DhcpServer:
         key = (tuple(cfg.search_domains), cfg.disable_dns, cfg.mtu, cfg.dhcp_lease_seconds)
         if key == self._options_key:
             return
+        # Already validated where the list was set; again here, so that a bad name that
+        # slipped through costs that name only (it used to cost every option but 53).
+        domains = valid_search_domains(cfg.search_domains)
+        self._static_options = self._build_static_options(domains)
+        self._search_option = self._build_search_option(domains)
         self._options_key = key
-        self._static_options = self._build_static_options()
-        self._search_option = self._build_search_option()
 
-    def _build_static_options(self) -> list[tuple[int, bytes]]:
+    def _build_static_options(self, domains: list[str]) -> list[tuple[int, bytes]]:
         cfg = self.config
         lease = cfg.dhcp_lease_seconds
         opts: list[tuple[int, bytes]] = [
@@ -155,9 +169,8 @@ class DhcpServer:
             (dhcp.OPT_MTU, _U16.pack(cfg.mtu)),
             (dhcp.OPT_BROADCAST, cfg.broadcast),
         ]
-        if cfg.search_domains:
-            opts.append((dhcp.OPT_DOMAIN_NAME,
-                         cfg.search_domains[0].rstrip(".").encode("idna")))
+        if domains:
+            opts.append((dhcp.OPT_DOMAIN_NAME, b".".join(dhcp.domain_labels(domains[0]))))
         self._lease_options = [
             (dhcp.OPT_LEASE_TIME, _U32.pack(lease)),
             (dhcp.OPT_RENEWAL_TIME, _U32.pack(lease // 2)),
@@ -165,15 +178,10 @@ class DhcpServer:
         ]
         return opts
 
-    def _build_search_option(self) -> list[tuple[int, bytes]]:
-        if not self.config.search_domains:
+    def _build_search_option(self, domains: list[str]) -> list[tuple[int, bytes]]:
+        if not domains:
             return []
-        try:
-            return [(dhcp.OPT_DOMAIN_SEARCH,
-                     dhcp.encode_domain_search(self.config.search_domains))]
-        except ValueError:
-            self.link.count("dhcp.bad_search_domain")
-            return []
+        return [(dhcp.OPT_DOMAIN_SEARCH, dhcp.encode_domain_search(domains))]
 
     # ---- entry point ----------------------------------------------------------
 
@@ -317,8 +325,12 @@ class DhcpServer:
             self.link.count("dhcp.drop.decline_ignored")
             return
         lease = self._by_addr.get(addr)
-        if lease is not None and lease.mac == msg.chaddr:
-            self._forget(lease)
+        if lease is None or lease.mac != msg.chaddr:
+            # Only the client we gave the address to can have found it in use; from
+            # anyone else a DECLINE would take a guest's address away at its renewal.
+            self.link.count("dhcp.drop.decline_not_holder")
+            return
+        self._forget(lease)
         if addr in self._pool_set:
             self._declined[addr] = now + DECLINE_HOLD
         self.link.count("dhcp.decline")
@@ -339,14 +351,12 @@ class DhcpServer:
         options += self._static_options
         if lease:
             options += self._lease_options
-        client_id = msg.client_id
-        if client_id is not None:
-            # RFC 6842: echo the client identifier (clients may match replies on it).
-            options.append((dhcp.OPT_CLIENT_ID, client_id))
+        options += self._echoed_client_id(msg)
         payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, options + self._search_option,
                              flags=msg.flags, ciaddr=msg.ciaddr, yiaddr=yiaddr,
                              giaddr=msg.giaddr)
-        if self._search_option and len(payload) > msg.max_message_size:
+        limit = min(msg.max_message_size, self.link.mtu - _IP_UDP_LEN)
+        if self._search_option and len(payload) > limit:
             self.link.count("dhcp.search_list_omitted")
             payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, options,
                                  flags=msg.flags, ciaddr=msg.ciaddr, yiaddr=yiaddr,
@@ -359,11 +369,22 @@ class DhcpServer:
             (dhcp.OPT_SERVER_ID, self.server_id),
             (dhcp.OPT_MESSAGE, b"requested address not available"),
         ]
-        if msg.client_id is not None:
-            options.append((dhcp.OPT_CLIENT_ID, msg.client_id))
+        options += self._echoed_client_id(msg)
         payload = dhcp.build(dhcp.BOOTREPLY, msg.xid, msg.chaddr, options, flags=msg.flags,
                              giaddr=msg.giaddr)
         self._send(src_mac, msg, payload, _ZERO, nak=True)
+
+    def _echoed_client_id(self, msg: dhcp.DhcpMessage) -> list[tuple[int, bytes]]:
+        """Option 61 to echo (RFC 6842: clients may match replies on it), if any."""
+        client_id = msg.client_id
+        if client_id is None:
+            return []
+        if len(client_id) > dhcp.MAX_OPTION_LEN:
+            # Only possible as a long option (RFC 3396) that no real client sends; echoed,
+            # it would let the client size our reply (up to a frame past the MTU).
+            self.link.count("dhcp.client_id_not_echoed")
+            return []
+        return [(dhcp.OPT_CLIENT_ID, client_id)]
 
     def _send(self, src_mac: bytes, msg: dhcp.DhcpMessage, payload: bytearray, yiaddr: bytes,
               nak: bool) -> None:

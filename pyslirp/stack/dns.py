@@ -77,14 +77,28 @@ port and ID) is dropped too: the forwarder is already working on it.
 Timeouts: every attempt has the same timeout, so deadlines are queued in the
 order they are made (a deque, not one heap entry per query) and the forwarder
 is a single client of the shared Timers heap, scheduled for the earliest
-deadline. Entries of finished queries are dropped from the front of the queue
-as queries finish, and the rest when the timer fires.
+deadline. Entries of finished queries (and of attempts that gave way to the
+next) are stale: they are dropped from the front of the queue as queries
+finish and when the timer fires. Behind one unanswered query at the front,
+stale entries would pile up (each keeping its finished query alive) until
+that query's deadline, without bound under a steady stream of answered
+queries; so the queue is rebuilt without them once they are more than half of
+it, as :mod:`pyslirp.stack.timers` does for its heap. The queue then holds at
+most about twice as many entries as there are queries in flight, which
+:attr:`DnsForwarder.max_pending` bounds.
 
 Malformed input: a datagram without a readable header is dropped and counted;
 a query whose question cannot be parsed, or that does not have exactly one
 question, gets FORMERR (RFC 1035 4.1.1); another opcode gets NOTIMP. A reply
 too big for the link's MTU is replaced by its truncated form (TC set), so the
 guest retries over TCP, which the TCP NAT forwards to the same upstreams.
+From an upstream: a datagram that is unreadable, not a response, under an ID
+nothing waits for (a second answer to the same attempt included) or with
+another question is dropped and counted, and the attempt goes on waiting (its
+timeout then fails it over as usual). Past the question a reply is not
+parsed: an answer the upstream truncated (TC set) or cut short in its records
+goes to the guest as it came, for the guest's resolver to judge (retry over
+TCP, or treat as an error), as any forwarder that does not cache does.
 
 Not done here: caching, DNSSEC, EDNS processing (OPT records pass through
 untouched), DNS over TCP (see the TCP NAT), IPv6 upstreams from resolv.conf
@@ -112,7 +126,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from operator import itemgetter
 
-from pyslirp.stack.config import NetConfig
+from pyslirp.stack.config import NetConfig, valid_search_domains
 from pyslirp.stack.host import HostPort
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
@@ -142,6 +156,8 @@ _RCODES_WITHOUT_QUESTION = frozenset(
     {dns.RCODE_FORMERR, dns.RCODE_SERVFAIL, dns.RCODE_NOTIMP, dns.RCODE_REFUSED})
 #: Random bytes fetched at a time for attempt IDs (two per ID).
 _ID_BATCH_BYTES = 512
+#: Below this many stale entries the deadline queue is never rebuilt (not worth it).
+_EXPIRY_COMPACT_MIN = 64
 
 # A reply frame: Ethernet + IPv4 (20 bytes, no options) + UDP headers, as the UDP
 # engine builds them (see stack/udp.py).
@@ -243,6 +259,9 @@ class DnsForwarder:
         self._ids: list[int] = []
         #: (deadline, query, attempt index) of every attempt, in deadline order.
         self._expiry: deque[tuple[float, DnsQuery, int]] = deque()
+        #: Entries of ``_expiry`` that are stale (an estimate, never below the truth:
+        #: an entry may be counted when it has already left the queue).
+        self._expiry_stale = 0
         #: When the shared Timers heap wakes us (Timers' client protocol).
         self.timer_deadline: float | None = None
         # Optional in the HostPort contract (added later): older runtimes lack it.
@@ -367,6 +386,8 @@ class DnsForwarder:
             deadline, query, attempt = expiry[0]
             if query.done or query.attempt != attempt:
                 expiry.popleft()
+                if self._expiry_stale:
+                    self._expiry_stale -= 1
                 continue
             if deadline > now:
                 break
@@ -447,7 +468,19 @@ class DnsForwarder:
             self.timers.schedule(self, deadline)
         self.host.dns_send(query, upstream, _U16.pack(wire_id) + query.data[2:])
 
+    def _went_stale(self) -> None:
+        """One more entry of the deadline queue is stale: rebuild the queue (in place:
+        on_timer may be iterating it) once they are more than half of it."""
+        self._expiry_stale += 1
+        expiry = self._expiry
+        if self._expiry_stale > _EXPIRY_COMPACT_MIN and self._expiry_stale * 2 > len(expiry):
+            live = [e for e in expiry if not e[1].done and e[1].attempt == e[2]]
+            expiry.clear()
+            expiry.extend(live)
+            self._expiry_stale = 0
+
     def _next_attempt(self, query: DnsQuery, now: float) -> None:
+        self._went_stale()  # the attempt's entry (if on_timer has not just taken it)
         if query.attempt + 1 < len(query.upstreams):
             query.attempt += 1
             self._send_attempt(query, now)
@@ -463,6 +496,7 @@ class DnsForwarder:
         """Answer the guest; ``reply`` carries the ID it was sent under if ``from_upstream``."""
         query.done = True
         del self.pending[query.key]
+        self._went_stale()
         inflight = self.inflight
         upstream = query.upstreams[query.attempt]
         table = inflight.get(upstream)
@@ -484,6 +518,8 @@ class DnsForwarder:
             head = expiry[0]
             if head[1].done or head[1].attempt != head[2]:
                 expiry.popleft()
+                if self._expiry_stale:
+                    self._expiry_stale -= 1
             else:
                 break
         self.host.dns_cancel(query)
@@ -506,6 +542,10 @@ class DnsForwarder:
                 data = _U16.pack(query_id) + bytes(data[2:])
                 query_id = None
             data = dns.build_truncated(data)
+            if len(data) > self._max_payload:
+                # Even header and question do not fit (a tiny MTU): nothing can be sent.
+                link.count("drop.tx.over_mtu")
+                return
         mac = link.guest_mac
         if mac is None:
             link.count("drop.tx.no_guest_mac")
@@ -560,6 +600,7 @@ class DnsForwarder:
         for query in list(self.pending.values()):
             self._finish(query, dns.build_error_reply(query.data, dns.RCODE_SERVFAIL), False)
         self._expiry.clear()
+        self._expiry_stale = 0
         for upstream in list(self.inflight):
             self._drop_upstream(upstream)
 
@@ -574,7 +615,9 @@ def parse_resolv_conf(text: str) -> tuple[list[str], list[str]]:
     IPv6 nameservers (including link-local ones with a ``%zone``) are kept, as
     text: they are recognisable by containing ``:`` (see :func:`is_ipv6`), so
     the caller can skip them while it has no IPv6 upstream support. Trailing
-    dots are removed from search domains, and the root domain is dropped.
+    dots are removed from search domains, and the root domain is dropped, as
+    is (with a warning) a name DHCP cannot serve
+    (:func:`~pyslirp.stack.config.valid_search_domains`).
     """
     nameservers: list[str] = []
     search: list[str] = []
@@ -605,7 +648,7 @@ def parse_resolv_conf(text: str) -> tuple[list[str], list[str]]:
                 name = domain.rstrip(".")
                 if name and name not in search:
                     search.append(name)
-    return nameservers, search
+    return nameservers, valid_search_domains(search, "resolv.conf")
 
 
 def is_ipv6(nameserver: str) -> bool:

@@ -12,6 +12,14 @@ path and uses :meth:`send_frame` directly.
 
 Counters of dropped and notable events live here too (``count``), so that
 every engine reports into one table the runtime can log and tests can read.
+
+No frame bigger than the link's MTU leaves :meth:`send_ipv4` or
+:meth:`send_ethernet`: one that would is dropped and counted
+(``drop.tx.over_mtu``). The guest's kernel would drop it anyway (a TAP or
+virtio-net device does not accept frames over its MTU), and a reply whose size
+the guest controls (a DHCP option echoed, an ICMP quote) must not become a
+frame of any size. The TCP engine's (GSO) frames and the DNS and UDP engines'
+templated frames are sized by those engines against the MTU themselves.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ class Link:
         self.sink(parts)
 
     def send_ethernet(self, dst_mac: bytes, ethertype: int, payload: Buffer) -> None:
+        if len(payload) > self.mtu:
+            self.count("drop.tx.over_mtu")
+            return
         head = ethernet.header(dst_mac, self.our_mac, ethertype)
         if self.vnet_hdr:
             self.sink((vnet.PLAIN + head, payload))
@@ -67,8 +78,12 @@ class Link:
 
         ``flags`` is the whole flags/fragment-offset field and ``ident`` the IP
         ID (default: the next one), so that fragments of one packet can be sent.
-        Returns False (and counts it) when the guest's MAC is not known yet.
+        Returns False (and counts it) when the guest's MAC is not known yet, or
+        when the packet would be bigger than the link's MTU.
         """
+        if _L3_LEN + len(l4) > self.mtu:
+            self.count("drop.tx.over_mtu")
+            return False
         mac = dst_mac or self.guest_mac
         if mac is None:
             self.count("drop.tx.no_guest_mac")

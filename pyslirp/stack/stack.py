@@ -17,6 +17,15 @@ Malformed frames raise :class:`MalformedPacket` inside the wire views; they
 are caught here, counted by kind (``drop.malformed.<layer>``) and dropped, so
 one bad frame never disturbs another flow.
 
+Any other exception out of an engine is a bug, but the guest must not be able
+to turn it into a denial of service (a traceback per frame in the log, or a
+QEMU stream losing its framing because the runtime's read loop was cut
+short). So :meth:`Stack.receive_frame` never raises: the frame is dropped,
+counted (``stack.error.<ExceptionType>``) and logged with its traceback at
+most once per :data:`ERROR_LOG_INTERVAL` seconds per exception type (of the
+``now`` passed in: the stack reads no clock); the next report says how many
+were not logged meanwhile.
+
 The address policy (:meth:`Stack.host_targets`) is the NAT's one decision,
 shared by every engine: what host address a guest destination maps to.
 The gateway address is the host's loopback (unless ``disable_host_loopback``),
@@ -30,6 +39,8 @@ unknown, :meth:`Stack.resolve_guest` broadcasts a request.
 """
 
 from __future__ import annotations
+
+import logging
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.dhcp import DhcpServer
@@ -50,6 +61,34 @@ _CSUM_TRUSTED = vnet.F_NEEDS_CSUM | vnet.F_DATA_VALID
 _LOOPBACK = "127.0.0.1"
 _DHCP_SERVER_PORT = 67
 _DNS_PORT = 53
+#: At most one traceback per exception type in this many seconds (see the module doc).
+ERROR_LOG_INTERVAL = 10.0
+
+log = logging.getLogger("pyslirp")
+
+
+class ErrorReporter:
+    """Counts unexpected exceptions and logs them, rate-limited per exception type."""
+
+    def __init__(self, counters: dict[str, int], interval: float = ERROR_LOG_INTERVAL) -> None:
+        self._counters = counters
+        self.interval = interval
+        #: Exception type name -> (when its traceback was last logged, reports not logged since).
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def report(self, exc: Exception, what: str, now: float) -> None:
+        name = type(exc).__name__
+        counter = f"stack.error.{name}"
+        self._counters[counter] = self._counters.get(counter, 0) + 1
+        last = self._last.get(name)
+        if last is not None and now - last[0] < self.interval:
+            self._last[name] = (last[0], last[1] + 1)
+            return
+        suppressed = last[1] if last is not None else 0
+        self._last[name] = (now, 0)
+        log.error("internal error (%s: %s) %s; dropped it and carried on%s", name, exc, what,
+                  f" ({suppressed} more not logged since the last report)"
+                  if suppressed else "", exc_info=exc)
 
 
 class Stack:
@@ -74,6 +113,7 @@ class Stack:
         self.icmp = IcmpEngine(config, self.link, host, self.timers, self.host_targets)
         self.frag = Reassembler(self.link, self.timers)
         self._vnet = config.vnet_hdr
+        self.errors = ErrorReporter(self.link.counters)
 
     # ---- address policy -------------------------------------------------------
     def in_network(self, addr: bytes) -> bool:
@@ -118,6 +158,8 @@ class Stack:
         except MalformedPacket as exc:
             layer = str(exc).split(":", 1)[0]
             self.link.count(f"drop.malformed.{layer}")
+        except Exception as exc:  # a bug: see the module doc
+            self.errors.report(exc, "while handling a frame from the guest", now)
 
     def _receive_ipv4(self, ip: Ipv4Packet, now: float, trusted: bool, src_mac: bytes) -> None:
         if ip.is_fragment:

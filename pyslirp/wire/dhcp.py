@@ -50,6 +50,8 @@ MIN_MESSAGE_LEN = 300
 DEFAULT_MAX_MESSAGE_LEN = 576 - 20 - 8
 
 FLAG_BROADCAST = 0x8000
+#: An option's value in one instance (its length is one byte); longer is RFC 3396's.
+MAX_OPTION_LEN = 255
 
 # Message types (option 53), RFC 2132 9.6
 DISCOVER = 1
@@ -90,7 +92,9 @@ _SNAME_OFFSET = 44
 _FILE_OFFSET = 108
 
 
-def _parse_options(buf: memoryview, start: int, end: int, into: dict[int, bytes]) -> None:
+def _parse_options(buf: memoryview, start: int, end: int, into: dict[int, list[bytes]]) -> None:
+    """Append each option's value to ``into[code]`` (joined later: RFC 3396 concatenation
+    by ``+`` would copy a long option's bytes once per instance, quadratic in its size)."""
     i = start
     while i < end:
         code = buf[i]
@@ -105,8 +109,11 @@ def _parse_options(buf: memoryview, start: int, end: int, into: dict[int, bytes]
         if i + 2 + length > end:
             raise MalformedPacket(f"dhcp: truncated option {code} ({length} bytes)")
         value = bytes(buf[i + 2:i + 2 + length])
-        prev = into.get(code)
-        into[code] = value if prev is None else prev + value
+        parts = into.get(code)
+        if parts is None:
+            into[code] = [value]
+        else:
+            parts.append(value)
         i += 2 + length
 
 
@@ -132,16 +139,20 @@ class DhcpMessage:
         if self.hlen > 16:
             raise MalformedPacket(f"dhcp: hardware address length {self.hlen} > 16")
         self.chaddr: bytes = chaddr[: self.hlen]
-        self.options: dict[int, bytes] = {}
-        _parse_options(buf, OPTIONS_OFFSET, len(buf), self.options)
-        overload = self.options.get(OPT_OVERLOAD)
-        if overload is not None:
+        parts: dict[int, list[bytes]] = {}
+        _parse_options(buf, OPTIONS_OFFSET, len(buf), parts)
+        overload_parts = parts.get(OPT_OVERLOAD)
+        if overload_parts is not None:
+            overload = b"".join(overload_parts)
             if len(overload) != 1 or overload[0] not in (1, 2, 3):
                 raise MalformedPacket(f"dhcp: bad overload option {overload!r}")
             if overload[0] & 1:
-                _parse_options(buf, _FILE_OFFSET, _FILE_OFFSET + 128, self.options)
+                _parse_options(buf, _FILE_OFFSET, _FILE_OFFSET + 128, parts)
             if overload[0] & 2:
-                _parse_options(buf, _SNAME_OFFSET, _SNAME_OFFSET + 64, self.options)
+                _parse_options(buf, _SNAME_OFFSET, _SNAME_OFFSET + 64, parts)
+        self.options: dict[int, bytes] = {
+            code: values[0] if len(values) == 1 else b"".join(values)
+            for code, values in parts.items()}
 
     @property
     def msg_type(self) -> int | None:
@@ -212,22 +223,48 @@ def build(op: int, xid: int, chaddr: bytes, options: list[tuple[int, bytes]], *,
     return out
 
 
+def domain_labels(domain: str) -> tuple[bytes, ...]:
+    """The labels of ``domain`` (a trailing dot allowed) as they go on the wire.
+
+    Non-ASCII labels are IDNA-encoded (RFC 3490). Raises ValueError, saying
+    why, for a name that cannot be a DNS name: an empty label, a label over 63
+    bytes, a name over 255 bytes in wire form, a label IDNA rejects.
+    """
+    text = domain.rstrip(".")
+    if not text:
+        return ()
+    labels = []
+    for label in text.split("."):
+        if label.isascii():
+            raw = label.encode()
+        else:
+            try:
+                raw = label.encode("idna")
+            except UnicodeError as exc:
+                reason = exc.__cause__ or exc
+                raise ValueError(f"label {label!r} is not a valid internationalised "
+                                 f"name ({reason})") from None
+        if not 1 <= len(raw) <= 63:
+            raise ValueError(f"label {label!r} is {len(raw)} bytes long (1..63 allowed)")
+        labels.append(raw)
+    if sum(len(label) + 1 for label in labels) + 1 > 255:
+        raise ValueError("the name is longer than 255 bytes")
+    return tuple(labels)
+
+
 def encode_domain_search(domains: list[str]) -> bytes:
     """Option 119 value: ``domains`` as DNS names with RFC 1035 compression (RFC 3397).
 
-    Raises ValueError for a name that is not a valid DNS name (empty label,
-    label over 63 bytes, name over 255 bytes).
+    Raises ValueError for a name that is not a valid DNS name (see
+    :func:`domain_labels`).
     """
     out = bytearray()
     suffixes: dict[tuple[bytes, ...], int] = {}
     for domain in domains:
-        text = domain.rstrip(".")
-        labels = tuple(label.encode("idna") if not label.isascii() else label.encode()
-                       for label in text.split(".")) if text else ()
-        if any(not 1 <= len(label) <= 63 for label in labels):
-            raise ValueError(f"invalid domain name {domain!r}")
-        if sum(len(label) + 1 for label in labels) + 1 > 255:
-            raise ValueError(f"domain name {domain!r} is longer than 255 bytes")
+        try:
+            labels = domain_labels(domain)
+        except ValueError as exc:
+            raise ValueError(f"invalid domain name {domain!r}: {exc}") from None
         for i in range(len(labels)):
             suffix = labels[i:]
             offset = suffixes.get(tuple(label.lower() for label in suffix))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -256,6 +257,49 @@ def test_search_domains_changed_after_start_are_served() -> None:
     assert offer.opt(dhcp.OPT_DOMAIN_NAME) == b"lab.example"
 
 
+BAD_DOMAINS = [
+    ("\ufffdcorp.example", "not a valid internationalised name"),  # resolv.conf not UTF-8
+    ("a..example", "0 bytes long"),
+    ("x" * 64 + ".example", "64 bytes long"),
+    ("evil.example\nnameserver", "characters other than"),
+    (".", "root domain"),
+]
+
+
+@pytest.mark.parametrize(("bad", "why"), BAD_DOMAINS)
+def test_bad_search_domain_is_skipped_with_a_warning_and_the_rest_served(
+        bad: str, why: str, caplog: pytest.LogCaptureFixture) -> None:
+    # One bad name used to raise out of the server, and every later OFFER carried
+    # option 53 only.
+    caplog.set_level(logging.WARNING, logger="pyslirp")
+    h = Harness(search_domains=[bad, "good.example"])
+    assert [r for r in caplog.records if repr(bad) in r.getMessage() and why in r.getMessage()]
+    for xid in (1, 2):
+        offer = h.one(dhclient("discover", xid=xid))
+        assert offer.type == dhcp.OFFER and offer.yiaddr == "10.0.2.15"
+        check_lease_options(offer, h)
+        assert offer.opt(dhcp.OPT_DOMAIN_SEARCH) == b"\x04good\x07example\x00"
+        assert offer.opt(dhcp.OPT_DOMAIN_NAME) == b"good.example"
+
+
+def test_bad_search_domain_set_after_start_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    # A runtime that fills the list in place without validating it first.
+    caplog.set_level(logging.WARNING, logger="pyslirp")
+    h = Harness()
+    h.config.search_domains[:] = ["\ufffd.example", "lab.example"]
+    offer = h.one(udhcpc("discover"))
+    check_lease_options(offer, h)
+    assert offer.opt(dhcp.OPT_DOMAIN_SEARCH) == b"\x03lab\x07example\x00"
+    assert "'\ufffd.example'" in caplog.text
+
+
+def test_international_search_domain_is_served_in_idna_form() -> None:
+    h = Harness(search_domains=["\u00e9t\u00e9.example"])
+    offer = h.one(udhcpc("discover"))
+    assert offer.opt(dhcp.OPT_DOMAIN_NAME) == b"xn--t-9fab.example"
+    assert offer.opt(dhcp.OPT_DOMAIN_SEARCH) == b"\x0axn--t-9fab\x07example\x00"
+
+
 def test_search_list_left_out_when_too_big_for_client() -> None:
     domains = [f"{'x' * 50}{i}.example{i}" for i in range(8)]
     h = Harness(search_domains=domains)
@@ -381,6 +425,18 @@ def test_decline_takes_address_out_of_pool_for_a_while() -> None:
     assert h.one(dhclient("request", mac=b"\x02" * 6, requested=a)).type == dhcp.NAK
     h.now += DECLINE_HOLD + 1
     assert h.one(dhclient("request", mac=b"\x02" * 6, requested=a)).type == dhcp.ACK
+
+
+def test_decline_from_another_client_does_not_take_a_guests_address() -> None:
+    h = Harness()
+    h.one(udhcpc("discover"))
+    assert h.one(udhcpc("request", requested="10.0.2.15", server=GW)).type == dhcp.ACK
+    other = b"\x02" * 6
+    assert h.deliver(udhcpc("decline", mac=other, requested="10.0.2.15", server=GW)) == []
+    h.now += 100
+    renew = h.one(udhcpc("request", ciaddr="10.0.2.15", src="10.0.2.15", dst=GW))
+    assert renew.type == dhcp.ACK and renew.yiaddr == "10.0.2.15"  # was a NAK
+    assert h.link.counters["dhcp.drop.decline_not_holder"] == 1
 
 
 def test_inform_gets_configuration_without_lease() -> None:

@@ -8,6 +8,8 @@ socket.
 
 from __future__ import annotations
 
+import logging
+import random
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +30,8 @@ from pyslirp.stack.dns import (
 )
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import dns
+from pyslirp.wire import dns, ipv4
+from pyslirp.wire import udp as wire_udp
 from pyslirp.wire.checksum import checksum
 from pyslirp.wire.ethernet import EthernetFrame
 from pyslirp.wire.ipv4 import Ipv4Packet
@@ -398,6 +401,52 @@ def test_mismatched_replies_are_ignored(bad: Callable[[bytes], bytes]) -> None:
     assert h.answers() == [(GUEST, 40000, with_id(good, 0x1A2B))]
 
 
+def test_flood_of_garbage_and_wrong_ids_leaves_the_query_waiting_then_failing_over() -> None:
+    h = Harness()
+    h.query(make_query())
+    _, _, sent = h.host.sent[0]
+    reply = make_reply(sent)
+    rng = random.Random(3)
+    for _ in range(5000):
+        garbage = rng.randbytes(rng.randrange(0, 120))
+        h.fwd.upstream_datagram(UP1, garbage, h.now)
+        other = rng.randrange(0x10000)
+        if other != wire_id(sent):
+            h.fwd.upstream_datagram(UP1, with_id(reply, other), h.now)
+    assert h.answers() == [] and len(h.fwd.pending) == 1
+    assert len(h.fwd.inflight[UP1]) == 1 and len(h.fwd._expiry) == 1
+    counters = h.link.counters
+    assert counters["dns.drop.mismatched_reply"] + counters["dns.drop.bad_reply"] >= 5000
+    # Waiting goes on to the attempt's timeout, then the next upstream answers.
+    h.advance(h.fwd.attempt_timeout)
+    assert h.upstreams_asked() == [UP1, UP2]
+    good = h.answer()
+    assert h.answers() == [(GUEST, 40000, with_id(good, 0x1A2B))]
+
+
+def test_second_answer_to_the_same_attempt_is_dropped() -> None:
+    h = Harness()
+    h.query(make_query())
+    first = h.answer()
+    h.answer(make=lambda d: make_reply(d, addr="198.51.100.7"))
+    assert h.answers() == [(GUEST, 40000, with_id(first, 0x1A2B))]
+    assert h.link.counters["dns.drop.mismatched_reply"] == 1
+
+
+def test_truncated_answers_go_to_the_guest_as_they_came() -> None:
+    h = Harness()
+    # TC set by the upstream: the guest retries over TCP.
+    h.query(make_query(qid=1))
+    tc = h.answer(make=lambda d: bytes(DNS(id=wire_id(d), qr=1, tc=1, qd=DNS(d).qd)))
+    # Cut short inside the answer record: not parsed here, passed on.
+    h.query(make_query(qid=2), sport=40001)
+    cut = h.answer(make=lambda d: make_reply(d)[:-3])
+    got = h.answers()
+    assert got == [(GUEST, 40000, with_id(tc, 1)), (GUEST, 40001, with_id(cut, 2))]
+    assert dns.DnsMessage(got[0][2]).flags & dns.FLAG_TC
+    assert h.fwd.pending == {}
+
+
 def test_reply_from_another_upstream_is_ignored() -> None:
     h = Harness()
     h.query(make_query())
@@ -546,6 +595,66 @@ def test_pending_limit() -> None:
     assert len(h.host.sent) == 4
 
 
+def fast_query(h: Harness, payload: bytes, sport: int) -> None:
+    """Harness.query without scapy (for tests that send tens of thousands)."""
+    src, dst = bytes([10, 0, 2, 100]), h.config.dns
+    datagram = wire_udp.build(src, sport, dst, 53, payload)
+    head = bytearray(ipv4.MIN_HEADER_LEN)
+    ipv4.build_header(head, 0, src, dst, wire_udp.PROTO, len(datagram))
+    pkt = Ipv4Packet(memoryview(bytes(head) + datagram))
+    h.fwd.handle_query(pkt, UdpDatagram(pkt.payload, pkt.src, pkt.dst, True), h.now)
+
+
+def answer_noerror(data: bytes) -> bytes:
+    """The query sent upstream turned into its (empty, NOERROR) answer: QR set."""
+    return data[:2] + bytes([data[2] | 0x80]) + data[3:]
+
+
+def test_answered_queries_are_not_kept_behind_an_unanswered_one() -> None:
+    # 30,000 answered queries behind one that waits for its timeout used to stay
+    # referenced from the deadline queue (+58 MiB): memory must follow max_pending.
+    h = Harness()
+    h.query(make_query("stuck.example", qid=1))
+    template = make_query("example.com")
+    for i in range(30_000):
+        fast_query(h, with_id(template, i & 0xFFFF), sport=1024 + (i >> 16))
+        _query, upstream, data = h.host.sent[-1]
+        h.fwd.upstream_datagram(upstream, answer_noerror(data), h.now)
+        if len(h.frames) > 1000:
+            h.frames.clear()
+    assert h.link.counters["dns.query"] == 30_001
+    assert len(h.fwd.pending) == 1
+    bound = 2 * h.fwd.max_pending
+    assert len(h.fwd._expiry) <= bound
+    assert len({id(query) for _, query, _ in h.fwd._expiry}) <= bound
+    # The unanswered one still times out, attempt after attempt, and gets its SERVFAIL.
+    h.frames.clear()
+    sent = len(h.host.sent)
+    h.advance(h.fwd.attempt_timeout)
+    assert h.upstreams_asked()[sent:] == [UP2]
+    h.advance(h.fwd.attempt_timeout)
+    h.advance(h.fwd.attempt_timeout)
+    [(_ip, port, reply)] = h.answers()
+    assert port == 40000 and dns.DnsMessage(reply).rcode == dns.RCODE_SERVFAIL
+    assert h.fwd.pending == {} and len(h.fwd._expiry) == 0
+
+
+def test_deadline_queue_stays_bounded_when_queries_fail_over() -> None:
+    # Queries that move on to the next upstream leave their old entry behind too.
+    h = Harness()
+    h.query(make_query("stuck.example", qid=1))
+    template = make_query("example.com")
+    for i in range(5_000):
+        fast_query(h, with_id(template, i), sport=2000)
+        query, upstream, data = h.host.sent[-1]
+        h.fwd.upstream_failed(query, h.now, upstream)  # on to UP2
+        _query, upstream, data = h.host.sent[-1]
+        h.fwd.upstream_datagram(upstream, answer_noerror(data), h.now)
+        h.frames.clear()
+    assert len(h.fwd.pending) == 1
+    assert len(h.fwd._expiry) <= 2 * h.fwd.max_pending
+
+
 def test_close_answers_everyone() -> None:
     h = Harness()
     h.query(make_query(qid=1))
@@ -635,3 +744,12 @@ def test_resolv_conf_domain_keyword() -> None:
     assert parse_resolv_conf("domain lab.example.\nnameserver 10.1.1.1\n") == (
         ["10.1.1.1"], ["lab.example"])
     assert parse_resolv_conf("") == ([], [])
+
+
+def test_resolv_conf_search_domain_dhcp_cannot_serve_is_skipped_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="pyslirp")
+    # What reading a non-UTF-8 resolv.conf with errors="replace" gives.
+    _servers, search = parse_resolv_conf("search corp\ufffd.example ok.example\n")
+    assert search == ["ok.example"]
+    assert "corp\ufffd.example" in caplog.text and "resolv.conf" in caplog.text
