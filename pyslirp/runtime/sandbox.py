@@ -271,6 +271,29 @@ def create_sandbox(userns_path: str | None = None, *, own_userns: bool = False) 
     drop_privileges()
 
 
+def can_create_sandbox() -> bool:
+    """Whether :func:`create_sandbox` (``own_userns=True``) can get its namespaces here.
+
+    A forked child tries the unshares and exits; nothing of ours changes. A
+    container runtime's seccomp profile, or a kernel with unprivileged user
+    namespaces off, says no to a non-root caller.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - forked child
+        code = 1
+        try:
+            if os.geteuid() != 0:
+                netns.unshare(netns.CLONE_NEWUSER)
+            netns.unshare(netns.CLONE_NEWNS)
+            code = 0
+        except BaseException:  # noqa: BLE001, S110 - any failure is the answer "no"
+            pass
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
 def capabilities(pid: int | str = "self") -> dict[str, int]:
     """The ``Cap*`` masks of ``/proc/PID/status`` (CapInh, CapPrm, CapEff, CapBnd, CapAmb)."""
     caps: dict[str, int] = {}
