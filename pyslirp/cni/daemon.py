@@ -734,6 +734,7 @@ def serve(rundir: str) -> int:
     except OSError as exc:
         log.error("cannot listen on %s: %s", plugin.socket_path(rundir), exc)
         return 1
+    _install_seccomp()
     engine.start_resolv_watcher()
 
     def on_signal(sig: int) -> None:
@@ -754,6 +755,21 @@ def serve(rundir: str) -> int:
         loop.close()
         os.close(lock_fd)
     return 0
+
+
+def _install_seccomp() -> None:
+    """The engine's seccomp filter (no exec, ptrace, mount...): docs/security-sandbox.md.
+
+    setns and prctl stay allowed: the TAP and namespace helpers it forks for
+    containers yet to come inherit the filter. No mount sandbox: they must
+    reach /dev/net/tun and netns paths anywhere. Without seccomp in the kernel
+    the engine still serves (the plugin starts it implicitly; nobody could
+    opt out), and says so.
+    """
+    from pyslirp.runtime import sandbox, seccomp
+
+    if not sandbox.install_seccomp(seccomp.ENGINE_BLOCKED):
+        log.warning("serving without a seccomp filter")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import signal
@@ -74,6 +75,10 @@ def run_in_netns(netns_path: str, func: Callable[..., Any], *args: Any,
         try:
             with contextlib.suppress(ValueError):
                 signal.set_wakeup_fd(-1)
+            # As the TAP helper (runtime/tap.py): nothing of the engine's reaches the target.
+            gc.disable()
+            netns.set_dumpable(False)
+            netns.close_fds_except([wfd])
             try:
                 _enter(netns_path, userns_path)
                 reply = {"value": func(*args)}

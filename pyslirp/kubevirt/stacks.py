@@ -17,6 +17,13 @@ pod's ports, as with KubeVirt's own slirp. Its DNS upstreams and search
 domains come from the pod's resolv.conf (watched, as for a namespace) unless
 the sidecar was given ``--dns-upstream``.
 
+Each process runs with ``--enable-seccomp`` and, where this pod lets it
+make the namespaces (:func:`pyslirp.runtime.sandbox.can_create_sandbox`,
+checked once; a runtime's seccomp profile may forbid a non-root sidecar to
+create a user namespace), ``--enable-sandbox``: the stack then sees only
+read-only ``/etc`` and ``/run`` (docs/security-sandbox.md). The start-up
+log line says which.
+
 Start-up is synchronous and checked: :meth:`StackManager.ensure` returns
 only once the process wrote its ready byte (the socket listens, so QEMU can
 connect the moment the domain starts) and every declared port was added
@@ -100,6 +107,7 @@ class StackManager:
         self._stacks: dict[str, _Stack] = {}
         self._lock = threading.Lock()
         self._run_dir = _private_dir(data_dir)
+        self.hardening = _hardening_flags()
 
     def socket_path(self, iface: SlirpInterface) -> str:
         return os.path.join(self.data_dir, f"{iface.name}.sock")
@@ -146,7 +154,7 @@ class StackManager:
         args = [*self.command, "--target-type=qemu-stream", f"--cidr={iface.network}",
                 f"--mtu={iface.mtu}",
                 f"--api-socket={api}", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
-                *(f"--dns-upstream={u}" for u in self.dns_upstreams), sock]
+                *self.hardening, *(f"--dns-upstream={u}" for u in self.dns_upstreams), sock]
         try:
             proc = subprocess.Popen(args, pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL)
         except OSError as exc:
@@ -166,9 +174,10 @@ class StackManager:
             raise
         finally:
             os.close(ready_r)
-        log.info("kubevirt: interface %s: pyslirp (pid %d) on %s, network %s, ports %s",
+        log.info("kubevirt: interface %s: pyslirp (pid %d) on %s, network %s, ports %s, %s",
                  iface.name, proc.pid, sock, iface.network,
-                 " ".join(f"{p.port}/{p.protocol}" for p in iface.ports) or "none")
+                 " ".join(f"{p.port}/{p.protocol}" for p in iface.ports) or "none",
+                 " ".join(self.hardening))
         return stack
 
     def _wait_ready(self, stack: _Stack, ready_r: int) -> None:
@@ -233,6 +242,17 @@ class StackManager:
         shutil.rmtree(self._run_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(self.data_dir)  # only if empty: never anybody else's files
+
+
+def _hardening_flags() -> tuple[str, ...]:
+    """Seccomp always; the mount sandbox when this pod lets us create its namespaces."""
+    from pyslirp.runtime.sandbox import can_create_sandbox
+
+    if can_create_sandbox():
+        return ("--enable-sandbox", "--enable-seccomp")
+    log.warning("kubevirt: cannot create a user and mount namespace here; the stacks run "
+                "with --enable-seccomp but without --enable-sandbox")
+    return ("--enable-seccomp",)
 
 
 def _private_dir(data_dir: str) -> str:

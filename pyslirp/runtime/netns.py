@@ -15,6 +15,13 @@ user namespace one is already in fails with EINVAL, and a network namespace
 owned by another user namespace can usually only be joined (and a TAP created
 in it) with the capabilities one gains by joining that user namespace first.
 
+Forked helpers that join another user namespace call :func:`set_dumpable`
+(False) and :func:`close_fds_except` first: once the helper is in the
+target's user namespace, whoever is root there must not be able to ptrace
+it or read ``/proc/PID/fd``, and it must not carry the parent's other fds
+(in the CNI engine: other containers' TAPs and sockets) where that could
+matter.
+
 What it deliberately does not do: no fork/exec policy (see ``tap.py`` and
 ``spawn.py``), and nothing here is safe to call from a multithreaded process
 for user namespaces (the kernel refuses ``setns``/``unshare`` of a user
@@ -28,6 +35,7 @@ import ctypes
 import ctypes.util
 import os
 import signal
+from collections.abc import Iterable
 
 # <linux/sched.h>
 CLONE_NEWTIME = 0x00000080
@@ -52,6 +60,8 @@ MS_SLAVE = 1 << 19
 
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 
 # <linux/nsfs.h>: _IO(0xb7, 0x1), an fd for the user namespace owning a namespace.
 NS_GET_USERNS = 0xB701
@@ -110,6 +120,47 @@ def set_pdeathsig(sig: int) -> None:
     """Have the kernel send ``sig`` to this process when its parent *thread* exits."""
     if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         _raise("prctl(PR_SET_PDEATHSIG)")
+
+
+def set_dumpable(dumpable: bool) -> None:
+    """Set this process's "dumpable" attribute (prctl(2) ``PR_SET_DUMPABLE``).
+
+    A non-dumpable process cannot be ptraced, and its ``/proc/PID/fd``,
+    ``/proc/PID/mem`` etc. belong to root, except for callers with
+    ``CAP_SYS_PTRACE`` in the user namespace it was *created* in: being root in
+    a user namespace it joins later does not reach it.
+    """
+    if _libc.prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) != 0:
+        _raise("prctl(PR_SET_DUMPABLE)")
+
+
+def is_dumpable() -> bool:
+    """This process's "dumpable" attribute (prctl(2) ``PR_GET_DUMPABLE``)."""
+    return bool(_libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) > 0)
+
+
+def close_fds_except(keep: Iterable[int]) -> None:
+    """Close every file descriptor above 2 that is not in ``keep`` (a forked child's hygiene).
+
+    The standard streams stay: a stray message must not land in a TAP or a
+    socket that took fd 2's number. ``closerange`` is one close_range(2) call
+    on Linux 5.9+; it only reaches the soft RLIMIT_NOFILE, so whatever is
+    left above that (a limit lowered after the fds were opened) is found in
+    ``/proc/self/fd``.
+    """
+    wanted = sorted({fd for fd in keep if fd > 2})
+    limit = max(os.sysconf("SC_OPEN_MAX"), (wanted[-1] + 1) if wanted else 3)
+    low = 3
+    for fd in wanted:
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, limit)
+    with contextlib.suppress(OSError):  # no /proc: closerange did what it could
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd not in wanted:
+                with contextlib.suppress(OSError):  # listdir's own, already closed
+                    os.close(fd)
 
 
 def ns_id(path: str) -> tuple[int, int]:

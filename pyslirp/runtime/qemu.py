@@ -117,11 +117,16 @@ def bind_unix(path: str, kind: int) -> socket.socket:
     return sock
 
 
-def _remove_socket_file(path: str, ino: int) -> None:
-    """Remove ``path`` if it is still the socket we bound (not a successor's)."""
+def _remove_socket_file(path: str, ino: int, dir_fd: int | None = None) -> None:
+    """Remove ``path`` if it is still the socket we bound (not a successor's).
+
+    ``dir_fd`` (an fd of its directory) still reaches it after
+    ``--enable-sandbox`` has pivoted the root away.
+    """
+    name = path if dir_fd is None else os.path.basename(path)
     with contextlib.suppress(OSError):
-        if os.lstat(path).st_ino == ino:
-            os.unlink(path)
+        if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == ino:
+            os.unlink(name, dir_fd=dir_fd)
 
 
 def _require_plain_frames(config: NetConfig) -> None:
@@ -411,12 +416,11 @@ def serve_qemu(opts: Any) -> int:
 
     stream = opts.target_type == "qemu-stream"
     path = str(opts.target)
-    if getattr(opts, "enable_sandbox", False) or getattr(opts, "enable_seccomp", False):
-        # The sandbox pivots into a root without the socket's directory (the file could
-        # not be removed at exit) and joins the target's user namespace, which a VM has
-        # not got; refusing beats running with less isolation than asked for.
-        log.error("--enable-sandbox and --enable-seccomp are not supported with "
-                  "--target-type=%s", opts.target_type)
+    if getattr(opts, "enable_sandbox", False) and not stream:
+        # We answer to QEMU's local.path by name; the sandbox's root has no such path.
+        log.error("--enable-sandbox is not supported with --target-type=qemu-dgram: replies "
+                  "go to QEMU's socket by its path, which the sandbox hides "
+                  "(--enable-seccomp is)")
         return 1
     config: NetConfig = opts.net_config()
     config.vnet_hdr = False
@@ -427,6 +431,8 @@ def serve_qemu(opts: Any) -> int:
         log.error("%s", exc.strerror or exc)
         return 1
     ino = os.lstat(path).st_ino  # the file, not the socket (fstat gives sockfs)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)),
+                     os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     cls: type[Attachment] = QemuStreamAttachment if stream else QemuDgramAttachment
     try:
         server = Server(sock.fileno(), config, tap_name=path, pcap_path=opts.pcap,
@@ -434,7 +440,8 @@ def serve_qemu(opts: Any) -> int:
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         sock.close()
-        _remove_socket_file(path, ino)
+        _remove_socket_file(path, ino, dir_fd)
+        os.close(dir_fd)
         return 1
     try:
         if opts.exit_fd is not None:
@@ -453,7 +460,13 @@ def serve_qemu(opts: Any) -> int:
                 server.api.handler.default_guest_addr = str(config.network.network_address + 15)
         log.info("serving QEMU %s at %s (MTU %d, %s)", "-netdev stream" if stream
                  else "-netdev dgram", path, config.mtu, config.network)
+        from pyslirp.runtime.sandbox import apply as apply_hardening
+
+        if not apply_hardening(opts, own_userns=True):
+            server.stop(1)
+            return server.run()
         return server.run(on_ready=lambda: _signal_ready(opts.ready_fd))
     finally:
         sock.close()
-        _remove_socket_file(path, ino)
+        _remove_socket_file(path, ino, dir_fd)
+        os.close(dir_fd)

@@ -21,7 +21,9 @@ TAP and the API socket are open and before the first frame is served:
 
 As slirp4netns does, a caller that is not root on the host first joins the
 target's user namespace (where it is root with every capability) so step 1
-is permitted; the capabilities dropped in step 4 are then those.
+is permitted; the capabilities dropped in step 4 are then those. A QEMU back
+end has no target user namespace: a non-root one makes its own (our uid and
+gid mapped to 0, nothing else) for the same purpose.
 
 Python-specific: once the old root is gone, the interpreter cannot import
 anything any more (the venv and the standard library are not in the new
@@ -142,6 +144,30 @@ def enter_user_namespace(userns_path: str) -> None:
                                       f"{exc.strerror}") from None
 
 
+def new_user_namespace() -> None:
+    """Move into a new user namespace owned by us and become its root (non-root callers).
+
+    For a front end that has no target user namespace to join (a QEMU back
+    end): the mount namespace below then belongs to it. Our uid and gid map
+    to 0 and nothing else exists in there, so files keep their owners.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        netns.unshare(netns.CLONE_NEWUSER)
+    except OSError as exc:
+        raise SandboxError(exc.errno, "sandbox: cannot unshare new user namespace: "
+                                      f"{os.strerror(exc.errno or 0)}") from None
+    # setgroups must be denied before an unprivileged process may write gid_map.
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"0 {uid} 1"),
+                       ("/proc/self/gid_map", f"0 {gid} 1")):
+        try:
+            with open(path, "w") as f:
+                f.write(text)
+        except OSError as exc:
+            raise SandboxError(exc.errno, f"sandbox: cannot write {path}: "
+                                          f"{exc.strerror}") from None
+
+
 def _pivot_root(new_root: str, put_old: str) -> None:
     nr = _SYS_PIVOT_ROOT.get(platform.machine())
     if nr is None:
@@ -226,18 +252,46 @@ def preload() -> list[str]:
     return failed
 
 
-def create_sandbox(userns_path: str | None = None) -> None:
+def create_sandbox(userns_path: str | None = None, *, own_userns: bool = False) -> None:
     """Everything ``--enable-sandbox`` does, in slirp4netns's order (irreversible).
 
     Call :func:`preload` first: nothing can be imported afterwards.
 
     ``userns_path`` is the target's user namespace, joined first when we are
-    not root (slirp4netns does the same); root ignores it.
+    not root (slirp4netns does the same); ``own_userns`` instead makes a new
+    one for a non-root caller that has no target (a QEMU back end). Root
+    needs neither and ignores both.
     """
-    if os.geteuid() != 0 and userns_path is not None:
-        enter_user_namespace(userns_path)
+    if os.geteuid() != 0:
+        if userns_path is not None:
+            enter_user_namespace(userns_path)
+        elif own_userns:
+            new_user_namespace()
     create_mount_sandbox()
     drop_privileges()
+
+
+def can_create_sandbox() -> bool:
+    """Whether :func:`create_sandbox` (``own_userns=True``) can get its namespaces here.
+
+    A forked child tries the unshares and exits; nothing of ours changes. A
+    container runtime's seccomp profile, or a kernel with unprivileged user
+    namespaces off, says no to a non-root caller.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - forked child
+        code = 1
+        try:
+            if os.geteuid() != 0:
+                netns.unshare(netns.CLONE_NEWUSER)
+            netns.unshare(netns.CLONE_NEWNS)
+            code = 0
+        except BaseException:  # noqa: BLE001, S110 - any failure is the answer "no"
+            pass
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def capabilities(pid: int | str = "self") -> dict[str, int]:
@@ -267,11 +321,12 @@ def _userns_for(opts: Any) -> str | None:
     return f"/proc/{pid}/ns/user" if pid else None
 
 
-def apply(opts: Any) -> bool:
+def apply(opts: Any, *, own_userns: bool = False) -> bool:
     """``--enable-sandbox`` then ``--enable-seccomp`` as ``opts`` asks; False (logged) on failure.
 
-    Call once the TAP and the API socket are open and before serving; the
-    process cannot open new files outside /etc and /run afterwards, nor exec.
+    Call once the TAP (or the QEMU socket) and the API socket are open and
+    before serving; the process cannot open new files outside /etc and /run
+    afterwards, nor exec. ``own_userns``: see :func:`create_sandbox`.
     """
     sandbox, filtered = getattr(opts, "enable_sandbox", False), \
         getattr(opts, "enable_seccomp", False)
@@ -282,7 +337,7 @@ def apply(opts: Any) -> bool:
         log.warning("sandbox: could not preload %s", ", ".join(failed))
     if sandbox:
         try:
-            create_sandbox(_userns_for(opts))
+            create_sandbox(None if own_userns else _userns_for(opts), own_userns=own_userns)
         except SandboxError as exc:
             log.error("%s", exc.strerror)  # the whole message, errno text included
             return False
@@ -291,15 +346,22 @@ def apply(opts: Any) -> bool:
             return False
         log.info("sandbox: new mount namespace with read-only /etc and /run; "
                  "capabilities: CAP_NET_BIND_SERVICE only; no new privileges")
-    if filtered:
-        from pyslirp.runtime import seccomp
+    return install_seccomp() if filtered else True
 
-        try:
-            info = seccomp.install()
-        except seccomp.SeccompError as exc:
-            log.error("%s", exc.strerror)
-            return False
-        log.info("seccomp (%s, %s): the following syscalls will be blocked by seccomp: %s",
-                 info.backend, "kill process" if info.kill_process else "kill thread",
-                 " ".join(info.names))
+
+def install_seccomp(names: tuple[str, ...] | None = None) -> bool:
+    """Load the seccomp filter blocking ``names`` (default: all of ``seccomp.BLOCKED``).
+
+    Logs what it blocked, or the one-line reason it could not (then False).
+    """
+    from pyslirp.runtime import seccomp
+
+    try:
+        info = seccomp.install(names=seccomp.BLOCKED if names is None else names)
+    except seccomp.SeccompError as exc:
+        log.error("%s", exc.strerror)
+        return False
+    log.info("seccomp (%s, %s): the following syscalls will be blocked by seccomp: %s",
+             info.backend, "kill process" if info.kill_process else "kill thread",
+             " ".join(info.names))
     return True

@@ -16,6 +16,10 @@ the new mount API (``open_tree``, ``move_mount``, ``fsopen``, ``fsconfig``,
 allowed, as in slirp4netns: the resolv.conf watcher re-reads
 ``/etc/resolv.conf`` for as long as pyslirp runs.
 
+The CNI engine gets the same filter minus ``setns`` and ``prctl``
+(:data:`ENGINE_BLOCKED`): it must fork helpers that join the namespaces of
+containers created after it started, and they inherit its filter.
+
 The action is ``SECCOMP_RET_KILL_PROCESS`` (the whole process dies with
 SIGSYS, even if another thread made the call) where the kernel has it
 (4.14+), else ``SECCOMP_RET_KILL_THREAD``. The filter is installed with
@@ -95,6 +99,13 @@ EXTRA_BLOCKED = (
     "mount_setattr",
 )
 BLOCKED = SLIRP4NETNS_BLOCKED + EXTRA_BLOCKED
+#: What a process keeps when it forks helpers into other namespaces (the CNI engine):
+#: the helpers inherit the filter and must still setns(2), and prctl(2) (they make
+#: themselves non-dumpable before joining, ``runtime/tap.py``).
+NAMESPACE_HELPERS_NEED = ("setns", "prctl")
+#: The CNI engine's filter: everything else in :data:`BLOCKED` (exec, ptrace,
+#: process_vm_*, mount and the new mount API, unshare, handles, modules, kexec).
+ENGINE_BLOCKED = tuple(n for n in BLOCKED if n not in NAMESPACE_HELPERS_NEED)
 
 _NEW_MOUNT_API = {"open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
                   "fsmount": 432, "fspick": 433, "mount_setattr": 442}
@@ -399,5 +410,5 @@ def seccomp_mode(pid: int | str = "self") -> int:
     return 0  # pragma: no cover - every Linux since 3.8 has the field
 
 
-__all__ = ["BLOCKED", "SLIRP4NETNS_BLOCKED", "SeccompError", "FilterInfo", "install",
-           "build_bpf", "libseccomp_version", "native_arches", "seccomp_mode"]
+__all__ = ["BLOCKED", "ENGINE_BLOCKED", "SLIRP4NETNS_BLOCKED", "SeccompError", "FilterInfo",
+           "install", "build_bpf", "libseccomp_version", "native_arches", "seccomp_mode"]

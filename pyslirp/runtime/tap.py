@@ -27,6 +27,13 @@ Offloads degrade instead of failing: no vnet header (``vnet_hdr=False``, frames
 are bare Ethernet) or no offloads (``offload=False``: every frame is at most
 MTU-sized and carries complete checksums), and the engine adapts.
 
+Before step 1 the child makes itself non-dumpable (``PR_SET_DUMPABLE`` 0)
+and closes every fd but its end of the socketpair and the standard
+streams: it is about to live, however briefly, in the target's user
+namespace, whose root must not be able to ptrace it or read its
+``/proc/PID/fd``, and it has no use for the parent's other fds (in the
+CNI engine: other containers' TAPs and sockets).
+
 Design choices
 --------------
 * The child is kept minimal because the parent may have threads (an event
@@ -51,6 +58,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import gc
 import ipaddress
 import json
 import os
@@ -268,6 +276,7 @@ def _child_main(sock: socket.socket, netns_path: str, userns_path: str | None,
     code = 1
     try:
         netns.forked_child_signal_hygiene()
+        _child_harden(sock)
         fd, info = _child_open(netns_path, userns_path, tapname, mtu, configure, mac,
                                want_vnet_hdr, want_offload)
         socket.send_fds(sock, [json.dumps(info).encode()], [fd])
@@ -278,6 +287,25 @@ def _child_main(sock: socket.socket, netns_path: str, userns_path: str | None,
         _child_report(sock, f"TAP helper failed: {type(exc).__name__}: {exc}")
     finally:
         os._exit(code)
+
+
+def _child_harden(sock: socket.socket) -> None:  # pragma: no cover - forked child
+    """Before touching the target: become non-dumpable and drop every fd but ``sock``.
+
+    Non-dumpable first, while still in our own user namespace: once in the
+    target's, its root could otherwise ptrace this process or read its
+    ``/proc/PID/fd`` (and the TAP fd in it). The parent's other fds (in the
+    CNI engine: other containers' TAPs, the API and the ADD/DEL sockets) have
+    no business in there. The cyclic GC is off for the rest of the child's
+    life: a collected parent object (a socket) would otherwise close its old
+    fd number, which by then may be our TAP.
+    """
+    gc.disable()
+    try:
+        netns.set_dumpable(False)
+    except OSError as exc:
+        raise _ChildFailure(f"TAP helper: {exc.strerror}") from None
+    netns.close_fds_except([sock.fileno()])
 
 
 def _child_report(sock: socket.socket, message: str) -> None:  # pragma: no cover

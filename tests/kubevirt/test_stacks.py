@@ -46,3 +46,39 @@ def test_sidecar_refuses_the_hook_directory_as_data_dir(tmp_path: Path) -> None:
 
     assert main(["--socket", str(tmp_path / "slirp.sock"), "--data-dir", str(tmp_path)]) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root here")
+def test_stacks_run_sandboxed_and_filtered_and_serve_qemu(tmp_path: Path) -> None:
+    import ipaddress
+    import socket
+    import struct
+
+    from pyslirp.kubevirt.domain import SlirpInterface
+    from pyslirp.wire import arp
+
+    manager = stacks.StackManager(str(tmp_path / "pyslirp"), dns_upstreams=["127.0.0.1:9"])
+    try:
+        iface = SlirpInterface("default", "virtio-net-pci", None,
+                               ipaddress.IPv4Network("10.0.2.0/24"), ())
+        path = manager.ensure([iface])["default"]
+        pid = manager.running()["default"]
+        status = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines())
+        assert (status["Seccomp"].strip(), status["NoNewPrivs"].strip()) == ("2", "1")
+        assert sorted(os.listdir(f"/proc/{pid}/root")) == ["etc", "run"]
+        # QEMU's ARP for the gateway is answered (-netdev stream: 4-byte length, frame).
+        mac = bytes.fromhex("525400123456")
+        request = (b"\xff" * 6 + mac + b"\x08\x06" +
+                   struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, arp.OP_REQUEST, mac,
+                               bytes([10, 0, 2, 15]), b"\0" * 6, bytes([10, 0, 2, 2])))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as qemu:
+            qemu.settimeout(10)
+            qemu.connect(path)
+            qemu.sendall(struct.pack("!I", len(request)) + request)
+            header = qemu.recv(4, socket.MSG_WAITALL)
+            reply = qemu.recv(struct.unpack("!I", header)[0], socket.MSG_WAITALL)
+        assert reply[12:14] == b"\x08\x06" and reply[20:22] == b"\x00\x02"  # an ARP reply
+    finally:
+        manager.close()
+    assert not (tmp_path / "pyslirp").exists()

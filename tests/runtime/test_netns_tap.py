@@ -9,9 +9,11 @@ import asyncio
 import errno
 import os
 import select
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -467,3 +469,116 @@ def test_nsutil_veth_joins_two_namespaces() -> None:
                      "exec 3<>/dev/tcp/198.18.0.2/7000 2>/dev/null && break; sleep 0.05; "
                      "done; cat <&3"]).stdout
         assert got == "over the veth"
+
+
+# ---------------------------------------------------------------------------- helper hygiene
+
+_OPENAT = {"x86_64": 257, "aarch64": 56}
+_NOBODY = 65534
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    # "pid (comm) state ppid ...": comm may hold spaces, so split after ')'
+                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                        found.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    return found
+
+
+def _blocked_in_openat(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0] == str(_OPENAT[os.uname().machine])
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_for_blocked_helper(worker: subprocess.Popen[str], deadline: float) -> int:
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, worker.communicate()
+        for pid in _children_of(worker.pid):
+            if _blocked_in_openat(pid):
+                return pid
+        time.sleep(0.01)
+    raise AssertionError("the TAP helper never reached its first open")
+
+
+def _same_uid_can_list_fds(pid: int) -> bool:
+    """Whether a process of uid nobody (the helper's own uid here) may read /proc/PID/fd."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - forked
+        code = 2
+        try:
+            os.setgroups([])
+            os.setresgid(_NOBODY, _NOBODY, _NOBODY)
+            os.setresuid(_NOBODY, _NOBODY, _NOBODY)
+            os.listdir(f"/proc/{pid}/fd")
+            code = 0
+        except PermissionError:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 1), f"probe failed (exit {code})"
+    return code == 0
+
+
+@pytest.mark.skipif(os.uname().machine not in _OPENAT, reason="openat number unknown here")
+def test_the_helper_keeps_no_parent_fds_and_cannot_be_inspected_by_its_uid() -> None:
+    # An unprivileged engine (uid nobody, dumpable like any process that did not change
+    # its ids) holds an fd that stands for another container's TAP. It asks for a TAP in
+    # a "netns" that is a FIFO: the helper then blocks in its very first open, after
+    # everything it does to protect itself, and can be looked at from outside.
+    shared = tempfile.mkdtemp(prefix="pyslirp-helper-")
+    fifo = os.path.join(shared, "netns")
+    try:
+        os.chmod(shared, 0o755)
+        os.mkfifo(fifo, 0o666)
+        code = textwrap.dedent(f"""
+            import ctypes, os
+            from pyslirp.runtime.tap import TapError, open_tap
+            secret = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            os.setgroups([])
+            os.setresgid({_NOBODY}, {_NOBODY}, {_NOBODY})
+            os.setresuid({_NOBODY}, {_NOBODY}, {_NOBODY})
+            # Changing ids made us non-dumpable; a process started as nobody is dumpable.
+            assert ctypes.CDLL(None, use_errno=True).prctl(4, 1, 0, 0, 0) == 0
+            print(secret, flush=True)
+            try:
+                open_tap({fifo!r}, "path", timeout=60)
+            except TapError as exc:
+                print(exc, flush=True)
+        """)
+        worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  text=True, cwd=os.getcwd())
+        try:
+            assert worker.stdout is not None
+            secret = int(worker.stdout.readline())
+            helper = _wait_for_blocked_helper(worker, time.monotonic() + 30)
+            fds = {int(n): os.readlink(f"/proc/{helper}/fd/{n}")
+                   for n in os.listdir(f"/proc/{helper}/fd")}
+            extra = {n: what for n, what in fds.items() if n > 2}
+            assert secret not in fds
+            assert len(extra) == 1 and next(iter(extra.values())).startswith("socket:"), fds
+            # Precondition: the engine itself is open to its uid; its helper is not.
+            assert os.stat(f"/proc/{worker.pid}/fd").st_uid == _NOBODY
+            assert _same_uid_can_list_fds(worker.pid)
+            assert os.stat(f"/proc/{helper}/fd").st_uid == 0
+            assert not _same_uid_can_list_fds(helper)
+            # Release it: it gets a FIFO where a namespace should be and says so.
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            out, _ = worker.communicate(timeout=30)
+            assert out.startswith(f"cannot join network namespace {fifo}: "), out
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -332,3 +332,94 @@ def test_pyslirp_serves_qemu_stream_until_sigterm(tmp_path: Path) -> None:
     assert "QEMU connected" in err
     assert not os.path.exists(path)
     assert (tmp_path / "vm.pcap").stat().st_size > 24 + 2 * 16  # both frames captured
+
+
+# --- --enable-sandbox / --enable-seccomp ------------------------------------------------
+
+def _start_qemu_backend(tmp_path: Path, kind: str, *flags: str) -> tuple[Any, int, str, str]:
+    import subprocess
+    import sys
+
+    path, api = str(tmp_path / "vm.sock"), str(tmp_path / "api.sock")
+    ready_r, ready_w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyslirp", f"--target-type={kind}", f"--ready-fd={ready_w}",
+         "--dns-upstream=127.0.0.1:9", f"--api-socket={api}", *flags, path],
+        pass_fds=(ready_w,), stderr=subprocess.PIPE, text=True)
+    os.close(ready_w)
+    return proc, ready_r, path, api
+
+
+def _status_fields(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def _stop(proc: Any, ready_r: int) -> str:
+    import signal
+
+    os.close(ready_r)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return str(err)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox test needs root")
+def test_qemu_stream_runs_sandboxed_and_filtered_and_still_serves(tmp_path: Path) -> None:
+    proc, ready_r, path, api = _start_qemu_backend(tmp_path, "qemu-stream",
+                                                  "--enable-sandbox", "--enable-seccomp")
+    try:
+        assert os.read(ready_r, 1) == b"1", proc.communicate(timeout=20)[1]
+        status = _status_fields(proc.pid)
+        assert (status["Seccomp"], status["NoNewPrivs"]) == ("2", "1")
+        assert int(status["CapEff"], 16) == 1 << 10  # CAP_NET_BIND_SERVICE only
+        assert sorted(os.listdir(f"/proc/{proc.pid}/root")) == ["etc", "run"]
+        with connect(path) as qemu:
+            qemu.sendall(framed(arp_request()))
+            reply = Ether(StreamReader(qemu).frame())
+            assert reply[ARP].op == 2 and reply[ARP].psrc == "10.0.2.2"
+        from pyslirp.kubevirt.stacks import api_request
+
+        added = api_request(api, {"execute": "add_hostfwd", "arguments": {
+            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": _free_port(),
+            "guest_port": 80}})
+        assert "return" in added, added
+    finally:
+        err = _stop(proc, ready_r)
+    assert proc.returncode == 0, err
+    # Both socket files are gone although their directory is outside the sandbox's root.
+    assert not os.path.exists(path) and not os.path.exists(api)
+
+
+def test_qemu_dgram_runs_filtered_and_still_serves(tmp_path: Path) -> None:
+    proc, ready_r, path, _api = _start_qemu_backend(tmp_path, "qemu-dgram", "--enable-seccomp")
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        assert os.read(ready_r, 1) == b"1", proc.communicate(timeout=20)[1]
+        status = _status_fields(proc.pid)
+        assert (status["Seccomp"], status["NoNewPrivs"]) == ("2", "1")
+        qemu.bind(str(tmp_path / "qemu.sock"))
+        qemu.settimeout(10)
+        qemu.sendto(arp_request(), path)
+        assert is_arp_reply(qemu.recv(MAX_FRAME))
+    finally:
+        qemu.close()
+        err = _stop(proc, ready_r)
+    assert proc.returncode == 0, err
+
+
+def test_qemu_dgram_refuses_the_sandbox_and_says_why(tmp_path: Path) -> None:
+    proc, ready_r, path, _api = _start_qemu_backend(tmp_path, "qemu-dgram", "--enable-sandbox")
+    try:
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        os.close(ready_r)
+    assert proc.returncode == 1
+    assert "--enable-sandbox is not supported with --target-type=qemu-dgram: replies go to " \
+           "QEMU's socket by its path, which the sandbox hides" in err
+    assert not os.path.exists(path)

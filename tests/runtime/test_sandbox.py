@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from pyslirp.runtime import sandbox
+from pyslirp.runtime import netns, sandbox
 from tests.nsutil import userns_mapped
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox test needs root")
@@ -174,6 +174,45 @@ def test_unprivileged_caller_sandboxes_inside_the_targets_user_namespace() -> No
         os.waitpid(pid, 0)
 
 
+def test_unprivileged_caller_without_a_target_sandboxes_in_a_user_namespace_of_its_own() -> None:
+    # A rootless QEMU back end: no target user namespace to join, so it makes one.
+    sandbox.preload()
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.close(go_w)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            # Changing ids made us non-dumpable (our /proc/self root's); a process
+            # started as nobody is dumpable and may write its own uid_map.
+            netns.set_dumpable(True)
+            sandbox.create_sandbox(own_userns=True)
+            os.write(w, json.dumps({"root": sorted(os.listdir("/")),
+                                    "euid": os.geteuid()}).encode() + b"\n")
+            os.read(go_r, 1)  # let the parent look at us
+        except BaseException as exc:  # noqa: BLE001
+            os.write(w, json.dumps({"error": repr(exc)}).encode() + b"\n")
+        os._exit(0)
+    os.close(w)
+    os.close(go_r)
+    try:
+        with os.fdopen(r, "rb") as f:
+            report = json.loads(f.readline())
+        assert report == {"root": ["etc", "run"], "euid": 0}
+        assert os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
+        assert Path(f"/proc/{pid}/uid_map").read_text().split() == ["0", "65534", "1"]
+        caps = sandbox.capabilities(pid)
+        assert caps["CapEff"] == NET_BIND_SERVICE and caps["CapBnd"] == NET_BIND_SERVICE
+        assert sandbox.no_new_privs(pid)
+    finally:
+        os.close(go_w)
+        os.waitpid(pid, 0)
+
+
 def test_apply_does_nothing_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     called: list[str] = []
     monkeypatch.setattr(sandbox, "create_sandbox", lambda *_a: called.append("sandbox"))
@@ -183,7 +222,7 @@ def test_apply_does_nothing_unless_asked(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_apply_failure_is_one_logged_error(monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    def fail(_userns: str | None) -> None:
+    def fail(_userns: str | None, **_kw: object) -> None:
         raise sandbox.SandboxError(1, "sandbox: cannot unshare new mount namespace: "
                                       "Operation not permitted")
     monkeypatch.setattr(sandbox, "create_sandbox", fail)

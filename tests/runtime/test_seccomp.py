@@ -29,7 +29,8 @@ BACKENDS = [pytest.param(False, id="bpf"),
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def run_filtered(use_libseccomp: bool, action: Callable[[], object]) -> tuple[str, bytes]:
+def run_filtered(use_libseccomp: bool, action: Callable[[], object],
+                 names: tuple[str, ...] = seccomp.BLOCKED) -> tuple[str, bytes]:
     """Install the filter in a child, run ``action``; ("exit", n) / ("signal", SIG) and output."""
     r, w = os.pipe()
     pid = os.fork()
@@ -37,7 +38,7 @@ def run_filtered(use_libseccomp: bool, action: Callable[[], object]) -> tuple[st
         status = 0
         try:
             os.close(r)
-            seccomp.install(use_libseccomp=use_libseccomp)
+            seccomp.install(use_libseccomp=use_libseccomp, names=names)
             result = action()
             os.write(w, repr(result).encode())
         except BaseException as exc:  # noqa: BLE001 - report anything to the parent
@@ -170,3 +171,41 @@ def test_tables_agree_with_libseccomp(arch: int) -> None:
     for name in seccomp.BLOCKED:
         assert seccomp.SYSCALLS[arch].get(name) == seccomp.resolve_with_libseccomp(arch, name), \
             name
+
+
+# --- the CNI engine's filter ------------------------------------------------------------
+
+@needs_table
+@pytest.mark.parametrize("use_libseccomp", BACKENDS)
+@pytest.mark.parametrize("call", [_execve, _unshare_mount, _mount, _ptrace, _init_module,
+                                  _execve_from_a_thread], ids=lambda f: f.__name__.strip("_"))
+def test_engine_filter_still_kills_escapes(use_libseccomp: bool,
+                                           call: Callable[[], object]) -> None:
+    how, out = run_filtered(use_libseccomp, call, seccomp.ENGINE_BLOCKED)
+    assert how == "signal SIGSYS", out
+
+
+def _open_tap_in(path: str) -> Callable[[], object]:
+    def action() -> object:
+        from pyslirp.runtime.tap import open_tap
+
+        with open_tap(path, "path", configure=None) as handle:
+            return handle.name
+    return action
+
+
+@needs_table
+@pytest.mark.e2e
+@pytest.mark.parametrize("use_libseccomp", BACKENDS)
+def test_engine_filter_lets_its_helpers_open_taps(use_libseccomp: bool) -> None:
+    # The helper inherits the filter, makes itself non-dumpable (prctl) and joins the
+    # namespace (setns): both must stay allowed, the rest of what the engine does too.
+    from tests import nsutil
+
+    nsutil.skip_unless_capable()
+    with nsutil.NetNS("seccomp") as ns:
+        how, out = run_filtered(use_libseccomp, _open_tap_in(ns.path), seccomp.ENGINE_BLOCKED)
+        assert (how, out) == ("exit 0", b"'tap0'")
+        how, out = run_filtered(use_libseccomp, _what_pyslirp_does_at_runtime,
+                                seccomp.ENGINE_BLOCKED)
+        assert (how, out) == ("exit 0", b"'pingu12'")
