@@ -21,6 +21,15 @@ request per connection, one JSON reply, then the connection closes.
   address and default route of ``prevResult`` must be in the namespace.
 * ``gc``: delete every attachment of the network not in the valid list.
 
+Trust: only clients of our uid or root are answered (``SO_PEERCRED``), and
+every request's names and paths are checked by the plugin's rules
+(:func:`pyslirp.cni.plugin.request_problem`): they become file names in the
+runtime directory and the namespace an interface is made or inspected in. A
+state file is acted on (a dead engine's TAP removed) only when it is ours, not
+a symlink, agrees with its own file name, and its netns still is the
+namespace the ADD opened the TAP in (``netnsId``: nsfs device and inode); any
+other is removed without touching an interface (:func:`_stale_tap`).
+
 Exactly one engine runs per runtime directory: it holds an exclusive
 ``flock`` on ``RUNDIR/engine.lock`` for its lifetime. It leaves when it has
 had no attachment for :data:`IDLE_EXIT` seconds (pings do not count): it stops

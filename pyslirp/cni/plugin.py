@@ -32,6 +32,13 @@ the engine. Verbs therefore work when the engine died:
 * GC removes every attachment of the network not in
   ``cni.dev/valid-attachments``, live or stale.
 
+Nobody else gets in: the runtime directory (``/tmp/pyslirp-UID`` is a name
+any local user can take first) must be a directory of our uid with no group
+or other access, made 0700 when missing (:func:`prepare_runtime_dir`); its
+files are opened with ``O_NOFOLLOW`` and must be ours (:func:`open_private`);
+the engine on ``engine.sock`` must run as our uid or root (``SO_PEERCRED``,
+:func:`_connect`). The engine applies the same checks from its side.
+
 Results are built in the 1.1.0 shape and converted to the version the
 configuration asks for (``ips[].version`` before 1.0.0; no interface ``mtu``
 before 1.1.0). What this module deliberately does not do: IPAM (an ``ipam``

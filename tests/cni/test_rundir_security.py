@@ -131,7 +131,7 @@ def test_precreated_dir_open_to_everyone_is_refused(uids: tuple[int, int],
     assert out.code == plugin.ERR_UNSAFE, out.doc
 
 
-@pytest.mark.parametrize("mode", [0o750, 0o705])
+@pytest.mark.parametrize("mode", [0o750, 0o705], ids=["0750", "0705"])
 def test_group_or_other_access_makes_status_fail(cni_bin: str, env: dict[str, str],
                                                  rundir: str, mode: int) -> None:
     os.chmod(rundir, mode)
@@ -327,14 +327,14 @@ def _ask_engine(rundir: str, request: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("request_fields", "needle"), [
-    ({"op": "del", "containerID": "../c1"}, "containerID"),
-    ({"op": "del", "containerID": "a:b"}, "containerID"),
-    ({"op": "del", "ifname": "../../x"}, "ifname"),
-    ({"op": "del", "ifname": "x" * 16}, "ifname"),
-    ({"op": "del", "network": "../slirptest"}, "network"),
-    ({"op": "check", "netns": "relative/net"}, "netns"),
-    ({"op": "check", "netns": "/run/netns/does-not-exist-pyslirp"}, "netns"),
-    ({"op": "gc", "valid": "everything"}, "valid"),
+    ({"op": "del", "containerID": "../c1"}, "invalid containerID"),
+    ({"op": "del", "containerID": "a:b"}, "invalid containerID"),
+    ({"op": "del", "ifname": "../../x"}, "invalid ifname"),
+    ({"op": "del", "ifname": "x" * 16}, "invalid ifname"),
+    ({"op": "del", "network": "../slirptest"}, "invalid network name"),
+    ({"op": "check", "netns": "relative/net"}, "invalid netns"),
+    ({"op": "check", "netns": "/run/netns/does-not-exist-pyslirp"}, "invalid netns"),
+    ({"op": "gc", "valid": "everything"}, "invalid valid-attachments"),
 ])
 def test_engine_revalidates_names_and_paths(runtime_factory: Any, netns_factory: Any,
                                             rundir: str, request_fields: dict[str, Any],
