@@ -21,6 +21,15 @@ request per connection, one JSON reply, then the connection closes.
   address and default route of ``prevResult`` must be in the namespace.
 * ``gc``: delete every attachment of the network not in the valid list.
 
+Trust: only clients of our uid or root are answered (``SO_PEERCRED``), and
+every request's names and paths are checked by the plugin's rules
+(:func:`pyslirp.cni.plugin.request_problem`): they become file names in the
+runtime directory and the namespace an interface is made or inspected in. A
+state file is acted on (a dead engine's TAP removed) only when it is ours, not
+a symlink, agrees with its own file name, and its netns still is the
+namespace the ADD opened the TAP in (``netnsId``: nsfs device and inode); any
+other is removed without touching an interface (:func:`_stale_tap`).
+
 Exactly one engine runs per runtime directory: it holds an exclusive
 ``flock`` on ``RUNDIR/engine.lock`` for its lifetime. It leaves when it has
 had no attachment for :data:`IDLE_EXIT` seconds (pings do not count): it stops
@@ -83,6 +92,7 @@ from pyslirp.cni.plugin import (
     ERR_NO_ATTACHMENT,
     ERR_SETUP_FAILED,
     ERR_TRY_AGAIN,
+    ERR_UNSAFE,
     ERR_UNSUPPORTED_FIELD,
 )
 from pyslirp.runtime import adopt, malloc
@@ -196,6 +206,14 @@ class Engine:
         # an engine with no attachments alive. It re-checks when it fires.
         self.inflight += 1
         try:
+            refusal = _refuse_peer(writer.get_extra_info("socket"))
+            if refusal is not None:
+                log.warning("%s", refusal)
+                writer.write(json.dumps({"ok": False, "code": ERR_UNSAFE,
+                                         "msg": refusal}).encode())
+                with contextlib.suppress(OSError):
+                    await writer.drain()
+                return
             try:
                 line = await asyncio.wait_for(reader.readline(), 30.0)
                 request = json.loads(line)
@@ -219,6 +237,9 @@ class Engine:
         op = request.get("op")
         started = time.monotonic()
         try:
+            problem = plugin.request_problem(op, request)
+            if problem:
+                raise RequestError(ERR_ENGINE, f"bad request to the engine: {problem}")
             if op == "add":
                 reply = {"ok": True, "result": await self.add(request)}
             elif op == "del":
@@ -298,6 +319,7 @@ class Engine:
         mac = bytes.fromhex(s["mac"].replace(":", "")) if s.get("mac") else None
         spec = ConfigureSpec(ipaddress.IPv4Interface(f"{s['address']}/{s['prefix']}"),
                              ipaddress.IPv4Address(s["gateway"]))
+        netns_id = _netns_id(netns)  # which namespace the path names now: see _stale_tap
         try:
             tap = await self._in_thread(functools.partial(
                 open_tap, netns, "path", tapname=ifname, mtu=s["mtu"], configure=spec, mac=mac))
@@ -333,7 +355,8 @@ class Engine:
                 "dns": s["dns"],
             }
             state = {"version": 1, "network": network, "containerID": cid, "ifname": ifname,
-                     "netns": netns, "engine": self.identity, "result": result,
+                     "netns": netns, "netnsId": netns_id, "engine": self.identity,
+                     "result": result,
                      "portMappings": s.get("portMappings") or [], "created": time.time()}
             try:
                 plugin.write_state(path, state)
@@ -520,8 +543,9 @@ class Engine:
 
     async def _cleanup_stale(self, path: str, state: dict[str, Any]) -> None:
         """Remove what a dead engine left of one attachment: the TAP if still there, the file."""
-        netns, ifname = state.get("netns"), state.get("ifname")
-        if isinstance(netns, str) and isinstance(ifname, str) and os.path.exists(netns):
+        target = _stale_tap(path, state)
+        if target is not None:
+            netns, ifname = target
             try:
                 done = await self._in_thread(nsops.run_in_netns, netns, nsops.remove_tap,
                                              ifname)
@@ -580,9 +604,10 @@ class Engine:
                 log.info("GC: removing unreadable state %s", path)
                 _unlink(path)
                 continue
-            if state.get("network") != network:
+            parts = _key_of(path)
+            if parts is None or parts[0] != network:
                 continue
-            key = _key(network, str(state.get("containerID")), str(state.get("ifname")))
+            key = _key(*parts)
             if key in keep or key in self.served:
                 continue
             if plugin.identity_alive(state.get("engine")):
@@ -681,6 +706,64 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
+def _refuse_peer(sock: Any) -> str | None:
+    """Why a client of engine.sock is refused: only our uid and root may ask us anything."""
+    try:
+        pid, uid, _gid = plugin.peer_credentials(sock)
+    except (OSError, AttributeError) as exc:
+        return f"refused a client of engine.sock: no peer credentials ({exc})"
+    if plugin.trusted_uid(uid):
+        return None
+    return (f"refused a client of engine.sock running as uid {uid} (pid {pid}): only uid "
+            f"{os.geteuid()} and root may use this engine")
+
+
+def _netns_id(path: str) -> str | None:
+    """The identity of the namespace ``path`` names now (nsfs device and inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _key_of(path: str) -> tuple[str, str, str] | None:
+    """(network, containerID, ifname) from a state file's name, which the engine chose."""
+    name = os.path.basename(path)
+    parts = name[:-len(".json")].split(":") if name.endswith(".json") else []
+    if len(parts) != 3:
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+def _stale_tap(path: str, state: dict[str, Any]) -> tuple[str, str] | None:
+    """The (netns, TAP) a dead engine's state file lets us remove, or None to touch nothing.
+
+    The file must be ours (:func:`plugin.read_state` returns {} otherwise),
+    agree with its own name on network, container and interface (the name is
+    what DEL and GC look up), and name a network namespace that is still the
+    one the ADD opened its TAP in: a ``/proc/PID/ns/net`` whose pid was reused,
+    or a file edited to point elsewhere, names another container's interfaces.
+    """
+    parts = _key_of(path)
+    named = (state.get("network"), state.get("containerID"), state.get("ifname"))
+    if parts is None or named != parts:
+        if state:
+            log.warning("state %s names attachment %s: ignoring its TAP", path, named)
+        return None
+    netns = state.get("netns")
+    if plugin._netns_problem(netns) is not None:
+        return None  # the namespace is gone, and the TAP with it
+    assert isinstance(netns, str)
+    recorded, current = state.get("netnsId"), _netns_id(netns)
+    if recorded is None or recorded != current:
+        log.warning("state %s: %s is not the namespace the attachment was made in "
+                    "(recorded %s, now %s): leaving its interfaces alone", path, netns,
+                    recorded, current)
+        return None
+    return netns, parts[2]
+
+
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -688,8 +771,7 @@ def _unlink(path: str) -> None:
 
 def _lock(rundir: str) -> int | None:
     """Take the engine lock; None if another engine holds it (and answers) for good."""
-    fd = os.open(os.path.join(rundir, "engine.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                 0o600)
+    fd = plugin.open_private(os.path.join(rundir, "engine.lock"), os.O_RDWR | os.O_CREAT)
     deadline = time.monotonic() + 10.0
     while True:
         try:
@@ -720,8 +802,12 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def serve(rundir: str) -> int:
-    os.makedirs(plugin.attachments_dir(rundir), mode=0o700, exist_ok=True)
-    lock_fd = _lock(rundir)
+    try:
+        plugin.prepare_runtime_dir(rundir, create=True)
+        lock_fd = _lock(rundir)
+    except plugin.CniError as exc:
+        log.error("%s", exc.msg)
+        return 1
     if lock_fd is None:
         log.info("another engine serves %s; leaving", rundir)
         return 0

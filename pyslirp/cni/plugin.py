@@ -32,6 +32,13 @@ the engine. Verbs therefore work when the engine died:
 * GC removes every attachment of the network not in
   ``cni.dev/valid-attachments``, live or stale.
 
+Nobody else gets in: the runtime directory (``/tmp/pyslirp-UID`` is a name
+any local user can take first) must be a directory of our uid with no group
+or other access, made 0700 when missing (:func:`prepare_runtime_dir`); its
+files are opened with ``O_NOFOLLOW`` and must be ours (:func:`open_private`);
+the engine on ``engine.sock`` must run as our uid or root (``SO_PEERCRED``,
+:func:`_connect`). The engine applies the same checks from its side.
+
 Results are built in the 1.1.0 shape and converted to the version the
 configuration asks for (``ips[].version`` before 1.0.0; no interface ``mtu``
 before 1.1.0). What this module deliberately does not do: IPAM (an ``ipam``
@@ -78,6 +85,7 @@ ERR_ENGINE_GONE = 102       #: the engine serving the attachment died
 ERR_CHECK_FAILED = 103      #: interface, address or route missing or wrong
 ERR_SETUP_FAILED = 104      #: the TAP could not be created or configured
 ERR_EXISTS = 105            #: ADD of an attachment that already exists
+ERR_UNSAFE = 106            #: the runtime directory, a file in it or the engine is not trusted
 
 MIN_MTU = 1500
 MAX_MTU = 65521
@@ -294,21 +302,140 @@ def state_path(rundir: str, network: str, container_id: str, ifname: str) -> str
     return os.path.join(attachments_dir(rundir), f"{network}:{container_id}:{ifname}.json")
 
 
-def read_state(path: str) -> dict[str, Any] | None:
+_S_IFMT = 0o170000
+_S_IFDIR = 0o040000
+_S_IFREG = 0o100000
+_S_IFLNK = 0o120000
+
+
+def _check_private_dir(path: str) -> None:
+    """``path`` must be a real directory of our uid that nobody else may enter.
+
+    Anyone who can write into the runtime directory (or owns it) can plant
+    symlinks where our files go, state files that the engine acts on, or a
+    socket that impersonates the engine; anyone who can read it learns the
+    containers. So it must be ours, mode 0700 or stricter, and not a symlink.
+    """
+    st = os.lstat(path)
+    euid = os.geteuid()
+    mode = st.st_mode & 0o7777
+    what = f"{path} (owner uid {st.st_uid}, mode {mode:04o})"
+    if st.st_mode & _S_IFMT != _S_IFDIR:
+        kind = "a symbolic link" if st.st_mode & _S_IFMT == _S_IFLNK else "not a directory"
+        raise CniError(ERR_UNSAFE, f"unsafe runtime directory {what}: it is {kind}; "
+                       f"expected a directory of uid {euid} with mode 0700")
+    if st.st_uid != euid:
+        raise CniError(ERR_UNSAFE, f"unsafe runtime directory {what}: it belongs to another "
+                       f"user; expected a directory of uid {euid} (this plugin's user) with "
+                       "mode 0700 (remove it, or set runtimeDir)")
+    if st.st_mode & 0o077:
+        raise CniError(ERR_UNSAFE, f"unsafe runtime directory {what}: group or others have "
+                       "access; expected mode 0700 (chmod 700 it)")
+
+
+def prepare_runtime_dir(rundir: str, create: bool) -> bool:
+    """Check (and with ``create`` make, mode 0700) ``rundir`` and its ``attachments``.
+
+    Returns False when ``rundir`` does not exist and ``create`` is false:
+    nothing can be recorded there. Raises :class:`CniError` (ERR_UNSAFE) for a
+    directory that someone else owns or may enter. Missing parents are made
+    with the default mode; they are the runtime's or the administrator's choice.
+    """
+    if create:
+        parent = os.path.dirname(rundir.rstrip("/"))
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+    for path in (rundir, attachments_dir(rundir)):
+        if create:
+            try:  # noqa: SIM105 - contextlib is outside this module's import budget
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+        try:
+            _check_private_dir(path)
+        except FileNotFoundError:
+            if path == rundir:
+                return False
+    return True
+
+
+def _symlink_refused(path: str, exc: OSError) -> CniError | OSError:
+    """O_NOFOLLOW's ELOOP as a clear error; any other failure unchanged."""
     try:
-        with open(path, encoding="utf-8") as f:
-            state = loads(f.read())
+        is_link = os.lstat(path).st_mode & _S_IFMT == _S_IFLNK
+    except OSError:
+        is_link = False
+    if is_link:
+        return CniError(ERR_UNSAFE, f"{path} is a symbolic link: refusing to follow it "
+                        "(remove it)")
+    return exc
+
+
+def open_private(path: str, flags: int) -> int:
+    """Open a file of the runtime directory: never through a symlink, only if it is ours.
+
+    ``flags`` may include ``O_CREAT`` (the file is made mode 0600); the result
+    is a regular file owned by our uid, or CniError (ERR_UNSAFE) naming it.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        raise _symlink_refused(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & _S_IFMT != _S_IFREG or st.st_uid != os.geteuid():
+            raise CniError(ERR_UNSAFE, f"unsafe file {path} (owner uid {st.st_uid}, mode "
+                           f"{st.st_mode & 0o7777:04o}): expected a regular file of uid "
+                           f"{os.geteuid()} (remove it)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    """The state file at ``path``: None if there is none, {} if it is not to be used.
+
+    Only a regular file of our own uid, opened without following a symlink,
+    is read: anything else planted there is "unreadable", which DEL and GC
+    remove (the entry, never what a symlink points to) without acting on it.
+    """
+    try:
+        fd = open_private(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
+    except (OSError, CniError):
+        return {}  # unreadable or not ours: treated as stale by everyone
+    try:
+        chunks = []
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+        state = loads(b"".join(chunks).decode())
     except (OSError, ValueError):
-        return {}  # unreadable: treated as stale by everyone
+        return {}
+    finally:
+        os.close(fd)
     return state if isinstance(state, dict) else {}
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:
-    """Write atomically: a reader sees the old file, the new file, or none."""
+    """Write atomically: a reader sees the old file, the new file, or none.
+
+    The temporary is created with O_EXCL|O_NOFOLLOW: whatever already has its
+    name (a crashed writer's leftover, something planted) is removed, never
+    written through.
+    """
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:
+        os.unlink(tmp)  # unlink removes a symlink itself, not its target
+        fd = os.open(tmp, flags, 0o600)
     try:
         # No fsync: the runtime directory is a tmpfs (/run, $XDG_RUNTIME_DIR) that does
         # not outlive a reboot, and rename() is atomic against our own crashes.
@@ -374,15 +501,62 @@ def _is_name(text: Any) -> bool:
     return all(c.isalnum() or c in "_.-" for c in text)
 
 
-def _ifname_problem(name: str) -> str | None:
+def _ifname_problem(name: Any) -> str | None:
+    if not isinstance(name, str):
+        return "must be a string"
     if not name:
         return "must not be empty"
     if name in (".", ".."):
         return "must not be '.' or '..'"
     if len(name.encode()) > 15:
         return "must be shorter than 16 bytes"
-    if any(c in "/:" or c.isspace() for c in name):
-        return "must not contain '/', ':' or whitespace"
+    if any(c in "/:" or c.isspace() or c == "\0" for c in name):
+        return "must not contain '/', ':', NUL or whitespace"
+    return None
+
+
+def _netns_problem(path: Any) -> str | None:
+    """A network namespace path: absolute (the engine's cwd is not the runtime's), existing."""
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        return "must be an absolute path"
+    if not os.path.exists(path):
+        return "does not exist"
+    return None
+
+
+NAME_RULE = "must start with an alphanumeric character, then alphanumerics, '_', '.' or '-'"
+
+
+def request_problem(op: Any, request: dict[str, Any]) -> str | None:
+    """What is wrong with the names and paths of an engine request, by the plugin's rules.
+
+    The engine applies this to every request it receives, so a client other
+    than this plugin cannot make it use a path outside the runtime directory
+    (names become file names there) or a netns the plugin would have refused.
+    """
+    network = request.get("network")
+    if op == "add":
+        settings = request.get("settings")
+        network = settings.get("network") if isinstance(settings, dict) else None
+    if op in ("add", "del", "check", "gc") and not _is_name(network):
+        return f"invalid network name {network!r}: {NAME_RULE}"
+    if op in ("add", "del", "check"):
+        cid = request.get("containerID")
+        if not _is_name(cid):
+            return f"invalid containerID {cid!r}: {NAME_RULE}"
+        problem = _ifname_problem(request.get("ifname"))
+        if problem:
+            return f"invalid ifname {request.get('ifname')!r}: {problem}"
+    if op in ("add", "check"):
+        problem = _netns_problem(request.get("netns"))
+        if problem:
+            return f"invalid netns {request.get('netns')!r}: {problem}"
+    if op == "gc":
+        valid = request.get("valid")
+        if not isinstance(valid, list) or not all(
+                isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)
+                for v in valid):
+            return "invalid valid-attachments list: expected [[containerID, ifname], ...]"
     return None
 
 
@@ -644,13 +818,36 @@ def merge_result(prev: dict[str, Any] | None, ours: dict[str, Any]) -> dict[str,
 # ------------------------------------------------------------------ talking to the engine
 
 
+def peer_credentials(sock: Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of a Unix socket's peer (``SO_PEERCRED``: ``struct ucred``)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return (int.from_bytes(raw[0:4], sys.byteorder, signed=True),
+            int.from_bytes(raw[4:8], sys.byteorder), int.from_bytes(raw[8:12], sys.byteorder))
+
+
+def trusted_uid(uid: int) -> bool:
+    """Whom the plugin and the engine trust on engine.sock: their own uid, or root."""
+    return uid in (os.geteuid(), 0)
+
+
 def _connect(rundir: str) -> socket.socket | None:
+    """A connection to the engine; None if none listens; ERR_UNSAFE for an impostor.
+
+    The engine's peer credentials must name our uid or root: someone else
+    listening on engine.sock could answer ADD with a result of their choosing.
+    """
+    path = socket_path(rundir)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(socket_path(rundir))
+        sock.connect(path)
+        pid, uid, _gid = peer_credentials(sock)
     except OSError:
         sock.close()
         return None
+    if not trusted_uid(uid):
+        sock.close()
+        raise CniError(ERR_UNSAFE, f"refusing the engine on {path}: it runs as uid {uid} "
+                       f"(pid {pid}), not as uid {os.geteuid()} (this plugin's user) or root")
     return sock
 
 
@@ -690,34 +887,43 @@ def package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def spawn_engine(rundir: str, environ: dict[str, str]) -> None:
-    """Start the engine in its own session, stdio detached, no inherited descriptors."""
-    os.makedirs(attachments_dir(rundir), mode=0o700, exist_ok=True)
-    python = engine_python(environ)
-    argv = [python, "-c", DAEMON_BOOT, package_root(), "--rundir", rundir]
-    env = {k: v for k, v in environ.items() if not k.startswith("CNI_")}
+def _open_log(rundir: str) -> int:
+    """engine.log for appending (rotated first when big), never through a symlink."""
     log_path = os.path.join(rundir, "engine.log")
     try:
-        if os.stat(log_path).st_size > LOG_ROTATE_BYTES:
+        st = os.lstat(log_path)
+        if st.st_mode & _S_IFMT == _S_IFREG and st.st_size > LOG_ROTATE_BYTES:
             os.replace(log_path, log_path + ".1")  # one old generation is enough
     except OSError:
         pass
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child's coverage is not collected
-        try:
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)  # the grandchild is orphaned: nobody has to reap it
-            null = os.open("/dev/null", os.O_RDWR)
-            log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.dup2(null, 0)
-            os.dup2(null, 1)
-            os.dup2(log, 2)
-            # Whatever the runtime left open (its pipes to us above all) must not live on.
-            os.closerange(3, 65536)
-            os.execve(python, argv, env)
-        finally:
-            os._exit(127)
+    return open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+
+def spawn_engine(rundir: str, environ: dict[str, str]) -> None:
+    """Start the engine in its own session, stdio detached, no inherited descriptors."""
+    prepare_runtime_dir(rundir, create=True)
+    python = engine_python(environ)
+    argv = [python, "-c", DAEMON_BOOT, package_root(), "--rundir", rundir]
+    env = {k: v for k, v in environ.items() if not k.startswith("CNI_")}
+    log = _open_log(rundir)  # here, so that a refused log file is the plugin's clear error
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's coverage is not collected
+            try:
+                os.setsid()
+                if os.fork() != 0:
+                    os._exit(0)  # the grandchild is orphaned: nobody has to reap it
+                null = os.open("/dev/null", os.O_RDWR)
+                os.dup2(null, 0)
+                os.dup2(null, 1)
+                os.dup2(log, 2)
+                # Whatever the runtime left open (its pipes to us above all) must not live on.
+                os.closerange(3, 65536)
+                os.execve(python, argv, env)
+            finally:
+                os._exit(127)
+    finally:
+        os.close(log)
     os.waitpid(pid, 0)
 
 
@@ -757,9 +963,8 @@ def _start_engine(rundir: str, environ: dict[str, str], deadline: float) -> None
     import fcntl
     import time
 
-    os.makedirs(attachments_dir(rundir), mode=0o700, exist_ok=True)
-    lock = os.open(os.path.join(rundir, "spawn.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                   0o600)
+    prepare_runtime_dir(rundir, create=True)
+    lock = open_private(os.path.join(rundir, "spawn.lock"), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         sock = _connect(rundir)
@@ -800,15 +1005,15 @@ def _container_env(environ: dict[str, str], need_netns: bool) -> tuple[str, str,
                  + (("CNI_NETNS",) if need_netns else ()))
     cid = environ["CNI_CONTAINERID"]
     if not _is_name(cid):
-        raise CniError(ERR_INVALID_ENV, f"invalid CNI_CONTAINERID {cid!r}: must start with an "
-                       "alphanumeric character, then alphanumerics, '_', '.' or '-'")
+        raise CniError(ERR_INVALID_ENV, f"invalid CNI_CONTAINERID {cid!r}: {NAME_RULE}")
     ifname = environ["CNI_IFNAME"]
     problem = _ifname_problem(ifname)
     if problem:
         raise CniError(ERR_INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}: {problem}")
     netns = environ.get("CNI_NETNS", "")
-    if need_netns and not os.path.exists(netns):
-        raise CniError(ERR_INVALID_ENV, f"CNI_NETNS {netns!r} does not exist")
+    problem = _netns_problem(netns) if need_netns else None
+    if problem:
+        raise CniError(ERR_INVALID_ENV, f"CNI_NETNS {netns!r} {problem}")
     return cid, ifname, netns
 
 
@@ -819,6 +1024,7 @@ def cmd_add(conf: dict[str, Any], version: str, environ: dict[str, str]) -> dict
     if prev is not None:
         _normalize_prev(prev)  # validate before any work
     rundir = runtime_dir(environ, conf)
+    prepare_runtime_dir(rundir, create=True)
     # "caller": the runtime that ran us; the engine may take over host ports it reserved
     # (pyslirp.runtime.adopt), and only ever from it and its descendants.
     reply = engine_request(rundir, environ, {
@@ -835,6 +1041,8 @@ def cmd_del(conf: dict[str, Any], environ: dict[str, str]) -> None:
     if not _is_name(name):
         raise CniError(ERR_INVALID_CONFIG, f"invalid name {name!r}")
     rundir = runtime_dir(environ, conf)
+    if not prepare_runtime_dir(rundir, create=False):
+        return  # no runtime directory: nothing was ever attached here
     request = {"op": "del", "network": name, "containerID": cid, "ifname": ifname}
     state = read_state(state_path(rundir, str(name), cid, ifname))
     # Nothing recorded: no engine needs starting (DEL is idempotent), but a running
@@ -873,6 +1081,7 @@ def cmd_check(conf: dict[str, Any], version: str, environ: dict[str, str]) -> No
         raise CniError(ERR_INVALID_CONFIG, "CHECK needs prevResult in the network configuration")
     expected = _expected_from_prev(conf["prevResult"], ifname, netns)
     rundir = runtime_dir(environ, conf)
+    prepare_runtime_dir(rundir, create=False)
     name = str(conf["name"])
     state = read_state(state_path(rundir, name, cid, ifname))
     if state is None:
@@ -908,6 +1117,8 @@ def cmd_gc(conf: dict[str, Any], version: str, environ: dict[str, str]) -> None:
             raise CniError(ERR_INVALID_CONFIG, f"invalid cni.dev/valid-attachments entry {item!r}")
         valid.append([item["containerID"], item["ifname"]])
     rundir = runtime_dir(environ, conf)
+    if not prepare_runtime_dir(rundir, create=False):
+        return  # no runtime directory: nothing to collect
     keep = {(c, i) for c, i in valid}
     doomed = [s for _p, s in list_states(rundir)
               if s.get("network") == name and (s.get("containerID"), s.get("ifname")) not in keep]
@@ -929,10 +1140,12 @@ def cmd_status(conf: dict[str, Any], version: str, environ: dict[str, str]) -> N
         raise CniError(ERR_NOT_AVAILABLE, f"cannot open /dev/net/tun: {exc.strerror}") from None
     rundir = runtime_dir(environ, conf)
     try:
-        os.makedirs(attachments_dir(rundir), mode=0o700, exist_ok=True)
+        prepare_runtime_dir(rundir, create=True)
     except OSError as exc:
         raise CniError(ERR_NOT_AVAILABLE, f"cannot create the runtime directory {rundir}: "
                        f"{exc.strerror}") from None
+    except CniError as exc:
+        raise CniError(ERR_NOT_AVAILABLE, exc.msg) from None
     if not os.access(rundir, os.W_OK):
         raise CniError(ERR_NOT_AVAILABLE, f"the runtime directory {rundir} is not writable")
     python = engine_python(environ)
