@@ -209,6 +209,10 @@ class Engine:
             refusal = _refuse_peer(writer.get_extra_info("socket"))
             if refusal is not None:
                 log.warning("%s", refusal)
+                # Take the request (unread) first: a client that writes before it reads
+                # then gets this answer, not a broken pipe.
+                with contextlib.suppress(TimeoutError, ValueError, OSError):
+                    await asyncio.wait_for(reader.readline(), 5.0)
                 writer.write(json.dumps({"ok": False, "code": ERR_UNSAFE,
                                          "msg": refusal}).encode())
                 with contextlib.suppress(OSError):
