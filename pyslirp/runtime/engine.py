@@ -8,7 +8,7 @@ stack's :class:`~pyslirp.stack.host.HostPort`: it turns the stack's requests
 into non-blocking host sockets registered with the loop, and turns socket
 readiness back into calls on the engines.
 
-Batching is what makes Python fast enough here (shared/PERF-FACTS.md):
+Batching is what makes Python fast enough here (docs/architecture.md, costs):
 
 * a readable TAP is drained (up to ``_TAP_BATCH`` frames) in one callback,
   which ends with one ``Stack.flush`` (coalesced ACKs) and timer re-arm;

@@ -17,7 +17,7 @@ forks a short-lived child that
    ``TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`` plus ``TUN_F_USO4 | TUN_F_USO6``
    when the kernel takes them (only together: USO4 alone is EINVAL). Bit 0x80
    is left out on purpose: the kernel accepts it and then fails reads with
-   EFAULT at a 12-byte header (shared/PERF-FACTS.md),
+   EFAULT at a 12-byte header (docs/architecture.md, "What the hot path is designed around"),
 4. optionally sets the MAC and the MTU, and does what ``slirp4netns -c`` does
    (lo up, TAP up, address/prefix, default route via the gateway),
 5. hands the fd to the parent with ``SCM_RIGHTS`` over a socketpair, together

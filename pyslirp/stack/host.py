@@ -13,11 +13,11 @@ Each method must return promptly and never raise for ordinary network
 errors: failures are reported back asynchronously through the engine's entry
 points, as a real socket would report them.
 
-Why calls and not a queue of action objects (shared/DESIGN.md's "host actions
-out"): the engines stay exactly as testable (tests pass a recorder), and the
-hot path allocates no action object per segment nor pays for a drain loop; a
-64 KB frame from the guest goes to ``tcp_write`` straight from the frame's
-memoryview within the same call.
+Why calls and not a queue of action objects (the "host actions out" of a
+sans-I/O design, docs/architecture.md): the engines stay exactly as testable
+(tests pass a recorder), and the hot path allocates no action object per
+segment nor pays for a drain loop; a 64 KB frame from the guest goes to
+``tcp_write`` straight from the frame's memoryview within the same call.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ The ones' complement sum of 16-bit big-endian words equals the value of the
 whole buffer read as one big-endian integer, taken modulo 0xFFFF (because
 2**16 == 1 mod 0xFFFF). CPython converts bytes to an int and reduces it by a
 small divisor in C, so one ``int.from_bytes(...) % 0xFFFF`` replaces a Python
-loop over words (see shared/PERF-FACTS.md: orders of magnitude faster).
+loop over words (docs/architecture.md: orders of magnitude faster).
 
 The only difference from a folded ones' complement sum is that a sum of
 0xFFFF comes out as 0; both encode "zero" in ones' complement, so checksums

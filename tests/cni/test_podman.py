@@ -4,7 +4,7 @@ podman reads a ``containers.conf`` named by ``CONTAINERS_CONF`` with
 ``network_backend = "cni"`` and our plugin and configuration directories, and
 keeps its storage under the test's own directory (``--root``/``--runroot``),
 so nothing of the machine's podman setup is used or changed. The container is
-a busybox tree (``--rootfs``): no image registry. Flags as TESTBED.md says
+a busybox tree (``--rootfs``): no image registry. Flags as docs/testing.md says
 (runc, cgroupfs, explicit rlimits).
 
 podman runs DEL from ``podman container cleanup``, which conmon starts with a

@@ -1,6 +1,6 @@
 """The end-to-end harness: real namespaces, a real pyslirp process, real clients and servers.
 
-Shape (DESIGN.md, "Tests"; namespaces from :mod:`tests.nsutil`):
+Shape (docs/testing.md; namespaces from :mod:`tests.nsutil`):
 
 * one **host** namespace per session (only ``lo``, up): pyslirp runs there,
   so its host sockets reach nothing but that loopback, where
@@ -348,7 +348,7 @@ def sha256_of_get(guest: Guest, url: str, client: str = "curl", timeout: float =
     """Download ``url`` inside the guest and return the sha256 of what arrived."""
     if client == "curl":
         cmd = f"curl -sS --fail --max-time {int(timeout)} {url}"
-    elif client == "busybox-wget":  # its -T option crashes (TESTBED.md), so no timeout here
+    elif client == "busybox-wget":  # its -T option crashes (docs/testing.md), so no timeout here
         cmd = f"busybox wget -q -O - {url}"
     else:
         raise ValueError(client)

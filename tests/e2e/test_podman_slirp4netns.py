@@ -12,7 +12,7 @@ podman runs with only its network namespace switched (``nsenter --net``) to
 the session's "host" namespace, so pyslirp's host sockets reach nothing but
 the test servers on its loopback (``ip netns exec`` would remount /sys and
 hide the cgroup mounts runc needs). The container is a busybox tree
-(``--rootfs``), its storage under the test's directory; flags as TESTBED.md
+(``--rootfs``), its storage under the test's directory; flags as docs/testing.md
 says (runc, cgroupfs, explicit rlimits).
 """
 

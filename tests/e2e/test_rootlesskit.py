@@ -15,7 +15,7 @@ pyslirp's host sockets reach nothing but the test's servers; the inner
 command only talks to the gateway (the host's loopback) and never does DNS.
 
 As root, rootlesskit needs ``root:100000:65536`` in /etc/subuid and
-/etc/subgid (TESTBED.md); :func:`subid_ranges` adds those lines when they
+/etc/subgid (docs/testing.md); :func:`subid_ranges` adds those lines when they
 are missing and says so on stdout (it does not remove them afterwards: other
 rootless tools on the machine may rely on them from then on).
 """

@@ -242,7 +242,7 @@ def _tcp_of(frame: bytes) -> tuple[int, int, int, int] | None:
 
 def test_offload_delivers_tcp_super_frames(named_ns: nsutil.NetNS) -> None:
     # With TSO on, the namespace's TCP hands us segments bigger than the MTU, described
-    # by the vnet header; this is what makes a Python stack fast (shared/PERF-FACTS.md).
+    # by the vnet header; this is what makes a Python stack fast (docs/architecture.md).
     with open_tap(named_ns.path, "path", configure=CONFIGURE, mac=GUEST_MAC) as handle:
         named_ns.popen(["bash", "-c", "exec 3<>/dev/tcp/10.0.2.2/5000; "
                                       "head -c 200000 /dev/zero >&3; sleep 30"])
