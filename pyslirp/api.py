@@ -72,7 +72,10 @@ import re
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pyslirp.runtime.spec import ApiFactory
 
 log = logging.getLogger("pyslirp")
 
@@ -648,3 +651,18 @@ class ApiServer:
             os.close(self._dir_fd)
             self._dir_fd = None
 
+
+
+def api_socket(path: str) -> ApiFactory:
+    """The runtime plug-in serving this API at ``path`` (``--api-socket``).
+
+    The runtime calls it with its loop, the link's port forwarder and the guest
+    address forwards default to (pyslirp.runtime.spec.ApiFactory); the server
+    it returns is closed, and the socket removed, when the runtime stops.
+    """
+    def start(loop: asyncio.AbstractEventLoop, forwarder: Any,
+              default_guest_addr: str) -> ApiServer:
+        server = ApiServer(loop, path, ApiHandler(forwarder, default_guest_addr))
+        log.info("API socket at %s", path)
+        return server
+    return start

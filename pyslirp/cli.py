@@ -70,9 +70,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal
 
 from pyslirp import __version__
+from pyslirp.logsetup import DEFAULT_LOG_LEVEL, LOG_LEVELS, PROG, setup_logging
 from pyslirp.stack.config import (
     DEFAULT_BUSY_POLL,
     DEFAULT_CIDR,
@@ -83,10 +84,11 @@ from pyslirp.stack.config import (
 )
 from pyslirp.wire.ethernet import mac_from_str
 
-PROG = "pyslirp"
+if TYPE_CHECKING:
+    from pyslirp.runtime.spec import ServeSpec
+
 DEFAULT_TAPNAME = "tap0"
 DEFAULT_NETNS_TYPE = "pid"
-DEFAULT_LOG_LEVEL = "info"
 DEFAULT_DNS_PORT = 53
 DEFAULT_BUSY_POLL_US = round(DEFAULT_BUSY_POLL * 1e6)
 MAX_BUSY_POLL_US = 1_000_000
@@ -94,12 +96,6 @@ MAX_BUSY_POLL_US = 1_000_000
 SLIRP_MAX_MTU = 65521
 #: What ``-v`` reports in slirp4netns's SLIRP_CONFIG_VERSION_MAX line.
 SLIRP_CONFIG_VERSION_MAX = 4
-LOG_LEVELS: dict[str, int] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
 _INT_MAX = 2**31 - 1
 
 _DNS, _LOG = DEFAULT_DNS_PORT, DEFAULT_LOG_LEVEL
@@ -212,9 +208,30 @@ class Options:
     @property
     def pid(self) -> int | None:
         """The target PID for ``--netns-type=pid``, else None."""
-        if self.subcommand == "serve" and self.netns_type == "pid" and self.target:
+        if self.subcommand == "serve" and self.target_type == "netns" and \
+                self.netns_type == "pid" and self.target:
             return int(self.target)
         return None
+
+    def serve_spec(self) -> ServeSpec:
+        """What the runtime is to serve for these options (raises ConfigError)."""
+        from pyslirp.runtime.spec import Hardening, ServeSpec
+
+        api = None
+        if self.api_socket:
+            from pyslirp.api import api_socket
+            api = api_socket(self.api_socket)
+        userns = self.userns_path or (f"/proc/{self.pid}/ns/user" if self.pid else None)
+        return ServeSpec(
+            net=self.net_config(), target_type=self.target_type, target=str(self.target),
+            netns_type=self.netns_type, tapname=self.tapname, configure=self.configure,
+            userns_path=self.userns_path, macaddress=self.macaddress, offload=self.offload,
+            ready_fd=self.ready_fd, exit_fd=self.exit_fd,
+            dns_upstreams=tuple(self.dns_upstreams), pcap=self.pcap,
+            outbound_addr=self.outbound_addr, outbound_addr6=self.outbound_addr6,
+            hardening=Hardening(sandbox=self.enable_sandbox, seccomp=self.enable_seccomp,
+                                userns_path=userns, preload=("pyslirp.api", "pyslirp.cli")),
+            api=api, command=tuple(self.command))
 
     def net_config(self) -> NetConfig:
         """A fresh :class:`NetConfig` for these options (raises ConfigError if inconsistent)."""
@@ -704,42 +721,6 @@ def _val(value: str | None) -> str:
 
 # --- logging and main ---------------------------------------------------------------------
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a record is emitted (tests swap it)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self) -> TextIO:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value: TextIO) -> None:
-        pass
-
-
-_log_handler: logging.Handler | None = None
-LOG_FORMAT = f"{PROG}: %(levelname)s: %(message)s"
-
-
-def setup_logging(level: str = DEFAULT_LOG_LEVEL) -> None:
-    """One line per event on stderr as ``pyslirp: LEVEL: message``; idempotent.
-
-    ``level`` applies to pyslirp's loggers; other libraries' loggers (pyroute2,
-    asyncio) never go below WARNING, so ``debug`` shows only what is ours.
-    """
-    global _log_handler
-    root = logging.getLogger()
-    if _log_handler is not None:
-        root.removeHandler(_log_handler)
-    _log_handler = _StderrHandler()
-    _log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.addHandler(_log_handler)
-    root.setLevel(max(logging.WARNING, LOG_LEVELS[level]))
-    logging.getLogger(PROG).setLevel(LOG_LEVELS[level])
-
-
 log = logging.getLogger(PROG)
 
 
@@ -780,14 +761,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         log.error("the runtime is not available: %s", exc)
         return 1
+    spec = opts.serve_spec()
     try:
         if opts.subcommand == "run":
-            return run_command(opts)
+            return run_command(spec)
         if opts.target_type != "netns":
             from pyslirp.runtime.qemu import serve_qemu
 
-            return serve_qemu(opts)
-        return serve_namespace(opts)
+            return serve_qemu(spec)
+        return serve_namespace(spec)
     except KeyboardInterrupt:
         # The runtime handles SIGINT once its loop runs; this covers the moments before.
         return 128 + 2

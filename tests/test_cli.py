@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyslirp import cli
+from pyslirp import cli, logsetup
 from pyslirp.cli import InfoRequested, Options, UsageError, main, parse_args
 
 NOPID = "999999999"  # > PID_MAX_LIMIT (2**22): never a live process
@@ -43,9 +43,7 @@ def _restore_logging() -> Iterator[None]:
     ours = logging.getLogger("pyslirp")
     our_level = ours.level
     yield
-    if cli._log_handler is not None:
-        root.removeHandler(cli._log_handler)
-        cli._log_handler = None
+    logsetup.remove_handler()
     root.setLevel(root_level)
     ours.setLevel(our_level)
 
@@ -490,8 +488,8 @@ class FakeRuntime:
 def runtime(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
     fake = FakeRuntime()
     module = types.ModuleType("pyslirp.runtime.main")
-    module.serve_namespace = lambda opts: fake._record("serve", opts)  # type: ignore[attr-defined]
-    module.run_command = lambda opts: fake._record("run", opts)  # type: ignore[attr-defined]
+    module.serve_namespace = lambda spec: fake._record("serve", spec)  # type: ignore[attr-defined]
+    module.run_command = lambda spec: fake._record("run", spec)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pyslirp.runtime.main", module)
     return fake
 
@@ -499,17 +497,18 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
 def test_main_serves_namespace(runtime: FakeRuntime, capsys: pytest.CaptureFixture[str]) -> None:
     runtime.status = 3
     assert main(["-c", "--mtu=9000", NOPID, "tap9"]) == 3
-    [(kind, opts)] = runtime.calls
-    assert kind == "serve" and opts.pid == 999999999 and opts.tapname == "tap9"
-    assert opts.mtu == 9000 and opts.configure
+    [(kind, spec)] = runtime.calls
+    assert kind == "serve" and spec.target == "999999999" and spec.tapname == "tap9"
+    assert spec.net.mtu == 9000 and spec.configure
+    assert spec.hardening.userns_path == "/proc/999999999/ns/user"
     assert capsys.readouterr().out == ""
 
 
 def test_main_runs_command(runtime: FakeRuntime) -> None:
     runtime.status = 42
     assert main(["run", "--", "sh", "-c", "exit 42"]) == 42
-    [(kind, opts)] = runtime.calls
-    assert kind == "run" and opts.command == ["sh", "-c", "exit 42"]
+    [(kind, spec)] = runtime.calls
+    assert kind == "run" and spec.command == ("sh", "-c", "exit 42")
 
 
 def test_main_log_format_and_default_level(runtime: FakeRuntime,
@@ -543,7 +542,7 @@ def test_main_warns_about_extra_arguments(runtime: FakeRuntime,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main([NOPID, "tap0", "extra"]) == 0
     assert "pyslirp: WARNING: too many arguments" in capsys.readouterr().err.splitlines()
-    assert runtime.calls[0][1].extra_args == ["extra"]
+    assert runtime.calls[0][1].tapname == "tap0"  # the extra one is warned about, not served
 
 
 def test_main_usage_error_is_one_stderr_line(runtime: FakeRuntime,
@@ -583,7 +582,7 @@ def test_main_keyboard_interrupt_exits_130(runtime: FakeRuntime) -> None:
 def test_main_reads_sys_argv(runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["pyslirp", "--disable-dns", NOPID])
     assert main() == 0
-    assert runtime.calls[0][1].disable_dns
+    assert runtime.calls[0][1].net.disable_dns
 
 
 # --- the real executable ------------------------------------------------------------------
@@ -764,7 +763,7 @@ def test_main_warns_that_ipv6_is_not_served(runtime: FakeRuntime,
     assert main(["--enable-ipv6", NOPID]) == 0
     err = capsys.readouterr().err
     assert "pyslirp: WARNING: --enable-ipv6: IPv6 is not served yet" in err
-    assert runtime.calls[0][1].enable_ipv6
+    assert runtime.calls  # and it serves IPv4 all the same
     main([NOPID])
     assert "IPv6" not in capsys.readouterr().err
 

@@ -184,7 +184,7 @@ class Engine:
         for s in self.served.values():
             if s.dead is None:
                 if not s.explicit_dns:
-                    s.attachment.stack.dns.upstreams = list(upstreams)
+                    s.attachment.stack.set_dns_upstreams(upstreams)
                 if not s.explicit_search:
                     s.attachment.config.search_domains[:] = search
 

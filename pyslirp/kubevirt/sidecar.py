@@ -185,7 +185,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = _parse_args(argv)
-    from pyslirp.cli import setup_logging
+    from pyslirp.logsetup import setup_logging
 
     setup_logging(args.log_level)
     try:

@@ -11,7 +11,9 @@ with the command's status once it ends.
 Both go through :class:`Server`, which owns the uvloop loop, the
 :class:`~pyslirp.runtime.engine.Attachment`, the signal handlers and the
 resolv.conf watcher that keeps the DNS upstreams current when no
-``--dns-upstream`` was given.
+``--dns-upstream`` was given. What to serve comes as a
+:class:`~pyslirp.runtime.spec.ServeSpec`; the API socket is the front end's
+plug-in (``ServeSpec.api``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from pyslirp.runtime import malloc
 from pyslirp.runtime.engine import Attachment
 from pyslirp.runtime.pcap import PcapWriter
+from pyslirp.runtime.spec import ApiFactory, Closeable, ServeSpec
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.dns import parse_resolv_conf
 
@@ -100,26 +103,27 @@ class Server:
             self.loop.call_later(_RESOLV_CHECK_INTERVAL, self._recheck_resolv_conf)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
-        self.api: Any = None
-        self.forwarder: Any = None
+        self.api: Closeable | None = None
+        self.forwarder: Closeable | None = None
 
-    def serve_api(self, path: str) -> None:
-        """slirp4netns --api-socket: serve its JSON API (port forwarding) at ``path``.
+    def serve_api(self, api: ApiFactory, default_guest_addr: str) -> None:
+        """Serve the front end's API socket (``--api-socket``) with a port forwarder.
 
-        The socket is created owner-only and removed when the server stops;
-        raises OSError (pyslirp.api.ApiError) if it cannot be created.
+        ``default_guest_addr``: where forwards go when a request names no guest
+        address. Raises OSError (logged by the caller) if the socket cannot be made.
         """
-        from pyslirp.api import ApiHandler, ApiServer
         from pyslirp.runtime.hostfwd import HostForwarder
 
         forwarder = HostForwarder(self.attachment)
-        handler = ApiHandler(forwarder, str(self.config.network.network_address + 100))
-        self.api = ApiServer(self.loop, path, handler)
+        try:
+            self.api = api(self.loop, forwarder, default_guest_addr)
+        except BaseException:
+            forwarder.close()
+            raise
         self.forwarder = forwarder
-        log.info("API socket at %s", path)
 
     def set_dns(self, upstreams: list[tuple[str, int]], search: list[str]) -> None:
-        self.attachment.stack.dns.upstreams = list(upstreams)
+        self.attachment.stack.set_dns_upstreams(upstreams)
         self.config.search_domains[:] = search
 
     def _recheck_resolv_conf(self) -> None:
@@ -164,7 +168,8 @@ class Server:
         return self.exit_status
 
 
-def _signal_ready(fd: int | None) -> None:
+def signal_ready(fd: int | None) -> None:
+    """slirp4netns's ``-r FD``: write "1" to the ready fd and close it."""
     if fd is None or fd < 0:
         return
     try:
@@ -176,37 +181,37 @@ def _signal_ready(fd: int | None) -> None:
             os.close(fd)
 
 
-def _open_tap_for(opts: Any, target: str, netns_type: str, tapname: str, configure: bool,
-                  userns_path: str | None) -> Any:
+def _open_tap_for(spec: ServeSpec, target: str, netns_type: str, tapname: str,
+                  configure: bool, userns_path: str | None) -> tuple[Any, NetConfig]:
     from pyslirp.runtime.tap import ConfigureSpec, open_tap
 
-    config: NetConfig = opts.net_config()
-    spec = ConfigureSpec.from_netconfig(config) if configure else None
+    config = spec.fresh_config()
+    configure_spec = ConfigureSpec.from_netconfig(config) if configure else None
     # slirp4netns sets MTU and MAC only with --configure; without it the TAP is left as is.
     return open_tap(target, netns_type, tapname=tapname, userns_path=userns_path,
-                    mtu=config.mtu if configure else None, configure=spec,
-                    mac=opts.macaddress if configure else None,
-                    vnet_hdr=opts.offload, offload=opts.offload), config
+                    mtu=config.mtu if configure else None, configure=configure_spec,
+                    mac=spec.macaddress if configure else None,
+                    vnet_hdr=spec.offload, offload=spec.offload), config
 
 
-def serve_namespace(opts: Any) -> int:
+def serve_namespace(spec: ServeSpec) -> int:
     """``pyslirp [OPTIONS] PID|PATH [TAPNAME]``: serve until killed."""
     started = time.monotonic()
     try:
-        tap, config = _open_tap_for(opts, str(opts.target), opts.netns_type, opts.tapname,
-                                    opts.configure, opts.userns_path)
+        tap, config = _open_tap_for(spec, spec.target, spec.netns_type, spec.tapname,
+                                    spec.configure, spec.userns_path)
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     config.vnet_hdr = tap.vnet_hdr
     config.offload = tap.offload
-    server = Server(tap.fd, config, tap_name=tap.name, pcap_path=opts.pcap,
-                    dns_upstreams=opts.dns_upstreams)
-    if opts.exit_fd is not None:
-        server.watch_fd_for_exit(opts.exit_fd)
-    if getattr(opts, "api_socket", None):
+    server = Server(tap.fd, config, tap_name=tap.name, pcap_path=spec.pcap,
+                    dns_upstreams=list(spec.dns_upstreams))
+    if spec.exit_fd is not None:
+        server.watch_fd_for_exit(spec.exit_fd)
+    if spec.api is not None:
         try:
-            server.serve_api(opts.api_socket)
+            server.serve_api(spec.api, str(config.network.network_address + 100))
         except OSError as exc:
             log.error("%s", exc)
             server.stop(1)
@@ -214,41 +219,41 @@ def serve_namespace(opts: Any) -> int:
             os.close(tap.fd)
             return status
     log.info("serving %s in %s %s (MTU %d, %s, vnet header %s, offload %s) after %.0f ms",
-             tap.name, opts.netns_type, opts.target, config.mtu, config.network,
+             tap.name, spec.netns_type, spec.target, config.mtu, config.network,
              "on" if tap.vnet_hdr else "off", "on" if tap.offload else "off",
              (time.monotonic() - started) * 1000)
-    server.attachment.outbound.ipv4 = getattr(opts, "outbound_addr", None)
-    server.attachment.outbound.ipv6 = getattr(opts, "outbound_addr6", None)
+    server.attachment.outbound.ipv4 = spec.outbound_addr
+    server.attachment.outbound.ipv6 = spec.outbound_addr6
     if server.attachment.outbound:
         log.info("outbound address: %s", " ".join(
             a for a in (server.attachment.outbound.ipv4, server.attachment.outbound.ipv6) if a))
     # slirp4netns's order: sockets (TAP, API) first, then sandbox and seccomp, then ready.
     from pyslirp.runtime.sandbox import apply as apply_hardening
 
-    if not apply_hardening(opts):
+    if not apply_hardening(spec.hardening):
         server.stop(1)
         status = server.run()
         os.close(tap.fd)
         return status
-    status = server.run(on_ready=lambda: _signal_ready(opts.ready_fd))
+    status = server.run(on_ready=lambda: signal_ready(spec.ready_fd))
     os.close(tap.fd)
     return status
 
 
-def run_command(opts: Any) -> int:
+def run_command(spec: ServeSpec) -> int:
     """``pyslirp run -- CMD``: run CMD in fresh namespaces with networking; return its status."""
     from pyslirp.runtime.spawn import spawn_isolated
 
-    config: NetConfig = opts.net_config()
+    config = spec.net
     resolv = "".join(f"search {d}\n" for d in config.search_domains[:1])
     resolv += "nameserver " + str(config.network.network_address + 3) + "\n"
     try:
-        child = spawn_isolated(list(opts.command), resolv_conf=resolv)
+        child = spawn_isolated(list(spec.command), resolv_conf=resolv)
     except (OSError, RuntimeError) as exc:
         log.error("cannot create namespaces: %s", exc)
         return 1
     try:
-        tap, config = _open_tap_for(opts, str(child.pid), "pid", "tap0", True, None)
+        tap, config = _open_tap_for(spec, str(child.pid), "pid", "tap0", True, None)
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc)
         child.kill(signal.SIGKILL)
@@ -256,8 +261,8 @@ def run_command(opts: Any) -> int:
         return 1
     config.vnet_hdr = tap.vnet_hdr
     config.offload = tap.offload
-    server = Server(tap.fd, config, tap_name=tap.name, pcap_path=opts.pcap,
-                    dns_upstreams=opts.dns_upstreams)
+    server = Server(tap.fd, config, tap_name=tap.name, pcap_path=spec.pcap,
+                    dns_upstreams=list(spec.dns_upstreams))
     child_status: list[int] = []
     pidfd = os.pidfd_open(child.pid)
 

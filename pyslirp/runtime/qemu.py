@@ -75,6 +75,7 @@ from typing import Any
 
 from pyslirp.runtime.engine import Attachment
 from pyslirp.runtime.pcap import PcapWriter
+from pyslirp.runtime.spec import ServeSpec
 from pyslirp.stack.config import NetConfig
 
 log = logging.getLogger("pyslirp")
@@ -410,19 +411,19 @@ class QemuDgramAttachment(Attachment):
             self._sock.close()
 
 
-def serve_qemu(opts: Any) -> int:
+def serve_qemu(spec: ServeSpec) -> int:
     """``pyslirp --target-type=qemu-stream|qemu-dgram SOCKET``: serve a VM until killed."""
-    from pyslirp.runtime.main import Server, _signal_ready
+    from pyslirp.runtime.main import Server, signal_ready
 
-    stream = opts.target_type == "qemu-stream"
-    path = str(opts.target)
-    if getattr(opts, "enable_sandbox", False) and not stream:
+    stream = spec.target_type == "qemu-stream"
+    path = spec.target
+    if spec.hardening.sandbox and not stream:
         # We answer to QEMU's local.path by name; the sandbox's root has no such path.
         log.error("--enable-sandbox is not supported with --target-type=qemu-dgram: replies "
                   "go to QEMU's socket by its path, which the sandbox hides "
                   "(--enable-seccomp is)")
         return 1
-    config: NetConfig = opts.net_config()
+    config = spec.fresh_config()
     config.vnet_hdr = False
     config.offload = False
     try:
@@ -435,8 +436,8 @@ def serve_qemu(opts: Any) -> int:
                      os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     cls: type[Attachment] = QemuStreamAttachment if stream else QemuDgramAttachment
     try:
-        server = Server(sock.fileno(), config, tap_name=path, pcap_path=opts.pcap,
-                        dns_upstreams=opts.dns_upstreams, attachment_class=cls)
+        server = Server(sock.fileno(), config, tap_name=path, pcap_path=spec.pcap,
+                        dns_upstreams=list(spec.dns_upstreams), attachment_class=cls)
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         sock.close()
@@ -444,28 +445,26 @@ def serve_qemu(opts: Any) -> int:
         os.close(dir_fd)
         return 1
     try:
-        if opts.exit_fd is not None:
-            server.watch_fd_for_exit(opts.exit_fd)
+        if spec.exit_fd is not None:
+            server.watch_fd_for_exit(spec.exit_fd)
         outbound = server.attachment.outbound
-        outbound.ipv4 = getattr(opts, "outbound_addr", None)
-        outbound.ipv6 = getattr(opts, "outbound_addr6", None)
-        if opts.api_socket:
+        outbound.ipv4 = spec.outbound_addr
+        outbound.ipv6 = spec.outbound_addr6
+        if spec.api is not None:
             try:
-                server.serve_api(opts.api_socket)
+                # A VM takes the first DHCP address, not a namespace's configured one.
+                server.serve_api(spec.api, str(config.network.network_address + 15))
             except OSError as exc:
                 log.error("%s", exc)
                 server.stop(1)
-            else:
-                # A VM takes the first DHCP address, not a namespace's configured one.
-                server.api.handler.default_guest_addr = str(config.network.network_address + 15)
         log.info("serving QEMU %s at %s (MTU %d, %s)", "-netdev stream" if stream
                  else "-netdev dgram", path, config.mtu, config.network)
         from pyslirp.runtime.sandbox import apply as apply_hardening
 
-        if not apply_hardening(opts, own_userns=True):
+        if not apply_hardening(spec.hardening, own_userns=True):
             server.stop(1)
             return server.run()
-        return server.run(on_ready=lambda: _signal_ready(opts.ready_fd))
+        return server.run(on_ready=lambda: signal_ready(spec.ready_fd))
     finally:
         sock.close()
         _remove_socket_file(path, ino, dir_fd)

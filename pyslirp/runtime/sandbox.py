@@ -47,9 +47,9 @@ import logging
 import os
 import pkgutil
 import platform
-from typing import Any
 
 from pyslirp.runtime import netns
+from pyslirp.runtime.spec import Hardening
 
 log = logging.getLogger("pyslirp")
 
@@ -233,13 +233,15 @@ _STDLIB_LAZY = (
 #: pyslirp subpackages whose modules are all imported; front ends with their own process
 #: (the CNI plugin) are left out.
 _OUR_PACKAGES = ("pyslirp.wire", "pyslirp.stack", "pyslirp.runtime")
-_OUR_MODULES = ("pyslirp.api", "pyslirp.cli")
 
 
-def preload() -> list[str]:
-    """Import everything serving may need later; returns the names that failed (logged)."""
+def preload(front_end: tuple[str, ...] = ()) -> list[str]:
+    """Import everything serving may need later; returns the names that failed (logged).
+
+    ``front_end``: the calling front end's modules (``Hardening.preload``).
+    """
     failed: list[str] = []
-    names: list[str] = list(_STDLIB_LAZY) + list(_OUR_MODULES)
+    names: list[str] = list(_STDLIB_LAZY) + list(front_end)
     for package in _OUR_PACKAGES:
         mod = importlib.import_module(package)
         names += [f"{package}.{info.name}" for info in pkgutil.iter_modules(mod.__path__)]
@@ -313,31 +315,22 @@ def no_new_privs(pid: int | str = "self") -> bool:
     return False  # pragma: no cover - every kernel since 4.10 reports it
 
 
-def _userns_for(opts: Any) -> str | None:
-    """The user namespace a non-root caller joins for the sandbox (slirp4netns's choice)."""
-    if getattr(opts, "userns_path", None):
-        return str(opts.userns_path)
-    pid = getattr(opts, "pid", None)
-    return f"/proc/{pid}/ns/user" if pid else None
-
-
-def apply(opts: Any, *, own_userns: bool = False) -> bool:
-    """``--enable-sandbox`` then ``--enable-seccomp`` as ``opts`` asks; False (logged) on failure.
+def apply(hardening: Hardening, *, own_userns: bool = False) -> bool:
+    """``--enable-sandbox`` then ``--enable-seccomp`` as asked; False (logged) on failure.
 
     Call once the TAP (or the QEMU socket) and the API socket are open and
     before serving; the process cannot open new files outside /etc and /run
     afterwards, nor exec. ``own_userns``: see :func:`create_sandbox`.
     """
-    sandbox, filtered = getattr(opts, "enable_sandbox", False), \
-        getattr(opts, "enable_seccomp", False)
+    sandbox, filtered = hardening.sandbox, hardening.seccomp
     if not (sandbox or filtered):
         return True
-    failed = preload()
+    failed = preload(hardening.preload)
     if failed:
         log.warning("sandbox: could not preload %s", ", ".join(failed))
     if sandbox:
         try:
-            create_sandbox(None if own_userns else _userns_for(opts), own_userns=own_userns)
+            create_sandbox(None if own_userns else hardening.userns_path, own_userns=own_userns)
         except SandboxError as exc:
             log.error("%s", exc.strerror)  # the whole message, errno text included
             return False

@@ -41,6 +41,7 @@ unknown, :meth:`Stack.resolve_guest` broadcasts a request.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.dhcp import DhcpServer
@@ -118,6 +119,10 @@ class Stack:
     # ---- address policy -------------------------------------------------------
     def in_network(self, addr: bytes) -> bool:
         return int.from_bytes(addr, "big") & self._netmask_int == self._network_int
+
+    def set_dns_upstreams(self, upstreams: Iterable[tuple[str, int]]) -> None:
+        """Where DNS queries go from now on (queries in flight keep theirs)."""
+        self.dns.upstreams = list(upstreams)
 
     def host_targets(self, dst_ip: bytes, dst_port: int) -> list[tuple[str, int]] | None:
         """Where a guest's connection to ``dst_ip:dst_port`` goes on the host (None: nowhere)."""

@@ -17,12 +17,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from pyslirp.runtime import netns, sandbox
+from pyslirp.runtime.spec import Hardening
 from tests.nsutil import userns_mapped
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox test needs root")
@@ -216,7 +216,7 @@ def test_unprivileged_caller_without_a_target_sandboxes_in_a_user_namespace_of_i
 def test_apply_does_nothing_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     called: list[str] = []
     monkeypatch.setattr(sandbox, "create_sandbox", lambda *_a: called.append("sandbox"))
-    assert sandbox.apply(SimpleNamespace(enable_sandbox=False, enable_seccomp=False))
+    assert sandbox.apply(Hardening())
     assert called == []
 
 
@@ -226,9 +226,9 @@ def test_apply_failure_is_one_logged_error(monkeypatch: pytest.MonkeyPatch,
         raise sandbox.SandboxError(1, "sandbox: cannot unshare new mount namespace: "
                                       "Operation not permitted")
     monkeypatch.setattr(sandbox, "create_sandbox", fail)
-    opts = SimpleNamespace(enable_sandbox=True, enable_seccomp=True, userns_path=None, pid=1)
     with caplog.at_level("ERROR", logger="pyslirp"):
-        assert not sandbox.apply(opts)
+        assert not sandbox.apply(Hardening(sandbox=True, seccomp=True,
+                                           userns_path="/proc/1/ns/user"))
     assert [r.getMessage() for r in caplog.records] == [
         "sandbox: cannot unshare new mount namespace: Operation not permitted"]
 
@@ -240,8 +240,7 @@ def test_apply_seccomp_failure_is_one_logged_error(monkeypatch: pytest.MonkeyPat
     def fail(**_kw: object) -> None:
         raise seccomp.SeccompError(22, "seccomp: seccomp_load: Invalid argument")
     monkeypatch.setattr(seccomp, "install", fail)
-    opts = SimpleNamespace(enable_sandbox=False, enable_seccomp=True)
     with caplog.at_level("ERROR", logger="pyslirp"):
-        assert not sandbox.apply(opts)
+        assert not sandbox.apply(Hardening(seccomp=True))
     assert [r.getMessage() for r in caplog.records] == [
         "seccomp: seccomp_load: Invalid argument"]
