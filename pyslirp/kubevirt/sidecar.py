@@ -198,7 +198,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                              f"{domain.DEFAULT_VIRTIO_MTU}; 1500 for a plain Ethernet MTU)")
     parser.add_argument("--qemu-user", type=_user, default=QEMU_USER, metavar="UID[:GID]",
                         help="the user QEMU runs as, the only one that may connect to the "
-                             "stacks (default %d:%d, virt-launcher's qemu)" % QEMU_USER)
+                             f"stacks (default {QEMU_USER[0]}:{QEMU_USER[1]}, "
+                             "virt-launcher's qemu)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
