@@ -43,7 +43,13 @@ anyone and answer as soon as the bytes so far parse as a complete value, or
 cannot become one (a syntax error before their end), or the client
 half-closes, or 4096 bytes arrived (``too large message``), or nothing more
 came for ``timeout`` seconds (the bytes so far are the request, so a client
-that sends nothing gets ``cannot parse JSON``). Many clients are served
+that sends nothing gets ``cannot parse JSON``). The parser is fed each read
+and goes on where the last one left it (:class:`JsonParser`: the parse steps
+are generators that wait at the end of the bytes), never from the start, so
+a request dribbled in a byte at a time is parsed once, not once per byte;
+after each read it is exactly where a parse of all the bytes so far would
+be, so answers are the same as if each read had been parsed from scratch.
+Many clients are served
 at once; each gets exactly one reply, written with one ``send`` unless the
 socket buffer is full, then the connection is shut down and closed.
 
@@ -71,6 +77,7 @@ import os
 import re
 import socket
 import stat
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -143,47 +150,80 @@ def _skip_ws(s: bytes, i: int) -> int:
     return i
 
 
-def _string(s: bytes, i: int) -> tuple[bytes, int]:
+class _Text:
+    """The request text read so far; it grows while a parse waits for more."""
+
+    __slots__ = ("s",)
+
+    def __init__(self, s: bytes = b"") -> None:
+        self.s = s
+
+
+#: A parse step: yields the reason it waits (the text ended inside a value) and
+#: re-reads ``_Text.s`` when resumed; returns its result; raises JsonError.
+_Step = Generator[str, None, Any]
+
+
+def _ws(text: _Text, i: int, reason: str) -> Generator[str, None, int]:
+    """The index of the first non-whitespace byte at or after ``i``, waiting for one."""
+    while True:
+        i = _skip_ws(text.s, i)
+        if i < len(text.s):
+            return i
+        yield reason
+
+
+def _string(text: _Text, i: int) -> Generator[str, None, tuple[bytes, int]]:
     """The string whose opening quote is at ``i``: (its bytes, index after the closing quote)."""
-    n = len(s)
     i += 1
     out = bytearray()
     while True:
+        s = text.s
         m = _PLAIN.match(s, i)
         assert m is not None  # the pattern matches the empty string
         out += m.group()
         i = m.end()
-        if i >= n:
-            raise JsonIncomplete("unterminated string")
+        if i >= len(s):
+            yield "unterminated string"
+            continue
         c = s[i]
         if c == 0x22:  # "
             return bytes(out), i + 1
         if c != 0x5C:  # a control byte
             raise JsonError("control character in string")
-        if i + 1 >= n:
-            raise JsonIncomplete("unterminated escape")
-        e = s[i + 1]
-        if e != 0x75:  # not \u
-            simple = _ESCAPES.get(e)
-            if simple is None:
-                raise JsonError("unknown escape")
-            out += simple
-            i += 2
+        try:
+            decoded, end = _escape(s, i)
+        except JsonIncomplete as exc:
+            yield str(exc)  # read the whole escape again (at most 12 bytes) with more
             continue
-        cp, i = _hex4(s, i + 2)
-        if 0xD800 <= cp <= 0xDBFF:
-            pair = s[i:i + 2]
-            if len(pair) < 2 and b"\\u".startswith(pair):
-                raise JsonIncomplete("unterminated surrogate pair")
-            if pair != b"\\u":
-                raise JsonError("unpaired surrogate")
-            low, i = _hex4(s, i + 2)
-            if not 0xDC00 <= low <= 0xDFFF:
-                raise JsonError("unpaired surrogate")
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00)
-        elif 0xDC00 <= cp <= 0xDFFF:
+        out += decoded
+        i = end
+
+
+def _escape(s: bytes, i: int) -> tuple[bytes, int]:
+    """The escape whose backslash is at ``i``: (its UTF-8 bytes, index after it)."""
+    if i + 1 >= len(s):
+        raise JsonIncomplete("unterminated escape")
+    e = s[i + 1]
+    if e != 0x75:  # not \u
+        simple = _ESCAPES.get(e)
+        if simple is None:
+            raise JsonError("unknown escape")
+        return simple, i + 2
+    cp, i = _hex4(s, i + 2)
+    if 0xD800 <= cp <= 0xDBFF:
+        pair = s[i:i + 2]
+        if len(pair) < 2 and b"\\u".startswith(pair):
+            raise JsonIncomplete("unterminated surrogate pair")
+        if pair != b"\\u":
             raise JsonError("unpaired surrogate")
-        out += chr(cp).encode("utf-8")
+        low, i = _hex4(s, i + 2)
+        if not 0xDC00 <= low <= 0xDFFF:
+            raise JsonError("unpaired surrogate")
+        cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00)
+    elif 0xDC00 <= cp <= 0xDFFF:
+        raise JsonError("unpaired surrogate")
+    return chr(cp).encode("utf-8"), i
 
 
 def _hex4(s: bytes, i: int) -> tuple[int, int]:
@@ -216,72 +256,68 @@ def _number(s: bytes, i: int) -> tuple[float, int]:
     return value, m.end()
 
 
-def _key(s: bytes, i: int) -> tuple[bytes, int]:
+def _key(text: _Text, i: int) -> Generator[str, None, tuple[bytes, int]]:
     """An object key at ``i`` (after whitespace), then the ':'; returns index after the ':'."""
-    i = _skip_ws(s, i)
-    if i >= len(s):
-        raise JsonIncomplete("object key expected")
-    if s[i] != 0x22:
+    i = yield from _ws(text, i, "object key expected")
+    if text.s[i] != 0x22:
         raise JsonError("object key expected")
-    key, i = _string(s, i)
+    key, i = yield from _string(text, i)
     if 0 in key:
         raise JsonError("NUL in key")
-    i = _skip_ws(s, i)
-    if i >= len(s):
-        raise JsonIncomplete("':' expected")
-    if s[i] != 0x3A:
+    i = yield from _ws(text, i, "':' expected")
+    if text.s[i] != 0x3A:
         raise JsonError("':' expected")
     return key, i + 1
 
 
-def parse_json(text: bytes) -> Any:
-    """Parse the first JSON value of ``text`` the way parson does (see the module docstring).
+def _scalar(text: _Text, i: int, inside: bool) -> Generator[str, None, tuple[Any, int]]:
+    """A string, number or literal at ``i``; ``inside`` a container, more must follow it."""
+    c = text.s[i]
+    if c == 0x22:
+        return (yield from _string(text, i))
+    if c == 0x2D or 0x30 <= c <= 0x39:
+        while True:
+            value, end = _number(text.s, i)
+            if end < len(text.s) or not inside:
+                return value, end
+            # More digits may follow: read the number again once they have come.
+            yield "',' or end of container expected"
+    if c in _LITERALS:
+        word, value = _LITERALS[c]
+        while not text.s.startswith(word, i):
+            if not word.startswith(text.s[i:]):
+                raise JsonError("bad literal")
+            yield "unterminated literal"
+        return value, i + len(word)
+    raise JsonError("value expected")
 
-    Objects become dicts with ``bytes`` keys, strings ``bytes``, numbers ``float``.
-    Raises :class:`JsonIncomplete` if ``text`` ends inside the value and
-    :class:`JsonError` if it cannot be JSON. Iterative, so nesting costs no recursion.
-    """
-    s = text[3:] if text.startswith(_BOM) else text
-    n = len(s)
+
+def _document(text: _Text) -> _Step:
+    """The first JSON value of the text, parsed the way parson does (see parse_json)."""
+    i = 3 if text.s.startswith(_BOM) else 0
     # Open containers: (container, key of the member being parsed, for objects).
     stack: list[tuple[dict[bytes, Any] | list[Any], bytes]] = []
-    i = 0
     while True:
         # ---- one value at i
         if len(stack) > MAX_NESTING:
             raise JsonError("nesting too deep")
-        i = _skip_ws(s, i)
-        if i >= n:
-            raise JsonIncomplete("value expected")
-        c = s[i]
+        i = yield from _ws(text, i, "value expected")
+        c = text.s[i]
         value: Any
         if c == 0x7B or c == 0x5B:  # { [
-            i = _skip_ws(s, i + 1)
-            if i >= n:
-                raise JsonIncomplete("unterminated container")
-            if s[i] == (0x7D if c == 0x7B else 0x5D):
+            i = yield from _ws(text, i + 1, "unterminated container")
+            if text.s[i] == (0x7D if c == 0x7B else 0x5D):
                 value = {} if c == 0x7B else []
                 i += 1
             elif c == 0x7B:
-                key, i = _key(s, i)
+                key, i = yield from _key(text, i)
                 stack.append(({}, key))
                 continue
             else:
                 stack.append(([], b""))
                 continue
-        elif c == 0x22:
-            value, i = _string(s, i)
-        elif c == 0x2D or 0x30 <= c <= 0x39:
-            value, i = _number(s, i)
-        elif c in _LITERALS:
-            word, value = _LITERALS[c]
-            if not s.startswith(word, i):
-                if word.startswith(s[i:]):
-                    raise JsonIncomplete("unterminated literal")
-                raise JsonError("bad literal")
-            i += len(word)
         else:
-            raise JsonError("value expected")
+            value, i = yield from _scalar(text, i, inside=bool(stack))
         # ---- attach it to its container; close every container that ends here
         while True:
             if not stack:
@@ -291,12 +327,10 @@ def parse_json(text: bytes) -> Any:
                 container[key] = value
             else:
                 container.append(value)
-            i = _skip_ws(s, i)
-            if i >= n:
-                raise JsonIncomplete("',' or end of container expected")
-            if s[i] == 0x2C:  # ,
+            i = yield from _ws(text, i, "',' or end of container expected")
+            if text.s[i] == 0x2C:  # ,
                 if isinstance(container, dict):
-                    key, i = _key(s, i + 1)
+                    key, i = yield from _key(text, i + 1)
                     if key in container:
                         # parson fails once the value is parsed too; nothing can save it.
                         raise JsonError("duplicate key")
@@ -304,11 +338,61 @@ def parse_json(text: bytes) -> Any:
                 else:
                     i += 1
                 break
-            if s[i] != (0x7D if isinstance(container, dict) else 0x5D):
+            if text.s[i] != (0x7D if isinstance(container, dict) else 0x5D):
                 raise JsonError("',' or end of container expected")
             i += 1
             stack.pop()
             value = container
+
+
+def parse_json(text: bytes) -> Any:
+    """Parse the first JSON value of ``text`` the way parson does (see the module docstring).
+
+    Objects become dicts with ``bytes`` keys, strings ``bytes``, numbers ``float``.
+    Raises :class:`JsonIncomplete` if ``text`` ends inside the value and
+    :class:`JsonError` if it cannot be JSON. Iterative, so nesting costs no recursion.
+    """
+    parser = JsonParser()
+    if not parser.feed(text):
+        raise JsonIncomplete(parser.waiting_for)
+    return parser.value
+
+
+class JsonParser:
+    """:func:`parse_json` fed piece by piece: each byte is read about once, not once per piece.
+
+    After every :meth:`feed` the parser is where :func:`parse_json` of all the
+    bytes so far would be: done (a value, or :class:`JsonError` raised) or
+    waiting. A token that ends exactly where the bytes end, and whose meaning
+    more bytes could change (a number inside a container, an escape), is read
+    again from its start when they come, as a parse of the longer text would.
+    """
+
+    def __init__(self) -> None:
+        self._text = _Text()
+        self._steps: _Step | None = None
+        #: Why more bytes are needed (JsonIncomplete's message) while not done.
+        self.waiting_for = "value expected"
+        self.done = False
+        self.value: Any = None
+
+    def feed(self, data: bytes) -> bool:
+        """Add ``data``; True once the value is complete (``value``); JsonError if it can't be."""
+        if self.done or not data:
+            return self.done
+        self._text.s += data
+        try:
+            if self._steps is None:
+                self._steps = _document(self._text)
+                self.waiting_for = next(self._steps)
+            else:
+                self.waiting_for = self._steps.send(None)
+        except StopIteration as stop:
+            self.done, self.value, self._steps = True, stop.value, None
+        except JsonError:
+            self._steps = None
+            raise
+        return self.done
 
 
 # ---- the requests ------------------------------------------------------------------------
@@ -386,22 +470,11 @@ class ApiHandler:
         self.next_id = 1
 
     def reply_for(self, data: bytes, final: bool) -> bytes | None:
-        """The reply to what a client sent so far, or None if more bytes may complete it.
+        """The reply to ``data`` as one client's request, or None if more bytes may complete it.
 
         ``final`` means nothing more will come (half-close, timeout).
         """
-        if len(data) >= MAX_REQUEST:
-            return TOO_LARGE
-        text, nul, _ = data.partition(b"\0")
-        try:
-            request = parse_json(text)
-        except JsonIncomplete:
-            if final or nul:
-                return CANNOT_PARSE
-            return None
-        except JsonError:
-            return CANNOT_PARSE
-        return self.execute(request)
+        return Request(self).feed(data, final)
 
     def execute(self, request: Any) -> bytes:
         if not isinstance(request, dict):
@@ -470,6 +543,41 @@ class ApiHandler:
         return REMOVE_OK
 
 
+class Request:
+    """One connection's request as it arrives: fed each read, it says when to answer what.
+
+    The answer after each :meth:`feed` is :meth:`ApiHandler.reply_for` of all
+    the bytes so far, but the JSON is parsed as it comes (:class:`JsonParser`),
+    so a request sent a byte at a time costs what one sent at once does.
+    """
+
+    __slots__ = ("_handler", "_json", "_size", "_ended")
+
+    def __init__(self, handler: ApiHandler) -> None:
+        self._handler = handler
+        self._json = JsonParser()
+        self._size = 0
+        #: A NUL came: the C string slirp4netns parses ends there.
+        self._ended = False
+
+    def feed(self, data: bytes, final: bool) -> bytes | None:
+        """The reply once the request can be answered, else None (``final``: no more comes)."""
+        self._size += len(data)
+        if self._size >= MAX_REQUEST:
+            return TOO_LARGE
+        if not self._ended:
+            text, nul, _ = data.partition(b"\0")
+            self._ended = bool(nul)
+            try:
+                if self._json.feed(text):
+                    return self._handler.execute(self._json.value)
+            except JsonError:
+                return CANNOT_PARSE
+        if final or self._ended:
+            return CANNOT_PARSE
+        return None
+
+
 # ---- the socket ------------------------------------------------------------------------
 
 class ApiError(OSError):
@@ -506,12 +614,14 @@ def bind_unix(path: str) -> socket.socket:
 
 
 class _Client:
-    __slots__ = ("sock", "fd", "buf", "timer", "out")
+    __slots__ = ("sock", "fd", "buf", "request", "timer", "out")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, request: Request) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.buf = b""
+        #: What it sent, for the debug log and the read limit.
+        self.buf = bytearray()
+        self.request = request
         self.timer: asyncio.TimerHandle | None = None
         self.out = b""
 
@@ -562,7 +672,7 @@ class ApiServer:
                 self.loop.call_later(_ACCEPT_PAUSE, self._start_accepting)
                 return
             conn.setblocking(False)
-            client = _Client(conn)
+            client = _Client(conn, Request(self.handler))
             self.clients[client.fd] = client
             client.timer = self.loop.call_later(self.timeout, self._on_timeout, client)
             self.loop.add_reader(client.fd, self._on_readable, client)
@@ -577,17 +687,17 @@ class ApiServer:
             self._close(client)
             return
         client.buf += data
-        reply = self.handler.reply_for(client.buf, final=not data)
+        reply = client.request.feed(data, final=not data)
         if reply is not None:
             self._reply(client, reply)
 
     def _on_timeout(self, client: _Client) -> None:
         client.timer = None
         if client.fd in self.clients and not client.out:
-            self._reply(client, self.handler.reply_for(client.buf, final=True) or CANNOT_PARSE)
+            self._reply(client, client.request.feed(b"", final=True) or CANNOT_PARSE)
 
     def _reply(self, client: _Client, reply: bytes) -> None:
-        log.debug("api: request %r -> %r", client.buf, reply)
+        log.debug("api: request %r -> %r", bytes(client.buf), reply)
         self.loop.remove_reader(client.fd)
         if client.timer is not None:
             client.timer.cancel()

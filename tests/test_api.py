@@ -17,6 +17,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -746,3 +747,91 @@ def test_out_of_fds_pauses_accepting_instead_of_spinning(tmp_path: Path) -> None
         assert loop.run_until_complete(loop.run_in_executor(None, read_all, c)) == ENTRIES_EMPTY
     server.close()
     loop.close()
+
+
+# ---- nobody else gets in; a dribbled request costs what one write does ----------------------
+
+def test_another_user_cannot_connect() -> None:
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="pyslirp-api-test-"))
+    shared.chmod(0o755)  # anyone may search it: only the socket's mode keeps them out
+    old = os.umask(0)  # the widest a caller could have
+    try:
+        running = Running(shared / "api.sock")
+    finally:
+        os.umask(old)
+    try:
+        code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n"
+                "    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused')\n")
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               sys.executable, "-c", code, str(shared / "api.sock")],
+                              capture_output=True, text=True, timeout=30, cwd="/")
+        assert proc.stdout.strip() == "refused", proc.stdout + proc.stderr
+        assert running.request(LIST) == ENTRIES_EMPTY  # its owner still can
+    finally:
+        running.stop()
+        shutil.rmtree(shared)
+
+
+def test_request_sent_a_byte_at_a_time_is_parsed_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read goes on parsing where the last stopped: work grows with bytes, not bytes²."""
+    request = b'{"execute":"list_hostfwd","pad":[1'
+    request += b",1" * ((api.MAX_REQUEST - 1 - len(request) - 2) // 2) + b"]}"
+    request = request[:-2] + b" " * (api.MAX_REQUEST - 1 - len(request)) + b"]}"
+    assert len(request) == api.MAX_REQUEST - 1  # the largest request there is
+    scans = 0
+    budget = 4 * len(request)  # re-parsing from the start each read would need ~1000 times more
+    real_skip_ws = api._skip_ws
+
+    def counting_skip_ws(s: bytes, i: int) -> int:
+        nonlocal scans
+        scans += 1
+        if scans > budget:
+            raise AssertionError(f"more than {budget} whitespace scans for {len(request)} bytes")
+        return real_skip_ws(s, i)
+
+    monkeypatch.setattr(api, "_skip_ws", counting_skip_ws)
+    loop = asyncio.new_event_loop()
+    server = ApiServer(loop, str(tmp_path / "api.sock"), handler())
+    ours = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ours.connect(str(tmp_path / "api.sock"))
+        server._on_accept()
+        [client] = server.clients.values()
+        for byte in request:  # one read per byte: the server's handler, called as the loop would
+            ours.send(bytes([byte]))
+            server._on_readable(client)
+        ours.settimeout(5)
+        assert read_all(ours) == ENTRIES_EMPTY
+        print(f"{scans} whitespace scans for {len(request)} bytes")
+    finally:
+        ours.close()
+        server.close()
+        loop.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reading_in_pieces_answers_as_parsing_everything_so_far_would(seed: int) -> None:
+    """After every read the incremental parser is where a parse of all the bytes so far is."""
+    rng = random.Random(seed)
+    requests = [c[0] for c in PARSE_CASES if c[0]] + [
+        b'{"execute":"list_hostfwd","x":[1.5e3,-0.5,"\\ud83d\\ude00",true,{"y":null}]}',
+        b'{"execute":"list_hostfwd","x":12', b'\xef\xbb\xbf' + LIST, LIST + b"\0junk"]
+    for request in requests:
+        if seed == 0 and len(request) < 300:
+            cuts = list(range(1, len(request)))  # a byte at a time
+        else:
+            cuts = sorted(rng.sample(range(1, len(request)), min(len(request) - 1, 5)))
+        pieces = [request[a:b] for a, b in zip([0, *cuts], [*cuts, len(request)], strict=True)]
+        reading = api.Request(handler())
+        so_far = b""
+        for piece in pieces:
+            so_far += piece
+            got = reading.feed(piece, final=False)
+            assert got == handler().reply_for(so_far, final=False), (request, so_far)
+            if got is not None:
+                break
+        else:
+            assert reading.feed(b"", final=True) == handler().reply_for(so_far, final=True)

@@ -24,6 +24,13 @@ the hook lists, the hook points it subscribed to. This server listens on
 * ``Shutdown`` (v1alpha3): stop the stacks, answer, and exit 0, which is how
   a sidecar container ends when its VM does.
 
+Who may connect: the hook socket is created owner-only (0600). Whoever can
+call ``OnDefineDomain`` decides which stacks run and what QEMU is told, so
+nobody but virt-launcher may; virt-launcher runs as the sidecar's user (uid
+107 in non-root VMs, where KubeVirt runs sidecars as the qemu user too) or as
+root, and either can connect to a 0600 socket of ours. QEMU's own sockets
+are QEMU's user's only (``pyslirp.kubevirt.stacks``; ``--qemu-user``).
+
 SIGTERM/SIGINT do the same as Shutdown. gRPC handlers run on a small thread
 pool; the stack manager serialises what they do to the stacks.
 
@@ -46,7 +53,7 @@ from typing import Any
 
 from pyslirp.kubevirt import domain
 from pyslirp.kubevirt.domain import HookError
-from pyslirp.kubevirt.stacks import StackError, StackManager
+from pyslirp.kubevirt.stacks import QEMU_USER, StackError, StackManager
 
 log = logging.getLogger("pyslirp")
 
@@ -158,6 +165,17 @@ def _mtu(text: str) -> int:
     return value
 
 
+def _user(text: str) -> tuple[int, int]:
+    uid, sep, gid = text.partition(":")
+    try:
+        ids = (int(uid), int(gid) if sep else int(uid))
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be UID or UID:GID (numbers)") from None
+    if min(ids) < 0:
+        raise argparse.ArgumentTypeError("must be UID or UID:GID (numbers)")
+    return ids
+
+
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pyslirp kubevirt-sidecar",
@@ -178,6 +196,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--virtio-mtu", type=_mtu, default=domain.DEFAULT_VIRTIO_MTU,
                         help="the MTU of virtio NICs' links to their stacks (default "
                              f"{domain.DEFAULT_VIRTIO_MTU}; 1500 for a plain Ethernet MTU)")
+    parser.add_argument("--qemu-user", type=_user, default=QEMU_USER, metavar="UID[:GID]",
+                        help="the user QEMU runs as, the only one that may connect to the "
+                             f"stacks (default {QEMU_USER[0]}:{QEMU_USER[1]}, "
+                             "virt-launcher's qemu)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -202,7 +224,7 @@ def main(argv: list[str]) -> int:
         log.error("--data-dir must not be the hook directory itself; use a subdirectory")
         return 1
     stop = threading.Event()
-    stacks = StackManager(data_dir, dns_upstreams=args.dns_upstream)
+    stacks = StackManager(data_dir, dns_upstreams=args.dns_upstream, qemu_user=args.qemu_user)
     hooks = HookServer(stacks, plugin, on_shutdown=stop.set, virtio_mtu=args.virtio_mtu)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers(_handlers(hooks, grpc))
@@ -211,6 +233,9 @@ def main(argv: list[str]) -> int:
             os.unlink(path)  # left by a sidecar that was killed
     except FileNotFoundError:
         pass
+    # gRPC creates the socket file itself: only the umask can make it 0600 from the
+    # start. It is process-wide, but none of our threads creates files yet.
+    old_umask = os.umask(0o177)
     try:
         if server.add_insecure_port(f"unix:{path}") == 0:
             raise RuntimeError("gRPC could not bind it")
@@ -218,6 +243,8 @@ def main(argv: list[str]) -> int:
         log.error("cannot listen on %s: %s", path, exc)
         stacks.close()
         return 1
+    finally:
+        os.umask(old_umask)
     server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _s, _f: stop.set())

@@ -7,9 +7,27 @@ path as ``pyslirp --target-type=qemu-stream SOCKET``), listening on
 ``DATA_DIR/NAME.sock``. DATA_DIR is a subdirectory of the hook directory,
 which the sidecar and virt-launcher's compute container share, so QEMU
 reaches the socket at the same path; it is not the hook directory itself,
-since virt-launcher dials every entry there as a hook. The socket is made
-world-connectable (0666) because QEMU may run as another user than the
-sidecar; only the pod's containers that mount the hook volume can see it.
+since virt-launcher dials every entry there as a hook.
+
+Who may connect: only QEMU's user. Whoever connects to a stack's socket is
+the VM's NIC, and the hook volume is shared with every container of the pod
+that mounts it, so the socket is never world-connectable. virt-launcher's
+QEMU runs as uid/gid 107 (``qemu``; ``qemu_user`` to change it), which is
+also the user KubeVirt runs binding sidecars as in non-root VMs (the image's
+``USER 107:107``). pyslirp creates the socket 0600 as the sidecar's user;
+then, before the domain (and so QEMU) can use it:
+
+* a sidecar running as QEMU's uid leaves it so: QEMU is the owner;
+* a sidecar running as root gives it to 107:107, still 0600;
+* any other sidecar user that is in QEMU's group (the pod's ``fsGroup``
+  107) gives the socket to that group, 0660: QEMU connects through its
+  primary group, other users stay out;
+* otherwise QEMU could not connect at all, and :meth:`StackManager.ensure`
+  fails with a :class:`StackError` that says how to run the sidecar.
+
+The stack itself lets a second connection replace the VM's only if it comes
+from the same uid and gid (see :mod:`pyslirp.runtime.qemu`), so even root
+in the pod cannot cut the VM off by connecting.
 
 The process runs in the sidecar's network namespace, which is the pod's:
 the VM's flows leave from the pod's address and the forwarded ports are the
@@ -64,6 +82,8 @@ log = logging.getLogger("pyslirp")
 
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
+#: The uid and gid virt-launcher's QEMU runs as (KubeVirt's ``qemu`` user).
+QEMU_USER = (107, 107)
 
 
 class StackError(RuntimeError):
@@ -99,8 +119,11 @@ class StackManager:
     """Starts, reuses and stops the per-NIC pyslirp processes; thread-safe."""
 
     def __init__(self, data_dir: str, *, dns_upstreams: list[str] | None = None,
-                 command: list[str] | None = None, ready_timeout: float = READY_TIMEOUT) -> None:
+                 command: list[str] | None = None, ready_timeout: float = READY_TIMEOUT,
+                 qemu_user: tuple[int, int] = QEMU_USER) -> None:
         self.data_dir = data_dir
+        #: (uid, gid) of the QEMU that connects to the stacks; nobody else may.
+        self.qemu_user = qemu_user
         self.dns_upstreams = list(dns_upstreams or [])
         self.command = command or [sys.executable, "-m", "pyslirp"]
         self.ready_timeout = ready_timeout
@@ -145,7 +168,7 @@ class StackManager:
     def _start(self, iface: SlirpInterface) -> _Stack:
         os.makedirs(self.data_dir, exist_ok=True)
         with contextlib.suppress(OSError):
-            # Searchable by QEMU's user whatever our umask (the sockets themselves are 0666).
+            # Searchable by QEMU's user whatever our umask (the sockets decide who connects).
             os.chmod(self.data_dir, 0o755)
         sock = self.socket_path(iface)
         api = os.path.join(self._run_dir, f"{iface.name}.api")
@@ -166,7 +189,7 @@ class StackManager:
         stack = _Stack(iface, proc, exit_w, sock, api)
         try:
             self._wait_ready(stack, ready_r)
-            os.chmod(sock, 0o666)
+            self._give_to_qemu(sock)
             for port in iface.ports:
                 self._forward(stack, port.protocol, port.port)
         except BaseException:
@@ -179,6 +202,25 @@ class StackManager:
                  " ".join(f"{p.port}/{p.protocol}" for p in iface.ports) or "none",
                  " ".join(self.hardening))
         return stack
+
+    def _give_to_qemu(self, path: str) -> None:
+        """Let QEMU's user, and nobody else, connect to ``path`` (0600 ours until now)."""
+        uid, gid = self.qemu_user
+        if os.geteuid() == uid:
+            return
+        try:
+            os.chown(path, uid, gid, follow_symlinks=False)
+            return
+        except PermissionError:
+            pass
+        if gid == os.getegid() or gid in os.getgroups():
+            os.chown(path, -1, gid, follow_symlinks=False)
+            os.chmod(path, 0o660)
+            return
+        raise StackError(f"QEMU (uid {uid}, gid {gid}) could not connect to {path}: "
+                         f"the sidecar runs as uid {os.geteuid()}, which can neither give "
+                         f"the socket to uid {uid} nor share group {gid} with it; run the "
+                         f"sidecar as uid {uid}, as root, or in group {gid}")
 
     def _wait_ready(self, stack: _Stack, ready_r: int) -> None:
         deadline = time.monotonic() + self.ready_timeout

@@ -29,9 +29,14 @@ stream is not what we think it is: we log it and drop the connection (QEMU
 reconnects if told to with ``reconnect=``). A frame shorter than an Ethernet
 header is counted and skipped; the framing is still intact.
 
-One QEMU at a time: a new connection replaces the current one, since a VM
-that reconnects (QEMU restarted, ``reconnect=`` after a hiccup) is the live
-peer and a half-dead old connection must not lock it out. Frames to the
+Who may connect: the socket file is created 0600 (:func:`bind_unix` sets
+the mode before ``bind``, so it is never wider, whatever the umask), so
+only its owner and root can. One QEMU at a time: a new connection from the
+same user and group as the current one (``SO_PEERCRED``) replaces it, since
+a VM that reconnects (QEMU restarted, ``reconnect=`` after a hiccup) is the
+live peer and a half-dead old connection must not lock it out; one from
+anybody else while a VM is connected is refused, closed and logged (root
+can connect to any socket file; it must still not cut a VM off). Frames to the
 guest while nobody is connected are dropped and counted
 (``drop.tx.no_peer``), as a NIC with its cable pulled would.
 
@@ -49,7 +54,8 @@ guest's TCP retransmits, exactly as for a TAP whose queue is full.
 ``-netdev dgram`` (QEMU >= 7.2, net/dgram.c): one frame per datagram on a
 Unix datagram socket. QEMU sends from its ``local`` address to ours
 (``remote``); we answer to the address the last datagram came from, so
-QEMU must bind a ``local.path``. Until QEMU has sent something, frames to it
+QEMU must bind a ``local.path``; the socket file is 0600 as for a stream,
+so only its owner and root can send to it. Until QEMU has sent something, frames to it
 are dropped and counted (``drop.tx.no_peer``). A datagram longer than
 :data:`MAX_FRAME` is dropped and counted (``drop.rx.too_big``), never cut.
 
@@ -88,16 +94,22 @@ _ETH_HEADER = 14
 _LENGTH = struct.Struct("!I")
 _READ_SIZE = 256 * 1024
 _ACCEPT_BACKLOG = 4
+#: The socket file's mode: only its owner (and root) may connect.
+SOCKET_MODE = 0o600
+#: struct ucred (SO_PEERCRED): pid, uid, gid.
+_UCRED = struct.Struct("3i")
 _DGRAM_BATCH = 128
 #: Frames per sendmsg (Linux's IOV_MAX is 1024).
 _IOV_BATCH = 512
 
 
 def bind_unix(path: str, kind: int) -> socket.socket:
-    """A non-blocking Unix socket bound at ``path`` (a stale socket file there is replaced).
+    """A non-blocking Unix socket bound at ``path``, mode 0600 (a stale socket there is replaced).
 
-    Anything at ``path`` that is not a socket is left alone and reported, so a
-    typo can never delete somebody's file.
+    Whoever can connect to the socket can be the VM's NIC, so the file is
+    owner-only from the moment it exists, whatever the umask. Anything at
+    ``path`` that is not a socket is left alone and reported, so a typo can
+    never delete somebody's file.
     """
     try:
         st = os.lstat(path)
@@ -109,6 +121,10 @@ def bind_unix(path: str, kind: int) -> socket.socket:
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
+        # Linux creates the file with the socket inode's mode minus the umask: set
+        # it first, so there is no moment the file is wider (and no process-wide umask
+        # change, which other threads would see).
+        os.fchmod(sock.fileno(), SOCKET_MODE)
         sock.bind(path)
         if kind == socket.SOCK_STREAM:
             sock.listen(_ACCEPT_BACKLOG)
@@ -116,6 +132,16 @@ def bind_unix(path: str, kind: int) -> socket.socket:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
     return sock
+
+
+def _peer_ids(conn: socket.socket) -> tuple[int, int] | None:
+    """The (uid, gid) of the process at the other end of ``conn``, if the kernel says."""
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    _pid, uid, gid = _UCRED.unpack(raw)
+    return uid, gid
 
 
 def _remove_socket_file(path: str, ino: int, dir_fd: int | None = None) -> None:
@@ -146,12 +172,16 @@ class QemuStreamAttachment(Attachment):
         self._listener = socket.socket(fileno=os.dup(fd))
         self._conn: socket.socket | None = None
         self._conn_fd = -1
+        #: (uid, gid) of the connected QEMU (SO_PEERCRED); only they may reconnect.
+        self._peer: tuple[int, int] | None = None
         self._partial = b""
         self._out: deque[bytes] = deque()
         self._out_bytes = 0
         self._writing = False
         self._send_scheduled = False
         self.connections = 0
+        #: Connections turned away because another user's QEMU was connected.
+        self.refused = 0
         super().__init__(loop, fd, config, pcap=pcap, name=name, on_fatal=on_fatal)
 
     @property
@@ -170,10 +200,15 @@ class QemuStreamAttachment(Attachment):
                 # EMFILE and friends: leave the connection in the backlog, try next time.
                 log.warning("%s: cannot accept a QEMU connection: %s", self.name, exc.strerror)
                 return
+            peer = _peer_ids(conn)
             if self._conn is not None:
+                if peer != self._peer:
+                    self._refuse(conn, peer)
+                    continue
                 log.info("%s: QEMU connected again; dropping the previous connection",
                          self.name)
                 self._drop_connection()
+            self._peer = peer
             conn.setblocking(False)
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1024 * 1024)
@@ -183,10 +218,21 @@ class QemuStreamAttachment(Attachment):
             self.loop.add_reader(self._conn_fd, self._on_conn_readable)
             log.info("%s: QEMU connected", self.name)
 
+    def _refuse(self, conn: socket.socket, peer: tuple[int, int] | None) -> None:
+        """Turn away a connection from another user than the connected VM's."""
+        self.refused += 1
+        who = "unknown credentials" if peer is None else f"uid {peer[0]} gid {peer[1]}"
+        owner = "unknown credentials" if self._peer is None \
+            else f"uid {self._peer[0]} gid {self._peer[1]}"
+        log.warning("%s: refused a connection from %s: the VM's link is connected from %s",
+                    self.name, who, owner)
+        conn.close()
+
     def _drop_connection(self) -> None:
         conn = self._conn
         if conn is None:
             return
+        self._peer = None
         self.loop.remove_reader(self._conn_fd)
         if self._writing:
             self.loop.remove_writer(self._conn_fd)

@@ -104,6 +104,40 @@ def sidecar(tmp_path: Path) -> Iterator[Sidecar]:
         assert not side.pyslirp_pids()
 
 
+def test_hook_socket_is_owner_only(tmp_path: Path) -> None:
+    """virt-launcher runs as the sidecar's user or as root; nobody else may call the hook."""
+    import tempfile
+
+    hooks = Path(tempfile.mkdtemp(prefix="pyslirp-hooks-test-"))
+    hooks.chmod(0o755)  # searchable by anyone: only the socket's mode keeps them out
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen(
+        ["unshare", "--net", "--", sys.executable, "-m", "pyslirp", "kubevirt-sidecar",
+         "--socket", str(hooks / "slirp.sock"), "--dns-upstream=127.0.0.1:9"],
+        stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        deadline = time.monotonic() + 30
+        while not (hooks / "slirp.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no hook socket"
+            time.sleep(0.05)
+        assert (hooks / "slirp.sock").stat().st_mode & 0o777 == 0o600
+        nobody = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-c", "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n"
+             "    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused')\n",
+             str(hooks / "slirp.sock")], capture_output=True, text=True, timeout=30, cwd="/")
+        assert nobody.stdout.strip() == "refused", nobody.stdout + nobody.stderr
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(hooks)
+
+
 def test_info(sidecar: Sidecar, protos: SimpleNamespace) -> None:
     info = sidecar.stub(protos, "info").Info(protos.api_info_pb2.InfoParams(), timeout=10)
     assert info.name == "network-slirp-binding"
@@ -122,8 +156,9 @@ def test_on_define_domain_starts_a_stack_and_points_qemu_at_it(
     assert args[2] == "-device" and '"driver":"virtio-net-pci"' in args[3]
     assert '"mac":"02:42:ac:11:00:02"' in args[3]
     validate(out, tmp_path)
-    # The stack listens where QEMU will connect, for any user (QEMU may not be the sidecar's).
-    assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o666
+    # The stack listens where QEMU will connect, for QEMU's user (107) only (root still can).
+    st = sock.stat()
+    assert sock.is_socket() and (st.st_uid, st.st_gid, st.st_mode & 0o777) == (107, 107, 0o600)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as qemu:
         qemu.connect(str(sock))
     # The VMI's ports are forwarded in the pod's (here: the sidecar's) network namespace.

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pyslirp.kubevirt import stacks
+from pyslirp.kubevirt.domain import SlirpInterface
 
 
 def test_api_sockets_fall_back_next_to_the_data_on_a_read_only_root(
@@ -82,3 +88,91 @@ def test_stacks_run_sandboxed_and_filtered_and_serve_qemu(tmp_path: Path) -> Non
     finally:
         manager.close()
     assert not (tmp_path / "pyslirp").exists()
+
+
+# --- who may connect to QEMU's sockets ---------------------------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534"]
+_IFACE = ("default", "virtio-net-pci", None, "10.0.2.0/24")
+
+
+def _iface() -> SlirpInterface:
+    name, driver, mac, network = _IFACE
+    return SlirpInterface(name, driver, mac, ipaddress.IPv4Network(network), ())
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory any user may write, so only the socket's own mode and owner matter."""
+    path = Path(tempfile.mkdtemp(prefix="pyslirp-kubevirt-test-"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def _nobody_connects(path: str) -> str:
+    code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused')\n"
+            "else:\n    print('connected')\n")
+    proc = subprocess.run([*NOBODY, "--clear-groups", sys.executable, "-c", code, path],
+                          capture_output=True, text=True, timeout=30, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_qemu_socket_belongs_to_qemus_user_only(shared_dir: Path) -> None:
+    """A root sidecar gives the socket to virt-launcher's qemu (107), mode 0600."""
+    manager = stacks.StackManager(str(shared_dir / "pyslirp"), dns_upstreams=["127.0.0.1:9"])
+    try:
+        path = manager.ensure([_iface()])["default"]
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (107, 107, 0o600)
+        assert _nobody_connects(path) == "refused"
+    finally:
+        manager.close()
+
+
+_SIDECAR_AS_NOBODY = """
+import ipaddress, os, stat, sys
+from pyslirp.kubevirt.domain import SlirpInterface
+from pyslirp.kubevirt.stacks import StackError, StackManager
+manager = StackManager(sys.argv[1], dns_upstreams=["127.0.0.1:9"])
+try:
+    path = manager.ensure([SlirpInterface("default", "virtio-net-pci", None,
+                                          ipaddress.IPv4Network("10.0.2.0/24"), ())])["default"]
+    st = os.stat(path)
+    print(st.st_uid, st.st_gid, oct(st.st_mode & 0o777))
+except StackError as exc:
+    print("StackError:", exc)
+finally:
+    manager.close()
+"""
+
+
+def _python_for_nobody() -> tuple[str, dict[str, str]]:
+    """An interpreter uid 65534 can run (not one under root's 0700 home) with our packages."""
+    import site
+
+    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"{python} (the system's build of this Python) is needed")
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join([root, *site.getsitepackages()])
+    return python, {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.mark.parametrize(("groups", "expected"), [
+    (["--groups=107"], "65534 107 0o660"),
+    (["--clear-groups"], "StackError: QEMU (uid 107, gid 107) could not connect"),
+])
+def test_non_root_sidecar_shares_the_socket_through_qemus_group_or_refuses(
+        shared_dir: Path, groups: list[str], expected: str) -> None:
+    python, env = _python_for_nobody()
+    proc = subprocess.run([*NOBODY, *groups, python, "-c", _SIDECAR_AS_NOBODY,
+                           str(shared_dir / "pyslirp")], capture_output=True, text=True,
+                          timeout=60, cwd="/", env={**env, "TMPDIR": str(shared_dir)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(expected), proc.stdout + proc.stderr
+    assert not (shared_dir / "pyslirp").exists()  # nothing left behind either way

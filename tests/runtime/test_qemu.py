@@ -423,3 +423,128 @@ def test_qemu_dgram_refuses_the_sandbox_and_says_why(tmp_path: Path) -> None:
     assert "--enable-sandbox is not supported with --target-type=qemu-dgram: replies go to " \
            "QEMU's socket by its path, which the sandbox hides" in err
     assert not os.path.exists(path)
+
+
+# --- who may connect --------------------------------------------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may search, so only the socket's own mode keeps them out."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="pyslirp-qemu-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def as_nobody(code: str, *args: str) -> str:
+    """Run Python ``code`` as uid/gid 65534 (sys.argv[1:] = args); its stdout."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([*NOBODY, sys.executable, "-c", code, *args], capture_output=True,
+                          text=True, timeout=30, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+_TRY_CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+except PermissionError:
+    print("refused")
+else:
+    print("connected")
+"""
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_socket_is_owner_only_whatever_the_umask(shared_dir: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        stream = bind_unix(str(shared_dir / "stream.sock"), socket.SOCK_STREAM)
+        dgram = bind_unix(str(shared_dir / "dgram.sock"), socket.SOCK_DGRAM)
+    finally:
+        os.umask(old)
+    with stream, dgram:
+        for name in ("stream.sock", "dgram.sock"):
+            assert (shared_dir / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_another_user_cannot_connect(shared_dir: Path) -> None:
+    path = str(shared_dir / "vm.sock")
+    old = os.umask(0)  # the widest a caller could have
+    try:
+        listener = bind_unix(path, socket.SOCK_STREAM)
+    finally:
+        os.umask(old)
+    with listener:
+        assert as_nobody(_TRY_CONNECT, path) == "refused"
+        with connect(path):  # its owner still can
+            pass
+
+
+_CONNECT_AND_WAIT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.settimeout(20)
+print("closed" if s.recv(100) == b"" else "got data")
+"""
+
+
+def test_another_users_connection_does_not_cut_the_vm_off(
+        shared_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Even past the file mode (root, or a socket chmod'ed wide), the VM keeps its link."""
+    path = str(shared_dir / "vm.sock")
+    listener = bind_unix(path, socket.SOCK_STREAM)
+    os.chmod(path, 0o666)  # let nobody reach accept(): the check under test is behind it
+    server = LoopThread(lambda loop: QemuStreamAttachment(loop, listener.fileno(),
+                                                          plain_config()))
+    try:
+        with connect(path) as vm:
+            reader = StreamReader(vm)
+            vm.sendall(framed(arp_request()))
+            assert is_arp_reply(reader.frame())
+            assert as_nobody(_CONNECT_AND_WAIT, path) == "closed"
+            vm.sendall(framed(arp_request("10.0.2.16")))
+            assert is_arp_reply(reader.frame(), to_ip="10.0.2.16")
+            assert server.call(lambda: (server.attachment.connections,
+                                        server.attachment.refused)) == (1, 1)
+        assert "refused a connection from uid 65534 gid 65534" in caplog.text
+    finally:
+        server.close()
+        listener.close()
+
+
+def test_after_the_vm_disconnects_another_user_may_connect(shared_dir: Path) -> None:
+    """The check guards a live link only: the file mode decides who may connect at all."""
+    path = str(shared_dir / "vm.sock")
+    listener = bind_unix(path, socket.SOCK_STREAM)
+    os.chmod(path, 0o666)
+    server = LoopThread(lambda loop: QemuStreamAttachment(loop, listener.fileno(),
+                                                          plain_config()))
+    try:
+        with connect(path) as vm:
+            vm.sendall(framed(arp_request()))
+            assert is_arp_reply(StreamReader(vm).frame())
+        deadline = time.monotonic() + 10
+        while server.call(lambda: server.attachment.connected):
+            assert time.monotonic() < deadline, "the closed connection was never noticed"
+            time.sleep(0.01)
+        code = _CONNECT_AND_WAIT.replace('print("closed"', 'import struct; f = bytes.fromhex('
+                                         'sys.argv[2]); s.sendall(struct.pack("!I", len(f)) '
+                                         '+ f); print("closed"')
+        assert as_nobody(code, path, arp_request().hex()) == "got data"
+    finally:
+        server.close()
+        listener.close()
