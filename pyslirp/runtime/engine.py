@@ -41,6 +41,15 @@ guest's FIN.
 Frames to the TAP that the kernel does not take (queue full) are dropped and
 counted, like a NIC would; TCP retransmits.
 
+Out of file descriptors (EMFILE/ENFILE when a flow's host socket is made): the
+new flow fails as a refused one would (TCP: RST to the guest; UDP: the datagram
+is dropped; ping: "administratively prohibited"; DNS: the next upstream, then
+SERVFAIL), flows already open are untouched, and new ones work again as soon
+as fds are free. Each failure is counted (``host.out_of_fds``; other socket()
+failures ``host.socket_failed``); a warning is logged at most once per
+``SOCKET_WARNING_INTERVAL``, since a guest opening flows in a loop would
+otherwise flood the log with one line per attempt.
+
 The runtime deliberately keeps no per-packet logging; counters live in the
 stack's link and are logged at exit and on demand.
 """
@@ -78,6 +87,9 @@ _SOCK_EE = struct.Struct("=IBBBBII")
 _SO_EE_ORIGIN_ICMP = 2
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+#: Seconds between two warnings that a host socket could not be made.
+SOCKET_WARNING_INTERVAL = 60.0
 
 
 _malloc_tuned = False
@@ -128,6 +140,8 @@ class Attachment:
         self.outbound = Outbound()
         #: The DNS forwarder's sockets, one per upstream (see dns_send).
         self._dns_sockets: dict[tuple[str, int], socket.socket] = {}
+        #: Loop time before which no further "cannot make a host socket" warning is logged.
+        self._socket_warning_until = -1.0
         global _malloc_tuned
         if not _malloc_tuned:
             _malloc_tuned = True
@@ -268,6 +282,23 @@ class Attachment:
         self.stack.flush(now)
         self._arm_timer()
 
+    # ---- host sockets that cannot be had ----------------------------------------------
+    def _socket_failed(self, exc: OSError, kind: str) -> None:
+        """socket() failed for a new ``kind`` flow: count it; warn now and then, not per flow."""
+        out_of_fds = exc.errno in _OUT_OF_FDS
+        self.stack.link.count("host.out_of_fds" if out_of_fds else "host.socket_failed")
+        now = self.loop.time()
+        if now < self._socket_warning_until:
+            return
+        self._socket_warning_until = now + SOCKET_WARNING_INTERVAL
+        if out_of_fds:
+            log.warning("out of file descriptors (%s): new %s flows are refused until some "
+                        "close (counted as host.out_of_fds; not warned again for %.0f s)",
+                        exc.strerror, kind, SOCKET_WARNING_INTERVAL)
+        else:
+            log.warning("cannot open a %s socket: %s (counted as host.socket_failed; not "
+                        "warned again for %.0f s)", kind, exc.strerror, SOCKET_WARNING_INTERVAL)
+
     # ---- HostPort: TCP ------------------------------------------------------------
     def tcp_connect(self, flow: Any, targets: list[tuple[str, int]]) -> None:
         handle = TcpHandle()
@@ -283,6 +314,7 @@ class Attachment:
                 # Non-blocking from the start: one syscall fewer than setblocking().
                 sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:
+                self._socket_failed(exc, "TCP")
                 last_error = exc.errno or errno.EMFILE
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -483,7 +515,7 @@ class Attachment:
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         except OSError as exc:
-            log.warning("cannot open a UDP socket: %s", exc.strerror)
+            self._socket_failed(exc, "UDP")
             return False
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
@@ -541,8 +573,10 @@ class Attachment:
         if sock is None:
             try:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-            except OSError:
-                return False  # net.ipv4.ping_group_range does not include us
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FDS:
+                    self._socket_failed(exc, "ICMP")
+                return False  # or net.ipv4.ping_group_range does not include us
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
             if self.outbound:
@@ -621,7 +655,8 @@ class Attachment:
         v6 = ":" in host
         try:
             sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-        except OSError:
+        except OSError as exc:
+            self._socket_failed(exc, "DNS")
             return None
         try:
             sock.setblocking(False)
