@@ -195,7 +195,8 @@ class ModelHost:
             raise Violation(f"{what} on a {state} TCP flow {flow!r}")
         return side
 
-    def pick(self, flows: Sequence[Any], index: int) -> Any | None:
+    def pick(self, flows: Sequence[Any], index: int) -> Any:
+        """The ``index``-th newest of ``flows`` (wrapping around), None if there is none."""
         return flows[-1 - index % len(flows)] if flows else None
 
     def tcp_flows(self, connected: bool | None = None) -> list[Any]:
@@ -285,7 +286,7 @@ class ModelHost:
 
 # ---- outgoing frames ----------------------------------------------------------------------
 
-def check_frame(frame: bytes, with_vnet: bool) -> None:
+def check_frame(frame: bytes, with_vnet: bool, mtu: int) -> None:
     """A frame the stack sent to the guest must be well formed (see the module docstring)."""
     flags = gso = csum_start = csum_offset = 0
     if with_vnet:
@@ -301,6 +302,9 @@ def check_frame(frame: bytes, with_vnet: bool) -> None:
     ip = ipv4.Ipv4Packet(eth.payload)  # header checksum verified
     if ip.total_len != len(eth.payload):
         raise Violation(f"IPv4 total length {ip.total_len} != {len(eth.payload)} bytes sent")
+    if gso == vnet.GSO_NONE and ip.total_len > mtu:
+        raise Violation(f"a {ip.total_len}-byte IPv4 packet on a link with MTU {mtu}: "
+                        f"{frame[:80].hex()}")
     if ip.is_fragment:
         return
     l4 = ip.payload
@@ -320,15 +324,16 @@ def check_frame(frame: bytes, with_vnet: bool) -> None:
 
 
 class _Sink:
-    def __init__(self, with_vnet: bool) -> None:
+    def __init__(self, with_vnet: bool, mtu: int) -> None:
         self.with_vnet = with_vnet
+        self.mtu = mtu
         self.count = 0
 
     def __call__(self, parts: Sequence[Buffer]) -> None:
         self.count += 1
         if self.count > MAX_FRAMES_PER_OP:
             raise Violation(f"more than {MAX_FRAMES_PER_OP} frames from one operation")
-        check_frame(b"".join(bytes(p) for p in parts), self.with_vnet)
+        check_frame(b"".join(bytes(p) for p in parts), self.with_vnet, self.mtu)
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ def make_stack(config_byte: int) -> tuple[Stack, ModelHost, _Sink]:
                        disable_host_loopback=bool(config_byte & CFG_NO_HOST_LOOPBACK),
                        dns_upstreams=list(UPSTREAMS))
     host = ModelHost()
-    sink = _Sink(config.vnet_hdr)
+    sink = _Sink(config.vnet_hdr, config.mtu)
     stack = Stack(config, sink, host)
     stack.tcp.rng = _IssSource(config_byte)
     stack.dns.random_bytes = random.Random(config_byte + 1).randbytes
@@ -575,7 +580,8 @@ def check_invariants(stack: Stack, host: ModelHost) -> None:
         raise Violation(f"{len(stack.udp.flows)} UDP / {len(stack.icmp.flows)} ICMP flows")
     for uflow in stack.udp.flows.values():
         if len(uflow.targets) > 256 or len(uflow.origins) > 256:
-            raise Violation(f"{uflow!r}: {len(uflow.targets)} targets, {len(uflow.origins)} origins")
+            raise Violation(f"{uflow!r}: {len(uflow.targets)} targets, "
+                            f"{len(uflow.origins)} origins")
     if len(stack.dns.pending) > stack.dns.max_pending:
         raise Violation(f"{len(stack.dns.pending)} DNS queries pending")
     if len(stack.frag) > stack.frag.max_packets:
@@ -614,7 +620,7 @@ def fuzz_stack(data: bytes) -> None:
 
 # ---- seeds: programs from the captures ----------------------------------------------------
 
-def _host_events_for(frame: bytes, state: dict[str, Any]) -> list[Op]:
+def _host_events_for(frame: bytes, state: dict[bytes, Any]) -> list[Op]:
     """The host events that made the stack send ``frame`` (a stack->guest capture)."""
     ip = frame[14:]
     if frame[12:14] != b"\x08\x00" or len(ip) < 20:
@@ -677,7 +683,7 @@ def _captured_iss(frames: Sequence[Captured]) -> dict[int, int]:
 def program_from_capture(frames: Sequence[Captured]) -> tuple[int, list[Op]]:
     """A program replaying a capture: guest frames in, the host events behind our replies."""
     ops: list[Op] = []
-    state: dict[str, Any] = {}
+    state: dict[bytes, Any] = {}
     iss = _captured_iss(frames)
     last = frames[0].time if frames else 0.0
     for captured in frames:

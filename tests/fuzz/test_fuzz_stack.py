@@ -15,7 +15,7 @@ from pyslirp.wire import ethernet, ipv4, tcp, udp, vnet
 from tests.fuzz import stackprog
 from tests.fuzz.strategies import bounded, stack_program
 
-EXAMPLES = 250
+EXAMPLES = 1000
 
 
 def test_captured_flows_replay_cleanly() -> None:
@@ -46,7 +46,7 @@ _GUEST = bytes((10, 0, 2, 100))
 _GUEST_MAC = bytes.fromhex("020000000064")
 
 
-def _frame(dst: bytes, proto: int, l4: bytes) -> bytes:
+def _frame(dst: bytes, proto: int, l4: bytes | bytearray) -> bytes:
     ip = bytearray(20 + len(l4))
     ipv4.build_header(ip, 0, _GUEST, dst, proto, len(l4))
     ip[20:] = l4
@@ -63,7 +63,9 @@ def _udp(src_port: int, dst: bytes, dst_port: int, payload: bytes) -> bytes:
 
 
 def _dns_query(ident: int) -> bytes:
-    return ident.to_bytes(2, "big") + bytes.fromhex("01000001000000000000") + b"\x01a\x00\x00\x01\x00\x01"
+    # RD set, one question: "a." type A class IN.
+    return (ident.to_bytes(2, "big") + bytes.fromhex("01000001000000000000")
+            + b"\x01a\x00\x00\x01\x00\x01")
 
 
 def test_floods_stay_within_the_configured_limits() -> None:

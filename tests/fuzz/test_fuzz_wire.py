@@ -14,7 +14,7 @@ from tests.fuzz.seeds import wire_seeds
 from tests.fuzz.strategies import bounded, wire_input
 from tests.fuzz.targets import WIRE_TARGETS, run_target
 
-EXAMPLES = 300
+EXAMPLES = 600
 
 
 @pytest.mark.parametrize("name", sorted(WIRE_TARGETS))
