@@ -15,7 +15,7 @@ from pyslirp.wire import ethernet, ipv4, tcp, udp, vnet
 from tests.fuzz import stackprog
 from tests.fuzz.strategies import bounded, stack_program
 
-EXAMPLES = 1000
+EXAMPLES = 600
 
 
 def test_captured_flows_replay_cleanly() -> None:

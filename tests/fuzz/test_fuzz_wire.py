@@ -14,7 +14,7 @@ from tests.fuzz.seeds import wire_seeds
 from tests.fuzz.strategies import bounded, wire_input
 from tests.fuzz.targets import WIRE_TARGETS, run_target
 
-EXAMPLES = 600
+EXAMPLES = 400
 
 
 @pytest.mark.parametrize("name", sorted(WIRE_TARGETS))
