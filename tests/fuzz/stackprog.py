@@ -25,8 +25,8 @@ guest sends: every table and buffer within its configured bound, the timer heap
 proportional to its live clients, a bounded set of counter names, and every frame
 sent to the guest well formed (vnet header, Ethernet, IPv4 with a correct header
 checksum and length, a complete or correctly partial L4 checksum). Hangs are caught
-by iteration caps, not clocks: a clock advance may fire at most
-:data:`MAX_TIMER_RUNS` timers and an operation may send at most
+by iteration caps, not clocks: a clock advance (and each ``run_timers`` call in
+it) may fire at most :data:`MAX_TIMER_RUNS` timers and an operation may send at most
 :data:`MAX_FRAMES_PER_OP` frames. At the end of a program every pending connect
 fails, the clock moves past every timeout, and the stack must have dropped every
 flow and every buffer (nothing leaks); then ``close_all``.
@@ -38,6 +38,7 @@ seeded, so the same program always does the same thing.
 from __future__ import annotations
 
 import errno
+import heapq
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from pyslirp.stack.config import NetConfig
 from pyslirp.stack.link import Buffer
 from pyslirp.stack.stack import Stack
 from pyslirp.stack.tcp import CLOSED
+from pyslirp.stack.timers import Timers
 from pyslirp.wire import ethernet, ipv4, vnet
 from pyslirp.wire.checksum import partial_sum, pseudo_header_sum
 from tests.fuzz.seeds import Captured, captures, fix_checksums
@@ -352,6 +354,32 @@ class _IssSource(random.Random):
         return super().getrandbits(k)
 
 
+class _CappedTimers(Timers):
+    """Timers whose :meth:`run` fires at most MAX_TIMER_RUNS clients, then raises.
+
+    A client that re-arms itself at a deadline that is already due would make the
+    real :meth:`Timers.run` loop forever (the runtime's loop would spin); this copy of
+    its loop turns that into a Violation. Keep it in step with ``Timers.run``.
+    """
+
+    def run(self, now: float) -> None:
+        heap = self._heap
+        fired = 0
+        while heap and heap[0][0] <= now:
+            deadline, _, client = heap[0]
+            if client.timer_deadline == deadline:
+                fired += 1
+                if fired > MAX_TIMER_RUNS:
+                    raise Violation(f"{client!r} re-armed at {deadline!r} <= now {now!r} "
+                                    f"{MAX_TIMER_RUNS} times in one run_timers call")
+                heapq.heappop(heap)
+                client.timer_deadline = None
+                client.on_timer(now)
+            else:
+                self._pop_stale()
+            heap = self._heap
+
+
 def make_stack(config_byte: int) -> tuple[Stack, ModelHost, _Sink]:
     config = NetConfig(vnet_hdr=not config_byte & CFG_NO_VNET,
                        offload=not config_byte & CFG_NO_OFFLOAD,
@@ -361,6 +389,7 @@ def make_stack(config_byte: int) -> tuple[Stack, ModelHost, _Sink]:
     host = ModelHost()
     sink = _Sink(config.vnet_hdr, config.mtu)
     stack = Stack(config, sink, host)
+    stack.timers.__class__ = _CappedTimers  # shared by every engine already
     stack.tcp.rng = _IssSource(config_byte)
     stack.dns.random_bytes = random.Random(config_byte + 1).randbytes
     return stack, host, sink
