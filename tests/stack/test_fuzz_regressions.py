@@ -27,10 +27,6 @@ def _discover_with_client_id(length: int) -> bytes:
     return vnet.PLAIN + ethernet.header(ethernet.BROADCAST, mac, 0x0800) + ip
 
 
-@pytest.mark.xfail(strict=True, raises=stackprog.Violation,
-                   reason="known defect (pyslirp/stack/dhcp.py, fixed on another "
-                   "branch): the echoed oversized DHCP client identifier makes a reply "
-                   "larger than the link MTU")
 def test_dhcp_reply_with_an_oversized_echoed_option_fits_the_link() -> None:
     frame = _discover_with_client_id(1200)
     assert len(frame) == 12 + 14 + 1482
