@@ -140,6 +140,12 @@ _ICMP_FOR_ERRNO = {
 }
 
 
+#: Bytes charged per buffered chunk (a segment held for the host) on top of its
+#: payload: a ``bytes`` object's header (33) plus its deque slot, rounded up to the
+#: allocator's granularity. 1-byte segments thus exhaust a budget in proportion to
+#: the heap they really take (~56 bytes each), not to their payload.
+CHUNK_OVERHEAD = 64
+
 #: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
 _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
 
@@ -148,8 +154,13 @@ _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
 class TcpConfig:
     """Limits and timers of the TCP engine (defaults suit a container's NAT)."""
 
+    #: Flows the guest opens, and how many of them may be half-open.
     max_flows: int = 4096
     max_half_open: int = 1024
+    #: Flows port forwarding opens toward the guest: counted apart, so host
+    #: clients cannot use up the guest's own allowance (nor it theirs).
+    max_inbound_flows: int = 1024
+    max_inbound_half_open: int = 256
     #: Receive space per flow: bounds the advertised window and the backlog.
     rcv_buf: int = 4 << 20
     #: Send queue per flow (host data not yet acknowledged by the guest).
@@ -206,7 +217,8 @@ class TcpFlow:
         "rto", "srtt", "rttvar", "rtt_seq", "rtt_time", "rto_at", "ka_at", "retries", "probes",
         "persist", "last_rx", "tlp_armed",
         # framing
-        "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "wscale_ok",
+        "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "inbound",
+        "wscale_ok",
         # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una, newest OOO seq
         "sack_ok", "sack_hole", "ooo_last",
     )
@@ -277,6 +289,8 @@ class TcpFlow:
         self.dirty = False
         self.syn_quote = b""
         self.half_open = False
+        #: Opened toward the guest (port forwarding), not by it.
+        self.inbound = False
         self.wscale_ok = False
         self.sack_ok = False
         self.sack_hole: int | None = None
@@ -289,19 +303,42 @@ class TcpFlow:
     # ------------------------------------------------------------------ framing
 
     def _window(self) -> int:
-        """The window field to advertise, updating ``rcv_adv`` (the right edge)."""
+        """The window field to advertise, updating ``rcv_adv`` (the right edge).
+
+        The window never promises more than the flow's receive space and the
+        engine's shared budget can still take: it is rounded *down* to the
+        scale unit (rounding up reopened a nearly used window every round, so
+        a guest sending less than a unit per round grew the backlog without
+        bound), and per-chunk overhead counts against the space.
+        """
         space = self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+        if self.backlog_len:
+            space -= len(self.backlog) * CHUNK_OVERHEAD
+        engine = self.engine
+        free = engine.max_buffered - engine.buffered
+        if free < space:
+            space = free if free > 0 else 0
+            engine.starved[self] = None  # told less than it could hold: reopen later
+        elif space < 0:
+            space = 0
         cur = (self.rcv_adv - self.rcv_nxt) & _M
         if cur >= _HALF:
             cur = 0
-        # Never move the right edge left, and move it right only by a useful
-        # amount (receiver SWS avoidance).
-        if space < cur + min(self.cfg.rcv_buf >> 1, self.mss):
-            space = cur
         ws = self.rcv_wscale
-        w = (space + (1 << ws) - 1) >> ws
-        if w > 0xFFFF:
-            w = 0xFFFF
+        if space >= cur:
+            # Move the right edge right only by a useful amount (receiver SWS
+            # avoidance), and do not take back what the buffer can still hold.
+            if space < cur + min(self.cfg.rcv_buf >> 1, self.mss):
+                space = cur
+            w = space >> ws
+            if w > 0xFFFF:
+                w = 0xFFFF
+            if w << ws >= cur:
+                self.rcv_adv = (self.rcv_nxt + (w << ws)) & _M
+            return w
+        # The buffer cannot take what was promised (small segments' overhead,
+        # the shared budget): shrink the window rather than drop data in it.
+        w = space >> ws
         self.rcv_adv = (self.rcv_nxt + (w << ws)) & _M
         return w
 
@@ -793,8 +830,9 @@ class TcpFlow:
         if rel:
             self._ooo_insert(seq, bytes(seg.buf[hl:hl + plen]), bool(fin), plen)
             return
-        if plen:
-            self._deliver(seg.buf[hl:hl + plen])
+        if plen and not self._deliver(seg.buf[hl:hl + plen]):
+            self._mark_ack()  # what was taken; the window says why not the rest
+            return
         if self.ooo:
             fin = self._ooo_drain() or fin
         if fin:
@@ -806,12 +844,18 @@ class TcpFlow:
             self.ack_pending = True
             self._mark()
 
+    def _end_half_open(self) -> None:
+        if self.half_open:
+            self.half_open = False
+            if self.inbound:
+                self.engine.inbound_half_open -= 1
+            else:
+                self.engine.half_open -= 1
+
     def _established(self, seg: wtcp.TcpSegment, now: float, window: int) -> None:
         """The handshake completed (either way round): our SYN is acknowledged."""
         self.state = ESTABLISHED
-        if self.half_open:
-            self.half_open = False
-            self.engine.half_open -= 1
+        self._end_half_open()
         self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & _M
         self.recover = self.snd_una
         self.snd_wnd = window
@@ -875,6 +919,8 @@ class TcpFlow:
             self.rtt_seq = None
         if data:
             self.una_pos += data
+            engine = self.engine
+            engine.buffered -= data
             ends = self.tx_ends
             while ends and ends[0] <= self.una_pos:
                 ends.popleft()
@@ -888,8 +934,13 @@ class TcpFlow:
                 if self.cur_i < 0:
                     self.cur_i, self.cur_pos = 0, self.sq_start
             if self.reading_paused and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1:
-                self.reading_paused = False
-                self.host.tcp_resume_reading(self)
+                if engine.buffered < engine.max_buffered:
+                    self.reading_paused = False
+                    self.host.tcp_resume_reading(self)
+                else:
+                    engine.starved[self] = None
+            if engine.starved and engine.buffered <= engine.low_water:
+                engine.release_starved()
         # Congestion control (RFC 5681 / RFC 6582).
         if self.in_recovery:
             if ((ack - self.recover) & _M) < _HALF:
@@ -990,40 +1041,73 @@ class TcpFlow:
         elif self.fin_seq is not None:
             self._xmit(ACK | FIN, self.snd_una, [], 0)
 
-    def _deliver(self, data: memoryview) -> None:
-        """In-order data to the host: write directly, keep what it did not take."""
+    def _deliver(self, data: memoryview) -> bool:
+        """In-order data to the host: write directly, keep what it did not take.
+
+        False if part of it was refused (neither written nor buffered, so not
+        acknowledged: the guest sends it again).
+        """
         n = len(data)
-        self.rcv_nxt = (self.rcv_nxt + n) & _M
         if self.backlog_len or not self.host_connected_flag:
-            self.backlog.append(bytes(data))
-            self.backlog_len += n
-            return
+            return self._hold(data, 0)
         w = self.host.tcp_write(self, data)
         if w < n:
-            self.backlog.append(bytes(data[w:]))
-            self.backlog_len += n - w
+            return self._hold(data, w)
+        self.rcv_nxt = (self.rcv_nxt + n) & _M
+        return True
+
+    def _hold(self, data: memoryview, written: int) -> bool:
+        """Keep ``data[written:]`` in the backlog as far as the flow's receive space
+        and the engine's budget can take it (each chunk costing CHUNK_OVERHEAD too);
+        refuse the rest (returning False)."""
+        rest = len(data) - written
+        rcv_buf = self.cfg.rcv_buf
+        engine = self.engine
+        # (The slack lets in the overhead of the segments of one full window.)
+        room = (rcv_buf + (rcv_buf >> 4) - self.backlog_len - self.ooo_len
+                - (len(self.backlog) + 1) * CHUNK_OVERHEAD)
+        free = engine.max_buffered - engine.buffered - CHUNK_OVERHEAD
+        take = rest
+        if room < take or free < take:
+            # Only a guest that sends past the window we advertise, or many tiny
+            # segments into a window advertised before they arrived, gets here.
+            take = max(0, min(room, free))
+            self.link.count("tcp.drop.rcv_buf" if room < free else "tcp.drop.max_buffered")
+            if room >= free:
+                engine.starved[self] = None
+        if take:
+            self.backlog.append(bytes(data[written:written + take]))
+            self.backlog_len += take
+            engine.buffered += take + CHUNK_OVERHEAD
+        self.rcv_nxt = (self.rcv_nxt + written + take) & _M
+        return take == rest
 
     def _ooo_insert(self, seq: int, data: bytes, fin: bool, plen: int) -> None:
         self.link.count("tcp.rx_out_of_order")
         ooo = self.ooo
         old = ooo.get(seq)
+        engine = self.engine
         if old is None:
             if len(ooo) >= self.cfg.max_ooo_segments:
                 self.link.count("tcp.drop.ooo_full")
+            elif engine.buffered + plen + CHUNK_OVERHEAD > engine.max_buffered:
+                self.link.count("tcp.drop.max_buffered")
+                engine.starved[self] = None
             else:
                 ooo[seq] = (data, fin)
                 self.ooo_len += plen
+                engine.buffered += plen + CHUNK_OVERHEAD
                 self.ooo_last = seq
-        elif len(old[0]) < plen:
+        elif len(old[0]) < plen and engine.buffered + plen - len(old[0]) <= engine.max_buffered:
             ooo[seq] = (data, fin)
             self.ooo_len += plen - len(old[0])
+            engine.buffered += plen - len(old[0])
         # Immediate duplicate ACK (RFC 5681 4.2), not coalesced.
         self._send_ack()
 
     def _ooo_drain(self) -> bool:
         """Deliver held segments that are now in order; True if a FIN was reached."""
         ooo = self.ooo
-        fin = False
         while ooo:
             progressed = False
             for seq in sorted(ooo, key=lambda s: (s - self.rcv_nxt) & _M):
@@ -1032,22 +1116,26 @@ class TcpFlow:
                     break
                 data, f = ooo.pop(seq)
                 self.ooo_len -= len(data)
+                self.engine.buffered -= len(data) + CHUNK_OVERHEAD
                 skip = (self.rcv_nxt - seq) & _M
                 if skip < len(data):
-                    self._deliver(memoryview(data)[skip:])
+                    if not self._deliver(memoryview(data)[skip:]):
+                        return False  # refused: the guest resends from rcv_nxt
                     if f:
-                        fin = True
-                        ooo.clear()
-                        self.ooo_len = 0
-                        return fin
+                        self._ooo_clear()
+                        return True
                 elif skip == len(data) and f:
-                    ooo.clear()
-                    self.ooo_len = 0
+                    self._ooo_clear()
                     return True
                 progressed = True
             if not progressed:
                 break
-        return fin
+        return False
+
+    def _ooo_clear(self) -> None:
+        self.engine.buffered -= self.ooo_len + len(self.ooo) * CHUNK_OVERHEAD
+        self.ooo.clear()
+        self.ooo_len = 0
 
     def _on_fin(self, now: float) -> None:
         self.rcv_nxt = (self.rcv_nxt + 1) & _M
@@ -1152,6 +1240,7 @@ class TcpFlow:
             return
         backlog = self.backlog
         before = self.backlog_len
+        chunks = len(backlog)
         while backlog:
             chunk = backlog[0]
             w = self.host.tcp_write(self, chunk)
@@ -1162,6 +1251,10 @@ class TcpFlow:
                 break
             backlog.popleft()
             self.backlog_len -= w
+        engine = self.engine
+        engine.buffered -= before - self.backlog_len + (chunks - len(backlog)) * CHUNK_OVERHEAD
+        if engine.starved and engine.buffered <= engine.low_water:
+            engine.release_starved()
         if not backlog and self.fin_rcvd and not self.host_shut:
             self.host_shut = True
             self.host.tcp_shutdown_write(self)
@@ -1177,7 +1270,11 @@ class TcpFlow:
                 self._send_ack()
 
     def _space(self) -> int:
-        return self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+        """What the window could offer now (see :meth:`_window`)."""
+        space = (self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+                 - len(self.backlog) * CHUNK_OVERHEAD)
+        free = self.engine.max_buffered - self.engine.buffered
+        return min(space, free)
 
     def host_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Bytes read from the host socket (at most ``host_read_budget()``).
@@ -1201,9 +1298,14 @@ class TcpFlow:
         else:
             sq.append(data)
         self.sq_end += n
-        if not self.reading_paused and self.sq_end - self.una_pos >= self.cfg.snd_buf:
+        engine = self.engine
+        engine.buffered += n
+        if not self.reading_paused and (self.sq_end - self.una_pos >= self.cfg.snd_buf
+                                        or engine.buffered >= engine.max_buffered):
             self.reading_paused = True
             self.host.tcp_pause_reading(self)
+            if engine.buffered >= engine.max_buffered:
+                engine.starved[self] = None
         self._output(now, push=False)
         self._mark()  # flush() sends the tail
 
@@ -1226,12 +1328,42 @@ class TcpFlow:
         if self.fin_queued or self.state == CLOSED:
             return 0
         room = self.cfg.snd_buf - (self.sq_end - self.una_pos)
+        engine = self.engine
+        free = engine.max_buffered - engine.buffered
+        if free < room:
+            # The shared budget is what stops this read: the runtime stops reading
+            # at 0, and release_starved() resumes it.
+            room = free
+            if room <= 0:
+                self.reading_paused = True
+                engine.starved[self] = None
         return room if room > 0 else 0
 
     @property
     def send_queue_len(self) -> int:
         """Bytes from the host not yet acknowledged by the guest."""
         return self.sq_end - self.una_pos
+
+    @property
+    def buffered(self) -> int:
+        """What this flow charges to the engine's shared budget (payload + overhead)."""
+        return (self.sq_end - self.una_pos + self.backlog_len + self.ooo_len
+                + (len(self.backlog) + len(self.ooo)) * CHUNK_OVERHEAD)
+
+    def _budget_freed(self) -> None:
+        """The shared budget has room again: resume what it held back."""
+        if self.state == CLOSED:
+            return
+        if (self.reading_paused and not self.fin_queued
+                and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1):
+            self.reading_paused = False
+            self.host.tcp_resume_reading(self)
+        if self.state in _RCV_OPEN:
+            cur = (self.rcv_adv - self.rcv_nxt) & _M
+            if cur >= _HALF:
+                cur = 0
+            if self._space() >= cur + min(self.cfg.rcv_buf >> 1, 2 * self.mss):
+                self._send_ack()  # the window update the guest's persist timer waits for
 
 
 class TcpEngine:
@@ -1261,7 +1393,20 @@ class TcpEngine:
         self.our_wscale = ws
         self.rng = rng or random.Random()
         self.flows: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
+        #: Guest-initiated flows in a half-open state.
         self.half_open = 0
+        #: Flows opened toward the guest (port forwarding), all and half-open: they
+        #: have limits of their own, so they cannot use up the guest's.
+        self.inbound = 0
+        self.inbound_half_open = 0
+        #: Bytes all flows hold (send queues, backlogs, out-of-order data, with
+        #: CHUNK_OVERHEAD per held segment), kept below ``max_buffered``.
+        self.buffered = 0
+        self.max_buffered = config.max_buffered
+        #: Held-back flows are resumed once this much is left of the budget.
+        self.low_water = self.max_buffered - (self.max_buffered >> 3)
+        #: Flows the budget held back (reading paused, window shrunk, data refused).
+        self.starved: dict[TcpFlow, None] = {}
         self.dirty: list[TcpFlow] = []
         #: Flows in TIME_WAIT, oldest first.
         self.time_wait: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
@@ -1302,7 +1447,7 @@ class TcpEngine:
             link.count("tcp.drop.bad_destination")
             return
         cfg = self.cfg
-        if len(self.flows) >= cfg.max_flows and not self._evict_time_wait():
+        if len(self.flows) - self.inbound >= cfg.max_flows and not self._evict_time_wait(False):
             link.count("tcp.drop.max_flows")
             return
         if self.half_open >= cfg.max_half_open:
@@ -1327,14 +1472,15 @@ class TcpEngine:
         link.count("tcp.flows_opened")
         self.host.tcp_connect(flow, targets)
 
-    def _evict_time_wait(self) -> bool:
-        """Free a table slot held by the oldest TIME_WAIT flow whose host side is done.
+    def _evict_time_wait(self, inbound: bool) -> bool:
+        """Free a table slot held by the oldest TIME_WAIT flow (of the direction
+        ``inbound`` says) whose host side is done.
 
         TIME_WAIT only re-ACKs a lost final FIN; a new connection matters more
         (the kernel's tcp_tw_reuse makes the same trade).
         """
         for flow in self.time_wait.values():  # insertion order: oldest first
-            if flow.host_closed:
+            if flow.host_closed and flow.inbound == inbound:
                 break
         else:
             return False
@@ -1350,18 +1496,29 @@ class TcpEngine:
         ``host.tcp_resume_reading(flow)`` once the guest accepted; the runtime
         should not read the host socket before that. If the guest refuses or
         never answers, ``host.tcp_close(flow, True)`` follows. Returns None when
-        the flow table is full or the 4-tuple is in use.
+        the 4-tuple is in use or the inbound limits (``max_inbound_flows``,
+        ``max_inbound_half_open``) are reached; the guest's own flows do not
+        count toward those, nor these toward the guest's.
         """
         key = (guest_addr, guest_port, remote_addr, remote_port)
-        if key in self.flows or len(self.flows) >= self.cfg.max_flows:
+        cfg = self.cfg
+        if key in self.flows:
             self.link.count("tcp.drop.open_to_guest")
+            return None
+        if self.inbound >= cfg.max_inbound_flows and not self._evict_time_wait(True):
+            self.link.count("tcp.drop.inbound_max_flows")
+            return None
+        if self.inbound_half_open >= cfg.max_inbound_half_open:
+            self.link.count("tcp.drop.inbound_max_half_open")
             return None
         flow = TcpFlow(self, guest_addr, guest_port, remote_addr, remote_port, now)
         flow.host_handle = host_handle
         flow.host_connected_flag = True
         flow.state = SYN_SENT
+        flow.inbound = True
         flow.half_open = True
-        self.half_open += 1
+        self.inbound += 1
+        self.inbound_half_open += 1
         flow.rcv_wscale = self.our_wscale
         self.flows[key] = flow
         flow._send_syn(with_ack=False)
@@ -1401,17 +1558,30 @@ class TcpEngine:
         key = flow.key
         if self.flows.get(key) is flow:
             del self.flows[key]
+            if flow.inbound:
+                self.inbound -= 1
         if self.time_wait.get(key) is flow:
             del self.time_wait[key]
-        if flow.half_open:
-            flow.half_open = False
-            self.half_open -= 1
+        flow._end_half_open()
         flow.state = CLOSED
         flow.rto_at = flow.ka_at = None
         self.timers.cancel(flow)
+        self.buffered -= flow.buffered
+        flow.una_pos = flow.sq_end
         flow.sq.clear()
         flow.backlog.clear()
+        flow.backlog_len = 0
         flow.ooo.clear()
+        flow.ooo_len = 0
+        self.starved.pop(flow, None)
+        if self.starved and self.buffered <= self.low_water:
+            self.release_starved()
+
+    def release_starved(self) -> None:
+        """The budget has room again: resume every flow it held back."""
+        starved, self.starved = self.starved, {}
+        for flow in starved:
+            flow._budget_freed()
 
     def close_all(self, now: float) -> None:
         """Shutdown: reset every guest connection and close every host socket."""

@@ -1,0 +1,241 @@
+"""TCP memory bounds: per-flow receive space, the stack-wide budget, inbound flow limits.
+
+A guest here respects the window it is told (as a real one does), so what is
+tested is what the engine *offers*; the host peers never read until a test lets
+them, as a host socket whose peer stopped reading.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any
+
+from pyslirp.stack.config import NetConfig
+from pyslirp.stack.tcp import ESTABLISHED, TcpConfig, TcpEngine, TcpFlow
+from pyslirp.wire import tcp as wtcp
+from tests.stack.fakes import FakeHost, make_link
+from tests.stack.test_tcp import GUEST, REMOTE, A, F, Harness, M, Out, R, S
+
+#: What CPython really spends per held 1-byte chunk: the object and its deque slot.
+HEAP_PER_CHUNK = sys.getsizeof(b"x") + 8
+
+
+def pattern(seed: int, n: int) -> bytes:
+    """Deterministic stream content, so a byte in the wrong place shows."""
+    return random.Random(seed).randbytes(n)
+
+
+class Guest:
+    """One guest connection: sends only within the window it was last told, resends
+    what the engine did not acknowledge (as its retransmission would), and receives
+    (acknowledging only when told to read)."""
+
+    def __init__(self, h: Harness, flow: TcpFlow, ours: int, sport: int,
+                 size: int = 5 << 20) -> None:
+        self.h = h
+        self.flow = flow
+        self.sport = sport
+        self.wscale = flow.rcv_wscale  # the scale our SYN-ACK announced
+        self.start = self.una = self.nxt = h.gseq
+        self.stream = pattern(sport, size)
+        # The SYN-ACK's window (never scaled) was the last one told.
+        self.right = (h.gseq + min(flow.cfg.rcv_buf, 0xFFFF)) & M
+        self.windows: list[int] = []
+        self.received = bytearray()
+        self.rcv_start = self.rcv_nxt = self.ack = ours
+
+    @property
+    def room(self) -> int:
+        r = (self.right - self.nxt) & M
+        return 0 if r >= 0x80000000 else r
+
+    @property
+    def sent(self) -> int:
+        """Bytes the engine acknowledged."""
+        return (self.una - self.start) & M
+
+    def hear(self, outs: list[Out]) -> None:
+        for o in outs:
+            if o.tcp is None or o.ip.dst != GUEST or o.tcp.dst_port != self.sport:
+                continue
+            if o.data and o.seq == self.rcv_nxt:
+                self.received += o.data
+                self.rcv_nxt = (self.rcv_nxt + len(o.data)) & M
+            if o.flags & A:
+                if 0 < ((o.ack - self.una) & M) < 0x80000000:
+                    self.una = o.ack
+                self.windows.append(o.tcp.window)
+                self.right = (o.ack + (o.tcp.window << self.wscale)) & M
+
+    def send(self, n: int) -> int:
+        """Send up to ``n`` bytes the window allows (one segment); returns how many."""
+        self.nxt = self.una  # resend what was not taken
+        off = (self.nxt - self.start) & M
+        n = min(n, self.room, len(self.stream) - off)
+        if n:
+            self.h.send(A, seq=self.nxt, ack=self.ack, data=self.stream[off:off + n],
+                        sport=self.sport, window=4000)
+            self.nxt = (self.nxt + n) & M
+        return n
+
+    def read_all(self) -> None:
+        """The application read everything: acknowledge it."""
+        self.ack = self.rcv_nxt
+        self.h.send(A, seq=self.una, ack=self.ack, sport=self.sport, window=4000)
+
+
+def open_guest(h: Harness, sport: int, wscale: int = 7) -> Guest:
+    flow, ours = h.connect(wscale=wscale, sport=sport)
+    return Guest(h, flow, ours, sport)
+
+
+# ---------------------------------------------------------------- defect: window rounding
+
+def test_sub_unit_segments_cannot_reopen_a_full_window() -> None:
+    """A guest sending less than one window-scale unit per round toward a host
+    that never reads: the window closes and the backlog stays within rcv_buf.
+
+    (The window used to be rounded up to the scale unit, so each round reopened
+    it: the backlog grew by a byte per round, past rcv_buf, without bound.)
+    """
+    h = Harness()  # default 4 MiB receive space, window scale 7 (128-byte unit)
+    h.host.accept = 0
+    g = open_guest(h, 40000)
+    rcv_buf = g.flow.cfg.rcv_buf
+    while g.room > 200:  # fill the window with full frames first, short of a unit
+        g.send(min(65000, g.room - 100))
+        g.hear(h.out())
+    for _ in range(3000):  # then less than a unit per round, as long as the window lets it
+        if not g.send(100):
+            break
+        g.hear(h.out())
+    assert g.room == 0 and g.windows[-1] == 0, "the window never closed"
+    flow = g.flow
+    assert flow.backlog_len <= rcv_buf
+    assert flow.backlog_len + len(flow.backlog) * HEAP_PER_CHUNK <= rcv_buf + (rcv_buf >> 4)
+    # The host reads again: the window reopens and every byte arrives, in order.
+    h.host.accept = None
+    flow.host_writable(h.clock.now)
+    g.hear(h.out())
+    assert g.room > 0
+    assert bytes(h.host.written[flow]) == g.stream[:g.sent]
+
+
+def test_tiny_segments_are_charged_for_the_heap_they_take() -> None:
+    """1-byte segments close the window when their *heap* fills rcv_buf, not after
+    rcv_buf payload bytes (which is ~44 bytes of heap per byte)."""
+    rcv_buf = 64 * 1024
+    h = Harness(cfg=TcpConfig(rcv_buf=rcv_buf))
+    h.host.accept = 0
+    g = open_guest(h, 40000)
+    for _ in range(5000):
+        if not g.send(1):
+            break
+        g.hear(h.out())
+    flow = g.flow
+    assert g.room == 0 and g.windows[-1] == 0, "the window never closed"
+    heap = flow.backlog_len + len(flow.backlog) * HEAP_PER_CHUNK
+    assert heap <= rcv_buf + (rcv_buf >> 4), heap
+    h.host.accept = None
+    flow.host_writable(h.clock.now)
+    assert bytes(h.host.written[flow]) == g.stream[:g.sent]
+
+
+# ---------------------------------------------------------------- defect: no stack-wide limit
+
+class RuntimeHost(FakeHost):
+    """A FakeHost that also reads the host sockets as the runtime does: while reading
+    is on, as much as ``host_read_budget()`` allows; stopping by itself at 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading: set[TcpFlow] = set()
+        self.fed: dict[TcpFlow, int] = {}
+
+    def tcp_pause_reading(self, flow: Any) -> None:
+        super().tcp_pause_reading(flow)
+        self.reading.discard(flow)
+
+    def tcp_resume_reading(self, flow: Any) -> None:
+        super().tcp_resume_reading(flow)
+        self.reading.add(flow)
+
+    def pump(self, h: Harness, flow: TcpFlow, stream: bytes) -> None:
+        while flow in self.reading:
+            budget = flow.host_read_budget()
+            off = self.fed.get(flow, 0)
+            if budget <= 0:
+                self.reading.discard(flow)  # the runtime removes its reader
+                return
+            chunk = stream[off:off + min(budget, 65536)]
+            if not chunk:
+                return
+            self.fed[flow] = off + len(chunk)
+            flow.host_data(chunk, h.clock.now)
+        h.engine.flush(h.clock.now)
+
+
+def budget_harness(max_buffered: int, **cfg: int) -> Harness:
+    h = Harness(cfg=TcpConfig(**cfg))
+    h.config.max_buffered = max_buffered
+    h.host = RuntimeHost()
+    h.engine = TcpEngine(h.config, h.link, h.host, h.timers,
+                         lambda ip, port: [("127.0.0.1", port)], h.engine.cfg)
+    return h
+
+
+def test_stalled_flows_cannot_buffer_past_the_stack_wide_budget() -> None:
+    """Many flows whose host peers do not read and whose guest does not read: the
+    total they hold stays within max_buffered, their windows close, host reads stop;
+    once the peers read again every flow resumes and all data arrives intact."""
+    budget = 1 << 20
+    h = budget_harness(budget, rcv_buf=256 * 1024, snd_buf=256 * 1024)
+    host = h.host
+    assert isinstance(host, RuntimeHost)
+    host.accept = 0
+    guests = []
+    for i in range(12):  # 12 x (256 KiB + 256 KiB) wanted: 6 MiB against 1 MiB
+        g = open_guest(h, 41000 + i)
+        guests.append(g)
+        g.flow.host_handle = pattern(i, 1 << 20)  # what the host peer sends
+    engine = h.engine
+
+    def round_trip(reading_guest: bool) -> None:
+        for g in guests:
+            g.send(65000)
+            host.pump(h, g.flow, g.flow.host_handle)
+            outs = h.out()
+            for other in guests:
+                other.hear(outs)
+            if reading_guest:
+                g.read_all()
+            assert engine.buffered <= budget
+            assert engine.buffered == sum(f.buffered for f in engine.flows.values())
+
+    for _ in range(40):
+        round_trip(reading_guest=False)
+    assert engine.buffered > budget - 128 * 1024, "the budget was not even used"
+    heap = sum(f.backlog_len + len(f.backlog) * HEAP_PER_CHUNK + f.send_queue_len
+               for f in engine.flows.values())
+    assert heap <= budget
+    assert all(g.room == 0 and g.windows[-1] == 0 for g in guests), (
+        [(g.room, g.windows[-3:], g.sent, g.flow.backlog_len) for g in guests], engine.buffered,
+        h.link.counters)
+    assert all(f.host_read_budget() == 0 for f in engine.flows.values())
+    assert not host.reading, "host sockets are still read"
+    assert h.link.counters["tcp.drop.max_buffered"] > 0  # refused past the budget, counted
+
+    # The host peers read again and the guest reads: everything resumes.
+    host.accept = None
+    for g in guests:
+        g.flow.host_writable(h.clock.now)
+    for _ in range(200):
+        round_trip(reading_guest=True)
+        if all(g.sent >= 400_000 and len(g.received) >= 400_000 for g in guests):
+            break
+    for i, g in enumerate(guests):
+        assert g.flow.state == ESTABLISHED
+        assert g.sent >= 400_000 and len(g.received) >= 400_000, (i, g.sent, len(g.received))
+        assert bytes(host.written[g.flow]) == g.stream[:g.sent]
+        assert bytes(g.received) == g.flow.host_handle[:len(g.received)]
