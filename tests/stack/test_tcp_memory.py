@@ -239,3 +239,51 @@ def test_stalled_flows_cannot_buffer_past_the_stack_wide_budget() -> None:
         assert g.sent >= 400_000 and len(g.received) >= 400_000, (i, g.sent, len(g.received))
         assert bytes(host.written[g.flow]) == g.stream[:g.sent]
         assert bytes(g.received) == g.flow.host_handle[:len(g.received)]
+
+
+# ---------------------------------------------------------------- defect: inbound flows skip limits
+
+def test_inbound_half_open_flows_are_bounded() -> None:
+    """Port-forward SYNs the guest does not answer stop at max_inbound_half_open."""
+    h = Harness(cfg=TcpConfig(max_inbound_half_open=3, max_half_open=100))
+    opened = [h.engine.open_to_guest(REMOTE, 5000 + i, GUEST, 8080, h.clock.now)
+              for i in range(5)]
+    assert sum(f is not None for f in opened) == 3
+    assert h.link.counters["tcp.drop.inbound_max_half_open"] == 2
+    # One is accepted by the guest: a slot frees up.
+    syn = [o for o in h.out() if o.flags == S][0]
+    h.send(S | A, seq=7000, ack=syn.seq + 1, sport=8080, dport=syn.tcp.src_port,  # type: ignore[union-attr]
+           options=wtcp.syn_options(mss=1460, wscale=7))
+    assert h.engine.open_to_guest(REMOTE, 6000, GUEST, 8080, h.clock.now) is not None
+
+
+def test_inbound_flows_cannot_lock_the_guest_out_of_its_own_connections() -> None:
+    """A host client filling the inbound allowance leaves the guest's outbound one alone
+    (and the guest's flows do not eat into the inbound one)."""
+    h = Harness(cfg=TcpConfig(max_flows=4, max_inbound_flows=3, max_inbound_half_open=3))
+    for i in range(3):
+        assert h.engine.open_to_guest(REMOTE, 5000 + i, GUEST, 8080, h.clock.now) is not None
+    assert h.engine.open_to_guest(REMOTE, 5003, GUEST, 8080, h.clock.now) is None
+    assert h.link.counters["tcp.drop.inbound_max_flows"] == 1
+    h.out()
+    flows = [h.connect(sport=40000 + i)[0] for i in range(4)]  # the guest's own four
+    assert all(f.state == ESTABLISHED for f in flows)
+    assert "tcp.drop.max_flows" not in h.link.counters
+    h.send(S, sport=40010, options=wtcp.syn_options(mss=1460))
+    assert h.link.counters["tcp.drop.max_flows"] == 1  # its own limit still holds
+    assert h.engine.open_to_guest(REMOTE, 5004, GUEST, 8080, h.clock.now) is None
+
+
+def test_inbound_limits_are_released_when_flows_end() -> None:
+    h = Harness(cfg=TcpConfig(max_inbound_flows=2, max_inbound_half_open=2))
+    a = h.engine.open_to_guest(REMOTE, 5000, GUEST, 8080, h.clock.now)
+    b = h.engine.open_to_guest(REMOTE, 5001, GUEST, 8080, h.clock.now)
+    assert a is not None and b is not None
+    assert h.engine.open_to_guest(REMOTE, 5002, GUEST, 8080, h.clock.now) is None
+    h.out()
+    h.send(R | A, seq=0, ack=(a.iss + 1) & M, sport=8080, dport=5000)  # the guest refuses one
+    assert h.engine.inbound == 1 and h.engine.inbound_half_open == 1
+    assert h.engine.open_to_guest(REMOTE, 5002, GUEST, 8080, h.clock.now) is not None
+    h.clock.advance(600)  # the others' SYNs time out
+    assert len(h.engine) == 0
+    assert h.engine.inbound == 0 and h.engine.inbound_half_open == 0 == h.engine.half_open
