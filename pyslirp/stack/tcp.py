@@ -11,7 +11,11 @@ peer, while the runtime opens an ordinary host socket to the real destination
   frame's memoryview; only what the host socket did not take is copied into a
   bounded *backlog*. The window we advertise is the receive space minus the
   backlog and held out-of-order data, so a host peer that stops reading
-  closes the guest's window instead of growing our memory.
+  closes the guest's window instead of growing our memory. It is rounded
+  down to the window-scale unit, and each held segment is charged
+  ``CHUNK_OVERHEAD`` bytes besides its payload (what a ``bytes`` object and
+  its deque slot cost), so tiny segments close the window in proportion to
+  the heap they take; what arrives past that anyway is not acknowledged.
 * host -> guest: what the runtime reads lands in a *send queue* (a deque of
   immutable ``bytes`` chunks, trimmed from the left as the guest acknowledges,
   never copied again), from which frames are cut. With the link's offloads
@@ -23,13 +27,26 @@ peer, while the runtime opens an ordinary host socket to the real destination
   ask the runtime to pause reading, and resume it when the guest's ACKs free
   half of it.
 
+Memory is bounded per flow (``rcv_buf``, ``snd_buf``) and for the whole
+engine: ``NetConfig.max_buffered`` (``--max-buffered``, 256 MiB by default)
+caps what all flows hold together, counted in :attr:`TcpEngine.buffered`
+where buffers grow and shrink (no per-frame work beyond that arithmetic).
+As the budget fills, windows shrink toward 0, ``host_read_budget`` drops to 0
+(the runtime stops reading) and guest data that would need buffering is
+refused (``tcp.drop.max_buffered``); the flows so held back are noted in
+:attr:`TcpEngine.starved` and get a window update or their reading resumed
+once an eighth of the budget is free again.
+
 Connection set-up follows slirp: the guest's SYN starts the host connect and
 is answered only once the host side is known, with a SYN-ACK when it
 connected, an RST when it was refused, and ICMP destination-unreachable
 (quoting the SYN) when the host network said so; a destination the policy
 refuses gets ICMP net-unreachable at once. Duplicate SYNs meanwhile are
 ignored. The flow table and the number of half-open flows are bounded
-(:class:`TcpConfig`); excess SYNs are dropped and counted.
+(:class:`TcpConfig`); excess SYNs are dropped and counted. Flows opened
+toward the guest (port forwarding, :meth:`TcpEngine.open_to_guest`) are
+counted apart with limits of their own, so host clients cannot use up the
+guest's allowance.
 
 Followed (RFC 9293 section 3.10 event processing, simplified where a NAT can):
 sequence/ACK acceptability and RST generation for unknown flows (3.10.7.1);
@@ -67,8 +84,9 @@ retransmit) counted in frames.
 Deliberately not done: timestamps are not negotiated (the link is a local
 queue; Karn's algorithm suffices), urgent data is delivered inline, ECN is
 ignored, IP options are ignored, TCP Fast Open data on a SYN is dropped (the
-guest resends it), and memory is bounded per flow, not globally (TcpConfig
-sizes times max_flows). Timers are lazy: each flow has
+guest resends it), and the shared budget is first come, first served (no
+per-flow fair share: a guest whose own peers stall its flows stalls itself).
+Timers are lazy: each flow has
 one entry in the shared :class:`~pyslirp.stack.timers.Timers` heap, pushed
 only when a deadline moves earlier; a wake-up that finds nothing due
 re-arms for the next deadline, so per-ACK timer restarts cost nothing.

@@ -11,11 +11,10 @@ import random
 import sys
 from typing import Any
 
-from pyslirp.stack.config import NetConfig
 from pyslirp.stack.tcp import ESTABLISHED, TcpConfig, TcpEngine, TcpFlow
 from pyslirp.wire import tcp as wtcp
-from tests.stack.fakes import FakeHost, make_link
-from tests.stack.test_tcp import GUEST, REMOTE, A, F, Harness, M, Out, R, S
+from tests.stack.fakes import FakeHost
+from tests.stack.test_tcp import GUEST, REMOTE, A, Harness, M, Out, R, S
 
 #: What CPython really spends per held 1-byte chunk: the object and its deque slot.
 HEAP_PER_CHUNK = sys.getsizeof(b"x") + 8
