@@ -31,11 +31,15 @@ Memory is bounded per flow (``rcv_buf``, ``snd_buf``) and for the whole
 engine: ``NetConfig.max_buffered`` (``--max-buffered``, 256 MiB by default)
 caps what all flows hold together, counted in :attr:`TcpEngine.buffered`
 where buffers grow and shrink (no per-frame work beyond that arithmetic).
-As the budget fills, windows shrink toward 0, ``host_read_budget`` drops to 0
-(the runtime stops reading) and guest data that would need buffering is
-refused (``tcp.drop.max_buffered``); the flows so held back are noted in
+The first half of the budget is first come, first served; past it a flow
+may grow only to an even share of the second half (:meth:`TcpEngine.room_for`),
+so stalled flows cannot starve one whose peers keep reading, and all
+together stay within the budget. As a flow's room runs out its window
+shrinks toward 0, ``host_read_budget`` drops to 0 (the runtime stops reading)
+and guest data that would need buffering is refused
+(``tcp.drop.max_buffered``); the flows so held back are noted in
 :attr:`TcpEngine.starved` and get a window update or their reading resumed
-once an eighth of the budget is free again.
+once the budget has room again.
 
 Connection set-up follows slirp: the guest's SYN starts the host connect and
 is answered only once the host side is known, with a SYN-ACK when it
@@ -84,9 +88,7 @@ retransmit) counted in frames.
 Deliberately not done: timestamps are not negotiated (the link is a local
 queue; Karn's algorithm suffices), urgent data is delivered inline, ECN is
 ignored, IP options are ignored, TCP Fast Open data on a SYN is dropped (the
-guest resends it), and the shared budget is first come, first served (no
-per-flow fair share: a guest whose own peers stall its flows stalls itself).
-Timers are lazy: each flow has
+guest resends it). Timers are lazy: each flow has
 one entry in the shared :class:`~pyslirp.stack.timers.Timers` heap, pushed
 only when a deadline moves earlier; a wake-up that finds nothing due
 re-arms for the next deadline, so per-ACK timer restarts cost nothing.
@@ -333,11 +335,13 @@ class TcpFlow:
         if self.backlog_len:
             space -= len(self.backlog) * CHUNK_OVERHEAD
         engine = self.engine
-        free = engine.max_buffered - engine.buffered
+        free = engine.shared_limit - engine.buffered
         if free < space:
-            space = free if free > 0 else 0
-            engine.starved[self] = None  # told less than it could hold: reopen later
-        elif space < 0:
+            free = engine.room_for(self)
+            if free < space:
+                space = free if free > 0 else 0
+                engine.starved[self] = None  # told less than it could hold: reopen later
+        if space < 0:
             space = 0
         cur = (self.rcv_adv - self.rcv_nxt) & _M
         if cur >= _HALF:
@@ -952,7 +956,7 @@ class TcpFlow:
                 if self.cur_i < 0:
                     self.cur_i, self.cur_pos = 0, self.sq_start
             if self.reading_paused and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1:
-                if engine.buffered < engine.max_buffered:
+                if engine.room_for(self) > 0:
                     self.reading_paused = False
                     self.host.tcp_resume_reading(self)
                 else:
@@ -1084,7 +1088,7 @@ class TcpFlow:
         # (The slack lets in the overhead of the segments of one full window.)
         room = (rcv_buf + (rcv_buf >> 4) - self.backlog_len - self.ooo_len
                 - (len(self.backlog) + 1) * CHUNK_OVERHEAD)
-        free = engine.max_buffered - engine.buffered - CHUNK_OVERHEAD
+        free = engine.room_for(self) - CHUNK_OVERHEAD
         take = rest
         if room < take or free < take:
             # Only a guest that sends past the window we advertise, or many tiny
@@ -1108,7 +1112,7 @@ class TcpFlow:
         if old is None:
             if len(ooo) >= self.cfg.max_ooo_segments:
                 self.link.count("tcp.drop.ooo_full")
-            elif engine.buffered + plen + CHUNK_OVERHEAD > engine.max_buffered:
+            elif plen + CHUNK_OVERHEAD > engine.room_for(self):
                 self.link.count("tcp.drop.max_buffered")
                 engine.starved[self] = None
             else:
@@ -1116,7 +1120,7 @@ class TcpFlow:
                 self.ooo_len += plen
                 engine.buffered += plen + CHUNK_OVERHEAD
                 self.ooo_last = seq
-        elif len(old[0]) < plen and engine.buffered + plen - len(old[0]) <= engine.max_buffered:
+        elif len(old[0]) < plen and plen - len(old[0]) <= engine.room_for(self):
             ooo[seq] = (data, fin)
             self.ooo_len += plen - len(old[0])
             engine.buffered += plen - len(old[0])
@@ -1291,8 +1295,7 @@ class TcpFlow:
         """What the window could offer now (see :meth:`_window`)."""
         space = (self.cfg.rcv_buf - self.backlog_len - self.ooo_len
                  - len(self.backlog) * CHUNK_OVERHEAD)
-        free = self.engine.max_buffered - self.engine.buffered
-        return min(space, free)
+        return min(space, self.engine.room_for(self))
 
     def host_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Bytes read from the host socket (at most ``host_read_budget()``).
@@ -1318,11 +1321,13 @@ class TcpFlow:
         self.sq_end += n
         engine = self.engine
         engine.buffered += n
-        if not self.reading_paused and (self.sq_end - self.una_pos >= self.cfg.snd_buf
-                                        or engine.buffered >= engine.max_buffered):
-            self.reading_paused = True
-            self.host.tcp_pause_reading(self)
-            if engine.buffered >= engine.max_buffered:
+        if not self.reading_paused:
+            if self.sq_end - self.una_pos >= self.cfg.snd_buf:
+                self.reading_paused = True
+                self.host.tcp_pause_reading(self)
+            elif engine.buffered >= engine.shared_limit and engine.room_for(self) <= 0:
+                self.reading_paused = True
+                self.host.tcp_pause_reading(self)
                 engine.starved[self] = None
         self._output(now, push=False)
         self._mark()  # flush() sends the tail
@@ -1347,14 +1352,15 @@ class TcpFlow:
             return 0
         room = self.cfg.snd_buf - (self.sq_end - self.una_pos)
         engine = self.engine
-        free = engine.max_buffered - engine.buffered
-        if free < room:
-            # The shared budget is what stops this read: the runtime stops reading
-            # at 0, and release_starved() resumes it.
-            room = free
-            if room <= 0:
-                self.reading_paused = True
-                engine.starved[self] = None
+        if engine.shared_limit - engine.buffered < room:
+            free = engine.room_for(self)
+            if free < room:
+                # The shared budget is what stops this read: the runtime stops
+                # reading at 0, and release_starved() resumes it.
+                room = free
+                if room <= 0:
+                    self.reading_paused = True
+                    engine.starved[self] = None
         return room if room > 0 else 0
 
     @property
@@ -1421,8 +1427,11 @@ class TcpEngine:
         #: CHUNK_OVERHEAD per held segment), kept below ``max_buffered``.
         self.buffered = 0
         self.max_buffered = config.max_buffered
-        #: Held-back flows are resumed once this much is left of the budget.
-        self.low_water = self.max_buffered - (self.max_buffered >> 3)
+        #: The first half of the budget is first come, first served; past it each
+        #: flow may still grow to an even share of the second half (room_for).
+        self.shared_limit = self.max_buffered >> 1
+        #: Held-back flows are resumed once buffered falls this far below the half.
+        self.low_water = self.shared_limit - (self.max_buffered >> 4)
         #: Flows the budget held back (reading paused, window shrunk, data refused).
         self.starved: dict[TcpFlow, None] = {}
         self.dirty: list[TcpFlow] = []
@@ -1594,6 +1603,22 @@ class TcpEngine:
         self.starved.pop(flow, None)
         if self.starved and self.buffered <= self.low_water:
             self.release_starved()
+
+    def room_for(self, flow: TcpFlow) -> int:
+        """How many more bytes ``flow`` may buffer under the shared budget.
+
+        Below ``shared_limit`` anyone may take what is left of that half; past it
+        a flow may grow only to ``(max_buffered - shared_limit) / flows``, so flows
+        that stall cannot starve the others, and all of them together stay within
+        ``max_buffered`` (shared_limit + flows x share).
+        """
+        buffered = self.buffered
+        hard = self.max_buffered - buffered
+        room = self.shared_limit - buffered
+        share = (self.max_buffered - self.shared_limit) // (len(self.flows) or 1) - flow.buffered
+        if share > room:
+            room = share
+        return room if room < hard else hard
 
     def release_starved(self) -> None:
         """The budget has room again: resume every flow it held back."""

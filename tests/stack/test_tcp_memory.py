@@ -151,6 +151,14 @@ class RuntimeHost(FakeHost):
         super().__init__()
         self.reading: set[TcpFlow] = set()
         self.fed: dict[TcpFlow, int] = {}
+        #: Flows whose host peer does not read.
+        self.stalled: set[TcpFlow] = set()
+
+    def tcp_write(self, flow: Any, data: Any) -> int:
+        if flow in self.stalled:
+            self.calls.append(("tcp_write", flow, 0))
+            return 0
+        return super().tcp_write(flow, data)
 
     def tcp_pause_reading(self, flow: Any) -> None:
         super().tcp_pause_reading(flow)
@@ -184,60 +192,94 @@ def budget_harness(max_buffered: int, **cfg: int) -> Harness:
     return h
 
 
+class BudgetRig:
+    """Guests on one engine with a small budget; the test decides who reads."""
+
+    def __init__(self, budget: int, flows: int) -> None:
+        self.budget = budget
+        self.h = budget_harness(budget, rcv_buf=256 * 1024, snd_buf=256 * 1024)
+        host = self.h.host
+        assert isinstance(host, RuntimeHost)
+        self.host = host
+        self.engine = self.h.engine
+        self.guests: list[Guest] = []
+        for _ in range(flows):
+            self.add_guest()
+
+    def add_guest(self) -> Guest:
+        g = open_guest(self.h, 41000 + len(self.guests))
+        self.host.reading.add(g.flow)  # the runtime reads a socket once it connected
+        g.flow.host_handle = pattern(len(self.guests), 1 << 20)  # what the host peer sends
+        self.guests.append(g)
+        return g
+
+    def round_trip(self, readers: set[Guest]) -> None:
+        """Every guest sends what its window allows and the host peers what the engine
+        lets them; the guests in ``readers`` read what they received."""
+        h, engine = self.h, self.engine
+        for g in self.guests:
+            g.send(65000)
+            self.host.pump(h, g.flow, g.flow.host_handle)
+            outs = h.out()
+            for other in self.guests:
+                other.hear(outs)
+            if g in readers:
+                g.read_all()
+            assert engine.buffered <= self.budget
+            assert engine.buffered == sum(f.buffered for f in engine.flows.values())
+
+    def stall(self, rounds: int = 40) -> None:
+        """Nobody reads, on either side."""
+        self.host.stalled.update(g.flow for g in self.guests)
+        for _ in range(rounds):
+            self.round_trip(readers=set())
+
+    def assert_intact(self, g: Guest, at_least: int) -> None:
+        assert g.flow.state == ESTABLISHED
+        assert g.sent >= at_least and len(g.received) >= at_least, (g.sent, len(g.received))
+        assert bytes(self.host.written[g.flow]) == g.stream[:g.sent]
+        assert bytes(g.received) == g.flow.host_handle[:len(g.received)]
+
+
 def test_stalled_flows_cannot_buffer_past_the_stack_wide_budget() -> None:
     """Many flows whose host peers do not read and whose guest does not read: the
     total they hold stays within max_buffered, their windows close, host reads stop;
     once the peers read again every flow resumes and all data arrives intact."""
-    budget = 1 << 20
-    h = budget_harness(budget, rcv_buf=256 * 1024, snd_buf=256 * 1024)
-    host = h.host
-    assert isinstance(host, RuntimeHost)
-    host.accept = 0
-    guests = []
-    for i in range(12):  # 12 x (256 KiB + 256 KiB) wanted: 6 MiB against 1 MiB
-        g = open_guest(h, 41000 + i)
-        guests.append(g)
-        g.flow.host_handle = pattern(i, 1 << 20)  # what the host peer sends
-    engine = h.engine
-
-    def round_trip(reading_guest: bool) -> None:
-        for g in guests:
-            g.send(65000)
-            host.pump(h, g.flow, g.flow.host_handle)
-            outs = h.out()
-            for other in guests:
-                other.hear(outs)
-            if reading_guest:
-                g.read_all()
-            assert engine.buffered <= budget
-            assert engine.buffered == sum(f.buffered for f in engine.flows.values())
-
-    for _ in range(40):
-        round_trip(reading_guest=False)
-    assert engine.buffered > budget - 128 * 1024, "the budget was not even used"
+    rig = BudgetRig(1 << 20, flows=12)  # 12 x (256 KiB + 256 KiB) wanted: 6 MiB vs 1 MiB
+    rig.stall()
+    engine, host, guests = rig.engine, rig.host, rig.guests
+    assert engine.buffered > rig.budget // 2, "the budget was not even used"
     heap = sum(f.backlog_len + len(f.backlog) * HEAP_PER_CHUNK + f.send_queue_len
                for f in engine.flows.values())
-    assert heap <= budget
-    assert all(g.room == 0 and g.windows[-1] == 0 for g in guests), (
-        [(g.room, g.windows[-3:], g.sent, g.flow.backlog_len) for g in guests], engine.buffered,
-        h.link.counters)
+    assert heap <= rig.budget
+    assert all(g.room == 0 and g.windows[-1] == 0 for g in guests), "windows stay open"
     assert all(f.host_read_budget() == 0 for f in engine.flows.values())
     assert not host.reading, "host sockets are still read"
-    assert h.link.counters["tcp.drop.max_buffered"] > 0  # refused past the budget, counted
+    assert rig.h.link.counters["tcp.drop.max_buffered"] > 0  # refused past the budget, counted
 
     # The host peers read again and the guest reads: everything resumes.
-    host.accept = None
+    host.stalled.clear()
     for g in guests:
-        g.flow.host_writable(h.clock.now)
+        g.flow.host_writable(rig.h.clock.now)
     for _ in range(200):
-        round_trip(reading_guest=True)
+        rig.round_trip(readers=set(guests))
         if all(g.sent >= 400_000 and len(g.received) >= 400_000 for g in guests):
             break
-    for i, g in enumerate(guests):
-        assert g.flow.state == ESTABLISHED
-        assert g.sent >= 400_000 and len(g.received) >= 400_000, (i, g.sent, len(g.received))
-        assert bytes(host.written[g.flow]) == g.stream[:g.sent]
-        assert bytes(g.received) == g.flow.host_handle[:len(g.received)]
+    for g in guests:
+        rig.assert_intact(g, 400_000)
+
+
+def test_stalled_flows_filling_the_budget_do_not_starve_a_well_behaved_one() -> None:
+    """Past half the budget each flow still gets an even share of the rest, so a flow
+    whose both ends read keeps moving data while stalled ones hold the budget."""
+    rig = BudgetRig(1 << 20, flows=12)
+    rig.stall()
+    g = rig.add_guest()
+    for _ in range(400):
+        rig.round_trip(readers={g})
+        if g.sent >= 300_000 and len(g.received) >= 300_000:
+            break
+    rig.assert_intact(g, 300_000)
 
 
 # ---------------------------------------------------------------- defect: inbound flows skip limits
