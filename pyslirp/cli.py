@@ -77,7 +77,9 @@ from pyslirp.logsetup import DEFAULT_LOG_LEVEL, LOG_LEVELS, PROG, setup_logging
 from pyslirp.stack.config import (
     DEFAULT_BUSY_POLL,
     DEFAULT_CIDR,
+    DEFAULT_MAX_BUFFERED,
     DEFAULT_MTU,
+    MIN_MAX_BUFFERED,
     ConfigError,
     NetConfig,
     parse_cidr,
@@ -92,6 +94,8 @@ DEFAULT_NETNS_TYPE = "pid"
 DEFAULT_DNS_PORT = 53
 DEFAULT_BUSY_POLL_US = round(DEFAULT_BUSY_POLL * 1e6)
 MAX_BUSY_POLL_US = 1_000_000
+#: ``--max-buffered`` suffixes (binary multiples).
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 #: slirp4netns's hard ceiling ("MTU must be a positive integer (< 65522)").
 SLIRP_MAX_MTU = 65521
 #: What ``-v`` reports in slirp4netns's SLIRP_CONFIG_VERSION_MAX line.
@@ -136,13 +140,18 @@ CAP_NET_BIND_SERVICE if running as the root)
 --busy-poll=USEC         after handling traffic, keep polling for USEC microseconds before
                          sleeping: lower latency where waking up is slow (VMs); 0 turns it
                          off (default={DEFAULT_BUSY_POLL_US})
+--max-buffered=BYTES     bytes all TCP connections may hold buffered together (suffix K, M
+                         or G: binary multiples); as it fills, windows toward the guest
+                         close and host sockets are no longer read
+                         (default={DEFAULT_MAX_BUFFERED >> 20}M, min={MIN_MAX_BUFFERED >> 20}M)
 --target-type=TYPE       netns (default), or serve a VM: qemu-stream|qemu-dgram, where PATH
                          is the Unix socket for QEMU's -netdev stream|dgram
                          (pyslirp --target-type=qemu-stream [OPTION]... SOCKET)
 
 {PROG} run: run COMMAND in new namespaces served by {PROG}, exit with its status.
 RUN-OPTIONs: -m/--mtu, --cidr, --disable-host-loopback, --disable-dns, --macaddress,
-             --dns-upstream, --pcap, --log-level, --no-offload, --busy-poll, -h/--help
+             --dns-upstream, --pcap, --log-level, --no-offload, --busy-poll,
+             --max-buffered, -h/--help
              (--configure is implied)
 """
 
@@ -192,6 +201,8 @@ class Options:
     offload: bool = True
     #: ``--busy-poll``: microseconds the loop keeps polling after work (0 = off).
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    #: ``--max-buffered``: the stack-wide TCP buffer budget in bytes.
+    max_buffered: int = DEFAULT_MAX_BUFFERED
     #: ``-6``/``--enable-ipv6``: accepted (callers always pass it); IPv6 is not served yet.
     enable_ipv6: bool = False
     #: ``--enable-sandbox`` / ``--enable-seccomp`` (pyslirp.runtime.sandbox / .seccomp).
@@ -245,6 +256,7 @@ class Options:
             vnet_hdr=self.offload,
             offload=self.offload,
             busy_poll=self.busy_poll_us / 1e6,
+            max_buffered=self.max_buffered,
         )
 
 
@@ -268,6 +280,7 @@ _COMMON_OPTS = (
     _Opt("log-level", None, True),
     _Opt("no-offload", None, False),
     _Opt("busy-poll", None, True),
+    _Opt("max-buffered", None, True),
     _Opt("help", "h", False),
 )
 _SERVE_OPTS = (
@@ -688,6 +701,12 @@ def _common_option(opts: Options, name: str, value: str | None, cidr_text: str |
             raise UsageError(f"--busy-poll must be microseconds from 0 to {MAX_BUSY_POLL_US} "
                              f"(not '{value}')")
         opts.busy_poll_us = int(text)
+    elif name == "max-buffered":
+        size = _parse_size("--max-buffered", _val(value))
+        if size < MIN_MAX_BUFFERED:
+            raise UsageError(f"--max-buffered must be at least {MIN_MAX_BUFFERED >> 20}M "
+                             f"(not '{value}')")
+        opts.max_buffered = size
     else:  # pragma: no cover - every table entry is handled above
         raise AssertionError(name)
     return cidr_text, mac_text
@@ -711,6 +730,15 @@ def _parse_tapname(text: str) -> str:
     if not text or len(text.encode()) > 15 or "/" in text or any(c.isspace() for c in text):
         raise UsageError(f"invalid TAPNAME '{text}': must be 1-15 bytes without '/' or spaces")
     return text
+
+
+def _parse_size(option: str, text: str) -> int:
+    """BYTES with an optional K/M/G suffix (binary multiples)."""
+    match = re.fullmatch(r"([0-9]+)([KMG]?)", text.strip().upper())
+    if match is None or not text.isascii():
+        raise UsageError(f"{option} must be a byte count, optionally with a K, M or G suffix "
+                         f"(not '{text}')")
+    return int(match.group(1)) * _SIZE_SUFFIXES[match.group(2)]
 
 
 def _val(value: str | None) -> str:

@@ -179,6 +179,15 @@ def test_busy_poll_microseconds_reach_the_runtime_config() -> None:
     assert parse("run", "--busy-poll=0", "--", "true").net_config().busy_poll == 0
 
 
+def test_max_buffered_reaches_the_stack_config() -> None:
+    assert parse(NOPID).net_config().max_buffered == 256 << 20
+    assert parse("--max-buffered=64M", NOPID).net_config().max_buffered == 64 << 20
+    assert parse("--max-buffered", "2097152", NOPID).net_config().max_buffered == 2 << 20
+    assert parse("--max-buffered=1g", NOPID).net_config().max_buffered == 1 << 30
+    assert parse("run", "--max-buffered=4096K", "--", "true").net_config().max_buffered \
+        == 4 << 20
+
+
 def test_options_after_positionals_are_parsed() -> None:
     # GNU getopt permutes argv, so slirp4netns accepts "PID TAP -c".
     opts = parse(NOPID, "tap3", "-c", "--mtu", "9000")
@@ -301,6 +310,11 @@ def test_net_config_defaults_use_vnet_header_and_offload() -> None:
      "--busy-poll must be microseconds from 0 to 1000000 (not 'fast')"),
     (["--busy-poll=\u00b2", NOPID],
      "--busy-poll must be microseconds from 0 to 1000000 (not '\u00b2')"),
+    (["--max-buffered=lots", NOPID],
+     "--max-buffered must be a byte count, optionally with a K, M or G suffix (not 'lots')"),
+    (["--max-buffered=-1M", NOPID],
+     "--max-buffered must be a byte count, optionally with a K, M or G suffix (not '-1M')"),
+    (["--max-buffered=512K", NOPID], "--max-buffered must be at least 1M (not '512K')"),
     (["--log-level", "trace", NOPID],
      "--log-level must be one of debug, info, warning, error (not 'trace')"),
     ([NOPID, "a-very-long-tapname"],

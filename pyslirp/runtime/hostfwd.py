@@ -33,9 +33,17 @@ free port stands in for the peer's.
 
 The guest's MAC may be unknown when the first forwarded packet arrives (a
 container that has only listened so far has sent nothing): then we ask by
-ARP and hold the work (the SYN, up to ``_MAX_PENDING`` datagrams) until the
-guest answered, polling briefly; if it never does, the work runs anyway and
-TCP's retransmission takes over.
+ARP and hold the work until the guest answered, polling briefly. Held work
+is bounded, since each parked connection is a descriptor: at most
+``max_parked`` accepted TCP connections (default ``_MAX_PARKED_TCP``, 128;
+more are reset at once, counted ``hostfwd.tcp_parked_full``) and
+``_MAX_PENDING`` datagrams. A parked connection waits at most
+``park_timeout`` (default ``_PARK_TIMEOUT``, 3 s): if the MAC is still unknown
+then, it is reset (``hostfwd.tcp_guest_mac_timeout``), as nothing could be sent
+to the guest anyway; a datagram is passed on (and dropped at the link).
+Connections the engine takes count against its own inbound limits
+(``TcpConfig.max_inbound_flows``/``max_inbound_half_open``), apart from the
+guest's outbound ones.
 
 Removing a forward closes its host socket at once: nobody can connect to or
 send to the port any more. TCP connections already forwarded carry on until
@@ -74,10 +82,15 @@ _UDP_MAX = 65536
 _LISTEN_BACKLOG = 128
 #: Peers remembered per forwarded UDP guest port (which socket answers whom).
 _MAX_UDP_PEERS = 4096
-#: Work held back while the guest's MAC is being asked for.
+#: Datagrams held back while the guest's MAC is being asked for.
 _MAX_PENDING = 256
+#: Accepted TCP connections held back meanwhile (each holds a descriptor) ...
+_MAX_PARKED_TCP = 128
+#: ... and for how long at most before they are reset.
+_PARK_TIMEOUT = 3.0
 _ARP_POLL = 0.01
 _ARP_RETRY = 0.25
+#: How long a held datagram waits for the MAC before it is passed on regardless.
 _ARP_GIVE_UP = 3.0
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 
@@ -145,7 +158,12 @@ class HostForwarder:
         self.stack = attachment.stack
         self.forwards: dict[tuple[str, str, int], _Forward] = {}
         self._udp_ports: dict[tuple[bytes, int], _UdpPorts] = {}
-        self._pending: list[Callable[[], None]] = []
+        #: Work waiting for the guest's MAC, with the time it runs regardless.
+        self._pending: list[tuple[float, Callable[[], None]]] = []
+        #: Accepted TCP connections among it, and their bounds (module docstring).
+        self._parked = 0
+        self.max_parked = _MAX_PARKED_TCP
+        self.park_timeout = _PARK_TIMEOUT
         self._arp_started: float | None = None
         self._arp_sent: float = 0.0
         self._arp_target = attachment.config.guest_addr
@@ -228,7 +246,7 @@ class HostForwarder:
             self.remove(proto, host_addr, host_port)
         # Work still waiting for the guest's MAC: connections are closed, datagrams dropped.
         pending, self._pending = self._pending, []
-        for work in pending:
+        for _deadline, work in pending:
             work()
 
     # ---- TCP --------------------------------------------------------------------------
@@ -252,7 +270,25 @@ class HostForwarder:
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            self._when_guest_known(functools.partial(self._open_tcp, fwd, conn, peer))
+            if self.stack.link.guest_mac is not None and not self._pending:
+                self._open_tcp(fwd, conn, peer)
+            elif self._parked >= self.max_parked:
+                self.stack.link.count("hostfwd.tcp_parked_full")
+                _reset(conn)
+            else:
+                self._parked += 1
+                self._when_guest_known(functools.partial(self._open_parked, fwd, conn, peer),
+                                       self.park_timeout)
+
+    def _open_parked(self, fwd: _Forward, conn: socket.socket, peer: tuple[str, int]) -> None:
+        """A connection that waited for the guest's MAC: forward it, or reset it if the
+        MAC is still unknown (its time is up)."""
+        self._parked -= 1
+        if self.stack.link.guest_mac is None and not self._closed:
+            self.stack.link.count("hostfwd.tcp_guest_mac_timeout")
+            _reset(conn)
+            return
+        self._open_tcp(fwd, conn, peer)
 
     def _resume_accept(self, fwd: _Forward) -> None:
         if self.forwards.get((fwd.proto, fwd.host_addr, fwd.host_port)) is fwd:
@@ -325,9 +361,9 @@ class HostForwarder:
                 peers[(src_ip, src_port)] = sock
             if known:
                 udp.host_datagram(flow, src_ip, src_port, data, now)
-            elif len(self._pending) < _MAX_PENDING:
+            elif len(self._pending) - self._parked < _MAX_PENDING:
                 self._when_guest_known(functools.partial(
-                    self._late_datagram, flow, src_ip, src_port, data))
+                    self._late_datagram, flow, src_ip, src_port, data), _ARP_GIVE_UP)
             else:
                 self.stack.link.count("hostfwd.udp_no_guest_mac")
         self.attachment.schedule_flush()
@@ -344,14 +380,16 @@ class HostForwarder:
             return self.attachment.config.gateway
         return addr
 
-    def _when_guest_known(self, work: Callable[[], None]) -> None:
-        """Run ``work`` now if the guest's MAC is known, else once it is (or we give up)."""
+    def _when_guest_known(self, work: Callable[[], None], timeout: float) -> None:
+        """Run ``work`` now if the guest's MAC is known, else once it is or after
+        ``timeout`` seconds, whichever comes first."""
         if self.stack.link.guest_mac is not None and not self._pending:
             work()
             return
-        self._pending.append(work)
+        now = self.loop.time()
+        self._pending.append((now + timeout, work))
         if self._arp_started is None:
-            self._arp_started = self._arp_sent = self.loop.time()
+            self._arp_started = self._arp_sent = now
             self.stack.resolve_guest(self._arp_target)
             self.attachment.schedule_flush()
             self.loop.call_later(_ARP_POLL, self._poll_guest_mac)
@@ -360,19 +398,24 @@ class HostForwarder:
         if self._closed:
             return
         now = self.loop.time()
-        assert self._arp_started is not None
-        if self.stack.link.guest_mac is None and now - self._arp_started < _ARP_GIVE_UP:
-            if now - self._arp_sent >= _ARP_RETRY:
-                self._arp_sent = now
-                self.stack.resolve_guest(self._arp_target)
-                self.attachment.schedule_flush()
-            self.loop.call_later(_ARP_POLL, self._poll_guest_mac)
-            return
         if self.stack.link.guest_mac is None:
-            self.stack.link.count("hostfwd.guest_mac_unknown")
+            due = [work for deadline, work in self._pending if deadline <= now]
+            if due:
+                self.stack.link.count("hostfwd.guest_mac_unknown")
+                self._pending = [(d, w) for d, w in self._pending if d > now]
+                for work in due:
+                    work()
+                self.attachment.schedule_flush()
+            if self._pending:
+                if now - self._arp_sent >= _ARP_RETRY:
+                    self._arp_sent = now
+                    self.stack.resolve_guest(self._arp_target)
+                    self.attachment.schedule_flush()
+                self.loop.call_later(_ARP_POLL, self._poll_guest_mac)
+                return
         self._arp_started = None
         pending, self._pending = self._pending, []
-        for work in pending:
+        for _deadline, work in pending:
             work()
         self.attachment.schedule_flush()
 

@@ -16,6 +16,12 @@ DEFAULT_MTU = 1500
 #: Busy polling after work (seconds): long enough to catch a loopback peer's answer on
 #: this kind of VM (bench/README.md, "Latency"), short enough to cost little CPU.
 DEFAULT_BUSY_POLL = 50e-6
+#: Bytes all TCP flows of one stack may hold together (send queues toward the guest,
+#: backlogs toward host peers that do not read, out-of-order data): 256 MiB, i.e. 32
+#: flows stalled in both directions at the default 4 MiB per direction.
+DEFAULT_MAX_BUFFERED = 256 << 20
+#: Smallest accepted --max-buffered: a few full windows, so one flow can still run.
+MIN_MAX_BUFFERED = 1 << 20
 MIN_MTU = 68
 MAX_MTU = 65521
 #: The MAC address of the virtual gateway/DNS, as libslirp builds it (52:55 + 10.0.2.2).
@@ -109,6 +115,9 @@ class NetConfig:
     busy_poll: float = DEFAULT_BUSY_POLL
     dhcp_lease_seconds: int = 86400
     dhcp_pool_size: int = 16
+    #: Stack-wide bound on the bytes TCP flows buffer (``--max-buffered``): as it
+    #: fills, windows toward the guest shrink and host sockets stop being read.
+    max_buffered: int = DEFAULT_MAX_BUFFERED
 
     @property
     def gateway(self) -> bytes:
@@ -139,6 +148,9 @@ class NetConfig:
         if not MIN_MTU <= self.mtu <= MAX_MTU:
             raise ConfigError(f"MTU {self.mtu} is out of range {MIN_MTU}..{MAX_MTU}")
         self.search_domains = valid_search_domains(self.search_domains)
+        if self.max_buffered < MIN_MAX_BUFFERED:
+            raise ConfigError(f"max_buffered {self.max_buffered} is below the minimum "
+                              f"{MIN_MAX_BUFFERED} bytes")
         if not self.our_mac:
             # libslirp's convention: 52:55 followed by the gateway's IPv4 address.
             self.our_mac = b"\x52\x55" + self.gateway

@@ -11,7 +11,11 @@ peer, while the runtime opens an ordinary host socket to the real destination
   frame's memoryview; only what the host socket did not take is copied into a
   bounded *backlog*. The window we advertise is the receive space minus the
   backlog and held out-of-order data, so a host peer that stops reading
-  closes the guest's window instead of growing our memory.
+  closes the guest's window instead of growing our memory. It is rounded
+  down to the window-scale unit, and each held segment is charged
+  ``CHUNK_OVERHEAD`` bytes besides its payload (what a ``bytes`` object and
+  its deque slot cost), so tiny segments close the window in proportion to
+  the heap they take; what arrives past that anyway is not acknowledged.
 * host -> guest: what the runtime reads lands in a *send queue* (a deque of
   immutable ``bytes`` chunks, trimmed from the left as the guest acknowledges,
   never copied again), from which frames are cut. With the link's offloads
@@ -23,13 +27,30 @@ peer, while the runtime opens an ordinary host socket to the real destination
   ask the runtime to pause reading, and resume it when the guest's ACKs free
   half of it.
 
+Memory is bounded per flow (``rcv_buf``, ``snd_buf``) and for the whole
+engine: ``NetConfig.max_buffered`` (``--max-buffered``, 256 MiB by default)
+caps what all flows hold together, counted in :attr:`TcpEngine.buffered`
+where buffers grow and shrink (no per-frame work beyond that arithmetic).
+The first half of the budget is first come, first served; past it a flow
+may grow only to an even share of the second half (:meth:`TcpEngine.room_for`),
+so stalled flows cannot starve one whose peers keep reading, and all
+together stay within the budget. As a flow's room runs out its window
+shrinks toward 0, ``host_read_budget`` drops to 0 (the runtime stops reading)
+and guest data that would need buffering is refused
+(``tcp.drop.max_buffered``); the flows so held back are noted in
+:attr:`TcpEngine.starved` and get a window update or their reading resumed
+once the budget has room again.
+
 Connection set-up follows slirp: the guest's SYN starts the host connect and
 is answered only once the host side is known, with a SYN-ACK when it
 connected, an RST when it was refused, and ICMP destination-unreachable
 (quoting the SYN) when the host network said so; a destination the policy
 refuses gets ICMP net-unreachable at once. Duplicate SYNs meanwhile are
 ignored. The flow table and the number of half-open flows are bounded
-(:class:`TcpConfig`); excess SYNs are dropped and counted.
+(:class:`TcpConfig`); excess SYNs are dropped and counted. Flows opened
+toward the guest (port forwarding, :meth:`TcpEngine.open_to_guest`) are
+counted apart with limits of their own, so host clients cannot use up the
+guest's allowance.
 
 Followed (RFC 9293 section 3.10 event processing, simplified where a NAT can):
 sequence/ACK acceptability and RST generation for unknown flows (3.10.7.1);
@@ -67,8 +88,7 @@ retransmit) counted in frames.
 Deliberately not done: timestamps are not negotiated (the link is a local
 queue; Karn's algorithm suffices), urgent data is delivered inline, ECN is
 ignored, IP options are ignored, TCP Fast Open data on a SYN is dropped (the
-guest resends it), and memory is bounded per flow, not globally (TcpConfig
-sizes times max_flows). Timers are lazy: each flow has
+guest resends it). Timers are lazy: each flow has
 one entry in the shared :class:`~pyslirp.stack.timers.Timers` heap, pushed
 only when a deadline moves earlier; a wake-up that finds nothing due
 re-arms for the next deadline, so per-ACK timer restarts cost nothing.
@@ -140,6 +160,12 @@ _ICMP_FOR_ERRNO = {
 }
 
 
+#: Bytes charged per buffered chunk (a segment held for the host) on top of its
+#: payload: a ``bytes`` object's header (33) plus its deque slot, rounded up to the
+#: allocator's granularity. 1-byte segments thus exhaust a budget in proportion to
+#: the heap they really take (~56 bytes each), not to their payload.
+CHUNK_OVERHEAD = 64
+
 #: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
 _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
 
@@ -148,8 +174,13 @@ _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
 class TcpConfig:
     """Limits and timers of the TCP engine (defaults suit a container's NAT)."""
 
+    #: Flows the guest opens, and how many of them may be half-open.
     max_flows: int = 4096
     max_half_open: int = 1024
+    #: Flows port forwarding opens toward the guest: counted apart, so host
+    #: clients cannot use up the guest's own allowance (nor it theirs).
+    max_inbound_flows: int = 1024
+    max_inbound_half_open: int = 256
     #: Receive space per flow: bounds the advertised window and the backlog.
     rcv_buf: int = 4 << 20
     #: Send queue per flow (host data not yet acknowledged by the guest).
@@ -206,7 +237,8 @@ class TcpFlow:
         "rto", "srtt", "rttvar", "rtt_seq", "rtt_time", "rto_at", "ka_at", "retries", "probes",
         "persist", "last_rx", "tlp_armed",
         # framing
-        "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "wscale_ok",
+        "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "inbound",
+        "wscale_ok",
         # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una, newest OOO seq
         "sack_ok", "sack_hole", "ooo_last",
     )
@@ -277,6 +309,8 @@ class TcpFlow:
         self.dirty = False
         self.syn_quote = b""
         self.half_open = False
+        #: Opened toward the guest (port forwarding), not by it.
+        self.inbound = False
         self.wscale_ok = False
         self.sack_ok = False
         self.sack_hole: int | None = None
@@ -289,19 +323,44 @@ class TcpFlow:
     # ------------------------------------------------------------------ framing
 
     def _window(self) -> int:
-        """The window field to advertise, updating ``rcv_adv`` (the right edge)."""
+        """The window field to advertise, updating ``rcv_adv`` (the right edge).
+
+        The window never promises more than the flow's receive space and the
+        engine's shared budget can still take: it is rounded *down* to the
+        scale unit (rounding up reopened a nearly used window every round, so
+        a guest sending less than a unit per round grew the backlog without
+        bound), and per-chunk overhead counts against the space.
+        """
         space = self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+        if self.backlog_len:
+            space -= len(self.backlog) * CHUNK_OVERHEAD
+        engine = self.engine
+        free = engine.shared_limit - engine.buffered
+        if free < space:
+            free = engine.room_for(self)
+            if free < space:
+                space = free if free > 0 else 0
+                engine.starved[self] = None  # told less than it could hold: reopen later
+        if space < 0:
+            space = 0
         cur = (self.rcv_adv - self.rcv_nxt) & _M
         if cur >= _HALF:
             cur = 0
-        # Never move the right edge left, and move it right only by a useful
-        # amount (receiver SWS avoidance).
-        if space < cur + min(self.cfg.rcv_buf >> 1, self.mss):
-            space = cur
         ws = self.rcv_wscale
-        w = (space + (1 << ws) - 1) >> ws
-        if w > 0xFFFF:
-            w = 0xFFFF
+        if space >= cur:
+            # Move the right edge right only by a useful amount (receiver SWS
+            # avoidance), and do not take back what the buffer can still hold.
+            if space < cur + min(self.cfg.rcv_buf >> 1, self.mss):
+                space = cur
+            w = space >> ws
+            if w > 0xFFFF:
+                w = 0xFFFF
+            if w << ws >= cur:
+                self.rcv_adv = (self.rcv_nxt + (w << ws)) & _M
+            return w
+        # The buffer cannot take what was promised (small segments' overhead,
+        # the shared budget): shrink the window rather than drop data in it.
+        w = space >> ws
         self.rcv_adv = (self.rcv_nxt + (w << ws)) & _M
         return w
 
@@ -482,7 +541,9 @@ class TcpFlow:
             if self.host_closed:
                 self.engine._remove(self)
                 return
-            if now - self.last_rx < cfg.drain_timeout:
+            # Compare with the deadline itself, not ``now - last_rx``: float rounding can
+            # make the two disagree and re-arm the timer at ``now`` for ever.
+            if now < self.last_rx + cfg.drain_timeout:
                 self.ka_at = self.last_rx + cfg.drain_timeout
                 return
             # The guest is gone and the host never took the rest: give up on it.
@@ -493,8 +554,7 @@ class TcpFlow:
             return
         if self.state not in _RCV_OPEN and self.state not in _SND_STATES:
             return
-        idle = now - self.last_rx
-        if idle < cfg.keepalive_idle:
+        if now < self.last_rx + cfg.keepalive_idle:  # (the deadline itself: see above)
             self.probes = 0
             self.ka_at = self.last_rx + cfg.keepalive_idle
             return
@@ -793,8 +853,9 @@ class TcpFlow:
         if rel:
             self._ooo_insert(seq, bytes(seg.buf[hl:hl + plen]), bool(fin), plen)
             return
-        if plen:
-            self._deliver(seg.buf[hl:hl + plen])
+        if plen and not self._deliver(seg.buf[hl:hl + plen]):
+            self._mark_ack()  # what was taken; the window says why not the rest
+            return
         if self.ooo:
             fin = self._ooo_drain() or fin
         if fin:
@@ -806,12 +867,18 @@ class TcpFlow:
             self.ack_pending = True
             self._mark()
 
+    def _end_half_open(self) -> None:
+        if self.half_open:
+            self.half_open = False
+            if self.inbound:
+                self.engine.inbound_half_open -= 1
+            else:
+                self.engine.half_open -= 1
+
     def _established(self, seg: wtcp.TcpSegment, now: float, window: int) -> None:
         """The handshake completed (either way round): our SYN is acknowledged."""
         self.state = ESTABLISHED
-        if self.half_open:
-            self.half_open = False
-            self.engine.half_open -= 1
+        self._end_half_open()
         self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & _M
         self.recover = self.snd_una
         self.snd_wnd = window
@@ -875,6 +942,8 @@ class TcpFlow:
             self.rtt_seq = None
         if data:
             self.una_pos += data
+            engine = self.engine
+            engine.buffered -= data
             ends = self.tx_ends
             while ends and ends[0] <= self.una_pos:
                 ends.popleft()
@@ -888,8 +957,13 @@ class TcpFlow:
                 if self.cur_i < 0:
                     self.cur_i, self.cur_pos = 0, self.sq_start
             if self.reading_paused and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1:
-                self.reading_paused = False
-                self.host.tcp_resume_reading(self)
+                if engine.room_for(self) > 0:
+                    self.reading_paused = False
+                    self.host.tcp_resume_reading(self)
+                else:
+                    engine.starved[self] = None
+            if engine.starved and engine.buffered <= engine.low_water:
+                engine.release_starved()
         # Congestion control (RFC 5681 / RFC 6582).
         if self.in_recovery:
             if ((ack - self.recover) & _M) < _HALF:
@@ -990,40 +1064,73 @@ class TcpFlow:
         elif self.fin_seq is not None:
             self._xmit(ACK | FIN, self.snd_una, [], 0)
 
-    def _deliver(self, data: memoryview) -> None:
-        """In-order data to the host: write directly, keep what it did not take."""
+    def _deliver(self, data: memoryview) -> bool:
+        """In-order data to the host: write directly, keep what it did not take.
+
+        False if part of it was refused (neither written nor buffered, so not
+        acknowledged: the guest sends it again).
+        """
         n = len(data)
-        self.rcv_nxt = (self.rcv_nxt + n) & _M
         if self.backlog_len or not self.host_connected_flag:
-            self.backlog.append(bytes(data))
-            self.backlog_len += n
-            return
+            return self._hold(data, 0)
         w = self.host.tcp_write(self, data)
         if w < n:
-            self.backlog.append(bytes(data[w:]))
-            self.backlog_len += n - w
+            return self._hold(data, w)
+        self.rcv_nxt = (self.rcv_nxt + n) & _M
+        return True
+
+    def _hold(self, data: memoryview, written: int) -> bool:
+        """Keep ``data[written:]`` in the backlog as far as the flow's receive space
+        and the engine's budget can take it (each chunk costing CHUNK_OVERHEAD too);
+        refuse the rest (returning False)."""
+        rest = len(data) - written
+        rcv_buf = self.cfg.rcv_buf
+        engine = self.engine
+        # (The slack lets in the overhead of the segments of one full window.)
+        room = (rcv_buf + (rcv_buf >> 4) - self.backlog_len - self.ooo_len
+                - (len(self.backlog) + 1) * CHUNK_OVERHEAD)
+        free = engine.room_for(self) - CHUNK_OVERHEAD
+        take = rest
+        if room < take or free < take:
+            # Only a guest that sends past the window we advertise, or many tiny
+            # segments into a window advertised before they arrived, gets here.
+            take = max(0, min(room, free))
+            self.link.count("tcp.drop.rcv_buf" if room < free else "tcp.drop.max_buffered")
+            if room >= free:
+                engine.starved[self] = None
+        if take:
+            self.backlog.append(bytes(data[written:written + take]))
+            self.backlog_len += take
+            engine.buffered += take + CHUNK_OVERHEAD
+        self.rcv_nxt = (self.rcv_nxt + written + take) & _M
+        return take == rest
 
     def _ooo_insert(self, seq: int, data: bytes, fin: bool, plen: int) -> None:
         self.link.count("tcp.rx_out_of_order")
         ooo = self.ooo
         old = ooo.get(seq)
+        engine = self.engine
         if old is None:
             if len(ooo) >= self.cfg.max_ooo_segments:
                 self.link.count("tcp.drop.ooo_full")
+            elif plen + CHUNK_OVERHEAD > engine.room_for(self):
+                self.link.count("tcp.drop.max_buffered")
+                engine.starved[self] = None
             else:
                 ooo[seq] = (data, fin)
                 self.ooo_len += plen
+                engine.buffered += plen + CHUNK_OVERHEAD
                 self.ooo_last = seq
-        elif len(old[0]) < plen:
+        elif len(old[0]) < plen and plen - len(old[0]) <= engine.room_for(self):
             ooo[seq] = (data, fin)
             self.ooo_len += plen - len(old[0])
+            engine.buffered += plen - len(old[0])
         # Immediate duplicate ACK (RFC 5681 4.2), not coalesced.
         self._send_ack()
 
     def _ooo_drain(self) -> bool:
         """Deliver held segments that are now in order; True if a FIN was reached."""
         ooo = self.ooo
-        fin = False
         while ooo:
             progressed = False
             for seq in sorted(ooo, key=lambda s: (s - self.rcv_nxt) & _M):
@@ -1032,22 +1139,26 @@ class TcpFlow:
                     break
                 data, f = ooo.pop(seq)
                 self.ooo_len -= len(data)
+                self.engine.buffered -= len(data) + CHUNK_OVERHEAD
                 skip = (self.rcv_nxt - seq) & _M
                 if skip < len(data):
-                    self._deliver(memoryview(data)[skip:])
+                    if not self._deliver(memoryview(data)[skip:]):
+                        return False  # refused: the guest resends from rcv_nxt
                     if f:
-                        fin = True
-                        ooo.clear()
-                        self.ooo_len = 0
-                        return fin
+                        self._ooo_clear()
+                        return True
                 elif skip == len(data) and f:
-                    ooo.clear()
-                    self.ooo_len = 0
+                    self._ooo_clear()
                     return True
                 progressed = True
             if not progressed:
                 break
-        return fin
+        return False
+
+    def _ooo_clear(self) -> None:
+        self.engine.buffered -= self.ooo_len + len(self.ooo) * CHUNK_OVERHEAD
+        self.ooo.clear()
+        self.ooo_len = 0
 
     def _on_fin(self, now: float) -> None:
         self.rcv_nxt = (self.rcv_nxt + 1) & _M
@@ -1152,6 +1263,7 @@ class TcpFlow:
             return
         backlog = self.backlog
         before = self.backlog_len
+        chunks = len(backlog)
         while backlog:
             chunk = backlog[0]
             w = self.host.tcp_write(self, chunk)
@@ -1162,6 +1274,10 @@ class TcpFlow:
                 break
             backlog.popleft()
             self.backlog_len -= w
+        engine = self.engine
+        engine.buffered -= before - self.backlog_len + (chunks - len(backlog)) * CHUNK_OVERHEAD
+        if engine.starved and engine.buffered <= engine.low_water:
+            engine.release_starved()
         if not backlog and self.fin_rcvd and not self.host_shut:
             self.host_shut = True
             self.host.tcp_shutdown_write(self)
@@ -1177,7 +1293,10 @@ class TcpFlow:
                 self._send_ack()
 
     def _space(self) -> int:
-        return self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+        """What the window could offer now (see :meth:`_window`)."""
+        space = (self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+                 - len(self.backlog) * CHUNK_OVERHEAD)
+        return min(space, self.engine.room_for(self))
 
     def host_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Bytes read from the host socket (at most ``host_read_budget()``).
@@ -1201,9 +1320,16 @@ class TcpFlow:
         else:
             sq.append(data)
         self.sq_end += n
-        if not self.reading_paused and self.sq_end - self.una_pos >= self.cfg.snd_buf:
-            self.reading_paused = True
-            self.host.tcp_pause_reading(self)
+        engine = self.engine
+        engine.buffered += n
+        if not self.reading_paused:
+            if self.sq_end - self.una_pos >= self.cfg.snd_buf:
+                self.reading_paused = True
+                self.host.tcp_pause_reading(self)
+            elif engine.buffered >= engine.shared_limit and engine.room_for(self) <= 0:
+                self.reading_paused = True
+                self.host.tcp_pause_reading(self)
+                engine.starved[self] = None
         self._output(now, push=False)
         self._mark()  # flush() sends the tail
 
@@ -1226,12 +1352,43 @@ class TcpFlow:
         if self.fin_queued or self.state == CLOSED:
             return 0
         room = self.cfg.snd_buf - (self.sq_end - self.una_pos)
+        engine = self.engine
+        if engine.shared_limit - engine.buffered < room:
+            free = engine.room_for(self)
+            if free < room:
+                # The shared budget is what stops this read: the runtime stops
+                # reading at 0, and release_starved() resumes it.
+                room = free
+                if room <= 0:
+                    self.reading_paused = True
+                    engine.starved[self] = None
         return room if room > 0 else 0
 
     @property
     def send_queue_len(self) -> int:
         """Bytes from the host not yet acknowledged by the guest."""
         return self.sq_end - self.una_pos
+
+    @property
+    def buffered(self) -> int:
+        """What this flow charges to the engine's shared budget (payload + overhead)."""
+        return (self.sq_end - self.una_pos + self.backlog_len + self.ooo_len
+                + (len(self.backlog) + len(self.ooo)) * CHUNK_OVERHEAD)
+
+    def _budget_freed(self) -> None:
+        """The shared budget has room again: resume what it held back."""
+        if self.state == CLOSED:
+            return
+        if (self.reading_paused and not self.fin_queued
+                and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1):
+            self.reading_paused = False
+            self.host.tcp_resume_reading(self)
+        if self.state in _RCV_OPEN:
+            cur = (self.rcv_adv - self.rcv_nxt) & _M
+            if cur >= _HALF:
+                cur = 0
+            if self._space() >= cur + min(self.cfg.rcv_buf >> 1, 2 * self.mss):
+                self._send_ack()  # the window update the guest's persist timer waits for
 
 
 class TcpEngine:
@@ -1261,7 +1418,23 @@ class TcpEngine:
         self.our_wscale = ws
         self.rng = rng or random.Random()
         self.flows: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
+        #: Guest-initiated flows in a half-open state.
         self.half_open = 0
+        #: Flows opened toward the guest (port forwarding), all and half-open: they
+        #: have limits of their own, so they cannot use up the guest's.
+        self.inbound = 0
+        self.inbound_half_open = 0
+        #: Bytes all flows hold (send queues, backlogs, out-of-order data, with
+        #: CHUNK_OVERHEAD per held segment), kept below ``max_buffered``.
+        self.buffered = 0
+        self.max_buffered = config.max_buffered
+        #: The first half of the budget is first come, first served; past it each
+        #: flow may still grow to an even share of the second half (room_for).
+        self.shared_limit = self.max_buffered >> 1
+        #: Held-back flows are resumed once buffered falls this far below the half.
+        self.low_water = self.shared_limit - (self.max_buffered >> 4)
+        #: Flows the budget held back (reading paused, window shrunk, data refused).
+        self.starved: dict[TcpFlow, None] = {}
         self.dirty: list[TcpFlow] = []
         #: Flows in TIME_WAIT, oldest first.
         self.time_wait: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
@@ -1302,7 +1475,7 @@ class TcpEngine:
             link.count("tcp.drop.bad_destination")
             return
         cfg = self.cfg
-        if len(self.flows) >= cfg.max_flows and not self._evict_time_wait():
+        if len(self.flows) - self.inbound >= cfg.max_flows and not self._evict_time_wait(False):
             link.count("tcp.drop.max_flows")
             return
         if self.half_open >= cfg.max_half_open:
@@ -1327,14 +1500,15 @@ class TcpEngine:
         link.count("tcp.flows_opened")
         self.host.tcp_connect(flow, targets)
 
-    def _evict_time_wait(self) -> bool:
-        """Free a table slot held by the oldest TIME_WAIT flow whose host side is done.
+    def _evict_time_wait(self, inbound: bool) -> bool:
+        """Free a table slot held by the oldest TIME_WAIT flow (of the direction
+        ``inbound`` says) whose host side is done.
 
         TIME_WAIT only re-ACKs a lost final FIN; a new connection matters more
         (the kernel's tcp_tw_reuse makes the same trade).
         """
         for flow in self.time_wait.values():  # insertion order: oldest first
-            if flow.host_closed:
+            if flow.host_closed and flow.inbound == inbound:
                 break
         else:
             return False
@@ -1350,18 +1524,29 @@ class TcpEngine:
         ``host.tcp_resume_reading(flow)`` once the guest accepted; the runtime
         should not read the host socket before that. If the guest refuses or
         never answers, ``host.tcp_close(flow, True)`` follows. Returns None when
-        the flow table is full or the 4-tuple is in use.
+        the 4-tuple is in use or the inbound limits (``max_inbound_flows``,
+        ``max_inbound_half_open``) are reached; the guest's own flows do not
+        count toward those, nor these toward the guest's.
         """
         key = (guest_addr, guest_port, remote_addr, remote_port)
-        if key in self.flows or len(self.flows) >= self.cfg.max_flows:
+        cfg = self.cfg
+        if key in self.flows:
             self.link.count("tcp.drop.open_to_guest")
+            return None
+        if self.inbound >= cfg.max_inbound_flows and not self._evict_time_wait(True):
+            self.link.count("tcp.drop.inbound_max_flows")
+            return None
+        if self.inbound_half_open >= cfg.max_inbound_half_open:
+            self.link.count("tcp.drop.inbound_max_half_open")
             return None
         flow = TcpFlow(self, guest_addr, guest_port, remote_addr, remote_port, now)
         flow.host_handle = host_handle
         flow.host_connected_flag = True
         flow.state = SYN_SENT
+        flow.inbound = True
         flow.half_open = True
-        self.half_open += 1
+        self.inbound += 1
+        self.inbound_half_open += 1
         flow.rcv_wscale = self.our_wscale
         self.flows[key] = flow
         flow._send_syn(with_ack=False)
@@ -1401,17 +1586,46 @@ class TcpEngine:
         key = flow.key
         if self.flows.get(key) is flow:
             del self.flows[key]
+            if flow.inbound:
+                self.inbound -= 1
         if self.time_wait.get(key) is flow:
             del self.time_wait[key]
-        if flow.half_open:
-            flow.half_open = False
-            self.half_open -= 1
+        flow._end_half_open()
         flow.state = CLOSED
         flow.rto_at = flow.ka_at = None
         self.timers.cancel(flow)
+        self.buffered -= flow.buffered
+        flow.una_pos = flow.sq_end
         flow.sq.clear()
         flow.backlog.clear()
+        flow.backlog_len = 0
         flow.ooo.clear()
+        flow.ooo_len = 0
+        self.starved.pop(flow, None)
+        if self.starved and self.buffered <= self.low_water:
+            self.release_starved()
+
+    def room_for(self, flow: TcpFlow) -> int:
+        """How many more bytes ``flow`` may buffer under the shared budget.
+
+        Below ``shared_limit`` anyone may take what is left of that half; past it
+        a flow may grow only to ``(max_buffered - shared_limit) / flows``, so flows
+        that stall cannot starve the others, and all of them together stay within
+        ``max_buffered`` (shared_limit + flows x share).
+        """
+        buffered = self.buffered
+        hard = self.max_buffered - buffered
+        room = self.shared_limit - buffered
+        share = (self.max_buffered - self.shared_limit) // (len(self.flows) or 1) - flow.buffered
+        if share > room:
+            room = share
+        return room if room < hard else hard
+
+    def release_starved(self) -> None:
+        """The budget has room again: resume every flow it held back."""
+        starved, self.starved = self.starved, {}
+        for flow in starved:
+            flow._budget_freed()
 
     def close_all(self, now: float) -> None:
         """Shutdown: reset every guest connection and close every host socket."""

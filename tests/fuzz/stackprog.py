@@ -592,9 +592,13 @@ def check_invariants(stack: Stack, host: ModelHost) -> None:
     cfg = tcp.cfg
     if len(tcp.flows) > cfg.max_flows:
         raise Violation(f"{len(tcp.flows)} TCP flows > max_flows {cfg.max_flows}")
-    half_open = sum(1 for f in tcp.flows.values() if f.half_open)
+    # The guest's own flows and inbound (port-forwarded) ones are limited apart.
+    half_open = sum(1 for f in tcp.flows.values() if f.half_open and not f.inbound)
     if not 0 <= tcp.half_open == half_open <= cfg.max_half_open:
         raise Violation(f"half_open count {tcp.half_open}, {half_open} flows half open")
+    inbound = sum(1 for f in tcp.flows.values() if f.half_open and f.inbound)
+    if not 0 <= tcp.inbound_half_open == inbound <= cfg.max_inbound_half_open:
+        raise Violation(f"inbound half_open count {tcp.inbound_half_open}, {inbound} flows")
     for flow in tcp.flows.values():
         if flow.state == CLOSED:
             raise Violation(f"CLOSED flow {flow!r} still in the table")

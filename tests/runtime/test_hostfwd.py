@@ -251,6 +251,51 @@ def test_close_while_waiting_for_the_guest_mac_closes_the_waiting_connection(rig
             c.recv(10)
 
 
+def spin_until(rig: Rig, done: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if done():
+            return
+        rig.spin()
+    raise AssertionError("condition not reached")
+
+
+def test_connections_parked_for_the_guest_mac_are_capped(rig: Rig) -> None:
+    """While the guest's MAC is unknown, accepted connections wait, but only so many:
+    the rest are reset at once instead of holding descriptors."""
+    rig.fwd.max_parked = 3
+    port = free_port()
+    rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)
+    clients = [tcp_client(port) for _ in range(5)]
+    try:
+        counters = rig.att.stack.link.counters
+        spin_until(rig, lambda: counters.get("hostfwd.tcp_parked_full", 0) == 2)
+        assert rig.fwd._parked == 3
+        for c in clients[3:]:
+            with pytest.raises(ConnectionResetError):
+                c.recv(10)
+        # The guest answers ARP: the parked three go through, in order.
+        rig.send(ARP(op=2, hwsrc=GUEST_MAC, psrc=GUEST, hwdst=rig.our_mac, pdst=GATEWAY))
+        ports = [rig.wait_frame(is_syn)[TCP].sport for _ in range(3)]
+        assert ports == [c.getsockname()[1] for c in clients[:3]]
+        assert rig.fwd._parked == 0
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_parked_connection_is_reset_when_the_guest_mac_stays_unknown(rig: Rig) -> None:
+    rig.fwd.park_timeout = 0.2
+    port = free_port()
+    rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT)
+    with tcp_client(port) as c:
+        counters = rig.att.stack.link.counters
+        spin_until(rig, lambda: counters.get("hostfwd.tcp_guest_mac_timeout", 0) == 1)
+        with pytest.raises(ConnectionResetError):
+            c.recv(10)
+        assert rig.fwd._parked == 0 and len(rig.att.stack.tcp) == 0
+        assert not [f for f in rig.frames() if is_syn(f)]
+
+
 class _OutOfFds:
     """A listening socket whose accept() fails with EMFILE while ``failing``."""
 

@@ -7,8 +7,6 @@ is well formed and fits the link, every table stays bounded.
 
 from __future__ import annotations
 
-import pytest
-
 from pyslirp.wire import dhcp, ethernet, ipv4, udp, vnet
 from tests.fuzz import stackprog
 
@@ -48,11 +46,6 @@ _KEEPALIVE_REARMED_AT_NOW = bytes.fromhex(
     "0002640a000202caee9c29e0b6c51bef4575a85010003f2557000001eac4")
 
 
-@pytest.mark.xfail(strict=True, raises=stackprog.Violation,
-                   reason="known defect (pyslirp/stack/tcp.py TcpFlow._on_idle, another "
-                   "branch): the keepalive (and TIME_WAIT drain) re-check compares "
-                   "now - last_rx < limit but re-arms at last_rx + limit, which float "
-                   "rounding can make == now: run_timers never returns")
 def test_keepalive_timer_never_rearms_at_the_current_time() -> None:
     config, ops = stackprog.decode(_KEEPALIVE_REARMED_AT_NOW)
     assert [op[0] for op in ops] == ["advance", "tcp_iss", "frame", "tcp_connected", "frame",

@@ -756,8 +756,11 @@ def test_random_segments_never_raise(
     h.engine.handle(Ipv4Packet(memoryview(bytes(head) + garbage)), h.clock.now, False)
     h.engine.handle(Ipv4Packet(memoryview(bytes(head) + garbage)), h.clock.now, True)
     h.engine.flush(h.clock.now)
+    engine = h.engine
+    assert engine.buffered == sum(f.buffered for f in engine.flows.values())
     h.clock.advance(1000)
     assert flow.backlog_len <= flow.cfg.rcv_buf + 0xFFFF
+    assert engine.buffered == sum(f.buffered for f in engine.flows.values())
 
 
 # ---------------------------------------------------------------- a lossy end-to-end exchange
