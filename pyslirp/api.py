@@ -21,6 +21,20 @@ unchanged:
   ``add_hostfwd: bad arguments.FIELD``, ``add_hostfwd: slirp_add_hostfwd
   failed`` (the port is taken), ``remove_hostfwd: bad arguments.id``.
 
+Extensions (requests slirp4netns refuses, so no client of it depends on their
+answers; every request it accepts is answered byte for byte as it does):
+
+* ``{"execute":"get_stats"}`` -> ``{"return":{"counters":{NAME:N,...},
+  "flows":{"tcp":N,"tcp_time_wait":N,"udp":N,"icmp":N,"dns":N}}}``: the
+  stack's counters and flow gauges now (:mod:`pyslirp.stats`, docs/stats.md);
+  slirp4netns answers ``unknown execute``.
+* ``add_hostfwd`` with ``host_port`` the number 0 (slirp4netns:
+  ``bad arguments.host_port``): the kernel picks a free port, the answer
+  says which, ``{"return":{"id":N,"host_port":P}}``, and ``list_hostfwd``
+  shows P. Only an explicit number 0 (or ``0.0``, ``-0``) asks for this: a
+  missing, non-number or fractional (``0.5``) ``host_port`` is refused as
+  before.
+
 slirp4netns reads a request with one ``read`` of at most 4096 bytes into a C
 string and parses it with parson; what *that* accepts is what we accept, so
 :func:`parse_json` is a small parser with parson's rules rather than Python's
@@ -77,9 +91,11 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from pyslirp import stats as stats_module
 
 if TYPE_CHECKING:
     from pyslirp.runtime.spec import ApiFactory
@@ -419,8 +435,11 @@ class Forwarder(Protocol):
     """What the API asks of the runtime (pyslirp.runtime.hostfwd.HostForwarder)."""
 
     def add(self, proto: str, host_addr: str, host_port: int, guest_addr: str,
-            guest_port: int) -> None:
-        """Start forwarding; raise OSError (e.g. EADDRINUSE) if the host port can't be had."""
+            guest_port: int) -> int:
+        """Start forwarding; raise OSError (e.g. EADDRINUSE) if the host port can't be had.
+
+        Returns the host port served (the kernel's choice when ``host_port`` is 0).
+        """
 
     def remove(self, proto: str, host_addr: str, host_port: int) -> None:
         """Stop listening on the host port (flows already forwarded go on)."""
@@ -463,9 +482,12 @@ def inet_pton4(text: bytes) -> str | None:
 class ApiHandler:
     """slirp4netns's request handling, sans I/O: request bytes in, reply bytes out."""
 
-    def __init__(self, forwarder: Forwarder, default_guest_addr: str) -> None:
+    def __init__(self, forwarder: Forwarder, default_guest_addr: str,
+                 stats: Callable[[], bytes] | None = None) -> None:
         self.forwarder = forwarder
         self.default_guest_addr = default_guest_addr
+        #: ``get_stats``'s answer, made when asked; None: the command is unknown.
+        self.stats = stats
         self.forwards: list[HostFwd] = []
         self.next_id = 1
 
@@ -488,6 +510,8 @@ class ApiHandler:
             return b'{"entries":[' + b",".join(f.to_json() for f in self.forwards) + b"]}"
         if execute == b"remove_hostfwd":
             return self._remove(request)
+        if execute == b"get_stats" and self.stats is not None:
+            return self.stats()
         return UNKNOWN_EXECUTE
 
     def _add(self, request: dict[bytes, Any]) -> bytes:
@@ -498,8 +522,11 @@ class ApiHandler:
         host_addr = inet_pton4(host_text)
         if host_addr is None:
             return bad_argument("add_hostfwd", "host_addr")
-        host_port = _c_int(_dotget(request, b"arguments", b"host_port"))
-        if not 0 < host_port < 65536:
+        host_port_value = _dotget(request, b"arguments", b"host_port")
+        host_port = _c_int(host_port_value)
+        # Our extension: the number 0 asks for any free port (0.5 still truncates to a refusal).
+        any_port = isinstance(host_port_value, float) and host_port_value == 0
+        if not (0 < host_port < 65536 or any_port):
             return bad_argument("add_hostfwd", "host_port")
         guest_text = _cstr(_dotget(request, b"arguments", b"guest_addr"))
         if guest_text:
@@ -512,7 +539,8 @@ class ApiHandler:
         if not 0 < guest_port < 65536:
             return bad_argument("add_hostfwd", "guest_port")
         try:
-            self.forwarder.add(proto.decode(), host_addr, host_port, guest_addr, guest_port)
+            host_port = self.forwarder.add(proto.decode(), host_addr, host_port, guest_addr,
+                                           guest_port)
         except OSError as exc:
             log.warning("api: cannot forward %s %s:%d: %s", proto.decode(), host_addr,
                         host_port, exc.strerror or exc)
@@ -523,6 +551,8 @@ class ApiHandler:
         self.forwards.append(fwd)
         log.info("api: forwarding %s %s:%d to %s:%d (id %d)", fwd.proto, host_addr, host_port,
                  guest_addr, guest_port, fwd.id)
+        if any_port:
+            return b'{"return":{"id":%d,"host_port":%d}}' % (fwd.id, host_port)
         return b'{"return":{"id":%d}}' % fwd.id
 
     def _remove(self, request: dict[bytes, Any]) -> bytes:
@@ -769,10 +799,14 @@ def api_socket(path: str) -> ApiFactory:
     The runtime calls it with its loop, the link's port forwarder and the guest
     address forwards default to (pyslirp.runtime.spec.ApiFactory); the server
     it returns is closed, and the socket removed, when the runtime stops.
+    ``get_stats`` reads the stack the forwarder forwards into.
     """
     def start(loop: asyncio.AbstractEventLoop, forwarder: Any,
               default_guest_addr: str) -> ApiServer:
-        server = ApiServer(loop, path, ApiHandler(forwarder, default_guest_addr))
+        stack = forwarder.stack
+        handler = ApiHandler(forwarder, default_guest_addr,
+                             stats=lambda: stats_module.api_reply(stack))
+        server = ApiServer(loop, path, handler)
         log.info("API socket at %s", path)
         return server
     return start

@@ -108,6 +108,7 @@ Usage: {PROG} [OPTION]... PID|PATH [TAPNAME]
        {PROG} run [RUN-OPTION]... [--] COMMAND [ARG]...
        {PROG} shim install DIR  (write DIR/slirp4netns, which execs {PROG}; see 'shim --help')
        {PROG} kubevirt-sidecar [--help]  (KubeVirt's slirp network binding hook sidecar)
+       {PROG} stats --api-socket PATH | --cni-rundir DIR CONTAINERID[:IFNAME] [--json]
 User-mode networking for unprivileged network namespaces.
 
 -c, --configure          bring up the interface
@@ -764,6 +765,10 @@ def main(argv: list[str] | None = None) -> int:
         # `pyslirp cni install DIR`: the CNI plugin's own small parser (pyslirp.cni).
         from pyslirp.cni.install import main as cni_main
         return cni_main(argv[1:])
+    if argv and argv[0] == "stats":
+        from pyslirp.stats import main as stats_main  # a client: no runtime, no logging set-up
+
+        return stats_main(argv[1:])
     if argv and argv[0] == "kubevirt-sidecar":
         # Its own parser and dependencies (grpcio), loaded only when asked for.
         from pyslirp.kubevirt.sidecar import main as sidecar_main

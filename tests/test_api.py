@@ -189,7 +189,6 @@ SESSION: list[tuple[str, str]] = [
     (add(host_addr=" 127.0.0.1", host_port="{P2}"), bad("add_hostfwd", "host_addr").decode()),
     (add(host_port=""), bad("add_hostfwd", "host_port").decode()),
     (add(host_port='"{P2}"'), bad("add_hostfwd", "host_port").decode()),
-    (add(host_port="0"), bad("add_hostfwd", "host_port").decode()),
     (add(host_port="0.5"), bad("add_hostfwd", "host_port").decode()),
     (add(host_port="true"), bad("add_hostfwd", "host_port").decode()),
     (add(host_port="{P2}", guest_addr="x"), bad("add_hostfwd", "guest_addr").decode()),
@@ -200,7 +199,8 @@ SESSION: list[tuple[str, str]] = [
     # Checks run in slirp4netns's order: host_addr before host_port before guest_addr ...
     (add(host_addr="x", host_port="0", guest_addr="y", guest_port="0"),
      bad("add_hostfwd", "host_addr").decode()),
-    (add(host_port="0", guest_addr="y", guest_port="0"), bad("add_hostfwd", "host_port").decode()),
+    (add(host_port="{P2}.5", guest_addr="y", guest_port="0"),
+     bad("add_hostfwd", "guest_addr").decode()),
     (add(host_port="{P2}", guest_addr="y", guest_port="0"),
      bad("add_hostfwd", "guest_addr").decode()),
     # Strings compare up to a \u0000, ports truncate toward zero.
@@ -230,6 +230,22 @@ SESSION: list[tuple[str, str]] = [
     ('{"execute":"remove_hostfwd","arguments":{"id":6}}', '{"return":{}}'),
     ('{"execute":"list_hostfwd"}', '{"entries":[]}'),
 ]
+
+#: pyslirp's extensions: (request, slirp4netns 1.2.0's refusal). Requests slirp4netns
+#: refuses are the only ones whose answers may differ (see test_extensions_*).
+GET_STATS = b'{"execute":"get_stats"}'
+ANY_PORT = add(host_port="0").encode()
+EXTENSIONS: list[tuple[bytes, bytes]] = [
+    (GET_STATS, UNKNOWN),
+    (ANY_PORT, bad("add_hostfwd", "host_port")),
+    (add(proto="udp", host_port="0.0").encode(), bad("add_hostfwd", "host_port")),
+    (add(host_port="-0").encode(), bad("add_hostfwd", "host_port")),
+    # pyslirp answers the next check's error here (guest_addr): port 0 passes its own.
+    (add(host_port="0", guest_addr="y", guest_port="0").encode(),
+     bad("add_hostfwd", "host_port")),
+]
+#: What a fake stack's get_stats answers in these tests.
+FAKE_STATS = b'{"return":{"counters":{},"flows":{"tcp":0}}}'
 
 #: Requests that crash slirp4netns 1.2.0 (it strcmp()s a NULL proto): ours answer instead.
 CRASHERS: list[tuple[bytes, bytes]] = [
@@ -262,20 +278,25 @@ def substitute(text: str, ports: dict[str, str]) -> bytes:
 
 
 class FakeForwarder:
-    """Records forwards; a port is busy as the kernel would say (same proto, overlapping addr)."""
+    """Records forwards; a port is busy as the kernel would say (same proto, overlapping addr);
+    port 0 gets the next of 40001, 40002, ..."""
 
     def __init__(self) -> None:
         self.active: list[tuple[str, str, int, str, int]] = []
         self.calls: list[tuple[str, ...]] = []
+        self.next_free = 40001
 
     def add(self, proto: str, host_addr: str, host_port: int, guest_addr: str,
-            guest_port: int) -> None:
+            guest_port: int) -> int:
         self.calls.append(("add", proto, host_addr, str(host_port), guest_addr, str(guest_port)))
+        if host_port == 0:
+            host_port, self.next_free = self.next_free, self.next_free + 1
         for p, a, port, _g, _gp in self.active:
             if p == proto and port == host_port and "0.0.0.0" in (a, host_addr) or (
                     p == proto and port == host_port and a == host_addr):
                 raise OSError(errno.EADDRINUSE, "Address already in use")
         self.active.append((proto, host_addr, host_port, guest_addr, guest_port))
+        return host_port
 
     def remove(self, proto: str, host_addr: str, host_port: int) -> None:
         self.calls.append(("remove", proto, host_addr, str(host_port)))
@@ -287,7 +308,8 @@ class FakeForwarder:
 
 
 def handler() -> ApiHandler:
-    return ApiHandler(FakeForwarder(), "10.0.2.100")
+    """A handler with every extension on: the tables must hold with them."""
+    return ApiHandler(FakeForwarder(), "10.0.2.100", stats=lambda: FAKE_STATS)
 
 
 # ---- the protocol function -------------------------------------------------------------
@@ -325,6 +347,53 @@ def test_requests_slirp4netns_mishandles_get_an_error(request_: bytes, reply: by
     h = handler()
     assert h.reply_for(request_, final=True) == reply
     assert h.forwards == [] and h.next_id == 1
+
+
+def test_get_stats_answers_what_the_stack_says_and_only_when_served() -> None:
+    asked = []
+
+    def stats() -> bytes:
+        asked.append(1)
+        return FAKE_STATS
+    h = ApiHandler(FakeForwarder(), "10.0.2.100", stats=stats)
+    assert h.reply_for(GET_STATS, final=True) == FAKE_STATS
+    assert h.reply_for(b'{"execute":"get_stats","arguments":{"x":1}}\n', final=True) == FAKE_STATS
+    assert len(asked) == 2
+    # A handler without a stack behind it answers as slirp4netns does.
+    assert ApiHandler(FakeForwarder(), "10.0.2.100").reply_for(GET_STATS, final=True) == UNKNOWN
+
+
+def test_host_port_0_gets_a_free_port_and_says_which() -> None:
+    fwd = FakeForwarder()
+    h = ApiHandler(fwd, "10.0.2.100")
+    assert h.reply_for(ANY_PORT, final=True) == b'{"return":{"id":1,"host_port":40001}}'
+    assert h.reply_for(add(proto="udp", host_port="-0", guest_port="53").encode(),
+                       final=True) == b'{"return":{"id":2,"host_port":40002}}'
+    # A fixed port keeps slirp4netns's answer byte for byte.
+    assert h.reply_for(add(host_port="8080").encode(), final=True) == b'{"return":{"id":3}}'
+    assert h.reply_for(LIST, final=True) == (
+        b'{"entries":[{"id":1,"proto":"tcp","host_addr":"127.0.0.1","host_port":40001,'
+        b'"guest_addr":"10.0.2.100","guest_port":80},'
+        b'{"id":2,"proto":"udp","host_addr":"127.0.0.1","host_port":40002,'
+        b'"guest_addr":"10.0.2.100","guest_port":53},'
+        b'{"id":3,"proto":"tcp","host_addr":"127.0.0.1","host_port":8080,'
+        b'"guest_addr":"10.0.2.100","guest_port":80}]}')
+    # Removing it closes the port the forward really has.
+    assert h.reply_for(remove("1").encode(), final=True) == b'{"return":{}}'
+    assert fwd.calls[-1] == ("remove", "tcp", "127.0.0.1", "40001")
+
+
+@pytest.mark.parametrize("host_port", ["", '"0"', "0.5", "-0.5", "false", "null"])
+def test_only_the_number_0_asks_for_a_free_port(host_port: str) -> None:
+    h = handler()
+    assert h.reply_for(add(host_port=host_port).encode(), final=True) == \
+        bad("add_hostfwd", "host_port")
+    assert h.forwards == []
+
+
+def test_host_port_0_checks_the_rest_as_any_request_does() -> None:
+    assert handler().reply_for(add(host_port="0", guest_addr="y", guest_port="0").encode(),
+                               final=True) == bad("add_hostfwd", "guest_addr")
 
 
 def test_default_guest_addr_follows_the_configured_network() -> None:
@@ -650,6 +719,9 @@ def test_tables_match_real_slirp4netns(
     ports = session_ports(18080)
     for request, reply in SESSION:
         assert ask_unix(path, substitute(request, ports)) == substitute(reply, ports), request
+    # pyslirp's extensions are requests slirp4netns refuses: no client of it relies on them.
+    for raw, refusal in EXTENSIONS:
+        assert ask_unix(path, raw) == refusal, raw
 
 
 _FUZZ_TEMPLATES = [

@@ -20,6 +20,9 @@ request per connection, one JSON reply, then the connection closes.
 * ``check``: the attachment must be served and healthy, and the interface,
   address and default route of ``prevResult`` must be in the namespace.
 * ``gc``: delete every attachment of the network not in the valid list.
+* ``stats`` (``pyslirp stats --cni-rundir``): the counters and flow gauges
+  (:func:`pyslirp.stats.snapshot`) of every attachment of ``containerID``, in
+  any network, or only of its interface ``ifname`` when given.
 
 Trust: only clients of our uid or root are answered (``SO_PEERCRED``), and
 every request's names and paths are checked by the plugin's rules
@@ -96,6 +99,7 @@ from pyslirp.cni.plugin import (
     ERR_UNSUPPORTED_FIELD,
 )
 from pyslirp.runtime import adopt, malloc
+from pyslirp.stats import snapshot
 
 log = logging.getLogger("pyslirp.cni")
 
@@ -255,6 +259,8 @@ class Engine:
             elif op == "gc":
                 await self.gc(request)
                 reply = {"ok": True}
+            elif op == "stats":
+                reply = {"ok": True, "attachments": self.stats(request)}
             elif op == "ping":
                 reply = {"ok": True, "attachments": len(self.served),
                          "identity": self.identity}
@@ -593,6 +599,18 @@ class Engine:
             if gw not in seen["gateways"]:
                 raise RequestError(ERR_CHECK_FAILED, f"the default route via {gw} on "
                                    f"{ifname} is missing")
+
+    # ---- STATS ----------------------------------------------------------------------
+    def stats(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        cid, ifname = req["containerID"], req.get("ifname")
+        found = [s for s in self.served.values()
+                 if s.container_id == cid and ifname in (None, s.ifname)]
+        if not found:
+            where = f"interface {ifname} of container {cid}" if ifname else f"container {cid}"
+            raise RequestError(ERR_NO_ATTACHMENT, f"the engine does not serve {where}")
+        return [{"network": s.network, "containerID": s.container_id, "ifname": s.ifname,
+                 **snapshot(s.attachment.stack)}
+                for s in sorted(found, key=lambda s: s.key)]
 
     # ---- GC -------------------------------------------------------------------------
     async def gc(self, req: dict[str, Any]) -> None:

@@ -551,6 +551,14 @@ def request_problem(op: Any, request: dict[str, Any]) -> str | None:
         problem = _netns_problem(request.get("netns"))
         if problem:
             return f"invalid netns {request.get('netns')!r}: {problem}"
+    if op == "stats":
+        cid = request.get("containerID")
+        if not _is_name(cid):
+            return f"invalid containerID {cid!r}: {NAME_RULE}"
+        ifname = request.get("ifname")
+        problem = None if ifname is None else _ifname_problem(ifname)
+        if problem:
+            return f"invalid ifname {ifname!r}: {problem}"
     if op == "gc":
         valid = request.get("valid")
         if not isinstance(valid, list) or not all(

@@ -45,6 +45,10 @@ Connections the engine takes count against its own inbound limits
 (``TcpConfig.max_inbound_flows``/``max_inbound_half_open``), apart from the
 guest's outbound ones.
 
+Host port 0 asks the kernel for a free port (the ``bind`` picks it);
+:meth:`HostForwarder.add` returns the port it got, and the forward is known by
+that port from then on.
+
 Removing a forward closes its host socket at once: nobody can connect to or
 send to the port any more. TCP connections already forwarded carry on until
 they end, as with slirp4netns.
@@ -172,9 +176,13 @@ class HostForwarder:
 
     # ---- the API's calls --------------------------------------------------------------
     def add(self, proto: str, host_addr: str, host_port: int, guest_addr: str,
-            guest_port: int, sock: socket.socket | None = None) -> None:
+            guest_port: int, sock: socket.socket | None = None) -> int:
         """Forward ``host_addr:host_port`` to ``guest_addr:guest_port``; OSError if the
         port cannot be had (EADDRINUSE, EACCES for a privileged port, ...).
+
+        Returns the host port served: ``host_port`` itself, or for ``host_port`` 0
+        the free port the kernel chose (the forward is known by that port from then
+        on, for :meth:`remove` too).
 
         ``sock``: serve this socket instead of binding one (a port someone else
         reserved and handed over, see :mod:`pyslirp.runtime.adopt`): an IPv4
@@ -184,8 +192,7 @@ class HostForwarder:
         """
         if proto not in ("tcp", "udp"):
             raise ValueError(f"unknown protocol {proto!r}")
-        key = (proto, host_addr, host_port)
-        if key in self.forwards:
+        if host_port and (proto, host_addr, host_port) in self.forwards:
             raise OSError(errno.EADDRINUSE, "Address already in use")
         guest = socket.inet_aton(guest_addr)
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
@@ -196,13 +203,15 @@ class HostForwarder:
                 sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
         else:
             sock = self._bind(proto, kind, host_addr, host_port)
+            host_port = sock.getsockname()[1]  # the kernel's choice for port 0
         fwd = _Forward(proto, host_addr, host_port, guest, guest_port, sock)
         if proto == "tcp":
             self.loop.add_reader(sock.fileno(), self._on_accept, fwd)
         else:
             self._add_udp(fwd)
-        self.forwards[key] = fwd
+        self.forwards[(proto, host_addr, host_port)] = fwd
         self._arp_target = guest
+        return host_port
 
     @staticmethod
     def _bind(proto: str, kind: int, host_addr: str, host_port: int) -> socket.socket:

@@ -409,6 +409,38 @@ except OSError as exc:
 
 
 
+# ---- host port 0: the kernel picks (pyslirp's extension) -------------------------------------
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_host_port_0_forwards_the_port_the_answer_names(
+        host: Host, guest: Guest, fwd_slirp: tuple[Slirp, Path], proto: str,
+        guest_server: subprocess.Popen[bytes]) -> None:
+    _slirp, path = fwd_slirp
+    request = {"execute": "add_hostfwd", "arguments": {
+        "proto": proto, "host_addr": "127.0.0.1", "host_port": 0, "guest_port": GUEST_PORT}}
+    reply = json.loads(api(path, request))
+    port = reply["return"]["host_port"]
+    assert reply == {"return": {"id": 1, "host_port": port}} and 0 < port < 65536
+    assert json.loads(api(path, b'{"execute":"list_hostfwd"}')) == {"entries": [{
+        "id": 1, "proto": proto, "host_addr": "127.0.0.1", "host_port": port,
+        "guest_addr": "10.0.2.100", "guest_port": GUEST_PORT}]}
+    if proto == "tcp":
+        assert client(host.ns, "who", "127.0.0.1", str(port))["reply"].startswith(GATEWAY + ":")
+    else:
+        replies = client(host.ns, "udp", "127.0.0.1", str(port))["replies"]
+        assert all(same for _size, same, _seen in replies), replies
+    # A second one gets another port; a fixed port keeps slirp4netns's answer.
+    again = json.loads(api(path, request))["return"]
+    assert again["id"] == 2 and again["host_port"] != port
+    fixed = free_port(host)
+    assert api(path, {"execute": "add_hostfwd", "arguments": {
+        "proto": proto, "host_port": fixed, "guest_port": GUEST_PORT}}) == b'{"return":{"id":3}}'
+    # Removed, it is closed like any forward.
+    assert api(path, {"execute": "remove_hostfwd", "arguments": {"id": 1}}) == b'{"return":{}}'
+    listening = host.run(["ss", "-Hln" + proto[0], f"sport = :{port}"]).stdout
+    assert listening.strip() == ""
+
+
 # ---- other configurations --------------------------------------------------------------------
 
 def test_loopback_forwards_work_with_disable_host_loopback(
