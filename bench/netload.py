@@ -34,6 +34,7 @@ Only the standard library is used, so the clients start fast in any Python 3.11.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import selectors
@@ -324,6 +325,42 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_flood(args: argparse.Namespace) -> int:
+    """Flood the stack from the guest for ``--seconds``: new TCP handshakes to ports
+    nobody listens on (``syn``: each a new flow, at most ``--live`` open at once) or
+    datagrams to ever new UDP ports (``udp``: each a new UDP flow). The stack answers
+    with RSTs / ICMP and must keep serving the guest's real transfer meanwhile."""
+    end = time.monotonic() + args.seconds
+    sent = errors = 0
+    if args.kind == "syn":
+        live: collections.deque[socket.socket] = collections.deque()
+        while time.monotonic() < end:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect((args.host, args.first_port + sent % args.ports))
+            except BlockingIOError:
+                pass
+            except OSError:
+                errors += 1
+            live.append(s)
+            sent += 1
+            if len(live) > args.live:
+                live.popleft().close()
+        for s in live:
+            s.close()
+    else:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            while time.monotonic() < end:
+                try:
+                    u.sendto(b"x" * 64, (args.host, args.first_port + sent % args.ports))
+                except OSError:
+                    errors += 1
+                sent += 1
+    _emit({"kind": args.kind, "sent": sent, "errors": errors})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -356,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--window", type=int, default=8)
     dp.add_argument("--timeout", type=float, default=0.5)
     dp.set_defaults(func=cmd_dns)
+
+    fp = sub.add_parser("flood")
+    fp.add_argument("--kind", choices=["syn", "udp"], required=True)
+    fp.add_argument("--host", required=True)
+    fp.add_argument("--seconds", type=float, required=True)
+    fp.add_argument("--first-port", type=int, default=40000)
+    fp.add_argument("--ports", type=int, default=20000)
+    fp.add_argument("--live", type=int, default=512)
+    fp.set_defaults(func=cmd_flood)
 
     args = p.parse_args(argv)
     return int(args.func(args))
