@@ -10,6 +10,9 @@
   everything that goes into it (suite, variant, packages, mirror, the trimming recipe): a
   changed input builds a new one, an unchanged one is reused. A hit is only trusted after
   ``podman import`` of the tarball into the test's own storage gave an image.
+- ``shadowed``: a command run with the test's own directories mounted over fixed paths
+  (go-cni's /etc/cni/net.d, KubeVirt's /var/run/kubevirt-hooks) in a mount namespace of
+  its own, so the machine's directories are never written.
 - ``Podman``: a podman with its storage under the test's directory (``--root``/``--runroot``)
   and the flags this machine needs (docs/testing.md), so the machine's own images and
   containers are never seen or changed.
@@ -25,8 +28,10 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +62,38 @@ def require_tools(*tools: str, apt: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+# Runs a command in a mount namespace of its own in which each OURS=TARGET argument
+# before "--" has the test's directory OURS mounted over TARGET. A TARGET that does not
+# exist is made in an overlay on its nearest existing parent (upper layer below $WORK).
+# The mounts live as long as the namespace's last process (e.g. an engine ctr's plugin
+# started) and are seen by nobody else.
+SHADOW = r"""
+set -e
+shadow() {
+    if [ ! -d "$2" ]; then
+        parent=$(dirname "$2")
+        while [ ! -d "$parent" ]; do parent=$(dirname "$parent"); done
+        layer=$(mktemp -d "$WORK/overlay.XXXXXX")  # its own: an earlier one may be in use
+        mkdir "$layer/upper" "$layer/work"
+        mount -t overlay overlay \
+            -o "lowerdir=$parent,upperdir=$layer/upper,workdir=$layer/work" "$parent"
+        mkdir -p "$2"
+    fi
+    mount --bind "$1" "$2"
+}
+while [ "$1" != -- ]; do shadow "${1%%=*}" "${1#*=}"; shift; done
+shift
+exec "$@"
+"""
+
+
+def shadowed(work: Path, mounts: dict[str, Path], argv: list[str]) -> list[str]:
+    """``argv`` run with ``mounts`` (TARGET: OURS) in a private mount namespace."""
+    pairs = [f"{ours}={target}" for target, ours in mounts.items()]
+    return ["env", f"WORK={work}", "unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", SHADOW, "shadow", *pairs, "--", *argv]
 
 
 class Podman:
@@ -110,6 +147,36 @@ def busybox_image(podman: Podman, rootfs: Path, ref: str, archive: Path) -> Path
     podman("save", "--format", "docker-archive", "-o", str(archive), ref)
     layer.unlink()
     return archive
+
+
+# ---------------------------------------------------------------- the sidecar image
+
+#: The Python of BASE_PACKAGES' python3 (bookworm): the wheels must be built for it.
+BASE_PYTHON = (3, 11)
+
+
+def sidecar_requirements(pyproject: Path) -> list[str]:
+    """What building kubevirt/Containerfile from the sources installs: the build backend,
+    the dependencies and the ``kubevirt`` extra, read from pyproject.toml."""
+    meta = tomllib.loads(pyproject.read_text())
+    return [*meta["build-system"]["requires"], *meta["project"]["dependencies"],
+            *meta["project"]["optional-dependencies"]["kubevirt"]]
+
+
+def wheelhouse(pyproject: Path, dest: Path) -> Path:
+    """Binary wheels of :func:`sidecar_requirements` for BASE_PYTHON, fetched by this
+    Python's pip (its cache makes a repeat quick). Only binary wheels: nothing is compiled,
+    and pyslirp itself is built inside the image from the sources."""
+    if sys.version_info[:2] != BASE_PYTHON:
+        raise RuntimeError(f"the wheels are made with this Python ({sys.version_info[:2]}), "
+                           f"which must be the base image's {BASE_PYTHON}")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet",
+                           "--disable-pip-version-check", "--only-binary=:all:", "--wheel-dir",
+                           str(dest), *sidecar_requirements(pyproject)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip wheel failed:\n{proc.stderr[-3000:]}")
+    return dest
 
 
 # ---------------------------------------------------------------- Debian base

@@ -46,7 +46,7 @@ from tests.cni.conftest import (
     stop_engine,
     wait_until,
 )
-from tests.imageutil import Podman, busybox_image, require_tools
+from tests.imageutil import Podman, busybox_image, require_tools, shadowed
 from tests.nsutil import unix_listening
 from tests.podmanutil import busybox_rootfs, require_podman
 
@@ -68,36 +68,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
 [ttrpc]
   address = "{work}/containerd.sock.ttrpc"
 """
-
-# Runs a command in a mount namespace of its own in which each OURS=TARGET argument
-# before "--" has the test's directory OURS mounted over TARGET. A TARGET that does not
-# exist is made in an overlay on its nearest existing parent (upper layer below $WORK).
-SHADOW = r"""
-set -e
-shadow() {
-    if [ ! -d "$2" ]; then
-        parent=$(dirname "$2")
-        while [ ! -d "$parent" ]; do parent=$(dirname "$parent"); done
-        layer=$WORK/overlay/$(echo "$parent" | tr / _)
-        mkdir -p "$layer/upper" "$layer/work"
-        mount -t overlay overlay \
-            -o "lowerdir=$parent,upperdir=$layer/upper,workdir=$layer/work" "$parent"
-        mkdir -p "$2"
-    fi
-    mount --bind "$1" "$2"
-}
-while [ "$1" != -- ]; do shadow "${1%%=*}" "${1#*=}"; shift; done
-shift
-exec "$@"
-"""
-
-
-def shadowed(work: Path, mounts: dict[str, Path], argv: list[str]) -> list[str]:
-    """``argv`` run with ``mounts`` (TARGET: OURS) in a private mount namespace."""
-    pairs = [f"{ours}={target}" for target, ours in mounts.items()]
-    return ["env", f"WORK={work}", "unshare", "--mount", "--propagation", "private", "--",
-            "sh", "-c", SHADOW, "shadow", *pairs, "--", *argv]
-
 
 @dataclass
 class Containerd:
