@@ -216,15 +216,30 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def base_image_tarball() -> Path:
-    """The cached tarball of the Debian base root, made first if it is not there."""
+def base_image_tarball(rebuild: bool = False) -> Path:
+    """The cached tarball of the Debian base root, made first if it is not there (or
+    ``rebuild``)."""
     mirror = debian_mirror()
     tarball = CACHE / f"debian-{BASE_SUITE}-python3-{base_key(mirror)}.tar"
     CACHE.mkdir(parents=True, exist_ok=True)
     with _locked(CACHE / ".lock"):
+        if rebuild:
+            tarball.unlink(missing_ok=True)
         if not tarball.exists():
             _build_base(mirror, tarball)
     return tarball
+
+
+def base_image(podman: Podman) -> str:
+    """The Debian base imported into ``podman``'s storage; returns its reference. A cached
+    tarball that podman cannot import is made anew, once."""
+    tarball = base_image_tarball()
+    ref = f"localhost/pyslirp-test-base:{tarball.stem.rsplit('-', 1)[-1]}"
+    try:
+        podman.import_tarball(tarball, ref)
+    except AssertionError:
+        podman.import_tarball(base_image_tarball(rebuild=True), ref)
+    return ref
 
 
 def _build_base(mirror: str, tarball: Path) -> None:

@@ -33,7 +33,7 @@ import pytest
 from tests.imageutil import (
     RUN_LIMITS,
     Podman,
-    base_image_tarball,
+    base_image,
     require_tools,
     shadowed,
     wheelhouse,
@@ -51,6 +51,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vm]
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/pyslirp-kubevirt-sidecar:test"
 HOOKS = "/var/run/kubevirt-hooks"  # in the sidecar's and in virt-launcher's containers
+#: Builds and containers see only local images and no network but their own loopback.
+OFFLINE = ("--pull=never", "--network=none", *RUN_LIMITS)
 #: What the image may add to its base: the venv with pyslirp, grpcio, protobuf, uvloop.
 MAX_ADDED_BYTES = 80_000_000
 
@@ -70,11 +72,9 @@ def built() -> Iterator[Built]:
     work = Path(tempfile.mkdtemp(prefix="pyslirp-img-", dir="/tmp"))
     podman = Podman(work / "podman")
     try:
-        tarball = base_image_tarball()
-        base = f"localhost/pyslirp-test-base:{tarball.stem.rsplit('-', 1)[-1]}"
-        podman.import_tarball(tarball, base)
+        base = base_image(podman)
         wheels = wheelhouse(REPO / "pyproject.toml", work / "wheels")
-        podman("build", "--network=none", *RUN_LIMITS, "--volume", f"{wheels}:/mnt:ro",
+        podman("build", *OFFLINE, "--volume", f"{wheels}:/mnt:ro",
                "--build-arg", f"BASE={base}",
                "--build-arg", "PIP_OPTIONS=--no-index --find-links /mnt",
                "--file", str(REPO / "kubevirt" / "Containerfile"), "--tag", IMAGE, str(REPO),
@@ -92,7 +92,7 @@ def test_image_holds_the_sidecar_and_nothing_to_build_with(built: Built,
     user = built.podman("image", "inspect", "--format", "{{.Config.User}}", built.image)
     assert user.stdout.strip() == "107:107"
     probe = built.podman(  # as root, to see /root too
-        "run", "--rm", *RUN_LIMITS, "--network=none", "--user", "0", "--entrypoint", "sh",
+        "run", "--rm", *OFFLINE, "--user", "0", "--entrypoint", "sh",
         built.image, "-c",
         "python3 -c 'import grpc, google.protobuf, uvloop, pyslirp.kubevirt' && echo imports-ok; "
         "for t in pip pip3 gcc cc; do command -v $t; done; "
@@ -133,7 +133,7 @@ def pod_sidecar(built: Built) -> Iterator[PodSidecar]:
     hooks = Path(tempfile.mkdtemp(prefix="hooks-", dir=built.work))
     os.chown(hooks, 107, 107)  # KubeVirt's hook volume is the sidecar user's
     name = f"pyslirp-sidecar-{hooks.name}"
-    built.podman("run", "--detach", "--name", name, "--network=none", *RUN_LIMITS,
+    built.podman("run", "--detach", *OFFLINE, "--name", name,
                  "--volume", f"{hooks}:{HOOKS}", built.image, "--dns-upstream=127.0.0.1:9")
     channel = None
     try:
