@@ -53,7 +53,7 @@ class Sidecar:
 
     def pyslirp_pids(self) -> list[int]:
         """pyslirp stacks started by the sidecar (its children)."""
-        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.proc.pid)],
+        out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.proc.pid)],
                              capture_output=True, text=True).stdout
         return [int(line.split()[0]) for line in out.splitlines() if "qemu-stream" in line]
 
