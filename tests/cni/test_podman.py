@@ -54,16 +54,28 @@ def podman(dns_server: DnsServer) -> Iterator[Any]:
     base = ["podman", "--root", os.path.join(work, "root"), "--runroot",
             os.path.join(work, "runroot"), "--runtime=runc", "--cgroup-manager=cgroupfs"]
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, image: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``podman run`` of the busybox tree (``--rootfs``), or of ``image`` made from it."""
+        where = [image] if image else ["--rootfs", rootfs]
         argv = [*base, "run", "--rm", "--ulimit", "nofile=1024:1024", "--ulimit",
-               "nproc=1024:1024", "--network", "slirptest", *args[:-1], "--rootfs", rootfs,
+               "nproc=1024:1024", "--network", "slirptest", *args[:-1], *where,
                "sh", "-c", args[-1]]
         return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=180)
+
+    def make_image(name: str) -> str:
+        """The busybox tree as an image (``--userns=auto`` needs one: podman maps its files)."""
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run([*base, "import", "-", name], stdin=tar.stdout, check=True, env=env,
+                       capture_output=True, timeout=120)
+        assert tar.wait() == 0
+        return name
 
     run.rundir = rundir  # type: ignore[attr-defined]
     run.rootfs = rootfs  # type: ignore[attr-defined]
     run.conf = conf  # type: ignore[attr-defined]
     run.env = env  # type: ignore[attr-defined]
+    run.base = base  # type: ignore[attr-defined]
+    run.make_image = make_image  # type: ignore[attr-defined]
     try:
         yield run
     finally:
@@ -108,11 +120,16 @@ def _http_get(port: int) -> bytes | None:
 
 
 UIDMAP = ("--uidmap", "0:200000:65536", "--gidmap", "0:200000:65536")
+#: podman picks the range from the `containers` entry of /etc/subuid (AUTO_RANGE): the first
+#: free one, at its start, since no other container runs.
+AUTO = ("--userns=auto:size=65536",)
+AUTO_RANGE = "containers:200000:1000000"
 
 
 @pytest.mark.parametrize(("reservation", "userns"),
-                         [(True, ()), (False, ()), (True, UIDMAP), (False, UIDMAP)],
-                         ids=["reserved", "unreserved", "reserved-uidmap", "unreserved-uidmap"])
+                         [(True, ()), (False, ()), (True, UIDMAP), (False, UIDMAP), (True, AUTO)],
+                         ids=["reserved", "unreserved", "reserved-uidmap", "unreserved-uidmap",
+                              "reserved-auto"])
 def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservation: bool,
                                                           userns: tuple[str, ...]) -> None:
     """``podman run -p 127.0.0.1:PORT:80``: a host client reaches busybox httpd in the
@@ -132,13 +149,19 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
     os.makedirs(www)
     with open(os.path.join(www, "index.html"), "w") as f:
         f.write("published through slirp\n")
-    if userns:  # the container's root is uid 200000 outside: let it own its root file system
+    image = None
+    name = f"pyslirp-publish-{port}"
+    if userns == AUTO:
+        subid_range(AUTO_RANGE)
+        image = podman.make_image(f"localhost/pyslirp-busybox-{port}")
+    elif userns:  # the container's root is uid 200000 outside: let it own its root file system
         subprocess.run(["chown", "-R", "200000:200000", podman.rootfs], check=True)
     with ThreadPoolExecutor(1) as pool:
         # The container serves until the test creates /www/stop in its root file system.
-        running = pool.submit(podman, *userns, "-p", f"127.0.0.1:{port}:80",
+        running = pool.submit(podman, *userns, "--name", name, "-p", f"127.0.0.1:{port}:80",
                               "httpd -p 80 -h /www && "
-                              "while [ ! -e /www/stop ]; do busybox sleep 0.1; done")
+                              "while [ ! -e /www/stop ]; do busybox sleep 0.1; done",
+                              image=image)
         try:
             assert wait_until(lambda: b"published through slirp" in (_http_get(port) or b"")
                               or running.done(), 120)
@@ -146,7 +169,11 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
             reply = _http_get(port)
             assert reply is not None and b"published through slirp" in reply
         finally:
-            open(os.path.join(www, "stop"), "w").close()
+            if image:  # the container has its own copy of the tree
+                subprocess.run([*podman.base, "exec", name, "sh", "-c", ": > /www/stop"],
+                               env=podman.env, capture_output=True, timeout=60)
+            else:
+                open(os.path.join(www, "stop"), "w").close()
         done = running.result()
     assert done.returncode == 0, done.stderr
     rundir = podman.rundir
@@ -158,6 +185,20 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
         again.listen(1)
+
+
+def subid_range(line: str) -> None:
+    """Add ``line`` (NAME:START:COUNT) to /etc/subuid and /etc/subgid unless NAME has one."""
+    name = line.split(":")[0]
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if not any(existing.split(":")[0] == name for existing in lines):
+            with open(path, "a") as f:
+                f.write(line + "\n")
 
 
 def test_podman_publish_of_a_port_someone_else_holds_fails_cleanly(podman: Any) -> None:
