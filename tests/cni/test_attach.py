@@ -33,6 +33,7 @@ from tests.cni.conftest import (
     slirp_conflist,
     wait_until,
 )
+from tests.netutil import free_port
 from tests.nsutil import NetNS, UserNetNS
 
 pytestmark = pytest.mark.e2e
@@ -174,12 +175,6 @@ while True:
     c, _ = t.accept()
     c.sendall(b"tcp:" + c.recv(2048)); c.close()
 """
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_port_mappings_forward_host_ports(runtime_factory: Any, netns_factory: Any,

@@ -28,6 +28,7 @@ import pytest
 
 from pyslirp.cni import install
 from tests.cni.conftest import DNS_ADDR, DNS_NAME, HTTP_BODY, DnsServer, engine_pid, wait_until
+from tests.netutil import free_port
 from tests.podmanutil import busybox_rootfs, remove_pods, require_podman
 
 pytestmark = pytest.mark.e2e
@@ -100,13 +101,6 @@ def test_podman_container_on_slirp(podman: Any, http_port: int) -> None:
     assert wait_until(lambda: engine_pid(rundir) is None, 30)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _http_get(port: int) -> bytes | None:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
@@ -144,7 +138,7 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
         with open(podman.conf, "a") as f:
             f.write("[engine]\nenable_port_reservation = false\n")
         podman.env["PYSLIRP_CNI_ADOPT_WAIT"] = "600"
-    port = _free_port()
+    port = free_port()
     www = os.path.join(podman.rootfs, "www")
     os.makedirs(www)
     with open(os.path.join(www, "index.html"), "w") as f:

@@ -19,6 +19,7 @@ it starts, in one process:
 When everything listens, it prints one JSON line with the ports and the
 payload's sha256 on stdout. It runs until killed. Nothing here is imported
 by pyslirp; the test harness imports the constants and :func:`make_payload`.
+Besides the standard library it imports only :mod:`tests.netutil`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+if __name__ == "__main__" and not __package__:
+    # Run as a script (see above): the repository root makes ``tests`` importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.netutil import free_port  # noqa: E402 (needs the path above when run as a script)
+
 TEST_NAME = "test.pyslirp."
 TEST_ADDR = "198.18.0.1"
 ZONE = "pyslirp."
@@ -49,20 +55,6 @@ _CHUNK = 1 << 20
 
 def make_payload(size: int, seed: int = DEFAULT_SEED) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 right now."""
-    while True:
-        with socket.socket() as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return int(port)
 
 
 # ---- HTTP ---------------------------------------------------------------------------
@@ -305,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     http = _HTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=http.serve_forever, daemon=True).start()
 
-    echo_port, dns_port = free_port(), free_port()
+    # Each serves TCP and UDP on one port.
+    echo_port = free_port(socket.SOCK_STREAM, socket.SOCK_DGRAM)
+    dns_port = free_port(socket.SOCK_STREAM, socket.SOCK_DGRAM)
     while dns_port == echo_port:
-        dns_port = free_port()
+        dns_port = free_port(socket.SOCK_STREAM, socket.SOCK_DGRAM)
     ready = threading.Event()
     threading.Thread(target=asyncio.run, args=(_serve_async(state, echo_port, dns_port, ready),),
                      daemon=True).start()

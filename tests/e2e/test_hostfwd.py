@@ -165,7 +165,7 @@ def add_fwd(path: Path, proto: str, host_port: int, host_addr: str | None = None
     return fwd_id
 
 
-def free_port(host: Host, kind: str = "-tu") -> int:
+def port_unused_in(host: Host, kind: str = "-tu") -> int:
     """A port nothing in the host namespace uses (TCP or UDP), in any state.
 
     Below the ephemeral range (32768..60999), so that no connection's local port can
@@ -225,7 +225,7 @@ def test_api_tables_byte_for_byte(fwd_slirp: tuple[Slirp, Path], host: Host) -> 
     _slirp, path = fwd_slirp
     for raw, expected in PARSE_CASES:
         assert api(path, raw) == expected, raw
-    base = free_port(host) + 100
+    base = port_unused_in(host) + 100
     ports = session_ports(base)
     for request, reply in SESSION:
         assert api(path, substitute(request, ports)) == substitute(reply, ports), request
@@ -233,7 +233,7 @@ def test_api_tables_byte_for_byte(fwd_slirp: tuple[Slirp, Path], host: Host) -> 
 
 def test_port_in_use_and_crashing_requests(fwd_slirp: tuple[Slirp, Path], host: Host) -> None:
     slirp, path = fwd_slirp
-    port = free_port(host)
+    port = port_unused_in(host)
     with host.ns.popen([sys.executable, "-c", (
             "import socket,sys,time; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])));"
             "s.listen(); print('ready', flush=True); time.sleep(600)"), str(port)],
@@ -258,7 +258,7 @@ def test_tcp_from_loopback_appears_as_the_gateway_and_carries_100mb(
         host: Host, guest: Guest, fwd_slirp: tuple[Slirp, Path],
         guest_server: subprocess.Popen[bytes]) -> None:
     _slirp, path = fwd_slirp
-    port = free_port(host)
+    port = port_unused_in(host)
     add_fwd(path, "tcp", port, host_addr="127.0.0.1")
     who = client(host.ns, "who", "127.0.0.1", str(port))
     seen_ip, seen_port = who["reply"].split(":")
@@ -274,7 +274,7 @@ def test_tcp_from_a_non_loopback_peer_keeps_its_address_and_carries_100mb(
         host: Host, guest: Guest, fwd_slirp: tuple[Slirp, Path], peer: NetNS,
         guest_server: subprocess.Popen[bytes]) -> None:
     _slirp, path = fwd_slirp
-    port = free_port(host)
+    port = port_unused_in(host)
     add_fwd(path, "tcp", port)  # host_addr defaults to 0.0.0.0
     who = client(peer, "who", HOST_ADDR, str(port))
     assert who["reply"] == who["me"]  # 198.18.0.2:its port, as the peer itself sees it
@@ -291,7 +291,7 @@ def test_many_concurrent_forwarded_connections(
         host: Host, guest: Guest, fwd_slirp: tuple[Slirp, Path],
         guest_server: subprocess.Popen[bytes]) -> None:
     _slirp, path = fwd_slirp
-    port = free_port(host)
+    port = port_unused_in(host)
     add_fwd(path, "tcp", port, host_addr="127.0.0.1")
     code = r"""
 import socket, sys, threading
@@ -319,7 +319,7 @@ print(sum(ok))
 def test_guest_not_listening_resets_the_host_client(
         host: Host, guest: Guest, fwd_slirp: tuple[Slirp, Path]) -> None:
     _slirp, path = fwd_slirp
-    port = free_port(host)
+    port = port_unused_in(host)
     add_fwd(path, "tcp", port, host_addr="127.0.0.1", guest_port=GUEST_PORT + 1)
     # The kernel accepts on the host side first; the guest's RST then resets it.
     result = host.run([sys.executable, "-c", CONNECT, "127.0.0.1", str(port)]).stdout.strip()
@@ -330,7 +330,7 @@ def test_remove_hostfwd_closes_the_port_and_keeps_open_connections(
         host: Host, guest: Guest, fwd_slirp: tuple[Slirp, Path],
         guest_server: subprocess.Popen[bytes]) -> None:
     _slirp, path = fwd_slirp
-    port = free_port(host)
+    port = port_unused_in(host)
     tcp_id = add_fwd(path, "tcp", port, host_addr="127.0.0.1")
     udp_id = add_fwd(path, "udp", port, host_addr="127.0.0.1")
     assert host.run(["ss", "-Hltn", f"sport = :{port}"]).stdout.strip()
@@ -372,7 +372,7 @@ def test_udp_from_loopback_and_from_a_peer(
         host: Host, guest: Guest, fwd_slirp: tuple[Slirp, Path], peer: NetNS,
         guest_server: subprocess.Popen[bytes]) -> None:
     _slirp, path = fwd_slirp
-    port = free_port(host)
+    port = port_unused_in(host)
     add_fwd(path, "udp", port)
     local = client(host.ns, "udp", "127.0.0.1", str(port))
     for size, same, seen in local["replies"]:
@@ -388,7 +388,7 @@ def test_udp_port_removed_is_closed(host: Host, guest: Guest,
                                     fwd_slirp: tuple[Slirp, Path],
                                     guest_server: subprocess.Popen[bytes]) -> None:
     _slirp, path = fwd_slirp
-    port = free_port(host)
+    port = port_unused_in(host)
     fwd_id = add_fwd(path, "udp", port, host_addr="127.0.0.1")
     assert client(host.ns, "udp", "127.0.0.1", str(port))["replies"][0][1]
     api(path, {"execute": "remove_hostfwd", "arguments": {"id": fwd_id}})
@@ -432,7 +432,7 @@ def test_host_port_0_forwards_the_port_the_answer_names(
     # A second one gets another port; a fixed port keeps slirp4netns's answer.
     again = json.loads(api(path, request))["return"]
     assert again["id"] == 2 and again["host_port"] != port
-    fixed = free_port(host)
+    fixed = port_unused_in(host)
     assert api(path, {"execute": "add_hostfwd", "arguments": {
         "proto": proto, "host_port": fixed, "guest_port": GUEST_PORT}}) == b'{"return":{"id":3}}'
     # Removed, it is closed like any forward.
@@ -449,7 +449,7 @@ def test_loopback_forwards_work_with_disable_host_loopback(
     """rootlesskit forwards from 127.0.0.1 even when the guest may not reach the host's lo."""
     path = tmp_path / "api.sock"
     start_slirp("--disable-host-loopback", "--api-socket", str(path))
-    port = free_port(host)
+    port = port_unused_in(host)
     add_fwd(path, "tcp", port, host_addr="127.0.0.1")
     add_fwd(path, "udp", port, host_addr="127.0.0.1")
     assert client(host.ns, "who", "127.0.0.1", str(port))["reply"].startswith(GATEWAY + ":")
@@ -465,7 +465,7 @@ def test_default_guest_addr_follows_cidr(host: Host, guest: Guest, start_slirp: 
                                          guest_server: subprocess.Popen[bytes]) -> None:
     path = tmp_path / "api.sock"
     start_slirp("--cidr=10.0.3.0/24", "--api-socket", str(path))
-    port = free_port(host)
+    port = port_unused_in(host)
     add_fwd(path, "tcp", port, host_addr="127.0.0.1")
     listing = json.loads(api(path, b'{"execute":"list_hostfwd"}'))
     assert listing["entries"][0]["guest_addr"] == "10.0.3.100"

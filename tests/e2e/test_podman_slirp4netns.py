@@ -38,7 +38,8 @@ from tests.e2e.recorded import (
     served_stack,
     wait_until_ready,
 )
-from tests.e2e.servers import HELLO, free_port
+from tests.e2e.servers import HELLO
+from tests.netutil import free_port
 from tests.podmanutil import busybox_rootfs, remove_pods, require_podman
 
 pytestmark = pytest.mark.e2e

@@ -41,7 +41,8 @@ from tests.e2e.recorded import (
     served_stack,
     wait_until_ready,
 )
-from tests.e2e.servers import HELLO, free_port
+from tests.e2e.servers import HELLO
+from tests.netutil import free_port
 
 pytestmark = [
     pytest.mark.e2e,

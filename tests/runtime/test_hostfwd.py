@@ -19,17 +19,11 @@ from scapy.packet import Packet, Raw
 
 from pyslirp.runtime.hostfwd import HostForwarder
 from pyslirp.stack.config import NetConfig
+from tests.netutil import free_port
 from tests.runtime.linkrig import GUEST, GUEST_MAC, LinkRig
 
 GATEWAY = "10.0.2.2"
 GPORT = 8000
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Rig(LinkRig):

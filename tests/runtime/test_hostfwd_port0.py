@@ -13,6 +13,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 
 from pyslirp import stats
+from tests.netutil import free_port
 from tests.runtime.linkrig import GUEST
 from tests.runtime.test_hostfwd import GATEWAY, GPORT, Rig, is_syn, tcp_client
 
@@ -40,9 +41,7 @@ def test_port_0_serves_the_port_the_kernel_chose_and_is_known_by_it(rig: Rig,
 
 
 def test_a_fixed_port_is_returned_as_given(rig: Rig) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     assert rig.fwd.add("tcp", "127.0.0.1", port, GUEST, GPORT) == port
 
 

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import pytest
 from scapy.layers.inet import TCP, UDP
 
+from tests.netutil import free_port
 from tests.runtime.linkrig import GUEST
-from tests.runtime.test_hostfwd import GPORT, Rig, free_port
+from tests.runtime.test_hostfwd import GPORT, Rig
 
 
 @pytest.fixture

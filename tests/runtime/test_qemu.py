@@ -27,6 +27,7 @@ from pyslirp.runtime.qemu import (
     bind_unix,
 )
 from pyslirp.stack.config import NetConfig
+from tests.netutil import free_port
 
 GUEST_MAC = "02:00:00:00:00:01"
 OUR_MAC = "52:55:0a:00:02:02"
@@ -286,12 +287,6 @@ def test_cli_target_type_errors(argv: list[str], message: str) -> None:
         cli.parse_args(argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_pyslirp_serves_qemu_stream_until_sigterm(tmp_path: Path) -> None:
     """The real command: ready fd, ARP answered, API socket, SIGTERM exits 0, socket removed."""
     import signal
@@ -316,7 +311,7 @@ def test_pyslirp_serves_qemu_stream_until_sigterm(tmp_path: Path) -> None:
         from pyslirp.kubevirt.stacks import api_request
 
         added = api_request(api, {"execute": "add_hostfwd", "arguments": {
-            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": _free_port(),
+            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": free_port(),
             "guest_port": 80}})
         assert "return" in added, added
         listed = api_request(api, {"execute": "list_hostfwd"})
@@ -386,7 +381,7 @@ def test_qemu_stream_runs_sandboxed_and_filtered_and_still_serves(tmp_path: Path
         from pyslirp.kubevirt.stacks import api_request
 
         added = api_request(api, {"execute": "add_hostfwd", "arguments": {
-            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": _free_port(),
+            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": free_port(),
             "guest_port": 80}})
         assert "return" in added, added
     finally:

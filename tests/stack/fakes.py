@@ -11,6 +11,14 @@ Generic on purpose: any engine's tests can use them.
   per flow in ``written[flow]``, and accepts at most ``accept`` bytes per
   ``tcp_write`` (None: everything), so tests can model a host socket that is slow
   or never reads.
+* :class:`StackHarness` is the one rig the stack tests share: a real
+  :class:`~pyslirp.stack.stack.Stack` (so its link, timers, engines and address
+  policy ``host_targets``) over a :class:`CaptureSink` and a :class:`FakeHost`,
+  with a :class:`FakeClock` over the stack's timers. Frames go in as bytes through
+  ``receive_frame`` (:meth:`StackHarness.send_frame`, :meth:`StackHarness.send_ipv4`);
+  what the guest got comes back with :meth:`StackHarness.replies`. An engine's
+  tests subclass it and drive the stack's engine (or one built with other limits
+  on the same link) directly.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from typing import Any
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.link import Buffer, Link
+from pyslirp.stack.stack import Stack
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import vnet
+from pyslirp.wire import ethernet, vnet
 from pyslirp.wire.checksum import checksum
 
 GUEST_MAC = bytes.fromhex("020000000064")
@@ -154,6 +163,9 @@ class FakeHost:
     def dns_cancel(self, query: Any) -> None:
         self.calls.append(("dns_cancel", query))
 
+    def dns_release(self, upstream: tuple[str, int]) -> None:
+        self.calls.append(("dns_release", upstream))
+
 
 def complete_checksum(frame: bytes) -> bytes:
     """Strip the vnet header, doing what the guest's kernel does for NEEDS_CSUM."""
@@ -166,3 +178,74 @@ def complete_checksum(frame: bytes) -> bytes:
     else:
         assert flags == 0
     return bytes(out)
+
+
+class StackHarness:
+    """A whole :class:`Stack` over a recording link and host, with a fake clock.
+
+    ``cfg`` goes to :class:`NetConfig` (``vnet_hdr`` defaults to False here, so
+    frames are plain Ethernet unless a test asks for the header); ``host`` replaces
+    the plain :class:`FakeHost` (a subclass with switches, say); ``start`` is the
+    clock's first ``now``.
+    """
+
+    def __init__(self, host: FakeHost | None = None, start: float = 1000.0,
+                 **cfg: Any) -> None:
+        cfg.setdefault("vnet_hdr", False)
+        self.config = NetConfig(**cfg)
+        self.sink = CaptureSink()
+        self.host = FakeHost() if host is None else host
+        self.stack = Stack(self.config, self.sink, self.host)
+        self.link = self.stack.link
+        self.timers = self.stack.timers
+        self.clock = FakeClock(self.timers, start)
+        #: The NAT's address policy, as every engine of the stack applies it.
+        self.policy = self.stack.host_targets
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.clock.now = value
+
+    @property
+    def frames(self) -> list[bytes]:
+        """Frames sent to the guest and not taken yet, exactly as the sink got them."""
+        return self.sink.frames
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(self.link.counters)
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass, firing timers at their deadlines."""
+        self.clock.advance(seconds)
+
+    # ---- guest -> stack
+    def send_frame(self, frame: bytes) -> None:
+        """One frame from the guest (with a vnet header if the link has one), then a flush."""
+        self.stack.receive_frame(memoryview(frame), self.now)
+        self.stack.flush(self.now)
+
+    def send_ipv4(self, packet: bytes, src_mac: bytes = GUEST_MAC,
+                  dst_mac: bytes | None = None) -> None:
+        """One IPv4 packet from the guest, framed as its kernel would (to our MAC)."""
+        self.send_frame(self.frame(ethernet.ETHERTYPE_IPV4, packet, src_mac, dst_mac))
+
+    def frame(self, ethertype: int, payload: bytes, src_mac: bytes = GUEST_MAC,
+              dst_mac: bytes | None = None) -> bytes:
+        """``payload`` in an Ethernet frame to our MAC (and a plain vnet header if needed)."""
+        head = ethernet.header(self.link.our_mac if dst_mac is None else dst_mac, src_mac,
+                               ethertype)
+        return (vnet.PLAIN if self.config.vnet_hdr else b"") + head + payload
+
+    # ---- stack -> guest
+    def replies(self) -> list[bytes]:
+        """Frames sent to the guest since the last call, as Ethernet frames (the vnet
+        header stripped and a checksum left to the guest completed, as its kernel does)."""
+        frames = self.sink.take()
+        if self.config.vnet_hdr:
+            frames = [complete_checksum(f) for f in frames]
+        return frames

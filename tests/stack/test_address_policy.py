@@ -27,8 +27,6 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_LSRR, defragment, fra
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from pyslirp.stack.config import NetConfig
-from pyslirp.stack.stack import Stack
 from pyslirp.wire import icmp
 from tests.stack import fakes
 
@@ -41,18 +39,13 @@ UPSTREAM = ("127.0.0.1", 5353)
 REACHING_CALLS = {"tcp_connect", "udp_open", "udp_send", "icmp_echo", "dns_send"}
 
 
-class Harness:
-    """A whole stack over a recording host; frames in as bytes, frames out as scapy packets."""
+class Harness(fakes.StackHarness):
+    """The shared stack rig; frames in as scapy packets, frames out as scapy packets."""
 
     def __init__(self, **cfg: Any) -> None:
-        cfg.setdefault("vnet_hdr", False)
         cfg.setdefault("dns_upstreams", [UPSTREAM])
-        self.config = NetConfig(**cfg)
-        self.sink = fakes.CaptureSink()
-        self.host = fakes.FakeHost()
-        self.stack = Stack(self.config, self.sink, self.host)
+        super().__init__(**cfg)
         self.our_mac = ":".join(f"{b:02x}" for b in self.config.our_mac)
-        self.now = 1000.0
 
     def send(self, pkt: Packet, fragment_size: int | None = None) -> None:
         """One IP packet from the guest, as one frame or as fragments of ``fragment_size``."""
@@ -64,7 +57,7 @@ class Harness:
 
     def take(self) -> list[Packet]:
         """What the guest got since the last call, fragments reassembled."""
-        return list(defragment([Ether(f)[IP] for f in self.sink.take()]))
+        return list(defragment([Ether(f)[IP] for f in self.replies()]))
 
     def reaching_calls(self) -> list[tuple[Any, ...]]:
         return [c for c in self.host.calls if c[0] in REACHING_CALLS]

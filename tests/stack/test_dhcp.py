@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -13,13 +13,12 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from pyslirp.stack.config import NetConfig
-from pyslirp.stack.dhcp import DECLINE_HOLD, DhcpServer
-from pyslirp.stack.link import Link
+from pyslirp.stack.dhcp import DECLINE_HOLD
 from pyslirp.wire import dhcp
 from pyslirp.wire.ethernet import EthernetFrame
 from pyslirp.wire.ipv4 import Ipv4Packet
 from pyslirp.wire.udp import UdpDatagram
+from tests.stack.fakes import StackHarness
 from tests.wire.test_dhcp import DHCLIENT_DISCOVER, UDHCPC_DISCOVER
 
 MAC = bytes.fromhex("66696895ca9c")
@@ -51,20 +50,17 @@ class Reply:
         return self.msg.options.get(code)
 
 
-class Harness:
-    def __init__(self, **cfg: object) -> None:
-        self.config = NetConfig(vnet_hdr=False, **cfg)  # type: ignore[arg-type]
-        self.frames: list[bytes] = []
-        self.link = Link(self.config, self._sink)
-        self.server = DhcpServer(self.config, self.link)
-        self.now = 1000.0
+class Harness(StackHarness):
+    """The shared stack rig; client frames go straight to its DHCP server."""
 
-    def _sink(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-        self.frames.append(b"".join(bytes(p) for p in parts))
+    def __init__(self, **cfg: Any) -> None:
+        super().__init__(**cfg)
+        self.server = self.stack.dhcp
 
     def deliver(self, frame: bytes) -> list[Reply]:
-        """Run one client frame through the server, return the decoded replies."""
-        self.frames.clear()
+        """Run one client frame through the server, return the decoded replies (which stay
+        in ``frames``, as sent, until the next frame)."""
+        self.sink.take()
         eth = EthernetFrame(memoryview(frame))
         pkt = Ipv4Packet(eth.payload)
         dgram = UdpDatagram(pkt.payload, pkt.src, pkt.dst, verify_checksum=True)

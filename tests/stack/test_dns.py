@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, UDP
 
-from pyslirp.stack.config import NetConfig
 from pyslirp.stack.dns import (
     DnsForwarder,
     DnsQuery,
@@ -28,56 +27,53 @@ from pyslirp.stack.dns import (
     is_ipv6,
     parse_resolv_conf,
 )
-from pyslirp.stack.link import Link
-from pyslirp.stack.timers import Timers
 from pyslirp.wire import dns, ipv4
 from pyslirp.wire import udp as wire_udp
 from pyslirp.wire.checksum import checksum
 from pyslirp.wire.ethernet import EthernetFrame
 from pyslirp.wire.ipv4 import Ipv4Packet
 from pyslirp.wire.udp import UdpDatagram
-from tests.stack.fakes import complete_checksum
+from tests.stack import fakes
 
 GUEST = "10.0.2.100"
 UP1, UP2, UP3 = ("127.0.0.11", 53), ("127.0.0.12", 53), ("127.0.0.13", 5353)
 
 
-class FakeHost:
-    """Records the DNS calls the forwarder makes into the runtime."""
+class FakeHost(fakes.FakeHost):
+    """The shared recording host, with the DNS calls also kept apart by kind."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.sent: list[tuple[DnsQuery, tuple[str, int], bytes]] = []
         self.cancelled: list[DnsQuery] = []
         self.released: list[tuple[str, int]] = []
         self.on_send: Any = None
 
     def dns_send(self, query: Any, upstream: tuple[str, int], data: Any) -> None:
+        super().dns_send(query, upstream, data)
         self.sent.append((query, upstream, bytes(data)))
         if self.on_send is not None:
             self.on_send(query, upstream)
 
     def dns_cancel(self, query: Any) -> None:
+        super().dns_cancel(query)
         self.cancelled.append(query)
 
     def dns_release(self, upstream: tuple[str, int]) -> None:
+        super().dns_release(upstream)
         self.released.append(upstream)
 
 
-class Harness:
-    def __init__(self, upstreams: list[tuple[str, int]] | None = None, **cfg: Any) -> None:
-        cfg.setdefault("vnet_hdr", False)
-        self.config = NetConfig(guest_mac=b"\x02\x00\x00\x00\x00\x01", **cfg)
-        self.frames: list[bytes] = []
-        self.link = Link(self.config, self._sink)
-        self.host = FakeHost()
-        self.timers = Timers()
-        self.fwd = DnsForwarder(self.config, self.link, self.host,  # type: ignore[arg-type]
-                                self.timers)
-        self.fwd.upstreams = [UP1, UP2, UP3] if upstreams is None else upstreams
-        self.now = 100.0
+class Harness(fakes.StackHarness):
+    """The shared stack rig; queries go straight to its DNS forwarder."""
 
-    def _sink(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-        self.frames.append(b"".join(bytes(p) for p in parts))
+    host: FakeHost
+
+    def __init__(self, upstreams: list[tuple[str, int]] | None = None, **cfg: Any) -> None:
+        super().__init__(host=FakeHost(), start=100.0, guest_mac=b"\x02\x00\x00\x00\x00\x01",
+                         **cfg)
+        self.fwd = self.stack.dns
+        self.stack.set_dns_upstreams([UP1, UP2, UP3] if upstreams is None else upstreams)
 
     def query(self, payload: bytes, sport: int = 40000, src: str = GUEST) -> None:
         raw = bytes(IP(src=src, dst="10.0.2.3") / UDP(sport=sport, dport=53) / payload)
@@ -93,14 +89,10 @@ class Harness:
         self.fwd.upstream_datagram(upstream or to, reply, self.now)
         return reply
 
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        self.timers.run(self.now)
-
     def answers(self) -> list[tuple[str, int, bytes]]:
         """What the guest received: (dst ip, dst port, DNS payload), and clear."""
         out = []
-        for f in self.frames:
+        for f in self.replies():
             e = EthernetFrame(memoryview(f))
             p = Ipv4Packet(e.payload)
             assert checksum(p.buf[:20]) in (0, 0xFFFF)  # the header sums to zero
@@ -108,7 +100,6 @@ class Harness:
             assert u.csum != 0
             assert (bytes(p.src), u.src_port) == (self.config.dns, 53)
             out.append((".".join(map(str, p.dst)), u.dst_port, bytes(u.payload)))
-        self.frames.clear()
         return out
 
     def upstreams_asked(self) -> list[tuple[str, int]]:
@@ -510,9 +501,7 @@ def test_answers_on_a_link_with_vnet_headers(offload: bool) -> None:
     good = make_reply(make_query())
     h.query(make_query(), sport=40002)
     h.answer(make=lambda d: with_id(good, wire_id(d)))
-    frames = [complete_checksum(f) for f in h.frames]
-    h.frames = frames
-    got = h.answers()
+    got = h.answers()  # checksums the guest's kernel completes, completed (see replies)
     assert [(port, wire_id(d)) for _, port, d in got] == [(40001, 0x1A2B), (40001, 9),
                                                           (40002, 0x1A2B)]
     assert got[2][2] == good

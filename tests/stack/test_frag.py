@@ -1,4 +1,7 @@
-"""Reassembler and send_fragmented: fragments as real stacks (scapy here) cut them."""
+"""Reassembler and send_fragmented: fragments as real stacks (scapy here) cut them.
+
+Uses tests/stack/test_udp.py's harness (a real stack's link and timers, a fake clock).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,11 @@ class FragHarness(Harness):
     def __init__(self, timers: bool = True, **kw: Any) -> None:
         engine_kw = {k: kw.pop(k) for k in ("max_packets", "max_fragments") if k in kw}
         super().__init__(**kw)
-        self.frag = Reassembler(self.link, self.timers if timers else None, **engine_kw)
+        # The stack's own reassembler unless a test asks for other limits or no timers.
+        if engine_kw or not timers:
+            self.stack.frag = Reassembler(self.link, self.timers if timers else None,
+                                          **engine_kw)
+        self.frag = self.stack.frag
 
     def add(self, pkt: Packet) -> bytes | None:
         return self.frag.add(self.ip_packet(pkt), self.now)

@@ -1,4 +1,8 @@
-"""IcmpEngine: what ``ping`` in the guest sees, and what the host is asked to do."""
+"""IcmpEngine: what ``ping`` in the guest sees, and what the host is asked to do.
+
+Uses tests/stack/test_udp.py's harness (the stack's engine and address policy, a fake
+host, a captured link, a fake clock).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ class IcmpHarness(Harness):
     def __init__(self, **kw: Any) -> None:
         engine_kw = {k: kw.pop(k) for k in ("max_flows",) if k in kw}
         super().__init__(**kw)
-        self.icmp = IcmpEngine(self.config, self.link, self.host, self.timers, self.policy,
-                               **engine_kw)
+        if engine_kw:
+            self.stack.icmp = IcmpEngine(self.config, self.link, self.host, self.timers,
+                                         self.policy, **engine_kw)
+        self.icmp = self.stack.icmp
 
     def ping(self, dst: str, ident: int = 0x77, seq: int = 1, payload: bytes = b"abcdefgh",
              src: str = GUEST, verified: bool = False, pkt: Packet | None = None) -> None:

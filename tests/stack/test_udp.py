@@ -1,7 +1,8 @@
 """UdpEngine: what a guest's UDP sockets see, and what the host is asked to do.
 
-Guest frames are crafted with scapy, run through the engine with a fake
-clock, a fake host and a link whose frames are collected and dissected again
+Guest frames are crafted with scapy and run through the engine of a real stack
+(:class:`tests.stack.fakes.StackHarness`: its address policy, a fake clock, a fake
+host, a link whose frames are collected), and what the guest gets is dissected again
 with scapy (so our own parsers are not the judge of our own output).
 """
 
@@ -14,12 +15,9 @@ from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror, defragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from pyslirp.stack.config import NetConfig
-from pyslirp.stack.timers import Timers
 from pyslirp.stack.udp import UdpEngine, UdpFlow
 from pyslirp.wire.ipv4 import Ipv4Packet
 from tests.stack import fakes
-from tests.stack.fakes import complete_checksum
 
 GUEST_MAC = bytes.fromhex("66696895ca9c")
 GUEST = "10.0.2.100"
@@ -29,22 +27,6 @@ REMOTE = "198.18.0.1"
 
 def addr(text: str) -> bytes:
     return bytes(int(x) for x in text.split("."))
-
-
-def policy_like_stack(config: NetConfig) -> Any:
-    """The lead's Stack.host_targets, reduced to what these engines meet."""
-    gateway, dns = config.gateway, config.dns
-
-    def policy(dst: bytes, port: int) -> list[tuple[str, int]] | None:
-        if dst == gateway:
-            return None if config.disable_host_loopback else [("127.0.0.1", port)]
-        if dst == dns:
-            return None
-        if dst[:3] == gateway[:3] or dst[0] in (0, 127) or dst[0] >= 224:
-            return None
-        return [(".".join(map(str, dst)), port)]
-
-    return policy
 
 
 class FakeHost(fakes.FakeHost):
@@ -67,51 +49,24 @@ class FakeHost(fakes.FakeHost):
         return self.icmp_ok
 
 
-class Harness:
-    """A link that collects frames, a fake host, timers and a fake clock."""
+class Harness(fakes.StackHarness):
+    """The shared stack rig with a switchable host; replies dissected by scapy."""
+
+    host: FakeHost
 
     def __init__(self, **cfg: Any) -> None:
-        cfg.setdefault("vnet_hdr", False)
-        self.config = NetConfig(guest_mac=GUEST_MAC, **cfg)
-        self.link, self.sink = fakes.make_link(self.config, GUEST_MAC)
-        self.timers = Timers()
-        self.clock = fakes.FakeClock(self.timers)
-        self.host = FakeHost()
-        self.policy = policy_like_stack(self.config)
-
-    @property
-    def frames(self) -> list[bytes]:
-        return self.sink.frames
-
-    @property
-    def now(self) -> float:
-        return self.clock.now
-
-    @now.setter
-    def now(self, value: float) -> None:
-        self.clock.now = value
-
-    @property
-    def counters(self) -> dict[str, int]:
-        return dict(self.link.counters)
+        super().__init__(host=FakeHost(), guest_mac=GUEST_MAC, **cfg)
 
     def ip_packet(self, pkt: Packet) -> Ipv4Packet:
         return Ipv4Packet(memoryview(bytes(pkt)))
 
-    def advance(self, seconds: float) -> None:
-        """Let time pass, firing timers at their deadlines."""
-        self.clock.advance(seconds)
-
     def take(self) -> list[Packet]:
         """The frames sent to the guest since the last call, dissected by scapy."""
         out = []
-        for f in self.frames:
-            if self.config.vnet_hdr:
-                f = complete_checksum(f)
+        for f in self.replies():
             eth = Ether(f)
             assert eth.dst == ":".join(f"{b:02x}" for b in GUEST_MAC)
             out.append(eth[IP])
-        self.sink.take()
         return out
 
 
@@ -119,8 +74,11 @@ class UdpHarness(Harness):
     def __init__(self, **kw: Any) -> None:
         engine_kw = {k: kw.pop(k) for k in ("max_flows", "new_flows_per_second") if k in kw}
         super().__init__(**kw)
-        self.udp = UdpEngine(self.config, self.link, self.host, self.timers, self.policy,
-                             **engine_kw)
+        # The stack's own engine unless a test sets limits; either way the stack's policy.
+        if engine_kw:
+            self.stack.udp = UdpEngine(self.config, self.link, self.host, self.timers,
+                                       self.policy, **engine_kw)
+        self.udp = self.stack.udp
 
     def send(self, dst: str, dport: int, payload: bytes = b"ping", sport: int = 40000,
              src: str = GUEST, verified: bool = False, pkt: Packet | None = None) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from pyslirp.kubevirt.stacks import api_request
+from tests.netutil import free_port
 from tests.vm import guest
 
 pytestmark = pytest.mark.vm
@@ -61,12 +62,6 @@ def kernel() -> tuple[Path, Path]:
             pytest.fail(why)  # a skipped VM test would make a green CI mean nothing
         pytest.skip(why)
     return guest.debian_kernel()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> int:
@@ -123,7 +118,7 @@ def boot(tmp: Path, kernel: tuple[Path, Path], backend: str,
         forwards: dict[int, int] = {}
         if forward:
             for guest_port in (8080, 8081):
-                host_port = _free_port()
+                host_port = free_port()
                 reply = api_request(api, {"execute": "add_hostfwd", "arguments": {
                     "proto": "tcp", "host_addr": "127.0.0.1", "host_port": host_port,
                     "guest_addr": "10.0.2.15", "guest_port": guest_port}})
