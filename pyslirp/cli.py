@@ -82,7 +82,6 @@ from pyslirp.stack.config import (
     MIN_MAX_BUFFERED,
     ConfigError,
     NetConfig,
-    parse_cidr,
 )
 from pyslirp.wire import netparams
 from pyslirp.wire.netparams import DEFAULT_DNS_PORT, MAX_MTU, NetParamError

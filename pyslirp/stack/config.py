@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 
 from pyslirp.wire import netparams
 from pyslirp.wire.dhcp import domain_labels
-from pyslirp.wire.netparams import DEFAULT_CIDR, DEFAULT_MTU, MAX_MTU, MIN_MTU
+
+# Re-exported: the MTU range and defaults are netparams' (one rule for every front end).
+from pyslirp.wire.netparams import DEFAULT_CIDR as DEFAULT_CIDR
+from pyslirp.wire.netparams import DEFAULT_MTU as DEFAULT_MTU
+from pyslirp.wire.netparams import MAX_MTU as MAX_MTU
+from pyslirp.wire.netparams import MIN_MTU as MIN_MTU
 
 log = logging.getLogger("pyslirp")
 
