@@ -82,22 +82,21 @@ from pyslirp.stack.config import (
     MIN_MAX_BUFFERED,
     ConfigError,
     NetConfig,
-    parse_cidr,
 )
-from pyslirp.wire.ethernet import mac_from_str
+from pyslirp.wire import netparams
+from pyslirp.wire.netparams import DEFAULT_DNS_PORT, MAX_MTU, NetParamError
 
 if TYPE_CHECKING:
     from pyslirp.runtime.spec import ServeSpec
 
 DEFAULT_TAPNAME = "tap0"
 DEFAULT_NETNS_TYPE = "pid"
-DEFAULT_DNS_PORT = 53
 DEFAULT_BUSY_POLL_US = round(DEFAULT_BUSY_POLL * 1e6)
 MAX_BUSY_POLL_US = 1_000_000
 #: ``--max-buffered`` suffixes (binary multiples).
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 #: slirp4netns's hard ceiling ("MTU must be a positive integer (< 65522)").
-SLIRP_MAX_MTU = 65521
+SLIRP_MAX_MTU = MAX_MTU
 #: What ``-v`` reports in slirp4netns's SLIRP_CONFIG_VERSION_MAX line.
 SLIRP_CONFIG_VERSION_MAX = 4
 _INT_MAX = 2**31 - 1
@@ -402,66 +401,41 @@ def _parse_mtu(text: str) -> int:
     return value
 
 
-_CIDR_SHAPE = re.compile(r"(([0-9]{1,3}\.){3}[0-9]{1,3})/([0-9]{1,2})")
-
-
 def _parse_cidr(text: str) -> ipaddress.IPv4Network:
-    """slirp4netns's CIDR checks and messages, then :func:`parse_cidr` as the authority."""
-    m = _CIDR_SHAPE.fullmatch(text)
-    if m is None:
-        raise UsageError(f"invalid CIDR: {text}")
+    """:func:`netparams.parse_cidr` with slirp4netns's message for the first rule broken."""
     try:
-        address = ipaddress.IPv4Address(m.group(1))
-    except ValueError:
-        raise UsageError(f"invalid network address: {m.group(1)}") from None
-    prefix = int(m.group(3))
-    if not 1 <= prefix <= 25:
-        # /26 and longer leave no room for the guest at network + 100.
-        raise UsageError(f"prefix length needs to be 1-25 (--cidr={text})")
-    network = ipaddress.IPv4Network((address, prefix), strict=False)
-    if network.network_address != address:
-        raise UsageError(f"CIDR needs to be a network address like {network}, not like {text}")
-    try:
-        return parse_cidr(text)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        network, prefix = netparams.parse_cidr(text)
+    except NetParamError as exc:
+        raise UsageError(_cidr_message(text, exc)) from None
+    return ipaddress.IPv4Network((network, prefix))
+
+
+def _cidr_message(text: str, exc: NetParamError) -> str:
+    if exc.kind == netparams.ADDRESS:
+        return f"invalid network address: {text.partition('/')[0]}"
+    if exc.kind == netparams.PREFIX:
+        return f"prefix length needs to be 1-25 (--cidr={text})"
+    if exc.kind == netparams.HOST_BITS:
+        network, prefix = netparams.parse_cidr(text, strict=False)
+        return (f"CIDR needs to be a network address like {netparams.format_ipv4(network)}/"
+                f"{prefix}, not like {text}")
+    return f"invalid CIDR: {text}"
 
 
 def _parse_mac(text: str) -> bytes:
     try:
-        return mac_from_str(text)
-    except ValueError:
-        raise UsageError(f'"{text}" is an invalid MAC address (expected 6 hex bytes separated '
-                         f"by ':')") from None
+        return netparams.parse_mac(text)
+    except NetParamError as exc:
+        # slirp4netns's words lead ('"zz" is an invalid MAC address.'); ours add why.
+        raise UsageError(f'"{text}" is an invalid MAC address ({exc})') from None
 
 
 def _parse_dns_upstream(text: str) -> tuple[str, int]:
     """``A.B.C.D``, ``A.B.C.D:PORT``, ``[V6]``, ``[V6]:PORT`` or a bare IPv6 address."""
-    bad = UsageError(f"invalid --dns-upstream '{text}': expected IPv4[:PORT] or [IPv6][:PORT]")
-    port_text: str | None = None
-    addr: ipaddress.IPv4Address | ipaddress.IPv6Address
     try:
-        if text.startswith("["):
-            host, sep, rest = text[1:].partition("]")
-            if not sep or (rest and not rest.startswith(":")):
-                raise bad
-            addr = ipaddress.IPv6Address(host)
-            port_text = rest[1:] if rest else None
-        elif text.count(":") == 1:
-            host, _, port_text = text.partition(":")
-            addr = ipaddress.IPv4Address(host)
-        elif ":" in text:
-            addr = ipaddress.IPv6Address(text)
-        else:
-            addr = ipaddress.IPv4Address(text)
-    except ValueError:
-        raise bad from None
-    port = DEFAULT_DNS_PORT
-    if port_text is not None:
-        if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise UsageError(f"invalid --dns-upstream '{text}': port must be 1..65535")
-        port = int(port_text)
-    return str(addr), port
+        return netparams.parse_dns_upstream(text)
+    except NetParamError as exc:
+        raise UsageError(f"invalid --dns-upstream '{text}': {exc}") from None
 
 
 def _parse_outbound(text: str, version: Literal[4, 6]) -> str:
@@ -728,9 +702,13 @@ def _finish(opts: Options, cidr_text: str | None, mac_text: str | None) -> None:
 def _parse_tapname(text: str) -> str:
     # The kernel's IFNAMSIZ is 16 with the NUL; slirp4netns silently truncates, which
     # would leave the caller looking for an interface that isn't there.
-    if not text or len(text.encode()) > 15 or "/" in text or any(c.isspace() for c in text):
-        raise UsageError(f"invalid TAPNAME '{text}': must be 1-15 bytes without '/' or spaces")
-    return text
+    try:
+        return netparams.check_ifname(text)
+    except NetParamError as exc:
+        if exc.kind == netparams.RESERVED:  # slirp4netns would fail later, in the kernel
+            raise UsageError(f"invalid TAPNAME '{text}': {exc}") from None
+        raise UsageError(f"invalid TAPNAME '{text}': must be 1-15 bytes without '/' or "
+                         "spaces") from None
 
 
 def _parse_size(option: str, text: str) -> int:

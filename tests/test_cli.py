@@ -128,7 +128,7 @@ def test_userns_path(tmp_path: os.PathLike[str]) -> None:
 
 @pytest.mark.parametrize("text, mac", [
     ("52:55:0a:00:02:64", b"\x52\x55\x0a\x00\x02\x64"),
-    ("1:2:3:4:5:6", b"\x01\x02\x03\x04\x05\x06"),
+    ("2:2:3:4:5:6", b"\x02\x02\x03\x04\x05\x06"),
     ("AA-BB-CC-DD-EE-FF", b"\xaa\xbb\xcc\xdd\xee\xff"),
 ])
 def test_macaddress(text: str, mac: bytes) -> None:
@@ -265,6 +265,11 @@ def test_net_config_defaults_use_vnet_header_and_offload() -> None:
      "--macaddr cannot be specified when --configure or -c is not specified"),
     (["-c", "--macaddress", "zz", NOPID],
      "\"zz\" is an invalid MAC address (expected 6 hex bytes separated by ':')"),
+    # The kernel refuses these for an interface; slirp4netns would fail only after starting.
+    (["-c", "--macaddress", "01:00:5e:00:00:01", NOPID],
+     "\"01:00:5e:00:00:01\" is an invalid MAC address (a multicast address)"),
+    (["-c", "--macaddress", "00:00:00:00:00:00", NOPID],
+     "\"00:00:00:00:00:00\" is an invalid MAC address (all zeros)"),
     (["-c", "--macaddress", "52:55:0a:00:02:02:03", NOPID],
      "\"52:55:0a:00:02:02:03\" is an invalid MAC address (expected 6 hex bytes separated "
      "by ':')"),
@@ -320,6 +325,9 @@ def test_net_config_defaults_use_vnet_header_and_offload() -> None:
     ([NOPID, "a-very-long-tapname"],
      "invalid TAPNAME 'a-very-long-tapname': must be 1-15 bytes without '/' or spaces"),
     ([NOPID, "tap/0"], "invalid TAPNAME 'tap/0': must be 1-15 bytes without '/' or spaces"),
+    ([NOPID, "tap:0"],
+     "invalid TAPNAME 'tap:0': must not contain '/', ':', NUL or whitespace"),
+    ([NOPID, ".."], "invalid TAPNAME '..': must not be '.' or '..'"),
 ])
 def test_error_messages(argv: list[str], message: str) -> None:
     assert usage_error(*argv) == message

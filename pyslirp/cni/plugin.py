@@ -59,6 +59,8 @@ from _json import encode_basestring_ascii as _encode_str
 from _json import scanstring as _scanstring
 
 from pyslirp.procfs import process_start_time
+from pyslirp.wire import netparams
+from pyslirp.wire.netparams import DEFAULT_CIDR, DEFAULT_MTU, MAX_MTU, MIN_MTU, NetParamError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - typing costs ~10 ms of startup; mypy only
@@ -86,10 +88,6 @@ ERR_CHECK_FAILED = 103      #: interface, address or route missing or wrong
 ERR_SETUP_FAILED = 104      #: the TAP could not be created or configured
 ERR_EXISTS = 105            #: ADD of an attachment that already exists
 ERR_UNSAFE = 106            #: the runtime directory, a file in it or the engine is not trusted
-
-MIN_MTU = 1500
-MAX_MTU = 65521
-DEFAULT_CIDR = "10.0.2.0/24"
 
 #: Top-level configuration keys and what they mean to us.
 KNOWN_KEYS = frozenset({
@@ -504,14 +502,10 @@ def _is_name(text: Any) -> bool:
 def _ifname_problem(name: Any) -> str | None:
     if not isinstance(name, str):
         return "must be a string"
-    if not name:
-        return "must not be empty"
-    if name in (".", ".."):
-        return "must not be '.' or '..'"
-    if len(name.encode()) > 15:
-        return "must be shorter than 16 bytes"
-    if any(c in "/:" or c.isspace() or c == "\0" for c in name):
-        return "must not contain '/', ':', NUL or whitespace"
+    try:
+        netparams.check_ifname(name)
+    except NetParamError as exc:
+        return str(exc)
     return None
 
 
@@ -571,64 +565,52 @@ def request_problem(op: Any, request: dict[str, Any]) -> str | None:
 def _parse_ipv4(text: Any) -> int | None:
     if not isinstance(text, str):
         return None
-    parts = text.split(".")
-    if len(parts) != 4:
+    try:
+        return netparams.parse_ipv4(text)
+    except NetParamError:
         return None
-    value = 0
-    for p in parts:
-        if not p.isdigit() or not p.isascii() or len(p) > 3 or int(p) > 255:
-            return None
-        value = value << 8 | int(p)
-    return value
 
 
-def _ipv4_text(value: int) -> str:
-    return ".".join(str(value >> s & 0xFF) for s in (24, 16, 8, 0))
+_ipv4_text = netparams.format_ipv4
 
 
 def _parse_cidr(text: Any) -> tuple[int, int]:
     """``a.b.c.d/n`` with n in 1..25 (room for .2, .3, .15.. and .100) and no host bits."""
-    if not isinstance(text, str) or text.count("/") != 1:
+    if not isinstance(text, str):
         raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: expected a.b.c.d/prefix")
-    addr_text, _, prefix_text = text.partition("/")
-    addr = _parse_ipv4(addr_text)
-    if addr is None or not prefix_text.isdigit():
-        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: expected a.b.c.d/prefix")
-    prefix = int(prefix_text)
-    if not 1 <= prefix <= 25:
-        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: prefix must be 1..25")
-    mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
-    if addr & ~mask & 0xFFFFFFFF:
-        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: host bits are set")
-    return addr, prefix
+    try:
+        return netparams.parse_cidr(text)
+    except NetParamError as exc:
+        if exc.kind == netparams.PREFIX:
+            problem = "prefix must be 1..25"
+        elif exc.kind == netparams.HOST_BITS:
+            problem = "host bits are set"
+        else:
+            problem = "expected a.b.c.d/prefix"
+        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: {problem}") from None
 
 
 def _parse_mac(text: Any, field: str) -> str:
-    parts = text.split(":") if isinstance(text, str) else []
-    if len(parts) != 6 or not all(len(p) == 2 and _is_hex(p) for p in parts):
-        raise CniError(ERR_INVALID_CONFIG,
-                       f"invalid {field} {text!r}: expected xx:xx:xx:xx:xx:xx")
-    if int(parts[0], 16) & 1:
-        raise CniError(ERR_INVALID_CONFIG, f"invalid {field} {text!r}: a multicast address")
-    if text.replace(":", "") == "000000000000":
-        raise CniError(ERR_INVALID_CONFIG, f"invalid {field} {text!r}: all zeros")
-    return text.lower()
-
-
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdefABCDEF" for c in text)
+    """A unicast MAC as the canonical ``xx:xx:xx:xx:xx:xx`` the engine and results use."""
+    syntax = "expected xx:xx:xx:xx:xx:xx"
+    if not isinstance(text, str):
+        raise CniError(ERR_INVALID_CONFIG, f"invalid {field} {text!r}: {syntax}")
+    try:
+        return netparams.format_mac(netparams.parse_mac(text))
+    except NetParamError as exc:
+        problem = syntax if exc.kind == netparams.SYNTAX else str(exc)
+        raise CniError(ERR_INVALID_CONFIG, f"invalid {field} {text!r}: {problem}") from None
 
 
 def _parse_upstream(text: Any) -> list[Any]:
     if not isinstance(text, str):
         raise CniError(ERR_INVALID_CONFIG, f"invalid dnsUpstreams entry {text!r}")
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, "53"
-    if _parse_ipv4(host) is None or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    try:
+        host, port = netparams.parse_dns_upstream(text)
+    except NetParamError as exc:
         raise CniError(ERR_INVALID_CONFIG,
-                       f"invalid dnsUpstreams entry {text!r}: expected IPv4[:PORT]")
-    return [host, int(port_text)]
+                       f"invalid dnsUpstreams entry {text!r}: {exc}") from None
+    return [host, port]
 
 
 def _str_list(value: Any, field: str) -> list[str]:
@@ -694,7 +676,7 @@ def parse_settings(conf: dict[str, Any], args: dict[str, str]) -> dict[str, Any]
     if not _is_name(name):
         raise CniError(ERR_INVALID_CONFIG, f"invalid name {name!r}: expected a network name "
                        "matching [A-Za-z0-9][A-Za-z0-9_.-]*")
-    mtu = conf.get("mtu", 1500)
+    mtu = conf.get("mtu", DEFAULT_MTU)
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not MIN_MTU <= mtu <= MAX_MTU:
         raise CniError(ERR_INVALID_CONFIG, f"invalid mtu {mtu!r}: must be an integer in "
                        f"{MIN_MTU}..{MAX_MTU}")

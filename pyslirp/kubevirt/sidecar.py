@@ -54,6 +54,7 @@ from typing import Any
 from pyslirp.kubevirt import domain
 from pyslirp.kubevirt.domain import HookError
 from pyslirp.kubevirt.stacks import QEMU_USER, StackError, StackManager
+from pyslirp.wire import netparams
 
 log = logging.getLogger("pyslirp")
 
@@ -160,9 +161,20 @@ def _handlers(hooks: HookServer, grpc: Any) -> list[Any]:
 
 def _mtu(text: str) -> int:
     value = int(text)
-    if not 576 <= value <= 65521:
-        raise argparse.ArgumentTypeError("must be 576..65521")
-    return value
+    try:
+        return netparams.check_mtu(value)
+    except netparams.NetParamError:
+        raise argparse.ArgumentTypeError(
+            f"must be {netparams.MIN_MTU}..{netparams.MAX_MTU}") from None
+
+
+def _dns_upstream(text: str) -> str:
+    """Checked here, so a typo stops the sidecar instead of every stack it starts."""
+    try:
+        netparams.parse_dns_upstream(text)
+    except netparams.NetParamError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return text  # each stack parses it again from its own command line
 
 
 def _user(text: str) -> tuple[int, int]:
@@ -191,6 +203,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the binding name interfaces use (default "
                              "$NETWORK_BINDING_PLUGIN_NAME, else slirp)")
     parser.add_argument("--dns-upstream", action="append", default=[], metavar="HOST[:PORT]",
+                        type=_dns_upstream,
                         help="the stacks' DNS upstream instead of the pod's resolv.conf; "
                              "repeatable")
     parser.add_argument("--virtio-mtu", type=_mtu, default=domain.DEFAULT_VIRTIO_MTU,

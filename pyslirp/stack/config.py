@@ -7,12 +7,17 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pyslirp.wire import netparams
 from pyslirp.wire.dhcp import domain_labels
+
+# Re-exported: the MTU range and defaults are netparams' (one rule for every front end).
+from pyslirp.wire.netparams import DEFAULT_CIDR as DEFAULT_CIDR
+from pyslirp.wire.netparams import DEFAULT_MTU as DEFAULT_MTU
+from pyslirp.wire.netparams import MAX_MTU as MAX_MTU
+from pyslirp.wire.netparams import MIN_MTU as MIN_MTU
 
 log = logging.getLogger("pyslirp")
 
-DEFAULT_CIDR = "10.0.2.0/24"
-DEFAULT_MTU = 1500
 #: Busy polling after work (seconds): long enough to catch a loopback peer's answer on
 #: this kind of VM (bench/README.md, "Latency"), short enough to cost little CPU.
 DEFAULT_BUSY_POLL = 50e-6
@@ -22,8 +27,6 @@ DEFAULT_BUSY_POLL = 50e-6
 DEFAULT_MAX_BUFFERED = 256 << 20
 #: Smallest accepted --max-buffered: a few full windows, so one flow can still run.
 MIN_MAX_BUFFERED = 1 << 20
-MIN_MTU = 68
-MAX_MTU = 65521
 #: The MAC address of the virtual gateway/DNS, as libslirp builds it (52:55 + 10.0.2.2).
 DEFAULT_GUEST_MAC = None
 
@@ -33,16 +36,12 @@ class ConfigError(ValueError):
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network:
-    """Parse a --cidr value the way slirp4netns accepts it (network address, prefix 1..25)."""
+    """Parse a --cidr value the way slirp4netns accepts it (:func:`netparams.parse_cidr`)."""
     try:
-        net = ipaddress.IPv4Network(text, strict=True)
-    except ValueError as exc:
+        network, prefix = netparams.parse_cidr(text)
+    except netparams.NetParamError as exc:
         raise ConfigError(f"invalid CIDR {text!r}: {exc}") from None
-    if "/" not in text:
-        raise ConfigError(f"invalid CIDR {text!r}: no prefix length")
-    if not 1 <= net.prefixlen <= 25:
-        raise ConfigError(f"invalid CIDR {text!r}: prefix length must be 1..25")
-    return net
+    return ipaddress.IPv4Network((network, prefix))
 
 
 #: What a search domain's labels may contain: letters, digits, hyphen (RFC 952/1123
@@ -145,8 +144,10 @@ class NetConfig:
         return self.network.broadcast_address.packed
 
     def __post_init__(self) -> None:
-        if not MIN_MTU <= self.mtu <= MAX_MTU:
-            raise ConfigError(f"MTU {self.mtu} is out of range {MIN_MTU}..{MAX_MTU}")
+        try:
+            netparams.check_mtu(self.mtu)
+        except netparams.NetParamError as exc:
+            raise ConfigError(str(exc)) from None
         self.search_domains = valid_search_domains(self.search_domains)
         if self.max_buffered < MIN_MAX_BUFFERED:
             raise ConfigError(f"max_buffered {self.max_buffered} is below the minimum "
