@@ -9,7 +9,7 @@ going away, then close every host socket and exit 0. :func:`run_command` is
 with the command's status once it ends.
 
 Both go through :class:`Server`, which owns the uvloop loop, the
-:class:`~pyslirp.runtime.engine.Attachment`, the signal handlers and the
+:class:`~pyslirp.runtime.attachment.Attachment`, the signal handlers and the
 resolv.conf watcher that keeps the DNS upstreams current when no
 ``--dns-upstream`` was given. What to serve comes as a
 :class:`~pyslirp.runtime.spec.ServeSpec`; the API socket is the front end's
@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from pyslirp.runtime import malloc
-from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.attachment import Attachment
 from pyslirp.runtime.pcap import PcapWriter
 from pyslirp.runtime.spec import ApiFactory, Closeable, ServeSpec
 from pyslirp.stack.config import NetConfig

@@ -5,7 +5,7 @@ Theory of operation
 A namespace's link is a TAP fd; a VM's link is a socket QEMU connects to, as
 with passt. Everything above the link (the :class:`~pyslirp.stack.stack.Stack`,
 host sockets, DNS, port forwarding, the API socket, pcap) is the same, so the
-two classes here are :class:`~pyslirp.runtime.engine.Attachment` subclasses
+two classes here are :class:`~pyslirp.runtime.attachment.Attachment` subclasses
 that only replace how frames cross the link. Frames are plain Ethernet (no
 virtio-net header, no GSO): QEMU's socket back ends carry what the guest's
 NIC put on the wire, so ``config.vnet_hdr`` and ``config.offload`` must be
@@ -79,7 +79,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.attachment import Attachment
 from pyslirp.runtime.pcap import PcapWriter
 from pyslirp.runtime.spec import ServeSpec
 from pyslirp.stack.config import NetConfig

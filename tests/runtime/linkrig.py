@@ -12,7 +12,7 @@ import socket
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
-from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.attachment import Attachment
 from pyslirp.stack.config import NetConfig
 
 GUEST_MAC = "02:00:00:00:00:64"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from scapy.layers.l2 import ARP, Ether
 
-from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.attachment import Attachment
 from pyslirp.runtime.qemu import (
     MAX_FRAME,
     QemuDgramAttachment,
@@ -313,7 +313,7 @@ def test_pyslirp_serves_qemu_stream_until_sigterm(tmp_path: Path) -> None:
             reply = Ether(StreamReader(qemu).frame())
             assert reply[ARP].op == 2 and reply[ARP].psrc == "10.9.8.2"
         # A forward without guest_addr goes to the VM's DHCP address, not network + 100.
-        from pyslirp.kubevirt.stacks import api_request
+        from pyslirp.kubevirt.backends import api_request
 
         added = api_request(api, {"execute": "add_hostfwd", "arguments": {
             "proto": "tcp", "host_addr": "127.0.0.1", "host_port": _free_port(),
@@ -383,7 +383,7 @@ def test_qemu_stream_runs_sandboxed_and_filtered_and_still_serves(tmp_path: Path
             qemu.sendall(framed(arp_request()))
             reply = Ether(StreamReader(qemu).frame())
             assert reply[ARP].op == 2 and reply[ARP].psrc == "10.0.2.2"
-        from pyslirp.kubevirt.stacks import api_request
+        from pyslirp.kubevirt.backends import api_request
 
         added = api_request(api, {"execute": "add_hostfwd", "arguments": {
             "proto": "tcp", "host_addr": "127.0.0.1", "host_port": _free_port(),
