@@ -10,8 +10,8 @@ request per connection, one JSON reply, then the connection closes.
 * ``add``: open the TAP in the container's namespace and configure it
   (:func:`pyslirp.runtime.tap.open_tap`, the same forked-child path as
   ``pyslirp --configure``), serve it with an
-  :class:`~pyslirp.runtime.attachment.Attachment` on the shared loop, write the
-  state file, return the 1.1.0-shaped result. One loop holding many
+  :class:`~pyslirp.runtime.attachment.Attachment` (a TAP device) on the
+  shared loop, write the state file, return the 1.1.0-shaped result. One loop holding many
   attachments is what keeps the marginal cost of a container at one
   :class:`~pyslirp.stack.stack.Stack` instead of one interpreter.
 * ``del``: close the attachment (the TAP disappears with its last fd); for a
@@ -304,6 +304,7 @@ class AttachmentDaemon:
 
     async def _add(self, req: dict[str, Any], key: str) -> dict[str, Any]:
         from pyslirp.runtime.attachment import Attachment
+        from pyslirp.runtime.device import TapDevice
         from pyslirp.runtime.tap import ConfigureSpec, TapError, open_tap
         from pyslirp.stack.config import ConfigError, NetConfig, parse_cidr
 
@@ -343,8 +344,8 @@ class AttachmentDaemon:
         try:
             config.vnet_hdr = tap.vnet_hdr
             config.offload = tap.offload
-            attachment = Attachment(self.loop, tap.fd, config, name=f"{cid[:12]}/{ifname}",
-                                    on_fatal=lambda msg: self._on_fatal(key, msg))
+            attachment = Attachment(self.loop, TapDevice(tap.fd, name=f"{cid[:12]}/{ifname}"),
+                                    config, on_fatal=lambda msg: self._on_fatal(key, msg))
         except Exception:
             tap.close()
             raise

@@ -2,23 +2,37 @@
 
 Theory of operation
 -------------------
-An :class:`Attachment` is one guest link: a TAP fd (or any frame fd) and the
-:class:`~pyslirp.stack.stack.Stack` serving it. The attachment is also the
-stack's :class:`~pyslirp.stack.host.HostPort`: it turns the stack's requests
-into non-blocking host sockets registered with the loop, and turns socket
-readiness back into calls on the engines.
+An :class:`Attachment` is one guest link, composed of three parts:
+
+* a *device* (:class:`~pyslirp.runtime.device.Device`) that carries the
+  guest's Ethernet frames: a TAP (:class:`~pyslirp.runtime.device.TapDevice`)
+  or QEMU's stream or datagram socket (:mod:`pyslirp.runtime.qemu`);
+* the :class:`~pyslirp.stack.stack.Stack` serving the link (sans-I/O);
+* the host side (:class:`~pyslirp.runtime.hostsockets.HostSockets`), the
+  stack's :class:`~pyslirp.stack.host.HostPort`: the host sockets of its flows.
+
+The attachment itself owns what ties them together: the pacing (batching,
+timers, busy polling), the pcap writer and the test-only fault injector. A
+device only reads and writes frames; the host side only serves sockets.
 
 Batching is what makes Python fast enough here (docs/architecture.md, costs):
 
-* a readable TAP is drained (up to ``_TAP_BATCH`` frames) in one callback,
-  which ends with one ``Stack.flush`` (coalesced ACKs) and timer re-arm;
-* a readable host socket is read and flushed in its own callback: the guest
-  is waiting for those bytes, so they do not wait for the loop's next turn;
-* other work (UDP, error reports) schedules one *flush* with ``call_soon``,
-  so it coalesces over the callbacks of one loop iteration (DNS answers need
-  no flush: they go to the guest as they are read);
-* frames to the guest go out with one ``os.writev`` each, header and payload
-  as separate buffers, so a 64 KB payload is never copied.
+* a readable device is drained (a batch of frames) in one callback, which
+  ends with one :meth:`Attachment.input_done`: one ``Stack.flush``
+  (coalesced ACKs) and timer re-arm;
+* a readable host socket is read and flushed in its own callback
+  (:meth:`Attachment.flush_now`); other work schedules one flush with
+  ``call_soon`` (:meth:`Attachment.schedule_flush`), so it coalesces over the
+  callbacks of one loop iteration;
+* frames to the guest go to the device as the stack makes them, header and
+  payload as separate buffers, so a 64 KB payload is never copied.
+
+No call is added per frame by the composition: unless pcap or fault
+injection is on, the device hands frames to ``Stack.receive_frame`` itself
+(:attr:`Attachment.receive`) and the stack holds the device's bound
+``write_frame`` as its frame sink. With pcap or faults on, one wrapper per
+direction sits in between (``_receive_captured`` / ``_write_captured``, or
+the fault-injecting ones); pcap records only frames the device took.
 
 Busy polling (``NetConfig.busy_poll``, ``--busy-poll``): after a burst of work
 the attachment keeps one ``call_soon`` callback alive for a few tens of
@@ -29,27 +43,6 @@ the polling. Measured on this machine kind: 1-byte TCP round trip p50 ~210 us
 -> ~130 us, with *less* CPU per round trip (bench/README.md, "Latency").
 Bulk traffic keeps the loop busy anyway, and an idle stack does not poll.
 
-Errors on host sockets never escape into the loop: they are reported to the
-engine that owns the socket (as a real socket would), after the current call
-returns (``call_soon``), so an engine is never re-entered from its own call.
-Work that the engine's call asks for but that must wait for it to return (a
-loopback connect that finished inside ``connect()``; reading the host socket
-when the guest half-closes) is queued and run right after that call, within
-the same callback (``_after_engine_call``): a guest's ``connect()`` waits for
-that SYN-ACK, and a host EOF read then lets our FIN carry the ACK of the
-guest's FIN.
-Frames to the TAP that the kernel does not take (queue full) are dropped and
-counted, like a NIC would; TCP retransmits.
-
-Out of file descriptors (EMFILE/ENFILE when a flow's host socket is made): the
-new flow fails as a refused one would (TCP: RST to the guest; UDP: the datagram
-is dropped; ping: "administratively prohibited"; DNS: the next upstream, then
-SERVFAIL), flows already open are untouched, and new ones work again as soon
-as fds are free. Each failure is counted (``host.out_of_fds``; other socket()
-failures ``host.socket_failed``); a warning is logged at most once per
-``SOCKET_WARNING_INTERVAL``, since a guest opening flows in a loop would
-otherwise flood the log with one line per attempt.
-
 The runtime deliberately keeps no per-packet logging; counters live in the
 stack's link and are logged at exit and on demand.
 """
@@ -57,107 +50,108 @@ stack's link and are logged at exit and on demand.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import os
-import socket
-import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from pyslirp.runtime import malloc
-from pyslirp.runtime.ifaddrs import Outbound
+from pyslirp.runtime.device import Device
+from pyslirp.runtime.hostsockets import HostSockets
 from pyslirp.runtime.pcap import PcapWriter
 from pyslirp.stack.config import NetConfig
+from pyslirp.stack.link import FrameSink
 from pyslirp.stack.stack import Stack
-from pyslirp.wire import vnet
 
 log = logging.getLogger("pyslirp")
-
-_TAP_BATCH = 128
-_TAP_READ_SIZE = 65536 + 4096 + vnet.HEADER_LEN
-_HOST_READ_MAX = 256 * 1024
-_UDP_READ_BATCH = 64
-_UDP_MAX = 65536
-
-# struct sock_extended_err (linux/errqueue.h)
-_SOCK_EE = struct.Struct("=IBBBBII")
-_SO_EE_ORIGIN_ICMP = 2
-_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
-_IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
-_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
-#: Seconds between two warnings that a host socket could not be made.
-SOCKET_WARNING_INTERVAL = 60.0
-
 
 _malloc_tuned = False
 
 
-class TcpHandle:
-    """The runtime's side of one TCP flow (``flow.host_handle``): its host socket and
-    which readiness callbacks are registered. Port forwarding creates these for
-    accepted connections too (pyslirp.runtime.hostfwd)."""
-
-    __slots__ = ("sock", "fd", "targets", "reading", "writing", "connecting", "closed")
-
-    def __init__(self) -> None:
-        self.sock: socket.socket | None = None
-        self.fd = -1
-        self.targets: list[tuple[str, int]] = []
-        self.reading = False
-        self.writing = False
-        self.connecting = False
-        self.closed = False
-
-
 class Attachment:
-    """One guest link served by one stack, with the host sockets of its flows."""
+    """One guest link: a device, the stack serving it, and the host sockets of its flows."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, config: NetConfig,
-                 pcap: PcapWriter | None = None, name: str = "tap0",
+    def __init__(self, loop: asyncio.AbstractEventLoop, device: Device, config: NetConfig,
+                 pcap: PcapWriter | None = None,
                  on_fatal: Callable[[str], None] | None = None) -> None:
+        if device.plain_frames and (config.vnet_hdr or config.offload):
+            raise ValueError(f"{type(device).__name__} carries plain frames: "
+                             "config.vnet_hdr and config.offload must be False")
         self.loop = loop
-        self.fd = fd
-        self.name = name
+        self.device = device
         self.config = config
         self.pcap = pcap
         self._on_fatal = on_fatal
-        self._vnet = config.vnet_hdr
         self._flush_scheduled = False
-        self._busy_poll = config.busy_poll
+        self.busy_poll = config.busy_poll
         self._poll_until = 0.0
         self._polling = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
-        #: Host-socket work the engine's current call asked for, run once it has
-        #: returned; see _after_engine_call.
-        self._after_call: list[tuple[Callable[[Any, TcpHandle], None], Any, TcpHandle]] = []
         self._faults = _faults_from_env()
-        #: ``--outbound-addr[6]``: host sockets toward the outside bind here first.
-        self.outbound = Outbound()
-        #: The DNS forwarder's sockets, one per upstream (see dns_send).
-        self._dns_sockets: dict[tuple[str, int], socket.socket] = {}
-        #: Loop time before which no further "cannot make a host socket" warning is logged.
-        self._socket_warning_until = -1.0
         global _malloc_tuned
         if not _malloc_tuned:
             _malloc_tuned = True
             malloc.tune()
-        self.stack = Stack(config, self._send_frame, self)
-        os.set_blocking(fd, False)
-        loop.add_reader(fd, self._on_tap_readable)
+        self.host = HostSockets(loop, self)
+        self.stack = Stack(config, self._frame_sink(), self.host)
+        self.host.stack = self.stack
+        #: What the device calls per guest frame (see _frame_source).
+        self.receive = self._frame_source()
+        #: The host side's deferred work and its runner, for the device (device.DeviceOwner).
+        self.deferred = self.host.deferred
+        self.run_deferred = self.host.run_deferred
+        self.count = self.stack.link.count
+        device.start(self)
 
-    # ---- the guest link ---------------------------------------------------------
-    def _send_frame(self, parts: Sequence[Any]) -> None:
+    @property
+    def name(self) -> str:
+        """The link's name in log lines: the TAP's, the QEMU socket's, a container's."""
+        return self.device.name
+
+    # ---- the frame path between device and stack ---------------------------------------
+    def _frame_sink(self) -> FrameSink:
+        """What the stack calls per frame to the guest: the device's bound write_frame
+        itself unless pcap or faults need a wrapper (no call is added per frame)."""
+        write: Callable[[Sequence[Any]], object] = self.device.write_frame
         if self._faults is not None:
-            for frame in self._faults.process(b"".join(parts), "to_guest"):
-                self._write_frame((frame,))
-            self._release_held_frames_later("to_guest")
-            return
-        self._write_frame(parts)
+            write = self._send_with_faults
+        elif self.pcap is not None:
+            write = self._write_captured
+        # The stack ignores write_frame's result (whether the device took the frame).
+        return cast(FrameSink, write)
+
+    def _frame_source(self) -> Callable[[memoryview, float], None]:
+        """What the device calls per guest frame: Stack.receive_frame itself unless pcap
+        or faults need a wrapper."""
+        if self._faults is not None:
+            return self._receive_with_faults
+        if self.pcap is not None:
+            return self._receive_captured
+        return self.stack.receive_frame
+
+    def _write_captured(self, parts: Sequence[Any]) -> None:
+        if self.device.write_frame(parts) and self.pcap is not None:
+            self.pcap.write(parts, time.time())
+
+    def _receive_captured(self, frame: memoryview, now: float) -> None:
+        if self.pcap is not None:
+            self.pcap.write(frame, time.time())
+        self.stack.receive_frame(frame, now)
+
+    def _send_with_faults(self, parts: Sequence[Any]) -> None:
+        for frame in self._faults.process(b"".join(parts), "to_guest"):
+            self._write_captured((frame,))
+        self._release_held_frames_later("to_guest")
+
+    def _receive_with_faults(self, frame: memoryview, now: float) -> None:
+        if self.pcap is not None:
+            self.pcap.write(frame, time.time())
+        for passed in self._faults.process(frame, "from_guest"):
+            self.stack.receive_frame(memoryview(passed), now)
+        self._release_held_frames_later("from_guest")
 
     def _release_held_frames_later(self, direction: str) -> None:
         """A reordering fault holds a frame back; let it go after the hold time at most."""
@@ -169,61 +163,30 @@ class Attachment:
             return
         for frame in self._faults.flush(direction):
             if direction == "to_guest":
-                self._write_frame((frame,))
+                self._write_captured((frame,))
             else:
                 self.stack.receive_frame(memoryview(frame), self.loop.time())
         self.schedule_flush()
 
-    def _write_frame(self, parts: Sequence[Any]) -> None:
-        try:
-            os.writev(self.fd, parts)
-        except BlockingIOError:
-            self.stack.link.count("drop.tx.tap_full")
-            return
-        except OSError as exc:
-            if exc.errno in (errno.EIO, errno.EBADFD, errno.ENODEV):
-                self._fatal(f"TAP device {self.name} went away: {exc.strerror}")
-                return
-            self.stack.link.count("drop.tx.error")
-            return
-        if self.pcap is not None:
-            self.pcap.write(parts, time.time())
-
-    def _on_tap_readable(self) -> None:
-        fd = self.fd
-        now = self.loop.time()
-        receive = self.stack.receive_frame
-        pcap = self.pcap
-        faults = self._faults
-        for _ in range(_TAP_BATCH):
-            try:
-                data = os.read(fd, _TAP_READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self._fatal(f"reading TAP device {self.name} failed: {exc.strerror}")
-                return
-            if not data:
-                self._fatal(f"TAP device {self.name} closed")
-                return
-            if pcap is not None:
-                pcap.write(data, time.time())
-            if faults is not None:
-                for frame in faults.process(data, "from_guest"):
-                    receive(memoryview(frame), now)
-                self._release_held_frames_later("from_guest")
-            else:
-                receive(memoryview(data), now)
-            if self._after_call:
-                self._run_after_call(flush=False)
-        self._flush_now(now)
-
-    def _fatal(self, message: str) -> None:
+    def link_lost(self, message: str) -> None:
+        """The device's link is gone for good (device.DeviceOwner)."""
         log.error("%s", message)
         if self._on_fatal is not None:
             self._on_fatal(message)
 
     # ---- batching and timers ----------------------------------------------------
+    def input_done(self, now: float) -> None:
+        """After a batch of guest frames: answer finished connects, then flush."""
+        if self._closed:
+            return
+        if self.deferred:
+            self.run_deferred()
+        # flush_now's body, inline: this runs once per device callback.
+        self.stack.flush(now)
+        self.arm_timer()
+        if self.busy_poll:
+            self.keep_polling(now)
+
     def schedule_flush(self) -> None:
         """Run one ``Stack.flush`` and timer re-arm after this loop iteration's callbacks."""
         if not self._flush_scheduled:
@@ -233,23 +196,18 @@ class Attachment:
     def _flush(self) -> None:
         self._flush_scheduled = False
         if not self._closed:
-            self._flush_now(self.loop.time())
+            self.flush_now(self.loop.time())
 
-    def _input_done(self, now: float) -> None:
-        """After a batch of guest frames: answer finished connects, then flush."""
-        if self._after_call:
-            self._run_after_call(flush=False)
-        self._flush_now(now)
-
-    def _flush_now(self, now: float) -> None:
+    def flush_now(self, now: float) -> None:
+        """``Stack.flush`` now, re-arm the timer, keep busy polling."""
         self.stack.flush(now)
-        self._arm_timer()
-        if self._busy_poll:
-            self._keep_polling(now)
+        self.arm_timer()
+        if self.busy_poll:
+            self.keep_polling(now)
 
-    def _keep_polling(self, now: float) -> None:
+    def keep_polling(self, now: float) -> None:
         """Poll instead of sleeping until ``busy_poll`` after this burst of work."""
-        self._poll_until = now + self._busy_poll
+        self._poll_until = now + self.busy_poll
         if not self._polling:
             self._polling = True
             self.loop.call_soon(self._poll)
@@ -261,7 +219,8 @@ class Attachment:
         else:
             self._polling = False
 
-    def _arm_timer(self) -> None:
+    def arm_timer(self) -> None:
+        """Re-arm the loop timer at the stack's next deadline (if it moved)."""
         deadline = self.stack.next_deadline()
         if deadline == self._timer_at:
             return
@@ -280,459 +239,11 @@ class Attachment:
         now = self.loop.time()
         self.stack.run_timers(now)
         self.stack.flush(now)
-        self._arm_timer()
-
-    # ---- host sockets that cannot be had ----------------------------------------------
-    def _socket_failed(self, exc: OSError, kind: str) -> None:
-        """socket() failed for a new ``kind`` flow: count it; warn now and then, not per flow."""
-        out_of_fds = exc.errno in _OUT_OF_FDS
-        self.stack.link.count("host.out_of_fds" if out_of_fds else "host.socket_failed")
-        now = self.loop.time()
-        if now < self._socket_warning_until:
-            return
-        self._socket_warning_until = now + SOCKET_WARNING_INTERVAL
-        if out_of_fds:
-            log.warning("out of file descriptors (%s): new %s flows are refused until some "
-                        "close (counted as host.out_of_fds; not warned again for %.0f s)",
-                        exc.strerror, kind, SOCKET_WARNING_INTERVAL)
-        else:
-            log.warning("cannot open a %s socket: %s (counted as host.socket_failed; not "
-                        "warned again for %.0f s)", kind, exc.strerror, SOCKET_WARNING_INTERVAL)
-
-    # ---- HostPort: TCP ------------------------------------------------------------
-    def tcp_connect(self, flow: Any, targets: list[tuple[str, int]]) -> None:
-        handle = TcpHandle()
-        handle.targets = list(targets)
-        flow.host_handle = handle
-        self._tcp_try_next(flow, handle, errno.ENETUNREACH)
-
-    def _tcp_try_next(self, flow: Any, handle: TcpHandle, last_error: int) -> None:
-        while handle.targets:
-            host, port = handle.targets.pop(0)
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            try:
-                # Non-blocking from the start: one syscall fewer than setblocking().
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            except OSError as exc:
-                self._socket_failed(exc, "TCP")
-                last_error = exc.errno or errno.EMFILE
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if self.outbound:
-                try:
-                    self.outbound.bind(sock)
-                except OSError as exc:
-                    sock.close()
-                    last_error = exc.errno or errno.EADDRNOTAVAIL
-                    continue
-            err = sock.connect_ex((host, port))
-            if err not in (0, errno.EINPROGRESS):
-                sock.close()
-                last_error = err
-                continue
-            handle.sock = sock
-            handle.fd = sock.fileno()
-            if err == 0 or _connected(sock):
-                # Loopback connects finish inside connect(): skip the epoll round trip,
-                # and answer the SYN as soon as the engine's call returns rather than
-                # a loop iteration later, behind other flows' work: the guest's
-                # connect() is waiting for that SYN-ACK.
-                self._after_engine_call(self._tcp_established, flow, handle)
-                return
-            handle.connecting = True
-            self.loop.add_writer(handle.fd, self._tcp_connect_done, flow, handle)
-            return
-        self.loop.call_soon(self._tcp_report_connect_failed, flow, handle, last_error)
-
-    def _after_engine_call(self, callback: Callable[[Any, TcpHandle], None], flow: Any,
-                           handle: TcpHandle) -> None:
-        """Run ``callback(flow, handle)`` once the engine call in progress has returned.
-
-        The engine is never re-entered from its own call. Guest input runs these after
-        each frame (the TAP callback) or batch; anything else gets them in the next loop
-        iteration.
-        """
-        if not self._after_call:
-            self.loop.call_soon(self._run_after_call)
-        self._after_call.append((callback, flow, handle))
-
-    def _run_after_call(self, flush: bool = True) -> None:
-        pending = self._after_call
-        if pending:
-            self._after_call = []
-            for callback, flow, handle in pending:
-                callback(flow, handle)
-            if flush:
-                self.schedule_flush()
-
-    def _tcp_report_connect_failed(self, flow: Any, handle: TcpHandle, err: int) -> None:
-        if handle.closed:
-            return
-        handle.closed = True
-        flow.host_connect_failed(err, self.loop.time())
-        self.schedule_flush()
-
-    def _tcp_connect_done(self, flow: Any, handle: TcpHandle) -> None:
-        sock = handle.sock
-        assert sock is not None
-        self.loop.remove_writer(handle.fd)
-        handle.connecting = False
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            sock.close()
-            handle.sock = None
-            handle.fd = -1
-            if handle.targets:
-                self._tcp_try_next(flow, handle, err)
-            else:
-                self._tcp_report_connect_failed(flow, handle, err)
-            return
-        self._tcp_established(flow, handle)
-        self.schedule_flush()
-
-    def _tcp_established(self, flow: Any, handle: TcpHandle) -> None:
-        if handle.closed:
-            return
-        handle.reading = True
-        self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
-        flow.host_connected(self.loop.time())
-
-    def _tcp_readable(self, flow: Any, handle: TcpHandle) -> None:
-        now = self.loop.time()
-        self._tcp_read(flow, handle, now)
-        # Flush now, not at the end of the loop iteration: the guest is waiting for
-        # these bytes (a request/response exchange), and per-flow frames gain nothing
-        # from waiting for other callbacks.
-        if not self._closed:
-            self._flush_now(now)
-
-    def _tcp_read_now(self, flow: Any, handle: TcpHandle) -> None:
-        if handle.reading and not handle.closed:
-            self._tcp_read(flow, handle, self.loop.time())
-
-    def _tcp_read(self, flow: Any, handle: TcpHandle, now: float) -> None:
-        sock = handle.sock
-        while not handle.closed and sock is not None:
-            budget = flow.host_read_budget()
-            if budget <= 0:
-                self._tcp_stop_reading(handle)
-                break
-            try:
-                data = sock.recv(min(budget, _HOST_READ_MAX))
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self._tcp_stop_reading(handle)
-                flow.host_error(exc.errno or errno.ECONNRESET, now)
-                break
-            if not data:
-                self._tcp_stop_reading(handle)
-                flow.host_eof(now)
-                break
-            flow.host_data(data, now)
-            if len(data) < min(budget, _HOST_READ_MAX):
-                break  # the socket is drained for now; don't pay an EAGAIN syscall
-
-    def _tcp_stop_reading(self, handle: TcpHandle) -> None:
-        if handle.reading:
-            handle.reading = False
-            self.loop.remove_reader(handle.fd)
-
-    def tcp_write(self, flow: Any, data: Any) -> int:
-        handle: TcpHandle = flow.host_handle
-        sock = handle.sock
-        if sock is None or handle.closed:
-            return 0
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.loop.call_soon(self._tcp_report_error, flow, handle, exc.errno or errno.EPIPE)
-            return 0
-        if sent < len(data) and not handle.writing:
-            handle.writing = True
-            self.loop.add_writer(handle.fd, self._tcp_writable, flow, handle)
-        return sent
-
-    def _tcp_report_error(self, flow: Any, handle: TcpHandle, err: int) -> None:
-        if not handle.closed:
-            flow.host_error(err, self.loop.time())
-            self.schedule_flush()
-
-    def _tcp_writable(self, flow: Any, handle: TcpHandle) -> None:
-        if handle.writing:
-            handle.writing = False
-            self.loop.remove_writer(handle.fd)
-        if not handle.closed:
-            flow.host_writable(self.loop.time())
-            self.schedule_flush()
-
-    def tcp_shutdown_write(self, flow: Any) -> None:
-        handle: TcpHandle = flow.host_handle
-        if handle.sock is not None and not handle.closed:
-            with contextlib.suppress(OSError):
-                handle.sock.shutdown(socket.SHUT_WR)
-            # The guest closed its side. A request/response peer has usually closed
-            # too and its EOF is waiting unread: read it before the guest's FIN is
-            # acknowledged, so our FIN carries that ACK (one frame, not two, and no
-            # loop round trip). When nothing is there, it costs one recv().
-            self._after_engine_call(self._tcp_read_now, flow, handle)
-
-    def tcp_pause_reading(self, flow: Any) -> None:
-        self._tcp_stop_reading(flow.host_handle)
-
-    def tcp_resume_reading(self, flow: Any) -> None:
-        handle: TcpHandle = flow.host_handle
-        if handle is None or handle.closed or handle.sock is None or handle.connecting:
-            return
-        if not handle.reading:
-            handle.reading = True
-            self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
-
-    def tcp_close(self, flow: Any, reset: bool) -> None:
-        handle: TcpHandle | None = getattr(flow, "host_handle", None)
-        if handle is None or handle.closed:
-            return
-        handle.closed = True
-        sock = handle.sock
-        if sock is None:
-            return
-        if handle.reading or handle.connecting:
-            self.loop.remove_reader(handle.fd)
-        if handle.writing or handle.connecting:
-            self.loop.remove_writer(handle.fd)
-        handle.reading = handle.writing = handle.connecting = False
-        if reset:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
-        handle.sock = None
-
-    # ---- HostPort: UDP ------------------------------------------------------------
-    def udp_open(self, flow: Any) -> bool:
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        except OSError as exc:
-            self._socket_failed(exc, "UDP")
-            return False
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
-        if self.outbound:
-            try:
-                self.outbound.bind(sock)
-            except OSError as exc:
-                sock.close()
-                log.warning("cannot bind a UDP socket to the outbound address: %s", exc.strerror)
-                return False
-        flow.host_handle = sock
-        self.loop.add_reader(sock.fileno(), self._udp_readable, flow, sock)
-        return True
-
-    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any) -> None:
-        sock: socket.socket | None = flow.host_handle
-        if sock is None:
-            return
-        try:
-            sock.sendto(data, dst)
-        except OSError:
-            self.stack.link.count("drop.udp.host_send")
-
-    def _udp_readable(self, flow: Any, sock: socket.socket) -> None:
-        now = self.loop.time()
-        udp = self.stack.udp
-        for _ in range(_UDP_READ_BATCH):
-            try:
-                data, (src_ip, src_port, *_rest) = sock.recvfrom(_UDP_MAX)
-            except BlockingIOError:
-                break
-            except OSError:
-                self.udp_read_errors(flow, sock, now)
-                continue
-            udp.host_datagram(flow, src_ip, src_port, data, now)
-        self.schedule_flush()
-
-    def udp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
-        """Drain the error queue (IP_RECVERR) and report ICMP errors to the engine."""
-        for _data, addr, icmp_type, icmp_code in _queued_icmp_errors(sock):
-            if addr:
-                self.stack.udp.host_error(flow, (addr[0], addr[1]), icmp_type, icmp_code, now)
-
-    def udp_close(self, flow: Any) -> None:
-        sock: socket.socket | None = getattr(flow, "host_handle", None)
-        if sock is None:
-            return
-        flow.host_handle = None
-        self.loop.remove_reader(sock.fileno())
-        sock.close()
-
-    # ---- HostPort: ICMP echo --------------------------------------------------------
-    def icmp_echo(self, flow: Any, dst: str, ident: int, seq: int, payload: Any) -> bool:
-        sock: socket.socket | None = getattr(flow, "host_handle", None)
-        if sock is None:
-            try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-            except OSError as exc:
-                if exc.errno in _OUT_OF_FDS:
-                    self._socket_failed(exc, "ICMP")
-                return False  # or net.ipv4.ping_group_range does not include us
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
-            if self.outbound:
-                try:
-                    self.outbound.bind(sock)
-                except OSError:
-                    sock.close()
-                    return False
-            flow.host_handle = sock
-            self.loop.add_reader(sock.fileno(), self._icmp_readable, flow, sock)
-        # The kernel rewrites the identifier to the socket's own and back on replies.
-        message = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(payload)
-        try:
-            sock.sendto(message, (dst, 0))
-        except OSError:
-            return False
-        return True
-
-    def _icmp_readable(self, flow: Any, sock: socket.socket) -> None:
-        now = self.loop.time()
-        for _ in range(_UDP_READ_BATCH):
-            try:
-                data = sock.recv(_UDP_MAX)
-            except BlockingIOError:
-                break
-            except OSError:
-                self._icmp_read_errors(flow, sock, now)
-                continue
-            if len(data) >= 8 and data[0] == 0:
-                seq = int.from_bytes(data[6:8], "big")
-                self.stack.icmp.host_echo_reply(flow, seq, data[8:], now)
-        self.schedule_flush()
-
-    def _icmp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
-        """An echo of ours met an ICMP error (e.g. host unreachable): tell the guest."""
-        for data, _addr, icmp_type, icmp_code in _queued_icmp_errors(sock):
-            if len(data) >= 8:
-                seq = int.from_bytes(data[6:8], "big")
-                self.stack.icmp.host_echo_error(flow, seq, icmp_type, icmp_code, now)
-
-    def icmp_close(self, flow: Any) -> None:
-        sock: socket.socket | None = getattr(flow, "host_handle", None)
-        if sock is not None:
-            flow.host_handle = None
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
-
-    # ---- HostPort: DNS --------------------------------------------------------------
-    # One connected UDP socket per upstream, shared by every query (the forwarder
-    # gives each attempt an ID of its own); see pyslirp/stack/dns.py.
-    def dns_send(self, query: Any, upstream: tuple[str, int], data: Any) -> None:
-        sock = self._dns_sockets.get(upstream)
-        if sock is None:
-            sock = self._dns_open(upstream)
-            if sock is None:
-                self.loop.call_soon(self._dns_failed, query, upstream)
-                return
-        for _ in range(2):
-            try:
-                sock.send(data)
-                return
-            except ConnectionRefusedError:
-                # An ICMP error about an earlier datagram was pending on the socket and
-                # this send reported it instead of sending (the error queue still says
-                # which datagram it was about): send again.
-                continue
-            except BlockingIOError:
-                self.stack.link.count("dns.drop.send_full")  # the attempt times out
-                return
-            except OSError:
-                break
-        self.loop.call_soon(self._dns_failed, query, upstream)
-
-    def _dns_open(self, upstream: tuple[str, int]) -> socket.socket | None:
-        host, port = upstream
-        v6 = ":" in host
-        try:
-            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-        except OSError as exc:
-            self._socket_failed(exc, "DNS")
-            return None
-        try:
-            sock.setblocking(False)
-            # Errors arrive with the start of the datagram they are about (its DNS ID).
-            if v6:
-                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
-            if self.outbound:
-                self.outbound.bind(sock)
-            sock.connect((host, port))
-        except OSError:
-            sock.close()
-            return None
-        self._dns_sockets[upstream] = sock
-        self.loop.add_reader(sock.fileno(), self._dns_readable, upstream, sock)
-        return sock
-
-    def _dns_failed(self, query: Any, upstream: tuple[str, int]) -> None:
-        self.stack.dns.upstream_failed(query, self.loop.time(), upstream)
-        self.schedule_flush()
-
-    def _dns_readable(self, upstream: tuple[str, int], sock: socket.socket) -> None:
-        now = self.loop.time()
-        dns = self.stack.dns
-        sockets = self._dns_sockets
-        for _ in range(_UDP_READ_BATCH):
-            try:
-                data = sock.recv(_UDP_MAX)
-            except BlockingIOError:
-                break
-            except OSError:
-                self._dns_read_errors(upstream, sock, now)
-            else:
-                dns.upstream_datagram(upstream, data, now)
-                if not dns.inflight.get(upstream):
-                    break  # nothing more is expected: spare the read that gets EAGAIN
-            if sockets.get(upstream) is not sock:
-                break  # the forwarder released the upstream meanwhile
-        # Answers went to the guest already and no TCP flow was touched: no
-        # Stack.flush is needed, only the timer (a failover sets a deadline).
-        self._arm_timer()
-        if self._busy_poll:
-            self._keep_polling(now)  # the guest's next query follows the answer
-
-    def _dns_read_errors(self, upstream: tuple[str, int], sock: socket.socket,
-                         now: float) -> None:
-        """Fail the attempts that the socket's queued errors are about (IP_RECVERR
-        returns the start of each datagram that met an error), or, if none is
-        queued, every attempt waiting on this upstream."""
-        dns = self.stack.dns
-        named = False
-        while True:
-            try:
-                data, _anc, _flags, _addr = sock.recvmsg(
-                    2, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
-            except OSError:
-                break
-            if len(data) == 2:
-                named = True
-                dns.upstream_error(upstream, now, data[0] << 8 | data[1])
-        if not named:
-            dns.upstream_error(upstream, now, None)
-
-    def dns_cancel(self, query: Any) -> None:
-        pass  # nothing is held per query
-
-    def dns_release(self, upstream: tuple[str, int]) -> None:
-        sock = self._dns_sockets.pop(upstream, None)
-        if sock is not None:
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+        self.arm_timer()
 
     # ---- lifetime -------------------------------------------------------------------
     def close(self) -> None:
-        """Reset every flow, close every host socket, stop reading the TAP."""
+        """Reset every flow, close every host socket, then the device."""
         if self._closed:
             return
         now = self.loop.time()
@@ -740,41 +251,18 @@ class Attachment:
             self.stack.close_all(now)
         finally:
             self._closed = True
+            self.host.closed = True
             if self._timer is not None:
                 self._timer.cancel()
-            self.loop.remove_reader(self.fd)
-            if self.pcap is not None:
-                self.pcap.close()
-            counters = self.stack.counters
-            if counters:
-                log.info("counters for %s: %s", self.name,
-                         ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
-
-
-def _queued_icmp_errors(sock: socket.socket) -> Iterator[tuple[bytes, Any, int, int]]:
-    """Drain an IP_RECVERR socket's error queue: for each ICMP error, the start of the
-    datagram it was about, that datagram's destination, and the ICMP type and code."""
-    while True:
-        try:
-            data, ancdata, _flags, addr = sock.recvmsg(
-                512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
-        except OSError:
-            return
-        for level, kind, payload in ancdata:
-            if level != socket.IPPROTO_IP or kind != _IP_RECVERR or len(payload) < _SOCK_EE.size:
-                continue
-            _errno, origin, icmp_type, icmp_code, _pad, _info, _data = _SOCK_EE.unpack_from(payload)
-            if origin == _SO_EE_ORIGIN_ICMP:
-                yield data, addr, icmp_type, icmp_code
-
-
-def _connected(sock: socket.socket) -> bool:
-    """True if a non-blocking connect has already completed (getpeername succeeds)."""
-    try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True
+            try:
+                self.device.close()  # after close_all: a stream sends the RSTs it queued
+            finally:
+                if self.pcap is not None:
+                    self.pcap.close()
+                counters = self.stack.counters
+                if counters:
+                    log.info("counters for %s: %s", self.name,
+                             ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
 
 
 def _faults_from_env() -> Any:

@@ -1,0 +1,617 @@
+"""The host side of an attachment: the stack's HostPort, made of non-blocking host sockets.
+
+Theory of operation
+-------------------
+:class:`HostSockets` implements :class:`~pyslirp.stack.host.HostPort` for one
+attachment (:mod:`pyslirp.runtime.attachment`): it turns the stack's requests
+(connect, send, shutdown, open a UDP or ICMP flow, send a DNS query) into
+non-blocking host sockets registered with the loop, and turns socket
+readiness back into calls on the engines. It knows nothing of the device the
+guest's frames cross; what it needs of the attachment is its pacing
+(:class:`Pacing`: schedule or run one ``Stack.flush``, re-arm the timer, keep
+busy polling), bound once at construction so a call costs no extra lookup.
+
+* a readable host socket is read and flushed in its own callback: the guest
+  is waiting for those bytes, so they do not wait for the loop's next turn;
+* other work (UDP, error reports) schedules one flush (``schedule_flush``),
+  which coalesces over the callbacks of one loop iteration; DNS answers need
+  no flush: they go to the guest as they are read.
+
+Errors on host sockets never escape into the loop: they are reported to the
+engine that owns the socket (as a real socket would), after the current call
+returns (``call_soon``), so an engine is never re-entered from its own call.
+Work that the engine's call asks for but that must wait for it to return (a
+loopback connect that finished inside ``connect()``; reading the host socket
+when the guest half-closes) is queued in :attr:`HostSockets.deferred` and run
+right after that call, within the same callback: the TAP device runs it
+between two frames, ``Attachment.input_done`` after a batch. A guest's
+``connect()`` waits for that SYN-ACK, and a host EOF read then lets our FIN
+carry the ACK of the guest's FIN.
+
+Out of file descriptors (EMFILE/ENFILE when a flow's host socket is made): the
+new flow fails as a refused one would (TCP: RST to the guest; UDP: the datagram
+is dropped; ping: "administratively prohibited"; DNS: the next upstream, then
+SERVFAIL), flows already open are untouched, and new ones work again as soon
+as fds are free. Each failure is counted (``host.out_of_fds``; other socket()
+failures ``host.socket_failed``); a warning is logged at most once per
+``SOCKET_WARNING_INTERVAL``, since a guest opening flows in a loop would
+otherwise flood the log with one line per attempt.
+
+Port forwarding (:mod:`pyslirp.runtime.hostfwd`) adds flows whose host socket
+was accepted rather than connected; they get a :class:`TcpHandle` too and are
+served by the same code from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from pyslirp.runtime.ifaddrs import Outbound
+from pyslirp.stack.stack import Stack
+
+log = logging.getLogger("pyslirp")
+
+_HOST_READ_MAX = 256 * 1024
+_UDP_READ_BATCH = 64
+_UDP_MAX = 65536
+
+# struct sock_extended_err (linux/errqueue.h)
+_SOCK_EE = struct.Struct("=IBBBBII")
+_SO_EE_ORIGIN_ICMP = 2
+_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+_IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+#: Seconds between two warnings that a host socket could not be made.
+SOCKET_WARNING_INTERVAL = 60.0
+
+
+class TcpHandle:
+    """The runtime's side of one TCP flow (``flow.host_handle``): its host socket and
+    which readiness callbacks are registered. Port forwarding creates these for
+    accepted connections too (pyslirp.runtime.hostfwd)."""
+
+    __slots__ = ("sock", "fd", "targets", "reading", "writing", "connecting", "closed")
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.targets: list[tuple[str, int]] = []
+        self.reading = False
+        self.writing = False
+        self.connecting = False
+        self.closed = False
+
+
+class Pacing(Protocol):
+    """What the host side needs of its attachment (pyslirp.runtime.attachment.Attachment)."""
+
+    busy_poll: float
+
+    def schedule_flush(self) -> None:
+        """One ``Stack.flush`` and timer re-arm after this loop iteration's callbacks."""
+
+    def flush_now(self, now: float) -> None:
+        """``Stack.flush`` now, then re-arm the timer (and keep busy polling)."""
+
+    def arm_timer(self) -> None:
+        """Re-arm the loop timer at the stack's next deadline."""
+
+    def keep_polling(self, now: float) -> None:
+        """Poll instead of sleeping for ``busy_poll`` seconds after this work."""
+
+
+class HostSockets:
+    """The host sockets of one attachment's flows: its stack's HostPort."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pacing: Pacing) -> None:
+        self.loop = loop
+        #: Set by the attachment once the stack (which needs us first) exists.
+        self.stack: Stack
+        #: True once the attachment is closed: no more flushes from socket callbacks.
+        self.closed = False
+        # Bound once: each is called per host read or per flush request, and a bound
+        # method in the instance costs one call, as a method of our own would.
+        self._schedule_flush = pacing.schedule_flush
+        self._flush_now = pacing.flush_now
+        self._arm_timer = pacing.arm_timer
+        self._keep_polling = pacing.keep_polling
+        self._busy_poll = pacing.busy_poll
+        #: Host-socket work the engine's current call asked for, run once it has
+        #: returned (see _after_engine_call). Emptied in place, never replaced.
+        self.deferred: list[tuple[Callable[[Any, TcpHandle], None], Any, TcpHandle]] = []
+        #: ``--outbound-addr[6]``: host sockets toward the outside bind here first.
+        self.outbound = Outbound()
+        #: The DNS forwarder's sockets, one per upstream (see dns_send).
+        self._dns_sockets: dict[tuple[str, int], socket.socket] = {}
+        #: Loop time before which no further "cannot make a host socket" warning is logged.
+        self._socket_warning_until = -1.0
+
+    # ---- host sockets that cannot be had -------------------------------------------
+    def _socket_failed(self, exc: OSError, kind: str) -> None:
+        """socket() failed for a new ``kind`` flow: count it; warn now and then, not per flow."""
+        out_of_fds = exc.errno in _OUT_OF_FDS
+        self.stack.link.count("host.out_of_fds" if out_of_fds else "host.socket_failed")
+        now = self.loop.time()
+        if now < self._socket_warning_until:
+            return
+        self._socket_warning_until = now + SOCKET_WARNING_INTERVAL
+        if out_of_fds:
+            log.warning("out of file descriptors (%s): new %s flows are refused until some "
+                        "close (counted as host.out_of_fds; not warned again for %.0f s)",
+                        exc.strerror, kind, SOCKET_WARNING_INTERVAL)
+        else:
+            log.warning("cannot open a %s socket: %s (counted as host.socket_failed; not "
+                        "warned again for %.0f s)", kind, exc.strerror, SOCKET_WARNING_INTERVAL)
+
+    # ---- HostPort: TCP ------------------------------------------------------------
+    def tcp_connect(self, flow: Any, targets: list[tuple[str, int]]) -> None:
+        handle = TcpHandle()
+        handle.targets = list(targets)
+        flow.host_handle = handle
+        self._tcp_try_next(flow, handle, errno.ENETUNREACH)
+
+    def _tcp_try_next(self, flow: Any, handle: TcpHandle, last_error: int) -> None:
+        while handle.targets:
+            host, port = handle.targets.pop(0)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                # Non-blocking from the start: one syscall fewer than setblocking().
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as exc:
+                self._socket_failed(exc, "TCP")
+                last_error = exc.errno or errno.EMFILE
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self.outbound:
+                try:
+                    self.outbound.bind(sock)
+                except OSError as exc:
+                    sock.close()
+                    last_error = exc.errno or errno.EADDRNOTAVAIL
+                    continue
+            err = sock.connect_ex((host, port))
+            if err not in (0, errno.EINPROGRESS):
+                sock.close()
+                last_error = err
+                continue
+            handle.sock = sock
+            handle.fd = sock.fileno()
+            if err == 0 or _connected(sock):
+                # Loopback connects finish inside connect(): skip the epoll round trip,
+                # and answer the SYN as soon as the engine's call returns rather than
+                # a loop iteration later, behind other flows' work: the guest's
+                # connect() is waiting for that SYN-ACK.
+                self._after_engine_call(self._tcp_established, flow, handle)
+                return
+            handle.connecting = True
+            self.loop.add_writer(handle.fd, self._tcp_connect_done, flow, handle)
+            return
+        self.loop.call_soon(self._tcp_report_connect_failed, flow, handle, last_error)
+
+    def _after_engine_call(self, callback: Callable[[Any, TcpHandle], None], flow: Any,
+                           handle: TcpHandle) -> None:
+        """Run ``callback(flow, handle)`` once the engine call in progress has returned.
+
+        The engine is never re-entered from its own call. Guest input runs these after
+        each frame (the TAP device) or batch (``Attachment.input_done``); anything else
+        gets them in the next loop iteration.
+        """
+        if not self.deferred:
+            self.loop.call_soon(self._run_deferred_and_flush)
+        self.deferred.append((callback, flow, handle))
+
+    def run_deferred(self) -> None:
+        """Run the work queued by :meth:`_after_engine_call`; the caller flushes the stack.
+
+        The list is emptied in place: the attachment and its device hold it, to test
+        it between frames without a call.
+        """
+        pending = self.deferred
+        if pending:
+            work = pending[:]
+            pending.clear()
+            for callback, flow, handle in work:
+                callback(flow, handle)
+
+    def _run_deferred_and_flush(self) -> None:
+        if self.deferred:
+            self.run_deferred()
+            self._schedule_flush()
+
+    def _tcp_report_connect_failed(self, flow: Any, handle: TcpHandle, err: int) -> None:
+        if handle.closed:
+            return
+        handle.closed = True
+        flow.host_connect_failed(err, self.loop.time())
+        self._schedule_flush()
+
+    def _tcp_connect_done(self, flow: Any, handle: TcpHandle) -> None:
+        sock = handle.sock
+        assert sock is not None
+        self.loop.remove_writer(handle.fd)
+        handle.connecting = False
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            handle.sock = None
+            handle.fd = -1
+            if handle.targets:
+                self._tcp_try_next(flow, handle, err)
+            else:
+                self._tcp_report_connect_failed(flow, handle, err)
+            return
+        self._tcp_established(flow, handle)
+        self._schedule_flush()
+
+    def _tcp_established(self, flow: Any, handle: TcpHandle) -> None:
+        if handle.closed:
+            return
+        handle.reading = True
+        self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
+        flow.host_connected(self.loop.time())
+
+    def _tcp_readable(self, flow: Any, handle: TcpHandle) -> None:
+        now = self.loop.time()
+        self._tcp_read(flow, handle, now)
+        # Flush now, not at the end of the loop iteration: the guest is waiting for
+        # these bytes (a request/response exchange), and per-flow frames gain nothing
+        # from waiting for other callbacks.
+        if not self.closed:
+            self._flush_now(now)
+
+    def _tcp_read_now(self, flow: Any, handle: TcpHandle) -> None:
+        if handle.reading and not handle.closed:
+            self._tcp_read(flow, handle, self.loop.time())
+
+    def _tcp_read(self, flow: Any, handle: TcpHandle, now: float) -> None:
+        sock = handle.sock
+        while not handle.closed and sock is not None:
+            budget = flow.host_read_budget()
+            if budget <= 0:
+                self._tcp_stop_reading(handle)
+                break
+            try:
+                data = sock.recv(min(budget, _HOST_READ_MAX))
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._tcp_stop_reading(handle)
+                flow.host_error(exc.errno or errno.ECONNRESET, now)
+                break
+            if not data:
+                self._tcp_stop_reading(handle)
+                flow.host_eof(now)
+                break
+            flow.host_data(data, now)
+            if len(data) < min(budget, _HOST_READ_MAX):
+                break  # the socket is drained for now; don't pay an EAGAIN syscall
+
+    def _tcp_stop_reading(self, handle: TcpHandle) -> None:
+        if handle.reading:
+            handle.reading = False
+            self.loop.remove_reader(handle.fd)
+
+    def tcp_write(self, flow: Any, data: Any) -> int:
+        handle: TcpHandle = flow.host_handle
+        sock = handle.sock
+        if sock is None or handle.closed:
+            return 0
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.loop.call_soon(self._tcp_report_error, flow, handle, exc.errno or errno.EPIPE)
+            return 0
+        if sent < len(data) and not handle.writing:
+            handle.writing = True
+            self.loop.add_writer(handle.fd, self._tcp_writable, flow, handle)
+        return sent
+
+    def _tcp_report_error(self, flow: Any, handle: TcpHandle, err: int) -> None:
+        if not handle.closed:
+            flow.host_error(err, self.loop.time())
+            self._schedule_flush()
+
+    def _tcp_writable(self, flow: Any, handle: TcpHandle) -> None:
+        if handle.writing:
+            handle.writing = False
+            self.loop.remove_writer(handle.fd)
+        if not handle.closed:
+            flow.host_writable(self.loop.time())
+            self._schedule_flush()
+
+    def tcp_shutdown_write(self, flow: Any) -> None:
+        handle: TcpHandle = flow.host_handle
+        if handle.sock is not None and not handle.closed:
+            with contextlib.suppress(OSError):
+                handle.sock.shutdown(socket.SHUT_WR)
+            # The guest closed its side. A request/response peer has usually closed
+            # too and its EOF is waiting unread: read it before the guest's FIN is
+            # acknowledged, so our FIN carries that ACK (one frame, not two, and no
+            # loop round trip). When nothing is there, it costs one recv().
+            self._after_engine_call(self._tcp_read_now, flow, handle)
+
+    def tcp_pause_reading(self, flow: Any) -> None:
+        self._tcp_stop_reading(flow.host_handle)
+
+    def tcp_resume_reading(self, flow: Any) -> None:
+        handle: TcpHandle = flow.host_handle
+        if handle is None or handle.closed or handle.sock is None or handle.connecting:
+            return
+        if not handle.reading:
+            handle.reading = True
+            self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
+
+    def tcp_close(self, flow: Any, reset: bool) -> None:
+        handle: TcpHandle | None = getattr(flow, "host_handle", None)
+        if handle is None or handle.closed:
+            return
+        handle.closed = True
+        sock = handle.sock
+        if sock is None:
+            return
+        if handle.reading or handle.connecting:
+            self.loop.remove_reader(handle.fd)
+        if handle.writing or handle.connecting:
+            self.loop.remove_writer(handle.fd)
+        handle.reading = handle.writing = handle.connecting = False
+        if reset:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        handle.sock = None
+
+    # ---- HostPort: UDP ------------------------------------------------------------
+    def udp_open(self, flow: Any) -> bool:
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            self._socket_failed(exc, "UDP")
+            return False
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        if self.outbound:
+            try:
+                self.outbound.bind(sock)
+            except OSError as exc:
+                sock.close()
+                log.warning("cannot bind a UDP socket to the outbound address: %s", exc.strerror)
+                return False
+        flow.host_handle = sock
+        self.loop.add_reader(sock.fileno(), self._udp_readable, flow, sock)
+        return True
+
+    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any) -> None:
+        sock: socket.socket | None = flow.host_handle
+        if sock is None:
+            return
+        try:
+            sock.sendto(data, dst)
+        except OSError:
+            self.stack.link.count("drop.udp.host_send")
+
+    def _udp_readable(self, flow: Any, sock: socket.socket) -> None:
+        now = self.loop.time()
+        udp = self.stack.udp
+        for _ in range(_UDP_READ_BATCH):
+            try:
+                data, (src_ip, src_port, *_rest) = sock.recvfrom(_UDP_MAX)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.udp_read_errors(flow, sock, now)
+                continue
+            udp.host_datagram(flow, src_ip, src_port, data, now)
+        self._schedule_flush()
+
+    def udp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
+        """Drain the error queue (IP_RECVERR) and report ICMP errors to the engine."""
+        for _data, addr, icmp_type, icmp_code in _queued_icmp_errors(sock):
+            if addr:
+                self.stack.udp.host_error(flow, (addr[0], addr[1]), icmp_type, icmp_code, now)
+
+    def udp_close(self, flow: Any) -> None:
+        sock: socket.socket | None = getattr(flow, "host_handle", None)
+        if sock is None:
+            return
+        flow.host_handle = None
+        self.loop.remove_reader(sock.fileno())
+        sock.close()
+
+    # ---- HostPort: ICMP echo --------------------------------------------------------
+    def icmp_echo(self, flow: Any, dst: str, ident: int, seq: int, payload: Any) -> bool:
+        sock: socket.socket | None = getattr(flow, "host_handle", None)
+        if sock is None:
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FDS:
+                    self._socket_failed(exc, "ICMP")
+                return False  # or net.ipv4.ping_group_range does not include us
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            if self.outbound:
+                try:
+                    self.outbound.bind(sock)
+                except OSError:
+                    sock.close()
+                    return False
+            flow.host_handle = sock
+            self.loop.add_reader(sock.fileno(), self._icmp_readable, flow, sock)
+        # The kernel rewrites the identifier to the socket's own and back on replies.
+        message = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(payload)
+        try:
+            sock.sendto(message, (dst, 0))
+        except OSError:
+            return False
+        return True
+
+    def _icmp_readable(self, flow: Any, sock: socket.socket) -> None:
+        now = self.loop.time()
+        for _ in range(_UDP_READ_BATCH):
+            try:
+                data = sock.recv(_UDP_MAX)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._icmp_read_errors(flow, sock, now)
+                continue
+            if len(data) >= 8 and data[0] == 0:
+                seq = int.from_bytes(data[6:8], "big")
+                self.stack.icmp.host_echo_reply(flow, seq, data[8:], now)
+        self._schedule_flush()
+
+    def _icmp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
+        """An echo of ours met an ICMP error (e.g. host unreachable): tell the guest."""
+        for data, _addr, icmp_type, icmp_code in _queued_icmp_errors(sock):
+            if len(data) >= 8:
+                seq = int.from_bytes(data[6:8], "big")
+                self.stack.icmp.host_echo_error(flow, seq, icmp_type, icmp_code, now)
+
+    def icmp_close(self, flow: Any) -> None:
+        sock: socket.socket | None = getattr(flow, "host_handle", None)
+        if sock is not None:
+            flow.host_handle = None
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+    # ---- HostPort: DNS --------------------------------------------------------------
+    # One connected UDP socket per upstream, shared by every query (the forwarder
+    # gives each attempt an ID of its own); see pyslirp/stack/dns.py.
+    def dns_send(self, query: Any, upstream: tuple[str, int], data: Any) -> None:
+        sock = self._dns_sockets.get(upstream)
+        if sock is None:
+            sock = self._dns_open(upstream)
+            if sock is None:
+                self.loop.call_soon(self._dns_failed, query, upstream)
+                return
+        for _ in range(2):
+            try:
+                sock.send(data)
+                return
+            except ConnectionRefusedError:
+                # An ICMP error about an earlier datagram was pending on the socket and
+                # this send reported it instead of sending (the error queue still says
+                # which datagram it was about): send again.
+                continue
+            except BlockingIOError:
+                self.stack.link.count("dns.drop.send_full")  # the attempt times out
+                return
+            except OSError:
+                break
+        self.loop.call_soon(self._dns_failed, query, upstream)
+
+    def _dns_open(self, upstream: tuple[str, int]) -> socket.socket | None:
+        host, port = upstream
+        v6 = ":" in host
+        try:
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            self._socket_failed(exc, "DNS")
+            return None
+        try:
+            sock.setblocking(False)
+            # Errors arrive with the start of the datagram they are about (its DNS ID).
+            if v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            if self.outbound:
+                self.outbound.bind(sock)
+            sock.connect((host, port))
+        except OSError:
+            sock.close()
+            return None
+        self._dns_sockets[upstream] = sock
+        self.loop.add_reader(sock.fileno(), self._dns_readable, upstream, sock)
+        return sock
+
+    def _dns_failed(self, query: Any, upstream: tuple[str, int]) -> None:
+        self.stack.dns.upstream_failed(query, self.loop.time(), upstream)
+        self._schedule_flush()
+
+    def _dns_readable(self, upstream: tuple[str, int], sock: socket.socket) -> None:
+        now = self.loop.time()
+        dns = self.stack.dns
+        sockets = self._dns_sockets
+        for _ in range(_UDP_READ_BATCH):
+            try:
+                data = sock.recv(_UDP_MAX)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._dns_read_errors(upstream, sock, now)
+            else:
+                dns.upstream_datagram(upstream, data, now)
+                if not dns.inflight.get(upstream):
+                    break  # nothing more is expected: spare the read that gets EAGAIN
+            if sockets.get(upstream) is not sock:
+                break  # the forwarder released the upstream meanwhile
+        # Answers went to the guest already and no TCP flow was touched: no
+        # Stack.flush is needed, only the timer (a failover sets a deadline).
+        self._arm_timer()
+        if self._busy_poll:
+            self._keep_polling(now)  # the guest's next query follows the answer
+
+    def _dns_read_errors(self, upstream: tuple[str, int], sock: socket.socket,
+                         now: float) -> None:
+        """Fail the attempts that the socket's queued errors are about (IP_RECVERR
+        returns the start of each datagram that met an error), or, if none is
+        queued, every attempt waiting on this upstream."""
+        dns = self.stack.dns
+        named = False
+        while True:
+            try:
+                data, _anc, _flags, _addr = sock.recvmsg(
+                    2, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if len(data) == 2:
+                named = True
+                dns.upstream_error(upstream, now, data[0] << 8 | data[1])
+        if not named:
+            dns.upstream_error(upstream, now, None)
+
+    def dns_cancel(self, query: Any) -> None:
+        pass  # nothing is held per query
+
+    def dns_release(self, upstream: tuple[str, int]) -> None:
+        sock = self._dns_sockets.pop(upstream, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+
+def _queued_icmp_errors(sock: socket.socket) -> Iterator[tuple[bytes, Any, int, int]]:
+    """Drain an IP_RECVERR socket's error queue: for each ICMP error, the start of the
+    datagram it was about, that datagram's destination, and the ICMP type and code."""
+    while True:
+        try:
+            data, ancdata, _flags, addr = sock.recvmsg(
+                512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        for level, kind, payload in ancdata:
+            if level != socket.IPPROTO_IP or kind != _IP_RECVERR or len(payload) < _SOCK_EE.size:
+                continue
+            _errno, origin, icmp_type, icmp_code, _pad, _info, _data = _SOCK_EE.unpack_from(payload)
+            if origin == _SO_EE_ORIGIN_ICMP:
+                yield data, addr, icmp_type, icmp_code
+
+
+def _connected(sock: socket.socket) -> bool:
+    """True if a non-blocking connect has already completed (getpeername succeeds)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
