@@ -10,8 +10,8 @@ request per connection, one JSON reply, then the connection closes.
 * ``add``: open the TAP in the container's namespace and configure it
   (:func:`pyslirp.runtime.tap.open_tap`, the same forked-child path as
   ``pyslirp --configure``), serve it with an
-  :class:`~pyslirp.runtime.engine.Attachment` on the shared loop, write the
-  state file, return the 1.1.0-shaped result. One loop holding many
+  :class:`~pyslirp.runtime.attachment.Attachment` (a TAP device) on the
+  shared loop, write the state file, return the 1.1.0-shaped result. One loop holding many
   attachments is what keeps the marginal cost of a container at one
   :class:`~pyslirp.stack.stack.Stack` instead of one interpreter.
 * ``del``: close the attachment (the TAP disappears with its last fd); for a
@@ -144,8 +144,9 @@ def _key(network: str, cid: str, ifname: str) -> str:
     return f"{network}:{cid}:{ifname}"
 
 
-class Engine:
-    """Serves requests from the plugin and the attachments they create."""
+class AttachmentDaemon:
+    """The CNI engine process's core: answers the plugin's requests and serves the
+    attachments they create (users and logs call the process "the engine")."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, rundir: str) -> None:
         self.loop = loop
@@ -302,7 +303,8 @@ class Engine:
             self._adding.discard(key)
 
     async def _add(self, req: dict[str, Any], key: str) -> dict[str, Any]:
-        from pyslirp.runtime.engine import Attachment
+        from pyslirp.runtime.attachment import Attachment
+        from pyslirp.runtime.device import TapDevice
         from pyslirp.runtime.tap import ConfigureSpec, TapError, open_tap
         from pyslirp.stack.config import ConfigError, NetConfig, parse_cidr
 
@@ -342,8 +344,8 @@ class Engine:
         try:
             config.vnet_hdr = tap.vnet_hdr
             config.offload = tap.offload
-            attachment = Attachment(self.loop, tap.fd, config, name=f"{cid[:12]}/{ifname}",
-                                    on_fatal=lambda msg: self._on_fatal(key, msg))
+            attachment = Attachment(self.loop, TapDevice(tap.fd, name=f"{cid[:12]}/{ifname}"),
+                                    config, on_fatal=lambda msg: self._on_fatal(key, msg))
         except Exception:
             tap.close()
             raise
@@ -835,30 +837,30 @@ def serve(rundir: str) -> int:
         return 0
     loop = _new_loop()
     asyncio.set_event_loop(loop)
-    engine = Engine(loop, rundir)
+    daemon = AttachmentDaemon(loop, rundir)
     try:
-        loop.run_until_complete(engine.listen())
+        loop.run_until_complete(daemon.listen())
         malloc.freeze_startup_objects()
     except OSError as exc:
         log.error("cannot listen on %s: %s", plugin.socket_path(rundir), exc)
         return 1
     _install_seccomp()
-    engine.start_resolv_watcher()
+    daemon.start_resolv_watcher()
 
     def on_signal(sig: int) -> None:
         log.info("received %s: closing every attachment", signal.Signals(sig).name)
-        if not engine.stopped.done():
-            engine.stopped.set_result(None)
+        if not daemon.stopped.done():
+            daemon.stopped.set_result(None)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    log.info("engine %s serving %s", engine.identity, rundir)
-    engine._maybe_idle()  # started for nothing (e.g. a DEL of a stale attachment)
+    log.info("engine %s serving %s", daemon.identity, rundir)
+    daemon._maybe_idle()  # started for nothing (e.g. a DEL of a stale attachment)
     try:
-        loop.run_until_complete(engine.stopped)
+        loop.run_until_complete(daemon.stopped)
     finally:
-        engine.shutdown()
+        daemon.shutdown()
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
         os.close(lock_fd)
@@ -866,7 +868,7 @@ def serve(rundir: str) -> int:
 
 
 def _install_seccomp() -> None:
-    """The engine's seccomp filter (no exec, ptrace, mount...): docs/security-sandbox.md.
+    """The engine's seccomp filter (no exec, ptrace, mount...): docs/security.md.
 
     setns and prctl stay allowed: the TAP and namespace helpers it forks for
     containers yet to come inherit the filter. No mount sandbox: they must

@@ -13,26 +13,26 @@ the hook lists, the hook points it subscribed to. This server listens on
   v1alpha3, hook points ``OnDefineDomain`` and ``Shutdown`` (virt-launcher
   calls Shutdown only on v1alpha3, which it prefers).
 * ``OnDefineDomain`` (every version): read the VMI, start or reuse one
-  pyslirp stack per NIC bound to the plugin (``pyslirp.kubevirt.stacks``),
-  and return the domain XML with QEMU connected to it
-  (``pyslirp.kubevirt.domain``). Bad input is ``INVALID_ARGUMENT`` with the
-  reason and nothing started; a stack that can't start (a port in use) is
-  ``FAILED_PRECONDITION``. Either way no domain comes back, so virt-launcher
-  never defines a half-edited one.
+  pyslirp back end (a ``--target-type=qemu-stream`` process) per NIC bound
+  to the plugin (``pyslirp.kubevirt.backends``), and return the domain XML
+  with QEMU connected to it (``pyslirp.kubevirt.domain``). Bad input is
+  ``INVALID_ARGUMENT`` with the reason and nothing started; a back end that
+  can't start (a port in use) is ``FAILED_PRECONDITION``. Either way no
+  domain comes back, so virt-launcher never defines a half-edited one.
 * ``PreCloudInitIso``: hands the cloud-init data back unchanged (it is in
   the service, but not subscribed).
-* ``Shutdown`` (v1alpha3): stop the stacks, answer, and exit 0, which is how
+* ``Shutdown`` (v1alpha3): stop the back ends, answer, and exit 0, which is how
   a sidecar container ends when its VM does.
 
 Who may connect: the hook socket is created owner-only (0600). Whoever can
-call ``OnDefineDomain`` decides which stacks run and what QEMU is told, so
+call ``OnDefineDomain`` decides which back ends run and what QEMU is told, so
 nobody but virt-launcher may; virt-launcher runs as the sidecar's user (uid
 107 in non-root VMs, where KubeVirt runs sidecars as the qemu user too) or as
 root, and either can connect to a 0600 socket of ours. QEMU's own sockets
-are QEMU's user's only (``pyslirp.kubevirt.stacks``; ``--qemu-user``).
+are QEMU's user's only (``pyslirp.kubevirt.backends``; ``--qemu-user``).
 
 SIGTERM/SIGINT do the same as Shutdown. gRPC handlers run on a small thread
-pool; the stack manager serialises what they do to the stacks.
+pool; the back-end manager serialises what they do to the back ends.
 
 The plugin's name (the ``binding.name`` a VMI's interface uses) is
 ``NETWORK_BINDING_PLUGIN_NAME`` from the environment (KubeVirt sets it for
@@ -52,8 +52,8 @@ from concurrent import futures
 from typing import Any
 
 from pyslirp.kubevirt import domain
+from pyslirp.kubevirt.backends import QEMU_USER, BackendError, BackendManager
 from pyslirp.kubevirt.domain import HookError
-from pyslirp.kubevirt.stacks import QEMU_USER, StackError, StackManager
 from pyslirp.wire import netparams
 
 log = logging.getLogger("pyslirp")
@@ -66,9 +66,9 @@ DATA_SUBDIR = "pyslirp"
 class HookServer:
     """The hook's behaviour, independent of gRPC plumbing (tests call it directly too)."""
 
-    def __init__(self, stacks: StackManager, plugin: str, on_shutdown: Any = None,
+    def __init__(self, backends: BackendManager, plugin: str, on_shutdown: Any = None,
                  virtio_mtu: int = domain.DEFAULT_VIRTIO_MTU) -> None:
-        self.stacks = stacks
+        self.backends = backends
         self.plugin = plugin
         self.virtio_mtu = virtio_mtu
         self._on_shutdown = on_shutdown
@@ -81,15 +81,15 @@ class HookServer:
         return result
 
     def on_define_domain(self, domain_xml: bytes, vmi_json: bytes) -> bytes:
-        """The edited domain; HookError/StackError say why not."""
+        """The edited domain; HookError/BackendError say why not."""
         ifaces = domain.slirp_interfaces(vmi_json, self.plugin, self.virtio_mtu)
-        # Check the XML before starting anything: bad input must leave no stack behind.
+        # Check the XML before starting anything: bad input must leave no back end behind.
         domain.edit_domain(domain_xml, [])
-        sockets = self.stacks.ensure(ifaces)
+        sockets = self.backends.ensure(ifaces)
         return domain.edit_domain(domain_xml, [(i, sockets[i.name]) for i in ifaces])
 
     def shutdown(self) -> None:
-        self.stacks.stop_all()
+        self.backends.stop_all()
         if self._on_shutdown is not None:
             self._on_shutdown()
 
@@ -122,7 +122,7 @@ def _handlers(hooks: HookServer, grpc: Any) -> list[Any]:
             except HookError as exc:
                 log.error("kubevirt: OnDefineDomain: %s", exc)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except StackError as exc:
+            except BackendError as exc:
                 log.error("kubevirt: OnDefineDomain: %s", exc)
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             return response_cls(domainXML=xml)
@@ -237,8 +237,8 @@ def main(argv: list[str]) -> int:
         log.error("--data-dir must not be the hook directory itself; use a subdirectory")
         return 1
     stop = threading.Event()
-    stacks = StackManager(data_dir, dns_upstreams=args.dns_upstream, qemu_user=args.qemu_user)
-    hooks = HookServer(stacks, plugin, on_shutdown=stop.set, virtio_mtu=args.virtio_mtu)
+    backends = BackendManager(data_dir, dns_upstreams=args.dns_upstream, qemu_user=args.qemu_user)
+    hooks = HookServer(backends, plugin, on_shutdown=stop.set, virtio_mtu=args.virtio_mtu)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers(_handlers(hooks, grpc))
     try:
@@ -254,7 +254,7 @@ def main(argv: list[str]) -> int:
             raise RuntimeError("gRPC could not bind it")
     except RuntimeError as exc:
         log.error("cannot listen on %s: %s", path, exc)
-        stacks.close()
+        backends.close()
         return 1
     finally:
         os.umask(old_umask)
@@ -269,7 +269,7 @@ def main(argv: list[str]) -> int:
     finally:
         # Let an in-flight Shutdown answer before the process goes.
         server.stop(grace=2).wait(5)
-        stacks.close()
+        backends.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
         log.info("kubevirt: hook server stopped")

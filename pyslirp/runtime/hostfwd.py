@@ -11,7 +11,7 @@ same backpressure, the same throughput as the guest's own outbound flows.
 * **TCP**: a listening socket (``SO_REUSEADDR``, so a port can be forwarded
   again while old connections linger in TIME_WAIT; a port someone listens on
   is still refused). Each accepted connection becomes a
-  :class:`~pyslirp.runtime.engine.TcpHandle` of the attachment and an
+  :class:`~pyslirp.runtime.hostsockets.TcpHandle` of the attachment and an
   active open toward the guest (``TcpEngine.open_to_guest``: SYN_SENT). The
   engine asks the attachment to start reading the host socket once the guest
   accepted; a guest that refuses (RST) or never answers makes the engine
@@ -74,7 +74,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyslirp.runtime.engine import Attachment, TcpHandle
+from pyslirp.runtime.attachment import Attachment
+from pyslirp.runtime.hostsockets import TcpHandle
 
 log = logging.getLogger("pyslirp")
 
@@ -362,7 +363,7 @@ class HostForwarder:
                 break
             except OSError:
                 # An ICMP error for something the guest sent from this port (IP_RECVERR).
-                self.attachment.udp_read_errors(flow, sock, now)
+                self.attachment.host.udp_read_errors(flow, sock, now)
                 continue
             if peers.get((src_ip, src_port)) is not sock:
                 if len(peers) >= _MAX_UDP_PEERS:

@@ -9,7 +9,8 @@ going away, then close every host socket and exit 0. :func:`run_command` is
 with the command's status once it ends.
 
 Both go through :class:`Server`, which owns the uvloop loop, the
-:class:`~pyslirp.runtime.engine.Attachment`, the signal handlers and the
+:class:`~pyslirp.runtime.attachment.Attachment` (with a TAP device, or a QEMU
+one: ``device_class``), the signal handlers and the
 resolv.conf watcher that keeps the DNS upstreams current when no
 ``--dns-upstream`` was given. What to serve comes as a
 :class:`~pyslirp.runtime.spec.ServeSpec`; the API socket is the front end's
@@ -24,10 +25,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pyslirp.runtime import malloc
-from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.attachment import Attachment
+from pyslirp.runtime.device import Device, TapDevice
 from pyslirp.runtime.pcap import PcapWriter
 from pyslirp.runtime.spec import ApiFactory, Closeable, ServeSpec
 from pyslirp.stack.config import NetConfig
@@ -85,15 +88,15 @@ class Server:
     def __init__(self, tap_fd: int, config: NetConfig, *, tap_name: str = "tap0",
                  pcap_path: str | None = None,
                  dns_upstreams: list[tuple[str, int]] | None = None,
-                 attachment_class: type[Attachment] = Attachment) -> None:
+                 device_class: Callable[[int, str], Device] = TapDevice) -> None:
         self.loop = _new_loop()
         self.config = config
         self.exit_status = 0
         self._stopped = self.loop.create_future()
         pcap = PcapWriter(pcap_path, strip_vnet=config.vnet_hdr) if pcap_path else None
-        # attachment_class: the link's kind (a TAP, or a QEMU socket: runtime/qemu.py).
-        self.attachment = attachment_class(self.loop, tap_fd, config, pcap=pcap, name=tap_name,
-                                           on_fatal=lambda _msg: self.stop(1))
+        # device_class: the link's kind (a TAP, or a QEMU socket: runtime/qemu.py).
+        self.attachment = Attachment(self.loop, device_class(tap_fd, tap_name), config,
+                                     pcap=pcap, on_fatal=lambda _msg: self.stop(1))
         self._watcher: ResolvConfWatcher | None = None
         if dns_upstreams:
             self.set_dns(dns_upstreams, config.search_domains)
@@ -222,11 +225,12 @@ def serve_namespace(spec: ServeSpec) -> int:
              tap.name, spec.netns_type, spec.target, config.mtu, config.network,
              "on" if tap.vnet_hdr else "off", "on" if tap.offload else "off",
              (time.monotonic() - started) * 1000)
-    server.attachment.outbound.ipv4 = spec.outbound_addr
-    server.attachment.outbound.ipv6 = spec.outbound_addr6
-    if server.attachment.outbound:
+    outbound = server.attachment.host.outbound
+    outbound.ipv4 = spec.outbound_addr
+    outbound.ipv6 = spec.outbound_addr6
+    if outbound:
         log.info("outbound address: %s", " ".join(
-            a for a in (server.attachment.outbound.ipv4, server.attachment.outbound.ipv6) if a))
+            a for a in (outbound.ipv4, outbound.ipv6) if a))
     # slirp4netns's order: sockets (TAP, API) first, then sandbox and seccomp, then ready.
     from pyslirp.runtime.sandbox import apply as apply_hardening
 

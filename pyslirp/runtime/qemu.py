@@ -5,16 +5,16 @@ Theory of operation
 A namespace's link is a TAP fd; a VM's link is a socket QEMU connects to, as
 with passt. Everything above the link (the :class:`~pyslirp.stack.stack.Stack`,
 host sockets, DNS, port forwarding, the API socket, pcap) is the same, so the
-two classes here are :class:`~pyslirp.runtime.engine.Attachment` subclasses
-that only replace how frames cross the link. Frames are plain Ethernet (no
-virtio-net header, no GSO): QEMU's socket back ends carry what the guest's
-NIC put on the wire, so ``config.vnet_hdr`` and ``config.offload`` must be
-False and the TCP engine segments to the MSS itself.
+two classes here are devices (:class:`~pyslirp.runtime.device.Device`) that an
+:class:`~pyslirp.runtime.attachment.Attachment` composes like a TAP: they only
+read and write frames. Frames are plain Ethernet (no virtio-net header, no
+GSO): QEMU's socket back ends carry what the guest's NIC put on the wire, so
+both are ``plain_frames`` devices (the attachment refuses ``config.vnet_hdr``
+or ``config.offload``) and the TCP engine segments to the MSS itself.
 
-The attachment's fd is the *listening* socket (stream) or the bound datagram
-socket (dgram); the base class registers it with the loop and calls
-``_on_tap_readable`` when it is readable, which here means "accept" or
-"datagrams waiting".
+The device's fd is the *listening* socket (stream) or the bound datagram
+socket (dgram); the device registers a duplicate of it with the loop, so the
+caller closes its own.
 
 ``-netdev stream`` (QEMU >= 7.2, net/stream.c): each frame is preceded by
 its length as a 4-byte big-endian integer. We accept on a Unix stream socket
@@ -74,15 +74,12 @@ import os
 import socket
 import stat
 import struct
-import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from pyslirp.runtime.engine import Attachment
-from pyslirp.runtime.pcap import PcapWriter
+from pyslirp.runtime.device import Device, DeviceOwner
 from pyslirp.runtime.spec import ServeSpec
-from pyslirp.stack.config import NetConfig
 
 log = logging.getLogger("pyslirp")
 
@@ -156,20 +153,19 @@ def _remove_socket_file(path: str, ino: int, dir_fd: int | None = None) -> None:
             os.unlink(name, dir_fd=dir_fd)
 
 
-def _require_plain_frames(config: NetConfig) -> None:
-    if config.vnet_hdr or config.offload:
-        raise ValueError("QEMU socket back ends carry plain frames: "
-                         "config.vnet_hdr and config.offload must be False")
+class QemuStreamDevice(Device):
+    """The guest link over QEMU's ``-netdev stream`` (length-prefixed frames on a stream).
 
+    ``fd`` is the listening Unix socket; it stays the caller's (we use a duplicate).
+    """
 
-class QemuStreamAttachment(Attachment):
-    """The guest link over QEMU's ``-netdev stream`` (length-prefixed frames on a stream)."""
+    plain_frames = True
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, config: NetConfig,
-                 pcap: PcapWriter | None = None, name: str = "qemu",
-                 on_fatal: Callable[[str], None] | None = None) -> None:
-        _require_plain_frames(config)
-        self._listener = socket.socket(fileno=os.dup(fd))
+    def __init__(self, fd: int, name: str = "qemu") -> None:
+        super().__init__(fd, name)
+        self._owner: DeviceOwner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._conn_fd = -1
         #: (uid, gid) of the connected QEMU (SO_PEERCRED); only they may reconnect.
@@ -182,15 +178,22 @@ class QemuStreamAttachment(Attachment):
         self.connections = 0
         #: Connections turned away because another user's QEMU was connected.
         self.refused = 0
-        super().__init__(loop, fd, config, pcap=pcap, name=name, on_fatal=on_fatal)
 
     @property
     def connected(self) -> bool:
         return self._conn is not None
 
+    def start(self, owner: DeviceOwner) -> None:
+        self._owner = owner
+        self._loop = owner.loop
+        self._listener = socket.socket(fileno=os.dup(self.fd))
+        self._listener.setblocking(False)
+        owner.loop.add_reader(self._listener.fileno(), self._on_listener_readable)
+
     # ---- accepting -----------------------------------------------------------------
-    def _on_tap_readable(self) -> None:
-        """The listening socket is readable: take the newest connection."""
+    def _on_listener_readable(self) -> None:
+        """Take the newest connection."""
+        assert self._listener is not None and self._loop is not None
         while True:
             try:
                 conn, _addr = self._listener.accept()
@@ -215,7 +218,7 @@ class QemuStreamAttachment(Attachment):
             self._conn = conn
             self._conn_fd = conn.fileno()
             self.connections += 1
-            self.loop.add_reader(self._conn_fd, self._on_conn_readable)
+            self._loop.add_reader(self._conn_fd, self._on_conn_readable)
             log.info("%s: QEMU connected", self.name)
 
     def _refuse(self, conn: socket.socket, peer: tuple[int, int] | None) -> None:
@@ -230,12 +233,12 @@ class QemuStreamAttachment(Attachment):
 
     def _drop_connection(self) -> None:
         conn = self._conn
-        if conn is None:
+        if conn is None or self._loop is None:
             return
         self._peer = None
-        self.loop.remove_reader(self._conn_fd)
+        self._loop.remove_reader(self._conn_fd)
         if self._writing:
-            self.loop.remove_writer(self._conn_fd)
+            self._loop.remove_writer(self._conn_fd)
             self._writing = False
         conn.close()
         self._conn = None
@@ -247,7 +250,8 @@ class QemuStreamAttachment(Attachment):
     # ---- frames from QEMU ----------------------------------------------------------
     def _on_conn_readable(self) -> None:
         conn = self._conn
-        if conn is None:
+        owner = self._owner
+        if conn is None or owner is None:
             return
         try:
             chunk = conn.recv(_READ_SIZE)
@@ -263,69 +267,56 @@ class QemuStreamAttachment(Attachment):
             self._drop_connection()
             return
         data = self._partial + chunk if self._partial else chunk
-        now = self.loop.time()
+        now = owner.loop.time()
         end = len(data)
         pos = 0
         unpack = _LENGTH.unpack_from
-        receive = self._receive
+        receive = owner.receive
         while end - pos >= 4 and self._conn is conn:
             (length,) = unpack(data, pos)
             if length > MAX_FRAME:
                 log.error("%s: QEMU stream out of sync: a frame of %d bytes announced "
                           "(at most %d); dropping the connection", self.name, length, MAX_FRAME)
-                self.stack.link.count("drop.rx.bad_length")
+                owner.count("drop.rx.bad_length")
                 self._drop_connection()
-                self._after_input(now)
+                owner.input_done(now)
                 return
             if end - pos - 4 < length:
                 break
             pos += 4
             if length < _ETH_HEADER:
-                self.stack.link.count("drop.rx.runt")
+                owner.count("drop.rx.runt")
             else:
+                # A bytes object of its own: the stack may keep a view of it.
                 receive(memoryview(data[pos:pos + length]), now)
             pos += length
         if self._conn is conn:  # not dropped by a failed write meanwhile
             self._partial = data[pos:] if pos < end else b""
-        self._after_input(now)
-
-    def _receive(self, frame: memoryview, now: float) -> None:
-        if self.pcap is not None:
-            self.pcap.write(frame, time.time())
-        faults = self._faults
-        if faults is not None:
-            for held in faults.process(bytes(frame), "from_guest"):
-                self.stack.receive_frame(memoryview(held), now)
-            self._release_held_frames_later("from_guest")
-        else:
-            self.stack.receive_frame(frame, now)
-
-    def _after_input(self, now: float) -> None:
-        if not self._closed:
-            self._input_done(now)
+        owner.input_done(now)
 
     # ---- frames to QEMU ------------------------------------------------------------
-    def _write_frame(self, parts: Sequence[Any]) -> None:
-        if self._conn is None:
-            self.stack.link.count("drop.tx.no_peer")
-            return
+    def write_frame(self, parts: Sequence[Any]) -> bool:
+        owner = self._owner
+        if self._conn is None or owner is None:
+            if owner is not None:
+                owner.count("drop.tx.no_peer")
+            return False
         size = 0
         for part in parts:
             size += len(part)
         if size > MAX_FRAME:
-            self.stack.link.count("drop.tx.too_big")
-            return
+            owner.count("drop.tx.too_big")
+            return False
         if self._out_bytes + size + 4 > MAX_BACKLOG:
-            self.stack.link.count("drop.tx.backlog")
-            return
+            owner.count("drop.tx.backlog")
+            return False
         # One copy now (the parts may be reused once we return), one sendmsg per batch later.
         self._out.append(b"".join((_LENGTH.pack(size), *parts)))
         self._out_bytes += size + 4
         if not self._send_scheduled and not self._writing:
             self._send_scheduled = True
-            self.loop.call_soon(self._send_out)
-        if self.pcap is not None:
-            self.pcap.write(parts, time.time())
+            owner.loop.call_soon(self._send_out)
+        return True
 
     def _send_out(self) -> None:
         """Send what is queued, as far as the socket takes it; wait for writability if not all."""
@@ -356,105 +347,113 @@ class QemuStreamAttachment(Attachment):
                 out.popleft()
             if sent < total:
                 break  # the socket is full: wait until it is writable
+        if self._loop is None:
+            return
         if out and conn is not None and not self._writing:
             self._writing = True
-            self.loop.add_writer(self._conn_fd, self._on_conn_writable)
+            self._loop.add_writer(self._conn_fd, self._send_out)
         elif not out and self._writing:
             self._writing = False
-            self.loop.remove_writer(self._conn_fd)
-
-    def _on_conn_writable(self) -> None:
-        self._send_out()
+            self._loop.remove_writer(self._conn_fd)
 
     # ---- lifetime ------------------------------------------------------------------
     def close(self) -> None:
-        if self._closed:
+        if self._loop is None:
             return
         try:
-            super().close()
             self._send_out()  # the RSTs close_all just queued, as far as QEMU takes them
         finally:
             self._drop_connection()
-            self._listener.close()
+            if self._listener is not None:
+                self._loop.remove_reader(self._listener.fileno())
+                self._listener.close()
+                self._listener = None
+            self._loop = None
+            self._owner = None
 
 
-class QemuDgramAttachment(Attachment):
-    """The guest link over QEMU's ``-netdev dgram`` (one frame per Unix datagram)."""
+class QemuDgramDevice(Device):
+    """The guest link over QEMU's ``-netdev dgram`` (one frame per Unix datagram).
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, config: NetConfig,
-                 pcap: PcapWriter | None = None, name: str = "qemu",
-                 on_fatal: Callable[[str], None] | None = None) -> None:
-        _require_plain_frames(config)
-        self._sock = socket.socket(fileno=os.dup(fd))
+    ``fd`` is the bound datagram socket; it stays the caller's (we use a duplicate).
+    """
+
+    plain_frames = True
+
+    def __init__(self, fd: int, name: str = "qemu") -> None:
+        super().__init__(fd, name)
+        self._owner: DeviceOwner | None = None
+        self._sock: socket.socket | None = None
         #: Where QEMU's datagrams come from (its ``local.path``); None until the first one.
         self.peer: str | None = None
-        super().__init__(loop, fd, config, pcap=pcap, name=name, on_fatal=on_fatal)
 
-    def _on_tap_readable(self) -> None:
+    def start(self, owner: DeviceOwner) -> None:
+        self._owner = owner
+        self._sock = socket.socket(fileno=os.dup(self.fd))
+        self._sock.setblocking(False)
+        owner.loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
         sock = self._sock
-        now = self.loop.time()
+        owner = self._owner
+        if sock is None or owner is None:
+            return
+        now = owner.loop.time()
+        receive = owner.receive
+        count = owner.count
         for _ in range(_DGRAM_BATCH):
             try:
                 data, _anc, flags, addr = sock.recvmsg(MAX_FRAME)
             except BlockingIOError:
                 break
             except OSError as exc:
-                self._fatal(f"reading the QEMU datagram socket failed: {exc.strerror}")
+                owner.link_lost(f"reading the QEMU datagram socket failed: {exc.strerror}")
                 return
             if flags & socket.MSG_TRUNC:
                 # Bigger than any frame QEMU sends: not a frame; never hand on a cut one.
-                self.stack.link.count("drop.rx.too_big")
+                count("drop.rx.too_big")
                 continue
             if not addr:
                 # An unbound sender: we could never answer it, and QEMU always binds.
-                self.stack.link.count("drop.rx.unbound_peer")
+                count("drop.rx.unbound_peer")
                 continue
             if addr != self.peer:
                 if self.peer is not None:
                     log.info("%s: QEMU now sends from %s", self.name, addr)
                 self.peer = addr
             if len(data) < _ETH_HEADER:
-                self.stack.link.count("drop.rx.runt")
+                count("drop.rx.runt")
                 continue
-            if self.pcap is not None:
-                self.pcap.write(data, time.time())
-            faults = self._faults
-            if faults is not None:
-                for frame in faults.process(data, "from_guest"):
-                    self.stack.receive_frame(memoryview(frame), now)
-                self._release_held_frames_later("from_guest")
-            else:
-                self.stack.receive_frame(memoryview(data), now)
-        if not self._closed:
-            self._input_done(now)
+            receive(memoryview(data), now)
+        owner.input_done(now)
 
-    def _write_frame(self, parts: Sequence[Any]) -> None:
+    def write_frame(self, parts: Sequence[Any]) -> bool:
         peer = self.peer
-        if peer is None:
-            self.stack.link.count("drop.tx.no_peer")
-            return
+        owner = self._owner
+        if peer is None or self._sock is None or owner is None:
+            if owner is not None:
+                owner.count("drop.tx.no_peer")
+            return False
         try:
             self._sock.sendmsg(parts, (), 0, peer)
         except BlockingIOError:
-            self.stack.link.count("drop.tx.tap_full")
-            return
+            owner.count("drop.tx.tap_full")
+            return False
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 # QEMU went away (its socket file is gone); wait for it to speak again.
                 log.info("%s: QEMU at %s is gone", self.name, peer)
                 self.peer = None
-            self.stack.link.count("drop.tx.error")
-            return
-        if self.pcap is not None:
-            self.pcap.write(parts, time.time())
+            owner.count("drop.tx.error")
+            return False
+        return True
 
     def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            super().close()
-        finally:
+        if self._sock is not None and self._owner is not None:
+            self._owner.loop.remove_reader(self._sock.fileno())
             self._sock.close()
+        self._sock = None
+        self._owner = None
 
 
 def serve_qemu(spec: ServeSpec) -> int:
@@ -480,10 +479,10 @@ def serve_qemu(spec: ServeSpec) -> int:
     ino = os.lstat(path).st_ino  # the file, not the socket (fstat gives sockfs)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)),
                      os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    cls: type[Attachment] = QemuStreamAttachment if stream else QemuDgramAttachment
+    cls: type[Device] = QemuStreamDevice if stream else QemuDgramDevice
     try:
         server = Server(sock.fileno(), config, tap_name=path, pcap_path=spec.pcap,
-                        dns_upstreams=list(spec.dns_upstreams), attachment_class=cls)
+                        dns_upstreams=list(spec.dns_upstreams), device_class=cls)
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         sock.close()
@@ -493,7 +492,7 @@ def serve_qemu(spec: ServeSpec) -> int:
     try:
         if spec.exit_fd is not None:
             server.watch_fd_for_exit(spec.exit_fd)
-        outbound = server.attachment.outbound
+        outbound = server.attachment.host.outbound
         outbound.ipv4 = spec.outbound_addr
         outbound.ipv6 = spec.outbound_addr6
         if spec.api is not None:

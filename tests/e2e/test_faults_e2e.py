@@ -8,7 +8,7 @@
 * pyslirp runs out of file descriptors (``RLIMIT_NOFILE``): a new TCP flow is refused
   (RST: ``ECONNREFUSED`` in the guest), a new UDP flow's datagrams are dropped, both
   counted (``host.out_of_fds``) and logged (at most once per
-  ``engine.SOCKET_WARNING_INTERVAL``); flows opened before keep working, and new ones work
+  ``hostsockets.SOCKET_WARNING_INTERVAL``); flows opened before keep working, and new ones work
   again once fds are free.
 * The guest namespace's last process exits: pyslirp keeps serving, as slirp4netns 1.2.0
   does (its TAP fd keeps the namespace alive, nothing on the link says it is gone);

@@ -12,7 +12,8 @@ import socket
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
-from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.attachment import Attachment
+from pyslirp.runtime.device import TapDevice
 from pyslirp.stack.config import NetConfig
 
 GUEST_MAC = "02:00:00:00:00:64"
@@ -25,7 +26,7 @@ class LinkRig:
         self.tap, self.guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.guest.setblocking(False)
         self.config = config
-        self.att = Attachment(self.loop, self.tap.fileno(), config)
+        self.att = Attachment(self.loop, TapDevice(self.tap.fileno()), config)
         self.our_mac = ":".join(f"{b:02x}" for b in config.our_mac)
 
     def know_guest(self) -> None:

@@ -16,7 +16,7 @@ import pytest
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
-from pyslirp.runtime import engine
+from pyslirp.runtime import hostsockets
 from pyslirp.stack.config import NetConfig
 from tests.runtime.linkrig import GUEST, LinkRig
 
@@ -44,7 +44,7 @@ def no_fds(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: Any, **_kw: Any) -> socket.socket:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(engine.socket, "socket", refuse)
+    monkeypatch.setattr(hostsockets.socket, "socket", refuse)
 
 
 def test_each_kind_of_new_flow_is_refused_counted_and_warned_once(
@@ -78,16 +78,16 @@ def test_old_flows_keep_working_and_new_ones_work_once_fds_are_back(
         server.settimeout(5)
         rig.send(IP(src=GUEST, dst=GATEWAY) / UDP(sport=40000, dport=port) / b"before")
         assert server.recvfrom(100)[0] == b"before"
-        real = engine.socket.socket
+        real = hostsockets.socket.socket
 
         def refuse(*_args: Any, **_kw: Any) -> socket.socket:
             raise OSError(errno.EMFILE, "Too many open files")
 
-        monkeypatch.setattr(engine.socket, "socket", refuse)
+        monkeypatch.setattr(hostsockets.socket, "socket", refuse)
         rig.send(IP(src=GUEST, dst=GATEWAY) / UDP(sport=40001, dport=port) / b"refused")
         rig.send(IP(src=GUEST, dst=GATEWAY) / UDP(sport=40000, dport=port) / b"old flow")
         assert server.recvfrom(100)[0] == b"old flow"
-        monkeypatch.setattr(engine.socket, "socket", real)
+        monkeypatch.setattr(hostsockets.socket, "socket", real)
         rig.send(IP(src=GUEST, dst=GATEWAY) / UDP(sport=40001, dport=port) / b"again")
         assert server.recvfrom(100)[0] == b"again"
     assert rig.att.stack.counters["host.out_of_fds"] == 1

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from scapy.layers.l2 import ARP, Ether
 
-from pyslirp.runtime.engine import Attachment
+from pyslirp.runtime.attachment import Attachment
 from pyslirp.runtime.qemu import (
     MAX_FRAME,
-    QemuDgramAttachment,
-    QemuStreamAttachment,
+    QemuDgramDevice,
+    QemuStreamDevice,
     bind_unix,
 )
 from pyslirp.stack.config import NetConfig
@@ -109,8 +109,8 @@ def plain_config() -> NetConfig:
 def stream_link(tmp_path: Path) -> Iterator[tuple[LoopThread, str]]:
     path = str(tmp_path / "qemu.sock")
     listener = bind_unix(path, socket.SOCK_STREAM)
-    server = LoopThread(lambda loop: QemuStreamAttachment(loop, listener.fileno(),
-                                                          plain_config()))
+    server = LoopThread(lambda loop: Attachment(loop, QemuStreamDevice(listener.fileno()),
+                                                plain_config()))
     try:
         yield server, path
     finally:
@@ -183,7 +183,7 @@ def test_new_connection_replaces_the_old_one(stream_link: tuple[LoopThread, str]
     old.settimeout(5)
     assert old.recv(100) == b""
     old.close()
-    assert server.call(lambda: server.attachment.connections) == 2
+    assert server.call(lambda: server.attachment.device.connections) == 2
 
 
 def test_frames_while_nobody_is_connected_are_counted(stream_link: tuple[LoopThread, str]) -> None:
@@ -198,12 +198,12 @@ def test_slow_reader_never_sees_a_cut_frame(stream_link: tuple[LoopThread, str])
     n = 3000
     with connect(path) as qemu:
         qemu.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        server.call(lambda: server.attachment._conn.setsockopt(
+        server.call(lambda: server.attachment.device._conn.setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
         for i in range(0, n, 100):
             qemu.sendall(b"".join(framed(arp_request(f"10.0.{j // 250}.{j % 250 + 1}"))
                                   for j in range(i, i + 100)))
-        assert server.call(lambda: server.attachment._out_bytes) > 0  # really held back
+        assert server.call(lambda: server.attachment.device._out_bytes) > 0  # really held back
         reader = StreamReader(qemu)
         got = [Ether(reader.frame())[ARP].pdst for _ in range(n)]
     assert got == [f"10.0.{j // 250}.{j % 250 + 1}" for j in range(n)]
@@ -213,7 +213,7 @@ def test_plain_frames_only() -> None:
     loop = asyncio.new_event_loop()
     try:
         with pytest.raises(ValueError, match="plain frames"):
-            QemuStreamAttachment(loop, 0, NetConfig())
+            Attachment(loop, QemuStreamDevice(0), NetConfig())
     finally:
         loop.close()
 
@@ -236,7 +236,8 @@ def test_bind_replaces_a_stale_socket(tmp_path: Path) -> None:
 def test_dgram_one_frame_per_datagram_answered_to_the_sender(tmp_path: Path) -> None:
     path = str(tmp_path / "pyslirp.sock")
     sock = bind_unix(path, socket.SOCK_DGRAM)
-    server = LoopThread(lambda loop: QemuDgramAttachment(loop, sock.fileno(), plain_config()))
+    server = LoopThread(lambda loop: Attachment(loop, QemuDgramDevice(sock.fileno()),
+                                                plain_config()))
     qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     qemu.bind(str(tmp_path / "qemu.sock"))
     qemu.settimeout(5)
@@ -253,7 +254,7 @@ def test_dgram_one_frame_per_datagram_answered_to_the_sender(tmp_path: Path) -> 
         # QEMU restarted: its socket file is gone; replies are dropped, not an error.
         os.unlink(str(tmp_path / "qemu.sock"))
         server.call(lambda: server.attachment.stack.resolve_guest(bytes([10, 0, 2, 15])))
-        assert server.call(lambda: server.attachment.peer) is None
+        assert server.call(lambda: server.attachment.device.peer) is None
     finally:
         qemu.close()
         server.close()
@@ -308,7 +309,7 @@ def test_pyslirp_serves_qemu_stream_until_sigterm(tmp_path: Path) -> None:
             reply = Ether(StreamReader(qemu).frame())
             assert reply[ARP].op == 2 and reply[ARP].psrc == "10.9.8.2"
         # A forward without guest_addr goes to the VM's DHCP address, not network + 100.
-        from pyslirp.kubevirt.stacks import api_request
+        from pyslirp.kubevirt.backends import api_request
 
         added = api_request(api, {"execute": "add_hostfwd", "arguments": {
             "proto": "tcp", "host_addr": "127.0.0.1", "host_port": free_port(),
@@ -378,7 +379,7 @@ def test_qemu_stream_runs_sandboxed_and_filtered_and_still_serves(tmp_path: Path
             qemu.sendall(framed(arp_request()))
             reply = Ether(StreamReader(qemu).frame())
             assert reply[ARP].op == 2 and reply[ARP].psrc == "10.0.2.2"
-        from pyslirp.kubevirt.stacks import api_request
+        from pyslirp.kubevirt.backends import api_request
 
         added = api_request(api, {"execute": "add_hostfwd", "arguments": {
             "proto": "tcp", "host_addr": "127.0.0.1", "host_port": free_port(),
@@ -503,8 +504,8 @@ def test_another_users_connection_does_not_cut_the_vm_off(
     path = str(shared_dir / "vm.sock")
     listener = bind_unix(path, socket.SOCK_STREAM)
     os.chmod(path, 0o666)  # let nobody reach accept(): the check under test is behind it
-    server = LoopThread(lambda loop: QemuStreamAttachment(loop, listener.fileno(),
-                                                          plain_config()))
+    server = LoopThread(lambda loop: Attachment(loop, QemuStreamDevice(listener.fileno()),
+                                                plain_config()))
     try:
         with connect(path) as vm:
             reader = StreamReader(vm)
@@ -513,8 +514,8 @@ def test_another_users_connection_does_not_cut_the_vm_off(
             assert as_nobody(_CONNECT_AND_WAIT, path) == "closed"
             vm.sendall(framed(arp_request("10.0.2.16")))
             assert is_arp_reply(reader.frame(), to_ip="10.0.2.16")
-            assert server.call(lambda: (server.attachment.connections,
-                                        server.attachment.refused)) == (1, 1)
+            assert server.call(lambda: (server.attachment.device.connections,
+                                        server.attachment.device.refused)) == (1, 1)
         assert "refused a connection from uid 65534 gid 65534" in caplog.text
     finally:
         server.close()
@@ -526,14 +527,14 @@ def test_after_the_vm_disconnects_another_user_may_connect(shared_dir: Path) -> 
     path = str(shared_dir / "vm.sock")
     listener = bind_unix(path, socket.SOCK_STREAM)
     os.chmod(path, 0o666)
-    server = LoopThread(lambda loop: QemuStreamAttachment(loop, listener.fileno(),
-                                                          plain_config()))
+    server = LoopThread(lambda loop: Attachment(loop, QemuStreamDevice(listener.fileno()),
+                                                plain_config()))
     try:
         with connect(path) as vm:
             vm.sendall(framed(arp_request()))
             assert is_arp_reply(StreamReader(vm).frame())
         deadline = time.monotonic() + 10
-        while server.call(lambda: server.attachment.connected):
+        while server.call(lambda: server.attachment.device.connected):
             assert time.monotonic() < deadline, "the closed connection was never noticed"
             time.sleep(0.01)
         code = _CONNECT_AND_WAIT.replace('print("closed"', 'import struct; f = bytes.fromhex('

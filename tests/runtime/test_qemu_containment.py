@@ -53,6 +53,6 @@ def test_frame_that_makes_the_stack_raise_keeps_the_connection(
     counters = server.counters()
     assert counters["stack.error.RuntimeError"] == 2
     assert "drop.rx.bad_length" not in counters
-    assert server.call(lambda: server.attachment.connections) == 1
+    assert server.call(lambda: server.attachment.device.connections) == 1
     assert "out of sync" not in caplog.text
     assert "injected fault" in caplog.text

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from pyslirp.kubevirt.stacks import api_request
+from pyslirp.kubevirt.backends import api_request
 from tests.netutil import free_port
 from tests.vm import guest
 

@@ -1,4 +1,4 @@
-"""StackManager details that need no network namespace."""
+"""BackendManager details that need no network namespace."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyslirp.kubevirt import stacks
+from pyslirp.kubevirt import backends
 from pyslirp.kubevirt.domain import SlirpInterface
 
 
@@ -26,9 +26,9 @@ def test_api_sockets_fall_back_next_to_the_data_on_a_read_only_root(
             raise OSError(30, "Read-only file system")
         return real(prefix=prefix, dir=dir)
 
-    monkeypatch.setattr(stacks.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(backends.tempfile, "mkdtemp", mkdtemp)
     data = tmp_path / "pyslirp"
-    manager = stacks.StackManager(str(data))
+    manager = backends.BackendManager(str(data))
     private = Path(manager._run_dir)
     assert private.parent == data and (private.stat().st_mode & 0o777) == 0o700
     manager.close()
@@ -39,7 +39,7 @@ def test_close_keeps_files_it_does_not_own(tmp_path: Path) -> None:
     data = tmp_path / "pyslirp"
     data.mkdir()
     (data / "someone-elses").write_text("x")
-    manager = stacks.StackManager(str(data))
+    manager = backends.BackendManager(str(data))
     run_dir = manager._run_dir
     manager.close()
     assert (data / "someone-elses").read_text() == "x"
@@ -63,7 +63,7 @@ def test_stacks_run_sandboxed_and_filtered_and_serve_qemu(tmp_path: Path) -> Non
     from pyslirp.kubevirt.domain import SlirpInterface
     from pyslirp.wire import arp
 
-    manager = stacks.StackManager(str(tmp_path / "pyslirp"), dns_upstreams=["127.0.0.1:9"])
+    manager = backends.BackendManager(str(tmp_path / "pyslirp"), dns_upstreams=["127.0.0.1:9"])
     try:
         iface = SlirpInterface("default", "virtio-net-pci", None,
                                ipaddress.IPv4Network("10.0.2.0/24"), ())
@@ -124,7 +124,7 @@ def _nobody_connects(path: str) -> str:
 
 def test_qemu_socket_belongs_to_qemus_user_only(shared_dir: Path) -> None:
     """A root sidecar gives the socket to virt-launcher's qemu (107), mode 0600."""
-    manager = stacks.StackManager(str(shared_dir / "pyslirp"), dns_upstreams=["127.0.0.1:9"])
+    manager = backends.BackendManager(str(shared_dir / "pyslirp"), dns_upstreams=["127.0.0.1:9"])
     try:
         path = manager.ensure([_iface()])["default"]
         st = os.stat(path)
@@ -137,15 +137,15 @@ def test_qemu_socket_belongs_to_qemus_user_only(shared_dir: Path) -> None:
 _SIDECAR_AS_NOBODY = """
 import ipaddress, os, stat, sys
 from pyslirp.kubevirt.domain import SlirpInterface
-from pyslirp.kubevirt.stacks import StackError, StackManager
-manager = StackManager(sys.argv[1], dns_upstreams=["127.0.0.1:9"])
+from pyslirp.kubevirt.backends import BackendError, BackendManager
+manager = BackendManager(sys.argv[1], dns_upstreams=["127.0.0.1:9"])
 try:
     path = manager.ensure([SlirpInterface("default", "virtio-net-pci", None,
                                           ipaddress.IPv4Network("10.0.2.0/24"), ())])["default"]
     st = os.stat(path)
     print(st.st_uid, st.st_gid, oct(st.st_mode & 0o777))
-except StackError as exc:
-    print("StackError:", exc)
+except BackendError as exc:
+    print("BackendError:", exc)
 finally:
     manager.close()
 """
@@ -165,7 +165,7 @@ def _python_for_nobody() -> tuple[str, dict[str, str]]:
 
 @pytest.mark.parametrize(("groups", "expected"), [
     (["--groups=107"], "65534 107 0o660"),
-    (["--clear-groups"], "StackError: QEMU (uid 107, gid 107) could not connect"),
+    (["--clear-groups"], "BackendError: QEMU (uid 107, gid 107) could not connect"),
 ])
 def test_non_root_sidecar_shares_the_socket_through_qemus_group_or_refuses(
         shared_dir: Path, groups: list[str], expected: str) -> None:

@@ -1,45 +1,32 @@
-"""The runtime: one event loop that owns every file descriptor.
+"""The host side of an attachment: the stack's HostPort, made of non-blocking host sockets.
 
 Theory of operation
 -------------------
-An :class:`Attachment` is one guest link: a TAP fd (or any frame fd) and the
-:class:`~pyslirp.stack.stack.Stack` serving it. The attachment is also the
-stack's :class:`~pyslirp.stack.host.HostPort`: it turns the stack's requests
-into non-blocking host sockets registered with the loop, and turns socket
-readiness back into calls on the engines.
+:class:`HostSockets` implements :class:`~pyslirp.stack.host.HostPort` for one
+attachment (:mod:`pyslirp.runtime.attachment`): it turns the stack's requests
+(connect, send, shutdown, open a UDP or ICMP flow, send a DNS query) into
+non-blocking host sockets registered with the loop, and turns socket
+readiness back into calls on the engines. It knows nothing of the device the
+guest's frames cross; what it needs of the attachment is its pacing
+(:class:`Pacing`: schedule or run one ``Stack.flush``, re-arm the timer, keep
+busy polling), bound once at construction so a call costs no extra lookup.
 
-Batching is what makes Python fast enough here (docs/architecture.md, costs):
-
-* a readable TAP is drained (up to ``_TAP_BATCH`` frames) in one callback,
-  which ends with one ``Stack.flush`` (coalesced ACKs) and timer re-arm;
 * a readable host socket is read and flushed in its own callback: the guest
   is waiting for those bytes, so they do not wait for the loop's next turn;
-* other work (UDP, error reports) schedules one *flush* with ``call_soon``,
-  so it coalesces over the callbacks of one loop iteration (DNS answers need
-  no flush: they go to the guest as they are read);
-* frames to the guest go out with one ``os.writev`` each, header and payload
-  as separate buffers, so a 64 KB payload is never copied.
-
-Busy polling (``NetConfig.busy_poll``, ``--busy-poll``): after a burst of work
-the attachment keeps one ``call_soon`` callback alive for a few tens of
-microseconds, so the loop polls with a zero timeout instead of sleeping. In a
-request/response exchange the peer's answer usually comes within that time,
-and waking a sleeping process (on a VM: a halted virtual CPU) costs more than
-the polling. Measured on this machine kind: 1-byte TCP round trip p50 ~210 us
--> ~130 us, with *less* CPU per round trip (bench/README.md, "Latency").
-Bulk traffic keeps the loop busy anyway, and an idle stack does not poll.
+* other work (UDP, error reports) schedules one flush (``schedule_flush``),
+  which coalesces over the callbacks of one loop iteration; DNS answers need
+  no flush: they go to the guest as they are read.
 
 Errors on host sockets never escape into the loop: they are reported to the
 engine that owns the socket (as a real socket would), after the current call
 returns (``call_soon``), so an engine is never re-entered from its own call.
 Work that the engine's call asks for but that must wait for it to return (a
 loopback connect that finished inside ``connect()``; reading the host socket
-when the guest half-closes) is queued and run right after that call, within
-the same callback (``_after_engine_call``): a guest's ``connect()`` waits for
-that SYN-ACK, and a host EOF read then lets our FIN carry the ACK of the
-guest's FIN.
-Frames to the TAP that the kernel does not take (queue full) are dropped and
-counted, like a NIC would; TCP retransmits.
+when the guest half-closes) is queued in :attr:`HostSockets.deferred` and run
+right after that call, within the same callback: the TAP device runs it
+between two frames, ``Attachment.input_done`` after a batch. A guest's
+``connect()`` waits for that SYN-ACK, and a host EOF read then lets our FIN
+carry the ACK of the guest's FIN.
 
 Out of file descriptors (EMFILE/ENFILE when a flow's host socket is made): the
 new flow fails as a refused one would (TCP: RST to the guest; UDP: the datagram
@@ -50,8 +37,9 @@ failures ``host.socket_failed``); a warning is logged at most once per
 ``SOCKET_WARNING_INTERVAL``, since a guest opening flows in a loop would
 otherwise flood the log with one line per attempt.
 
-The runtime deliberately keeps no per-packet logging; counters live in the
-stack's link and are logged at exit and on demand.
+Port forwarding (:mod:`pyslirp.runtime.hostfwd`) adds flows whose host socket
+was accepted rather than connected; they get a :class:`TcpHandle` too and are
+served by the same code from then on.
 """
 
 from __future__ import annotations
@@ -60,24 +48,16 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import socket
 import struct
-import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
-from pyslirp.runtime import malloc
 from pyslirp.runtime.ifaddrs import Outbound
-from pyslirp.runtime.pcap import PcapWriter
-from pyslirp.stack.config import NetConfig
 from pyslirp.stack.stack import Stack
-from pyslirp.wire import vnet
 
 log = logging.getLogger("pyslirp")
 
-_TAP_BATCH = 128
-_TAP_READ_SIZE = 65536 + 4096 + vnet.HEADER_LEN
 _HOST_READ_MAX = 256 * 1024
 _UDP_READ_BATCH = 64
 _UDP_MAX = 65536
@@ -90,9 +70,6 @@ _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 #: Seconds between two warnings that a host socket could not be made.
 SOCKET_WARNING_INTERVAL = 60.0
-
-
-_malloc_tuned = False
 
 
 class TcpHandle:
@@ -112,177 +89,51 @@ class TcpHandle:
         self.closed = False
 
 
-class Attachment:
-    """One guest link served by one stack, with the host sockets of its flows."""
+class Pacing(Protocol):
+    """What the host side needs of its attachment (pyslirp.runtime.attachment.Attachment)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, config: NetConfig,
-                 pcap: PcapWriter | None = None, name: str = "tap0",
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+    busy_poll: float
+
+    def schedule_flush(self) -> None:
+        """One ``Stack.flush`` and timer re-arm after this loop iteration's callbacks."""
+
+    def flush_now(self, now: float) -> None:
+        """``Stack.flush`` now, then re-arm the timer (and keep busy polling)."""
+
+    def arm_timer(self) -> None:
+        """Re-arm the loop timer at the stack's next deadline."""
+
+    def keep_polling(self, now: float) -> None:
+        """Poll instead of sleeping for ``busy_poll`` seconds after this work."""
+
+
+class HostSockets:
+    """The host sockets of one attachment's flows: its stack's HostPort."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pacing: Pacing) -> None:
         self.loop = loop
-        self.fd = fd
-        self.name = name
-        self.config = config
-        self.pcap = pcap
-        self._on_fatal = on_fatal
-        self._vnet = config.vnet_hdr
-        self._flush_scheduled = False
-        self._busy_poll = config.busy_poll
-        self._poll_until = 0.0
-        self._polling = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._closed = False
+        #: Set by the attachment once the stack (which needs us first) exists.
+        self.stack: Stack
+        #: True once the attachment is closed: no more flushes from socket callbacks.
+        self.closed = False
+        # Bound once: each is called per host read or per flush request, and a bound
+        # method in the instance costs one call, as a method of our own would.
+        self._schedule_flush = pacing.schedule_flush
+        self._flush_now = pacing.flush_now
+        self._arm_timer = pacing.arm_timer
+        self._keep_polling = pacing.keep_polling
+        self._busy_poll = pacing.busy_poll
         #: Host-socket work the engine's current call asked for, run once it has
-        #: returned; see _after_engine_call.
-        self._after_call: list[tuple[Callable[[Any, TcpHandle], None], Any, TcpHandle]] = []
-        self._faults = _faults_from_env()
+        #: returned (see _after_engine_call). Emptied in place, never replaced.
+        self.deferred: list[tuple[Callable[[Any, TcpHandle], None], Any, TcpHandle]] = []
         #: ``--outbound-addr[6]``: host sockets toward the outside bind here first.
         self.outbound = Outbound()
         #: The DNS forwarder's sockets, one per upstream (see dns_send).
         self._dns_sockets: dict[tuple[str, int], socket.socket] = {}
         #: Loop time before which no further "cannot make a host socket" warning is logged.
         self._socket_warning_until = -1.0
-        global _malloc_tuned
-        if not _malloc_tuned:
-            _malloc_tuned = True
-            malloc.tune()
-        self.stack = Stack(config, self._send_frame, self)
-        os.set_blocking(fd, False)
-        loop.add_reader(fd, self._on_tap_readable)
 
-    # ---- the guest link ---------------------------------------------------------
-    def _send_frame(self, parts: Sequence[Any]) -> None:
-        if self._faults is not None:
-            for frame in self._faults.process(b"".join(parts), "to_guest"):
-                self._write_frame((frame,))
-            self._release_held_frames_later("to_guest")
-            return
-        self._write_frame(parts)
-
-    def _release_held_frames_later(self, direction: str) -> None:
-        """A reordering fault holds a frame back; let it go after the hold time at most."""
-        if self._faults.injector(direction).holding:
-            self.loop.call_later(self._faults.hold_seconds, self._release_held_frames, direction)
-
-    def _release_held_frames(self, direction: str) -> None:
-        if self._closed:
-            return
-        for frame in self._faults.flush(direction):
-            if direction == "to_guest":
-                self._write_frame((frame,))
-            else:
-                self.stack.receive_frame(memoryview(frame), self.loop.time())
-        self.schedule_flush()
-
-    def _write_frame(self, parts: Sequence[Any]) -> None:
-        try:
-            os.writev(self.fd, parts)
-        except BlockingIOError:
-            self.stack.link.count("drop.tx.tap_full")
-            return
-        except OSError as exc:
-            if exc.errno in (errno.EIO, errno.EBADFD, errno.ENODEV):
-                self._fatal(f"TAP device {self.name} went away: {exc.strerror}")
-                return
-            self.stack.link.count("drop.tx.error")
-            return
-        if self.pcap is not None:
-            self.pcap.write(parts, time.time())
-
-    def _on_tap_readable(self) -> None:
-        fd = self.fd
-        now = self.loop.time()
-        receive = self.stack.receive_frame
-        pcap = self.pcap
-        faults = self._faults
-        for _ in range(_TAP_BATCH):
-            try:
-                data = os.read(fd, _TAP_READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self._fatal(f"reading TAP device {self.name} failed: {exc.strerror}")
-                return
-            if not data:
-                self._fatal(f"TAP device {self.name} closed")
-                return
-            if pcap is not None:
-                pcap.write(data, time.time())
-            if faults is not None:
-                for frame in faults.process(data, "from_guest"):
-                    receive(memoryview(frame), now)
-                self._release_held_frames_later("from_guest")
-            else:
-                receive(memoryview(data), now)
-            if self._after_call:
-                self._run_after_call(flush=False)
-        self._flush_now(now)
-
-    def _fatal(self, message: str) -> None:
-        log.error("%s", message)
-        if self._on_fatal is not None:
-            self._on_fatal(message)
-
-    # ---- batching and timers ----------------------------------------------------
-    def schedule_flush(self) -> None:
-        """Run one ``Stack.flush`` and timer re-arm after this loop iteration's callbacks."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if not self._closed:
-            self._flush_now(self.loop.time())
-
-    def _input_done(self, now: float) -> None:
-        """After a batch of guest frames: answer finished connects, then flush."""
-        if self._after_call:
-            self._run_after_call(flush=False)
-        self._flush_now(now)
-
-    def _flush_now(self, now: float) -> None:
-        self.stack.flush(now)
-        self._arm_timer()
-        if self._busy_poll:
-            self._keep_polling(now)
-
-    def _keep_polling(self, now: float) -> None:
-        """Poll instead of sleeping until ``busy_poll`` after this burst of work."""
-        self._poll_until = now + self._busy_poll
-        if not self._polling:
-            self._polling = True
-            self.loop.call_soon(self._poll)
-
-    def _poll(self) -> None:
-        # A pending callback makes the loop's next epoll_wait return at once.
-        if not self._closed and self.loop.time() < self._poll_until:
-            self.loop.call_soon(self._poll)
-        else:
-            self._polling = False
-
-    def _arm_timer(self) -> None:
-        deadline = self.stack.next_deadline()
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        if self._closed:
-            return
-        now = self.loop.time()
-        self.stack.run_timers(now)
-        self.stack.flush(now)
-        self._arm_timer()
-
-    # ---- host sockets that cannot be had ----------------------------------------------
+    # ---- host sockets that cannot be had -------------------------------------------
     def _socket_failed(self, exc: OSError, kind: str) -> None:
         """socket() failed for a new ``kind`` flow: count it; warn now and then, not per flow."""
         out_of_fds = exc.errno in _OUT_OF_FDS
@@ -350,28 +201,37 @@ class Attachment:
         """Run ``callback(flow, handle)`` once the engine call in progress has returned.
 
         The engine is never re-entered from its own call. Guest input runs these after
-        each frame (the TAP callback) or batch; anything else gets them in the next loop
-        iteration.
+        each frame (the TAP device) or batch (``Attachment.input_done``); anything else
+        gets them in the next loop iteration.
         """
-        if not self._after_call:
-            self.loop.call_soon(self._run_after_call)
-        self._after_call.append((callback, flow, handle))
+        if not self.deferred:
+            self.loop.call_soon(self._run_deferred_and_flush)
+        self.deferred.append((callback, flow, handle))
 
-    def _run_after_call(self, flush: bool = True) -> None:
-        pending = self._after_call
+    def run_deferred(self) -> None:
+        """Run the work queued by :meth:`_after_engine_call`; the caller flushes the stack.
+
+        The list is emptied in place: the attachment and its device hold it, to test
+        it between frames without a call.
+        """
+        pending = self.deferred
         if pending:
-            self._after_call = []
-            for callback, flow, handle in pending:
+            work = pending[:]
+            pending.clear()
+            for callback, flow, handle in work:
                 callback(flow, handle)
-            if flush:
-                self.schedule_flush()
+
+    def _run_deferred_and_flush(self) -> None:
+        if self.deferred:
+            self.run_deferred()
+            self._schedule_flush()
 
     def _tcp_report_connect_failed(self, flow: Any, handle: TcpHandle, err: int) -> None:
         if handle.closed:
             return
         handle.closed = True
         flow.host_connect_failed(err, self.loop.time())
-        self.schedule_flush()
+        self._schedule_flush()
 
     def _tcp_connect_done(self, flow: Any, handle: TcpHandle) -> None:
         sock = handle.sock
@@ -389,7 +249,7 @@ class Attachment:
                 self._tcp_report_connect_failed(flow, handle, err)
             return
         self._tcp_established(flow, handle)
-        self.schedule_flush()
+        self._schedule_flush()
 
     def _tcp_established(self, flow: Any, handle: TcpHandle) -> None:
         if handle.closed:
@@ -404,7 +264,7 @@ class Attachment:
         # Flush now, not at the end of the loop iteration: the guest is waiting for
         # these bytes (a request/response exchange), and per-flow frames gain nothing
         # from waiting for other callbacks.
-        if not self._closed:
+        if not self.closed:
             self._flush_now(now)
 
     def _tcp_read_now(self, flow: Any, handle: TcpHandle) -> None:
@@ -459,7 +319,7 @@ class Attachment:
     def _tcp_report_error(self, flow: Any, handle: TcpHandle, err: int) -> None:
         if not handle.closed:
             flow.host_error(err, self.loop.time())
-            self.schedule_flush()
+            self._schedule_flush()
 
     def _tcp_writable(self, flow: Any, handle: TcpHandle) -> None:
         if handle.writing:
@@ -467,7 +327,7 @@ class Attachment:
             self.loop.remove_writer(handle.fd)
         if not handle.closed:
             flow.host_writable(self.loop.time())
-            self.schedule_flush()
+            self._schedule_flush()
 
     def tcp_shutdown_write(self, flow: Any) -> None:
         handle: TcpHandle = flow.host_handle
@@ -551,7 +411,7 @@ class Attachment:
                 self.udp_read_errors(flow, sock, now)
                 continue
             udp.host_datagram(flow, src_ip, src_port, data, now)
-        self.schedule_flush()
+        self._schedule_flush()
 
     def udp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
         """Drain the error queue (IP_RECVERR) and report ICMP errors to the engine."""
@@ -608,7 +468,7 @@ class Attachment:
             if len(data) >= 8 and data[0] == 0:
                 seq = int.from_bytes(data[6:8], "big")
                 self.stack.icmp.host_echo_reply(flow, seq, data[8:], now)
-        self.schedule_flush()
+        self._schedule_flush()
 
     def _icmp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
         """An echo of ours met an ICMP error (e.g. host unreachable): tell the guest."""
@@ -677,7 +537,7 @@ class Attachment:
 
     def _dns_failed(self, query: Any, upstream: tuple[str, int]) -> None:
         self.stack.dns.upstream_failed(query, self.loop.time(), upstream)
-        self.schedule_flush()
+        self._schedule_flush()
 
     def _dns_readable(self, upstream: tuple[str, int], sock: socket.socket) -> None:
         now = self.loop.time()
@@ -730,26 +590,6 @@ class Attachment:
             self.loop.remove_reader(sock.fileno())
             sock.close()
 
-    # ---- lifetime -------------------------------------------------------------------
-    def close(self) -> None:
-        """Reset every flow, close every host socket, stop reading the TAP."""
-        if self._closed:
-            return
-        now = self.loop.time()
-        try:
-            self.stack.close_all(now)
-        finally:
-            self._closed = True
-            if self._timer is not None:
-                self._timer.cancel()
-            self.loop.remove_reader(self.fd)
-            if self.pcap is not None:
-                self.pcap.close()
-            counters = self.stack.counters
-            if counters:
-                log.info("counters for %s: %s", self.name,
-                         ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
-
 
 def _queued_icmp_errors(sock: socket.socket) -> Iterator[tuple[bytes, Any, int, int]]:
     """Drain an IP_RECVERR socket's error queue: for each ICMP error, the start of the
@@ -775,14 +615,3 @@ def _connected(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
-
-
-def _faults_from_env() -> Any:
-    if not os.environ.get("PYSLIRP_FAULTS"):
-        return None
-    from pyslirp.runtime.faults import from_env
-
-    faults = from_env()
-    log.warning("PYSLIRP_FAULTS=%s: injecting faults on the guest link (test only)",
-                os.environ["PYSLIRP_FAULTS"])
-    return faults

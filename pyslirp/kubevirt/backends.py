@@ -1,4 +1,4 @@
-"""The sidecar's pyslirp stacks: one ``pyslirp --target-type=qemu-stream`` process per NIC.
+"""The sidecar's pyslirp back ends: one ``pyslirp --target-type=qemu-stream`` process per NIC.
 
 Theory of operation
 -------------------
@@ -9,7 +9,7 @@ which the sidecar and virt-launcher's compute container share, so QEMU
 reaches the socket at the same path; it is not the hook directory itself,
 since virt-launcher dials every entry there as a hook.
 
-Who may connect: only QEMU's user. Whoever connects to a stack's socket is
+Who may connect: only QEMU's user. Whoever connects to a back end's socket is
 the VM's NIC, and the hook volume is shared with every container of the pod
 that mounts it, so the socket is never world-connectable. virt-launcher's
 QEMU runs as uid/gid 107 (``qemu``; ``qemu_user`` to change it), which is
@@ -22,10 +22,10 @@ then, before the domain (and so QEMU) can use it:
 * any other sidecar user that is in QEMU's group (the pod's ``fsGroup``
   107) gives the socket to that group, 0660: QEMU connects through its
   primary group, other users stay out;
-* otherwise QEMU could not connect at all, and :meth:`StackManager.ensure`
-  fails with a :class:`StackError` that says how to run the sidecar.
+* otherwise QEMU could not connect at all, and :meth:`BackendManager.ensure`
+  fails with a :class:`BackendError` that says how to run the sidecar.
 
-The stack itself lets a second connection replace the VM's only if it comes
+The back end itself lets a second connection replace the VM's only if it comes
 from the same uid and gid (see :mod:`pyslirp.runtime.qemu`), so even root
 in the pod cannot cut the VM off by connecting.
 
@@ -38,23 +38,23 @@ the sidecar was given ``--dns-upstream``.
 Each process runs with ``--enable-seccomp`` and, where this pod lets it
 make the namespaces (:func:`pyslirp.runtime.sandbox.can_create_sandbox`,
 checked once; a runtime's seccomp profile may forbid a non-root sidecar to
-create a user namespace), ``--enable-sandbox``: the stack then sees only
-read-only ``/etc`` and ``/run`` (docs/security-sandbox.md). The start-up
+create a user namespace), ``--enable-sandbox``: the back end then sees only
+read-only ``/etc`` and ``/run`` (docs/security.md). The start-up
 log line says which.
 
-Start-up is synchronous and checked: :meth:`StackManager.ensure` returns
+Start-up is synchronous and checked: :meth:`BackendManager.ensure` returns
 only once the process wrote its ready byte (the socket listens, so QEMU can
 connect the moment the domain starts) and every declared port was added
-through the stack's private API socket (slirp4netns's ``add_hostfwd``, to
+through the back end's private API socket (slirp4netns's ``add_hostfwd``, to
 the guest's DHCP address). Anything failing stops that process again and
-raises :class:`StackError` with the reason, so a domain is never returned
-pointing at a stack that is not there.
+raises :class:`BackendError` with the reason, so a domain is never returned
+pointing at a back end that is not there.
 
 Calls repeat (virt-launcher defines the domain again on restarts and
-updates): a running stack whose settings are unchanged is reused as is; one
+updates): a running back end whose settings are unchanged is reused as is; one
 whose settings changed is replaced. Lifetime: each process also watches an
 ``--exit-fd`` pipe whose other end only the sidecar holds, so if the sidecar
-dies, even by SIGKILL, its stacks exit too. :meth:`StackManager.stop_all`
+dies, even by SIGKILL, its back ends exit too. :meth:`BackendManager.stop_all`
 closes those pipes (a clean exit), waits, and escalates to SIGTERM/SIGKILL.
 """
 
@@ -86,12 +86,12 @@ STOP_TIMEOUT = 5.0
 QEMU_USER = (107, 107)
 
 
-class StackError(RuntimeError):
-    """A stack could not be started or configured; the message says why."""
+class BackendError(RuntimeError):
+    """A backend could not be started or configured; the message says why."""
 
 
 @dataclass
-class _Stack:
+class _Backend:
     iface: SlirpInterface
     proc: subprocess.Popen[bytes]
     exit_w: int
@@ -115,19 +115,19 @@ def api_request(path: str, request: dict[str, object], timeout: float = 10.0) ->
     return decoded
 
 
-class StackManager:
+class BackendManager:
     """Starts, reuses and stops the per-NIC pyslirp processes; thread-safe."""
 
     def __init__(self, data_dir: str, *, dns_upstreams: list[str] | None = None,
                  command: list[str] | None = None, ready_timeout: float = READY_TIMEOUT,
                  qemu_user: tuple[int, int] = QEMU_USER) -> None:
         self.data_dir = data_dir
-        #: (uid, gid) of the QEMU that connects to the stacks; nobody else may.
+        #: (uid, gid) of the QEMU that connects to the back ends; nobody else may.
         self.qemu_user = qemu_user
         self.dns_upstreams = list(dns_upstreams or [])
         self.command = command or [sys.executable, "-m", "pyslirp"]
         self.ready_timeout = ready_timeout
-        self._stacks: dict[str, _Stack] = {}
+        self._backends: dict[str, _Backend] = {}
         self._lock = threading.Lock()
         self._run_dir = _private_dir(data_dir)
         self.hardening = _hardening_flags()
@@ -136,17 +136,17 @@ class StackManager:
         return os.path.join(self.data_dir, f"{iface.name}.sock")
 
     def running(self) -> dict[str, int]:
-        """NIC name -> pid of its live stack."""
+        """NIC name -> pid of its live backend."""
         with self._lock:
-            return {n: s.proc.pid for n, s in self._stacks.items() if s.proc.poll() is None}
+            return {n: s.proc.pid for n, s in self._backends.items() if s.proc.poll() is None}
 
     def ensure(self, ifaces: list[SlirpInterface]) -> dict[str, str]:
-        """Make every NIC's stack run with its settings; NIC name -> socket path."""
+        """Make every NIC's backend run with its settings; NIC name -> socket path."""
         with self._lock:
             started: list[str] = []
             try:
                 for iface in ifaces:
-                    current = self._stacks.get(iface.name)
+                    current = self._backends.get(iface.name)
                     if current is not None and current.iface == iface \
                             and current.proc.poll() is None \
                             and os.path.exists(current.socket_path):
@@ -156,16 +156,16 @@ class StackManager:
                     if current is not None:
                         log.info("kubevirt: interface %s: settings changed or pyslirp gone; "
                                  "restarting it", iface.name)
-                        self._stop(self._stacks.pop(iface.name))
-                    self._stacks[iface.name] = self._start(iface)
+                        self._stop(self._backends.pop(iface.name))
+                    self._backends[iface.name] = self._start(iface)
                     started.append(iface.name)
             except BaseException:
                 for name in started:  # all or nothing for this call
-                    self._stop(self._stacks.pop(name))
+                    self._stop(self._backends.pop(name))
                 raise
-            return {i.name: self._stacks[i.name].socket_path for i in ifaces}
+            return {i.name: self._backends[i.name].socket_path for i in ifaces}
 
-    def _start(self, iface: SlirpInterface) -> _Stack:
+    def _start(self, iface: SlirpInterface) -> _Backend:
         os.makedirs(self.data_dir, exist_ok=True)
         with contextlib.suppress(OSError):
             # Searchable by QEMU's user whatever our umask (the sockets decide who connects).
@@ -183,17 +183,17 @@ class StackManager:
         except OSError as exc:
             for fd in (ready_r, ready_w, exit_r, exit_w):
                 os.close(fd)
-            raise StackError(f"cannot run pyslirp for interface {iface.name}: {exc}") from None
+            raise BackendError(f"cannot run pyslirp for interface {iface.name}: {exc}") from None
         os.close(ready_w)
         os.close(exit_r)
-        stack = _Stack(iface, proc, exit_w, sock, api)
+        backend = _Backend(iface, proc, exit_w, sock, api)
         try:
-            self._wait_ready(stack, ready_r)
+            self._wait_ready(backend, ready_r)
             self._give_to_qemu(sock)
             for port in iface.ports:
-                self._forward(stack, port.protocol, port.port)
+                self._forward(backend, port.protocol, port.port)
         except BaseException:
-            self._stop(stack)
+            self._stop(backend)
             raise
         finally:
             os.close(ready_r)
@@ -201,7 +201,7 @@ class StackManager:
                  iface.name, proc.pid, sock, iface.network,
                  " ".join(f"{p.port}/{p.protocol}" for p in iface.ports) or "none",
                  " ".join(self.hardening))
-        return stack
+        return backend
 
     def _give_to_qemu(self, path: str) -> None:
         """Let QEMU's user, and nobody else, connect to ``path`` (0600 ours until now)."""
@@ -217,48 +217,48 @@ class StackManager:
             os.chown(path, -1, gid, follow_symlinks=False)
             os.chmod(path, 0o660)
             return
-        raise StackError(f"QEMU (uid {uid}, gid {gid}) could not connect to {path}: "
+        raise BackendError(f"QEMU (uid {uid}, gid {gid}) could not connect to {path}: "
                          f"the sidecar runs as uid {os.geteuid()}, which can neither give "
                          f"the socket to uid {uid} nor share group {gid} with it; run the "
                          f"sidecar as uid {uid}, as root, or in group {gid}")
 
-    def _wait_ready(self, stack: _Stack, ready_r: int) -> None:
+    def _wait_ready(self, backend: _Backend, ready_r: int) -> None:
         deadline = time.monotonic() + self.ready_timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StackError(f"pyslirp for interface {stack.iface.name} did not get ready "
+                raise BackendError(f"pyslirp for interface {backend.iface.name} did not get ready "
                                  f"within {self.ready_timeout:.0f} s")
             readable, _, _ = select.select([ready_r], [], [], min(left, 0.2))
             if readable:
                 if os.read(ready_r, 1) == b"1":
                     return
                 break  # EOF: it exited (or closed the fd) without saying ready
-            if stack.proc.poll() is not None:
+            if backend.proc.poll() is not None:
                 break
-        status = stack.proc.wait(timeout=STOP_TIMEOUT)
-        raise StackError(f"pyslirp for interface {stack.iface.name} exited with status "
+        status = backend.proc.wait(timeout=STOP_TIMEOUT)
+        raise BackendError(f"pyslirp for interface {backend.iface.name} exited with status "
                          f"{status} before it was ready (its log is in the sidecar's)")
 
-    def _forward(self, stack: _Stack, protocol: str, port: int) -> None:
+    def _forward(self, backend: _Backend, protocol: str, port: int) -> None:
         try:
-            reply = api_request(stack.api_path, {"execute": "add_hostfwd", "arguments": {
+            reply = api_request(backend.api_path, {"execute": "add_hostfwd", "arguments": {
                 "proto": protocol, "host_addr": "0.0.0.0", "host_port": port,
-                "guest_addr": stack.iface.guest_address, "guest_port": port}})
+                "guest_addr": backend.iface.guest_address, "guest_port": port}})
         except (OSError, ValueError) as exc:
-            raise StackError(f"interface {stack.iface.name}: cannot forward port "
+            raise BackendError(f"interface {backend.iface.name}: cannot forward port "
                              f"{port}/{protocol.upper()}: {exc}") from None
         if "return" not in reply:
             desc = _get_desc(reply)
             if "slirp_add_hostfwd failed" in desc:
                 desc = "the pod's port is in use"
-            raise StackError(f"interface {stack.iface.name}: cannot forward port "
+            raise BackendError(f"interface {backend.iface.name}: cannot forward port "
                              f"{port}/{protocol.upper()}: {desc}")
 
-    def _stop(self, stack: _Stack) -> None:
+    def _stop(self, backend: _Backend) -> None:
         with contextlib.suppress(OSError):
-            os.close(stack.exit_w)  # the clean way: pyslirp exits when its exit fd says EOF
-        proc = stack.proc
+            os.close(backend.exit_w)  # the clean way: pyslirp exits when its exit fd says EOF
+        proc = backend.proc
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None and proc.poll() is None:
                 proc.send_signal(sig)
@@ -268,16 +268,16 @@ class StackManager:
             except subprocess.TimeoutExpired:
                 continue
         with contextlib.suppress(OSError):
-            if stat_is_socket(stack.socket_path):
-                os.unlink(stack.socket_path)
+            if stat_is_socket(backend.socket_path):
+                os.unlink(backend.socket_path)
 
     def stop_all(self) -> None:
         with self._lock:
-            for name in list(self._stacks):
-                stack = self._stacks.pop(name)
+            for name in list(self._backends):
+                backend = self._backends.pop(name)
                 log.info("kubevirt: interface %s: stopping pyslirp (pid %d)", name,
-                         stack.proc.pid)
-                self._stop(stack)
+                         backend.proc.pid)
+                self._stop(backend)
 
     def close(self) -> None:
         self.stop_all()
@@ -298,7 +298,7 @@ def _hardening_flags() -> tuple[str, ...]:
 
 
 def _private_dir(data_dir: str) -> str:
-    """A 0700 directory for the stacks' API sockets: under $TMPDIR, or next to the data.
+    """A 0700 directory for the back ends' API sockets: under $TMPDIR, or next to the data.
 
     A sidecar may run with a read-only root file system; the hook volume is
     always writable.

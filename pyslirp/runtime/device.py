@@ -1,0 +1,162 @@
+"""Devices: what carries a guest's Ethernet frames to and from an attachment.
+
+Theory of operation
+-------------------
+A device reads the guest's frames, writes the frames the stack sends, and
+reports when the link is gone; nothing else. The stack, the host sockets, the
+timers, pcap and fault injection belong to the attachment that composes it
+(:mod:`pyslirp.runtime.attachment`), so a new kind of link is one small
+class: the TAP here (:class:`TapDevice`), QEMU's ``-netdev stream`` and
+``-netdev dgram`` sockets in :mod:`pyslirp.runtime.qemu`.
+
+The contract, in the order things happen:
+
+* ``Device(fd, name)`` only remembers its fd and name (for log lines); it
+  opens nothing, so an attachment that refuses the device (a plain-frame
+  device with ``config.vnet_hdr`` on) leaves nothing behind.
+* :meth:`Device.start` gets the attachment's :class:`DeviceOwner` and registers
+  with its loop. For each frame read it calls ``owner.receive(frame, now)``
+  (``frame`` a memoryview the stack may keep, so over a buffer that is not
+  reused), and once per batch ``owner.input_done(now)``: that batch's
+  coalesced ACKs and the timer re-arm. A device that reads many frames in
+  one callback may run ``owner.run_deferred()`` between two of them when
+  ``owner.deferred`` is non-empty (the TAP does: a loopback connect's SYN-ACK
+  then goes out before the next frame is handled); ``input_done`` runs what
+  is left. Drops are counted with ``owner.count(name)``; a link that cannot
+  come back (the TAP deleted) is reported with ``owner.link_lost(message)``.
+* :meth:`Device.write_frame` gets the stack's frames (a sequence of buffers:
+  headers, then payload, never joined by the stack) and returns whether the
+  device took the frame (pcap records only those). The parts may be reused
+  once it returns: a device that queues a frame copies it.
+* :meth:`Device.close` unregisters from the loop and closes what the device
+  opened (never the fd it was given: whoever opened it closes it).
+
+The per-frame path gains no call by going through a device: ``owner.receive``
+is ``Stack.receive_frame`` itself unless pcap or fault injection is on, and
+the stack holds the device's bound ``write_frame`` as its frame sink.
+
+:class:`TapDevice` reads a TAP fd (any fd with one frame per ``read``, such
+as a datagram socketpair in tests) until EAGAIN, at most ``_TAP_BATCH``
+frames per callback, and writes each frame with one ``os.writev``, header and
+payload as separate buffers, so a 64 KB payload is never copied. Frames the
+kernel does not take (queue full) are dropped and counted
+(``drop.tx.tap_full``), like a NIC would; TCP retransmits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
+
+from pyslirp.wire import vnet
+
+_TAP_BATCH = 128
+_TAP_READ_SIZE = 65536 + 4096 + vnet.HEADER_LEN
+
+
+class DeviceOwner(Protocol):
+    """What the attachment that owns a device offers it (pyslirp.runtime.attachment)."""
+
+    loop: asyncio.AbstractEventLoop
+    #: Hands one guest frame to the stack: ``(frame, now)``.
+    receive: Callable[[memoryview, float], None]
+    #: Host-socket work waiting for the stack's current call to return (usually empty).
+    deferred: list[Any]
+    #: Runs :attr:`deferred`; the batch's ``input_done`` flushes.
+    run_deferred: Callable[[], None]
+    def input_done(self, now: float) -> None:
+        """A batch of guest frames is in: deferred work, then one ``Stack.flush``."""
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Count ``n`` events under ``name``, e.g. ``drop.tx.no_peer``."""
+
+    def link_lost(self, message: str) -> None:
+        """The link is gone for good: log ``message`` and let the owner stop."""
+
+
+class Device:
+    """Carries Ethernet frames between the guest and an attachment; see the module docstring."""
+
+    #: Frames are bare Ethernet, never with a virtio-net header or GSO: the
+    #: attachment refuses a config with ``vnet_hdr`` or ``offload`` on.
+    plain_frames: ClassVar[bool] = False
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+
+    def start(self, owner: DeviceOwner) -> None:
+        """Register with ``owner.loop``; from now on frames go to ``owner.receive``."""
+        raise NotImplementedError
+
+    def write_frame(self, parts: Sequence[Any]) -> bool:
+        """Send one frame to the guest; False if it was dropped (and counted)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop reading; close what :meth:`start` opened."""
+        raise NotImplementedError
+
+
+class TapDevice(Device):
+    """A TAP fd (or any fd that gives one frame per read); see the module docstring."""
+
+    def __init__(self, fd: int, name: str = "tap0") -> None:
+        super().__init__(fd, name)
+        self._owner: DeviceOwner | None = None
+        self._count: Callable[[str], None] = _ignore
+
+    def start(self, owner: DeviceOwner) -> None:
+        self._owner = owner
+        self._count = owner.count
+        os.set_blocking(self.fd, False)
+        owner.loop.add_reader(self.fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        owner = self._owner
+        assert owner is not None
+        fd = self.fd
+        now = owner.loop.time()
+        receive = owner.receive
+        deferred = owner.deferred
+        for _ in range(_TAP_BATCH):
+            try:
+                data = os.read(fd, _TAP_READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                owner.link_lost(f"reading TAP device {self.name} failed: {exc.strerror}")
+                return
+            if not data:
+                owner.link_lost(f"TAP device {self.name} closed")
+                return
+            receive(memoryview(data), now)
+            if deferred:
+                owner.run_deferred()
+        owner.input_done(now)
+
+    def write_frame(self, parts: Sequence[Any]) -> bool:
+        try:
+            os.writev(self.fd, parts)
+        except BlockingIOError:
+            self._count("drop.tx.tap_full")
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EBADFD, errno.ENODEV) and self._owner is not None:
+                self._owner.link_lost(f"TAP device {self.name} went away: {exc.strerror}")
+            else:
+                self._count("drop.tx.error")
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._owner is not None:
+            self._owner.loop.remove_reader(self.fd)
+            self._owner = None
+
+
+def _ignore(_name: str) -> None:
+    """Counts nothing: a device's counter before it is started."""
