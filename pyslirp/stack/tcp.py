@@ -100,21 +100,19 @@ import errno
 import random
 import struct
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pyslirp.stack.config import NetConfig
-from pyslirp.stack.host import HostPort
+from pyslirp.stack.host import HostPort, Policy
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import icmp, vnet
 from pyslirp.wire import tcp as wtcp
 from pyslirp.wire.checksum import finish, partial_sum
 from pyslirp.wire.errors import MalformedPacket
+from pyslirp.wire.frame import ETH_IPV4_TCP, L4_START
 from pyslirp.wire.ipv4 import Ipv4Packet
-
-Policy = Callable[[bytes, int], "list[tuple[str, int]] | None"]
 
 FIN, SYN, RST, PSH, ACK = wtcp.FIN, wtcp.SYN, wtcp.RST, wtcp.PSH, wtcp.ACK
 
@@ -142,10 +140,10 @@ _SND_STATES = frozenset((ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING, LAST_ACK)
 _HALF_OPEN = frozenset((CONNECTING, SYN_RCVD, SYN_SENT))
 
 # Ethernet + IPv4 (no options) + fixed TCP header, one pack_into per frame.
-_FRAME = struct.Struct("!6s6sH" "BBHHHBBH4s4s" "HHIIBBHHH")
-_FRAME_LEN = 14 + 20 + 20
+_FRAME = ETH_IPV4_TCP
+_FRAME_LEN = ETH_IPV4_TCP.size
 _VNET = struct.Struct("<BBHHHHH")
-_CSUM_START = 14 + 20
+_CSUM_START = L4_START
 _DEFAULT_MSS = 536  # RFC 9293 3.7.1, when the guest sends no MSS option
 _MAX_IP_PAYLOAD = 65535 - 20
 
