@@ -106,6 +106,7 @@ from typing import Any
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.host import HostPort, Policy
 from pyslirp.stack.link import Link
+from pyslirp.stack.seq import SEQ_HALF, SEQ_MASK, seq_add, seq_diff, seq_lt, seq_window
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import icmp, vnet
 from pyslirp.wire import tcp as wtcp
@@ -116,8 +117,6 @@ from pyslirp.wire.ipv4 import Ipv4Packet
 
 FIN, SYN, RST, PSH, ACK = wtcp.FIN, wtcp.SYN, wtcp.RST, wtcp.PSH, wtcp.ACK
 
-_M = 0xFFFFFFFF
-_HALF = 0x80000000
 
 # Flow states (RFC 9293 3.3.2), plus CONNECTING: the guest's SYN arrived and the
 # host connect is in progress; nothing has been answered yet.
@@ -329,6 +328,7 @@ class TcpFlow:
         a guest sending less than a unit per round grew the backlog without
         bound), and per-chunk overhead counts against the space.
         """
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         space = self.cfg.rcv_buf - self.backlog_len - self.ooo_len
         if self.backlog_len:
             space -= len(self.backlog) * CHUNK_OVERHEAD
@@ -341,8 +341,8 @@ class TcpFlow:
                 engine.starved[self] = None  # told less than it could hold: reopen later
         if space < 0:
             space = 0
-        cur = (self.rcv_adv - self.rcv_nxt) & _M
-        if cur >= _HALF:
+        cur = (self.rcv_adv - self.rcv_nxt) & SEQ_MASK
+        if cur >= SEQ_HALF:
             cur = 0
         ws = self.rcv_wscale
         if space >= cur:
@@ -354,17 +354,18 @@ class TcpFlow:
             if w > 0xFFFF:
                 w = 0xFFFF
             if w << ws >= cur:
-                self.rcv_adv = (self.rcv_nxt + (w << ws)) & _M
+                self.rcv_adv = (self.rcv_nxt + (w << ws)) & SEQ_MASK
             return w
         # The buffer cannot take what was promised (small segments' overhead,
         # the shared budget): shrink the window rather than drop data in it.
         w = space >> ws
-        self.rcv_adv = (self.rcv_nxt + (w << ws)) & _M
+        self.rcv_adv = (self.rcv_nxt + (w << ws)) & SEQ_MASK
         return w
 
     def _xmit(self, flags: int, seq: int, parts: list[Any], plen: int,
               opts: bytes = b"") -> None:
         """Build one frame (maybe a GSO super-frame) and hand it to the link."""
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         link = self.link
         mac = link.guest_mac
         if mac is None:
@@ -379,7 +380,7 @@ class TcpFlow:
         ipcs = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
         if flags & SYN:
             win = min(self.cfg.rcv_buf, 0xFFFF)
-            self.rcv_adv = (self.rcv_nxt + win) & _M
+            self.rcv_adv = (self.rcv_nxt + win) & SEQ_MASK
         else:
             win = self._window()
         ack = self.rcv_nxt if flags & ACK else 0
@@ -424,16 +425,16 @@ class TcpFlow:
     def _sack_blocks(self) -> list[tuple[int, int]]:
         """Held out-of-order ranges, the one with the newest segment first (RFC 2018 4)."""
         rcv = self.rcv_nxt
-        spans = sorted(((s - rcv) & _M, len(d)) for s, (d, _) in self.ooo.items())
+        spans = sorted((seq_diff(s, rcv), len(d)) for s, (d, _) in self.ooo.items())
         merged: list[list[int]] = []
         for rel, n in spans:
             if merged and rel <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], rel + n)
             else:
                 merged.append([rel, rel + n])
-        last = (self.ooo_last - rcv) & _M
+        last = seq_diff(self.ooo_last, rcv)
         merged.sort(key=lambda b: not b[0] <= last < b[1])
-        return [((rcv + a) & _M, (rcv + b) & _M) for a, b in merged if b > a]
+        return [(seq_add(rcv, a), seq_add(rcv, b)) for a, b in merged if b > a]
 
     def _send_rst(self) -> None:
         self._xmit(RST | ACK, self.snd_nxt, [], 0)
@@ -496,7 +497,7 @@ class TcpFlow:
                 self._abort(now, rst_guest=True)
                 return
             self.rto = min(self.rto * 2, self.cfg.rto_max)
-            self._xmit(ACK, (self.snd_una - 1) & _M, [], 0)
+            self._xmit(ACK, seq_add(self.snd_una, -1), [], 0)
             self.rto_at = now + self.rto
             return
         if self.snd_nxt == self.snd_una and self.snd_max == self.snd_una:
@@ -519,7 +520,7 @@ class TcpFlow:
             self._abort(now, rst_guest=True)
             return
         self.link.count("tcp.rto")
-        flight = (self.snd_max - self.snd_una) & _M
+        flight = seq_diff(self.snd_max, self.snd_una)
         self.ssthresh = max(flight >> 1, 2 * self.mss)
         self.cwnd = self.mss
         self.rto = min(self.rto * 2, self.cfg.rto_max)
@@ -565,7 +566,7 @@ class TcpFlow:
             self._abort(now, rst_guest=True)
             return
         self.probes += 1
-        self._xmit(ACK, (self.snd_una - 1) & _M, [], 0)
+        self._xmit(ACK, seq_add(self.snd_una, -1), [], 0)
         self.ka_at = now + cfg.keepalive_interval
 
     # ------------------------------------------------------------------ teardown
@@ -644,11 +645,12 @@ class TcpFlow:
         batch's :meth:`TcpEngine.flush` sends it, so a 256 KB read does not
         end in a runt frame.
         """
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         if self.state not in _SND_STATES:
             return
         una = self.snd_una
         buffered = self.sq_end - self.una_pos
-        sent = ((self.snd_nxt - una) & _M) - self.fin_out
+        sent = ((self.snd_nxt - una) & SEQ_MASK) - self.fin_out
         wnd = self.snd_wnd if self.snd_wnd < self.cwnd else self.cwnd
         limit = buffered if buffered < wnd else wnd
         burst = self.max_burst
@@ -667,16 +669,16 @@ class TcpFlow:
                 flags = ACK | PSH
                 if self.fin_queued:
                     flags = ACK | PSH | FIN
-            seq = (una + sent) & _M
+            seq = (una + sent) & SEQ_MASK
             self._xmit(flags, seq, self._collect(self.una_pos + sent, n), n)
-            if ((seq - self.snd_max) & _M) < _HALF:  # new data, not a retransmission
+            if ((seq - self.snd_max) & SEQ_MASK) < SEQ_HALF:  # new data, not a retransmission
                 if len(self.tx_ends) < 4096:  # bounded even for a flight of 1-byte frames
                     self.tx_ends.append(self.una_pos + sent + n)
                 if self.rtt_seq is None:
-                    self.rtt_seq = (seq + n) & _M
+                    self.rtt_seq = (seq + n) & SEQ_MASK
                     self.rtt_time = now
             sent += n
-            self.snd_nxt = (una + sent) & _M
+            self.snd_nxt = (una + sent) & SEQ_MASK
             if flags & FIN:
                 self._fin_sent()
             xmitted = True
@@ -685,7 +687,7 @@ class TcpFlow:
             self._xmit(ACK | FIN, self.snd_nxt, [], 0)
             self._fin_sent()
             xmitted = True
-        if ((self.snd_nxt - self.snd_max) & _M) < _HALF:
+        if ((self.snd_nxt - self.snd_max) & SEQ_MASK) < SEQ_HALF:
             self.snd_max = self.snd_nxt
         if xmitted:
             self.ack_pending = False
@@ -708,8 +710,9 @@ class TcpFlow:
         them to cause duplicate ACKs. A probe after two smoothed RTTs elicits an
         immediate ACK (with SACK/D-SACK) instead of waiting for the RTO.
         """
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         if (self.srtt is not None and not self.in_recovery
-                and ((self.snd_max - self.snd_una) & _M) > self.mss):
+                and ((self.snd_max - self.snd_una) & SEQ_MASK) > self.mss):
             # (With one segment in flight the guest may delay its ACK by design,
             # RFC 8985 7.2: leave that to the RTO.)
             pto = 2 * self.srtt
@@ -726,7 +729,7 @@ class TcpFlow:
         """Resend the last in-flight segment once (RFC 8985 7.3), then wait for the RTO."""
         self.tlp_armed = False
         self.rto_at = now + self.rto
-        flight = (self.snd_max - self.snd_una) & _M
+        flight = seq_diff(self.snd_max, self.snd_una)
         data = min(flight, self.sq_end - self.una_pos)
         if data <= 0:
             return
@@ -736,12 +739,12 @@ class TcpFlow:
         flags = ACK | PSH
         if off + n == self.sq_end - self.una_pos and self.fin_seq is not None:
             flags |= FIN
-        self._xmit(flags, (self.snd_una + off) & _M, self._collect(self.una_pos + off, n), n)
+        self._xmit(flags, seq_add(self.snd_una, off), self._collect(self.una_pos + off, n), n)
 
     def _fin_sent(self) -> None:
         self.fin_out = True
-        self.snd_nxt = (self.snd_nxt + 1) & _M
-        self.fin_seq = (self.snd_nxt - 1) & _M
+        self.fin_seq = self.snd_nxt
+        self.snd_nxt = seq_add(self.snd_nxt, 1)
         if self.state == ESTABLISHED:
             self.state = FIN_WAIT_1
         elif self.state == CLOSE_WAIT:
@@ -751,13 +754,14 @@ class TcpFlow:
 
     def _segment(self, seg: wtcp.TcpSegment, now: float) -> None:
         """RFC 9293 3.10.7.4, for every state past the handshake's first step."""
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         flags = seg.flags
         state = self.state
         if state == CONNECTING:
             # The host connect is in progress; the guest's retransmitted SYNs
             # wait for it. Anything else cannot be valid yet, except an RST
             # that aborts the attempt.
-            if flags & RST and seg.seq == ((self.irs + 1) & _M):
+            if flags & RST and seg.seq == ((self.irs + 1) & SEQ_MASK):
                 self._abort(now, rst_guest=False)
             return
         if state == SYN_SENT:
@@ -765,9 +769,9 @@ class TcpFlow:
             return
         seq = seg.seq
         rcv_nxt = self.rcv_nxt
-        rel = (seq - rcv_nxt) & _M
-        wnd = (self.rcv_adv - rcv_nxt) & _M
-        if wnd >= _HALF:
+        rel = (seq - rcv_nxt) & SEQ_MASK
+        wnd = (self.rcv_adv - rcv_nxt) & SEQ_MASK
+        if wnd >= SEQ_HALF:
             wnd = 0
 
         if flags & RST:
@@ -800,7 +804,7 @@ class TcpFlow:
         if not flags & ACK:
             return
         if state == SYN_RCVD:
-            if seg.ack != ((self.iss + 1) & _M):
+            if seg.ack != ((self.iss + 1) & SEQ_MASK):
                 self.engine.send_reset_for(seg, self.key)
                 return
             self._established(seg, now, seg.window << self.snd_wscale)
@@ -815,8 +819,8 @@ class TcpFlow:
         hl = seg.header_len
         plen = len(seg.buf) - hl
         fin = flags & FIN
-        if rel >= _HALF:
-            dup = (rcv_nxt - seq) & _M
+        if rel >= SEQ_HALF:
+            dup = (rcv_nxt - seq) & SEQ_MASK
             if dup >= plen + (1 if fin else 0):
                 # Entirely old: a retransmission, keepalive or window probe.
                 self._mark_ack()
@@ -877,7 +881,7 @@ class TcpFlow:
         """The handshake completed (either way round): our SYN is acknowledged."""
         self.state = ESTABLISHED
         self._end_half_open()
-        self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & _M
+        self.snd_una = self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
         self.recover = self.snd_una
         self.snd_wnd = window
         self.snd_wl1 = seg.seq
@@ -892,12 +896,13 @@ class TcpFlow:
 
     def _ack_field(self, seg: wtcp.TcpSegment, now: float, plen: int) -> bool:
         """Process the ACK field; False if the segment is to be dropped."""
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         ack = seg.ack
         una = self.snd_una
-        d = (ack - una) & _M
-        if d >= _HALF:
+        d = (ack - una) & SEQ_MASK
+        if d >= SEQ_HALF:
             return True  # an old ACK: nothing new, keep the data
-        if d > ((self.snd_max - una) & _M):
+        if d > ((self.snd_max - una) & SEQ_MASK):
             self._mark_ack()  # ACKs something never sent
             return False
         win = seg.window << self.snd_wscale
@@ -917,8 +922,8 @@ class TcpFlow:
             if self.dupacks == (3 if frames > 3 else frames - 1 if frames > 1 else 1):
                 self._fast_retransmit(now)
         # Window update (RFC 9293 3.10.7.4: SND.WL1/WL2 guard against old segments).
-        s1 = (seg.seq - self.snd_wl1) & _M
-        if (0 < s1 < _HALF) or (s1 == 0 and ((ack - self.snd_wl2) & _M) < _HALF):
+        s1 = (seg.seq - self.snd_wl1) & SEQ_MASK
+        if (0 < s1 < SEQ_HALF) or (s1 == 0 and ((ack - self.snd_wl2) & SEQ_MASK) < SEQ_HALF):
             if win != self.snd_wnd:
                 if win > self.snd_wnd:
                     self._mark()
@@ -928,14 +933,15 @@ class TcpFlow:
         return True
 
     def _acked(self, ack: int, d: int, now: float) -> None:
-        fin_acked = self.fin_seq is not None and ack == ((self.fin_seq + 1) & _M)
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
+        fin_acked = self.fin_seq is not None and ack == ((self.fin_seq + 1) & SEQ_MASK)
         data = d - fin_acked
         self.snd_una = ack
-        if ((ack - self.snd_nxt) & _M) < _HALF:
+        if ((ack - self.snd_nxt) & SEQ_MASK) < SEQ_HALF:
             self.snd_nxt = ack
             self.fin_out = fin_acked
         self.retries = 0
-        if self.rtt_seq is not None and ((ack - self.rtt_seq) & _M) < _HALF:
+        if self.rtt_seq is not None and ((ack - self.rtt_seq) & SEQ_MASK) < SEQ_HALF:
             self._rtt_sample(now - self.rtt_time)
             self.rtt_seq = None
         if data:
@@ -964,7 +970,7 @@ class TcpFlow:
                 engine.release_starved()
         # Congestion control (RFC 5681 / RFC 6582).
         if self.in_recovery:
-            if ((ack - self.recover) & _M) < _HALF:
+            if ((ack - self.recover) & SEQ_MASK) < SEQ_HALF:
                 self.in_recovery = False
                 self.cwnd = self.ssthresh
             else:
@@ -1005,15 +1011,15 @@ class TcpFlow:
         except MalformedPacket:
             return False
         hole = None
-        span = (self.snd_max - ack) & _M
+        span = seq_diff(self.snd_max, ack)
         for left, _right in blocks:
-            rel = (left - ack) & _M
+            rel = seq_diff(left, ack)
             if 0 < rel <= span and (hole is None or rel < hole):
                 hole = rel
         if hole is None:
             self.sack_hole = None
             return False
-        self.sack_hole = (ack + hole) & _M
+        self.sack_hole = seq_add(ack, hole)
         return True
 
     def _rtt_sample(self, r: float) -> None:
@@ -1032,7 +1038,7 @@ class TcpFlow:
         if self.in_recovery:
             return
         self.link.count("tcp.fast_retransmit")
-        flight = (self.snd_max - self.snd_una) & _M
+        flight = seq_diff(self.snd_max, self.snd_una)
         self.ssthresh = max(flight >> 1, 2 * self.mss)
         self.cwnd = self.ssthresh
         self.recover = self.snd_max
@@ -1047,10 +1053,10 @@ class TcpFlow:
         With offloads a lost frame is a whole GSO super-frame, so up to a burst is resent.
         """
         buffered = self.sq_end - self.una_pos
-        n = min(self.max_burst, buffered, (self.snd_max - self.snd_una) & _M)
+        n = min(self.max_burst, buffered, seq_diff(self.snd_max, self.snd_una))
         if self.sack_hole is not None:
             # Resend only the hole the guest's SACK blocks point at.
-            hole = (self.sack_hole - self.snd_una) & _M
+            hole = seq_diff(self.sack_hole, self.snd_una)
             if 0 < hole < n:
                 n = hole
             self.sack_hole = None
@@ -1068,13 +1074,14 @@ class TcpFlow:
         False if part of it was refused (neither written nor buffered, so not
         acknowledged: the guest sends it again).
         """
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         n = len(data)
         if self.backlog_len or not self.host_connected_flag:
             return self._hold(data, 0)
         w = self.host.tcp_write(self, data)
         if w < n:
             return self._hold(data, w)
-        self.rcv_nxt = (self.rcv_nxt + n) & _M
+        self.rcv_nxt = (self.rcv_nxt + n) & SEQ_MASK
         return True
 
     def _hold(self, data: memoryview, written: int) -> bool:
@@ -1100,7 +1107,7 @@ class TcpFlow:
             self.backlog.append(bytes(data[written:written + take]))
             self.backlog_len += take
             engine.buffered += take + CHUNK_OVERHEAD
-        self.rcv_nxt = (self.rcv_nxt + written + take) & _M
+        self.rcv_nxt = seq_add(self.rcv_nxt, written + take)
         return take == rest
 
     def _ooo_insert(self, seq: int, data: bytes, fin: bool, plen: int) -> None:
@@ -1131,14 +1138,13 @@ class TcpFlow:
         ooo = self.ooo
         while ooo:
             progressed = False
-            for seq in sorted(ooo, key=lambda s: (s - self.rcv_nxt) & _M):
-                rel = (seq - self.rcv_nxt) & _M
-                if 0 < rel < _HALF:
+            for seq in sorted(ooo, key=lambda s: seq_diff(s, self.rcv_nxt)):
+                if seq_lt(self.rcv_nxt, seq):
                     break
                 data, f = ooo.pop(seq)
                 self.ooo_len -= len(data)
                 self.engine.buffered -= len(data) + CHUNK_OVERHEAD
-                skip = (self.rcv_nxt - seq) & _M
+                skip = seq_diff(self.rcv_nxt, seq)
                 if skip < len(data):
                     if not self._deliver(memoryview(data)[skip:]):
                         return False  # refused: the guest resends from rcv_nxt
@@ -1159,7 +1165,7 @@ class TcpFlow:
         self.ooo_len = 0
 
     def _on_fin(self, now: float) -> None:
-        self.rcv_nxt = (self.rcv_nxt + 1) & _M
+        self.rcv_nxt = seq_add(self.rcv_nxt, 1)
         self.fin_rcvd = True
         state = self.state
         if state == ESTABLISHED:
@@ -1176,7 +1182,7 @@ class TcpFlow:
     def _segment_syn_sent(self, seg: wtcp.TcpSegment, now: float) -> None:
         """Our SYN toward the guest is out (RFC 9293 3.10.7.3)."""
         flags = seg.flags
-        if flags & ACK and seg.ack != ((self.iss + 1) & _M):
+        if flags & ACK and seg.ack != seq_add(self.iss, 1):
             if not flags & RST:
                 self.engine.send_reset_for(seg, self.key)
             return
@@ -1189,7 +1195,7 @@ class TcpFlow:
             return
         self.last_rx = now
         self.irs = seg.seq
-        self.rcv_nxt = self.rcv_adv = (seg.seq + 1) & _M
+        self.rcv_nxt = self.rcv_adv = seq_add(seg.seq, 1)
         self._apply_syn_options(seg)
         if not flags & ACK:
             return  # simultaneous open is not something a guest does to a NAT
@@ -1286,7 +1292,7 @@ class TcpFlow:
                 return
         if self.backlog_len < before and self.state in _RCV_OPEN:
             # Tell the guest about the reopened window without waiting for a batch.
-            cur = (self.rcv_adv - self.rcv_nxt) & _M
+            cur = seq_diff(self.rcv_adv, self.rcv_nxt)
             if self._space() >= cur + min(self.cfg.rcv_buf >> 1, 2 * self.mss):
                 self._send_ack()
 
@@ -1382,9 +1388,7 @@ class TcpFlow:
             self.reading_paused = False
             self.host.tcp_resume_reading(self)
         if self.state in _RCV_OPEN:
-            cur = (self.rcv_adv - self.rcv_nxt) & _M
-            if cur >= _HALF:
-                cur = 0
+            cur = seq_window(self.rcv_adv, self.rcv_nxt)
             if self._space() >= cur + min(self.cfg.rcv_buf >> 1, 2 * self.mss):
                 self._send_ack()  # the window update the guest's persist timer waits for
 
@@ -1488,7 +1492,7 @@ class TcpEngine:
         flow = TcpFlow(self, ip.src, seg.src_port, ip.dst, seg.dst_port, now)
         flow.state = CONNECTING
         flow.irs = seg.seq
-        flow.rcv_nxt = flow.rcv_adv = (seg.seq + 1) & _M
+        flow.rcv_nxt = flow.rcv_adv = seq_add(seg.seq, 1)
         flow.syn_quote = bytes(ip.buf[:ip.header_len + 8])
         flow._apply_syn_options(seg)
         flow.snd_wnd = seg.window
@@ -1548,7 +1552,7 @@ class TcpEngine:
         flow.rcv_wscale = self.our_wscale
         self.flows[key] = flow
         flow._send_syn(with_ack=False)
-        flow.snd_nxt = flow.snd_max = (flow.iss + 1) & _M
+        flow.snd_nxt = flow.snd_max = seq_add(flow.iss, 1)
         flow.rtt_seq = flow.iss
         flow.rtt_time = now
         flow.rto_at = now + flow.rto
@@ -1560,7 +1564,7 @@ class TcpEngine:
         if seg.flags & ACK:
             seq, ack, flags = seg.ack, 0, RST
         else:
-            seq, ack, flags = 0, (seg.seq + seg.seq_len) & _M, RST | ACK
+            seq, ack, flags = 0, seq_add(seg.seq, seg.seq_len), RST | ACK
         guest_addr, guest_port, remote_addr, remote_port = key
         self.link.send_ipv4(remote_addr, guest_addr, wtcp.PROTO,
                             wtcp.build(remote_addr, guest_addr, remote_port, guest_port, seq,
