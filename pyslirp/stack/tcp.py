@@ -107,6 +107,7 @@ from pyslirp.stack.config import NetConfig
 from pyslirp.stack.host import HostPort, Policy
 from pyslirp.stack.link import Link
 from pyslirp.stack.seq import SEQ_HALF, SEQ_MASK, seq_add, seq_diff, seq_lt, seq_window
+from pyslirp.stack.tcpstate import TcpState, next_state
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import icmp, vnet
 from pyslirp.wire import tcp as wtcp
@@ -118,19 +119,12 @@ from pyslirp.wire.ipv4 import Ipv4Packet
 FIN, SYN, RST, PSH, ACK = wtcp.FIN, wtcp.SYN, wtcp.RST, wtcp.PSH, wtcp.ACK
 
 
-# Flow states (RFC 9293 3.3.2), plus CONNECTING: the guest's SYN arrived and the
-# host connect is in progress; nothing has been answered yet.
-CONNECTING = "CONNECTING"
-SYN_SENT = "SYN_SENT"
-SYN_RCVD = "SYN_RCVD"
-ESTABLISHED = "ESTABLISHED"
-FIN_WAIT_1 = "FIN_WAIT_1"
-FIN_WAIT_2 = "FIN_WAIT_2"
-CLOSING = "CLOSING"
-TIME_WAIT = "TIME_WAIT"
-CLOSE_WAIT = "CLOSE_WAIT"
-LAST_ACK = "LAST_ACK"
-CLOSED = "CLOSED"
+# Flow states (see tcpstate.py), as module names: a global lookup on the per-frame
+# path, not an attribute lookup on the enum class.
+CONNECTING, SYN_SENT, SYN_RCVD = TcpState.CONNECTING, TcpState.SYN_SENT, TcpState.SYN_RCVD
+ESTABLISHED, CLOSE_WAIT, LAST_ACK = TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.LAST_ACK
+FIN_WAIT_1, FIN_WAIT_2, CLOSING = TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2, TcpState.CLOSING
+TIME_WAIT, CLOSED = TcpState.TIME_WAIT, TcpState.CLOSED
 
 #: States in which the guest may still send us data.
 _RCV_OPEN = frozenset((ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2))
@@ -252,7 +246,7 @@ class TcpFlow:
         self.remote_addr = remote_addr
         self.remote_port = remote_port
         self.host_handle: Any = None
-        self.state = CLOSED
+        self.state: TcpState = CLOSED
         self.timer_deadline: float | None = None
         self.irs = 0
         self.rcv_nxt = 0
@@ -312,6 +306,10 @@ class TcpFlow:
         self.sack_ok = False
         self.sack_hole: int | None = None
         self.ooo_last = 0
+
+    def _to(self, new: TcpState) -> None:
+        """Move to state ``new``; IllegalTransition if the table in tcpstate.py forbids it."""
+        self.state = next_state(self.state, new)
 
     def __repr__(self) -> str:
         return (f"TcpFlow({self.guest_port}->{'.'.join(map(str, self.remote_addr))}:"
@@ -594,7 +592,7 @@ class TcpFlow:
             self.host.tcp_close(self, False)
 
     def _enter_time_wait(self, now: float, from_last_ack: bool = False) -> None:
-        self.state = TIME_WAIT
+        self._to(TIME_WAIT)
         self.rto_at = None
         self.persist = False
         self._maybe_close_host()
@@ -746,9 +744,9 @@ class TcpFlow:
         self.fin_seq = self.snd_nxt
         self.snd_nxt = seq_add(self.snd_nxt, 1)
         if self.state == ESTABLISHED:
-            self.state = FIN_WAIT_1
+            self._to(FIN_WAIT_1)
         elif self.state == CLOSE_WAIT:
-            self.state = LAST_ACK
+            self._to(LAST_ACK)
 
     # ------------------------------------------------------------------ input
 
@@ -879,7 +877,7 @@ class TcpFlow:
 
     def _established(self, seg: wtcp.TcpSegment, now: float, window: int) -> None:
         """The handshake completed (either way round): our SYN is acknowledged."""
-        self.state = ESTABLISHED
+        self._to(ESTABLISHED)
         self._end_half_open()
         self.snd_una = self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
         self.recover = self.snd_una
@@ -993,7 +991,7 @@ class TcpFlow:
         if fin_acked:
             state = self.state
             if state == FIN_WAIT_1:
-                self.state = FIN_WAIT_2
+                self._to(FIN_WAIT_2)
                 self._maybe_close_host()
             elif state == CLOSING:
                 self._enter_time_wait(now)
@@ -1169,9 +1167,9 @@ class TcpFlow:
         self.fin_rcvd = True
         state = self.state
         if state == ESTABLISHED:
-            self.state = CLOSE_WAIT
+            self._to(CLOSE_WAIT)
         elif state == FIN_WAIT_1:
-            self.state = CLOSING
+            self._to(CLOSING)
         elif state == FIN_WAIT_2:
             self._enter_time_wait(now)
         if not self.backlog_len and self.host_connected_flag and not self.host_shut:
@@ -1235,7 +1233,7 @@ class TcpFlow:
         if self.state != CONNECTING:
             return
         self.host_connected_flag = True
-        self.state = SYN_RCVD
+        self._to(SYN_RCVD)
         self.retries = 0
         self._send_syn(with_ack=True)
         self.rtt_seq = self.iss
@@ -1490,7 +1488,7 @@ class TcpEngine:
                            icmp.build_error(icmp.DEST_UNREACH, icmp.NET_UNREACH, ip.buf))
             return
         flow = TcpFlow(self, ip.src, seg.src_port, ip.dst, seg.dst_port, now)
-        flow.state = CONNECTING
+        flow._to(CONNECTING)
         flow.irs = seg.seq
         flow.rcv_nxt = flow.rcv_adv = seq_add(seg.seq, 1)
         flow.syn_quote = bytes(ip.buf[:ip.header_len + 8])
@@ -1544,7 +1542,7 @@ class TcpEngine:
         flow = TcpFlow(self, guest_addr, guest_port, remote_addr, remote_port, now)
         flow.host_handle = host_handle
         flow.host_connected_flag = True
-        flow.state = SYN_SENT
+        flow._to(SYN_SENT)
         flow.inbound = True
         flow.half_open = True
         self.inbound += 1
@@ -1593,7 +1591,7 @@ class TcpEngine:
         if self.time_wait.get(key) is flow:
             del self.time_wait[key]
         flow._end_half_open()
-        flow.state = CLOSED
+        flow._to(CLOSED)
         flow.rto_at = flow.ka_at = None
         self.timers.cancel(flow)
         self.buffered -= flow.buffered
