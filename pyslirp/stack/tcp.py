@@ -106,6 +106,7 @@ from typing import Any
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.host import HostPort, Policy
 from pyslirp.stack.link import Link
+from pyslirp.stack.rtt import RttEstimator
 from pyslirp.stack.seq import SEQ_HALF, SEQ_MASK, seq_add, seq_diff, seq_lt, seq_window
 from pyslirp.stack.tcpstate import TcpState, next_state
 from pyslirp.stack.timers import Timers
@@ -225,7 +226,7 @@ class TcpFlow:
         "sq", "sq_start", "una_pos", "sq_end", "cur_i", "cur_pos", "fin_queued", "fin_seq",
         "fin_out", "reading_paused",
         # timers
-        "rto", "srtt", "rttvar", "rtt_seq", "rtt_time", "rto_at", "ka_at", "retries", "probes",
+        "rtt", "rto_at", "ka_at", "retries", "probes",
         "persist", "last_rx", "tlp_armed",
         # framing
         "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "inbound",
@@ -281,12 +282,8 @@ class TcpFlow:
         self.fin_seq: int | None = None
         self.fin_out = False
         self.reading_paused = False
-        self.rto = cfg.rto_initial
-        self.srtt: float | None = None
+        self.rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
         self.tlp_armed = False
-        self.rttvar = 0.0
-        self.rtt_seq: int | None = None
-        self.rtt_time = 0.0
         self.rto_at: float | None = None
         self.ka_at: float | None = None
         self.retries = 0
@@ -482,9 +479,9 @@ class TcpFlow:
                 self.link.count("tcp.syn_timeout")
                 self._abort(now, rst_guest=state == SYN_RCVD)
                 return
-            self.rto = min(self.rto * 2, self.cfg.rto_max)
+            self.rtt.back_off()
             self._send_syn(with_ack=state == SYN_RCVD)
-            self.rto_at = now + self.rto
+            self.rto_at = now + self.rtt.rto
             return
         if state not in _SND_STATES:
             return
@@ -494,9 +491,9 @@ class TcpFlow:
                 self.link.count("tcp.persist_timeout")
                 self._abort(now, rst_guest=True)
                 return
-            self.rto = min(self.rto * 2, self.cfg.rto_max)
+            self.rtt.back_off()
             self._xmit(ACK, seq_add(self.snd_una, -1), [], 0)
-            self.rto_at = now + self.rto
+            self.rto_at = now + self.rtt.rto
             return
         if self.snd_nxt == self.snd_una and self.snd_max == self.snd_una:
             return  # nothing outstanding: stale deadline
@@ -521,15 +518,15 @@ class TcpFlow:
         flight = seq_diff(self.snd_max, self.snd_una)
         self.ssthresh = max(flight >> 1, 2 * self.mss)
         self.cwnd = self.mss
-        self.rto = min(self.rto * 2, self.cfg.rto_max)
-        self.rtt_seq = None  # Karn: no sample from a retransmitted segment
+        self.rtt.back_off()
+        self.rtt.discard_timed()
         self.in_recovery = False
         self.dupacks = 0
         # Go back N: resend from the oldest unacknowledged byte. No tail loss
         # probe until an ACK shows progress again.
         self.snd_nxt = self.snd_una
         self.fin_out = False
-        self.rto_at = now + self.rto
+        self.rto_at = now + self.rtt.rto
         self._output(now)
 
     def _on_idle(self, now: float) -> None:
@@ -672,9 +669,10 @@ class TcpFlow:
             if ((seq - self.snd_max) & SEQ_MASK) < SEQ_HALF:  # new data, not a retransmission
                 if len(self.tx_ends) < 4096:  # bounded even for a flight of 1-byte frames
                     self.tx_ends.append(self.una_pos + sent + n)
-                if self.rtt_seq is None:
-                    self.rtt_seq = (seq + n) & SEQ_MASK
-                    self.rtt_time = now
+                rtt = self.rtt
+                if rtt.timed_seq is None:  # (time_segment() inlined: per-frame path)
+                    rtt.timed_seq = (seq + n) & SEQ_MASK
+                    rtt.timed_at = now
             sent += n
             self.snd_nxt = (una + sent) & SEQ_MASK
             if flags & FIN:
@@ -697,7 +695,7 @@ class TcpFlow:
               and not self.persist):
             # Zero window and nothing in flight: probe it (persist timer).
             self.persist = True
-            self.rto_at = now + self.rto
+            self.rto_at = now + self.rtt.rto
             self._arm()
 
     def _restart_timer(self, now: float) -> None:
@@ -709,24 +707,25 @@ class TcpFlow:
         immediate ACK (with SACK/D-SACK) instead of waiting for the RTO.
         """
         # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
-        if (self.srtt is not None and not self.in_recovery
+        srtt = self.rtt.srtt
+        if (srtt is not None and not self.in_recovery
                 and ((self.snd_max - self.snd_una) & SEQ_MASK) > self.mss):
             # (With one segment in flight the guest may delay its ACK by design,
             # RFC 8985 7.2: leave that to the RTO.)
-            pto = 2 * self.srtt
+            pto = 2 * srtt
             if pto < 0.01:
                 pto = 0.01
-            if pto < self.rto:
+            if pto < self.rtt.rto:
                 self.tlp_armed = True
                 self.rto_at = now + pto
                 return
         self.tlp_armed = False
-        self.rto_at = now + self.rto
+        self.rto_at = now + self.rtt.rto
 
     def _tail_loss_probe(self, now: float) -> None:
         """Resend the last in-flight segment once (RFC 8985 7.3), then wait for the RTO."""
         self.tlp_armed = False
-        self.rto_at = now + self.rto
+        self.rto_at = now + self.rtt.rto
         flight = seq_diff(self.snd_max, self.snd_una)
         data = min(flight, self.sq_end - self.una_pos)
         if data <= 0:
@@ -886,9 +885,8 @@ class TcpFlow:
         self.snd_wl2 = seg.ack
         self.retries = 0
         self.rto_at = None
-        if self.rtt_seq is not None:
-            self._rtt_sample(now - self.rtt_time)
-        self.rtt_seq = None
+        if self.rtt.timed_seq is not None:
+            self.rtt.sample_timed(now)
         self.ka_at = now + self.cfg.keepalive_idle
         self._arm()
 
@@ -939,9 +937,11 @@ class TcpFlow:
             self.snd_nxt = ack
             self.fin_out = fin_acked
         self.retries = 0
-        if self.rtt_seq is not None and ((ack - self.rtt_seq) & SEQ_MASK) < SEQ_HALF:
-            self._rtt_sample(now - self.rtt_time)
-            self.rtt_seq = None
+        rtt = self.rtt
+        if rtt.timed_seq is not None and ((ack - rtt.timed_seq) & SEQ_MASK) < SEQ_HALF:
+            # (sample_timed() inlined: per-frame path, one call fewer)
+            rtt.sample(now - rtt.timed_at)
+            rtt.timed_seq = None
         if data:
             self.una_pos += data
             engine = self.engine
@@ -1020,18 +1020,6 @@ class TcpFlow:
         self.sack_hole = seq_add(ack, hole)
         return True
 
-    def _rtt_sample(self, r: float) -> None:
-        # RFC 6298 2.2 / 2.3
-        if self.srtt is None:
-            self.srtt = r
-            self.rttvar = r / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
-            self.srtt = 0.875 * self.srtt + 0.125 * r
-        rto = self.srtt + max(0.001, 4 * self.rttvar)
-        cfg = self.cfg
-        self.rto = cfg.rto_min if rto < cfg.rto_min else cfg.rto_max if rto > cfg.rto_max else rto
-
     def _fast_retransmit(self, now: float) -> None:
         if self.in_recovery:
             return
@@ -1041,9 +1029,9 @@ class TcpFlow:
         self.cwnd = self.ssthresh
         self.recover = self.snd_max
         self.in_recovery = True
-        self.rtt_seq = None
+        self.rtt.discard_timed()
         self._retransmit_head()
-        self.rto_at = now + self.rto
+        self.rto_at = now + self.rtt.rto
 
     def _retransmit_head(self) -> None:
         """Resend the first frame's worth at snd_una (fast retransmit, partial ACK).
@@ -1236,9 +1224,8 @@ class TcpFlow:
         self._to(SYN_RCVD)
         self.retries = 0
         self._send_syn(with_ack=True)
-        self.rtt_seq = self.iss
-        self.rtt_time = now
-        self.rto_at = now + self.rto
+        self.rtt.time_segment(self.iss, now)
+        self.rto_at = now + self.rtt.rto
         self._arm()
 
     def host_connect_failed(self, errno_value: int, now: float) -> None:
@@ -1551,9 +1538,8 @@ class TcpEngine:
         self.flows[key] = flow
         flow._send_syn(with_ack=False)
         flow.snd_nxt = flow.snd_max = seq_add(flow.iss, 1)
-        flow.rtt_seq = flow.iss
-        flow.rtt_time = now
-        flow.rto_at = now + flow.rto
+        flow.rtt.time_segment(flow.iss, now)
+        flow.rto_at = now + flow.rtt.rto
         flow._arm()
         return flow
 
