@@ -106,6 +106,7 @@ from typing import Any
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.host import HostPort, Policy
 from pyslirp.stack.link import Link
+from pyslirp.stack.reassembly import OutOfOrderStore
 from pyslirp.stack.rtt import RttEstimator
 from pyslirp.stack.seq import SEQ_HALF, SEQ_MASK, seq_add, seq_diff, seq_lt, seq_window
 from pyslirp.stack.tcpstate import TcpState, next_state
@@ -218,7 +219,7 @@ class TcpFlow:
         "engine", "link", "host", "cfg", "key", "guest_addr", "guest_port", "remote_addr",
         "remote_port", "host_handle", "state", "timer_deadline",
         # receive side (guest -> host)
-        "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "backlog", "backlog_len", "ooo", "ooo_len",
+        "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "backlog", "backlog_len", "ooo",
         "fin_rcvd", "host_shut", "host_closed", "host_connected_flag",
         # send side (host -> guest)
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale",
@@ -232,7 +233,7 @@ class TcpFlow:
         "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "inbound",
         "wscale_ok",
         # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una, newest OOO seq
-        "sack_ok", "sack_hole", "ooo_last",
+        "sack_ok", "sack_hole",
     )
 
     def __init__(self, engine: TcpEngine, guest_addr: bytes, guest_port: int,
@@ -255,8 +256,7 @@ class TcpFlow:
         self.rcv_wscale = 0
         self.backlog: deque[bytes] = deque()
         self.backlog_len = 0
-        self.ooo: dict[int, tuple[bytes, bool]] = {}
-        self.ooo_len = 0
+        self.ooo = OutOfOrderStore(cfg.max_ooo_segments)
         self.fin_rcvd = False
         self.host_shut = False
         self.host_closed = False
@@ -302,7 +302,6 @@ class TcpFlow:
         self.wscale_ok = False
         self.sack_ok = False
         self.sack_hole: int | None = None
-        self.ooo_last = 0
 
     def _to(self, new: TcpState) -> None:
         """Move to state ``new``; IllegalTransition if the table in tcpstate.py forbids it."""
@@ -324,7 +323,7 @@ class TcpFlow:
         bound), and per-chunk overhead counts against the space.
         """
         # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
-        space = self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+        space = self.cfg.rcv_buf - self.backlog_len - self.ooo.nbytes
         if self.backlog_len:
             space -= len(self.backlog) * CHUNK_OVERHEAD
         engine = self.engine
@@ -412,24 +411,11 @@ class TcpFlow:
 
     def _send_ack(self) -> None:
         self.ack_pending = False
-        if self.ooo and self.sack_ok:
-            self._xmit(ACK, self.snd_nxt, [], 0, wtcp.sack_option(self._sack_blocks()))
+        if self.ooo.segments and self.sack_ok:
+            blocks = self.ooo.sack_blocks(self.rcv_nxt)
+            self._xmit(ACK, self.snd_nxt, [], 0, wtcp.sack_option(blocks))
         else:
             self._xmit(ACK, self.snd_nxt, [], 0)
-
-    def _sack_blocks(self) -> list[tuple[int, int]]:
-        """Held out-of-order ranges, the one with the newest segment first (RFC 2018 4)."""
-        rcv = self.rcv_nxt
-        spans = sorted((seq_diff(s, rcv), len(d)) for s, (d, _) in self.ooo.items())
-        merged: list[list[int]] = []
-        for rel, n in spans:
-            if merged and rel <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], rel + n)
-            else:
-                merged.append([rel, rel + n])
-        last = seq_diff(self.ooo_last, rcv)
-        merged.sort(key=lambda b: not b[0] <= last < b[1])
-        return [(seq_add(rcv, a), seq_add(rcv, b)) for a, b in merged if b > a]
 
     def _send_rst(self) -> None:
         self._xmit(RST | ACK, self.snd_nxt, [], 0)
@@ -855,7 +841,7 @@ class TcpFlow:
         if plen and not self._deliver(seg.buf[hl:hl + plen]):
             self._mark_ack()  # what was taken; the window says why not the rest
             return
-        if self.ooo:
+        if self.ooo.segments:
             fin = self._ooo_drain() or fin
         if fin:
             self._on_fin(now)
@@ -1078,7 +1064,7 @@ class TcpFlow:
         rcv_buf = self.cfg.rcv_buf
         engine = self.engine
         # (The slack lets in the overhead of the segments of one full window.)
-        room = (rcv_buf + (rcv_buf >> 4) - self.backlog_len - self.ooo_len
+        room = (rcv_buf + (rcv_buf >> 4) - self.backlog_len - self.ooo.nbytes
                 - (len(self.backlog) + 1) * CHUNK_OVERHEAD)
         free = engine.room_for(self) - CHUNK_OVERHEAD
         take = rest
@@ -1097,47 +1083,43 @@ class TcpFlow:
         return take == rest
 
     def _ooo_insert(self, seq: int, data: bytes, fin: bool, plen: int) -> None:
+        """Hold a segment that arrived past rcv_nxt, within the segment cap and budget."""
         self.link.count("tcp.rx_out_of_order")
         ooo = self.ooo
-        old = ooo.get(seq)
+        held = ooo.held_len(seq)
         engine = self.engine
-        if old is None:
-            if len(ooo) >= self.cfg.max_ooo_segments:
+        if held is None:
+            if ooo.is_full():
                 self.link.count("tcp.drop.ooo_full")
             elif plen + CHUNK_OVERHEAD > engine.room_for(self):
                 self.link.count("tcp.drop.max_buffered")
                 engine.starved[self] = None
             else:
-                ooo[seq] = (data, fin)
-                self.ooo_len += plen
+                ooo.add(seq, data, fin)
                 engine.buffered += plen + CHUNK_OVERHEAD
-                self.ooo_last = seq
-        elif len(old[0]) < plen and plen - len(old[0]) <= engine.room_for(self):
-            ooo[seq] = (data, fin)
-            self.ooo_len += plen - len(old[0])
-            engine.buffered += plen - len(old[0])
+        elif held < plen and plen - held <= engine.room_for(self):
+            engine.buffered += ooo.replace(seq, data, fin)
         # Immediate duplicate ACK (RFC 5681 4.2), not coalesced.
         self._send_ack()
 
     def _ooo_drain(self) -> bool:
         """Deliver held segments that are now in order; True if a FIN was reached."""
         ooo = self.ooo
-        while ooo:
+        while ooo.segments:
             progressed = False
-            for seq in sorted(ooo, key=lambda s: seq_diff(s, self.rcv_nxt)):
+            for seq in ooo.order_from(self.rcv_nxt):
                 if seq_lt(self.rcv_nxt, seq):
                     break
-                data, f = ooo.pop(seq)
-                self.ooo_len -= len(data)
+                data, fin = ooo.pop(seq)
                 self.engine.buffered -= len(data) + CHUNK_OVERHEAD
                 skip = seq_diff(self.rcv_nxt, seq)
                 if skip < len(data):
                     if not self._deliver(memoryview(data)[skip:]):
                         return False  # refused: the guest resends from rcv_nxt
-                    if f:
+                    if fin:
                         self._ooo_clear()
                         return True
-                elif skip == len(data) and f:
+                elif skip == len(data) and fin:
                     self._ooo_clear()
                     return True
                 progressed = True
@@ -1146,9 +1128,8 @@ class TcpFlow:
         return False
 
     def _ooo_clear(self) -> None:
-        self.engine.buffered -= self.ooo_len + len(self.ooo) * CHUNK_OVERHEAD
+        self.engine.buffered -= self.ooo.nbytes + len(self.ooo.segments) * CHUNK_OVERHEAD
         self.ooo.clear()
-        self.ooo_len = 0
 
     def _on_fin(self, now: float) -> None:
         self.rcv_nxt = seq_add(self.rcv_nxt, 1)
@@ -1283,7 +1264,7 @@ class TcpFlow:
 
     def _space(self) -> int:
         """What the window could offer now (see :meth:`_window`)."""
-        space = (self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+        space = (self.cfg.rcv_buf - self.backlog_len - self.ooo.nbytes
                  - len(self.backlog) * CHUNK_OVERHEAD)
         return min(space, self.engine.room_for(self))
 
@@ -1359,10 +1340,15 @@ class TcpFlow:
         return self.sq_end - self.una_pos
 
     @property
+    def ooo_len(self) -> int:
+        """Payload bytes held out of order (waiting for a gap to fill)."""
+        return self.ooo.nbytes
+
+    @property
     def buffered(self) -> int:
         """What this flow charges to the engine's shared budget (payload + overhead)."""
-        return (self.sq_end - self.una_pos + self.backlog_len + self.ooo_len
-                + (len(self.backlog) + len(self.ooo)) * CHUNK_OVERHEAD)
+        return (self.sq_end - self.una_pos + self.backlog_len + self.ooo.nbytes
+                + (len(self.backlog) + len(self.ooo.segments)) * CHUNK_OVERHEAD)
 
     def _budget_freed(self) -> None:
         """The shared budget has room again: resume what it held back."""
@@ -1586,7 +1572,6 @@ class TcpEngine:
         flow.backlog.clear()
         flow.backlog_len = 0
         flow.ooo.clear()
-        flow.ooo_len = 0
         self.starved.pop(flow, None)
         if self.starved and self.buffered <= self.low_water:
             self.release_starved()
