@@ -47,9 +47,12 @@ class RttEstimator:
             self.srtt = rtt
             self.rttvar = rtt / 2
         else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            # (Conditional expressions, not abs()/max(): this runs once per ACK.)
+            error = self.srtt - rtt
+            self.rttvar = 0.75 * self.rttvar + 0.25 * (error if error >= 0 else -error)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        rto = self.srtt + max(0.001, 4 * self.rttvar)
+        variation = 4 * self.rttvar
+        rto = self.srtt + (variation if variation > 0.001 else 0.001)
         self.rto = (self.rto_min if rto < self.rto_min
                     else self.rto_max if rto > self.rto_max else rto)
 

@@ -108,6 +108,7 @@ from pyslirp.stack.host import HostPort, Policy
 from pyslirp.stack.link import Link
 from pyslirp.stack.reassembly import OutOfOrderStore
 from pyslirp.stack.rtt import RttEstimator
+from pyslirp.stack.sendqueue import SendQueue
 from pyslirp.stack.seq import SEQ_HALF, SEQ_MASK, seq_add, seq_diff, seq_lt, seq_window
 from pyslirp.stack.tcpstate import TcpState, next_state
 from pyslirp.stack.timers import Timers
@@ -224,7 +225,7 @@ class TcpFlow:
         # send side (host -> guest)
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale",
         "mss", "max_burst", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "tx_ends",
-        "sq", "sq_start", "una_pos", "sq_end", "cur_i", "cur_pos", "fin_queued", "fin_seq",
+        "send_queue", "fin_queued", "fin_seq",
         "fin_out", "reading_paused",
         # timers
         "rtt", "rto_at", "ka_at", "retries", "probes",
@@ -275,9 +276,7 @@ class TcpFlow:
         self.in_recovery = False
         #: Stream end positions of the data frames in flight (for the dup-ACK threshold).
         self.tx_ends: deque[int] = deque()
-        self.sq: deque[bytes] = deque()
-        self.sq_start = self.una_pos = self.sq_end = 0
-        self.cur_i = self.cur_pos = 0
+        self.send_queue = SendQueue()
         self.fin_queued = False
         self.fin_seq: int | None = None
         self.fin_out = False
@@ -590,34 +589,6 @@ class TcpFlow:
 
     # ------------------------------------------------------------------ output
 
-    def _collect(self, pos: int, n: int) -> list[Any]:
-        """Slices of the send queue covering stream bytes [pos, pos + n)."""
-        sq = self.sq
-        if pos >= self.cur_pos and self.cur_i < len(sq):
-            i, start = self.cur_i, self.cur_pos
-        else:
-            i, start = 0, self.sq_start
-        c = sq[i]
-        while pos >= start + len(c):
-            start += len(c)
-            i += 1
-            c = sq[i]
-        self.cur_i, self.cur_pos = i, start
-        parts: list[Any] = []
-        while n > 0:
-            o = pos - start
-            take = len(c) - o
-            if take > n:
-                take = n
-            parts.append(c if take == len(c) else memoryview(c)[o:o + take])
-            n -= take
-            pos += take
-            if n:
-                start += len(c)
-                i += 1
-                c = sq[i]
-        return parts
-
     def _output(self, now: float, push: bool = True) -> None:
         """Send what the guest's window and our congestion window allow.
 
@@ -630,7 +601,8 @@ class TcpFlow:
         if self.state not in _SND_STATES:
             return
         una = self.snd_una
-        buffered = self.sq_end - self.una_pos
+        queue = self.send_queue
+        buffered = queue.end_pos - queue.acked_pos
         sent = ((self.snd_nxt - una) & SEQ_MASK) - self.fin_out
         wnd = self.snd_wnd if self.snd_wnd < self.cwnd else self.cwnd
         limit = buffered if buffered < wnd else wnd
@@ -651,10 +623,10 @@ class TcpFlow:
                 if self.fin_queued:
                     flags = ACK | PSH | FIN
             seq = (una + sent) & SEQ_MASK
-            self._xmit(flags, seq, self._collect(self.una_pos + sent, n), n)
+            self._xmit(flags, seq, queue.slices(queue.acked_pos + sent, n), n)
             if ((seq - self.snd_max) & SEQ_MASK) < SEQ_HALF:  # new data, not a retransmission
                 if len(self.tx_ends) < 4096:  # bounded even for a flight of 1-byte frames
-                    self.tx_ends.append(self.una_pos + sent + n)
+                    self.tx_ends.append(queue.acked_pos + sent + n)
                 rtt = self.rtt
                 if rtt.timed_seq is None:  # (time_segment() inlined: per-frame path)
                     rtt.timed_seq = (seq + n) & SEQ_MASK
@@ -713,16 +685,17 @@ class TcpFlow:
         self.tlp_armed = False
         self.rto_at = now + self.rtt.rto
         flight = seq_diff(self.snd_max, self.snd_una)
-        data = min(flight, self.sq_end - self.una_pos)
+        queue = self.send_queue
+        data = min(flight, queue.unacked)
         if data <= 0:
             return
         self.link.count("tcp.tlp")
         n = data if data < self.mss else self.mss
         off = data - n
         flags = ACK | PSH
-        if off + n == self.sq_end - self.una_pos and self.fin_seq is not None:
+        if off + n == queue.unacked and self.fin_seq is not None:
             flags |= FIN
-        self._xmit(flags, seq_add(self.snd_una, off), self._collect(self.una_pos + off, n), n)
+        self._xmit(flags, seq_add(self.snd_una, off), queue.slices(queue.acked_pos + off, n), n)
 
     def _fin_sent(self) -> None:
         self.fin_out = True
@@ -929,22 +902,14 @@ class TcpFlow:
             rtt.sample(now - rtt.timed_at)
             rtt.timed_seq = None
         if data:
-            self.una_pos += data
+            queue = self.send_queue
+            queue.release(data)
             engine = self.engine
             engine.buffered -= data
             ends = self.tx_ends
-            while ends and ends[0] <= self.una_pos:
+            while ends and ends[0] <= queue.acked_pos:
                 ends.popleft()
-            sq = self.sq
-            popped = 0
-            while sq and self.sq_start + len(sq[0]) <= self.una_pos:
-                self.sq_start += len(sq.popleft())
-                popped += 1
-            if popped:
-                self.cur_i -= popped
-                if self.cur_i < 0:
-                    self.cur_i, self.cur_pos = 0, self.sq_start
-            if self.reading_paused and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1:
+            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
                 if engine.room_for(self) > 0:
                     self.reading_paused = False
                     self.host.tcp_resume_reading(self)
@@ -1024,7 +989,8 @@ class TcpFlow:
 
         With offloads a lost frame is a whole GSO super-frame, so up to a burst is resent.
         """
-        buffered = self.sq_end - self.una_pos
+        queue = self.send_queue
+        buffered = queue.unacked
         n = min(self.max_burst, buffered, seq_diff(self.snd_max, self.snd_una))
         if self.sack_hole is not None:
             # Resend only the hole the guest's SACK blocks point at.
@@ -1036,7 +1002,7 @@ class TcpFlow:
             flags = ACK | PSH if n == buffered else ACK
             if n == buffered and self.fin_seq is not None:
                 flags |= FIN
-            self._xmit(flags, self.snd_una, self._collect(self.una_pos, n), n)
+            self._xmit(flags, self.snd_una, queue.slices(queue.acked_pos, n), n)
         elif self.fin_seq is not None:
             self._xmit(ACK | FIN, self.snd_una, [], 0)
 
@@ -1278,22 +1244,18 @@ class TcpFlow:
         """
         if self.state not in _SND_STATES and self.state not in _HALF_OPEN or self.fin_queued:
             return
-        n = len(data)
-        if not n:
+        if not data:
             return
         if type(data) is not bytes:
             data = bytes(data)
-        sq = self.sq
-        if sq and len(sq[-1]) < 32768 and n < 32768:
-            # Coalesce small reads so a frame never needs many iovecs.
-            sq[-1] = sq[-1] + data
-        else:
-            sq.append(data)
-        self.sq_end += n
+        queue = self.send_queue
+        queued_before = queue.end_pos
+        queue.append(data)
+        n = queue.end_pos - queued_before  # (not len(data): one call fewer per frame)
         engine = self.engine
         engine.buffered += n
         if not self.reading_paused:
-            if self.sq_end - self.una_pos >= self.cfg.snd_buf:
+            if queue.end_pos - queue.acked_pos >= self.cfg.snd_buf:
                 self.reading_paused = True
                 self.host.tcp_pause_reading(self)
             elif engine.buffered >= engine.shared_limit and engine.room_for(self) <= 0:
@@ -1321,7 +1283,7 @@ class TcpFlow:
         """How many bytes the runtime may pass to the next ``host_data``."""
         if self.fin_queued or self.state == CLOSED:
             return 0
-        room = self.cfg.snd_buf - (self.sq_end - self.una_pos)
+        room = self.cfg.snd_buf - self.send_queue.unacked
         engine = self.engine
         if engine.shared_limit - engine.buffered < room:
             free = engine.room_for(self)
@@ -1337,7 +1299,7 @@ class TcpFlow:
     @property
     def send_queue_len(self) -> int:
         """Bytes from the host not yet acknowledged by the guest."""
-        return self.sq_end - self.una_pos
+        return self.send_queue.unacked
 
     @property
     def ooo_len(self) -> int:
@@ -1347,7 +1309,8 @@ class TcpFlow:
     @property
     def buffered(self) -> int:
         """What this flow charges to the engine's shared budget (payload + overhead)."""
-        return (self.sq_end - self.una_pos + self.backlog_len + self.ooo.nbytes
+        queue = self.send_queue
+        return (queue.end_pos - queue.acked_pos + self.backlog_len + self.ooo.nbytes
                 + (len(self.backlog) + len(self.ooo.segments)) * CHUNK_OVERHEAD)
 
     def _budget_freed(self) -> None:
@@ -1355,7 +1318,7 @@ class TcpFlow:
         if self.state == CLOSED:
             return
         if (self.reading_paused and not self.fin_queued
-                and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1):
+                and self.send_queue.unacked <= self.cfg.snd_buf >> 1):
             self.reading_paused = False
             self.host.tcp_resume_reading(self)
         if self.state in _RCV_OPEN:
@@ -1567,8 +1530,7 @@ class TcpEngine:
         flow.rto_at = flow.ka_at = None
         self.timers.cancel(flow)
         self.buffered -= flow.buffered
-        flow.una_pos = flow.sq_end
-        flow.sq.clear()
+        flow.send_queue.clear()
         flow.backlog.clear()
         flow.backlog_len = 0
         flow.ooo.clear()
