@@ -219,21 +219,21 @@ class TcpFlow:
     __slots__ = (
         "engine", "link", "host", "cfg", "key", "guest_addr", "guest_port", "remote_addr",
         "remote_port", "host_handle", "state", "timer_deadline",
-        # receive side (guest -> host)
+        # receive side (guest -> host); out-of-order data lives in ``ooo`` (reassembly.py)
         "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "backlog", "backlog_len", "ooo",
         "fin_rcvd", "host_shut", "host_closed", "host_connected_flag",
-        # send side (host -> guest)
+        # send side (host -> guest); unacknowledged data lives in ``send_queue`` (sendqueue.py)
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale",
-        "mss", "max_burst", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "tx_ends",
-        "send_queue", "fin_queued", "fin_seq",
-        "fin_out", "reading_paused",
-        # timers
-        "rtt", "rto_at", "ka_at", "retries", "probes",
-        "persist", "last_rx", "tlp_armed",
-        # framing
-        "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "inbound",
-        "wscale_ok",
-        # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una, newest OOO seq
+        "mss", "max_burst", "send_queue", "fin_queued", "fin_seq", "fin_out", "reading_paused",
+        # congestion control (RFC 5681, 6582) and the dup-ACK threshold (RFC 5827)
+        "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "frame_ends",
+        # timers; RTT/RTO estimation lives in ``rtt`` (rtt.py)
+        "rtt", "rto_deadline", "idle_deadline", "retries", "probes", "persist", "last_rx",
+        "tlp_armed",
+        # framing: checksum sums precomputed from the addresses
+        "ip_header_sum", "pseudo_header_sum", "ack_pending", "dirty", "syn_quote", "half_open",
+        "inbound", "wscale_ok",
+        # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una
         "sack_ok", "sack_hole",
     )
 
@@ -275,7 +275,7 @@ class TcpFlow:
         self.recover = self.iss
         self.in_recovery = False
         #: Stream end positions of the data frames in flight (for the dup-ACK threshold).
-        self.tx_ends: deque[int] = deque()
+        self.frame_ends: deque[int] = deque()
         self.send_queue = SendQueue()
         self.fin_queued = False
         self.fin_seq: int | None = None
@@ -283,15 +283,18 @@ class TcpFlow:
         self.reading_paused = False
         self.rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
         self.tlp_armed = False
-        self.rto_at: float | None = None
-        self.ka_at: float | None = None
+        self.rto_deadline: float | None = None
+        self.idle_deadline: float | None = None
         self.retries = 0
         self.probes = 0
         self.persist = False
         self.last_rx = now
         addr_sum = _wsum(remote_addr) + _wsum(guest_addr)
-        self.ip_sum0 = 0x4500 + 0x4000 + (64 << 8 | 6) + addr_sum
-        self.ph0 = addr_sum + 6
+        #: One's-complement sum of our IPv4 header's fixed fields (version, DF,
+        #: TTL, protocol, addresses): each frame adds its length and ID.
+        self.ip_header_sum = 0x4500 + 0x4000 + (64 << 8 | 6) + addr_sum
+        #: The TCP pseudo-header sum without the TCP length (RFC 9293 3.1).
+        self.pseudo_header_sum = addr_sum + 6
         self.ack_pending = False
         self.dirty = False
         self.syn_quote = b""
@@ -368,7 +371,7 @@ class TcpFlow:
         tcp_len = thl + plen
         tot = 20 + tcp_len
         ident = link.next_ip_id()
-        s = self.ip_sum0 + tot + ident
+        s = self.ip_header_sum + tot + ident
         s = (s & 0xFFFF) + (s >> 16)
         ipcs = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
         if flags & SYN:
@@ -385,7 +388,7 @@ class TcpFlow:
             _FRAME.pack_into(hdr, off, mac, link.our_mac, 0x0800, 0x45, 0, tot, ident, 0x4000,
                              64, 6, ipcs, self.remote_addr, self.guest_addr, self.remote_port,
                              self.guest_port, seq, ack, thl << 2, flags, win,
-                             _fold(self.ph0 + tcp_len), 0)
+                             _fold(self.pseudo_header_sum + tcp_len), 0)
             if plen > self.mss:
                 _VNET.pack_into(hdr, 0, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, _CSUM_START + thl,
                                 self.mss, _CSUM_START, 16, 0)
@@ -396,7 +399,7 @@ class TcpFlow:
             _FRAME.pack_into(hdr, off, mac, link.our_mac, 0x0800, 0x45, 0, tot, ident, 0x4000,
                              64, 6, ipcs, self.remote_addr, self.guest_addr, self.remote_port,
                              self.guest_port, seq, ack, thl << 2, flags, win, 0, 0)
-            s = partial_sum(memoryview(hdr)[off + _CSUM_START:], self.ph0 + tcp_len)
+            s = partial_sum(memoryview(hdr)[off + _CSUM_START:], self.pseudo_header_sum + tcp_len)
             if plen:
                 s = partial_sum(parts[0] if len(parts) == 1 else b"".join(parts), s)
             c = finish(s)
@@ -437,8 +440,8 @@ class TcpFlow:
 
     def _arm(self) -> None:
         """Make sure the heap wakes us no later than our earliest deadline."""
-        d = self.rto_at
-        k = self.ka_at
+        d = self.rto_deadline
+        k = self.idle_deadline
         if d is None or (k is not None and k < d):
             d = k
         if d is not None and (self.timer_deadline is None or d < self.timer_deadline):
@@ -447,38 +450,25 @@ class TcpFlow:
     def on_timer(self, now: float) -> None:
         if self.state == CLOSED:
             return
-        if self.rto_at is not None and now >= self.rto_at:
-            self.rto_at = None
+        if self.rto_deadline is not None and now >= self.rto_deadline:
+            self.rto_deadline = None
             self._on_rto(now)
-        if self.state != CLOSED and self.ka_at is not None and now >= self.ka_at:
-            self.ka_at = None
+        if self.state != CLOSED and self.idle_deadline is not None and now >= self.idle_deadline:
+            self.idle_deadline = None
             self._on_idle(now)
         if self.state != CLOSED:
             self._arm()
 
     def _on_rto(self, now: float) -> None:
+        """The retransmission timer fired: resend, probe, or give up."""
         state = self.state
         if state in (SYN_RCVD, SYN_SENT):
-            self.retries += 1
-            if self.retries > self.cfg.syn_retries:
-                self.link.count("tcp.syn_timeout")
-                self._abort(now, rst_guest=state == SYN_RCVD)
-                return
-            self.rtt.back_off()
-            self._send_syn(with_ack=state == SYN_RCVD)
-            self.rto_at = now + self.rtt.rto
+            self._resend_syn(now)
             return
         if state not in _SND_STATES:
             return
         if self.persist:
-            self.probes += 1
-            if self.probes > self.cfg.max_retries:
-                self.link.count("tcp.persist_timeout")
-                self._abort(now, rst_guest=True)
-                return
-            self.rtt.back_off()
-            self._xmit(ACK, seq_add(self.snd_una, -1), [], 0)
-            self.rto_at = now + self.rtt.rto
+            self._probe_zero_window(now)
             return
         if self.snd_nxt == self.snd_una and self.snd_max == self.snd_una:
             return  # nothing outstanding: stale deadline
@@ -491,9 +481,36 @@ class TcpFlow:
             self.snd_nxt = self.snd_una
             self.fin_out = False
             self.persist = True
-            self.rto_at = now
-            self._on_rto(now)
+            self.rto_deadline = now
+            self._probe_zero_window(now)
             return
+        self._go_back_n(now)
+
+    def _resend_syn(self, now: float) -> None:
+        """Our SYN or SYN-ACK went unanswered: resend it, up to ``syn_retries`` times."""
+        synack = self.state == SYN_RCVD
+        self.retries += 1
+        if self.retries > self.cfg.syn_retries:
+            self.link.count("tcp.syn_timeout")
+            self._abort(now, rst_guest=synack)
+            return
+        self.rtt.back_off()
+        self._send_syn(with_ack=synack)
+        self.rto_deadline = now + self.rtt.rto
+
+    def _probe_zero_window(self, now: float) -> None:
+        """Persist timer (RFC 9293 3.8.6.1): probe a closed window, up to ``max_retries``."""
+        self.probes += 1
+        if self.probes > self.cfg.max_retries:
+            self.link.count("tcp.persist_timeout")
+            self._abort(now, rst_guest=True)
+            return
+        self.rtt.back_off()
+        self._xmit(ACK, seq_add(self.snd_una, -1), [], 0)
+        self.rto_deadline = now + self.rtt.rto
+
+    def _go_back_n(self, now: float) -> None:
+        """RFC 6298 5.4-5.6 and RFC 5681 3.1: resend from snd_una with a window of one MSS."""
         self.retries += 1
         if self.retries > self.cfg.max_retries:
             self.link.count("tcp.retransmit_timeout")
@@ -507,11 +524,10 @@ class TcpFlow:
         self.rtt.discard_timed()
         self.in_recovery = False
         self.dupacks = 0
-        # Go back N: resend from the oldest unacknowledged byte. No tail loss
-        # probe until an ACK shows progress again.
+        # No tail loss probe until an ACK shows progress again.
         self.snd_nxt = self.snd_una
         self.fin_out = False
-        self.rto_at = now + self.rtt.rto
+        self.rto_deadline = now + self.rtt.rto
         self._output(now)
 
     def _on_idle(self, now: float) -> None:
@@ -523,7 +539,7 @@ class TcpFlow:
             # Compare with the deadline itself, not ``now - last_rx``: float rounding can
             # make the two disagree and re-arm the timer at ``now`` for ever.
             if now < self.last_rx + cfg.drain_timeout:
-                self.ka_at = self.last_rx + cfg.drain_timeout
+                self.idle_deadline = self.last_rx + cfg.drain_timeout
                 return
             # The guest is gone and the host never took the rest: give up on it.
             self.link.count("tcp.drain_timeout")
@@ -535,11 +551,11 @@ class TcpFlow:
             return
         if now < self.last_rx + cfg.keepalive_idle:  # (the deadline itself: see above)
             self.probes = 0
-            self.ka_at = self.last_rx + cfg.keepalive_idle
+            self.idle_deadline = self.last_rx + cfg.keepalive_idle
             return
         if self.snd_max != self.snd_una:
             # Data in flight: the retransmission timer watches the guest.
-            self.ka_at = now + cfg.keepalive_interval
+            self.idle_deadline = now + cfg.keepalive_interval
             return
         if self.probes >= cfg.keepalive_count:
             self.link.count("tcp.keepalive_timeout")
@@ -547,7 +563,7 @@ class TcpFlow:
             return
         self.probes += 1
         self._xmit(ACK, seq_add(self.snd_una, -1), [], 0)
-        self.ka_at = now + cfg.keepalive_interval
+        self.idle_deadline = now + cfg.keepalive_interval
 
     # ------------------------------------------------------------------ teardown
 
@@ -575,7 +591,7 @@ class TcpFlow:
 
     def _enter_time_wait(self, now: float, from_last_ack: bool = False) -> None:
         self._to(TIME_WAIT)
-        self.rto_at = None
+        self.rto_deadline = None
         self.persist = False
         self._maybe_close_host()
         if from_last_ack and self.host_closed:
@@ -583,7 +599,7 @@ class TcpFlow:
             self.engine._remove(self)
             return
         # TIME_WAIT proper, or (after LAST_ACK) waiting for the host to take the backlog.
-        self.ka_at = now + self.cfg.time_wait
+        self.idle_deadline = now + self.cfg.time_wait
         self._arm()
         self.engine.time_wait[self.key] = self
 
@@ -625,8 +641,8 @@ class TcpFlow:
             seq = (una + sent) & SEQ_MASK
             self._xmit(flags, seq, queue.slices(queue.acked_pos + sent, n), n)
             if ((seq - self.snd_max) & SEQ_MASK) < SEQ_HALF:  # new data, not a retransmission
-                if len(self.tx_ends) < 4096:  # bounded even for a flight of 1-byte frames
-                    self.tx_ends.append(queue.acked_pos + sent + n)
+                if len(self.frame_ends) < 4096:  # bounded even for a flight of 1-byte frames
+                    self.frame_ends.append(queue.acked_pos + sent + n)
                 rtt = self.rtt
                 if rtt.timed_seq is None:  # (time_segment() inlined: per-frame path)
                     rtt.timed_seq = (seq + n) & SEQ_MASK
@@ -645,7 +661,7 @@ class TcpFlow:
             self.snd_max = self.snd_nxt
         if xmitted:
             self.ack_pending = False
-            if self.rto_at is None or self.persist or self.tlp_armed:
+            if self.rto_deadline is None or self.persist or self.tlp_armed:
                 self.persist = False
                 self._restart_timer(now)
                 self._arm()
@@ -653,7 +669,7 @@ class TcpFlow:
               and not self.persist):
             # Zero window and nothing in flight: probe it (persist timer).
             self.persist = True
-            self.rto_at = now + self.rtt.rto
+            self.rto_deadline = now + self.rtt.rto
             self._arm()
 
     def _restart_timer(self, now: float) -> None:
@@ -675,15 +691,15 @@ class TcpFlow:
                 pto = 0.01
             if pto < self.rtt.rto:
                 self.tlp_armed = True
-                self.rto_at = now + pto
+                self.rto_deadline = now + pto
                 return
         self.tlp_armed = False
-        self.rto_at = now + self.rtt.rto
+        self.rto_deadline = now + self.rtt.rto
 
     def _tail_loss_probe(self, now: float) -> None:
         """Resend the last in-flight segment once (RFC 8985 7.3), then wait for the RTO."""
         self.tlp_armed = False
-        self.rto_at = now + self.rtt.rto
+        self.rto_deadline = now + self.rtt.rto
         flight = seq_diff(self.snd_max, self.snd_una)
         queue = self.send_queue
         data = min(flight, queue.unacked)
@@ -709,16 +725,17 @@ class TcpFlow:
     # ------------------------------------------------------------------ input
 
     def _segment(self, seg: wtcp.TcpSegment, now: float) -> None:
-        """RFC 9293 3.10.7.4, for every state past the handshake's first step."""
+        """RFC 9293 3.10.7.4, for every state past the handshake's first step.
+
+        The common case (an acceptable ACK, maybe with in-order data) runs
+        inline here; rarer cases branch out to helpers, so the per-frame path
+        makes no extra calls.
+        """
         # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         flags = seg.flags
         state = self.state
         if state == CONNECTING:
-            # The host connect is in progress; the guest's retransmitted SYNs
-            # wait for it. Anything else cannot be valid yet, except an RST
-            # that aborts the attempt.
-            if flags & RST and seg.seq == ((self.irs + 1) & SEQ_MASK):
-                self._abort(now, rst_guest=False)
+            self._segment_connecting(seg, now)
             return
         if state == SYN_SENT:
             self._segment_syn_sent(seg, now)
@@ -729,76 +746,26 @@ class TcpFlow:
         wnd = (self.rcv_adv - rcv_nxt) & SEQ_MASK
         if wnd >= SEQ_HALF:
             wnd = 0
-
-        if flags & RST:
-            if state == TIME_WAIT:
-                return  # RFC 1337: no TIME_WAIT assassination
-            # RFC 5961 3.2: only an exact match resets; in-window gets a challenge ACK.
-            if rel == 0 or (state == SYN_RCVD and rel < wnd):
-                self.link.count("tcp.rst_from_guest")
-                if not self.host_closed:
-                    self.host_closed = True
-                    self.host.tcp_close(self, True)
-                self.engine._remove(self)
-            elif rel < wnd:
-                self._send_ack()
-            return
-        if flags & SYN:
-            if state == SYN_RCVD and seq == self.irs:
-                self._send_syn(with_ack=True)  # our SYN-ACK was lost
-            elif state == TIME_WAIT and (ip := self.engine.cur_ip) is not None:
-                # The guest reuses the 4-tuple: the old incarnation is over on its side.
-                engine = self.engine
-                if not self.host_closed:
-                    self.host_closed = True
-                    self.host.tcp_close(self, False)
-                engine._remove(self)
-                engine._new_syn(ip, seg, self.key, now)
+        if flags & (RST | SYN):
+            if flags & RST:
+                self._segment_rst(rel, wnd)
             else:
-                self._send_ack()  # RFC 5961 4.2 challenge ACK
+                self._segment_syn(seg, now)
             return
         if not flags & ACK:
             return
-        if state == SYN_RCVD:
-            if seg.ack != ((self.iss + 1) & SEQ_MASK):
-                self.engine.send_reset_for(seg, self.key)
-                return
-            self._established(seg, now, seg.window << self.snd_wscale)
-            self._mark()
-            state = self.state
+        if state == SYN_RCVD and not self._handshake_acked(seg, now):
+            return
         self.last_rx = now
         self.probes = 0
-
-        # Sequence acceptability (RFC 9293 3.10.7.4 first step): trim what lies
-        # before rcv_nxt or past the advertised window; the ACK field is honoured
-        # even when no data is acceptable (zero window).
         hl = seg.header_len
         plen = len(seg.buf) - hl
         fin = flags & FIN
-        if rel >= SEQ_HALF:
-            dup = (rcv_nxt - seq) & SEQ_MASK
-            if dup >= plen + (1 if fin else 0):
-                # Entirely old: a retransmission, keepalive or window probe.
-                self._mark_ack()
-                self._ack_field(seg, now, 0)
+        if rel or plen > wnd:
+            trimmed = self._trim_to_window(seg, now, rel, wnd, hl, plen, fin)
+            if trimmed is None:
                 return
-            hl += dup
-            plen -= dup
-            rel = 0
-        if rel:
-            if rel >= wnd:
-                if plen or fin:
-                    self._mark_ack()
-                self._ack_field(seg, now, 0)
-                return
-            if rel + plen > wnd:
-                plen = wnd - rel
-                fin = 0
-        elif plen > wnd:
-            self._mark_ack()
-            plen = wnd
-            fin = 0
-
+            rel, hl, plen, fin = trimmed
         if not self._ack_field(seg, now, plen):
             return
         state = self.state
@@ -819,6 +786,85 @@ class TcpFlow:
         if fin:
             self._on_fin(now)
         self._mark_ack()
+
+    def _segment_connecting(self, seg: wtcp.TcpSegment, now: float) -> None:
+        """The host connect is in progress; the guest's retransmitted SYNs wait
+        for it. Anything else cannot be valid yet, except an RST that aborts
+        the attempt."""
+        if seg.flags & RST and seg.seq == seq_add(self.irs, 1):
+            self._abort(now, rst_guest=False)
+
+    def _segment_rst(self, rel: int, wnd: int) -> None:
+        """An RST ``rel`` bytes past rcv_nxt, ``wnd`` the window we advertised."""
+        state = self.state
+        if state == TIME_WAIT:
+            return  # RFC 1337: no TIME_WAIT assassination
+        # RFC 5961 3.2: only an exact match resets; in-window gets a challenge ACK.
+        if rel == 0 or (state == SYN_RCVD and rel < wnd):
+            self.link.count("tcp.rst_from_guest")
+            if not self.host_closed:
+                self.host_closed = True
+                self.host.tcp_close(self, True)
+            self.engine._remove(self)
+        elif rel < wnd:
+            self._send_ack()
+
+    def _segment_syn(self, seg: wtcp.TcpSegment, now: float) -> None:
+        """A SYN (without RST) on a synchronized flow."""
+        state = self.state
+        if state == SYN_RCVD and seg.seq == self.irs:
+            self._send_syn(with_ack=True)  # our SYN-ACK was lost
+        elif state == TIME_WAIT and (ip := self.engine.cur_ip) is not None:
+            # The guest reuses the 4-tuple: the old incarnation is over on its side.
+            engine = self.engine
+            if not self.host_closed:
+                self.host_closed = True
+                self.host.tcp_close(self, False)
+            engine._remove(self)
+            engine._new_syn(ip, seg, self.key, now)
+        else:
+            self._send_ack()  # RFC 5961 4.2 challenge ACK
+
+    def _handshake_acked(self, seg: wtcp.TcpSegment, now: float) -> bool:
+        """An ACK in SYN_RCVD: True if it acknowledges our SYN-ACK (now ESTABLISHED)."""
+        if seg.ack != seq_add(self.iss, 1):
+            self.engine.send_reset_for(seg, self.key)
+            return False
+        self._established(seg, now, seg.window << self.snd_wscale)
+        self._mark()
+        return True
+
+    def _trim_to_window(self, seg: wtcp.TcpSegment, now: float, rel: int, wnd: int, hl: int,
+                        plen: int, fin: int) -> tuple[int, int, int, int] | None:
+        """Sequence acceptability (RFC 9293 3.10.7.4 first step) for a segment not
+        wholly at rcv_nxt within the window: trim what lies before rcv_nxt or past
+        the window, returning (rel, hl, plen, fin) of what is left, or None when
+        nothing is (the ACK field is honoured even then, e.g. on a zero window).
+        """
+        if rel >= SEQ_HALF:
+            dup = seq_diff(self.rcv_nxt, seg.seq)
+            if dup >= plen + (1 if fin else 0):
+                # Entirely old: a retransmission, keepalive or window probe.
+                self._mark_ack()
+                self._ack_field(seg, now, 0)
+                return None
+            hl += dup
+            plen -= dup
+            rel = 0
+        if rel:
+            if rel >= wnd:
+                if plen or fin:
+                    self._mark_ack()
+                self._ack_field(seg, now, 0)
+                return None
+            if rel + plen > wnd:
+                plen = wnd - rel
+                fin = 0
+        elif plen > wnd:
+            self._mark_ack()
+            plen = wnd
+            fin = 0
+        return rel, hl, plen, fin
 
     def _mark_ack(self) -> None:
         if not self.ack_pending:
@@ -843,10 +889,10 @@ class TcpFlow:
         self.snd_wl1 = seg.seq
         self.snd_wl2 = seg.ack
         self.retries = 0
-        self.rto_at = None
+        self.rto_deadline = None
         if self.rtt.timed_seq is not None:
             self.rtt.sample_timed(now)
-        self.ka_at = now + self.cfg.keepalive_idle
+        self.idle_deadline = now + self.cfg.keepalive_idle
         self._arm()
 
     def _ack_field(self, seg: wtcp.TcpSegment, now: float, plen: int) -> bool:
@@ -873,7 +919,7 @@ class TcpFlow:
             self.dupacks += 1
             # RFC 5827 early retransmit: with few frames in flight (a GSO frame
             # brings one duplicate ACK, not one per segment) fewer duplicates suffice.
-            frames = len(self.tx_ends)
+            frames = len(self.frame_ends)
             if self.dupacks == (3 if frames > 3 else frames - 1 if frames > 1 else 1):
                 self._fast_retransmit(now)
         # Window update (RFC 9293 3.10.7.4: SND.WL1/WL2 guard against old segments).
@@ -888,6 +934,7 @@ class TcpFlow:
         return True
 
     def _acked(self, ack: int, d: int, now: float) -> None:
+        """The guest acknowledged ``d`` new sequence numbers, up to ``ack``."""
         # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         fin_acked = self.fin_seq is not None and ack == ((self.fin_seq + 1) & SEQ_MASK)
         data = d - fin_acked
@@ -906,15 +953,11 @@ class TcpFlow:
             queue.release(data)
             engine = self.engine
             engine.buffered -= data
-            ends = self.tx_ends
+            ends = self.frame_ends
             while ends and ends[0] <= queue.acked_pos:
                 ends.popleft()
             if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
-                if engine.room_for(self) > 0:
-                    self.reading_paused = False
-                    self.host.tcp_resume_reading(self)
-                else:
-                    engine.starved[self] = None
+                self._resume_reading()
             if engine.starved and engine.buffered <= engine.low_water:
                 engine.release_starved()
         # Congestion control (RFC 5681 / RFC 6582).
@@ -934,20 +977,32 @@ class TcpFlow:
             self.cwnd = self.cfg.snd_buf
         self.dupacks = 0
         if self.snd_max == ack:
-            self.rto_at = None
+            self.rto_deadline = None
             self.tlp_armed = False
         else:
             self._restart_timer(now)
         self._mark()
         if fin_acked:
-            state = self.state
-            if state == FIN_WAIT_1:
-                self._to(FIN_WAIT_2)
-                self._maybe_close_host()
-            elif state == CLOSING:
-                self._enter_time_wait(now)
-            elif state == LAST_ACK:
-                self._enter_time_wait(now, from_last_ack=True)
+            self._our_fin_acked(now)
+
+    def _resume_reading(self) -> None:
+        """The guest's ACKs drained half the send queue: read the host socket
+        again, unless the shared budget says wait (then release_starved() will)."""
+        if self.engine.room_for(self) > 0:
+            self.reading_paused = False
+            self.host.tcp_resume_reading(self)
+        else:
+            self.engine.starved[self] = None
+
+    def _our_fin_acked(self, now: float) -> None:
+        state = self.state
+        if state == FIN_WAIT_1:
+            self._to(FIN_WAIT_2)
+            self._maybe_close_host()
+        elif state == CLOSING:
+            self._enter_time_wait(now)
+        elif state == LAST_ACK:
+            self._enter_time_wait(now, from_last_ack=True)
 
     def _read_sack(self, seg: wtcp.TcpSegment, ack: int) -> bool:
         """Note where the first hole above ``ack`` ends; True if a block lies above it.
@@ -982,7 +1037,7 @@ class TcpFlow:
         self.in_recovery = True
         self.rtt.discard_timed()
         self._retransmit_head()
-        self.rto_at = now + self.rtt.rto
+        self.rto_deadline = now + self.rtt.rto
 
     def _retransmit_head(self) -> None:
         """Resend the first frame's worth at snd_una (fast retransmit, partial ACK).
@@ -1172,7 +1227,7 @@ class TcpFlow:
         self.retries = 0
         self._send_syn(with_ack=True)
         self.rtt.time_segment(self.iss, now)
-        self.rto_at = now + self.rtt.rto
+        self.rto_deadline = now + self.rtt.rto
         self._arm()
 
     def host_connect_failed(self, errno_value: int, now: float) -> None:
@@ -1219,7 +1274,7 @@ class TcpFlow:
             self.host.tcp_shutdown_write(self)
             self._maybe_close_host()
             if self.host_closed and self.state == TIME_WAIT:
-                self.ka_at = now + self.cfg.time_wait
+                self.idle_deadline = now + self.cfg.time_wait
                 self._arm()
                 return
         if self.backlog_len < before and self.state in _RCV_OPEN:
@@ -1488,7 +1543,7 @@ class TcpEngine:
         flow._send_syn(with_ack=False)
         flow.snd_nxt = flow.snd_max = seq_add(flow.iss, 1)
         flow.rtt.time_segment(flow.iss, now)
-        flow.rto_at = now + flow.rtt.rto
+        flow.rto_deadline = now + flow.rtt.rto
         flow._arm()
         return flow
 
@@ -1527,7 +1582,7 @@ class TcpEngine:
             del self.time_wait[key]
         flow._end_half_open()
         flow._to(CLOSED)
-        flow.rto_at = flow.ka_at = None
+        flow.rto_deadline = flow.idle_deadline = None
         self.timers.cancel(flow)
         self.buffered -= flow.buffered
         flow.send_queue.clear()
