@@ -16,9 +16,10 @@ peer, while the runtime opens an ordinary host socket to the real destination
   ``CHUNK_OVERHEAD`` bytes besides its payload (what a ``bytes`` object and
   its deque slot cost), so tiny segments close the window in proportion to
   the heap they take; what arrives past that anyway is not acknowledged.
-* host -> guest: what the runtime reads lands in a *send queue* (a deque of
-  immutable ``bytes`` chunks, trimmed from the left as the guest acknowledges,
-  never copied again), from which frames are cut. With the link's offloads
+* host -> guest: what the runtime reads lands in a *send queue*
+  (:class:`~pyslirp.stack.sendqueue.SendQueue`: a deque of immutable ``bytes``
+  chunks, trimmed from the left as the guest acknowledges, never copied
+  again), from which frames are cut. With the link's offloads
   one frame carries up to ~64 KB as a GSO_TCPV4 super-frame whose checksum
   the kernel finishes (vnet NEEDS_CSUM); without them we cut MSS-sized
   segments and compute full checksums. Payload bytes are passed to the link
@@ -84,6 +85,37 @@ the hole. There is no full RFC 6675 scoreboard: one hole per round trip, as
 NewReno. With offloads a lost frame is a whole GSO super-frame that brings a
 single duplicate ACK, so the duplicate-ACK threshold follows RFC 5827 (early
 retransmit) counted in frames.
+
+Where each concern lives
+------------------------
+* ``seq.py``: sequence-number arithmetic (``seq_add``, ``seq_diff``,
+  ``seq_lt``, ``seq_le``, ``seq_window``). The per-frame path here
+  (``_segment``, ``_ack_field``, ``_acked``, ``_output``, ``_xmit``,
+  ``_window``, ``_deliver``, ``_restart_timer``) writes the same expressions
+  inline with ``SEQ_MASK``/``SEQ_HALF``, as each helper call is counted by
+  tests/test_hotpath_budget.py; those functions say so in a comment.
+* ``tcpstate.py``: the states (:class:`~pyslirp.stack.tcpstate.TcpState`) and
+  the table of allowed transitions; every state change goes through
+  :meth:`TcpFlow._to`, which refuses a move the table does not list.
+* ``rtt.py``: RFC 6298 estimation, Karn's timed segment and back-off
+  (``TcpFlow.rtt``).
+* ``reassembly.py``: out-of-order segments and the SACK blocks describing
+  them (``TcpFlow.ooo``); the flow decides what may be stored (segment cap,
+  memory budget).
+* ``sendqueue.py``: the send queue and the slicer that cuts frames from it
+  (``TcpFlow.send_queue``).
+* ``pyslirp/wire/frame.py``: the fused Ethernet+IPv4+TCP header template
+  ``_xmit`` fills with one ``pack_into``.
+* Here, in :class:`TcpFlow`: segment processing (``_segment`` runs the common
+  case inline and branches out to ``_segment_rst``, ``_segment_syn``,
+  ``_trim_to_window`` ...), the ACK field and congestion control
+  (``_ack_field``, ``_acked``, ``_fast_retransmit``), output (``_output``,
+  ``_xmit``, ``_window``), timers (``on_timer``: ``_on_rto`` with
+  ``_resend_syn``/``_probe_zero_window``/``_go_back_n``/tail loss probes, and
+  ``_on_idle`` for keepalive and TIME_WAIT), delivery to the host with its
+  backlog (``_deliver``, ``_hold``, ``host_writable``) and the memory budget;
+  in :class:`TcpEngine`: the flow table, its limits, SYN handling and the
+  shared budget (``room_for``, ``release_starved``).
 
 Deliberately not done: timestamps are not negotiated (the link is a local
 queue; Karn's algorithm suffices), urgent data is delivered inline, ECN is
