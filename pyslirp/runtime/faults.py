@@ -43,7 +43,8 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-Buffer = bytes | bytearray | memoryview
+from pyslirp.wire.buffer import Buffer
+
 Frame = Buffer | Sequence[Buffer]
 
 ENV_VAR = "PYSLIRP_FAULTS"

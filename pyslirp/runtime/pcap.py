@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from pyslirp.wire import vnet
+from pyslirp.wire.buffer import Buffer
 
-Buffer = bytes | bytearray | memoryview
 Frame = Buffer | Sequence[Buffer]
 
 MAGIC = 0xA1B2C3D4

@@ -127,13 +127,14 @@ from collections.abc import Callable, Iterable
 from operator import itemgetter
 
 from pyslirp.stack.config import NetConfig, valid_search_domains
-from pyslirp.stack.host import HostPort
+from pyslirp.stack.host import Buffer, HostPort
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import dns, ipv4, vnet
 from pyslirp.wire.checksum import finish, partial_sum, pseudo_header_sum
 from pyslirp.wire.errors import MalformedPacket
 from pyslirp.wire.ethernet import ETHERTYPE_IPV4
+from pyslirp.wire.frame import ETH_IPV4_UDP
 from pyslirp.wire.ipv4 import Ipv4Packet
 from pyslirp.wire.udp import HEADER_LEN as UDP_HEADER_LEN
 from pyslirp.wire.udp import PROTO as UDP_PROTO
@@ -144,7 +145,6 @@ DEFAULT_ATTEMPT_TIMEOUT = 2.0
 #: Queries in flight at most; more are dropped (the guest retries).
 DEFAULT_MAX_PENDING = 512
 
-Buffer = bytes | bytearray | memoryview
 Upstream = tuple[str, int]
 
 # ID, flags, QDCOUNT: all the header a forwarder reads.
@@ -161,7 +161,7 @@ _EXPIRY_COMPACT_MIN = 64
 
 # A reply frame: Ethernet + IPv4 (20 bytes, no options) + UDP headers, as the UDP
 # engine builds them (see stack/udp.py).
-_FRAME = struct.Struct("!6s6sH" "BBHHHBBH4s4s" "HHHH")
+_FRAME = ETH_IPV4_UDP
 _FRAME_LEN = _FRAME.size
 _IP_START = 14
 _L4_START = _IP_START + ipv4.MIN_HEADER_LEN

@@ -22,9 +22,16 @@ segment nor pays for a drain loop; a 64 KB frame from the guest goes to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
-Buffer = bytes | bytearray | memoryview
+from pyslirp.wire.buffer import Buffer
+
+__all__ = ["Buffer", "HostPort", "Policy"]
+
+#: Maps a guest destination (address, port) to the host targets to reach it
+#: through, or None to refuse it.
+Policy = Callable[[bytes, int], "list[tuple[str, int]] | None"]
 
 
 class HostPort(Protocol):

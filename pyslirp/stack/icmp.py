@@ -43,19 +43,16 @@ our own errors (they are one per refused echo request, never more).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.frag import send_fragmented
-from pyslirp.stack.host import Buffer, HostPort
+from pyslirp.stack.host import Buffer, HostPort, Policy
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import icmp as wire_icmp
 from pyslirp.wire import ipv4
 from pyslirp.wire.errors import MalformedPacket
 from pyslirp.wire.ipv4 import PROTO_ICMP, Ipv4Packet
-
-Policy = Callable[[bytes, int], "list[tuple[str, int]] | None"]
 
 IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_FLOWS = 256

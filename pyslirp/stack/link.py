@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.wire import ethernet, ipv4, vnet
+from pyslirp.wire.buffer import Buffer
 
-Buffer = bytes | bytearray | memoryview
 FrameSink = Callable[[Sequence[Buffer]], None]
 
 _L2_LEN = ethernet.HEADER_LEN

@@ -16,9 +16,10 @@ peer, while the runtime opens an ordinary host socket to the real destination
   ``CHUNK_OVERHEAD`` bytes besides its payload (what a ``bytes`` object and
   its deque slot cost), so tiny segments close the window in proportion to
   the heap they take; what arrives past that anyway is not acknowledged.
-* host -> guest: what the runtime reads lands in a *send queue* (a deque of
-  immutable ``bytes`` chunks, trimmed from the left as the guest acknowledges,
-  never copied again), from which frames are cut. With the link's offloads
+* host -> guest: what the runtime reads lands in a *send queue*
+  (:class:`~pyslirp.stack.sendqueue.SendQueue`: a deque of immutable ``bytes``
+  chunks, trimmed from the left as the guest acknowledges, never copied
+  again), from which frames are cut. With the link's offloads
   one frame carries up to ~64 KB as a GSO_TCPV4 super-frame whose checksum
   the kernel finishes (vnet NEEDS_CSUM); without them we cut MSS-sized
   segments and compute full checksums. Payload bytes are passed to the link
@@ -85,6 +86,37 @@ NewReno. With offloads a lost frame is a whole GSO super-frame that brings a
 single duplicate ACK, so the duplicate-ACK threshold follows RFC 5827 (early
 retransmit) counted in frames.
 
+Where each concern lives
+------------------------
+* ``seq.py``: sequence-number arithmetic (``seq_add``, ``seq_diff``,
+  ``seq_lt``, ``seq_le``, ``seq_window``). The per-frame path here
+  (``_segment``, ``_ack_field``, ``_acked``, ``_output``, ``_xmit``,
+  ``_window``, ``_deliver``, ``_restart_timer``) writes the same expressions
+  inline with ``SEQ_MASK``/``SEQ_HALF``, as each helper call is counted by
+  tests/test_hotpath_budget.py; those functions say so in a comment.
+* ``tcpstate.py``: the states (:class:`~pyslirp.stack.tcpstate.TcpState`) and
+  the table of allowed transitions; every state change goes through
+  :meth:`TcpFlow._to`, which refuses a move the table does not list.
+* ``rtt.py``: RFC 6298 estimation, Karn's timed segment and back-off
+  (``TcpFlow.rtt``).
+* ``reassembly.py``: out-of-order segments and the SACK blocks describing
+  them (``TcpFlow.ooo``); the flow decides what may be stored (segment cap,
+  memory budget).
+* ``sendqueue.py``: the send queue and the slicer that cuts frames from it
+  (``TcpFlow.send_queue``).
+* ``pyslirp/wire/frame.py``: the fused Ethernet+IPv4+TCP header template
+  ``_xmit`` fills with one ``pack_into``.
+* Here, in :class:`TcpFlow`: segment processing (``_segment`` runs the common
+  case inline and branches out to ``_segment_rst``, ``_segment_syn``,
+  ``_trim_to_window`` ...), the ACK field and congestion control
+  (``_ack_field``, ``_acked``, ``_fast_retransmit``), output (``_output``,
+  ``_xmit``, ``_window``), timers (``on_timer``: ``_on_rto`` with
+  ``_resend_syn``/``_probe_zero_window``/``_go_back_n``/tail loss probes, and
+  ``_on_idle`` for keepalive and TIME_WAIT), delivery to the host with its
+  backlog (``_deliver``, ``_hold``, ``host_writable``) and the memory budget;
+  in :class:`TcpEngine`: the flow table, its limits, SYN handling and the
+  shared budget (``room_for``, ``release_starved``).
+
 Deliberately not done: timestamps are not negotiated (the link is a local
 queue; Karn's algorithm suffices), urgent data is delivered inline, ECN is
 ignored, IP options are ignored, TCP Fast Open data on a SYN is dropped (the
@@ -100,40 +132,34 @@ import errno
 import random
 import struct
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pyslirp.stack.config import NetConfig
-from pyslirp.stack.host import HostPort
+from pyslirp.stack.host import HostPort, Policy
 from pyslirp.stack.link import Link
+from pyslirp.stack.reassembly import OutOfOrderStore
+from pyslirp.stack.rtt import RttEstimator
+from pyslirp.stack.sendqueue import SendQueue
+from pyslirp.stack.seq import SEQ_HALF, SEQ_MASK, seq_add, seq_diff, seq_lt, seq_window
+from pyslirp.stack.tcpstate import TcpState, next_state
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import icmp, vnet
 from pyslirp.wire import tcp as wtcp
 from pyslirp.wire.checksum import finish, partial_sum
 from pyslirp.wire.errors import MalformedPacket
+from pyslirp.wire.frame import ETH_IPV4_TCP, L4_START
 from pyslirp.wire.ipv4 import Ipv4Packet
-
-Policy = Callable[[bytes, int], "list[tuple[str, int]] | None"]
 
 FIN, SYN, RST, PSH, ACK = wtcp.FIN, wtcp.SYN, wtcp.RST, wtcp.PSH, wtcp.ACK
 
-_M = 0xFFFFFFFF
-_HALF = 0x80000000
 
-# Flow states (RFC 9293 3.3.2), plus CONNECTING: the guest's SYN arrived and the
-# host connect is in progress; nothing has been answered yet.
-CONNECTING = "CONNECTING"
-SYN_SENT = "SYN_SENT"
-SYN_RCVD = "SYN_RCVD"
-ESTABLISHED = "ESTABLISHED"
-FIN_WAIT_1 = "FIN_WAIT_1"
-FIN_WAIT_2 = "FIN_WAIT_2"
-CLOSING = "CLOSING"
-TIME_WAIT = "TIME_WAIT"
-CLOSE_WAIT = "CLOSE_WAIT"
-LAST_ACK = "LAST_ACK"
-CLOSED = "CLOSED"
+# Flow states (see tcpstate.py), as module names: a global lookup on the per-frame
+# path, not an attribute lookup on the enum class.
+CONNECTING, SYN_SENT, SYN_RCVD = TcpState.CONNECTING, TcpState.SYN_SENT, TcpState.SYN_RCVD
+ESTABLISHED, CLOSE_WAIT, LAST_ACK = TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.LAST_ACK
+FIN_WAIT_1, FIN_WAIT_2, CLOSING = TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2, TcpState.CLOSING
+TIME_WAIT, CLOSED = TcpState.TIME_WAIT, TcpState.CLOSED
 
 #: States in which the guest may still send us data.
 _RCV_OPEN = frozenset((ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2))
@@ -142,10 +168,10 @@ _SND_STATES = frozenset((ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING, LAST_ACK)
 _HALF_OPEN = frozenset((CONNECTING, SYN_RCVD, SYN_SENT))
 
 # Ethernet + IPv4 (no options) + fixed TCP header, one pack_into per frame.
-_FRAME = struct.Struct("!6s6sH" "BBHHHBBH4s4s" "HHIIBBHHH")
-_FRAME_LEN = 14 + 20 + 20
+_FRAME = ETH_IPV4_TCP
+_FRAME_LEN = ETH_IPV4_TCP.size
 _VNET = struct.Struct("<BBHHHHH")
-_CSUM_START = 14 + 20
+_CSUM_START = L4_START
 _DEFAULT_MSS = 536  # RFC 9293 3.7.1, when the guest sends no MSS option
 _MAX_IP_PAYLOAD = 65535 - 20
 
@@ -225,22 +251,22 @@ class TcpFlow:
     __slots__ = (
         "engine", "link", "host", "cfg", "key", "guest_addr", "guest_port", "remote_addr",
         "remote_port", "host_handle", "state", "timer_deadline",
-        # receive side (guest -> host)
-        "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "backlog", "backlog_len", "ooo", "ooo_len",
+        # receive side (guest -> host); out-of-order data lives in ``ooo`` (reassembly.py)
+        "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "backlog", "backlog_len", "ooo",
         "fin_rcvd", "host_shut", "host_closed", "host_connected_flag",
-        # send side (host -> guest)
+        # send side (host -> guest); unacknowledged data lives in ``send_queue`` (sendqueue.py)
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale",
-        "mss", "max_burst", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "tx_ends",
-        "sq", "sq_start", "una_pos", "sq_end", "cur_i", "cur_pos", "fin_queued", "fin_seq",
-        "fin_out", "reading_paused",
-        # timers
-        "rto", "srtt", "rttvar", "rtt_seq", "rtt_time", "rto_at", "ka_at", "retries", "probes",
-        "persist", "last_rx", "tlp_armed",
-        # framing
-        "ip_sum0", "ph0", "ack_pending", "dirty", "syn_quote", "half_open", "inbound",
-        "wscale_ok",
-        # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una, newest OOO seq
-        "sack_ok", "sack_hole", "ooo_last",
+        "mss", "max_burst", "send_queue", "fin_queued", "fin_seq", "fin_out", "reading_paused",
+        # congestion control (RFC 5681, 6582) and the dup-ACK threshold (RFC 5827)
+        "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "frame_ends",
+        # timers; RTT/RTO estimation lives in ``rtt`` (rtt.py)
+        "rtt", "rto_deadline", "idle_deadline", "retries", "probes", "persist", "last_rx",
+        "tlp_armed",
+        # framing: checksum sums precomputed from the addresses
+        "ip_header_sum", "pseudo_header_sum", "ack_pending", "dirty", "syn_quote", "half_open",
+        "inbound", "wscale_ok",
+        # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una
+        "sack_ok", "sack_hole",
     )
 
     def __init__(self, engine: TcpEngine, guest_addr: bytes, guest_port: int,
@@ -255,7 +281,7 @@ class TcpFlow:
         self.remote_addr = remote_addr
         self.remote_port = remote_port
         self.host_handle: Any = None
-        self.state = CLOSED
+        self.state: TcpState = CLOSED
         self.timer_deadline: float | None = None
         self.irs = 0
         self.rcv_nxt = 0
@@ -263,8 +289,7 @@ class TcpFlow:
         self.rcv_wscale = 0
         self.backlog: deque[bytes] = deque()
         self.backlog_len = 0
-        self.ooo: dict[int, tuple[bytes, bool]] = {}
-        self.ooo_len = 0
+        self.ooo = OutOfOrderStore(cfg.max_ooo_segments)
         self.fin_rcvd = False
         self.host_shut = False
         self.host_closed = False
@@ -282,29 +307,26 @@ class TcpFlow:
         self.recover = self.iss
         self.in_recovery = False
         #: Stream end positions of the data frames in flight (for the dup-ACK threshold).
-        self.tx_ends: deque[int] = deque()
-        self.sq: deque[bytes] = deque()
-        self.sq_start = self.una_pos = self.sq_end = 0
-        self.cur_i = self.cur_pos = 0
+        self.frame_ends: deque[int] = deque()
+        self.send_queue = SendQueue()
         self.fin_queued = False
         self.fin_seq: int | None = None
         self.fin_out = False
         self.reading_paused = False
-        self.rto = cfg.rto_initial
-        self.srtt: float | None = None
+        self.rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
         self.tlp_armed = False
-        self.rttvar = 0.0
-        self.rtt_seq: int | None = None
-        self.rtt_time = 0.0
-        self.rto_at: float | None = None
-        self.ka_at: float | None = None
+        self.rto_deadline: float | None = None
+        self.idle_deadline: float | None = None
         self.retries = 0
         self.probes = 0
         self.persist = False
         self.last_rx = now
         addr_sum = _wsum(remote_addr) + _wsum(guest_addr)
-        self.ip_sum0 = 0x4500 + 0x4000 + (64 << 8 | 6) + addr_sum
-        self.ph0 = addr_sum + 6
+        #: One's-complement sum of our IPv4 header's fixed fields (version, DF,
+        #: TTL, protocol, addresses): each frame adds its length and ID.
+        self.ip_header_sum = 0x4500 + 0x4000 + (64 << 8 | 6) + addr_sum
+        #: The TCP pseudo-header sum without the TCP length (RFC 9293 3.1).
+        self.pseudo_header_sum = addr_sum + 6
         self.ack_pending = False
         self.dirty = False
         self.syn_quote = b""
@@ -314,7 +336,10 @@ class TcpFlow:
         self.wscale_ok = False
         self.sack_ok = False
         self.sack_hole: int | None = None
-        self.ooo_last = 0
+
+    def _to(self, new: TcpState) -> None:
+        """Move to state ``new``; IllegalTransition if the table in tcpstate.py forbids it."""
+        self.state = next_state(self.state, new)
 
     def __repr__(self) -> str:
         return (f"TcpFlow({self.guest_port}->{'.'.join(map(str, self.remote_addr))}:"
@@ -331,7 +356,8 @@ class TcpFlow:
         a guest sending less than a unit per round grew the backlog without
         bound), and per-chunk overhead counts against the space.
         """
-        space = self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
+        space = self.cfg.rcv_buf - self.backlog_len - self.ooo.nbytes
         if self.backlog_len:
             space -= len(self.backlog) * CHUNK_OVERHEAD
         engine = self.engine
@@ -343,8 +369,8 @@ class TcpFlow:
                 engine.starved[self] = None  # told less than it could hold: reopen later
         if space < 0:
             space = 0
-        cur = (self.rcv_adv - self.rcv_nxt) & _M
-        if cur >= _HALF:
+        cur = (self.rcv_adv - self.rcv_nxt) & SEQ_MASK
+        if cur >= SEQ_HALF:
             cur = 0
         ws = self.rcv_wscale
         if space >= cur:
@@ -356,17 +382,18 @@ class TcpFlow:
             if w > 0xFFFF:
                 w = 0xFFFF
             if w << ws >= cur:
-                self.rcv_adv = (self.rcv_nxt + (w << ws)) & _M
+                self.rcv_adv = (self.rcv_nxt + (w << ws)) & SEQ_MASK
             return w
         # The buffer cannot take what was promised (small segments' overhead,
         # the shared budget): shrink the window rather than drop data in it.
         w = space >> ws
-        self.rcv_adv = (self.rcv_nxt + (w << ws)) & _M
+        self.rcv_adv = (self.rcv_nxt + (w << ws)) & SEQ_MASK
         return w
 
     def _xmit(self, flags: int, seq: int, parts: list[Any], plen: int,
               opts: bytes = b"") -> None:
         """Build one frame (maybe a GSO super-frame) and hand it to the link."""
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         link = self.link
         mac = link.guest_mac
         if mac is None:
@@ -376,12 +403,12 @@ class TcpFlow:
         tcp_len = thl + plen
         tot = 20 + tcp_len
         ident = link.next_ip_id()
-        s = self.ip_sum0 + tot + ident
+        s = self.ip_header_sum + tot + ident
         s = (s & 0xFFFF) + (s >> 16)
         ipcs = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
         if flags & SYN:
             win = min(self.cfg.rcv_buf, 0xFFFF)
-            self.rcv_adv = (self.rcv_nxt + win) & _M
+            self.rcv_adv = (self.rcv_nxt + win) & SEQ_MASK
         else:
             win = self._window()
         ack = self.rcv_nxt if flags & ACK else 0
@@ -393,7 +420,7 @@ class TcpFlow:
             _FRAME.pack_into(hdr, off, mac, link.our_mac, 0x0800, 0x45, 0, tot, ident, 0x4000,
                              64, 6, ipcs, self.remote_addr, self.guest_addr, self.remote_port,
                              self.guest_port, seq, ack, thl << 2, flags, win,
-                             _fold(self.ph0 + tcp_len), 0)
+                             _fold(self.pseudo_header_sum + tcp_len), 0)
             if plen > self.mss:
                 _VNET.pack_into(hdr, 0, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, _CSUM_START + thl,
                                 self.mss, _CSUM_START, 16, 0)
@@ -404,7 +431,7 @@ class TcpFlow:
             _FRAME.pack_into(hdr, off, mac, link.our_mac, 0x0800, 0x45, 0, tot, ident, 0x4000,
                              64, 6, ipcs, self.remote_addr, self.guest_addr, self.remote_port,
                              self.guest_port, seq, ack, thl << 2, flags, win, 0, 0)
-            s = partial_sum(memoryview(hdr)[off + _CSUM_START:], self.ph0 + tcp_len)
+            s = partial_sum(memoryview(hdr)[off + _CSUM_START:], self.pseudo_header_sum + tcp_len)
             if plen:
                 s = partial_sum(parts[0] if len(parts) == 1 else b"".join(parts), s)
             c = finish(s)
@@ -418,24 +445,11 @@ class TcpFlow:
 
     def _send_ack(self) -> None:
         self.ack_pending = False
-        if self.ooo and self.sack_ok:
-            self._xmit(ACK, self.snd_nxt, [], 0, wtcp.sack_option(self._sack_blocks()))
+        if self.ooo.segments and self.sack_ok:
+            blocks = self.ooo.sack_blocks(self.rcv_nxt)
+            self._xmit(ACK, self.snd_nxt, [], 0, wtcp.sack_option(blocks))
         else:
             self._xmit(ACK, self.snd_nxt, [], 0)
-
-    def _sack_blocks(self) -> list[tuple[int, int]]:
-        """Held out-of-order ranges, the one with the newest segment first (RFC 2018 4)."""
-        rcv = self.rcv_nxt
-        spans = sorted(((s - rcv) & _M, len(d)) for s, (d, _) in self.ooo.items())
-        merged: list[list[int]] = []
-        for rel, n in spans:
-            if merged and rel <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], rel + n)
-            else:
-                merged.append([rel, rel + n])
-        last = (self.ooo_last - rcv) & _M
-        merged.sort(key=lambda b: not b[0] <= last < b[1])
-        return [((rcv + a) & _M, (rcv + b) & _M) for a, b in merged if b > a]
 
     def _send_rst(self) -> None:
         self._xmit(RST | ACK, self.snd_nxt, [], 0)
@@ -458,8 +472,8 @@ class TcpFlow:
 
     def _arm(self) -> None:
         """Make sure the heap wakes us no later than our earliest deadline."""
-        d = self.rto_at
-        k = self.ka_at
+        d = self.rto_deadline
+        k = self.idle_deadline
         if d is None or (k is not None and k < d):
             d = k
         if d is not None and (self.timer_deadline is None or d < self.timer_deadline):
@@ -468,38 +482,25 @@ class TcpFlow:
     def on_timer(self, now: float) -> None:
         if self.state == CLOSED:
             return
-        if self.rto_at is not None and now >= self.rto_at:
-            self.rto_at = None
+        if self.rto_deadline is not None and now >= self.rto_deadline:
+            self.rto_deadline = None
             self._on_rto(now)
-        if self.state != CLOSED and self.ka_at is not None and now >= self.ka_at:
-            self.ka_at = None
+        if self.state != CLOSED and self.idle_deadline is not None and now >= self.idle_deadline:
+            self.idle_deadline = None
             self._on_idle(now)
         if self.state != CLOSED:
             self._arm()
 
     def _on_rto(self, now: float) -> None:
+        """The retransmission timer fired: resend, probe, or give up."""
         state = self.state
         if state in (SYN_RCVD, SYN_SENT):
-            self.retries += 1
-            if self.retries > self.cfg.syn_retries:
-                self.link.count("tcp.syn_timeout")
-                self._abort(now, rst_guest=state == SYN_RCVD)
-                return
-            self.rto = min(self.rto * 2, self.cfg.rto_max)
-            self._send_syn(with_ack=state == SYN_RCVD)
-            self.rto_at = now + self.rto
+            self._resend_syn(now)
             return
         if state not in _SND_STATES:
             return
         if self.persist:
-            self.probes += 1
-            if self.probes > self.cfg.max_retries:
-                self.link.count("tcp.persist_timeout")
-                self._abort(now, rst_guest=True)
-                return
-            self.rto = min(self.rto * 2, self.cfg.rto_max)
-            self._xmit(ACK, (self.snd_una - 1) & _M, [], 0)
-            self.rto_at = now + self.rto
+            self._probe_zero_window(now)
             return
         if self.snd_nxt == self.snd_una and self.snd_max == self.snd_una:
             return  # nothing outstanding: stale deadline
@@ -512,27 +513,53 @@ class TcpFlow:
             self.snd_nxt = self.snd_una
             self.fin_out = False
             self.persist = True
-            self.rto_at = now
-            self._on_rto(now)
+            self.rto_deadline = now
+            self._probe_zero_window(now)
             return
+        self._go_back_n(now)
+
+    def _resend_syn(self, now: float) -> None:
+        """Our SYN or SYN-ACK went unanswered: resend it, up to ``syn_retries`` times."""
+        synack = self.state == SYN_RCVD
+        self.retries += 1
+        if self.retries > self.cfg.syn_retries:
+            self.link.count("tcp.syn_timeout")
+            self._abort(now, rst_guest=synack)
+            return
+        self.rtt.back_off()
+        self._send_syn(with_ack=synack)
+        self.rto_deadline = now + self.rtt.rto
+
+    def _probe_zero_window(self, now: float) -> None:
+        """Persist timer (RFC 9293 3.8.6.1): probe a closed window, up to ``max_retries``."""
+        self.probes += 1
+        if self.probes > self.cfg.max_retries:
+            self.link.count("tcp.persist_timeout")
+            self._abort(now, rst_guest=True)
+            return
+        self.rtt.back_off()
+        self._xmit(ACK, seq_add(self.snd_una, -1), [], 0)
+        self.rto_deadline = now + self.rtt.rto
+
+    def _go_back_n(self, now: float) -> None:
+        """RFC 6298 5.4-5.6 and RFC 5681 3.1: resend from snd_una with a window of one MSS."""
         self.retries += 1
         if self.retries > self.cfg.max_retries:
             self.link.count("tcp.retransmit_timeout")
             self._abort(now, rst_guest=True)
             return
         self.link.count("tcp.rto")
-        flight = (self.snd_max - self.snd_una) & _M
+        flight = seq_diff(self.snd_max, self.snd_una)
         self.ssthresh = max(flight >> 1, 2 * self.mss)
         self.cwnd = self.mss
-        self.rto = min(self.rto * 2, self.cfg.rto_max)
-        self.rtt_seq = None  # Karn: no sample from a retransmitted segment
+        self.rtt.back_off()
+        self.rtt.discard_timed()
         self.in_recovery = False
         self.dupacks = 0
-        # Go back N: resend from the oldest unacknowledged byte. No tail loss
-        # probe until an ACK shows progress again.
+        # No tail loss probe until an ACK shows progress again.
         self.snd_nxt = self.snd_una
         self.fin_out = False
-        self.rto_at = now + self.rto
+        self.rto_deadline = now + self.rtt.rto
         self._output(now)
 
     def _on_idle(self, now: float) -> None:
@@ -544,7 +571,7 @@ class TcpFlow:
             # Compare with the deadline itself, not ``now - last_rx``: float rounding can
             # make the two disagree and re-arm the timer at ``now`` for ever.
             if now < self.last_rx + cfg.drain_timeout:
-                self.ka_at = self.last_rx + cfg.drain_timeout
+                self.idle_deadline = self.last_rx + cfg.drain_timeout
                 return
             # The guest is gone and the host never took the rest: give up on it.
             self.link.count("tcp.drain_timeout")
@@ -556,19 +583,19 @@ class TcpFlow:
             return
         if now < self.last_rx + cfg.keepalive_idle:  # (the deadline itself: see above)
             self.probes = 0
-            self.ka_at = self.last_rx + cfg.keepalive_idle
+            self.idle_deadline = self.last_rx + cfg.keepalive_idle
             return
         if self.snd_max != self.snd_una:
             # Data in flight: the retransmission timer watches the guest.
-            self.ka_at = now + cfg.keepalive_interval
+            self.idle_deadline = now + cfg.keepalive_interval
             return
         if self.probes >= cfg.keepalive_count:
             self.link.count("tcp.keepalive_timeout")
             self._abort(now, rst_guest=True)
             return
         self.probes += 1
-        self._xmit(ACK, (self.snd_una - 1) & _M, [], 0)
-        self.ka_at = now + cfg.keepalive_interval
+        self._xmit(ACK, seq_add(self.snd_una, -1), [], 0)
+        self.idle_deadline = now + cfg.keepalive_interval
 
     # ------------------------------------------------------------------ teardown
 
@@ -595,8 +622,8 @@ class TcpFlow:
             self.host.tcp_close(self, False)
 
     def _enter_time_wait(self, now: float, from_last_ack: bool = False) -> None:
-        self.state = TIME_WAIT
-        self.rto_at = None
+        self._to(TIME_WAIT)
+        self.rto_deadline = None
         self.persist = False
         self._maybe_close_host()
         if from_last_ack and self.host_closed:
@@ -604,39 +631,11 @@ class TcpFlow:
             self.engine._remove(self)
             return
         # TIME_WAIT proper, or (after LAST_ACK) waiting for the host to take the backlog.
-        self.ka_at = now + self.cfg.time_wait
+        self.idle_deadline = now + self.cfg.time_wait
         self._arm()
         self.engine.time_wait[self.key] = self
 
     # ------------------------------------------------------------------ output
-
-    def _collect(self, pos: int, n: int) -> list[Any]:
-        """Slices of the send queue covering stream bytes [pos, pos + n)."""
-        sq = self.sq
-        if pos >= self.cur_pos and self.cur_i < len(sq):
-            i, start = self.cur_i, self.cur_pos
-        else:
-            i, start = 0, self.sq_start
-        c = sq[i]
-        while pos >= start + len(c):
-            start += len(c)
-            i += 1
-            c = sq[i]
-        self.cur_i, self.cur_pos = i, start
-        parts: list[Any] = []
-        while n > 0:
-            o = pos - start
-            take = len(c) - o
-            if take > n:
-                take = n
-            parts.append(c if take == len(c) else memoryview(c)[o:o + take])
-            n -= take
-            pos += take
-            if n:
-                start += len(c)
-                i += 1
-                c = sq[i]
-        return parts
 
     def _output(self, now: float, push: bool = True) -> None:
         """Send what the guest's window and our congestion window allow.
@@ -646,11 +645,13 @@ class TcpFlow:
         batch's :meth:`TcpEngine.flush` sends it, so a 256 KB read does not
         end in a runt frame.
         """
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         if self.state not in _SND_STATES:
             return
         una = self.snd_una
-        buffered = self.sq_end - self.una_pos
-        sent = ((self.snd_nxt - una) & _M) - self.fin_out
+        queue = self.send_queue
+        buffered = queue.end_pos - queue.acked_pos
+        sent = ((self.snd_nxt - una) & SEQ_MASK) - self.fin_out
         wnd = self.snd_wnd if self.snd_wnd < self.cwnd else self.cwnd
         limit = buffered if buffered < wnd else wnd
         burst = self.max_burst
@@ -669,16 +670,17 @@ class TcpFlow:
                 flags = ACK | PSH
                 if self.fin_queued:
                     flags = ACK | PSH | FIN
-            seq = (una + sent) & _M
-            self._xmit(flags, seq, self._collect(self.una_pos + sent, n), n)
-            if ((seq - self.snd_max) & _M) < _HALF:  # new data, not a retransmission
-                if len(self.tx_ends) < 4096:  # bounded even for a flight of 1-byte frames
-                    self.tx_ends.append(self.una_pos + sent + n)
-                if self.rtt_seq is None:
-                    self.rtt_seq = (seq + n) & _M
-                    self.rtt_time = now
+            seq = (una + sent) & SEQ_MASK
+            self._xmit(flags, seq, queue.slices(queue.acked_pos + sent, n), n)
+            if ((seq - self.snd_max) & SEQ_MASK) < SEQ_HALF:  # new data, not a retransmission
+                if len(self.frame_ends) < 4096:  # bounded even for a flight of 1-byte frames
+                    self.frame_ends.append(queue.acked_pos + sent + n)
+                rtt = self.rtt
+                if rtt.timed_seq is None:  # (time_segment() inlined: per-frame path)
+                    rtt.timed_seq = (seq + n) & SEQ_MASK
+                    rtt.timed_at = now
             sent += n
-            self.snd_nxt = (una + sent) & _M
+            self.snd_nxt = (una + sent) & SEQ_MASK
             if flags & FIN:
                 self._fin_sent()
             xmitted = True
@@ -687,11 +689,11 @@ class TcpFlow:
             self._xmit(ACK | FIN, self.snd_nxt, [], 0)
             self._fin_sent()
             xmitted = True
-        if ((self.snd_nxt - self.snd_max) & _M) < _HALF:
+        if ((self.snd_nxt - self.snd_max) & SEQ_MASK) < SEQ_HALF:
             self.snd_max = self.snd_nxt
         if xmitted:
             self.ack_pending = False
-            if self.rto_at is None or self.persist or self.tlp_armed:
+            if self.rto_deadline is None or self.persist or self.tlp_armed:
                 self.persist = False
                 self._restart_timer(now)
                 self._arm()
@@ -699,7 +701,7 @@ class TcpFlow:
               and not self.persist):
             # Zero window and nothing in flight: probe it (persist timer).
             self.persist = True
-            self.rto_at = now + self.rto
+            self.rto_deadline = now + self.rtt.rto
             self._arm()
 
     def _restart_timer(self, now: float) -> None:
@@ -710,137 +712,92 @@ class TcpFlow:
         them to cause duplicate ACKs. A probe after two smoothed RTTs elicits an
         immediate ACK (with SACK/D-SACK) instead of waiting for the RTO.
         """
-        if (self.srtt is not None and not self.in_recovery
-                and ((self.snd_max - self.snd_una) & _M) > self.mss):
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
+        srtt = self.rtt.srtt
+        if (srtt is not None and not self.in_recovery
+                and ((self.snd_max - self.snd_una) & SEQ_MASK) > self.mss):
             # (With one segment in flight the guest may delay its ACK by design,
             # RFC 8985 7.2: leave that to the RTO.)
-            pto = 2 * self.srtt
+            pto = 2 * srtt
             if pto < 0.01:
                 pto = 0.01
-            if pto < self.rto:
+            if pto < self.rtt.rto:
                 self.tlp_armed = True
-                self.rto_at = now + pto
+                self.rto_deadline = now + pto
                 return
         self.tlp_armed = False
-        self.rto_at = now + self.rto
+        self.rto_deadline = now + self.rtt.rto
 
     def _tail_loss_probe(self, now: float) -> None:
         """Resend the last in-flight segment once (RFC 8985 7.3), then wait for the RTO."""
         self.tlp_armed = False
-        self.rto_at = now + self.rto
-        flight = (self.snd_max - self.snd_una) & _M
-        data = min(flight, self.sq_end - self.una_pos)
+        self.rto_deadline = now + self.rtt.rto
+        flight = seq_diff(self.snd_max, self.snd_una)
+        queue = self.send_queue
+        data = min(flight, queue.unacked)
         if data <= 0:
             return
         self.link.count("tcp.tlp")
         n = data if data < self.mss else self.mss
         off = data - n
         flags = ACK | PSH
-        if off + n == self.sq_end - self.una_pos and self.fin_seq is not None:
+        if off + n == queue.unacked and self.fin_seq is not None:
             flags |= FIN
-        self._xmit(flags, (self.snd_una + off) & _M, self._collect(self.una_pos + off, n), n)
+        self._xmit(flags, seq_add(self.snd_una, off), queue.slices(queue.acked_pos + off, n), n)
 
     def _fin_sent(self) -> None:
         self.fin_out = True
-        self.snd_nxt = (self.snd_nxt + 1) & _M
-        self.fin_seq = (self.snd_nxt - 1) & _M
+        self.fin_seq = self.snd_nxt
+        self.snd_nxt = seq_add(self.snd_nxt, 1)
         if self.state == ESTABLISHED:
-            self.state = FIN_WAIT_1
+            self._to(FIN_WAIT_1)
         elif self.state == CLOSE_WAIT:
-            self.state = LAST_ACK
+            self._to(LAST_ACK)
 
     # ------------------------------------------------------------------ input
 
     def _segment(self, seg: wtcp.TcpSegment, now: float) -> None:
-        """RFC 9293 3.10.7.4, for every state past the handshake's first step."""
+        """RFC 9293 3.10.7.4, for every state past the handshake's first step.
+
+        The common case (an acceptable ACK, maybe with in-order data) runs
+        inline here; rarer cases branch out to helpers, so the per-frame path
+        makes no extra calls.
+        """
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         flags = seg.flags
         state = self.state
         if state == CONNECTING:
-            # The host connect is in progress; the guest's retransmitted SYNs
-            # wait for it. Anything else cannot be valid yet, except an RST
-            # that aborts the attempt.
-            if flags & RST and seg.seq == ((self.irs + 1) & _M):
-                self._abort(now, rst_guest=False)
+            self._segment_connecting(seg, now)
             return
         if state == SYN_SENT:
             self._segment_syn_sent(seg, now)
             return
         seq = seg.seq
         rcv_nxt = self.rcv_nxt
-        rel = (seq - rcv_nxt) & _M
-        wnd = (self.rcv_adv - rcv_nxt) & _M
-        if wnd >= _HALF:
+        rel = (seq - rcv_nxt) & SEQ_MASK
+        wnd = (self.rcv_adv - rcv_nxt) & SEQ_MASK
+        if wnd >= SEQ_HALF:
             wnd = 0
-
-        if flags & RST:
-            if state == TIME_WAIT:
-                return  # RFC 1337: no TIME_WAIT assassination
-            # RFC 5961 3.2: only an exact match resets; in-window gets a challenge ACK.
-            if rel == 0 or (state == SYN_RCVD and rel < wnd):
-                self.link.count("tcp.rst_from_guest")
-                if not self.host_closed:
-                    self.host_closed = True
-                    self.host.tcp_close(self, True)
-                self.engine._remove(self)
-            elif rel < wnd:
-                self._send_ack()
-            return
-        if flags & SYN:
-            if state == SYN_RCVD and seq == self.irs:
-                self._send_syn(with_ack=True)  # our SYN-ACK was lost
-            elif state == TIME_WAIT and (ip := self.engine.cur_ip) is not None:
-                # The guest reuses the 4-tuple: the old incarnation is over on its side.
-                engine = self.engine
-                if not self.host_closed:
-                    self.host_closed = True
-                    self.host.tcp_close(self, False)
-                engine._remove(self)
-                engine._new_syn(ip, seg, self.key, now)
+        if flags & (RST | SYN):
+            if flags & RST:
+                self._segment_rst(rel, wnd)
             else:
-                self._send_ack()  # RFC 5961 4.2 challenge ACK
+                self._segment_syn(seg, now)
             return
         if not flags & ACK:
             return
-        if state == SYN_RCVD:
-            if seg.ack != ((self.iss + 1) & _M):
-                self.engine.send_reset_for(seg, self.key)
-                return
-            self._established(seg, now, seg.window << self.snd_wscale)
-            self._mark()
-            state = self.state
+        if state == SYN_RCVD and not self._handshake_acked(seg, now):
+            return
         self.last_rx = now
         self.probes = 0
-
-        # Sequence acceptability (RFC 9293 3.10.7.4 first step): trim what lies
-        # before rcv_nxt or past the advertised window; the ACK field is honoured
-        # even when no data is acceptable (zero window).
         hl = seg.header_len
         plen = len(seg.buf) - hl
         fin = flags & FIN
-        if rel >= _HALF:
-            dup = (rcv_nxt - seq) & _M
-            if dup >= plen + (1 if fin else 0):
-                # Entirely old: a retransmission, keepalive or window probe.
-                self._mark_ack()
-                self._ack_field(seg, now, 0)
+        if rel or plen > wnd:
+            trimmed = self._trim_to_window(seg, now, rel, wnd, hl, plen, fin)
+            if trimmed is None:
                 return
-            hl += dup
-            plen -= dup
-            rel = 0
-        if rel:
-            if rel >= wnd:
-                if plen or fin:
-                    self._mark_ack()
-                self._ack_field(seg, now, 0)
-                return
-            if rel + plen > wnd:
-                plen = wnd - rel
-                fin = 0
-        elif plen > wnd:
-            self._mark_ack()
-            plen = wnd
-            fin = 0
-
+            rel, hl, plen, fin = trimmed
         if not self._ack_field(seg, now, plen):
             return
         state = self.state
@@ -856,11 +813,90 @@ class TcpFlow:
         if plen and not self._deliver(seg.buf[hl:hl + plen]):
             self._mark_ack()  # what was taken; the window says why not the rest
             return
-        if self.ooo:
+        if self.ooo.segments:
             fin = self._ooo_drain() or fin
         if fin:
             self._on_fin(now)
         self._mark_ack()
+
+    def _segment_connecting(self, seg: wtcp.TcpSegment, now: float) -> None:
+        """The host connect is in progress; the guest's retransmitted SYNs wait
+        for it. Anything else cannot be valid yet, except an RST that aborts
+        the attempt."""
+        if seg.flags & RST and seg.seq == seq_add(self.irs, 1):
+            self._abort(now, rst_guest=False)
+
+    def _segment_rst(self, rel: int, wnd: int) -> None:
+        """An RST ``rel`` bytes past rcv_nxt, ``wnd`` the window we advertised."""
+        state = self.state
+        if state == TIME_WAIT:
+            return  # RFC 1337: no TIME_WAIT assassination
+        # RFC 5961 3.2: only an exact match resets; in-window gets a challenge ACK.
+        if rel == 0 or (state == SYN_RCVD and rel < wnd):
+            self.link.count("tcp.rst_from_guest")
+            if not self.host_closed:
+                self.host_closed = True
+                self.host.tcp_close(self, True)
+            self.engine._remove(self)
+        elif rel < wnd:
+            self._send_ack()
+
+    def _segment_syn(self, seg: wtcp.TcpSegment, now: float) -> None:
+        """A SYN (without RST) on a synchronized flow."""
+        state = self.state
+        if state == SYN_RCVD and seg.seq == self.irs:
+            self._send_syn(with_ack=True)  # our SYN-ACK was lost
+        elif state == TIME_WAIT and (ip := self.engine.cur_ip) is not None:
+            # The guest reuses the 4-tuple: the old incarnation is over on its side.
+            engine = self.engine
+            if not self.host_closed:
+                self.host_closed = True
+                self.host.tcp_close(self, False)
+            engine._remove(self)
+            engine._new_syn(ip, seg, self.key, now)
+        else:
+            self._send_ack()  # RFC 5961 4.2 challenge ACK
+
+    def _handshake_acked(self, seg: wtcp.TcpSegment, now: float) -> bool:
+        """An ACK in SYN_RCVD: True if it acknowledges our SYN-ACK (now ESTABLISHED)."""
+        if seg.ack != seq_add(self.iss, 1):
+            self.engine.send_reset_for(seg, self.key)
+            return False
+        self._established(seg, now, seg.window << self.snd_wscale)
+        self._mark()
+        return True
+
+    def _trim_to_window(self, seg: wtcp.TcpSegment, now: float, rel: int, wnd: int, hl: int,
+                        plen: int, fin: int) -> tuple[int, int, int, int] | None:
+        """Sequence acceptability (RFC 9293 3.10.7.4 first step) for a segment not
+        wholly at rcv_nxt within the window: trim what lies before rcv_nxt or past
+        the window, returning (rel, hl, plen, fin) of what is left, or None when
+        nothing is (the ACK field is honoured even then, e.g. on a zero window).
+        """
+        if rel >= SEQ_HALF:
+            dup = seq_diff(self.rcv_nxt, seg.seq)
+            if dup >= plen + (1 if fin else 0):
+                # Entirely old: a retransmission, keepalive or window probe.
+                self._mark_ack()
+                self._ack_field(seg, now, 0)
+                return None
+            hl += dup
+            plen -= dup
+            rel = 0
+        if rel:
+            if rel >= wnd:
+                if plen or fin:
+                    self._mark_ack()
+                self._ack_field(seg, now, 0)
+                return None
+            if rel + plen > wnd:
+                plen = wnd - rel
+                fin = 0
+        elif plen > wnd:
+            self._mark_ack()
+            plen = wnd
+            fin = 0
+        return rel, hl, plen, fin
 
     def _mark_ack(self) -> None:
         if not self.ack_pending:
@@ -877,29 +913,29 @@ class TcpFlow:
 
     def _established(self, seg: wtcp.TcpSegment, now: float, window: int) -> None:
         """The handshake completed (either way round): our SYN is acknowledged."""
-        self.state = ESTABLISHED
+        self._to(ESTABLISHED)
         self._end_half_open()
-        self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & _M
+        self.snd_una = self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
         self.recover = self.snd_una
         self.snd_wnd = window
         self.snd_wl1 = seg.seq
         self.snd_wl2 = seg.ack
         self.retries = 0
-        self.rto_at = None
-        if self.rtt_seq is not None:
-            self._rtt_sample(now - self.rtt_time)
-        self.rtt_seq = None
-        self.ka_at = now + self.cfg.keepalive_idle
+        self.rto_deadline = None
+        if self.rtt.timed_seq is not None:
+            self.rtt.sample_timed(now)
+        self.idle_deadline = now + self.cfg.keepalive_idle
         self._arm()
 
     def _ack_field(self, seg: wtcp.TcpSegment, now: float, plen: int) -> bool:
         """Process the ACK field; False if the segment is to be dropped."""
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         ack = seg.ack
         una = self.snd_una
-        d = (ack - una) & _M
-        if d >= _HALF:
+        d = (ack - una) & SEQ_MASK
+        if d >= SEQ_HALF:
             return True  # an old ACK: nothing new, keep the data
-        if d > ((self.snd_max - una) & _M):
+        if d > ((self.snd_max - una) & SEQ_MASK):
             self._mark_ack()  # ACKs something never sent
             return False
         win = seg.window << self.snd_wscale
@@ -915,12 +951,12 @@ class TcpFlow:
             self.dupacks += 1
             # RFC 5827 early retransmit: with few frames in flight (a GSO frame
             # brings one duplicate ACK, not one per segment) fewer duplicates suffice.
-            frames = len(self.tx_ends)
+            frames = len(self.frame_ends)
             if self.dupacks == (3 if frames > 3 else frames - 1 if frames > 1 else 1):
                 self._fast_retransmit(now)
         # Window update (RFC 9293 3.10.7.4: SND.WL1/WL2 guard against old segments).
-        s1 = (seg.seq - self.snd_wl1) & _M
-        if (0 < s1 < _HALF) or (s1 == 0 and ((ack - self.snd_wl2) & _M) < _HALF):
+        s1 = (seg.seq - self.snd_wl1) & SEQ_MASK
+        if (0 < s1 < SEQ_HALF) or (s1 == 0 and ((ack - self.snd_wl2) & SEQ_MASK) < SEQ_HALF):
             if win != self.snd_wnd:
                 if win > self.snd_wnd:
                     self._mark()
@@ -930,43 +966,35 @@ class TcpFlow:
         return True
 
     def _acked(self, ack: int, d: int, now: float) -> None:
-        fin_acked = self.fin_seq is not None and ack == ((self.fin_seq + 1) & _M)
+        """The guest acknowledged ``d`` new sequence numbers, up to ``ack``."""
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
+        fin_acked = self.fin_seq is not None and ack == ((self.fin_seq + 1) & SEQ_MASK)
         data = d - fin_acked
         self.snd_una = ack
-        if ((ack - self.snd_nxt) & _M) < _HALF:
+        if ((ack - self.snd_nxt) & SEQ_MASK) < SEQ_HALF:
             self.snd_nxt = ack
             self.fin_out = fin_acked
         self.retries = 0
-        if self.rtt_seq is not None and ((ack - self.rtt_seq) & _M) < _HALF:
-            self._rtt_sample(now - self.rtt_time)
-            self.rtt_seq = None
+        rtt = self.rtt
+        if rtt.timed_seq is not None and ((ack - rtt.timed_seq) & SEQ_MASK) < SEQ_HALF:
+            # (sample_timed() inlined: per-frame path, one call fewer)
+            rtt.sample(now - rtt.timed_at)
+            rtt.timed_seq = None
         if data:
-            self.una_pos += data
+            queue = self.send_queue
+            queue.release(data)
             engine = self.engine
             engine.buffered -= data
-            ends = self.tx_ends
-            while ends and ends[0] <= self.una_pos:
+            ends = self.frame_ends
+            while ends and ends[0] <= queue.acked_pos:
                 ends.popleft()
-            sq = self.sq
-            popped = 0
-            while sq and self.sq_start + len(sq[0]) <= self.una_pos:
-                self.sq_start += len(sq.popleft())
-                popped += 1
-            if popped:
-                self.cur_i -= popped
-                if self.cur_i < 0:
-                    self.cur_i, self.cur_pos = 0, self.sq_start
-            if self.reading_paused and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1:
-                if engine.room_for(self) > 0:
-                    self.reading_paused = False
-                    self.host.tcp_resume_reading(self)
-                else:
-                    engine.starved[self] = None
+            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
+                self._resume_reading()
             if engine.starved and engine.buffered <= engine.low_water:
                 engine.release_starved()
         # Congestion control (RFC 5681 / RFC 6582).
         if self.in_recovery:
-            if ((ack - self.recover) & _M) < _HALF:
+            if ((ack - self.recover) & SEQ_MASK) < SEQ_HALF:
                 self.in_recovery = False
                 self.cwnd = self.ssthresh
             else:
@@ -981,20 +1009,32 @@ class TcpFlow:
             self.cwnd = self.cfg.snd_buf
         self.dupacks = 0
         if self.snd_max == ack:
-            self.rto_at = None
+            self.rto_deadline = None
             self.tlp_armed = False
         else:
             self._restart_timer(now)
         self._mark()
         if fin_acked:
-            state = self.state
-            if state == FIN_WAIT_1:
-                self.state = FIN_WAIT_2
-                self._maybe_close_host()
-            elif state == CLOSING:
-                self._enter_time_wait(now)
-            elif state == LAST_ACK:
-                self._enter_time_wait(now, from_last_ack=True)
+            self._our_fin_acked(now)
+
+    def _resume_reading(self) -> None:
+        """The guest's ACKs drained half the send queue: read the host socket
+        again, unless the shared budget says wait (then release_starved() will)."""
+        if self.engine.room_for(self) > 0:
+            self.reading_paused = False
+            self.host.tcp_resume_reading(self)
+        else:
+            self.engine.starved[self] = None
+
+    def _our_fin_acked(self, now: float) -> None:
+        state = self.state
+        if state == FIN_WAIT_1:
+            self._to(FIN_WAIT_2)
+            self._maybe_close_host()
+        elif state == CLOSING:
+            self._enter_time_wait(now)
+        elif state == LAST_ACK:
+            self._enter_time_wait(now, from_last_ack=True)
 
     def _read_sack(self, seg: wtcp.TcpSegment, ack: int) -> bool:
         """Note where the first hole above ``ack`` ends; True if a block lies above it.
@@ -1007,52 +1047,41 @@ class TcpFlow:
         except MalformedPacket:
             return False
         hole = None
-        span = (self.snd_max - ack) & _M
+        span = seq_diff(self.snd_max, ack)
         for left, _right in blocks:
-            rel = (left - ack) & _M
+            rel = seq_diff(left, ack)
             if 0 < rel <= span and (hole is None or rel < hole):
                 hole = rel
         if hole is None:
             self.sack_hole = None
             return False
-        self.sack_hole = (ack + hole) & _M
+        self.sack_hole = seq_add(ack, hole)
         return True
-
-    def _rtt_sample(self, r: float) -> None:
-        # RFC 6298 2.2 / 2.3
-        if self.srtt is None:
-            self.srtt = r
-            self.rttvar = r / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
-            self.srtt = 0.875 * self.srtt + 0.125 * r
-        rto = self.srtt + max(0.001, 4 * self.rttvar)
-        cfg = self.cfg
-        self.rto = cfg.rto_min if rto < cfg.rto_min else cfg.rto_max if rto > cfg.rto_max else rto
 
     def _fast_retransmit(self, now: float) -> None:
         if self.in_recovery:
             return
         self.link.count("tcp.fast_retransmit")
-        flight = (self.snd_max - self.snd_una) & _M
+        flight = seq_diff(self.snd_max, self.snd_una)
         self.ssthresh = max(flight >> 1, 2 * self.mss)
         self.cwnd = self.ssthresh
         self.recover = self.snd_max
         self.in_recovery = True
-        self.rtt_seq = None
+        self.rtt.discard_timed()
         self._retransmit_head()
-        self.rto_at = now + self.rto
+        self.rto_deadline = now + self.rtt.rto
 
     def _retransmit_head(self) -> None:
         """Resend the first frame's worth at snd_una (fast retransmit, partial ACK).
 
         With offloads a lost frame is a whole GSO super-frame, so up to a burst is resent.
         """
-        buffered = self.sq_end - self.una_pos
-        n = min(self.max_burst, buffered, (self.snd_max - self.snd_una) & _M)
+        queue = self.send_queue
+        buffered = queue.unacked
+        n = min(self.max_burst, buffered, seq_diff(self.snd_max, self.snd_una))
         if self.sack_hole is not None:
             # Resend only the hole the guest's SACK blocks point at.
-            hole = (self.sack_hole - self.snd_una) & _M
+            hole = seq_diff(self.sack_hole, self.snd_una)
             if 0 < hole < n:
                 n = hole
             self.sack_hole = None
@@ -1060,7 +1089,7 @@ class TcpFlow:
             flags = ACK | PSH if n == buffered else ACK
             if n == buffered and self.fin_seq is not None:
                 flags |= FIN
-            self._xmit(flags, self.snd_una, self._collect(self.una_pos, n), n)
+            self._xmit(flags, self.snd_una, queue.slices(queue.acked_pos, n), n)
         elif self.fin_seq is not None:
             self._xmit(ACK | FIN, self.snd_una, [], 0)
 
@@ -1070,13 +1099,14 @@ class TcpFlow:
         False if part of it was refused (neither written nor buffered, so not
         acknowledged: the guest sends it again).
         """
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         n = len(data)
         if self.backlog_len or not self.host_connected_flag:
             return self._hold(data, 0)
         w = self.host.tcp_write(self, data)
         if w < n:
             return self._hold(data, w)
-        self.rcv_nxt = (self.rcv_nxt + n) & _M
+        self.rcv_nxt = (self.rcv_nxt + n) & SEQ_MASK
         return True
 
     def _hold(self, data: memoryview, written: int) -> bool:
@@ -1087,7 +1117,7 @@ class TcpFlow:
         rcv_buf = self.cfg.rcv_buf
         engine = self.engine
         # (The slack lets in the overhead of the segments of one full window.)
-        room = (rcv_buf + (rcv_buf >> 4) - self.backlog_len - self.ooo_len
+        room = (rcv_buf + (rcv_buf >> 4) - self.backlog_len - self.ooo.nbytes
                 - (len(self.backlog) + 1) * CHUNK_OVERHEAD)
         free = engine.room_for(self) - CHUNK_OVERHEAD
         take = rest
@@ -1102,52 +1132,47 @@ class TcpFlow:
             self.backlog.append(bytes(data[written:written + take]))
             self.backlog_len += take
             engine.buffered += take + CHUNK_OVERHEAD
-        self.rcv_nxt = (self.rcv_nxt + written + take) & _M
+        self.rcv_nxt = seq_add(self.rcv_nxt, written + take)
         return take == rest
 
     def _ooo_insert(self, seq: int, data: bytes, fin: bool, plen: int) -> None:
+        """Hold a segment that arrived past rcv_nxt, within the segment cap and budget."""
         self.link.count("tcp.rx_out_of_order")
         ooo = self.ooo
-        old = ooo.get(seq)
+        held = ooo.held_len(seq)
         engine = self.engine
-        if old is None:
-            if len(ooo) >= self.cfg.max_ooo_segments:
+        if held is None:
+            if ooo.is_full():
                 self.link.count("tcp.drop.ooo_full")
             elif plen + CHUNK_OVERHEAD > engine.room_for(self):
                 self.link.count("tcp.drop.max_buffered")
                 engine.starved[self] = None
             else:
-                ooo[seq] = (data, fin)
-                self.ooo_len += plen
+                ooo.add(seq, data, fin)
                 engine.buffered += plen + CHUNK_OVERHEAD
-                self.ooo_last = seq
-        elif len(old[0]) < plen and plen - len(old[0]) <= engine.room_for(self):
-            ooo[seq] = (data, fin)
-            self.ooo_len += plen - len(old[0])
-            engine.buffered += plen - len(old[0])
+        elif held < plen and plen - held <= engine.room_for(self):
+            engine.buffered += ooo.replace(seq, data, fin)
         # Immediate duplicate ACK (RFC 5681 4.2), not coalesced.
         self._send_ack()
 
     def _ooo_drain(self) -> bool:
         """Deliver held segments that are now in order; True if a FIN was reached."""
         ooo = self.ooo
-        while ooo:
+        while ooo.segments:
             progressed = False
-            for seq in sorted(ooo, key=lambda s: (s - self.rcv_nxt) & _M):
-                rel = (seq - self.rcv_nxt) & _M
-                if 0 < rel < _HALF:
+            for seq in ooo.order_from(self.rcv_nxt):
+                if seq_lt(self.rcv_nxt, seq):
                     break
-                data, f = ooo.pop(seq)
-                self.ooo_len -= len(data)
+                data, fin = ooo.pop(seq)
                 self.engine.buffered -= len(data) + CHUNK_OVERHEAD
-                skip = (self.rcv_nxt - seq) & _M
+                skip = seq_diff(self.rcv_nxt, seq)
                 if skip < len(data):
                     if not self._deliver(memoryview(data)[skip:]):
                         return False  # refused: the guest resends from rcv_nxt
-                    if f:
+                    if fin:
                         self._ooo_clear()
                         return True
-                elif skip == len(data) and f:
+                elif skip == len(data) and fin:
                     self._ooo_clear()
                     return True
                 progressed = True
@@ -1156,18 +1181,17 @@ class TcpFlow:
         return False
 
     def _ooo_clear(self) -> None:
-        self.engine.buffered -= self.ooo_len + len(self.ooo) * CHUNK_OVERHEAD
+        self.engine.buffered -= self.ooo.nbytes + len(self.ooo.segments) * CHUNK_OVERHEAD
         self.ooo.clear()
-        self.ooo_len = 0
 
     def _on_fin(self, now: float) -> None:
-        self.rcv_nxt = (self.rcv_nxt + 1) & _M
+        self.rcv_nxt = seq_add(self.rcv_nxt, 1)
         self.fin_rcvd = True
         state = self.state
         if state == ESTABLISHED:
-            self.state = CLOSE_WAIT
+            self._to(CLOSE_WAIT)
         elif state == FIN_WAIT_1:
-            self.state = CLOSING
+            self._to(CLOSING)
         elif state == FIN_WAIT_2:
             self._enter_time_wait(now)
         if not self.backlog_len and self.host_connected_flag and not self.host_shut:
@@ -1178,7 +1202,7 @@ class TcpFlow:
     def _segment_syn_sent(self, seg: wtcp.TcpSegment, now: float) -> None:
         """Our SYN toward the guest is out (RFC 9293 3.10.7.3)."""
         flags = seg.flags
-        if flags & ACK and seg.ack != ((self.iss + 1) & _M):
+        if flags & ACK and seg.ack != seq_add(self.iss, 1):
             if not flags & RST:
                 self.engine.send_reset_for(seg, self.key)
             return
@@ -1191,7 +1215,7 @@ class TcpFlow:
             return
         self.last_rx = now
         self.irs = seg.seq
-        self.rcv_nxt = self.rcv_adv = (seg.seq + 1) & _M
+        self.rcv_nxt = self.rcv_adv = seq_add(seg.seq, 1)
         self._apply_syn_options(seg)
         if not flags & ACK:
             return  # simultaneous open is not something a guest does to a NAT
@@ -1231,12 +1255,11 @@ class TcpFlow:
         if self.state != CONNECTING:
             return
         self.host_connected_flag = True
-        self.state = SYN_RCVD
+        self._to(SYN_RCVD)
         self.retries = 0
         self._send_syn(with_ack=True)
-        self.rtt_seq = self.iss
-        self.rtt_time = now
-        self.rto_at = now + self.rto
+        self.rtt.time_segment(self.iss, now)
+        self.rto_deadline = now + self.rtt.rto
         self._arm()
 
     def host_connect_failed(self, errno_value: int, now: float) -> None:
@@ -1283,18 +1306,18 @@ class TcpFlow:
             self.host.tcp_shutdown_write(self)
             self._maybe_close_host()
             if self.host_closed and self.state == TIME_WAIT:
-                self.ka_at = now + self.cfg.time_wait
+                self.idle_deadline = now + self.cfg.time_wait
                 self._arm()
                 return
         if self.backlog_len < before and self.state in _RCV_OPEN:
             # Tell the guest about the reopened window without waiting for a batch.
-            cur = (self.rcv_adv - self.rcv_nxt) & _M
+            cur = seq_diff(self.rcv_adv, self.rcv_nxt)
             if self._space() >= cur + min(self.cfg.rcv_buf >> 1, 2 * self.mss):
                 self._send_ack()
 
     def _space(self) -> int:
         """What the window could offer now (see :meth:`_window`)."""
-        space = (self.cfg.rcv_buf - self.backlog_len - self.ooo_len
+        space = (self.cfg.rcv_buf - self.backlog_len - self.ooo.nbytes
                  - len(self.backlog) * CHUNK_OVERHEAD)
         return min(space, self.engine.room_for(self))
 
@@ -1308,22 +1331,18 @@ class TcpFlow:
         """
         if self.state not in _SND_STATES and self.state not in _HALF_OPEN or self.fin_queued:
             return
-        n = len(data)
-        if not n:
+        if not data:
             return
         if type(data) is not bytes:
             data = bytes(data)
-        sq = self.sq
-        if sq and len(sq[-1]) < 32768 and n < 32768:
-            # Coalesce small reads so a frame never needs many iovecs.
-            sq[-1] = sq[-1] + data
-        else:
-            sq.append(data)
-        self.sq_end += n
+        queue = self.send_queue
+        queued_before = queue.end_pos
+        queue.append(data)
+        n = queue.end_pos - queued_before  # (not len(data): one call fewer per frame)
         engine = self.engine
         engine.buffered += n
         if not self.reading_paused:
-            if self.sq_end - self.una_pos >= self.cfg.snd_buf:
+            if queue.end_pos - queue.acked_pos >= self.cfg.snd_buf:
                 self.reading_paused = True
                 self.host.tcp_pause_reading(self)
             elif engine.buffered >= engine.shared_limit and engine.room_for(self) <= 0:
@@ -1351,7 +1370,7 @@ class TcpFlow:
         """How many bytes the runtime may pass to the next ``host_data``."""
         if self.fin_queued or self.state == CLOSED:
             return 0
-        room = self.cfg.snd_buf - (self.sq_end - self.una_pos)
+        room = self.cfg.snd_buf - self.send_queue.unacked
         engine = self.engine
         if engine.shared_limit - engine.buffered < room:
             free = engine.room_for(self)
@@ -1367,26 +1386,30 @@ class TcpFlow:
     @property
     def send_queue_len(self) -> int:
         """Bytes from the host not yet acknowledged by the guest."""
-        return self.sq_end - self.una_pos
+        return self.send_queue.unacked
+
+    @property
+    def ooo_len(self) -> int:
+        """Payload bytes held out of order (waiting for a gap to fill)."""
+        return self.ooo.nbytes
 
     @property
     def buffered(self) -> int:
         """What this flow charges to the engine's shared budget (payload + overhead)."""
-        return (self.sq_end - self.una_pos + self.backlog_len + self.ooo_len
-                + (len(self.backlog) + len(self.ooo)) * CHUNK_OVERHEAD)
+        queue = self.send_queue
+        return (queue.end_pos - queue.acked_pos + self.backlog_len + self.ooo.nbytes
+                + (len(self.backlog) + len(self.ooo.segments)) * CHUNK_OVERHEAD)
 
     def _budget_freed(self) -> None:
         """The shared budget has room again: resume what it held back."""
         if self.state == CLOSED:
             return
         if (self.reading_paused and not self.fin_queued
-                and self.sq_end - self.una_pos <= self.cfg.snd_buf >> 1):
+                and self.send_queue.unacked <= self.cfg.snd_buf >> 1):
             self.reading_paused = False
             self.host.tcp_resume_reading(self)
         if self.state in _RCV_OPEN:
-            cur = (self.rcv_adv - self.rcv_nxt) & _M
-            if cur >= _HALF:
-                cur = 0
+            cur = seq_window(self.rcv_adv, self.rcv_nxt)
             if self._space() >= cur + min(self.cfg.rcv_buf >> 1, 2 * self.mss):
                 self._send_ack()  # the window update the guest's persist timer waits for
 
@@ -1488,9 +1511,9 @@ class TcpEngine:
                            icmp.build_error(icmp.DEST_UNREACH, icmp.NET_UNREACH, ip.buf))
             return
         flow = TcpFlow(self, ip.src, seg.src_port, ip.dst, seg.dst_port, now)
-        flow.state = CONNECTING
+        flow._to(CONNECTING)
         flow.irs = seg.seq
-        flow.rcv_nxt = flow.rcv_adv = (seg.seq + 1) & _M
+        flow.rcv_nxt = flow.rcv_adv = seq_add(seg.seq, 1)
         flow.syn_quote = bytes(ip.buf[:ip.header_len + 8])
         flow._apply_syn_options(seg)
         flow.snd_wnd = seg.window
@@ -1542,7 +1565,7 @@ class TcpEngine:
         flow = TcpFlow(self, guest_addr, guest_port, remote_addr, remote_port, now)
         flow.host_handle = host_handle
         flow.host_connected_flag = True
-        flow.state = SYN_SENT
+        flow._to(SYN_SENT)
         flow.inbound = True
         flow.half_open = True
         self.inbound += 1
@@ -1550,10 +1573,9 @@ class TcpEngine:
         flow.rcv_wscale = self.our_wscale
         self.flows[key] = flow
         flow._send_syn(with_ack=False)
-        flow.snd_nxt = flow.snd_max = (flow.iss + 1) & _M
-        flow.rtt_seq = flow.iss
-        flow.rtt_time = now
-        flow.rto_at = now + flow.rto
+        flow.snd_nxt = flow.snd_max = seq_add(flow.iss, 1)
+        flow.rtt.time_segment(flow.iss, now)
+        flow.rto_deadline = now + flow.rtt.rto
         flow._arm()
         return flow
 
@@ -1562,7 +1584,7 @@ class TcpEngine:
         if seg.flags & ACK:
             seq, ack, flags = seg.ack, 0, RST
         else:
-            seq, ack, flags = 0, (seg.seq + seg.seq_len) & _M, RST | ACK
+            seq, ack, flags = 0, seq_add(seg.seq, seg.seq_len), RST | ACK
         guest_addr, guest_port, remote_addr, remote_port = key
         self.link.send_ipv4(remote_addr, guest_addr, wtcp.PROTO,
                             wtcp.build(remote_addr, guest_addr, remote_port, guest_port, seq,
@@ -1591,16 +1613,14 @@ class TcpEngine:
         if self.time_wait.get(key) is flow:
             del self.time_wait[key]
         flow._end_half_open()
-        flow.state = CLOSED
-        flow.rto_at = flow.ka_at = None
+        flow._to(CLOSED)
+        flow.rto_deadline = flow.idle_deadline = None
         self.timers.cancel(flow)
         self.buffered -= flow.buffered
-        flow.una_pos = flow.sq_end
-        flow.sq.clear()
+        flow.send_queue.clear()
         flow.backlog.clear()
         flow.backlog_len = 0
         flow.ooo.clear()
-        flow.ooo_len = 0
         self.starved.pop(flow, None)
         if self.starved and self.buffered <= self.low_water:
             self.release_starved()

@@ -69,12 +69,11 @@ nothing on the host side would be the right receiver), UDP-Lite, IPv6.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from ipaddress import IPv4Address
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.frag import send_fragmented
-from pyslirp.stack.host import Buffer, HostPort
+from pyslirp.stack.host import Buffer, HostPort, Policy
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import icmp, ipv4, vnet
@@ -82,9 +81,8 @@ from pyslirp.wire import udp as wire_udp
 from pyslirp.wire.checksum import checksum, finish, partial_sum, pseudo_header_sum
 from pyslirp.wire.errors import MalformedPacket
 from pyslirp.wire.ethernet import ETHERTYPE_IPV4
+from pyslirp.wire.frame import ETH_IPV4_UDP
 from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Packet
-
-Policy = Callable[[bytes, int], "list[tuple[str, int]] | None"]
 
 IDLE_TIMEOUT = 240.0
 DNS_IDLE_TIMEOUT = 10.0
@@ -99,7 +97,7 @@ _DNS_PORT = 53
 _UDP_HEADER = struct.Struct("!HHHH")
 _U16 = struct.Struct("!H")
 #: Ethernet + IPv4 (20 bytes, no options) + UDP headers of a frame to the guest.
-_FRAME = struct.Struct("!6s6sH" "BBHHHBBH4s4s" "HHHH")
+_FRAME = ETH_IPV4_UDP
 _FRAME_LEN = _FRAME.size
 _IP_START = 14
 _IP_CSUM = _IP_START + 10

@@ -25,6 +25,7 @@ from pyslirp.stack.tcp import (
     TcpEngine,
     TcpFlow,
 )
+from pyslirp.stack.tcpstate import IllegalTransition
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import icmp, ipv4, vnet
 from pyslirp.wire import tcp as wtcp
@@ -174,6 +175,14 @@ def test_handshake_negotiates_mss_and_window_scale() -> None:
     h.send(A, seq=h.gseq + 1, ack=synack.seq + 1)
     assert flow.state == ESTABLISHED and h.engine.half_open == 0
     assert flow.mss == 1400
+
+
+def test_a_flow_refuses_a_state_change_its_table_does_not_allow() -> None:
+    h = Harness()
+    flow, _ = h.connect()
+    with pytest.raises(IllegalTransition, match="ESTABLISHED cannot go to SYN_RCVD"):
+        flow._to(SYN_RCVD)
+    assert flow.state == ESTABLISHED
 
 
 def test_no_window_scale_when_guest_does_not_offer_it() -> None:
