@@ -30,9 +30,12 @@ Deliberate differences from slirp4netns:
 * CIDR, MTU and MAC are checked while parsing, not after: the MTU must also
   satisfy :class:`~pyslirp.stack.config.NetConfig` (68..65521, the IPv4
   minimum), which slirp4netns leaves to the kernel's ``SIOCSIFMTU``.
-* ``-6``/``--enable-ipv6`` is accepted, because podman and rootlesskit
-  ``--ipv6`` always pass it, but IPv6 is not served yet: a warning on
-  stderr says so and the namespace gets IPv4 only.
+* ``-6``/``--enable-ipv6`` serves IPv6 beside IPv4 on the link (NDP,
+  router advertisements for SLAAC, ICMPv6 echo, stateless DHCPv6; see
+  docs/ipv6.md), but does not forward TCP or UDP over IPv6 yet: a warning on
+  stderr says so. ``--cidr6=PREFIX/64`` (ours; slirp4netns has none) picks
+  the prefix instead of fd00::/64; only /64 is accepted (SLAAC needs it),
+  and only with ``-6``.
 * ``--outbound-addr6=IFNAME`` looks up IFNAME (slirp4netns 1.2 looks up
   ``--outbound-addr``'s value instead); an unknown interface or one without
   an address of the family is a usage error naming it. Both options are
@@ -77,10 +80,12 @@ from pyslirp.logsetup import DEFAULT_LOG_LEVEL, LOG_LEVELS, PROG, setup_logging
 from pyslirp.stack.config import (
     DEFAULT_BUSY_POLL,
     DEFAULT_CIDR,
+    DEFAULT_CIDR6,
     DEFAULT_MTU,
     ConfigError,
     NetConfig,
     parse_cidr,
+    parse_cidr6,
 )
 from pyslirp.wire.ethernet import mac_from_str
 
@@ -110,7 +115,7 @@ User-mode networking for unprivileged network namespaces.
 -e, --exit-fd=FD         specify the FD for terminating {PROG}
 -r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default={DEFAULT_MTU}, max={SLIRP_MAX_MTU})
--6, --enable-ipv6        accepted for compatibility; IPv6 is not served yet (a warning says so)
+-6, --enable-ipv6        enable IPv6 (NDP, RA, ICMPv6 echo, DHCPv6; no TCP/UDP forwarding yet)
 -a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default={DEFAULT_CIDR})
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
@@ -130,6 +135,7 @@ CAP_NET_BIND_SERVICE if running as the root)
 --dns-upstream=HOST[:PORT]
                          forward DNS to HOST (IPv4, or [IPv6] with a port) instead of the
                          nameservers in /etc/resolv.conf; repeatable (default port={_DNS})
+--cidr6=PREFIX/64        IPv6 prefix with -6 (default={DEFAULT_CIDR6}; gateway ::2, DNS ::3)
 --pcap=FILE              write every frame on the link to FILE (pcap format)
 --log-level=LEVEL        specify log verbosity ([debug|info|warning|error], default={_LOG})
 --no-offload             open the TAP without vnet header and offloads (plain frames)
@@ -192,8 +198,10 @@ class Options:
     offload: bool = True
     #: ``--busy-poll``: microseconds the loop keeps polling after work (0 = off).
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
-    #: ``-6``/``--enable-ipv6``: accepted (callers always pass it); IPv6 is not served yet.
+    #: ``-6``/``--enable-ipv6``; ``--cidr6`` (only with it).
     enable_ipv6: bool = False
+    cidr6: ipaddress.IPv6Network = field(
+        default_factory=lambda: ipaddress.IPv6Network(DEFAULT_CIDR6))
     #: ``--enable-sandbox`` / ``--enable-seccomp`` (pyslirp.runtime.sandbox / .seccomp).
     enable_sandbox: bool = False
     enable_seccomp: bool = False
@@ -245,6 +253,8 @@ class Options:
             vnet_hdr=self.offload,
             offload=self.offload,
             busy_poll=self.busy_poll_us / 1e6,
+            enable_ipv6=self.enable_ipv6,
+            network6=self.cidr6,
         )
 
 
@@ -276,6 +286,7 @@ _SERVE_OPTS = (
     _Opt("ready-fd", "r", True),
     *_COMMON_OPTS,
     _Opt("enable-ipv6", "6", False),
+    _Opt("cidr6", None, True),
     _Opt("enable-sandbox", None, False),
     _Opt("enable-seccomp", None, False),
     _Opt("outbound-addr", None, True),
@@ -551,6 +562,7 @@ def parse_args(argv: list[str]) -> Options:
     positionals: list[str] = []
     cidr_text: str | None = None
     mac_text: str | None = None
+    cidr6_text: str | None = None
     for opt, value in _getopt(argv, _SERVE_OPTS, positionals, permute=True):
         name = opt.long
         if name == "configure":
@@ -561,6 +573,8 @@ def parse_args(argv: list[str]) -> Options:
             opts.ready_fd = _parse_fd(_val(value), "ready-fd")
         elif name == "enable-ipv6":
             opts.enable_ipv6 = True
+        elif name == "cidr6":
+            cidr6_text = _val(value)
         elif name == "enable-sandbox":
             opts.enable_sandbox = True
         elif name == "enable-seccomp":
@@ -596,6 +610,13 @@ def parse_args(argv: list[str]) -> Options:
         else:
             cidr_text, mac_text = _common_option(opts, name, value, cidr_text, mac_text)
 
+    if cidr6_text is not None:
+        if not opts.enable_ipv6:
+            raise UsageError("--cidr6 applies only with -6/--enable-ipv6")
+        try:
+            opts.cidr6 = parse_cidr6(cidr6_text)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
     # The checks slirp4netns makes after its getopt loop, in its order.
     if mac_text is not None and not opts.configure:
         raise UsageError("--macaddr cannot be specified when --configure or -c is not specified")
@@ -754,8 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.extra_args:
         log.warning("too many arguments")
     if opts.enable_ipv6:
-        # podman and rootlesskit --ipv6 always pass it; refusing would break them.
-        log.warning("--enable-ipv6: IPv6 is not served yet; the namespace gets IPv4 only")
+        log.warning("--enable-ipv6: IPv6 serves NDP, router advertisements (SLAAC), ICMPv6 "
+                    "echo and DHCPv6, but TCP and UDP over IPv6 are not forwarded yet")
     try:
         from pyslirp.runtime.main import run_command, serve_namespace
     except ImportError as exc:

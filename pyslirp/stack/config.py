@@ -8,10 +8,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pyslirp.wire.dhcp import domain_labels
+from pyslirp.wire.ipv6 import MIN_MTU as IPV6_MIN_MTU
+from pyslirp.wire.ipv6 import link_local
 
 log = logging.getLogger("pyslirp")
 
 DEFAULT_CIDR = "10.0.2.0/24"
+DEFAULT_CIDR6 = "fd00::/64"
+#: The only prefix length served: SLAAC forms an address from a /64 and a 64-bit
+#: interface identifier (RFC 4862 5.5.3, RFC 4291 2.5.1); Linux ignores any other.
+CIDR6_PREFIXLEN = 64
 DEFAULT_MTU = 1500
 #: Busy polling after work (seconds): long enough to catch a loopback peer's answer on
 #: this kind of VM (bench/README.md, "Latency"), short enough to cost little CPU.
@@ -36,6 +42,25 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network:
         raise ConfigError(f"invalid CIDR {text!r}: no prefix length")
     if not 1 <= net.prefixlen <= 25:
         raise ConfigError(f"invalid CIDR {text!r}: prefix length must be 1..25")
+    return net
+
+
+def parse_cidr6(text: str) -> ipaddress.IPv6Network:
+    """Parse a --cidr6 value: a /64 network address that can be a unicast prefix."""
+    if "/" not in text:
+        raise ConfigError(f"invalid IPv6 prefix {text!r}: no prefix length")
+    try:
+        net = ipaddress.IPv6Network(text, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"invalid IPv6 prefix {text!r}: {exc}") from None
+    if net.prefixlen != CIDR6_PREFIXLEN:
+        raise ConfigError(f"invalid IPv6 prefix {text!r}: the prefix length must be "
+                          f"{CIDR6_PREFIXLEN} (SLAAC forms addresses from a /64)")
+    addr = net.network_address
+    if addr.is_multicast or addr.is_link_local or addr.is_loopback or addr.is_unspecified \
+            or addr.ipv4_mapped is not None:
+        raise ConfigError(f"invalid IPv6 prefix {text!r}: not a unicast prefix a guest can "
+                          "use (multicast, link-local, loopback, unspecified or IPv4-mapped)")
     return net
 
 
@@ -109,6 +134,11 @@ class NetConfig:
     busy_poll: float = DEFAULT_BUSY_POLL
     dhcp_lease_seconds: int = 86400
     dhcp_pool_size: int = 16
+    #: Serve IPv6 beside IPv4 (``-6``): NDP, router advertisements, ICMPv6 echo, DHCPv6.
+    enable_ipv6: bool = False
+    #: The IPv6 prefix advertised for SLAAC (always a /64, see :func:`parse_cidr6`).
+    network6: ipaddress.IPv6Network = field(
+        default_factory=lambda: ipaddress.IPv6Network(DEFAULT_CIDR6))
 
     @property
     def gateway(self) -> bytes:
@@ -135,9 +165,27 @@ class NetConfig:
     def broadcast(self) -> bytes:
         return self.network.broadcast_address.packed
 
+    @property
+    def gateway6(self) -> bytes:
+        return (self.network6.network_address + 2).packed
+
+    @property
+    def dns6(self) -> bytes:
+        return (self.network6.network_address + 3).packed
+
+    @property
+    def link_local6(self) -> bytes:
+        """Our link-local address (fe80:: + EUI-64 of ``our_mac``): the guest's router."""
+        return link_local(self.our_mac)
+
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:
             raise ConfigError(f"MTU {self.mtu} is out of range {MIN_MTU}..{MAX_MTU}")
+        if self.enable_ipv6 and self.mtu < IPV6_MIN_MTU:
+            raise ConfigError(f"MTU {self.mtu} is too small for IPv6 (at least "
+                              f"{IPV6_MIN_MTU}, RFC 8200)")
+        if self.network6.prefixlen != CIDR6_PREFIXLEN:
+            raise ConfigError(f"IPv6 prefix {self.network6} must be a /{CIDR6_PREFIXLEN}")
         self.search_domains = valid_search_domains(self.search_domains)
         if not self.our_mac:
             # libslirp's convention: 52:55 followed by the gateway's IPv4 address.
