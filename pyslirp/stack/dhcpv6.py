@@ -22,7 +22,9 @@ unspecified address) gets nothing (``dhcpv6.drop.bad_source``): RFC 8415 13.1
 has clients use their link-local address.
 
 The UDP checksum is mandatory over IPv6 (RFC 8200 8.1): a datagram with a
-zero or wrong one is malformed (``drop.malformed.udp``).
+zero or wrong one is malformed (``drop.malformed.udp``), unless the vnet
+header says the guest's kernel left it to be completed (NEEDS_CSUM, which
+ISC dhclient's datagrams arrive with) or already checked it (DATA_VALID).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ _UDP = struct.Struct("!HHHH")
 _IA_OPTIONS = (dhcpv6.OPT_IA_NA, dhcpv6.OPT_IA_TA, dhcpv6.OPT_IA_PD)
 
 
-def udp6_datagram(ip: Ipv6Packet) -> UdpDatagram:
-    """The UDP datagram of ``ip``, its (mandatory) IPv6 checksum verified."""
+def udp6_datagram(ip: Ipv6Packet, verify_checksum: bool = True) -> UdpDatagram:
+    """The UDP datagram of ``ip``, its (mandatory) IPv6 checksum verified unless the link
+    vouched for it (vnet NEEDS_CSUM/DATA_VALID: the field then holds a partial sum)."""
     udp = UdpDatagram(ip.payload)
+    if not verify_checksum:
+        return udp
     if udp.csum == 0 or partial_sum(
             udp.buf, ipv6.pseudo_header_sum(ip.src, ip.dst, ipv6.PROTO_UDP, udp.length)) != 0:
         raise MalformedPacket("udp: bad or missing checksum over IPv6")

@@ -120,9 +120,10 @@ class NdpEngine:
             self._started = True
             self.timers.schedule(self, now)
 
-    def handle(self, ip: Ipv6Packet, src_mac: bytes, now: float) -> None:
-        """An ICMPv6 message addressed to us (unicast or a group we listen to)."""
-        msg = icmpv6.Icmpv6Message(ip.payload, ip.src, ip.dst)
+    def handle(self, ip: Ipv6Packet, src_mac: bytes, now: float, trusted: bool = False) -> None:
+        """An ICMPv6 message addressed to us (unicast or a group we listen to); ``trusted``:
+        the vnet header vouched for its checksum."""
+        msg = icmpv6.Icmpv6Message(ip.payload, ip.src, ip.dst, verify_checksum=not trusted)
         kind = msg.type
         if kind == icmpv6.ECHO_REQUEST:
             self._echo(ip, msg, src_mac)

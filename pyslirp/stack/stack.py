@@ -185,7 +185,7 @@ class Stack:
             elif ethertype == ethernet.ETHERTYPE_ARP:
                 self._receive_arp(arp.ArpPacket(eth.payload))
             elif ethertype == ethernet.ETHERTYPE_IPV6 and self.ndp is not None:
-                self._receive_ipv6(ipv6.Ipv6Packet(eth.payload), now, src_mac, self.ndp)
+                self._receive_ipv6(ipv6.Ipv6Packet(eth.payload), now, trusted, src_mac, self.ndp)
             else:
                 self.link.count("drop.ethertype")
         except MalformedPacket as exc:
@@ -231,7 +231,7 @@ class Stack:
         else:
             self.udp.handle(ip, now, trusted)
 
-    def _receive_ipv6(self, ip: ipv6.Ipv6Packet, now: float, src_mac: bytes,
+    def _receive_ipv6(self, ip: ipv6.Ipv6Packet, now: float, trusted: bool, src_mac: bytes,
                       ndp: NdpEngine) -> None:
         ndp.guest_seen(ip, now)
         if ip.dst not in self._listening6:
@@ -240,9 +240,9 @@ class Stack:
             return
         proto = ip.proto
         if proto == ipv6.PROTO_ICMPV6:
-            ndp.handle(ip, src_mac, now)
+            ndp.handle(ip, src_mac, now, trusted)
         elif proto == ipv6.PROTO_UDP and self.dhcpv6 is not None:
-            udp = udp6_datagram(ip)
+            udp = udp6_datagram(ip, verify_checksum=not trusted)
             if udp.dst_port == DHCPV6_SERVER_PORT:
                 self.dhcpv6.handle(ip, udp, src_mac)
             else:
