@@ -265,6 +265,9 @@ class _Opt:
     long: str
     short: str | None
     has_arg: bool
+    #: An option slirp4netns lacks that shares a prefix with one it has: it must not make
+    #: that option's abbreviations ambiguous (``--cid`` still means ``--cidr``).
+    shadowed: bool = False
 
 
 _COMMON_OPTS = (
@@ -286,7 +289,7 @@ _SERVE_OPTS = (
     _Opt("ready-fd", "r", True),
     *_COMMON_OPTS,
     _Opt("enable-ipv6", "6", False),
-    _Opt("cidr6", None, True),
+    _Opt("cidr6", None, True, shadowed=True),
     _Opt("enable-sandbox", None, False),
     _Opt("enable-seccomp", None, False),
     _Opt("outbound-addr", None, True),
@@ -364,6 +367,9 @@ def _match_long(name: str, arg: str, table: tuple[_Opt, ...]) -> _Opt:
     candidates = [opt for opt in table if opt.long.startswith(name)] if name else []
     if len(candidates) == 1:
         return candidates[0]
+    unshadowed = [opt for opt in candidates if not opt.shadowed]
+    if len(unshadowed) == 1:
+        return unshadowed[0]
     if candidates:
         possibilities = " ".join(f"'--{o.long}'" for o in candidates)
         raise UsageError(f"option '--{name}' is ambiguous; possibilities: {possibilities}")

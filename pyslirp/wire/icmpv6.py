@@ -81,7 +81,8 @@ class Icmpv6Message:
         if len(buf) < HEADER_LEN:
             raise MalformedPacket(f"icmpv6: {len(buf)} bytes is shorter than a header")
         self.type, self.code, _csum, self.ident, self.seq = _HEADER.unpack_from(buf)
-        if verify_checksum and partial_sum(buf, pseudo_header_sum(src, dst, PROTO_ICMPV6, len(buf))) != 0:
+        if verify_checksum and partial_sum(
+                buf, pseudo_header_sum(src, dst, PROTO_ICMPV6, len(buf))) != 0:
             raise MalformedPacket("icmpv6: bad checksum")
         self.buf = buf
 

@@ -43,7 +43,8 @@ def _default_route(guest: Guest) -> str:
 def _wait_for_slaac(guest: Guest, prefix: ipaddress.IPv6Network = PREFIX) -> str:
     wait_for(lambda: bool(_global_addresses(guest, prefix)) and
              f"via {ROUTER_LL}" in _default_route(guest),
-             timeout=SLAAC_TIMEOUT, interval=0.2, what=f"a SLAAC address in {prefix} and a default route")
+             timeout=SLAAC_TIMEOUT, interval=0.2,
+             what=f"a SLAAC address in {prefix} and a default route")
     return _global_addresses(guest, prefix)[0]
 
 
