@@ -30,9 +30,12 @@ Deliberate differences from slirp4netns:
 * CIDR, MTU and MAC are checked while parsing, not after: the MTU must also
   satisfy :class:`~pyslirp.stack.config.NetConfig` (68..65521, the IPv4
   minimum), which slirp4netns leaves to the kernel's ``SIOCSIFMTU``.
-* ``-6``/``--enable-ipv6`` is accepted, because podman and rootlesskit
-  ``--ipv6`` always pass it, but IPv6 is not served yet: a warning on
-  stderr says so and the namespace gets IPv4 only.
+* ``-6``/``--enable-ipv6`` serves IPv6 beside IPv4 on the link (NDP,
+  router advertisements for SLAAC, ICMPv6 echo, stateless DHCPv6; see
+  docs/ipv6.md), but does not forward TCP or UDP over IPv6 yet: a warning on
+  stderr says so. ``--cidr6=PREFIX/64`` (ours; slirp4netns has none) picks
+  the prefix instead of fd00::/64; only /64 is accepted (SLAAC needs it),
+  and only with ``-6``.
 * ``--outbound-addr6=IFNAME`` looks up IFNAME (slirp4netns 1.2 looks up
   ``--outbound-addr``'s value instead); an unknown interface or one without
   an address of the family is a usage error naming it. Both options are
@@ -77,11 +80,13 @@ from pyslirp.logsetup import DEFAULT_LOG_LEVEL, LOG_LEVELS, PROG, setup_logging
 from pyslirp.stack.config import (
     DEFAULT_BUSY_POLL,
     DEFAULT_CIDR,
+    DEFAULT_CIDR6,
     DEFAULT_MAX_BUFFERED,
     DEFAULT_MTU,
     MIN_MAX_BUFFERED,
     ConfigError,
     NetConfig,
+    parse_cidr6,
 )
 from pyslirp.wire import netparams
 from pyslirp.wire.netparams import DEFAULT_DNS_PORT, MAX_MTU, NetParamError
@@ -114,7 +119,7 @@ User-mode networking for unprivileged network namespaces.
 -e, --exit-fd=FD         specify the FD for terminating {PROG}
 -r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default={DEFAULT_MTU}, max={SLIRP_MAX_MTU})
--6, --enable-ipv6        accepted for compatibility; IPv6 is not served yet (a warning says so)
+-6, --enable-ipv6        enable IPv6 (NDP, RA, ICMPv6 echo, DHCPv6; no TCP/UDP forwarding yet)
 -a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default={DEFAULT_CIDR})
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
@@ -134,6 +139,7 @@ CAP_NET_BIND_SERVICE if running as the root)
 --dns-upstream=HOST[:PORT]
                          forward DNS to HOST (IPv4, or [IPv6] with a port) instead of the
                          nameservers in /etc/resolv.conf; repeatable (default port={_DNS})
+--cidr6=PREFIX/64        IPv6 prefix with -6 (default={DEFAULT_CIDR6}; gateway ::2, DNS ::3)
 --pcap=FILE              write every frame on the link to FILE (pcap format)
 --log-level=LEVEL        specify log verbosity ([debug|info|warning|error], default={_LOG})
 --no-offload             open the TAP without vnet header and offloads (plain frames)
@@ -203,8 +209,10 @@ class Options:
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
     #: ``--max-buffered``: the stack-wide TCP buffer budget in bytes.
     max_buffered: int = DEFAULT_MAX_BUFFERED
-    #: ``-6``/``--enable-ipv6``: accepted (callers always pass it); IPv6 is not served yet.
+    #: ``-6``/``--enable-ipv6``; ``--cidr6`` (only with it).
     enable_ipv6: bool = False
+    cidr6: ipaddress.IPv6Network = field(
+        default_factory=lambda: ipaddress.IPv6Network(DEFAULT_CIDR6))
     #: ``--enable-sandbox`` / ``--enable-seccomp`` (pyslirp.runtime.sandbox / .seccomp).
     enable_sandbox: bool = False
     enable_seccomp: bool = False
@@ -257,6 +265,8 @@ class Options:
             offload=self.offload,
             busy_poll=self.busy_poll_us / 1e6,
             max_buffered=self.max_buffered,
+            enable_ipv6=self.enable_ipv6,
+            network6=self.cidr6,
         )
 
 
@@ -267,6 +277,9 @@ class _Opt:
     long: str
     short: str | None
     has_arg: bool
+    #: An option slirp4netns lacks that shares a prefix with one it has: it must not make
+    #: that option's abbreviations ambiguous (``--cid`` still means ``--cidr``).
+    shadowed: bool = False
 
 
 _COMMON_OPTS = (
@@ -289,6 +302,7 @@ _SERVE_OPTS = (
     _Opt("ready-fd", "r", True),
     *_COMMON_OPTS,
     _Opt("enable-ipv6", "6", False),
+    _Opt("cidr6", None, True, shadowed=True),
     _Opt("enable-sandbox", None, False),
     _Opt("enable-seccomp", None, False),
     _Opt("outbound-addr", None, True),
@@ -366,6 +380,9 @@ def _match_long(name: str, arg: str, table: tuple[_Opt, ...]) -> _Opt:
     candidates = [opt for opt in table if opt.long.startswith(name)] if name else []
     if len(candidates) == 1:
         return candidates[0]
+    unshadowed = [opt for opt in candidates if not opt.shadowed]
+    if len(unshadowed) == 1:
+        return unshadowed[0]
     if candidates:
         possibilities = " ".join(f"'--{o.long}'" for o in candidates)
         raise UsageError(f"option '--{name}' is ambiguous; possibilities: {possibilities}")
@@ -539,6 +556,7 @@ def parse_args(argv: list[str]) -> Options:
     positionals: list[str] = []
     cidr_text: str | None = None
     mac_text: str | None = None
+    cidr6_text: str | None = None
     for opt, value in _getopt(argv, _SERVE_OPTS, positionals, permute=True):
         name = opt.long
         if name == "configure":
@@ -549,6 +567,8 @@ def parse_args(argv: list[str]) -> Options:
             opts.ready_fd = _parse_fd(_val(value), "ready-fd")
         elif name == "enable-ipv6":
             opts.enable_ipv6 = True
+        elif name == "cidr6":
+            cidr6_text = _val(value)
         elif name == "enable-sandbox":
             opts.enable_sandbox = True
         elif name == "enable-seccomp":
@@ -584,6 +604,13 @@ def parse_args(argv: list[str]) -> Options:
         else:
             cidr_text, mac_text = _common_option(opts, name, value, cidr_text, mac_text)
 
+    if cidr6_text is not None:
+        if not opts.enable_ipv6:
+            raise UsageError("--cidr6 applies only with -6/--enable-ipv6")
+        try:
+            opts.cidr6 = parse_cidr6(cidr6_text)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
     # The checks slirp4netns makes after its getopt loop, in its order.
     if mac_text is not None and not opts.configure:
         raise UsageError("--macaddr cannot be specified when --configure or -c is not specified")
@@ -765,8 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.extra_args:
         log.warning("too many arguments")
     if opts.enable_ipv6:
-        # podman and rootlesskit --ipv6 always pass it; refusing would break them.
-        log.warning("--enable-ipv6: IPv6 is not served yet; the namespace gets IPv4 only")
+        log.warning("--enable-ipv6: IPv6 serves NDP, router advertisements (SLAAC), ICMPv6 "
+                    "echo and DHCPv6, but TCP and UDP over IPv6 are not forwarded yet")
     try:
         from pyslirp.runtime.main import run_command, serve_namespace
     except ImportError as exc:

@@ -47,9 +47,18 @@ Design choices
   ioctls take microseconds and the result (seen with ``ip -j addr/route``) is
   identical.
 
-What it deliberately does not do: IPv6 addresses (``--enable-ipv6`` leaves
-address configuration to the guest's SLAAC), multiqueue TAPs, persisting the
-device (it lives as long as the fd unless it existed before).
+IPv6 with ``-c`` (``ConfigureSpec.ipv6``): as with slirp4netns, the guest's
+kernel configures itself from our router advertisements (SLAAC address,
+default route via our link-local address). Before the TAP goes up the child
+makes sure the kernel will: ``disable_ipv6`` 0 and ``accept_ra`` 2 when the
+namespace forwards (1 ignores RAs then), in ``/proc/sys/net/ipv6/conf/TAP``
+(opened after setns, so it is the target's). Values already right are not
+written (a rootless namespace may refuse writes it does not need); a kernel
+without IPv6 (no such directory) is an error naming it.
+
+What it deliberately does not do: static IPv6 addresses (SLAAC does that),
+multiqueue TAPs, persisting the device (it lives as long as the fd unless it
+existed before).
 """
 
 from __future__ import annotations
@@ -125,12 +134,14 @@ class ConfigureSpec:
     address: ipaddress.IPv4Interface
     #: Default route via this address (None: no default route).
     gateway: ipaddress.IPv4Address | None
+    #: Let the guest's kernel take IPv6 from our router advertisements (see the module doc).
+    ipv6: bool = False
 
     @classmethod
     def from_netconfig(cls, cfg: NetConfig) -> ConfigureSpec:
         addr = ipaddress.IPv4Address(cfg.guest_addr)
         return cls(ipaddress.IPv4Interface(f"{addr}/{cfg.network.prefixlen}"),
-                   ipaddress.IPv4Address(cfg.gateway))
+                   ipaddress.IPv4Address(cfg.gateway), ipv6=cfg.enable_ipv6)
 
 
 @dataclass(slots=True)
@@ -481,6 +492,8 @@ def _set_up(ctl: socket.socket, name: str) -> None:  # pragma: no cover - child
 
 def _configure(ctl: socket.socket, name: str, spec: ConfigureSpec) -> None:  # pragma: no cover
     """What ``slirp4netns --configure`` does, with the same ioctls."""
+    if spec.ipv6:
+        _accept_router_adverts(name)
     _set_up(ctl, "lo")
     _set_up(ctl, name)
     addr = spec.address
@@ -505,6 +518,38 @@ def _configure(ctl: socket.socket, name: str, spec: ConfigureSpec) -> None:  # p
             if exc.errno != errno.EEXIST or not _has_default_route(name, spec.gateway):
                 raise _ChildFailure(f"cannot add the default route via {spec.gateway}: "
                                     f"{_why(exc)}") from None
+
+
+def _accept_router_adverts(name: str) -> None:  # pragma: no cover - child
+    """Make the kernel of the joined namespace take IPv6 on ``name`` from RAs (module doc)."""
+    conf = f"/proc/sys/net/ipv6/conf/{name}"
+    if not os.path.isdir(conf):
+        raise _ChildFailure(f"IPv6 is not available in the namespace (no {conf}); "
+                            "drop --enable-ipv6 or enable IPv6 in its kernel")
+    _sysctl_at_least(f"{conf}/disable_ipv6", 0, exact=True)
+    forwarding = int(_sysctl_read(f"{conf}/forwarding"))
+    _sysctl_at_least(f"{conf}/accept_ra", 2 if forwarding else 1)
+
+
+def _sysctl_read(path: str) -> str:  # pragma: no cover - child
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise _ChildFailure(f"cannot read {path}: {_why(exc)}") from None
+
+
+def _sysctl_at_least(path: str, want: int, exact: bool = False) -> None:  # pragma: no cover
+    """Write ``want`` to sysctl ``path`` unless it already holds it (or more, unless exact)."""
+    have = int(_sysctl_read(path))
+    if have == want or (not exact and have > want):
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(f"{want}\n")
+    except OSError as exc:
+        raise _ChildFailure(f"cannot set {path} to {want} (for --enable-ipv6): "
+                            f"{_why(exc)}") from None
 
 
 def _has_default_route(name: str, gateway: ipaddress.IPv4Address) -> bool:  # pragma: no cover

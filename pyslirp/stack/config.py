@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from pyslirp.wire import netparams
 from pyslirp.wire.dhcp import domain_labels
+from pyslirp.wire.ipv6 import MIN_MTU as IPV6_MIN_MTU
+from pyslirp.wire.ipv6 import link_local
 
 # Re-exported: the MTU range and defaults are netparams' (one rule for every front end).
 from pyslirp.wire.netparams import DEFAULT_CIDR as DEFAULT_CIDR
@@ -18,6 +20,10 @@ from pyslirp.wire.netparams import MIN_MTU as MIN_MTU
 
 log = logging.getLogger("pyslirp")
 
+DEFAULT_CIDR6 = "fd00::/64"
+#: The only prefix length served: SLAAC forms an address from a /64 and a 64-bit
+#: interface identifier (RFC 4862 5.5.3, RFC 4291 2.5.1); Linux ignores any other.
+CIDR6_PREFIXLEN = 64
 #: Busy polling after work (seconds): long enough to catch a loopback peer's answer on
 #: this kind of VM (bench/README.md, "Latency"), short enough to cost little CPU.
 DEFAULT_BUSY_POLL = 50e-6
@@ -42,6 +48,25 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network:
     except netparams.NetParamError as exc:
         raise ConfigError(f"invalid CIDR {text!r}: {exc}") from None
     return ipaddress.IPv4Network((network, prefix))
+
+
+def parse_cidr6(text: str) -> ipaddress.IPv6Network:
+    """Parse a --cidr6 value: a /64 network address that can be a unicast prefix."""
+    if "/" not in text:
+        raise ConfigError(f"invalid IPv6 prefix {text!r}: no prefix length")
+    try:
+        net = ipaddress.IPv6Network(text, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"invalid IPv6 prefix {text!r}: {exc}") from None
+    if net.prefixlen != CIDR6_PREFIXLEN:
+        raise ConfigError(f"invalid IPv6 prefix {text!r}: the prefix length must be "
+                          f"{CIDR6_PREFIXLEN} (SLAAC forms addresses from a /64)")
+    addr = net.network_address
+    if addr.is_multicast or addr.is_link_local or addr.is_loopback or addr.is_unspecified \
+            or addr.ipv4_mapped is not None:
+        raise ConfigError(f"invalid IPv6 prefix {text!r}: not a unicast prefix a guest can "
+                          "use (multicast, link-local, loopback, unspecified or IPv4-mapped)")
+    return net
 
 
 #: What a search domain's labels may contain: letters, digits, hyphen (RFC 952/1123
@@ -117,6 +142,11 @@ class NetConfig:
     #: Stack-wide bound on the bytes TCP flows buffer (``--max-buffered``): as it
     #: fills, windows toward the guest shrink and host sockets stop being read.
     max_buffered: int = DEFAULT_MAX_BUFFERED
+    #: Serve IPv6 beside IPv4 (``-6``): NDP, router advertisements, ICMPv6 echo, DHCPv6.
+    enable_ipv6: bool = False
+    #: The IPv6 prefix advertised for SLAAC (always a /64, see :func:`parse_cidr6`).
+    network6: ipaddress.IPv6Network = field(
+        default_factory=lambda: ipaddress.IPv6Network(DEFAULT_CIDR6))
 
     @property
     def gateway(self) -> bytes:
@@ -143,11 +173,29 @@ class NetConfig:
     def broadcast(self) -> bytes:
         return self.network.broadcast_address.packed
 
+    @property
+    def gateway6(self) -> bytes:
+        return (self.network6.network_address + 2).packed
+
+    @property
+    def dns6(self) -> bytes:
+        return (self.network6.network_address + 3).packed
+
+    @property
+    def link_local6(self) -> bytes:
+        """Our link-local address (fe80:: + EUI-64 of ``our_mac``): the guest's router."""
+        return link_local(self.our_mac)
+
     def __post_init__(self) -> None:
         try:
             netparams.check_mtu(self.mtu)
         except netparams.NetParamError as exc:
             raise ConfigError(str(exc)) from None
+        if self.enable_ipv6 and self.mtu < IPV6_MIN_MTU:
+            raise ConfigError(f"MTU {self.mtu} is too small for IPv6 (at least "
+                              f"{IPV6_MIN_MTU}, RFC 8200)")
+        if self.network6.prefixlen != CIDR6_PREFIXLEN:
+            raise ConfigError(f"IPv6 prefix {self.network6} must be a /{CIDR6_PREFIXLEN}")
         self.search_domains = valid_search_domains(self.search_domains)
         if self.max_buffered < MIN_MAX_BUFFERED:
             raise ConfigError(f"max_buffered {self.max_buffered} is below the minimum "

@@ -32,6 +32,19 @@ The gateway address is the host's loopback (unless ``disable_host_loopback``),
 the DNS address on port 53 is the upstream resolvers, other addresses inside
 the virtual network are unreachable, and everything else is itself.
 
+IPv6 (``config.enable_ipv6``; ethertype 0x86DD, tested after IPv4 and ARP so
+the IPv4 path pays nothing for it): :meth:`Stack._receive_ipv6` parses the
+packet and its extension headers (:class:`~pyslirp.wire.ipv6.Ipv6Packet`),
+lets the NDP engine learn the guest's address, and delivers what is addressed
+to us: to one of our unicast addresses (gateway, DNS, our link-local), to
+all-nodes, all-routers, the solicited-node groups of our addresses, or
+All_DHCP_Relay_Agents_and_Servers. ICMPv6 goes to the
+:class:`~pyslirp.stack.ndp.NdpEngine` (neighbor and router discovery, echo),
+UDP to port 547 to the :class:`~pyslirp.stack.dhcpv6.Dhcpv6Server`. Nothing
+is forwarded over IPv6 yet: other packets are counted (``drop.ipv6.<why>``)
+and dropped. Without ``enable_ipv6`` every IPv6 frame is ``drop.ethertype``,
+as before.
+
 ARP (RFC 826): we answer requests for the gateway and DNS addresses only, as
 libslirp does (the guest reaches everything else through the gateway). We learn the
 guest's MAC from every frame it sends; before sending to a guest whose MAC is
@@ -45,15 +58,18 @@ from collections.abc import Iterable
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.dhcp import DhcpServer
+from pyslirp.stack.dhcpv6 import Dhcpv6Server, udp6_datagram
 from pyslirp.stack.dns import DnsForwarder
 from pyslirp.stack.frag import Reassembler
 from pyslirp.stack.host import HostPort
 from pyslirp.stack.icmp import IcmpEngine
 from pyslirp.stack.link import FrameSink, Link
+from pyslirp.stack.ndp import NdpEngine
 from pyslirp.stack.tcp import TcpEngine
 from pyslirp.stack.timers import Timers
 from pyslirp.stack.udp import UdpEngine
-from pyslirp.wire import arp, ethernet, vnet
+from pyslirp.wire import arp, ethernet, ipv6, vnet
+from pyslirp.wire.dhcpv6 import SERVER_PORT as DHCPV6_SERVER_PORT
 from pyslirp.wire.errors import MalformedPacket
 from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Packet
 from pyslirp.wire.udp import UdpDatagram
@@ -115,6 +131,16 @@ class Stack:
         self.frag = Reassembler(self.link, self.timers)
         self._vnet = config.vnet_hdr
         self.errors = ErrorReporter(self.link.counters)
+        self.ndp: NdpEngine | None = None
+        self.dhcpv6: Dhcpv6Server | None = None
+        #: IPv6 destinations we accept (see the module doc); empty without IPv6.
+        self._listening6: frozenset[bytes] = frozenset()
+        if config.enable_ipv6:
+            self.ndp = NdpEngine(config, self.link, self.timers)
+            self.dhcpv6 = Dhcpv6Server(config, self.link)
+            ours = self.ndp.our_addrs
+            self._listening6 = ours | {ipv6.solicited_node(a) for a in ours} | {
+                ipv6.ALL_NODES, ipv6.ALL_ROUTERS, ipv6.ALL_DHCP_AGENTS}
 
     # ---- address policy -------------------------------------------------------
     def in_network(self, addr: bytes) -> bool:
@@ -158,6 +184,8 @@ class Stack:
                 self._receive_ipv4(Ipv4Packet(eth.payload), now, trusted, src_mac)
             elif ethertype == ethernet.ETHERTYPE_ARP:
                 self._receive_arp(arp.ArpPacket(eth.payload))
+            elif ethertype == ethernet.ETHERTYPE_IPV6 and self.ndp is not None:
+                self._receive_ipv6(ipv6.Ipv6Packet(eth.payload), now, trusted, src_mac, self.ndp)
             else:
                 self.link.count("drop.ethertype")
         except MalformedPacket as exc:
@@ -202,6 +230,27 @@ class Stack:
             self.dns.handle_query(ip, udp, now)
         else:
             self.udp.handle(ip, now, trusted)
+
+    def _receive_ipv6(self, ip: ipv6.Ipv6Packet, now: float, trusted: bool, src_mac: bytes,
+                      ndp: NdpEngine) -> None:
+        ndp.guest_seen(ip, now)
+        if ip.dst not in self._listening6:
+            self.link.count("drop.ipv6.multicast" if ipv6.is_multicast(ip.dst)
+                            else "drop.ipv6.not_forwarded")
+            return
+        proto = ip.proto
+        if proto == ipv6.PROTO_ICMPV6:
+            ndp.handle(ip, src_mac, now, trusted)
+        elif proto == ipv6.PROTO_UDP and self.dhcpv6 is not None:
+            udp = udp6_datagram(ip, verify_checksum=not trusted)
+            if udp.dst_port == DHCPV6_SERVER_PORT:
+                self.dhcpv6.handle(ip, udp, src_mac)
+            else:
+                self.link.count("drop.ipv6.not_forwarded")
+        elif proto == ipv6.PROTO_FRAGMENT:
+            self.link.count("drop.ipv6.fragment")
+        else:
+            self.link.count("drop.ipv6.not_forwarded")
 
     def _receive_arp(self, packet: arp.ArpPacket) -> None:
         if packet.op == arp.OP_REQUEST:
