@@ -18,7 +18,8 @@ Subcommands
                     hold    accept, send one byte, keep the socket open -- idle test
                     dns     answer every UDP DNS query with one A record
                   Prints ``{"ready": true}`` once every socket is bound.
-  rtt             N one-byte ping-pongs over one TCP connection; p50/p99 in us.
+  rtt             N one-byte ping-pongs over one TCP connection; p50/p99 in us and
+                  the exchanges made (warm-up included, for CPU per round trip).
   connect         N sequential connect()+close(); connections per second.
   dns             N DNS queries with a window of W outstanding; answered/s, lost.
   hold            open N connections, read the server's byte on each (so every one
@@ -215,6 +216,7 @@ def cmd_rtt(args: argparse.Namespace) -> int:
     samples.sort()
     _emit({
         "count": len(samples),
+        "exchanges": args.warmup + args.count,   # warm-up included: the stack's work
         "p50_us": _percentile(samples, 0.50) / 1000.0,
         "p99_us": _percentile(samples, 0.99) / 1000.0,
     })

@@ -2,8 +2,14 @@
 
 Used by the deterministic call-count guard (tests/test_hotpath_budget.py) and by
 the pytest-benchmark microbenchmarks (bench/test_hotpath.py), so both measure the
-same path: complete frames (vnet header + Ethernet + IPv4 + TCP) into
-``Stack.receive_frame`` and ``Stack.flush``, host data into ``TcpFlow.host_data``.
+same path: complete frames (vnet header + Ethernet + IPv4 + TCP/UDP) into
+``Stack.receive_frame`` and ``Stack.flush``, host data into ``TcpFlow.host_data``
+and ``UdpEngine.host_datagram``.
+
+Besides 64 KB bulk frames the rig drives the small transactions bench/run.py
+times (issue "small transactions as cheap as in C"): a 1-byte exchange on the
+established flow, a whole short connection (SYN to the last ACK), and one UDP
+datagram each way.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pyslirp.stack.config import NetConfig
 from pyslirp.stack.stack import Stack
 from pyslirp.wire import ethernet, ipv4, vnet
 from pyslirp.wire import tcp as wtcp
+from pyslirp.wire import udp as wudp
 from tests.stack.fakes import FakeHost
 
 GUEST_MAC = bytes.fromhex("020000000064")
@@ -24,6 +31,8 @@ GUEST_PORT = 40000
 SERVER_PORT = 5201
 MSS = 1460
 SUPER_PAYLOAD = 44 * MSS  # what the guest kernel hands us with TSO at MTU 1500
+UDP_GUEST_PORT = 41000
+UDP_PORT = 5353
 
 
 class CountingSink:
@@ -58,16 +67,19 @@ class Rig:
         self._handshake()
 
     def frame(self, flags: int, seq: int, ack: int, payload: bytes = b"",
-              options: bytes = b"", window: int = 0xFFFF) -> bytes:
-        seg = wtcp.build(GUEST_IP, GATEWAY_IP, GUEST_PORT, SERVER_PORT, seq, ack, flags,
+              options: bytes = b"", window: int = 0xFFFF, port: int = GUEST_PORT) -> bytes:
+        seg = wtcp.build(GUEST_IP, GATEWAY_IP, port, SERVER_PORT, seq, ack, flags,
                          window, payload, options)
+        return self._ip_frame(6, bytes(seg))
+
+    def _ip_frame(self, proto: int, l4: bytes) -> bytes:
         head = bytearray(vnet.HEADER_LEN + ethernet.HEADER_LEN + 20)
         head[:vnet.HEADER_LEN] = vnet.build(vnet.F_DATA_VALID)
         ethernet.build_header(head, vnet.HEADER_LEN, self.config.our_mac, GUEST_MAC,
                               ethernet.ETHERTYPE_IPV4)
         ipv4.build_header(head, vnet.HEADER_LEN + ethernet.HEADER_LEN, GUEST_IP, GATEWAY_IP,
-                          6, len(seg))
-        return bytes(head) + bytes(seg)
+                          proto, len(l4))
+        return bytes(head) + l4
 
     def _handshake(self) -> None:
         syn = self.frame(wtcp.SYN, self.guest_seq, 0,
@@ -113,3 +125,68 @@ class Rig:
     def download(self) -> None:
         self.host_data()
         self.receive(self.ack_frame())
+
+    # ---- small transactions ---------------------------------------------------------
+
+    def ping_frame(self) -> bytes:
+        """The guest's next 1-byte segment, acknowledging everything it was sent."""
+        data = self.frame(wtcp.ACK | wtcp.PSH, self.guest_seq, self.flow.snd_nxt, b"x")
+        self.guest_seq = (self.guest_seq + 1) & 0xFFFFFFFF
+        return data
+
+    def round_trip(self, ping: bytes) -> None:
+        """One 1-byte exchange as netload.py rtt makes it: the guest's byte to the host
+        (which acknowledges the echo sent before it), then the host's echo to the guest."""
+        self.receive(ping)
+        self.flow.host_data(b"x", self.now)
+        self.stack.flush(self.now)
+
+    def short_connection(self, port: int) -> Any:
+        """One whole connection as netload.py connect makes it, from guest port ``port``:
+        SYN, host connected, SYN-ACK, ACK, the guest's FIN with the host's EOF waiting
+        (the server closed at once), our FIN, the guest's last ACK. Returns the flow."""
+        seq = 5_000_000
+        syn = self.frame(wtcp.SYN, seq, 0, options=wtcp.syn_options(mss=MSS, wscale=7),
+                         port=port)
+        self.stack.receive_frame(memoryview(syn), self.now)
+        call = self.host.last("tcp_connect")
+        assert call is not None
+        flow = call[1]
+        flow.host_connected(self.now)
+        self.stack.flush(self.now)
+        ours = self._last_tcp_segment()
+        seq += 1
+        ack = (ours.seq + 1) & 0xFFFFFFFF
+        self.receive(self.frame(wtcp.ACK, seq, ack, port=port))
+        self.stack.receive_frame(memoryview(self.frame(wtcp.ACK | wtcp.FIN, seq, ack,
+                                                       port=port)), self.now)
+        flow.host_eof(self.now)
+        self.stack.flush(self.now)
+        seq += 1
+        self.receive(self.frame(wtcp.ACK, seq, (ack + 1) & 0xFFFFFFFF, port=port))
+        return flow
+
+    def _last_tcp_segment(self) -> wtcp.TcpSegment:
+        raw = b"".join(bytes(p) for p in self.sink.last)
+        return wtcp.TcpSegment(memoryview(raw)[vnet.HEADER_LEN + 14 + 20:])
+
+    def udp_frame(self, payload: bytes = b"x" * 64) -> bytes:
+        """A datagram from the guest to the host's loopback (10.0.2.2:UDP_PORT)."""
+        dgram = wudp.build(GUEST_IP, UDP_GUEST_PORT, GATEWAY_IP, UDP_PORT, payload)
+        return self._ip_frame(17, bytes(dgram))
+
+    def udp_up(self, frame: bytes) -> Any:
+        """The guest's datagram out to the host; returns the UDP flow it went on."""
+        self.receive_udp(frame)
+        call = self.host.last("udp_open")
+        assert call is not None
+        return call[1]
+
+    def receive_udp(self, frame: bytes) -> None:
+        self.stack.receive_frame(memoryview(frame), self.now)
+        self.stack.flush(self.now)
+
+    def udp_down(self, flow: Any, payload: bytes = b"x" * 64) -> None:
+        """The host's reply datagram, from 127.0.0.1:UDP_PORT, in to the guest."""
+        self.stack.udp.host_datagram(flow, "127.0.0.1", UDP_PORT, payload, self.now)
+        self.stack.flush(self.now)

@@ -2,8 +2,10 @@
 
 Timings are noisy on shared 2-core machines, so the regular suite does not time
 anything; it counts the calls (Python and C) the stack makes per 64 KB TSO
-super-frame, guest->host and host->guest, and fails when a change raises the
-count above the budget checked in beside this file. Speed itself lives in bench/.
+super-frame, guest->host and host->guest, and for the small transactions
+bench/run.py times (a 1-byte round trip, a whole short connection, a UDP
+datagram each way), and fails when a change raises a count above the budget
+checked in beside this file. Speed itself lives in bench/.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,3 +85,47 @@ def test_upload_payload_reaches_the_host_without_copies(rig: Rig) -> None:
     assert len(seen) == 1
     assert isinstance(seen[0], memoryview), type(seen[0])
     assert len(seen[0]) == SUPER_PAYLOAD
+
+
+# ---- small transactions: one round trip, one connection, one UDP datagram -------------
+
+def _within(calls: int, key: str, what: str) -> None:
+    assert calls <= BUDGET[key], f"{calls} calls per {what}, budget {BUDGET[key]}"
+
+
+def test_one_byte_round_trip_stays_within_call_budget(rig: Rig) -> None:
+    for _ in range(3):
+        rig.round_trip(rig.ping_frame())
+    ping = rig.ping_frame()
+    before = rig.sink.frames
+    calls = count_calls(lambda: rig.round_trip(ping))
+    assert rig.flow.state == "ESTABLISHED"
+    assert rig.sink.frames > before, "the host's echo reached the guest"
+    assert sum(len(p) for p in rig.sink.last[1:]) == 1, "the last frame carries the 1-byte echo"
+    _within(calls, "round_trip_1byte", "1-byte round trip")
+
+
+def test_short_connection_stays_within_call_budget(rig: Rig) -> None:
+    for port in range(42000, 42003):   # first connections take one-off paths
+        rig.short_connection(port)
+    flows_before = len(rig.stack.tcp)
+    box: list[Any] = []
+    calls = count_calls(lambda: box.append(rig.short_connection(42010)))
+    flow = box[0]
+    assert flow.state == "CLOSED", "the connection ran to its end"
+    assert len(rig.stack.tcp) == flows_before, "and left no flow behind"
+    _within(calls, "short_connection", "connection (SYN to last ACK)")
+
+
+def test_udp_datagram_each_way_stays_within_call_budget(rig: Rig) -> None:
+    flow = rig.udp_up(rig.udp_frame())   # opens the flow: not the steady state
+    rig.udp_down(flow)
+    frame = rig.udp_frame()
+    sent = len([c for c in rig.host.calls if c[0] == "udp_send"])
+    up = count_calls(lambda: rig.receive_udp(frame))
+    assert len([c for c in rig.host.calls if c[0] == "udp_send"]) == sent + 1
+    before = rig.sink.frames
+    down = count_calls(lambda: rig.udp_down(flow))
+    assert rig.sink.frames == before + 1, "the reply goes to the guest as one frame"
+    _within(up, "udp_datagram_up", "UDP datagram guest -> host")
+    _within(down, "udp_datagram_down", "UDP datagram host -> guest")
