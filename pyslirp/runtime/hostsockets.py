@@ -372,13 +372,17 @@ class HostSockets:
 
     # ---- HostPort: UDP ------------------------------------------------------------
     def udp_open(self, flow: Any) -> bool:
+        v6 = getattr(flow, "v6", False)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
         except OSError as exc:
             self._socket_failed(exc, "UDP")
             return False
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        if not v6:
+            # ICMP errors reach the guest as ICMP errors; ICMPv6 ones are not relayed yet
+            # (pyslirp/stack/udp.py), so an IPv6 flow's socket does not ask for them.
+            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
         if self.outbound:
             try:
                 self.outbound.bind(sock)
