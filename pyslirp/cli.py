@@ -34,9 +34,10 @@ Deliberate differences from slirp4netns:
   router advertisements for SLAAC, ICMPv6 echo, stateless DHCPv6; see
   docs/ipv6.md) and forwards TCP and UDP over IPv6 (fd00::2 is the host's
   ::1, fd00::3 the DNS forwarder); IPv6 port forwarding, ICMPv6 to the
-  outside and IPv6 fragments are not served yet: a warning on stderr says so. ``--cidr6=PREFIX/64`` (ours; slirp4netns has none) picks
-  the prefix instead of fd00::/64; only /64 is accepted (SLAAC needs it),
-  and only with ``-6``.
+  outside and IPv6 fragments are not served yet: a warning on stderr says
+  so. ``--cidr6=PREFIX/64`` (ours; slirp4netns has none) picks the prefix
+  instead of fd00::/64; only /64 is accepted (SLAAC needs it), and only
+  with ``-6``.
 * ``--outbound-addr6=IFNAME`` looks up IFNAME (slirp4netns 1.2 looks up
   ``--outbound-addr``'s value instead); an unknown interface or one without
   an address of the family is a usage error naming it. Both options are
