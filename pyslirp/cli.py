@@ -32,10 +32,12 @@ Deliberate differences from slirp4netns:
   minimum), which slirp4netns leaves to the kernel's ``SIOCSIFMTU``.
 * ``-6``/``--enable-ipv6`` serves IPv6 beside IPv4 on the link (NDP,
   router advertisements for SLAAC, ICMPv6 echo, stateless DHCPv6; see
-  docs/ipv6.md), but does not forward TCP or UDP over IPv6 yet: a warning on
-  stderr says so. ``--cidr6=PREFIX/64`` (ours; slirp4netns has none) picks
-  the prefix instead of fd00::/64; only /64 is accepted (SLAAC needs it),
-  and only with ``-6``.
+  docs/ipv6.md) and forwards TCP and UDP over IPv6 (fd00::2 is the host's
+  ::1, fd00::3 the DNS forwarder); IPv6 port forwarding, ICMPv6 to the
+  outside and IPv6 fragments are not served yet: a warning on stderr says
+  so. ``--cidr6=PREFIX/64`` (ours; slirp4netns has none) picks the prefix
+  instead of fd00::/64; only /64 is accepted (SLAAC needs it), and only
+  with ``-6``.
 * ``--outbound-addr6=IFNAME`` looks up IFNAME (slirp4netns 1.2 looks up
   ``--outbound-addr``'s value instead); an unknown interface or one without
   an address of the family is a usage error naming it. Both options are
@@ -119,7 +121,7 @@ User-mode networking for unprivileged network namespaces.
 -e, --exit-fd=FD         specify the FD for terminating {PROG}
 -r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default={DEFAULT_MTU}, max={SLIRP_MAX_MTU})
--6, --enable-ipv6        enable IPv6 (NDP, RA, ICMPv6 echo, DHCPv6; no TCP/UDP forwarding yet)
+-6, --enable-ipv6        enable IPv6 (TCP, UDP, DNS; NDP, RA, DHCPv6; no port forwarding yet)
 -a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default={DEFAULT_CIDR})
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
@@ -792,8 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.extra_args:
         log.warning("too many arguments")
     if opts.enable_ipv6:
-        log.warning("--enable-ipv6: IPv6 serves NDP, router advertisements (SLAAC), ICMPv6 "
-                    "echo and DHCPv6, but TCP and UDP over IPv6 are not forwarded yet")
+        log.warning("--enable-ipv6: TCP, UDP and DNS over IPv6 are forwarded; IPv6 port "
+                    "forwarding, ICMPv6 to the outside and IPv6 fragments are not served yet")
     try:
         from pyslirp.runtime.main import run_command, serve_namespace
     except ImportError as exc:

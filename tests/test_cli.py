@@ -780,12 +780,12 @@ def test_help_has_what_rootlesskit_and_podman_probe_for() -> None:
         assert probe in cli.USAGE
 
 
-def test_main_warns_that_ipv6_forwards_no_tcp_udp_yet(runtime: FakeRuntime,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_warns_what_ipv6_does_not_serve_yet(runtime: FakeRuntime,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--enable-ipv6", NOPID]) == 0
     err = capsys.readouterr().err
-    assert "pyslirp: WARNING: --enable-ipv6: IPv6 serves NDP" in err
-    assert "TCP and UDP over IPv6 are not forwarded yet" in err
+    assert "pyslirp: WARNING: --enable-ipv6: TCP, UDP and DNS over IPv6 are forwarded" in err
+    assert "IPv6 port forwarding, ICMPv6 to the outside and IPv6 fragments" in err
     assert runtime.calls  # and it serves IPv4 all the same
     main([NOPID])
     assert "IPv6" not in capsys.readouterr().err

@@ -177,7 +177,7 @@ class HostSockets:
                     sock.close()
                     last_error = exc.errno or errno.EADDRNOTAVAIL
                     continue
-            err = sock.connect_ex((host, port))
+            err = sock.connect_ex(sockaddr(host, port))
             if err not in (0, errno.EINPROGRESS):
                 sock.close()
                 last_error = err
@@ -372,13 +372,17 @@ class HostSockets:
 
     # ---- HostPort: UDP ------------------------------------------------------------
     def udp_open(self, flow: Any) -> bool:
+        v6 = getattr(flow, "v6", False)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
         except OSError as exc:
             self._socket_failed(exc, "UDP")
             return False
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        if not v6:
+            # ICMP errors reach the guest as ICMP errors; ICMPv6 ones are not relayed yet
+            # (pyslirp/stack/udp.py), so an IPv6 flow's socket does not ask for them.
+            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
         if self.outbound:
             try:
                 self.outbound.bind(sock)
@@ -527,7 +531,7 @@ class HostSockets:
                 sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
             if self.outbound:
                 self.outbound.bind(sock)
-            sock.connect((host, port))
+            sock.connect(sockaddr(host, port))
         except OSError:
             sock.close()
             return None
@@ -606,6 +610,21 @@ def _queued_icmp_errors(sock: socket.socket) -> Iterator[tuple[bytes, Any, int, 
             _errno, origin, icmp_type, icmp_code, _pad, _info, _data = _SOCK_EE.unpack_from(payload)
             if origin == _SO_EE_ORIGIN_ICMP:
                 yield data, addr, icmp_type, icmp_code
+
+
+def sockaddr(host: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    """The address to connect to: an IPv6 address with a zone (``fe80::1%eth0``, an
+    upstream from resolv.conf or ``--dns-upstream``) as a 4-tuple with its scope id.
+
+    Python's ``(host, port)`` form resolves the zone and then sets the scope id from
+    the tuple (0), so the kernel refuses a link-local destination (EINVAL).
+    """
+    if "%" not in host:
+        return (host, port)
+    info = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0,
+                              socket.AI_NUMERICHOST)
+    addr: tuple[Any, ...] = info[0][4]
+    return (str(addr[0]), port, int(addr[2]), int(addr[3]))
 
 
 def _connected(sock: socket.socket) -> bool:

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-The guest's UDP queries to ``config.dns`` port 53 arrive in
+The guest's UDP queries to ``config.dns`` port 53 (or, with IPv6, to
+``config.dns6`` port 53: the same forwarder, answered over IPv6) arrive in
 :meth:`DnsForwarder.handle_query`. A query is checked just enough to be
 forwarded safely (a readable header, not a response, opcode QUERY, exactly
 one readable question) and then sent to the upstream resolvers in the order
@@ -130,12 +131,13 @@ from pyslirp.stack.config import NetConfig, valid_search_domains
 from pyslirp.stack.host import Buffer, HostPort
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import dns, ipv4, vnet
+from pyslirp.wire import dns, ipv4, ipv6, vnet
 from pyslirp.wire.checksum import finish, partial_sum, pseudo_header_sum
 from pyslirp.wire.errors import MalformedPacket
-from pyslirp.wire.ethernet import ETHERTYPE_IPV4
-from pyslirp.wire.frame import ETH_IPV4_UDP
+from pyslirp.wire.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6
+from pyslirp.wire.frame import ETH_IPV4_UDP, ETH_IPV6_UDP, IPV6_VERSION_WORD, L4_START6
 from pyslirp.wire.ipv4 import Ipv4Packet
+from pyslirp.wire.ipv6 import Ipv6Packet
 from pyslirp.wire.udp import HEADER_LEN as UDP_HEADER_LEN
 from pyslirp.wire.udp import PROTO as UDP_PROTO
 from pyslirp.wire.udp import UdpDatagram
@@ -171,6 +173,9 @@ _VNET_CSUM = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, _FRAME_LEN, 0, _L4_STA
 _IP_UDP_LEN = ipv4.MIN_HEADER_LEN + UDP_HEADER_LEN
 _IP_LEN_ID = struct.Struct("!HH")  # total length, identification
 _UDP_HEAD = struct.Struct("!HHHH")
+# The IPv6 reply frame (40-byte header, no extension headers).
+_FRAME6 = ETH_IPV6_UDP
+_IP6_UDP_LEN = ipv6.HEADER_LEN + UDP_HEADER_LEN
 
 _deadline_of = itemgetter(0)
 
@@ -238,7 +243,7 @@ class DnsQuery:
         return dns.DnsMessage(self.data).question()
 
     def __repr__(self) -> str:
-        return (f"DnsQuery({ipaddress.IPv4Address(self.guest_ip)}:{self.guest_port} "
+        return (f"DnsQuery({ipaddress.ip_address(self.guest_ip)}:{self.guest_port} "
                 f"id={self.query_id} {self.question!r} attempt={self.attempt})")
 
 
@@ -290,8 +295,9 @@ class DnsForwarder:
 
     # ---- from the guest -------------------------------------------------------
 
-    def handle_query(self, ip: Ipv4Packet, udp: UdpDatagram, now: float) -> None:
-        """A UDP datagram from the guest to the DNS address, port 53."""
+    def handle_query(self, ip: Ipv4Packet | Ipv6Packet, udp: UdpDatagram, now: float) -> None:
+        """A UDP datagram from the guest to the DNS address, port 53 (IPv4's or IPv6's:
+        the guest's address width tells the answer's family)."""
         data = udp.payload
         n = len(data)
         if n < dns.HEADER_LEN:
@@ -536,6 +542,9 @@ class DnsForwarder:
         """Send ``data`` to the guest, with its first two bytes replaced by ``query_id``
         if given (an upstream's answer gets the guest's ID back without a copy)."""
         link = self.link
+        if len(guest_ip) == 16:
+            self._answer6(guest_ip, guest_port, data, query_id)
+            return
         if len(data) > self._max_payload:
             link.count("dns.truncated_for_mtu")
             if query_id is not None:
@@ -576,6 +585,36 @@ class DnsForwarder:
             total = partial_sum(body, partial_sum(memoryview(head)[off + _L4_START:], pseudo))
             _U16.pack_into(head, off + _UDP_CSUM, finish(total))
         link.send_frame((head, body))
+
+    def _answer6(self, guest_ip: bytes, guest_port: int, data: Buffer,
+                 query_id: int | None) -> None:
+        """:meth:`_answer` to an IPv6 guest, from the IPv6 DNS address (no template
+        cache: DNS over IPv6 is not on a hot path)."""
+        link = self.link
+        if query_id is not None:
+            data = _U16.pack(query_id) + bytes(data[2:])
+        if len(data) > link.mtu - _IP6_UDP_LEN:
+            link.count("dns.truncated_for_mtu")
+            data = dns.build_truncated(data)
+            if len(data) > link.mtu - _IP6_UDP_LEN:
+                link.count("drop.tx.over_mtu")
+                return
+        mac = link.guest_mac
+        if mac is None:
+            link.count("drop.tx.no_guest_mac")
+            return
+        src = self.config.dns6
+        ulen = UDP_HEADER_LEN + len(data)
+        pseudo = ipv6.pseudo_header_sum(src, guest_ip, UDP_PROTO, ulen)
+        off = vnet.HEADER_LEN if link.vnet_hdr else 0
+        head = bytearray(off + _FRAME6.size)
+        if off:
+            head[:off] = vnet.PLAIN
+        _FRAME6.pack_into(head, off, mac, link.our_mac, ETHERTYPE_IPV6, IPV6_VERSION_WORD,
+                          ulen, UDP_PROTO, 64, src, guest_ip, dns.PORT, guest_port, ulen, 0)
+        total = partial_sum(data, partial_sum(memoryview(head)[off + L4_START6:], pseudo))
+        _U16.pack_into(head, off + L4_START6 + 6, finish(total) or 0xFFFF)
+        link.send_frame((head, data))
 
     def _make_templates(self, guest_ip: bytes, mac: bytes) -> None:
         """Reply headers to ``guest_ip`` without the fields that change per reply

@@ -8,7 +8,9 @@ peer accepts offloaded (GSO, partial-checksum) frames. Engines build their L4
 part and hand it to :meth:`send_ipv4`, which adds the IPv4 and Ethernet
 headers (and a plain vnet header) in one buffer, and passes the frame to the
 sink the runtime supplied. The TCP engine builds its frames itself on the hot
-path and uses :meth:`send_frame` directly.
+path and uses :meth:`send_frame` directly. :meth:`send_ipv6` is the same for
+IPv6 (a 40-byte header, no extension headers): engines call it for the
+frames off their hot path (resets, ICMPv6 errors, NDP).
 
 Counters of dropped and notable events live here too (``count``), so that
 every engine reports into one table the runtime can log and tests can read.
@@ -28,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from pyslirp.stack.config import NetConfig
-from pyslirp.wire import ethernet, ipv4, vnet
+from pyslirp.wire import ethernet, ipv4, ipv6, vnet
 from pyslirp.wire.buffer import Buffer
 
 FrameSink = Callable[[Sequence[Buffer]], None]
@@ -96,5 +98,24 @@ class Link:
         ipv4.build_header(head, off + _L2_LEN, src, dst, proto, len(l4),
                           ident=self.next_ip_id() if ident is None else ident, ttl=ttl,
                           flags=flags)
+        self.sink((head, l4))
+        return True
+
+    def send_ipv6(self, src: bytes, dst: bytes, proto: int, l4: Buffer,
+                  dst_mac: bytes | None = None, hop_limit: int = 64) -> bool:
+        """Send an IPv6 packet with a complete L4 part to the guest (see :meth:`send_ipv4`)."""
+        if ipv6.HEADER_LEN + len(l4) > self.mtu:
+            self.count("drop.tx.over_mtu")
+            return False
+        mac = dst_mac or self.guest_mac
+        if mac is None:
+            self.count("drop.tx.no_guest_mac")
+            return False
+        off = vnet.HEADER_LEN if self.vnet_hdr else 0
+        head = bytearray(off + _L2_LEN + ipv6.HEADER_LEN)
+        if off:
+            head[:off] = vnet.PLAIN
+        ethernet.build_header(head, off, mac, self.our_mac, ethernet.ETHERTYPE_IPV6)
+        ipv6.build_header(head, off + _L2_LEN, src, dst, proto, len(l4), hop_limit)
         self.sink((head, l4))
         return True

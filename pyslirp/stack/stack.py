@@ -40,10 +40,22 @@ to us: to one of our unicast addresses (gateway, DNS, our link-local), to
 all-nodes, all-routers, the solicited-node groups of our addresses, or
 All_DHCP_Relay_Agents_and_Servers. ICMPv6 goes to the
 :class:`~pyslirp.stack.ndp.NdpEngine` (neighbor and router discovery, echo),
-UDP to port 547 to the :class:`~pyslirp.stack.dhcpv6.Dhcpv6Server`. Nothing
-is forwarded over IPv6 yet: other packets are counted (``drop.ipv6.<why>``)
-and dropped. Without ``enable_ipv6`` every IPv6 frame is ``drop.ethertype``,
-as before.
+UDP to port 547 to the :class:`~pyslirp.stack.dhcpv6.Dhcpv6Server`, UDP to
+the DNS address's port 53 to the DNS forwarder. TCP and other unicast UDP
+go to the same TCP and UDP engines as IPv4 (``handle6``), whatever their
+destination: the address policy decides, as for IPv4. IPv6 fragments are
+dropped (``drop.ipv6.fragment``: no IPv6 reassembly), and so is anything
+else (``drop.ipv6.<why>``). Without ``enable_ipv6`` every IPv6 frame is
+``drop.ethertype``, as before.
+
+The IPv6 address policy (:meth:`Stack.host_targets` for a 16-byte address):
+the gateway ``fd00::2`` and our link-local address are the host's ``::1``
+(unless ``disable_host_loopback``), the DNS address ``fd00::3`` on port 53 is
+the upstream resolvers; the rest of the prefix, IPv4-mapped addresses
+(``::ffff:0:0/96``: the host socket would reach IPv4, loopback included),
+the unspecified address, the loopback ``::1`` (the guest names the host's
+loopback only through the gateway), other link-local addresses (they are on
+the guest's link, not ours) and multicast never reach the host.
 
 ARP (RFC 826): we answer requests for the gateway and DNS addresses only, as
 libslirp does (the guest reaches everything else through the gateway). We learn the
@@ -76,6 +88,10 @@ from pyslirp.wire.udp import UdpDatagram
 
 _CSUM_TRUSTED = vnet.F_NEEDS_CSUM | vnet.F_DATA_VALID
 _LOOPBACK = "127.0.0.1"
+_LOOPBACK6 = "::1"
+_IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+_UNSPECIFIED6 = bytes(16)
+_LOOPBACK6_ADDR = bytes(15) + b"\x01"
 _DHCP_SERVER_PORT = 67
 _DNS_PORT = 53
 #: At most one traceback per exception type in this many seconds (see the module doc).
@@ -121,6 +137,10 @@ class Stack:
         self._network_int = int(config.network.network_address)
         self._netmask_int = int(config.network.netmask)
         self._broadcast = config.broadcast
+        self._gateway6 = config.gateway6
+        self._dns6 = config.dns6
+        self._link_local6 = config.link_local6
+        self._prefix6 = config.network6.network_address.packed[:8]
         #: The guest's IPv4 address as last seen in its frames.
         self.guest_ip: bytes | None = None
         self.dns = DnsForwarder(config, self.link, host, self.timers)
@@ -151,7 +171,11 @@ class Stack:
         self.dns.upstreams = list(upstreams)
 
     def host_targets(self, dst_ip: bytes, dst_port: int) -> list[tuple[str, int]] | None:
-        """Where a guest's connection to ``dst_ip:dst_port`` goes on the host (None: nowhere)."""
+        """Where a guest's connection to ``dst_ip:dst_port`` goes on the host (None: nowhere).
+
+        ``dst_ip`` is 4 bytes (IPv4) or 16 (IPv6, see the module doc)."""
+        if len(dst_ip) == 16:
+            return self._host_targets6(dst_ip, dst_port)
         if dst_ip == self._gateway:
             if self.config.disable_host_loopback:
                 return None
@@ -163,6 +187,21 @@ class Stack:
         if self.in_network(dst_ip) or dst_ip[0] == 127 or dst_ip[0] >= 224 or dst_ip[0] == 0:
             return None
         return [(".".join(map(str, dst_ip)), dst_port)]
+
+    def _host_targets6(self, dst_ip: bytes, dst_port: int) -> list[tuple[str, int]] | None:
+        if dst_ip == self._gateway6 or dst_ip == self._link_local6:
+            if self.config.disable_host_loopback:
+                return None
+            return [(_LOOPBACK6, dst_port)]
+        if dst_ip == self._dns6:
+            if self.config.disable_dns or dst_port != _DNS_PORT:
+                return None
+            return list(self.dns.upstreams) or None
+        if (dst_ip[:8] == self._prefix6 or dst_ip[:12] == _IPV4_MAPPED_PREFIX
+                or dst_ip in (_UNSPECIFIED6, _LOOPBACK6_ADDR)
+                or ipv6.is_link_local(dst_ip) or ipv6.is_multicast(dst_ip)):
+            return None
+        return [(ipv6.addr_to_str(dst_ip), dst_port)]
 
     # ---- frames from the guest --------------------------------------------------
     def receive_frame(self, frame: memoryview, now: float) -> None:
@@ -234,23 +273,38 @@ class Stack:
     def _receive_ipv6(self, ip: ipv6.Ipv6Packet, now: float, trusted: bool, src_mac: bytes,
                       ndp: NdpEngine) -> None:
         ndp.guest_seen(ip, now)
-        if ip.dst not in self._listening6:
-            self.link.count("drop.ipv6.multicast" if ipv6.is_multicast(ip.dst)
-                            else "drop.ipv6.not_forwarded")
-            return
         proto = ip.proto
-        if proto == ipv6.PROTO_ICMPV6:
-            ndp.handle(ip, src_mac, now, trusted)
-        elif proto == ipv6.PROTO_UDP and self.dhcpv6 is not None:
-            udp = udp6_datagram(ip, verify_checksum=not trusted)
-            if udp.dst_port == DHCPV6_SERVER_PORT:
-                self.dhcpv6.handle(ip, udp, src_mac)
-            else:
-                self.link.count("drop.ipv6.not_forwarded")
+        if proto == ipv6.PROTO_TCP:
+            self.tcp.handle6(ip, now, trusted)
+        elif proto == ipv6.PROTO_UDP:
+            self._receive_udp6(ip, now, trusted, src_mac)
         elif proto == ipv6.PROTO_FRAGMENT:
             self.link.count("drop.ipv6.fragment")
+        elif ip.dst not in self._listening6:
+            self.link.count("drop.ipv6.multicast" if ipv6.is_multicast(ip.dst)
+                            else "drop.ipv6.not_forwarded")
+        elif proto == ipv6.PROTO_ICMPV6:
+            ndp.handle(ip, src_mac, now, trusted)
         else:
             self.link.count("drop.ipv6.not_forwarded")
+
+    def _receive_udp6(self, ip: ipv6.Ipv6Packet, now: float, trusted: bool,
+                      src_mac: bytes) -> None:
+        dst = ip.dst
+        if ipv6.is_multicast(dst) and dst not in self._listening6:
+            self.link.count("drop.ipv6.multicast")
+            return
+        udp = udp6_datagram(ip, verify_checksum=not trusted)
+        dport = udp.dst_port
+        if dport == DHCPV6_SERVER_PORT and dst in self._listening6:
+            if self.dhcpv6 is not None:
+                self.dhcpv6.handle(ip, udp, src_mac)
+        elif ipv6.is_multicast(dst):
+            self.link.count("drop.ipv6.multicast")
+        elif dport == _DNS_PORT and dst == self._dns6 and not self.config.disable_dns:
+            self.dns.handle_query(ip, udp, now)
+        else:
+            self.udp.handle6(ip, udp, now)
 
     def _receive_arp(self, packet: arp.ArpPacket) -> None:
         if packet.op == arp.OP_REQUEST:

@@ -144,12 +144,15 @@ from pyslirp.stack.sendqueue import SendQueue
 from pyslirp.stack.seq import SEQ_HALF, SEQ_MASK, seq_add, seq_diff, seq_lt, seq_window
 from pyslirp.stack.tcpstate import TcpState, next_state
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import icmp, vnet
+from pyslirp.wire import icmp, icmpv6, ipv6, vnet
 from pyslirp.wire import tcp as wtcp
 from pyslirp.wire.checksum import finish, partial_sum
 from pyslirp.wire.errors import MalformedPacket
-from pyslirp.wire.frame import ETH_IPV4_TCP, L4_START
+from pyslirp.wire.frame import ETH_IPV4_TCP, ETH_IPV6_TCP, IPV6_VERSION_WORD, L4_START, L4_START6
 from pyslirp.wire.ipv4 import Ipv4Packet
+from pyslirp.wire.ipv6 import Ipv6Packet
+
+IpPacket = Ipv4Packet | Ipv6Packet
 
 FIN, SYN, RST, PSH, ACK = wtcp.FIN, wtcp.SYN, wtcp.RST, wtcp.PSH, wtcp.ACK
 
@@ -172,6 +175,10 @@ _FRAME = ETH_IPV4_TCP
 _FRAME_LEN = ETH_IPV4_TCP.size
 _VNET = struct.Struct("<BBHHHHH")
 _CSUM_START = L4_START
+# The same for IPv6 flows (40-byte header, no extension headers).
+_FRAME6 = ETH_IPV6_TCP
+_FRAME6_LEN = ETH_IPV6_TCP.size
+_CSUM_START6 = L4_START6
 _DEFAULT_MSS = 536  # RFC 9293 3.7.1, when the guest sends no MSS option
 _MAX_IP_PAYLOAD = 65535 - 20
 
@@ -184,6 +191,9 @@ _ICMP_FOR_ERRNO = {
     errno.EHOSTDOWN: icmp.HOST_UNREACH,
     errno.ETIMEDOUT: icmp.HOST_UNREACH,
 }
+_UNSPECIFIED6 = bytes(16)
+#: The ICMPv6 destination-unreachable code (RFC 4443 3.1) for each ICMP one above.
+_ICMPV6_CODE = {icmp.NET_UNREACH: 0, icmp.HOST_UNREACH: 3}
 
 
 #: Bytes charged per buffered chunk (a segment held for the host) on top of its
@@ -233,7 +243,31 @@ def _fold(s: int) -> int:
 
 
 def _wsum(addr: bytes) -> int:
-    return (addr[0] << 8 | addr[1]) + (addr[2] << 8 | addr[3])
+    """Sum of the 16-bit words of an IPv4 (4 bytes) or IPv6 (16 bytes) address."""
+    return sum(addr[i] << 8 | addr[i + 1] for i in range(0, len(addr), 2))
+
+
+def _l4_offset(ip: IpPacket) -> int:
+    """Where the TCP header starts in ``ip.buf`` (past options or extension headers)."""
+    return ip.upper_offset if isinstance(ip, Ipv6Packet) else ip.header_len
+
+
+def _unreachable(engine: TcpEngine, guest: bytes, code: int, quote: bytes | memoryview) -> None:
+    """ICMP (IPv4) or ICMPv6 destination unreachable from the gateway, quoting the SYN.
+
+    ``code`` is an ICMP (IPv4) code; an IPv6 guest gets its ICMPv6 counterpart.
+    """
+    link, config = engine.link, engine.config
+    if len(guest) == 4:
+        link.send_ipv4(config.gateway, guest, icmp.PROTO,
+                       icmp.build_error(icmp.DEST_UNREACH, code, quote))
+        return
+    # RFC 4443 2.4 (c): as much of the packet as fits the minimum MTU.
+    room = ipv6.MIN_MTU - ipv6.HEADER_LEN - 8
+    body = b"\0\0\0\0" + bytes(quote[:room])
+    link.send_ipv6(config.gateway6, guest, ipv6.PROTO_ICMPV6,
+                   icmpv6.build(icmpv6.DEST_UNREACH, _ICMPV6_CODE.get(code, 0), body,
+                                config.gateway6, guest))
 
 
 class TcpFlow:
@@ -267,6 +301,8 @@ class TcpFlow:
         "inbound", "wscale_ok",
         # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una
         "sack_ok", "sack_hole",
+        # the address family: IPv6 frames use the IPv6 template (see _xmit)
+        "v6",
     )
 
     def __init__(self, engine: TcpEngine, guest_addr: bytes, guest_port: int,
@@ -322,10 +358,13 @@ class TcpFlow:
         self.persist = False
         self.last_rx = now
         addr_sum = _wsum(remote_addr) + _wsum(guest_addr)
+        #: An IPv6 flow (16-byte addresses): same engine, the IPv6 header template.
+        self.v6 = len(remote_addr) == 16
         #: One's-complement sum of our IPv4 header's fixed fields (version, DF,
         #: TTL, protocol, addresses): each frame adds its length and ID.
         self.ip_header_sum = 0x4500 + 0x4000 + (64 << 8 | 6) + addr_sum
-        #: The TCP pseudo-header sum without the TCP length (RFC 9293 3.1).
+        #: The TCP pseudo-header sum without the TCP length (RFC 9293 3.1; for
+        #: IPv6 RFC 8200 8.1 has the same fields, only wider: addresses, length, 6).
         self.pseudo_header_sum = addr_sum + 6
         self.ack_pending = False
         self.dirty = False
@@ -342,7 +381,9 @@ class TcpFlow:
         self.state = next_state(self.state, new)
 
     def __repr__(self) -> str:
-        return (f"TcpFlow({self.guest_port}->{'.'.join(map(str, self.remote_addr))}:"
+        remote = (ipv6.addr_to_str(self.remote_addr) if self.v6
+                  else ".".join(map(str, self.remote_addr)))
+        return (f"TcpFlow({self.guest_port}->{remote}:"
                 f"{self.remote_port} {self.state})")
 
     # ------------------------------------------------------------------ framing
@@ -401,11 +442,6 @@ class TcpFlow:
             return
         thl = 20 + len(opts)
         tcp_len = thl + plen
-        tot = 20 + tcp_len
-        ident = link.next_ip_id()
-        s = self.ip_header_sum + tot + ident
-        s = (s & 0xFFFF) + (s >> 16)
-        ipcs = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
         if flags & SYN:
             win = min(self.cfg.rcv_buf, 0xFFFF)
             self.rcv_adv = (self.rcv_nxt + win) & SEQ_MASK
@@ -413,30 +449,44 @@ class TcpFlow:
             win = self._window()
         ack = self.rcv_nxt if flags & ACK else 0
         off = 12 if link.vnet_hdr else 0
-        hdr = bytearray(off + _FRAME_LEN + len(opts))
-        if opts:
-            hdr[off + _FRAME_LEN:] = opts
-        if link.offload:
+        offload = link.offload
+        if self.v6:
+            cs = _CSUM_START6
+            gso = vnet.GSO_TCPV6
+            hdr = bytearray(off + _FRAME6_LEN + len(opts))
+            if opts:
+                hdr[off + _FRAME6_LEN:] = opts
+            _FRAME6.pack_into(hdr, off, mac, link.our_mac, 0x86DD, IPV6_VERSION_WORD, tcp_len,
+                              6, 64, self.remote_addr, self.guest_addr, self.remote_port,
+                              self.guest_port, seq, ack, thl << 2, flags, win,
+                              _fold(self.pseudo_header_sum + tcp_len) if offload else 0, 0)
+        else:
+            cs = _CSUM_START
+            gso = vnet.GSO_TCPV4
+            tot = 20 + tcp_len
+            ident = link.next_ip_id()
+            s = self.ip_header_sum + tot + ident
+            s = (s & 0xFFFF) + (s >> 16)
+            ipcs = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+            hdr = bytearray(off + _FRAME_LEN + len(opts))
+            if opts:
+                hdr[off + _FRAME_LEN:] = opts
             _FRAME.pack_into(hdr, off, mac, link.our_mac, 0x0800, 0x45, 0, tot, ident, 0x4000,
                              64, 6, ipcs, self.remote_addr, self.guest_addr, self.remote_port,
                              self.guest_port, seq, ack, thl << 2, flags, win,
-                             _fold(self.pseudo_header_sum + tcp_len), 0)
+                             _fold(self.pseudo_header_sum + tcp_len) if offload else 0, 0)
+        if offload:
             if plen > self.mss:
-                _VNET.pack_into(hdr, 0, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, _CSUM_START + thl,
-                                self.mss, _CSUM_START, 16, 0)
+                _VNET.pack_into(hdr, 0, vnet.F_NEEDS_CSUM, gso, cs + thl, self.mss, cs, 16, 0)
             else:
-                _VNET.pack_into(hdr, 0, vnet.F_NEEDS_CSUM, 0, _CSUM_START + thl, 0,
-                                _CSUM_START, 16, 0)
+                _VNET.pack_into(hdr, 0, vnet.F_NEEDS_CSUM, 0, cs + thl, 0, cs, 16, 0)
         else:
-            _FRAME.pack_into(hdr, off, mac, link.our_mac, 0x0800, 0x45, 0, tot, ident, 0x4000,
-                             64, 6, ipcs, self.remote_addr, self.guest_addr, self.remote_port,
-                             self.guest_port, seq, ack, thl << 2, flags, win, 0, 0)
-            s = partial_sum(memoryview(hdr)[off + _CSUM_START:], self.pseudo_header_sum + tcp_len)
+            s = partial_sum(memoryview(hdr)[off + cs:], self.pseudo_header_sum + tcp_len)
             if plen:
                 s = partial_sum(parts[0] if len(parts) == 1 else b"".join(parts), s)
             c = finish(s)
-            hdr[off + _CSUM_START + 16] = c >> 8
-            hdr[off + _CSUM_START + 17] = c & 0xFF
+            hdr[off + cs + 16] = c >> 8
+            hdr[off + cs + 17] = c & 0xFF
         if plen:
             parts.insert(0, hdr)
             link.send_frame(parts)
@@ -455,7 +505,8 @@ class TcpFlow:
         self._xmit(RST | ACK, self.snd_nxt, [], 0)
 
     def _send_syn(self, with_ack: bool) -> None:
-        spec = (self.link.mtu - 40, self.rcv_wscale if self.wscale_ok or not with_ack else None,
+        mss = self.link.mtu - (60 if self.v6 else 40)
+        spec = (mss, self.rcv_wscale if self.wscale_ok or not with_ack else None,
                 self.sack_ok or not with_ack)
         opts = _SYN_OPTIONS.get(spec)
         if opts is None:
@@ -1229,7 +1280,7 @@ class TcpFlow:
             opts = seg.options()
         except MalformedPacket:
             opts = wtcp.TcpOptions()
-        our_mss = self.link.mtu - 40
+        our_mss = self.link.mtu - (60 if self.v6 else 40)  # IP + TCP headers
         mss = opts.mss if opts.mss else _DEFAULT_MSS
         self.mss = max(64, min(mss, our_mss))
         if self.link.offload:
@@ -1276,8 +1327,7 @@ class TcpFlow:
             self._xmit(RST | ACK, 0, [], 0)
         else:
             self.link.count("tcp.connect_unreachable")
-            self.link.send_ipv4(self.engine.config.gateway, self.guest_addr, icmp.PROTO,
-                                icmp.build_error(icmp.DEST_UNREACH, code, self.syn_quote))
+            _unreachable(self.engine, self.guest_addr, code, self.syn_quote)
         self.engine._remove(self)
 
     def host_writable(self, now: float) -> None:
@@ -1462,7 +1512,7 @@ class TcpEngine:
         #: Flows in TIME_WAIT, oldest first.
         self.time_wait: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
         #: The packet being handled (a SYN replacing a TIME_WAIT flow quotes it).
-        self.cur_ip: Ipv4Packet | None = None
+        self.cur_ip: IpPacket | None = None
 
     def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool) -> None:
         """One TCP/IPv4 packet from the guest (its buffer is not kept after return).
@@ -1491,10 +1541,43 @@ class TcpEngine:
             self.link.count("tcp.rst_unknown_flow")
             self.send_reset_for(seg, key)
 
-    def _new_syn(self, ip: Ipv4Packet, seg: wtcp.TcpSegment,
+    def handle6(self, ip: Ipv6Packet, now: float, checksum_verified: bool) -> None:
+        """One TCP/IPv6 packet from the guest: as :meth:`handle` (the same flows and
+        state machine; the 16-byte addresses keep the keys apart from IPv4's)."""
+        payload = ip.payload
+        if not checksum_verified and partial_sum(payload, ipv6.pseudo_header_sum(
+                ip.src, ip.dst, wtcp.PROTO, len(payload))) != 0:
+            self.link.count("tcp.drop.malformed")
+            return
+        try:
+            seg = wtcp.TcpSegment(payload)
+        except MalformedPacket:
+            self.link.count("tcp.drop.malformed")
+            return
+        key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
+        flow = self.flows.get(key)
+        if flow is not None:
+            self.cur_ip = ip
+            flow._segment(seg, now)
+            self.cur_ip = None  # the runtime reuses the frame's buffer
+            return
+        if seg.flags & (SYN | ACK | RST) == SYN:
+            self._new_syn(ip, seg, key, now)
+        elif not seg.flags & RST:
+            self.link.count("tcp.rst_unknown_flow")
+            self.send_reset_for(seg, key)
+
+    def _bad_destination(self, dst: bytes) -> bool:
+        """Multicast, broadcast or unspecified: no connection goes there (IPv6: the
+        address policy refuses the rest of what no host may see)."""
+        if len(dst) == 16:
+            return dst[0] == 0xFF or dst == _UNSPECIFIED6
+        return dst[0] >= 224 or dst == self.config.broadcast or dst == b"\0\0\0\0"
+
+    def _new_syn(self, ip: IpPacket, seg: wtcp.TcpSegment,
                  key: tuple[bytes, int, bytes, int], now: float) -> None:
         link = self.link
-        if ip.dst[0] >= 224 or ip.dst == self.config.broadcast or ip.dst == b"\0\0\0\0":
+        if self._bad_destination(ip.dst):
             link.count("tcp.drop.bad_destination")
             return
         cfg = self.cfg
@@ -1507,14 +1590,13 @@ class TcpEngine:
         targets = self.policy(ip.dst, seg.dst_port)
         if targets is None:
             link.count("tcp.policy_refused")
-            link.send_ipv4(self.config.gateway, ip.src, icmp.PROTO,
-                           icmp.build_error(icmp.DEST_UNREACH, icmp.NET_UNREACH, ip.buf))
+            _unreachable(self, ip.src, icmp.NET_UNREACH, ip.buf)
             return
         flow = TcpFlow(self, ip.src, seg.src_port, ip.dst, seg.dst_port, now)
         flow._to(CONNECTING)
         flow.irs = seg.seq
         flow.rcv_nxt = flow.rcv_adv = seq_add(seg.seq, 1)
-        flow.syn_quote = bytes(ip.buf[:ip.header_len + 8])
+        flow.syn_quote = bytes(ip.buf[:_l4_offset(ip) + 8])
         flow._apply_syn_options(seg)
         flow.snd_wnd = seg.window
         flow.half_open = True
@@ -1586,6 +1668,14 @@ class TcpEngine:
         else:
             seq, ack, flags = 0, seq_add(seg.seq, seg.seq_len), RST | ACK
         guest_addr, guest_port, remote_addr, remote_port = key
+        if len(guest_addr) == 16:
+            rst = bytearray(wtcp.HEADER_LEN)
+            wtcp.build_header(rst, 0, remote_port, guest_port, seq, ack, flags, 0)
+            c = finish(partial_sum(rst, ipv6.pseudo_header_sum(remote_addr, guest_addr,
+                                                               wtcp.PROTO, len(rst))))
+            rst[16], rst[17] = c >> 8, c & 0xFF
+            self.link.send_ipv6(remote_addr, guest_addr, wtcp.PROTO, rst)
+            return
         self.link.send_ipv4(remote_addr, guest_addr, wtcp.PROTO,
                             wtcp.build(remote_addr, guest_addr, remote_port, guest_port, seq,
                                        ack, flags, 0))

@@ -62,8 +62,18 @@ pins a flow for the forwarded guest port on the runtime's bound host socket
 gateway, as are peers with an address on the virtual network) and sends the
 guest's replies back to the exact peer.
 
+IPv6 (:meth:`UdpEngine.handle6`) goes through the same flows: a flow's
+guest address is 16 bytes, so its key never equals an IPv4 flow's with the
+same port, and the runtime opens an IPv6 host socket for it (``flow.v6``).
+Replies are framed with the IPv6 template (the checksum is mandatory: with
+offloads the guest's kernel finishes it, otherwise it is computed here). A
+reply from the host's ``::1`` appears as the gateway ``fd00::2``. Not done
+for IPv6 (yet): replies larger than the link MTU are dropped and counted
+(``drop.udp.oversize6``: no IPv6 fragments are sent), ICMPv6 errors from the
+host are not relayed, nor is port forwarding served.
+
 Not done: UDP to broadcast or multicast addresses (dropped and counted:
-nothing on the host side would be the right receiver), UDP-Lite, IPv6.
+nothing on the host side would be the right receiver), UDP-Lite.
 """
 
 from __future__ import annotations
@@ -76,12 +86,12 @@ from pyslirp.stack.frag import send_fragmented
 from pyslirp.stack.host import Buffer, HostPort, Policy
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import icmp, ipv4, vnet
+from pyslirp.wire import icmp, ipv4, ipv6, vnet
 from pyslirp.wire import udp as wire_udp
 from pyslirp.wire.checksum import checksum, finish, partial_sum, pseudo_header_sum
 from pyslirp.wire.errors import MalformedPacket
-from pyslirp.wire.ethernet import ETHERTYPE_IPV4
-from pyslirp.wire.frame import ETH_IPV4_UDP
+from pyslirp.wire.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6
+from pyslirp.wire.frame import ETH_IPV4_UDP, ETH_IPV6_UDP, IPV6_VERSION_WORD, L4_START6
 from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Packet
 
 IDLE_TIMEOUT = 240.0
@@ -105,6 +115,13 @@ _L4_START = _IP_START + ipv4.MIN_HEADER_LEN
 _UDP_CSUM = _L4_START + 6
 _IP_UDP_LEN = ipv4.MIN_HEADER_LEN + wire_udp.HEADER_LEN
 _VNET_CSUM = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, _FRAME_LEN, 0, _L4_START, 6)
+#: The same for IPv6 (40-byte header, no extension headers).
+_FRAME6 = ETH_IPV6_UDP
+_FRAME6_LEN = _FRAME6.size
+_UDP_CSUM6 = L4_START6 + 6
+_IP6_UDP_LEN = ipv6.HEADER_LEN + wire_udp.HEADER_LEN
+_VNET_CSUM6 = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, _FRAME6_LEN, 0, L4_START6, 6)
+_LOOPBACK6 = bytes(15) + b"\x01"
 
 _Target = tuple[str, int]
 _Origin = tuple[bytes, int]
@@ -138,7 +155,8 @@ class UdpFlow:
     """
 
     __slots__ = ("engine", "guest_ip", "guest_port", "dns_only", "last_active",
-                 "targets", "origins", "closed", "timer_deadline", "host_handle", "forward")
+                 "targets", "origins", "closed", "timer_deadline", "host_handle", "forward",
+                 "v6")
 
     def __init__(self, engine: UdpEngine, guest_ip: bytes, guest_port: int,
                  now: float) -> None:
@@ -157,6 +175,8 @@ class UdpFlow:
         self.host_handle: object = None
         #: A port forward's flow (:meth:`UdpEngine.add_forward`): never expires.
         self.forward = False
+        #: An IPv6 flow (16-byte guest address): the runtime opens an IPv6 socket.
+        self.v6 = len(guest_ip) == 16
 
     @property
     def key(self) -> _Origin:
@@ -169,14 +189,15 @@ class UdpFlow:
         self.engine._check_expiry(self, now)
 
     def __repr__(self) -> str:
-        return f"<UdpFlow {ipv4.addr_to_str(self.guest_ip)}:{self.guest_port}>"
+        addr = ipv6.addr_to_str(self.guest_ip) if self.v6 else ipv4.addr_to_str(self.guest_ip)
+        return f"<UdpFlow {addr}:{self.guest_port}>"
 
 
 class UdpEngine:
     """The UDP NAT for one guest link. Sans-I/O: see :mod:`pyslirp.stack`."""
 
     __slots__ = ("config", "link", "host", "timers", "policy", "flows", "max_flows",
-                 "_new_flows", "_gateway",
+                 "_new_flows", "_gateway", "_gateway6",
                  "_broadcast", "_loopback_ok")
 
     def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
@@ -191,6 +212,7 @@ class UdpEngine:
         self.max_flows = max_flows
         self._new_flows = TokenBucket(new_flows_per_second)
         self._gateway = config.gateway
+        self._gateway6 = config.gateway6
         self._broadcast = config.broadcast
         self._loopback_ok = not config.disable_host_loopback
 
@@ -218,10 +240,25 @@ class UdpEngine:
         if sport == 0 or dport == 0 or src[0] == 0 or src[0] >= 224:
             link.count("drop.udp.bad_address")
             return
+        self._from_guest(src, sport, dst, dport, dgram.payload, now)
+
+    def handle6(self, ip: ipv6.Ipv6Packet, dgram: wire_udp.UdpDatagram, now: float) -> None:
+        """A UDP/IPv6 datagram from the guest (parsed and its checksum checked by the
+        stack, which also kept multicast away) to NAT to the host."""
+        src = ip.src
+        sport, dport = dgram.src_port, dgram.dst_port
+        if sport == 0 or dport == 0 or src == bytes(16) or ipv6.is_multicast(src):
+            self.link.count("drop.udp.bad_address")
+            return
+        self._from_guest(src, sport, ip.dst, dport, dgram.payload, now)
+
+    def _from_guest(self, src: bytes, sport: int, dst: bytes, dport: int, payload: Buffer,
+                    now: float) -> None:
+        """Send a guest's datagram from its flow's host socket (IPv4 and IPv6 alike)."""
         flow = self.flows.get((src, sport))
         dkey = (dst, dport)
         if flow is None:
-            target = self._target(ip, dst, dport, now)
+            target = self._target(dst, dport)
             if target is None:
                 return
             flow = self._new_flow(src, sport, dport, now)
@@ -231,16 +268,16 @@ class UdpEngine:
         else:
             target = flow.targets.get(dkey)
             if target is None:
-                target = self._target(ip, dst, dport, now)
+                target = self._target(dst, dport)
                 if target is None:
                     return
                 self._remember(flow, dkey, target)
         if dport != _DNS_PORT:
             flow.dns_only = False
         flow.last_active = now
-        self.host.udp_send(flow, target, dgram.payload)
+        self.host.udp_send(flow, target, payload)
 
-    def _target(self, ip: Ipv4Packet, dst: bytes, dport: int, now: float) -> _Target | None:
+    def _target(self, dst: bytes, dport: int) -> _Target | None:
         targets = self.policy(dst, dport)
         if targets:
             return targets[0]
@@ -289,6 +326,12 @@ class UdpEngine:
             link.count("drop.udp.loopback_source")
             return
         flow.last_active = now
+        if flow.v6:
+            if len(data) + _IP6_UDP_LEN <= link.mtu:
+                self._send_whole6(flow, origin, data)
+            else:
+                link.count("drop.udp.oversize6")
+            return
         if len(data) + _IP_UDP_LEN <= link.mtu:
             self._send_whole(flow, origin, data)
             return
@@ -326,11 +369,37 @@ class UdpEngine:
             _U16.pack_into(head, off + _UDP_CSUM, finish(total))
         link.send_frame((head, data))
 
+    def _send_whole6(self, flow: UdpFlow, origin: _Origin, data: Buffer) -> None:
+        """:meth:`_send_whole` over IPv6 (no IP header checksum; the UDP one is mandatory)."""
+        link = self.link
+        mac = link.guest_mac
+        if mac is None:
+            link.count("drop.tx.no_guest_mac")
+            return
+        src, sport = origin
+        dst = flow.guest_ip
+        ulen = wire_udp.HEADER_LEN + len(data)
+        pseudo = ipv6.pseudo_header_sum(src, dst, PROTO_UDP, ulen)
+        off = vnet.HEADER_LEN if link.vnet_hdr else 0
+        head = bytearray(off + _FRAME6_LEN)
+        offload = link.offload
+        _FRAME6.pack_into(head, off, mac, link.our_mac, ETHERTYPE_IPV6, IPV6_VERSION_WORD, ulen,
+                          PROTO_UDP, 64, src, dst, sport, flow.guest_port, ulen,
+                          pseudo if offload else 0)
+        if offload:
+            head[:off] = _VNET_CSUM6
+        else:
+            total = partial_sum(data, partial_sum(memoryview(head)[off + L4_START6:], pseudo))
+            _U16.pack_into(head, off + _UDP_CSUM6, finish(total) or 0xFFFF)
+        link.send_frame((head, data))
+
     def _origin(self, flow: UdpFlow, src_ip: str, src_port: int) -> _Origin | None:
         """The guest-side address of host address ``src_ip:src_port`` (None: hide it)."""
         origin = flow.origins.get((src_ip, src_port))
         if origin is not None:
             return origin
+        if flow.v6:
+            return self._origin6(flow, src_ip, src_port)
         try:
             addr = ipv4.addr_from_str(src_ip)
         except OSError:
@@ -355,12 +424,31 @@ class UdpEngine:
             flow.targets[origin] = (src_ip, src_port)
         return origin
 
+    def _origin6(self, flow: UdpFlow, src_ip: str, src_port: int) -> _Origin | None:
+        try:
+            addr = ipv6.addr_from_str(src_ip.partition("%")[0])
+        except OSError:
+            return None
+        if addr == _LOOPBACK6:
+            if not self._loopback_ok:
+                return None
+            addr = self._gateway6
+        origin = (addr, src_port)
+        if len(flow.origins) >= MAX_PEERS_PER_FLOW:
+            flow.targets.clear()
+            flow.origins.clear()
+        flow.origins[(src_ip, src_port)] = origin
+        return origin
+
     def host_error(self, flow: UdpFlow, dst: tuple[str, int], icmp_type: int, icmp_code: int,
                    now: float) -> None:
         """The host socket got an ICMP error for what it sent to ``dst``; tell the guest."""
         link = self.link
         if flow.closed:
             link.count("drop.udp.closed_flow")
+            return
+        if flow.v6:  # ICMPv6 errors are not relayed yet (see the module doc)
+            link.count("drop.udp.host_error_ignored")
             return
         if icmp_type not in (icmp.DEST_UNREACH, icmp.TIME_EXCEEDED) or (
                 icmp_type == icmp.DEST_UNREACH and icmp_code == icmp.FRAG_NEEDED):

@@ -159,3 +159,13 @@ def test_close_answers_waiting_guests_and_closes_the_sockets(live: Upstream) -> 
     rig.loop.close()
     rig.tap.close()
     rig.guest.close()
+
+
+def test_upstream_with_a_zone_keeps_its_scope_id() -> None:
+    """``fe80::1%lo`` must reach connect() with lo's scope id, not 0 (EINVAL)."""
+    from pyslirp.runtime.hostsockets import sockaddr
+
+    addr = sockaddr("fe80::1%lo", 53)
+    assert addr[0] == "fe80::1" and addr[1] == 53
+    assert addr[3] == socket.if_nametoindex("lo")
+    assert sockaddr("::1", 53) == ("::1", 53)
