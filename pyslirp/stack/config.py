@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pyslirp.stack.admission import DEFAULT_NEW_FLOW_BURST, DEFAULT_NEW_FLOW_RATE
 from pyslirp.wire import netparams
 from pyslirp.wire.dhcp import domain_labels
 from pyslirp.wire.ipv6 import MIN_MTU as IPV6_MIN_MTU
@@ -142,6 +143,13 @@ class NetConfig:
     #: Stack-wide bound on the bytes TCP flows buffer (``--max-buffered``): as it
     #: fills, windows toward the guest shrink and host sockets stop being read.
     max_buffered: int = DEFAULT_MAX_BUFFERED
+    #: Admission of new flows from the guest (pyslirp/stack/admission.py): each of the
+    #: TCP and UDP engines lets in this many new flows per second, in bursts of up
+    #: to ``new_flow_burst``; past that, SYNs (and datagrams to new destinations)
+    #: are dropped before any host syscall and counted. Destinations that lately
+    #: accepted a TCP connection are exempt.
+    new_flow_rate: float = DEFAULT_NEW_FLOW_RATE
+    new_flow_burst: int = DEFAULT_NEW_FLOW_BURST
     #: Serve IPv6 beside IPv4 (``-6``): NDP, router advertisements, ICMPv6 echo, DHCPv6.
     enable_ipv6: bool = False
     #: The IPv6 prefix advertised for SLAAC (always a /64, see :func:`parse_cidr6`).
@@ -200,6 +208,11 @@ class NetConfig:
         if self.max_buffered < MIN_MAX_BUFFERED:
             raise ConfigError(f"max_buffered {self.max_buffered} is below the minimum "
                               f"{MIN_MAX_BUFFERED} bytes")
+        if not self.new_flow_rate > 0:
+            raise ConfigError(f"new_flow_rate {self.new_flow_rate} must be above 0 "
+                              f"(new flows per second)")
+        if self.new_flow_burst < 1:
+            raise ConfigError(f"new_flow_burst {self.new_flow_burst} must be at least 1")
         if not self.our_mac:
             # libslirp's convention: 52:55 followed by the gateway's IPv4 address.
             self.our_mac = b"\x52\x55" + self.gateway

@@ -48,7 +48,11 @@ connected, an RST when it was refused, and ICMP destination-unreachable
 (quoting the SYN) when the host network said so; a destination the policy
 refuses gets ICMP net-unreachable at once. Duplicate SYNs meanwhile are
 ignored. The flow table and the number of half-open flows are bounded
-(:class:`TcpConfig`); excess SYNs are dropped and counted. Flows opened
+(:class:`TcpConfig`), and new flows pass a token bucket first
+(``NetConfig.new_flow_rate``/``new_flow_burst``, see
+:mod:`pyslirp.stack.admission`; destinations that lately accepted a
+connection are exempt): excess SYNs are dropped and counted before any host
+syscall, so a SYN flood costs a parse per frame. Flows opened
 toward the guest (port forwarding, :meth:`TcpEngine.open_to_guest`) are
 counted apart with limits of their own, so host clients cannot use up the
 guest's allowance.
@@ -135,6 +139,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from pyslirp.stack.admission import KnownPeers, TokenBucket
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.host import HostPort, Policy
 from pyslirp.stack.link import Link
@@ -1307,6 +1312,7 @@ class TcpFlow:
             return
         self.host_connected_flag = True
         self._to(SYN_RCVD)
+        self.engine.known_peers.add((self.remote_addr, self.remote_port))
         self.retries = 0
         self._send_syn(with_ack=True)
         self.rtt.time_segment(self.iss, now)
@@ -1513,6 +1519,10 @@ class TcpEngine:
         self.time_wait: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
         #: The packet being handled (a SYN replacing a TIME_WAIT flow quotes it).
         self.cur_ip: IpPacket | None = None
+        #: New guest flows per second (NetConfig.new_flow_rate/burst), and the
+        #: (address, port) destinations that lately accepted one: SYNs to those pass.
+        self.new_flows = TokenBucket(config.new_flow_rate, config.new_flow_burst)
+        self.known_peers = KnownPeers()
 
     def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool) -> None:
         """One TCP/IPv4 packet from the guest (its buffer is not kept after return).
@@ -1586,6 +1596,10 @@ class TcpEngine:
             return
         if self.half_open >= cfg.max_half_open:
             link.count("tcp.drop.max_half_open")
+            return
+        # Admission (admission.py): before any host syscall, so a flood costs little.
+        if (ip.dst, seg.dst_port) not in self.known_peers and not self.new_flows.take(now):
+            link.count("tcp.drop.new_flow_rate")
             return
         targets = self.policy(ip.dst, seg.dst_port)
         if targets is None:

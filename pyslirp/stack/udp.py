@@ -54,7 +54,12 @@ a datagram costs no heap operation.
 Bounds: at most ``max_flows`` flows and ``new_flows_per_second`` new flows
 per second (token bucket, burst of one second's worth), so a guest cannot
 exhaust the host's file descriptors or ports; excess datagrams are dropped
-and counted (``drop.udp.*`` in ``link.counters``).
+and counted (``drop.udp.*`` in ``link.counters``). A datagram from an
+existing flow to a destination the flow has not sent to (or has forgotten,
+past ``MAX_PEERS_PER_FLOW``) passes a second bucket first
+(``NetConfig.new_flow_rate``/``new_flow_burst``, :mod:`pyslirp.stack.admission`),
+so one socket sending to ever new ports costs a parse per datagram past it,
+not a host ``sendto`` and the ICMP error it brings back.
 
 Port forwarding (inbound) rides on the same flows: :meth:`UdpEngine.add_forward`
 pins a flow for the forwarded guest port on the runtime's bound host socket
@@ -81,6 +86,7 @@ from __future__ import annotations
 import struct
 from ipaddress import IPv4Address
 
+from pyslirp.stack.admission import TokenBucket
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.frag import send_fragmented
 from pyslirp.stack.host import Buffer, HostPort, Policy
@@ -125,27 +131,6 @@ _LOOPBACK6 = bytes(15) + b"\x01"
 
 _Target = tuple[str, int]
 _Origin = tuple[bytes, int]
-
-
-class TokenBucket:
-    """``rate`` events per second, bursts of up to one second's worth."""
-
-    __slots__ = ("rate", "tokens", "at")
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.at: float | None = None
-
-    def take(self, now: float) -> bool:
-        at = self.at
-        if at is not None and now > at:
-            self.tokens = min(self.rate, self.tokens + (now - at) * self.rate)
-        self.at = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
 
 
 class UdpFlow:
@@ -197,7 +182,7 @@ class UdpEngine:
     """The UDP NAT for one guest link. Sans-I/O: see :mod:`pyslirp.stack`."""
 
     __slots__ = ("config", "link", "host", "timers", "policy", "flows", "max_flows",
-                 "_new_flows", "_gateway", "_gateway6",
+                 "_new_flows", "_new_destinations", "_gateway", "_gateway6",
                  "_broadcast", "_loopback_ok")
 
     def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
@@ -211,6 +196,7 @@ class UdpEngine:
         self.flows: dict[_Origin, UdpFlow] = {}
         self.max_flows = max_flows
         self._new_flows = TokenBucket(new_flows_per_second)
+        self._new_destinations = TokenBucket(config.new_flow_rate, config.new_flow_burst)
         self._gateway = config.gateway
         self._gateway6 = config.gateway6
         self._broadcast = config.broadcast
@@ -268,6 +254,10 @@ class UdpEngine:
         else:
             target = flow.targets.get(dkey)
             if target is None:
+                # A new destination is a new flow in conntrack's sense: admission first.
+                if not self._new_destinations.take(now):
+                    self.link.count("drop.udp.new_destination_rate")
+                    return
                 target = self._target(dst, dport)
                 if target is None:
                     return

@@ -1,0 +1,209 @@
+"""More floods from the guest: new UDP flows, ARP and DHCP storms, slowloris.
+
+Each test floods pyslirp from the guest namespace while it serves, then checks
+what a user would notice: pyslirp's resident memory grew by a bounded amount,
+the flood shows in its counters, and a well-behaved download in the same
+guest still arrives byte for byte (tests/e2e/test_floods.py has the SYN flood
+and stalled uploads).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.e2e.conftest import GATEWAY, Guest, Host, StartSlirp, sha256_of_get
+from tests.e2e.test_floods import _counters, _rss_kib
+from tests.nsutil import wait_for
+
+#: Growth of pyslirp's RSS a flood may cause (flow tables, allocator slack).
+RSS_GROWTH_BOUND_MIB = 24
+
+#: Datagrams from ever new guest ports (a new UDP flow each) to ever new gateway
+#: ports, for SECONDS; prints how many were sent.
+UDP_FLOWS_FLOOD = """
+import socket, sys, time
+gateway, seconds = sys.argv[1], float(sys.argv[2])
+end, sent = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _ in range(4):
+            s.sendto(b"x" * 64, (gateway, 30000 + sent % 20000))
+            sent += 1
+print(sent)
+"""
+
+#: Raw frames on tap0 for SECONDS: ARP requests (for the gateway and for addresses
+#: nobody has) and DHCP DISCOVERs from ever new client MACs; prints the ARP replies
+#: for the gateway that came back.
+L2_STORM = """
+import os, socket, struct, sys, time
+kind, seconds = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind(("tap0", 0))
+s.setblocking(False)
+mac = s.getsockname()[4]
+guest, gateway = socket.inet_aton("10.0.2.100"), socket.inet_aton("10.0.2.2")
+
+def csum(b):
+    if len(b) % 2:
+        b += b"\\0"
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    t = (t & 0xFFFF) + (t >> 16)
+    return ~((t & 0xFFFF) + (t >> 16)) & 0xFFFF
+
+def arp(i):
+    target = gateway if i % 2 else socket.inet_aton("10.0.2.%d" % (20 + i % 200))
+    return (b"\\xff" * 6 + mac + b"\\x08\\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+            + mac + guest + bytes(6) + target)
+
+def discover(i):
+    chaddr = b"\\x02" + struct.pack("!IB", i, 0)
+    bootp = (struct.pack("!BBBBIHH", 1, 1, 6, 0, i, 0, 0x8000) + bytes(16) + chaddr
+             + bytes(10 + 64 + 128) + b"\\x63\\x82\\x53\\x63" + b"\\x35\\x01\\x01\\xff")
+    udp = struct.pack("!HHHH", 68, 67, 8 + len(bootp), 0) + bootp
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xFFFF, 0, 64, 17, 0,
+                     bytes(4), b"\\xff" * 4)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    return b"\\xff" * 6 + mac + b"\\x08\\x00" + ip + udp
+
+build = arp if kind == "arp" else discover
+end, sent, replies = time.monotonic() + seconds, 0, 0
+while time.monotonic() < end:
+    try:
+        s.send(build(sent))
+    except BlockingIOError:
+        pass
+    sent += 1
+    while True:
+        try:
+            frame = s.recv(2048)
+        except BlockingIOError:
+            break
+        if (frame[12:14], frame[20:22], frame[28:32]) == (b"\\x08\\x06", b"\\x00\\x02", gateway):
+            replies += 1
+print(sent, replies)
+"""
+
+#: COUNT connections to a host server that each send one byte every PERIOD seconds
+#: and never finish; prints how many connected, then holds them until stdin closes.
+SLOWLORIS = """
+import socket, sys, time, select
+host, port, count, period = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+socks = []
+for _ in range(count):
+    s = socket.create_connection((host, port), timeout=10)
+    s.send(b"G")
+    socks.append(s)
+print(len(socks), flush=True)
+while not select.select([sys.stdin], [], [], period)[0]:
+    for s in socks:
+        s.send(b"E")
+"""
+
+#: A host server that accepts, reads a little at a time and never answers.
+PATIENT_SERVER = """
+import selectors, socket
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(512)
+print(srv.getsockname()[1], flush=True)
+sel = selectors.DefaultSelector()
+sel.register(srv, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is srv:
+            sel.register(srv.accept()[0], selectors.EVENT_READ)
+        elif not key.fileobj.recv(16):
+            sel.unregister(key.fileobj)
+            key.fileobj.close()
+"""
+
+
+def _download_intact(guest: Guest, host: Host) -> None:
+    assert sha256_of_get(guest, host.url("/payload")) == host.sha256
+
+
+def _download_during(guest: Guest, host: Host, flood: subprocess.Popen[str]) -> str:
+    """The well-behaved download while ``flood`` runs; then the flood's output."""
+    try:
+        _download_intact(guest, host)
+        out, _ = flood.communicate(timeout=30)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+        flood.wait()
+    return out
+
+
+def test_a_flood_of_new_udp_flows_is_cut_and_a_download_survives(
+        host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
+    slirp = start_slirp()
+    _download_intact(guest, host)  # warm up, then the baseline
+    before = _rss_kib(slirp.pid)
+    flood = guest.popen([sys.executable, "-c", UDP_FLOWS_FLOOD, GATEWAY, "12"],
+                        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    sent = int(_download_during(guest, host, flood))
+    growth_mib = (_rss_kib(slirp.pid) - before) / 1024
+    print(f"{sent} datagrams; pyslirp RSS grew by {growth_mib:.1f} MiB")
+    assert growth_mib <= RSS_GROWTH_BOUND_MIB
+    assert slirp.stop() == 0
+    counters = _counters(slirp.log_text())
+    cut = counters.get("drop.udp.flow_rate", 0) + counters.get("drop.udp.flow_limit", 0)
+    assert cut > 0, counters  # admission held the new flows back
+    assert counters["udp.flows_opened"] < sent // 4
+
+
+def test_arp_and_dhcp_storms_leave_memory_bounded_and_service_intact(
+        host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
+    slirp = start_slirp()
+    _download_intact(guest, host)
+    before = _rss_kib(slirp.pid)
+    outputs = {}
+    for kind in ("arp", "dhcp"):
+        storm = guest.popen([sys.executable, "-c", L2_STORM, kind, "8"],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        outputs[kind] = [int(x) for x in _download_during(guest, host, storm).split()]
+    growth_mib = (_rss_kib(slirp.pid) - before) / 1024
+    print(f"storms (sent, gateway ARP replies): {outputs}; RSS grew by {growth_mib:.1f} MiB")
+    assert growth_mib <= RSS_GROWTH_BOUND_MIB
+    assert outputs["arp"][1] > 0  # the gateway kept answering ARP through the storm
+    assert slirp.stop() == 0
+    counters = _counters(slirp.log_text())
+    # Every DISCOVER was answered or found the (16-address) pool exhausted; the
+    # leases offered stayed within the pool.
+    assert counters.get("dhcp.pool_exhausted", 0) > 0, counters
+    assert counters.get("dhcp.offer", 0) + counters["dhcp.pool_exhausted"] > 100
+
+
+def test_slowloris_connections_are_held_without_harm(
+        host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
+    count = 300
+    slirp = start_slirp()
+    server = host.ns.popen([sys.executable, "-c", PATIENT_SERVER], stdout=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL, text=True)
+    loris: subprocess.Popen[str] | None = None
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().strip()
+        _download_intact(guest, host)
+        before = _rss_kib(slirp.pid)
+        loris = guest.popen([sys.executable, "-c", SLOWLORIS, GATEWAY, port, str(count), "2"],
+                            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+        assert loris.stdout is not None
+        assert int(loris.stdout.readline()) == count
+        wait_for(lambda: len(host.established_to(int(port))) >= 2 * count, timeout=20,
+                 what="every slow connection established on the host")
+        _download_intact(guest, host)
+        growth_mib = (_rss_kib(slirp.pid) - before) / 1024
+        print(f"{count} slow connections; pyslirp RSS grew by {growth_mib:.1f} MiB")
+        assert growth_mib <= RSS_GROWTH_BOUND_MIB
+        assert loris.poll() is None, "a slow connection failed"
+    finally:
+        if loris is not None:
+            loris.kill()
+            loris.wait()
+        server.kill()
+        server.wait()
+    assert slirp.stop() == 0
+    assert _counters(slirp.log_text())["tcp.flows_opened"] >= count
