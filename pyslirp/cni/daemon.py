@@ -776,7 +776,7 @@ def _stale_tap(path: str, state: dict[str, Any]) -> tuple[str, str] | None:
             log.warning("state %s names attachment %s: ignoring its TAP", path, named)
         return None
     netns = state.get("netns")
-    if plugin._netns_problem(netns) is not None:
+    if plugin.netns_problem(netns) is not None:
         return None  # the namespace is gone, and the TAP with it
     assert isinstance(netns, str)
     recorded, current = state.get("netnsId"), _netns_id(netns)
@@ -806,7 +806,7 @@ def _lock(rundir: str) -> int | None:
                 raise
         # An engine that is going idle releases the lock within moments; a live one
         # keeps answering on the socket, and then this one is not needed.
-        probe = plugin._connect(rundir)
+        probe = plugin.connect_engine(rundir)
         if probe is not None:
             probe.close()
             os.close(fd)

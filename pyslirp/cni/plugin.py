@@ -37,7 +37,7 @@ any local user can take first) must be a directory of our uid with no group
 or other access, made 0700 when missing (:func:`prepare_runtime_dir`); its
 files are opened with ``O_NOFOLLOW`` and must be ours (:func:`open_private`);
 the engine on ``engine.sock`` must run as our uid or root (``SO_PEERCRED``,
-:func:`_connect`). The engine applies the same checks from its side.
+:func:`connect_engine`). The engine applies the same checks from its side.
 
 Results are built in the 1.1.0 shape and converted to the version the
 configuration asks for (``ips[].version`` before 1.0.0; no interface ``mtu``
@@ -509,7 +509,7 @@ def _ifname_problem(name: Any) -> str | None:
     return None
 
 
-def _netns_problem(path: Any) -> str | None:
+def netns_problem(path: Any) -> str | None:
     """A network namespace path: absolute (the engine's cwd is not the runtime's), existing."""
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         return "must be an absolute path"
@@ -542,7 +542,7 @@ def request_problem(op: Any, request: dict[str, Any]) -> str | None:
         if problem:
             return f"invalid ifname {request.get('ifname')!r}: {problem}"
     if op in ("add", "check"):
-        problem = _netns_problem(request.get("netns"))
+        problem = netns_problem(request.get("netns"))
         if problem:
             return f"invalid netns {request.get('netns')!r}: {problem}"
     if op == "stats":
@@ -820,7 +820,7 @@ def trusted_uid(uid: int) -> bool:
     return uid in (os.geteuid(), 0)
 
 
-def _connect(rundir: str) -> socket.socket | None:
+def connect_engine(rundir: str) -> socket.socket | None:
     """A connection to the engine; None if none listens; ERR_UNSAFE for an impostor.
 
     The engine's peer credentials must name our uid or root: someone else
@@ -927,7 +927,7 @@ def engine_request(rundir: str, environ: dict[str, str], request: dict[str, Any]
 
     deadline = time.monotonic() + ENGINE_START_TIMEOUT
     while True:
-        sock = _connect(rundir)
+        sock = connect_engine(rundir)
         if sock is not None:
             reply = _exchange(sock, request)
             if reply is not None:
@@ -957,7 +957,7 @@ def _start_engine(rundir: str, environ: dict[str, str], deadline: float) -> None
     lock = open_private(os.path.join(rundir, "spawn.lock"), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        sock = _connect(rundir)
+        sock = connect_engine(rundir)
         if sock is not None:
             sock.close()  # started by whoever held the lock before us
             return
@@ -966,7 +966,7 @@ def _start_engine(rundir: str, environ: dict[str, str], deadline: float) -> None
         while time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
-            sock = _connect(rundir)
+            sock = connect_engine(rundir)
             if sock is not None:
                 sock.close()
                 return
@@ -1001,7 +1001,7 @@ def _container_env(environ: dict[str, str], need_netns: bool) -> tuple[str, str,
     if problem:
         raise CniError(ERR_INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}: {problem}")
     netns = environ.get("CNI_NETNS", "")
-    problem = _netns_problem(netns) if need_netns else None
+    problem = netns_problem(netns) if need_netns else None
     if problem:
         raise CniError(ERR_INVALID_ENV, f"CNI_NETNS {netns!r} {problem}")
     return cid, ifname, netns
