@@ -7,8 +7,9 @@ MAC once learned), whether frames carry a virtio-net header, and whether the
 peer accepts offloaded (GSO, partial-checksum) frames. Engines build their L4
 part and hand it to :meth:`send_ipv4`, which adds the IPv4 and Ethernet
 headers (and a plain vnet header) in one buffer, and passes the frame to the
-sink the runtime supplied. The TCP engine builds its frames itself on the hot
-path and uses :meth:`send_frame` directly. :meth:`send_ipv6` is the same for
+sink the runtime supplied. The TCP, UDP and DNS engines build their frames
+from the fused header templates (:mod:`pyslirp.wire.frame`) on their hot paths
+and use :meth:`send_frame` directly. :meth:`send_ipv6` is the same for
 IPv6 (a 40-byte header, no extension headers): engines call it for the
 frames off their hot path (resets, ICMPv6 errors, NDP).
 
