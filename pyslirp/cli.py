@@ -73,24 +73,27 @@ the engine (asyncio, uvloop, the stack: most of the start-up time) after:
    ``pyslirp.stack``: the stack's defaults are looked up only when an option
    needs them, and ``--help`` builds its text on demand);
 2. open the TAP (``pyslirp.runtime.tap``: fork, setns, TUNSETIFF, ``-c``);
-3. without ``--api-socket``, write the ready byte: from now on the guest's
-   frames wait in the TAP's queue until the engine reads them. With it, the
-   byte is written once the API socket listens, as before;
-4. set up logging, import the engine, build the stack, apply
+3. with ``--api-socket``, bind and listen on it (``pyslirp.api_listen``):
+   podman connects right after the ready byte, and its connection waits in
+   the backlog until the API server accepts it;
+4. write the ready byte: from now on the guest's frames wait in the TAP's
+   queue until the engine reads them;
+5. set up logging, import the engine, build the stack, apply
    ``--enable-sandbox``/``--enable-seccomp`` and serve.
 
-So, unlike slirp4netns, the ready byte may come before the sandbox and the
-seccomp filter are in place. Nothing from the guest or the API is processed
-before they are; if they fail the process still exits 1 with the reason on
-stderr, but after the ready byte. tests/test_startup_imports.py holds the
-modules imported before steps 2 and 3 to tests/startup_imports.json.
+With ``--enable-sandbox`` or ``--enable-seccomp``, step 4 comes after them
+instead, as in slirp4netns: whoever has the byte may check the process's
+capabilities, root and filter (tests/e2e/test_hardening.py does), and the
+sandbox needs the engine imported first (nothing can be imported after it).
+So podman's flags get the TAP early but the ready byte only after the
+engine is loaded. tests/test_startup_imports.py holds the modules imported
+before steps 2 and 4 to tests/startup_imports.json.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import sys
 
 from pyslirp import __version__
@@ -107,6 +110,7 @@ from pyslirp.wire.netparams import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
+    import socket
     from collections.abc import Iterator
     from typing import Any, Literal
 
@@ -300,17 +304,19 @@ class Options:
             return int(self.target)
         return None
 
-    def serve_spec(self, *, ready_signalled: bool = False) -> ServeSpec:
+    def serve_spec(self, *, ready_signalled: bool = False,
+                   api_listener: socket.socket | None = None) -> ServeSpec:
         """What the runtime is to serve for these options (raises ConfigError).
 
         ``ready_signalled``: the ready byte is written already, the runtime must not.
+        ``api_listener``: the ``--api-socket`` socket, bound and listening already.
         """
         from pyslirp.runtime.spec import Hardening, ServeSpec
 
         api = None
         if self.api_socket:
             from pyslirp.api import api_socket
-            api = api_socket(self.api_socket)
+            api = api_socket(self.api_socket, api_listener)
         userns = self.userns_path or (f"/proc/{self.pid}/ns/user" if self.pid else None)
         return ServeSpec(
             net=self.net_config(), target_type=self.target_type, target=str(self.target),
@@ -476,14 +482,18 @@ def _match_long(name: str, arg: str, table: tuple[_Opt, ...]) -> _Opt:
 # --- value parsers ------------------------------------------------------------------------
 
 # strtol(s, &end, 10) with *end == '\0': C-locale isspace, optional sign, decimal digits.
-_STRTOL = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+# Checked by hand, not with a regular expression: ``re`` costs start-up time.
+_C_SPACE = " \t\n\v\f\r"
+_ASCII_DIGITS = frozenset("0123456789")
 
 
 def _strtol(text: str) -> int | None:
     """The integer slirp4netns would read from ``text``, or None where it reports an error."""
-    if not _STRTOL.fullmatch(text):
+    body = text.lstrip(_C_SPACE)
+    digits = body[1:] if body[:1] in ("+", "-") else body
+    if not digits or not _ASCII_DIGITS.issuperset(digits):
         return None
-    value = int(text)
+    value = int(body)
     # strtol sets ERANGE beyond a long; anything past an int is nonsense for our fields anyway.
     return value if -_INT_MAX - 1 <= value <= _INT_MAX else None
 
@@ -860,6 +870,8 @@ def _parse_tapname(text: str) -> str:
 
 def _parse_size(option: str, text: str) -> int:
     """BYTES with an optional K/M/G suffix (binary multiples)."""
+    import re  # only for this rare option: re costs start-up time
+
     match = re.fullmatch(r"([0-9]+)([KMG]?)", text.strip().upper())
     if match is None or not text.isascii():
         raise UsageError(f"{option} must be a byte count, optionally with a K, M or G suffix "
@@ -937,7 +949,19 @@ def _serve_namespace(opts: Options) -> int:
     if isinstance(tap, str):
         _start_logging(opts).error("%s", tap)
         return 1
-    ready_now = opts.api_socket is None  # else: ready once the API socket listens
+    listener = None
+    if opts.api_socket is not None:  # slirp4netns's order: TAP, API socket, ready
+        from pyslirp.api_listen import bind_unix
+
+        try:
+            listener = bind_unix(opts.api_socket)
+        except OSError as exc:
+            tap.close()
+            _start_logging(opts).error("%s", exc)
+            return 1
+    # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
+    # does: a caller may check the hardening as soon as it has the byte.
+    ready_now = not (opts.enable_sandbox or opts.enable_seccomp)
     problem = None
     if ready_now:
         from pyslirp.runtime.ready import write_ready
@@ -952,7 +976,8 @@ def _serve_namespace(opts: Options) -> int:
         log.error("the runtime is not available: %s", exc)
         tap.close()
         return 1
-    return serve_namespace(opts.serve_spec(ready_signalled=ready_now), tap=tap)
+    return serve_namespace(opts.serve_spec(ready_signalled=ready_now, api_listener=listener),
+                           tap=tap)
 
 
 def _open_tap_early(opts: Options) -> TapHandle | str:
