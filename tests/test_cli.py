@@ -814,3 +814,39 @@ def test_version_reports_the_seccomp_library() -> None:
     line = cli.version_text().splitlines()[-1]
     version = seccomp.libseccomp_version()
     assert line == f"libseccomp: {version or '(not installed; built-in BPF filter)'}"
+
+
+# --- the start path's own copies of other modules' facts ("Start-up order") -------------
+
+def test_log_level_names_match_logsetup() -> None:
+    assert tuple(logsetup.LOG_LEVELS) == cli.LOG_LEVEL_NAMES
+    assert (cli.PROG, cli.DEFAULT_LOG_LEVEL) == (logsetup.PROG, logsetup.DEFAULT_LOG_LEVEL)
+
+
+@pytest.mark.parametrize("ipv6", [False, True])
+def test_parse_refuses_exactly_the_mtus_netconfig_refuses(ipv6: bool) -> None:
+    # The parser checks without importing the stack; the stack must agree on every MTU.
+    from pyslirp.stack.config import ConfigError, NetConfig
+
+    for mtu in (*range(1, 1300), *range(65500, cli.SLIRP_MAX_MTU + 1)):
+        try:
+            NetConfig(mtu=mtu, enable_ipv6=ipv6)
+            stack_ok = True
+        except ConfigError:
+            stack_ok = False
+        args = [f"--mtu={mtu}", *(["-6"] if ipv6 else []), NOPID]
+        try:
+            parse(*args)
+            parsed_ok = True
+        except UsageError:
+            parsed_ok = False
+        assert parsed_ok == stack_ok, mtu
+
+
+def test_configure_addresses_match_netconfig() -> None:
+    from pyslirp.stack.config import NetConfig
+
+    for cidr in ("10.0.2.0/24", "192.168.7.0/26", "10.99.0.0/16"):
+        net = ipaddress.IPv4Network(cidr)
+        assert tap_module.ConfigureSpec.for_network(net, ipv6=True) == \
+            tap_module.ConfigureSpec.from_netconfig(NetConfig(network=net, enable_ipv6=True))
