@@ -19,7 +19,9 @@ passes (``--disable-host-loopback --mtu=65520 --enable-sandbox
 --enable-seccomp --enable-ipv6 -c -e FD -r FD PID tap0``); ``api`` adds
 ``--api-socket``. ``-v`` and ``--help`` are timed as exec to exit.
 
-Run as root: ``python3 bench/startup.py --runs 15 [--pyslirp CMD] [--only pyslirp]``.
+Run as root: ``python3 bench/startup.py --runs 15 [--pyslirp CMD] [--baseline CMD]
+[--only pyslirp]``; CMD is e.g. ``"VENV/bin/python -I -m pyslirp"`` (what the shim
+runs) for a ``pip install .`` (not editable: its import hook costs milliseconds).
 """
 
 from __future__ import annotations
@@ -112,7 +114,9 @@ def one_start(cmd: list[str], flagset: str, userns: bool, tmp: str) -> tuple[flo
     t0 = time.monotonic_ns()
     child = os.posix_spawnp(argv[0], argv, os.environ,
                             file_actions=[(os.POSIX_SPAWN_CLOSE, ready_r),
-                                          (os.POSIX_SPAWN_CLOSE, exit_w)])
+                                          (os.POSIX_SPAWN_CLOSE, exit_w),
+                                          (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                                          (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
     try:
         deadline = t0 + 10_000_000_000
         while (tap_ms < 0 or ready_ms < 0) and time.monotonic_ns() < deadline:
@@ -153,6 +157,8 @@ def main() -> int:
     ap.add_argument("--pyslirp", default=shutil.which("pyslirp") or "pyslirp",
                     help="command for pyslirp (split with shlex)")
     ap.add_argument("--slirp4netns", default=shutil.which("slirp4netns") or "")
+    ap.add_argument("--baseline", help="another pyslirp command, measured interleaved as "
+                    "'baseline' (e.g. a venv with the code before a change)")
     ap.add_argument("--only", choices=("pyslirp", "slirp4netns"))
     ap.add_argument("--flags", default="cr,podman,api")
     ap.add_argument("--userns", action="store_true", help="targets in a new user namespace")
@@ -162,20 +168,29 @@ def main() -> int:
         programs["slirp4netns"] = [args.slirp4netns]
     if args.only:
         programs = {args.only: programs[args.only]}
+    if args.baseline:
+        programs["baseline"] = shlex.split(args.baseline)
     print(f"{'program':12} {'flags':7} {'exec->TAP ms':>22} {'exec->ready ms':>22}")
     with tempfile.TemporaryDirectory(prefix="pyslirp-startup-bench-") as tmp:
         for flagset in args.flags.split(","):
-            for name, cmd in programs.items():
-                taps, readies = [], []
-                for _ in range(args.runs):
+            taps: dict[str, list[float]] = {name: [] for name in programs}
+            readies: dict[str, list[float]] = {name: [] for name in programs}
+            for _ in range(args.runs):  # interleaved, so a load change hits both alike
+                for name, cmd in programs.items():
                     tap, ready = one_start(cmd, flagset, args.userns, tmp)
-                    taps.append(tap)
-                    readies.append(ready)
-                print(f"{name:12} {flagset:7} {_fmt(taps):>22} {_fmt(readies):>22}")
-    for opt in ("-v", "--help"):
-        runs = [time_exit(programs.get("pyslirp", shlex.split(args.pyslirp)) + [opt])
-                for _ in range(args.runs)]
-        print(f"{'pyslirp':12} {opt:7} {'exec->exit ms':>22} {_fmt(runs):>22}")
+                    taps[name].append(tap)
+                    readies[name].append(ready)
+            for name in programs:
+                print(f"{name:12} {flagset:7} {_fmt(taps[name]):>22} {_fmt(readies[name]):>22}")
+    pyslirp = shlex.split(args.pyslirp)
+    # The floor: the interpreter pyslirp runs in, doing nothing.
+    interpreter = [pyslirp[0], "-I"] if "python" in os.path.basename(pyslirp[0]) else \
+        [sys.executable, "-I"]
+    for label, argv in (("-v", pyslirp + ["-v"]), ("--help", pyslirp + ["--help"]),
+                        ("pass", interpreter + ["-c", "pass"])):
+        runs = [time_exit(argv) for _ in range(args.runs)]
+        name = "python" if label == "pass" else "pyslirp"
+        print(f"{name:12} {label:7} {'exec->exit ms':>22} {_fmt(runs):>22}")
     return 0
 
 
