@@ -32,11 +32,13 @@ WRAPPER = textwrap.dedent('''
     # Opened now: after --enable-sandbox the path is gone, and nothing may be imported
     # then (the answer is a repr, read back with ast.literal_eval).
     out, ready_fd = open(sys.argv[1], "w"), int(sys.argv[2])
-    seen = {}
+    seen = {"spawned": []}
 
     def hook(event, args):
         if event == "os.fork" and "tap" not in seen:
             seen["tap"] = sorted(set(sys.modules) - base)
+        elif event in ("subprocess.Popen", "os.posix_spawn", "os.exec", "os.system"):
+            seen["spawned"].append(str(args[0]))
 
     sys.addaudithook(hook)
     real_write = os.write
@@ -100,6 +102,7 @@ def test_tap_and_ready_come_before_the_engine(tmp_path: Path, options: tuple[str
     seen = _imports_at_start(tmp_path, *options)
     assert _over_budget(seen["tap"], "before_tap") == []
     assert _over_budget(seen["ready"], "before_ready") == []
+    assert seen["spawned"] == []  # no ldconfig -p (ctypes.util.find_library) on the way
 
 
 def test_api_socket_listens_before_the_engine(tmp_path: Path) -> None:
@@ -111,9 +114,13 @@ def test_api_socket_listens_before_the_engine(tmp_path: Path) -> None:
 def test_tap_comes_before_the_engine_with_podmans_hardening(tmp_path: Path) -> None:
     # The ready byte waits for the sandbox, which needs the engine loaded; the TAP does not.
     seen = _imports_at_start(tmp_path, "--disable-host-loopback", "--mtu=65520",
-                             "--enable-sandbox", "--enable-seccomp", "--enable-ipv6", "-c")
+                             "--enable-sandbox", "--enable-seccomp", "--enable-ipv6", "-c",
+                             f"--api-socket={tmp_path / 'api.sock'}")
     assert _over_budget(seen["tap"], "before_tap") == []
     assert "pyslirp.stack.stack" in seen["ready"]  # the budget test sees what it claims to
+    # Nothing is spawned on the way (ctypes.util.find_library runs ldconfig -p): here the
+    # whole start, engine, sandbox and seccomp included, comes before the ready byte.
+    assert seen["spawned"] == []
 
 
 def test_the_budget_holds_no_engine() -> None:
