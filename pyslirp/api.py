@@ -90,12 +90,13 @@ import math
 import os
 import re
 import socket
-import stat
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pyslirp import stats as stats_module
+from pyslirp.api_listen import ApiError as ApiError
+from pyslirp.api_listen import bind_unix
 
 if TYPE_CHECKING:
     from pyslirp.runtime.spec import ApiFactory
@@ -610,37 +611,8 @@ class Request:
 
 # ---- the socket ------------------------------------------------------------------------
 
-class ApiError(OSError):
-    """The API socket cannot be created; the message says why."""
-
-
-def bind_unix(path: str) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600; an old socket there is replaced."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise ApiError(exc.errno, f"api socket {path}: {exc.strerror}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ApiError(17, f"api socket {path}: exists and is not a socket")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    # umask is process-wide, but nothing else creates files while we start up.
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except (OSError, ValueError) as exc:
-        sock.close()
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ApiError(getattr(exc, "errno", None) or 22, f"api socket {path}: {why}") from None
-    finally:
-        os.umask(old)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
+# ApiError and bind_unix live in pyslirp.api_listen, which the command line imports to
+# make the socket before this module (asyncio, the stack) is loaded.
 
 
 class _Client:
@@ -660,14 +632,16 @@ class ApiServer:
     """Serves an :class:`ApiHandler` on a Unix socket with the loop's readiness callbacks."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, path: str, handler: ApiHandler, *,
-                 timeout: float = DEFAULT_TIMEOUT, max_clients: int = MAX_CLIENTS) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, max_clients: int = MAX_CLIENTS,
+                 sock: socket.socket | None = None) -> None:
+        """``sock``: the socket :func:`bind_unix` made at ``path`` already (else made here)."""
         self.loop = loop
         self.path = path
         self.handler = handler
         self.timeout = timeout
         self.max_clients = max_clients
         self.clients: dict[int, _Client] = {}
-        self._sock: socket.socket | None = bind_unix(path)
+        self._sock: socket.socket | None = sock if sock is not None else bind_unix(path)
         self._ino = os.stat(path).st_ino
         # Held so the socket file can still be removed after --enable-sandbox has
         # pivoted the root away (the path no longer resolves then; the directory fd does).
@@ -793,20 +767,22 @@ class ApiServer:
 
 
 
-def api_socket(path: str) -> ApiFactory:
+def api_socket(path: str, listener: socket.socket | None = None) -> ApiFactory:
     """The runtime plug-in serving this API at ``path`` (``--api-socket``).
 
     The runtime calls it with its loop, the link's port forwarder and the guest
     address forwards default to (pyslirp.runtime.spec.ApiFactory); the server
     it returns is closed, and the socket removed, when the runtime stops.
-    ``get_stats`` reads the stack the forwarder forwards into.
+    ``get_stats`` reads the stack the forwarder forwards into. ``listener``: the
+    socket :func:`bind_unix` made at ``path`` already (the command line binds it
+    early, before this module is imported), else it is made when the runtime calls.
     """
     def start(loop: asyncio.AbstractEventLoop, forwarder: Any,
               default_guest_addr: str) -> ApiServer:
         stack = forwarder.stack
         handler = ApiHandler(forwarder, default_guest_addr,
                              stats=lambda: stats_module.api_reply(stack))
-        server = ApiServer(loop, path, handler)
+        server = ApiServer(loop, path, handler, sock=listener)
         log.info("API socket at %s", path)
         return server
     return start

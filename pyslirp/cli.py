@@ -63,42 +63,70 @@ non-option, so the command's own options are never ours.
 :func:`main` parses, sets up logging (``pyslirp: LEVEL: message`` on stderr)
 and hands :class:`Options` to ``pyslirp.runtime.main``, which is imported only
 then so ``--help`` stays fast and independent of the runtime.
+
+Start-up order
+--------------
+podman waits for the TAP and the ready byte before it starts the container,
+so ``pyslirp [OPTION]... PID TAPNAME`` does first what those need and imports
+the engine (asyncio, uvloop, the stack: most of the start-up time) after:
+
+1. parse the command line with nothing but this module, ``ipaddress`` and
+   ``pyslirp.wire.netparams`` (no ``logging``, ``dataclasses``, ``typing`` or
+   ``pyslirp.stack``: the stack's defaults are looked up only when an option
+   needs them, and ``--help`` builds its text on demand);
+2. open the TAP (``pyslirp.runtime.tap``: fork, setns, TUNSETIFF, ``-c``);
+3. with ``--api-socket``, bind and listen on it (``pyslirp.api_listen``):
+   podman connects right after the ready byte, and its connection waits in
+   the backlog until the API server accepts it;
+4. write the ready byte: from now on the guest's frames wait in the TAP's
+   queue until the engine reads them;
+5. set up logging, import the engine, build the stack, apply
+   ``--enable-sandbox``/``--enable-seccomp`` and serve.
+
+With ``--enable-sandbox`` or ``--enable-seccomp``, step 4 comes after them
+instead, as in slirp4netns: whoever has the byte may check the process's
+capabilities, root and filter (tests/e2e/test_hardening.py does), and the
+sandbox needs the engine imported first (nothing can be imported after it).
+So podman's flags get the TAP early but the ready byte only after the
+engine is loaded. tests/test_startup_imports.py holds the modules imported
+before steps 2 and 4 to tests/startup_imports.json.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
-import re
-import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
 
 from pyslirp import __version__
-from pyslirp.logsetup import DEFAULT_LOG_LEVEL, LOG_LEVELS, PROG, setup_logging
-from pyslirp.stack.config import (
-    DEFAULT_BUSY_POLL,
-    DEFAULT_CIDR,
-    DEFAULT_CIDR6,
-    DEFAULT_MAX_BUFFERED,
-    DEFAULT_MTU,
-    MIN_MAX_BUFFERED,
-    ConfigError,
-    NetConfig,
-    parse_cidr6,
-)
 from pyslirp.wire import netparams
-from pyslirp.wire.netparams import DEFAULT_DNS_PORT, MAX_MTU, NetParamError
+from pyslirp.wire.netparams import (
+    DEFAULT_CIDR,
+    DEFAULT_DNS_PORT,
+    DEFAULT_MTU,
+    MAX_MTU,
+    NetParamError,
+)
 
+# Not typing.TYPE_CHECKING: importing typing costs start-up time ("Start-up order").
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pyslirp.runtime.spec import ServeSpec
+    import logging
+    import socket
+    from collections.abc import Iterator
+    from typing import Any, Literal
 
+    from pyslirp.runtime.spec import ServeSpec
+    from pyslirp.runtime.tap import TapHandle
+    from pyslirp.stack.config import NetConfig
+
+#: pyslirp.logsetup's PROG, DEFAULT_LOG_LEVEL and LOG_LEVELS names (that module imports
+#: logging, which waits until the TAP is open; tests/test_cli.py checks they agree).
+PROG = "pyslirp"
+DEFAULT_LOG_LEVEL = "info"
+LOG_LEVEL_NAMES = ("debug", "info", "warning", "error")
 DEFAULT_TAPNAME = "tap0"
 DEFAULT_NETNS_TYPE = "pid"
-DEFAULT_BUSY_POLL_US = round(DEFAULT_BUSY_POLL * 1e6)
 MAX_BUSY_POLL_US = 1_000_000
 #: ``--max-buffered`` suffixes (binary multiples).
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -108,8 +136,37 @@ SLIRP_MAX_MTU = MAX_MTU
 SLIRP_CONFIG_VERSION_MAX = 4
 _INT_MAX = 2**31 - 1
 
-_DNS, _LOG = DEFAULT_DNS_PORT, DEFAULT_LOG_LEVEL
-USAGE = f"""\
+
+
+def __getattr__(name: str) -> object:
+    """``USAGE`` and ``DEFAULT_BUSY_POLL_US`` need the stack's defaults: built on first use."""
+    if name == "USAGE":
+        return usage_text()
+    if name == "DEFAULT_BUSY_POLL_US":
+        from pyslirp.stack.config import DEFAULT_BUSY_POLL
+
+        return round(DEFAULT_BUSY_POLL * 1e6)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def usage_text() -> str:
+    """``--help``'s text (imports the stack's defaults, which the start path does not need)."""
+    from pyslirp.stack.config import (
+        DEFAULT_BUSY_POLL,
+        DEFAULT_CIDR6,
+        DEFAULT_MAX_BUFFERED,
+        MIN_MAX_BUFFERED,
+    )
+    return _USAGE.format(
+        PROG=PROG, DEFAULT_MTU=DEFAULT_MTU, SLIRP_MAX_MTU=SLIRP_MAX_MTU,
+        DEFAULT_CIDR=DEFAULT_CIDR, DEFAULT_NETNS_TYPE=DEFAULT_NETNS_TYPE, _DNS=DEFAULT_DNS_PORT,
+        DEFAULT_CIDR6=DEFAULT_CIDR6, _LOG=DEFAULT_LOG_LEVEL,
+        DEFAULT_BUSY_POLL_US=round(DEFAULT_BUSY_POLL * 1e6),
+        DEFAULT_MAX_BUFFERED_M=DEFAULT_MAX_BUFFERED >> 20,
+        MIN_MAX_BUFFERED_M=MIN_MAX_BUFFERED >> 20)
+
+
+_USAGE = """\
 Usage: {PROG} [OPTION]... PID|PATH [TAPNAME]
        {PROG} run [RUN-OPTION]... [--] COMMAND [ARG]...
        {PROG} shim install DIR  (write DIR/slirp4netns, which execs {PROG}; see 'shim --help')
@@ -151,7 +208,7 @@ CAP_NET_BIND_SERVICE if running as the root)
 --max-buffered=BYTES     bytes all TCP connections may hold buffered together (suffix K, M
                          or G: binary multiples); as it fills, windows toward the guest
                          close and host sockets are no longer read
-                         (default={DEFAULT_MAX_BUFFERED >> 20}M, min={MIN_MAX_BUFFERED >> 20}M)
+                         (default={DEFAULT_MAX_BUFFERED_M}M, min={MIN_MAX_BUFFERED_M}M)
 --target-type=TYPE       netns (default), or serve a VM: qemu-stream|qemu-dgram, where PATH
                          is the Unix socket for QEMU's -netdev stream|dgram
                          (pyslirp --target-type=qemu-stream [OPTION]... SOCKET)
@@ -176,55 +233,70 @@ class InfoRequested(Exception):
         self.text = text
 
 
-@dataclass(slots=True)
 class Options:
-    """Everything ``pyslirp.runtime.main`` needs to serve a namespace or run a command."""
+    """Everything ``pyslirp.runtime.main`` needs to serve a namespace or run a command.
 
-    subcommand: Literal["serve", "run"] = "serve"
-    #: The PID (normalised decimal text) or the netns path; "" for ``run``.
-    target: str = ""
-    netns_type: Literal["pid", "path"] = "pid"
-    tapname: str = DEFAULT_TAPNAME
-    configure: bool = False
-    mtu: int = DEFAULT_MTU
-    cidr: ipaddress.IPv4Network = field(
-        default_factory=lambda: ipaddress.IPv4Network(DEFAULT_CIDR))
-    disable_host_loopback: bool = False
-    disable_dns: bool = False
-    userns_path: str | None = None
-    #: The TAP's MAC address (``--macaddress``); None lets the kernel choose.
-    macaddress: bytes | None = None
-    #: ``-r``/``-e``: None when not given (slirp4netns's -1).
-    ready_fd: int | None = None
-    exit_fd: int | None = None
-    #: ``-a``/``--api-socket``: where to serve slirp4netns's JSON API (None: nowhere).
-    api_socket: str | None = None
-    #: ``--target-type``: a namespace's TAP, or a QEMU socket back end at ``target``.
-    target_type: Literal["netns", "qemu-stream", "qemu-dgram"] = "netns"
-    #: ``--dns-upstream`` in order given, as (address text, port); empty means resolv.conf.
-    dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
-    pcap: str | None = None
-    log_level: str = DEFAULT_LOG_LEVEL
-    #: False with ``--no-offload``: no vnet header, no TSO/checksum offload.
-    offload: bool = True
-    #: ``--busy-poll``: microseconds the loop keeps polling after work (0 = off).
-    busy_poll_us: int = DEFAULT_BUSY_POLL_US
-    #: ``--max-buffered``: the stack-wide TCP buffer budget in bytes.
-    max_buffered: int = DEFAULT_MAX_BUFFERED
-    #: ``-6``/``--enable-ipv6``; ``--cidr6`` (only with it).
-    enable_ipv6: bool = False
-    cidr6: ipaddress.IPv6Network = field(
-        default_factory=lambda: ipaddress.IPv6Network(DEFAULT_CIDR6))
-    #: ``--enable-sandbox`` / ``--enable-seccomp`` (pyslirp.runtime.sandbox / .seccomp).
-    enable_sandbox: bool = False
-    enable_seccomp: bool = False
-    #: ``--outbound-addr[6]`` resolved to an address (an interface name becomes its address).
-    outbound_addr: str | None = None
-    outbound_addr6: str | None = None
-    #: ``run``: the command and its arguments.
-    command: list[str] = field(default_factory=list)
-    #: Positionals after TAPNAME; slirp4netns warns about them and carries on.
-    extra_args: list[str] = field(default_factory=list)
+    A plain class (no dataclass: "Start-up order"); every field has its default
+    from :meth:`__init__`. ``None`` for ``busy_poll_us``, ``max_buffered`` and
+    ``cidr6`` means the stack's default (pyslirp.stack.config).
+    """
+
+    __slots__ = ("subcommand", "target", "netns_type", "tapname", "configure", "mtu", "cidr",
+                 "disable_host_loopback", "disable_dns", "userns_path", "macaddress",
+                 "ready_fd", "exit_fd", "api_socket", "target_type", "dns_upstreams", "pcap",
+                 "log_level", "offload", "busy_poll_us", "max_buffered", "enable_ipv6",
+                 "cidr6", "enable_sandbox", "enable_seccomp", "outbound_addr",
+                 "outbound_addr6", "command", "extra_args")
+
+    def __init__(self, subcommand: Literal["serve", "run"] = "serve",
+                 configure: bool = False) -> None:
+        self.subcommand = subcommand
+        #: The PID (normalised decimal text) or the netns path; "" for ``run``.
+        self.target = ""
+        self.netns_type: Literal["pid", "path"] = "pid"
+        self.tapname = DEFAULT_TAPNAME
+        self.configure = configure
+        self.mtu = DEFAULT_MTU
+        self.cidr = ipaddress.IPv4Network(DEFAULT_CIDR)
+        self.disable_host_loopback = False
+        self.disable_dns = False
+        self.userns_path: str | None = None
+        #: The TAP's MAC address (``--macaddress``); None lets the kernel choose.
+        self.macaddress: bytes | None = None
+        #: ``-r``/``-e``: None when not given (slirp4netns's -1).
+        self.ready_fd: int | None = None
+        self.exit_fd: int | None = None
+        #: ``-a``/``--api-socket``: where to serve slirp4netns's JSON API (None: nowhere).
+        self.api_socket: str | None = None
+        #: ``--target-type``: a namespace's TAP, or a QEMU socket back end at ``target``.
+        self.target_type: Literal["netns", "qemu-stream", "qemu-dgram"] = "netns"
+        #: ``--dns-upstream`` in order given, as (address text, port); empty means resolv.conf.
+        self.dns_upstreams: list[tuple[str, int]] = []
+        self.pcap: str | None = None
+        self.log_level = DEFAULT_LOG_LEVEL
+        #: False with ``--no-offload``: no vnet header, no TSO/checksum offload.
+        self.offload = True
+        #: ``--busy-poll``: microseconds the loop keeps polling after work (0 = off).
+        self.busy_poll_us: int | None = None
+        #: ``--max-buffered``: the stack-wide TCP buffer budget in bytes.
+        self.max_buffered: int | None = None
+        #: ``-6``/``--enable-ipv6``; ``--cidr6`` (only with it).
+        self.enable_ipv6 = False
+        self.cidr6: ipaddress.IPv6Network | None = None
+        #: ``--enable-sandbox`` / ``--enable-seccomp`` (pyslirp.runtime.sandbox / .seccomp).
+        self.enable_sandbox = False
+        self.enable_seccomp = False
+        #: ``--outbound-addr[6]`` resolved to an address (an interface name becomes its address).
+        self.outbound_addr: str | None = None
+        self.outbound_addr6: str | None = None
+        #: ``run``: the command and its arguments.
+        self.command: list[str] = []
+        #: Positionals after TAPNAME; slirp4netns warns about them and carries on.
+        self.extra_args: list[str] = []
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Options({fields})"
 
     @property
     def pid(self) -> int | None:
@@ -234,20 +306,25 @@ class Options:
             return int(self.target)
         return None
 
-    def serve_spec(self) -> ServeSpec:
-        """What the runtime is to serve for these options (raises ConfigError)."""
+    def serve_spec(self, *, ready_signalled: bool = False,
+                   api_listener: socket.socket | None = None) -> ServeSpec:
+        """What the runtime is to serve for these options (raises ConfigError).
+
+        ``ready_signalled``: the ready byte is written already, the runtime must not.
+        ``api_listener``: the ``--api-socket`` socket, bound and listening already.
+        """
         from pyslirp.runtime.spec import Hardening, ServeSpec
 
         api = None
         if self.api_socket:
             from pyslirp.api import api_socket
-            api = api_socket(self.api_socket)
+            api = api_socket(self.api_socket, api_listener)
         userns = self.userns_path or (f"/proc/{self.pid}/ns/user" if self.pid else None)
         return ServeSpec(
             net=self.net_config(), target_type=self.target_type, target=str(self.target),
             netns_type=self.netns_type, tapname=self.tapname, configure=self.configure,
             userns_path=self.userns_path, macaddress=self.macaddress, offload=self.offload,
-            ready_fd=self.ready_fd, exit_fd=self.exit_fd,
+            ready_fd=None if ready_signalled else self.ready_fd, exit_fd=self.exit_fd,
             dns_upstreams=tuple(self.dns_upstreams), pcap=self.pcap,
             outbound_addr=self.outbound_addr, outbound_addr6=self.outbound_addr6,
             hardening=Hardening(sandbox=self.enable_sandbox, seccomp=self.enable_seccomp,
@@ -256,6 +333,16 @@ class Options:
 
     def net_config(self) -> NetConfig:
         """A fresh :class:`NetConfig` for these options (raises ConfigError if inconsistent)."""
+        from pyslirp.stack.config import NetConfig
+
+        # None: the stack's default, so NetConfig is not given the keyword at all.
+        optional: dict[str, Any] = {}
+        if self.busy_poll_us is not None:
+            optional["busy_poll"] = self.busy_poll_us / 1e6
+        if self.max_buffered is not None:
+            optional["max_buffered"] = self.max_buffered
+        if self.cidr6 is not None:
+            optional["network6"] = self.cidr6
         return NetConfig(
             network=self.cidr,
             mtu=self.mtu,
@@ -265,23 +352,26 @@ class Options:
             dns_upstreams=list(self.dns_upstreams),
             vnet_hdr=self.offload,
             offload=self.offload,
-            busy_poll=self.busy_poll_us / 1e6,
-            max_buffered=self.max_buffered,
             enable_ipv6=self.enable_ipv6,
-            network6=self.cidr6,
+            **optional,
         )
 
 
 # --- getopt_long, the way glibc does it ---------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
 class _Opt:
-    long: str
-    short: str | None
-    has_arg: bool
-    #: An option slirp4netns lacks that shares a prefix with one it has: it must not make
-    #: that option's abbreviations ambiguous (``--cid`` still means ``--cidr``).
-    shadowed: bool = False
+    """One getopt_long table entry."""
+
+    __slots__ = ("long", "short", "has_arg", "shadowed")
+
+    def __init__(self, long: str, short: str | None, has_arg: bool,
+                 shadowed: bool = False) -> None:
+        self.long = long
+        self.short = short
+        self.has_arg = has_arg
+        #: An option slirp4netns lacks that shares a prefix with one it has: it must not
+        #: make that option's abbreviations ambiguous (``--cid`` still means ``--cidr``).
+        self.shadowed = shadowed
 
 
 _COMMON_OPTS = (
@@ -394,14 +484,18 @@ def _match_long(name: str, arg: str, table: tuple[_Opt, ...]) -> _Opt:
 # --- value parsers ------------------------------------------------------------------------
 
 # strtol(s, &end, 10) with *end == '\0': C-locale isspace, optional sign, decimal digits.
-_STRTOL = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+# Checked by hand, not with a regular expression: ``re`` costs start-up time.
+_C_SPACE = " \t\n\v\f\r"
+_ASCII_DIGITS = frozenset("0123456789")
 
 
 def _strtol(text: str) -> int | None:
     """The integer slirp4netns would read from ``text``, or None where it reports an error."""
-    if not _STRTOL.fullmatch(text):
+    body = text.lstrip(_C_SPACE)
+    digits = body[1:] if body[:1] in ("+", "-") else body
+    if not digits or not _ASCII_DIGITS.issuperset(digits):
         return None
-    value = int(text)
+    value = int(body)
     # strtol sets ERANGE beyond a long; anything past an int is nonsense for our fields anyway.
     return value if -_INT_MAX - 1 <= value <= _INT_MAX else None
 
@@ -513,6 +607,11 @@ def _path_error(path: str) -> str | None:
 def git_commit() -> str:
     """``git describe`` of the source tree pyslirp runs from, or "unknown" outside a checkout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # An installed copy (no .git beside the package) needs no git process: -v stays fast.
+    if not os.path.exists(os.path.join(root, ".git")):
+        return "unknown"
+    import subprocess
+
     try:
         top = subprocess.run(["git", "-C", root, "rev-parse", "--show-toplevel"],
                              capture_output=True, text=True, timeout=5, check=True).stdout.strip()
@@ -556,70 +655,93 @@ def parse_args(argv: list[str]) -> Options:
         return _parse_run(argv[1:])
     opts = Options()
     positionals: list[str] = []
-    cidr_text: str | None = None
-    mac_text: str | None = None
-    cidr6_text: str | None = None
+    texts = _LaterChecked()
     for opt, value in _getopt(argv, _SERVE_OPTS, positionals, permute=True):
-        name = opt.long
-        if name == "configure":
-            opts.configure = True
-        elif name == "exit-fd":
-            opts.exit_fd = _parse_fd(_val(value), "exit-fd")
-        elif name == "ready-fd":
-            opts.ready_fd = _parse_fd(_val(value), "ready-fd")
-        elif name == "enable-ipv6":
-            opts.enable_ipv6 = True
-        elif name == "cidr6":
-            cidr6_text = _val(value)
-        elif name == "enable-sandbox":
-            opts.enable_sandbox = True
-        elif name == "enable-seccomp":
-            opts.enable_seccomp = True
-        elif name == "outbound-addr":
-            opts.outbound_addr = _parse_outbound(_val(value), 4)
-        elif name == "outbound-addr6":
-            opts.outbound_addr6 = _parse_outbound(_val(value), 6)
-        elif name == "netns-type":
-            if value == "pid":
-                opts.netns_type = "pid"
-            elif value == "path":
-                opts.netns_type = "path"
-            else:
-                raise UsageError('--netns-type must be either "pid" or "path"')
-        elif name == "userns-path":
-            path = _val(value)
-            if _path_error(path) is not None:
-                raise UsageError(f"userns path doesn't exist: {path}")
-            opts.userns_path = path
-        elif name == "target-type":
-            if value not in ("netns", "qemu-stream", "qemu-dgram"):
-                raise UsageError("--target-type must be one of netns, qemu-stream, qemu-dgram "
-                                 f"(not '{value}')")
-            opts.target_type = value  # type: ignore[assignment]
-        elif name == "api-socket":
-            # slirp4netns takes any string (an empty one fails at bind time); we say so now.
-            if not value:
-                raise UsageError("--api-socket needs a path")
-            opts.api_socket = value
-        elif name == "version":
-            raise InfoRequested(version_text())
-        else:
-            cidr_text, mac_text = _common_option(opts, name, value, cidr_text, mac_text)
-
-    if cidr6_text is not None:
+        if not _serve_option(opts, opt.long, value, texts):
+            texts.cidr, texts.mac = _common_option(opts, opt.long, value, texts.cidr, texts.mac)
+    if texts.cidr6 is not None:
         if not opts.enable_ipv6:
             raise UsageError("--cidr6 applies only with -6/--enable-ipv6")
+        from pyslirp.stack.config import ConfigError, parse_cidr6  # a rare option: pay here
         try:
-            opts.cidr6 = parse_cidr6(cidr6_text)
+            opts.cidr6 = parse_cidr6(texts.cidr6)
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
     # The checks slirp4netns makes after its getopt loop, in its order.
-    if mac_text is not None and not opts.configure:
+    if texts.mac is not None and not opts.configure:
         raise UsageError("--macaddr cannot be specified when --configure or -c is not specified")
     if opts.target_type != "netns":
-        _finish_qemu(opts, positionals, mac_text)
-        _finish(opts, cidr_text, None)
+        _finish_qemu(opts, positionals, texts.mac)
+        _finish(opts, texts.cidr, None)
         return opts
+    _finish_target(opts, positionals)
+    _finish(opts, texts.cidr, texts.mac)
+    return opts
+
+
+class _LaterChecked:
+    """Option texts checked after the loop, in slirp4netns's order (CIDR, MAC) or ours."""
+
+    __slots__ = ("cidr", "mac", "cidr6")
+
+    def __init__(self) -> None:
+        self.cidr: str | None = None
+        self.mac: str | None = None
+        self.cidr6: str | None = None
+
+
+def _serve_option(opts: Options, name: str, value: str | None,
+                  texts: _LaterChecked) -> bool:
+    """Apply an option only the serving form has; False if it is a common one."""
+    if name == "configure":
+        opts.configure = True
+    elif name == "exit-fd":
+        opts.exit_fd = _parse_fd(_val(value), "exit-fd")
+    elif name == "ready-fd":
+        opts.ready_fd = _parse_fd(_val(value), "ready-fd")
+    elif name == "enable-ipv6":
+        opts.enable_ipv6 = True
+    elif name == "cidr6":
+        texts.cidr6 = _val(value)
+    elif name == "enable-sandbox":
+        opts.enable_sandbox = True
+    elif name == "enable-seccomp":
+        opts.enable_seccomp = True
+    elif name == "outbound-addr":
+        opts.outbound_addr = _parse_outbound(_val(value), 4)
+    elif name == "outbound-addr6":
+        opts.outbound_addr6 = _parse_outbound(_val(value), 6)
+    elif name == "netns-type":
+        if value == "pid":
+            opts.netns_type = "pid"
+        elif value == "path":
+            opts.netns_type = "path"
+        else:
+            raise UsageError('--netns-type must be either "pid" or "path"')
+    elif name == "userns-path":
+        path = _val(value)
+        if _path_error(path) is not None:
+            raise UsageError(f"userns path doesn't exist: {path}")
+        opts.userns_path = path
+    elif name == "target-type":
+        if value not in ("netns", "qemu-stream", "qemu-dgram"):
+            raise UsageError("--target-type must be one of netns, qemu-stream, qemu-dgram "
+                             f"(not '{value}')")
+        opts.target_type = value  # type: ignore[assignment]
+    elif name == "api-socket":
+        # slirp4netns takes any string (an empty one fails at bind time); we say so now.
+        if not value:
+            raise UsageError("--api-socket needs a path")
+        opts.api_socket = value
+    elif name == "version":
+        raise InfoRequested(version_text())
+    else:
+        return False
+    return True
+
+
+def _finish_target(opts: Options, positionals: list[str]) -> None:
+    """PID|PATH [TAPNAME] [extra...] for ``--target-type=netns``."""
     if not positionals:
         raise UsageError(f"missing PID|PATH argument (see '{PROG} --help')")
     target = positionals[0]
@@ -636,8 +758,6 @@ def parse_args(argv: list[str]) -> Options:
     if len(positionals) > 1:
         opts.tapname = _parse_tapname(positionals[1])
     opts.extra_args = positionals[2:]
-    _finish(opts, cidr_text, mac_text)
-    return opts
 
 
 def _finish_qemu(opts: Options, positionals: list[str], mac_text: str | None) -> None:
@@ -674,7 +794,7 @@ def _common_option(opts: Options, name: str, value: str | None, cidr_text: str |
                    mac_text: str | None) -> tuple[str | None, str | None]:
     """Apply an option shared by both forms; CIDR and MAC text are returned for later checks."""
     if name == "help":
-        raise InfoRequested(USAGE)
+        raise InfoRequested(usage_text())
     if name == "mtu":
         opts.mtu = _parse_mtu(_val(value))
     elif name == "cidr":
@@ -693,8 +813,8 @@ def _common_option(opts: Options, name: str, value: str | None, cidr_text: str |
         opts.pcap = value
     elif name == "log-level":
         level = _val(value).lower()
-        if level not in LOG_LEVELS:
-            raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)} "
+        if level not in LOG_LEVEL_NAMES:
+            raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVEL_NAMES)} "
                              f"(not '{value}')")
         opts.log_level = level
     elif name == "no-offload":
@@ -707,6 +827,8 @@ def _common_option(opts: Options, name: str, value: str | None, cidr_text: str |
         opts.busy_poll_us = int(text)
     elif name == "max-buffered":
         size = _parse_size("--max-buffered", _val(value))
+        from pyslirp.stack.config import MIN_MAX_BUFFERED  # a rare option: pay here
+
         if size < MIN_MAX_BUFFERED:
             raise UsageError(f"--max-buffered must be at least {MIN_MAX_BUFFERED >> 20}M "
                              f"(not '{value}')")
@@ -722,10 +844,18 @@ def _finish(opts: Options, cidr_text: str | None, mac_text: str | None) -> None:
         opts.cidr = _parse_cidr(cidr_text)
     if mac_text is not None:
         opts.macaddress = _parse_mac(mac_text)
+    # NetConfig's own checks, made without importing the stack ("Start-up order");
+    # the runtime builds the NetConfig later, and tests/test_cli.py checks both agree.
     try:
-        opts.net_config()
-    except ConfigError as exc:
+        netparams.check_mtu(opts.mtu)
+    except NetParamError as exc:
         raise UsageError(str(exc)) from None
+    if opts.enable_ipv6:
+        from pyslirp.wire.ipv6 import MIN_MTU as IPV6_MIN_MTU
+
+        if opts.mtu < IPV6_MIN_MTU:
+            raise UsageError(f"MTU {opts.mtu} is too small for IPv6 (at least "
+                             f"{IPV6_MIN_MTU}, RFC 8200)")
 
 
 def _parse_tapname(text: str) -> str:
@@ -742,6 +872,8 @@ def _parse_tapname(text: str) -> str:
 
 def _parse_size(option: str, text: str) -> int:
     """BYTES with an optional K/M/G suffix (binary multiples)."""
+    import re  # only for this rare option: re costs start-up time
+
     match = re.fullmatch(r"([0-9]+)([KMG]?)", text.strip().upper())
     if match is None or not text.isascii():
         raise UsageError(f"{option} must be a byte count, optionally with a K, M or G suffix "
@@ -755,9 +887,7 @@ def _val(value: str | None) -> str:
     return value
 
 
-# --- logging and main ---------------------------------------------------------------------
-
-log = logging.getLogger(PROG)
+# --- main ---------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -790,26 +920,96 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    try:
+        if opts.subcommand == "serve" and opts.target_type == "netns":
+            return _serve_namespace(opts)
+        return _serve_other(opts)
+    except KeyboardInterrupt:
+        # The runtime handles SIGINT once its loop runs; this covers the moments before.
+        return 128 + 2
+
+
+def _start_logging(opts: Options) -> logging.Logger:
+    """Logging on stderr at the asked level, and the warnings about the command line."""
+    import logging
+
+    from pyslirp.logsetup import setup_logging
+
     setup_logging(opts.log_level)
+    log = logging.getLogger(PROG)
     if opts.extra_args:
         log.warning("too many arguments")
     if opts.enable_ipv6:
         log.warning("--enable-ipv6: TCP, UDP and DNS over IPv6 are forwarded; IPv6 port "
                     "forwarding, ICMPv6 to the outside and IPv6 fragments are not served yet")
+    return log
+
+
+def _serve_namespace(opts: Options) -> int:
+    """slirp4netns's job, in the "Start-up order" of the module doc: TAP, ready, engine."""
+    tap = _open_tap_early(opts)
+    if isinstance(tap, str):
+        _start_logging(opts).error("%s", tap)
+        return 1
+    listener = None
+    if opts.api_socket is not None:  # slirp4netns's order: TAP, API socket, ready
+        from pyslirp.api_listen import bind_unix
+
+        try:
+            listener = bind_unix(opts.api_socket)
+        except OSError as exc:
+            tap.close()
+            _start_logging(opts).error("%s", exc)
+            return 1
+    # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
+    # does: a caller may check the hardening as soon as it has the byte.
+    ready_now = not (opts.enable_sandbox or opts.enable_seccomp)
+    problem = None
+    if ready_now:
+        from pyslirp.runtime.ready import write_ready
+
+        problem = write_ready(opts.ready_fd)
+    log = _start_logging(opts)
+    if problem:
+        log.warning("%s", problem)
     try:
-        from pyslirp.runtime.main import run_command, serve_namespace
+        from pyslirp.runtime.main import serve_namespace
+    except ImportError as exc:
+        log.error("the runtime is not available: %s", exc)
+        tap.close()
+        return 1
+    return serve_namespace(opts.serve_spec(ready_signalled=ready_now, api_listener=listener),
+                           tap=tap)
+
+
+def _open_tap_early(opts: Options) -> TapHandle | str:
+    """The TAP for ``opts``, or the one-line reason it cannot be opened."""
+    from pyslirp.runtime.tap import ConfigureSpec, open_tap
+
+    # slirp4netns sets MTU and MAC only with --configure; without it the TAP is left as is.
+    configure = ConfigureSpec.for_network(opts.cidr, opts.enable_ipv6) if opts.configure \
+        else None
+    try:
+        return open_tap(opts.target, opts.netns_type, tapname=opts.tapname,
+                        userns_path=opts.userns_path,
+                        mtu=opts.mtu if opts.configure else None, configure=configure,
+                        mac=opts.macaddress if opts.configure else None,
+                        vnet_hdr=opts.offload, offload=opts.offload)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return str(exc)
+
+
+def _serve_other(opts: Options) -> int:
+    """``pyslirp run`` and the QEMU back ends: no TAP to open first."""
+    log = _start_logging(opts)
+    try:
+        from pyslirp.runtime.main import run_command
     except ImportError as exc:
         log.error("the runtime is not available: %s", exc)
         return 1
     spec = opts.serve_spec()
-    try:
-        if opts.subcommand == "run":
-            return run_command(spec)
-        if opts.target_type != "netns":
-            from pyslirp.runtime.qemu import serve_qemu
+    if opts.subcommand == "run":
+        return run_command(spec)
+    from pyslirp.runtime.qemu import serve_qemu
 
-            return serve_qemu(spec)
-        return serve_namespace(spec)
-    except KeyboardInterrupt:
-        # The runtime handles SIGINT once its loop runs; this covers the moments before.
-        return 128 + 2
+    return serve_qemu(spec)

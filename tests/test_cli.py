@@ -21,6 +21,8 @@ import pytest
 
 from pyslirp import cli, logsetup
 from pyslirp.cli import InfoRequested, Options, UsageError, main, parse_args
+from pyslirp.runtime import tap as tap_module
+from pyslirp.runtime.tap import TapHandle
 
 NOPID = "999999999"  # > PID_MAX_LIMIT (2**22): never a live process
 SLIRP4NETNS = shutil.which("slirp4netns")
@@ -462,7 +464,7 @@ def test_version_layout(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_git_commit_unknown_without_git(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_git(*_a: object, **_k: object) -> None:
         raise FileNotFoundError("git")
-    monkeypatch.setattr(cli.subprocess, "run", no_git)
+    monkeypatch.setattr(subprocess, "run", no_git)
     assert cli.git_commit() == "unknown"
 
 
@@ -471,7 +473,7 @@ def test_git_commit_ignores_an_enclosing_foreign_repository(
     def foreign(args: list[str], **_k: object) -> subprocess.CompletedProcess[str]:
         out = "/somewhere/else\n" if "rev-parse" in args else "deadbee\n"
         return subprocess.CompletedProcess(args, 0, out, "")
-    monkeypatch.setattr(cli.subprocess, "run", foreign)
+    monkeypatch.setattr(subprocess, "run", foreign)
     assert cli.git_commit() == "unknown"
 
 
@@ -481,7 +483,7 @@ def test_git_commit_reports_describe_of_our_checkout(monkeypatch: pytest.MonkeyP
     def ours(args: list[str], **_k: object) -> subprocess.CompletedProcess[str]:
         out = root + "\n" if "rev-parse" in args else "v0.1.0-dirty\n"
         return subprocess.CompletedProcess(args, 0, out, "")
-    monkeypatch.setattr(cli.subprocess, "run", ours)
+    monkeypatch.setattr(subprocess, "run", ours)
     assert cli.git_commit() == "v0.1.0-dirty"
 
 
@@ -492,6 +494,7 @@ class FakeRuntime:
         self.calls: list[tuple[str, Options]] = []
         self.status = 0
         self.raise_exc: BaseException | None = None
+        self.taps: list[tuple[str, str, dict[str, object]]] = []
 
     def _record(self, kind: str, opts: Options) -> int:
         self.calls.append((kind, opts))
@@ -505,20 +508,34 @@ class FakeRuntime:
             raise self.raise_exc
         return self.status
 
+    def open_tap(self, target: str, netns_type: str, **kwargs: object) -> TapHandle:
+        self.taps.append((target, netns_type, kwargs))
+        return TapHandle(fd=-1, name=str(kwargs.get("tapname", "tap0")), vnet_hdr=True,
+                         offload=True, uso=False, mac=bytes(6), mtu=1500)
+
 
 @pytest.fixture
 def runtime(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
     fake = FakeRuntime()
     module = types.ModuleType("pyslirp.runtime.main")
-    module.serve_namespace = lambda spec: fake._record("serve", spec)  # type: ignore[attr-defined]
+    module.serve_namespace = (  # type: ignore[attr-defined]
+        lambda spec, tap=None: fake._record("serve", spec))
     module.run_command = lambda spec: fake._record("run", spec)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pyslirp.runtime.main", module)
+    # The command line opens the TAP itself before it imports the runtime (cli's
+    # "Start-up order"): that is faked too, recording what was asked for.
+    monkeypatch.setattr(tap_module, "open_tap", fake.open_tap)
     return fake
 
 
 def test_main_serves_namespace(runtime: FakeRuntime, capsys: pytest.CaptureFixture[str]) -> None:
     runtime.status = 3
     assert main(["-c", "--mtu=9000", NOPID, "tap9"]) == 3
+    [(target, netns_type, tap_args)] = runtime.taps
+    assert (target, netns_type, tap_args["tapname"], tap_args["mtu"]) == \
+        ("999999999", "pid", "tap9", 9000)
+    assert tap_args["configure"] == tap_module.ConfigureSpec(
+        ipaddress.IPv4Interface("10.0.2.100/24"), ipaddress.IPv4Address("10.0.2.2"))
     [(kind, spec)] = runtime.calls
     assert kind == "serve" and spec.target == "999999999" and spec.tapname == "tap9"
     assert spec.net.mtu == 9000 and spec.configure
@@ -587,7 +604,7 @@ def test_main_help_and_version_go_to_stdout(runtime: FakeRuntime,
     assert runtime.calls == []
 
 
-def test_main_without_runtime_fails_cleanly(monkeypatch: pytest.MonkeyPatch,
+def test_main_without_runtime_fails_cleanly(monkeypatch: pytest.MonkeyPatch, runtime: FakeRuntime,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "pyslirp.runtime.main", None)
     assert main([NOPID]) == 1
@@ -797,3 +814,39 @@ def test_version_reports_the_seccomp_library() -> None:
     line = cli.version_text().splitlines()[-1]
     version = seccomp.libseccomp_version()
     assert line == f"libseccomp: {version or '(not installed; built-in BPF filter)'}"
+
+
+# --- the start path's own copies of other modules' facts ("Start-up order") -------------
+
+def test_log_level_names_match_logsetup() -> None:
+    assert tuple(logsetup.LOG_LEVELS) == cli.LOG_LEVEL_NAMES
+    assert (cli.PROG, cli.DEFAULT_LOG_LEVEL) == (logsetup.PROG, logsetup.DEFAULT_LOG_LEVEL)
+
+
+@pytest.mark.parametrize("ipv6", [False, True])
+def test_parse_refuses_exactly_the_mtus_netconfig_refuses(ipv6: bool) -> None:
+    # The parser checks without importing the stack; the stack must agree on every MTU.
+    from pyslirp.stack.config import ConfigError, NetConfig
+
+    for mtu in (*range(1, 1300), *range(65500, cli.SLIRP_MAX_MTU + 1)):
+        try:
+            NetConfig(mtu=mtu, enable_ipv6=ipv6)
+            stack_ok = True
+        except ConfigError:
+            stack_ok = False
+        args = [f"--mtu={mtu}", *(["-6"] if ipv6 else []), NOPID]
+        try:
+            parse(*args)
+            parsed_ok = True
+        except UsageError:
+            parsed_ok = False
+        assert parsed_ok == stack_ok, mtu
+
+
+def test_configure_addresses_match_netconfig() -> None:
+    from pyslirp.stack.config import NetConfig
+
+    for cidr in ("10.0.2.0/24", "192.168.7.0/26", "10.99.0.0/16"):
+        net = ipaddress.IPv4Network(cidr)
+        assert tap_module.ConfigureSpec.for_network(net, ipv6=True) == \
+            tap_module.ConfigureSpec.from_netconfig(NetConfig(network=net, enable_ipv6=True))

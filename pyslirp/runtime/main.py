@@ -20,21 +20,24 @@ plug-in (``ServeSpec.api``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyslirp.runtime import malloc
 from pyslirp.runtime.attachment import Attachment
 from pyslirp.runtime.device import Device, TapDevice
 from pyslirp.runtime.pcap import PcapWriter
+from pyslirp.runtime.ready import write_ready
 from pyslirp.runtime.spec import ApiFactory, Closeable, ServeSpec
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.dns import parse_resolv_conf
+
+if TYPE_CHECKING:
+    from pyslirp.runtime.tap import TapHandle
 
 log = logging.getLogger("pyslirp")
 
@@ -172,16 +175,10 @@ class Server:
 
 
 def signal_ready(fd: int | None) -> None:
-    """slirp4netns's ``-r FD``: write "1" to the ready fd and close it."""
-    if fd is None or fd < 0:
-        return
-    try:
-        os.write(fd, b"1")
-    except OSError as exc:
-        log.warning("cannot write to ready fd %d: %s", fd, exc.strerror)
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    """slirp4netns's ``-r FD``: write "1" to the ready fd and close it (a failure is logged)."""
+    problem = write_ready(fd)
+    if problem:
+        log.warning("%s", problem)
 
 
 def _open_tap_for(spec: ServeSpec, target: str, netns_type: str, tapname: str,
@@ -197,15 +194,22 @@ def _open_tap_for(spec: ServeSpec, target: str, netns_type: str, tapname: str,
                     vnet_hdr=spec.offload, offload=spec.offload), config
 
 
-def serve_namespace(spec: ServeSpec) -> int:
-    """``pyslirp [OPTIONS] PID|PATH [TAPNAME]``: serve until killed."""
+def serve_namespace(spec: ServeSpec, tap: TapHandle | None = None) -> int:
+    """``pyslirp [OPTIONS] PID|PATH [TAPNAME]``: serve until killed.
+
+    ``tap``: the TAP the front end opened already for ``spec`` (pyslirp.cli opens it
+    before importing this module, "Start-up order"); it is ours to close.
+    """
     started = time.monotonic()
-    try:
-        tap, config = _open_tap_for(spec, spec.target, spec.netns_type, spec.tapname,
-                                    spec.configure, spec.userns_path)
-    except (OSError, RuntimeError, ValueError) as exc:
-        log.error("%s", exc)
-        return 1
+    if tap is not None:
+        config = spec.fresh_config()
+    else:
+        try:
+            tap, config = _open_tap_for(spec, spec.target, spec.netns_type, spec.tapname,
+                                        spec.configure, spec.userns_path)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.error("%s", exc)
+            return 1
     config.vnet_hdr = tap.vnet_hdr
     config.offload = tap.offload
     server = Server(tap.fd, config, tap_name=tap.name, pcap_path=spec.pcap,

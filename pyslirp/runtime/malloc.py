@@ -27,7 +27,6 @@ objects are views and tuples that reference counting frees anyway).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 
@@ -44,11 +43,9 @@ TOP_PAD = 4 << 20
 
 def tune() -> bool:
     """Apply the thresholds; False when this is not glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
+        # glibc by its soname: ctypes.util.find_library would run ``ldconfig -p`` at start-up.
+        libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False

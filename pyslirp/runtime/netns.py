@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
-from collections.abc import Iterable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 # <linux/sched.h>
 CLONE_NEWTIME = 0x00000080
@@ -66,7 +68,21 @@ PR_SET_DUMPABLE = 4
 # <linux/nsfs.h>: _IO(0xb7, 0x1), an fd for the user namespace owning a namespace.
 NS_GET_USERNS = 0xB701
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _load_libc() -> ctypes.CDLL:
+    """The C library, by soname: ctypes.util.find_library would run ``ldconfig -p``.
+
+    dlopen(NULL) (the interpreter's own symbols, libc among them) is the fallback,
+    for a C library under another soname (musl).
+    """
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # pragma: no cover - glibc is libc.so.6 on every Linux port
+        return ctypes.CDLL(None, use_errno=True)
+
+
+_libc = _load_libc()
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.setns.restype = ctypes.c_int
 _libc.unshare.argtypes = [ctypes.c_int]

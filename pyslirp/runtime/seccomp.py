@@ -50,7 +50,6 @@ prepared when this module was imported.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -200,7 +199,10 @@ def _load_libseccomp() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
-        name = ctypes.util.find_library("seccomp")
+        # Only now: find_library runs ``ldconfig -p`` in a subprocess (start-up cost).
+        from ctypes.util import find_library
+
+        name = find_library("seccomp")
         if name is None:
             return None
         try:

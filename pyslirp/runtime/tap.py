@@ -56,6 +56,14 @@ namespace forwards (1 ignores RAs then), in ``/proc/sys/net/ipv6/conf/TAP``
 written (a rootless namespace may refuse writes it does not need); a kernel
 without IPv6 (no such directory) is an error naming it.
 
+Start-up cost: the command line opens the TAP before it imports the engine
+(``pyslirp.cli``, "Start-up order"), so this module imports only the
+standard library modules a bare interpreter has anyway plus ``socket``,
+``ctypes`` and ``ipaddress``: no ``dataclasses``, ``json`` or
+``pyslirp.stack`` (tests/startup_imports.json holds the list). The child's
+answer is therefore newline-separated text, not JSON: a TAP name cannot
+contain whitespace (the kernel refuses it).
+
 What it deliberately does not do: static IPv6 addresses (SLAAC does that),
 multiqueue TAPs, persisting the device (it lives as long as the fd unless it
 existed before).
@@ -69,17 +77,20 @@ import errno
 import fcntl
 import gc
 import ipaddress
-import json
 import os
 import signal
 import socket
 import struct
-from dataclasses import dataclass
-from typing import Any
 
 from pyslirp.runtime import netns
-from pyslirp.stack.config import MAX_MTU, MIN_MTU, NetConfig
 from pyslirp.wire.ethernet import mac_to_str
+from pyslirp.wire.netparams import MAX_MTU, MIN_MTU
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at start-up (see the module doc)
+    from typing import Any
+
+    from pyslirp.stack.config import NetConfig
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
@@ -126,16 +137,50 @@ class TapError(OSError):
     """The TAP could not be opened; the message is one line naming the cause."""
 
 
-@dataclass(frozen=True, slots=True)
 class ConfigureSpec:
-    """What ``slirp4netns --configure`` sets up on the TAP."""
+    """What ``slirp4netns --configure`` sets up on the TAP (immutable).
 
+    A plain class, not a dataclass: see "Start-up cost" in the module doc.
+    """
+
+    __slots__ = ("address", "gateway", "ipv6")
     #: Address and prefix, e.g. ``10.0.2.100/24``.
     address: ipaddress.IPv4Interface
     #: Default route via this address (None: no default route).
     gateway: ipaddress.IPv4Address | None
     #: Let the guest's kernel take IPv6 from our router advertisements (see the module doc).
-    ipv6: bool = False
+    ipv6: bool
+
+    def __init__(self, address: ipaddress.IPv4Interface,
+                 gateway: ipaddress.IPv4Address | None, ipv6: bool = False) -> None:
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "gateway", gateway)
+        object.__setattr__(self, "ipv6", ipv6)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ConfigureSpec is immutable (cannot set {name})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ConfigureSpec):
+            return NotImplemented
+        return (self.address, self.gateway, self.ipv6) == (other.address, other.gateway,
+                                                           other.ipv6)
+
+    def __hash__(self) -> int:
+        return hash((self.address, self.gateway, self.ipv6))
+
+    def __repr__(self) -> str:
+        return f"ConfigureSpec({self.address!r}, {self.gateway!r}, ipv6={self.ipv6})"
+
+    @classmethod
+    def for_network(cls, network: ipaddress.IPv4Network, ipv6: bool = False) -> ConfigureSpec:
+        """slirp4netns's layout: the TAP at network + 100, the default route via + 2.
+
+        The same addresses as NetConfig.guest_addr / .gateway, without importing the stack.
+        """
+        base = network.network_address
+        return cls(ipaddress.IPv4Interface(f"{base + 100}/{network.prefixlen}"), base + 2,
+                   ipv6=ipv6)
 
     @classmethod
     def from_netconfig(cls, cfg: NetConfig) -> ConfigureSpec:
@@ -144,10 +189,10 @@ class ConfigureSpec:
                    ipaddress.IPv4Address(cfg.gateway), ipv6=cfg.enable_ipv6)
 
 
-@dataclass(slots=True)
 class TapHandle:
     """An open TAP. ``fd`` is non-blocking and close-on-exec; it is ours to close."""
 
+    __slots__ = ("fd", "name", "vnet_hdr", "offload", "uso", "mac", "mtu")
     fd: int
     name: str
     #: Frames carry a 12-byte virtio-net header (pyslirp.wire.vnet).
@@ -159,6 +204,16 @@ class TapHandle:
     #: The TAP's own MAC address (the guest side of the link).
     mac: bytes
     mtu: int
+
+    def __init__(self, fd: int, name: str, vnet_hdr: bool, offload: bool, uso: bool,
+                 mac: bytes, mtu: int) -> None:
+        self.fd, self.name, self.vnet_hdr, self.offload = fd, name, vnet_hdr, offload
+        self.uso, self.mac, self.mtu = uso, mac, mtu
+
+    def __repr__(self) -> str:
+        return (f"TapHandle(fd={self.fd}, name={self.name!r}, vnet_hdr={self.vnet_hdr}, "
+                f"offload={self.offload}, uso={self.uso}, mac={self.mac.hex(':')}, "
+                f"mtu={self.mtu})")
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -263,18 +318,26 @@ def _receive(sock: socket.socket, pid: int, timeout: float) -> TapHandle:
             os.close(fd)
         raise TapError(f"TAP helper process died without an answer "
                        f"(exit status {os.waitstatus_to_exitcode(status)})")
-    reply: dict[str, Any] = json.loads(msg)
-    if "error" in reply or len(fds) != 1:
+    kind, _, rest = msg.decode(errors="replace").partition("\n")
+    if kind != "ok" or len(fds) != 1:
         for fd in fds:
             os.close(fd)
-        raise TapError(reply.get("error", "TAP helper sent no file descriptor"))
+        raise TapError(rest if kind == "error" else "TAP helper sent no file descriptor")
     fd = fds[0]
     # recv_fds does not ask for MSG_CMSG_CLOEXEC: a spawned command must not inherit the TAP.
     os.set_inheritable(fd, False)
     os.set_blocking(fd, False)
-    return TapHandle(fd=fd, name=reply["name"], vnet_hdr=reply["vnet_hdr"],
-                     offload=reply["offload"], uso=reply["uso"],
-                     mac=bytes.fromhex(reply["mac"]), mtu=reply["mtu"])
+    name, vnet_hdr, offload, uso, mac, mtu = rest.split("\n")
+    return TapHandle(fd=fd, name=name, vnet_hdr=vnet_hdr == "1", offload=offload == "1",
+                     uso=uso == "1", mac=bytes.fromhex(mac), mtu=int(mtu))
+
+
+def _encode_reply(name: str, vnet_hdr: bool, offload: bool, uso: bool, mac: bytes,
+                  mtu: int) -> bytes:
+    """The child's answer: "ok" and the fields, one a line (see _receive)."""
+    fields = ["ok", name, *("1" if f else "0" for f in (vnet_hdr, offload, uso)), mac.hex(),
+              str(mtu)]
+    return "\n".join(fields).encode()
 
 
 # ---------------------------------------------------------------------------- child side
@@ -288,9 +351,9 @@ def _child_main(sock: socket.socket, netns_path: str, userns_path: str | None,
     try:
         netns.forked_child_signal_hygiene()
         _child_harden(sock)
-        fd, info = _child_open(netns_path, userns_path, tapname, mtu, configure, mac,
-                               want_vnet_hdr, want_offload)
-        socket.send_fds(sock, [json.dumps(info).encode()], [fd])
+        fd, reply = _child_open(netns_path, userns_path, tapname, mtu, configure, mac,
+                                want_vnet_hdr, want_offload)
+        socket.send_fds(sock, [reply], [fd])
         code = 0
     except _ChildFailure as exc:
         _child_report(sock, str(exc))
@@ -321,7 +384,7 @@ def _child_harden(sock: socket.socket) -> None:  # pragma: no cover - forked chi
 
 def _child_report(sock: socket.socket, message: str) -> None:  # pragma: no cover
     with contextlib.suppress(OSError):
-        sock.send(json.dumps({"error": message}).encode())
+        sock.send(f"error\n{message}".encode())
 
 
 def _why(exc: OSError) -> str:
@@ -330,7 +393,7 @@ def _why(exc: OSError) -> str:
 
 def _child_open(netns_path: str, userns_path: str | None, tapname: str, mtu: int | None,
                 configure: ConfigureSpec | None, mac: bytes | None, want_vnet_hdr: bool,
-                want_offload: bool) -> tuple[int, dict[str, Any]]:  # pragma: no cover
+                want_offload: bool) -> tuple[int, bytes]:  # pragma: no cover
     # Open both namespace files before moving: after joining a user namespace
     # /proc permission checks are made with the new credentials.
     try:
@@ -387,8 +450,7 @@ def _child_open(netns_path: str, userns_path: str | None, tapname: str, mtu: int
         got_mtu = _IFREQ_INT.unpack(fcntl.ioctl(ctl, SIOCGIFMTU, _IFREQ_INT.pack(_ifn(name), 0)))[1]
     finally:
         ctl.close()
-    return fd, {"name": name, "vnet_hdr": vnet_hdr, "offload": offload, "uso": uso,
-                "mac": got_mac.hex(), "mtu": got_mtu}
+    return fd, _encode_reply(name, vnet_hdr, offload, uso, got_mac, got_mtu)
 
 
 def _ifn(name: str) -> bytes:
