@@ -947,6 +947,9 @@ def _start_logging(opts: Options) -> logging.Logger:
 
 def _serve_namespace(opts: Options) -> int:
     """slirp4netns's job, in the "Start-up order" of the module doc: TAP, ready, engine."""
+    from pyslirp.runtime.ready import trap_stop_signals
+
+    trap_stop_signals()  # a caller may stop us before the engine's loop runs
     tap = _open_tap_early(opts)
     if isinstance(tap, str):
         _start_logging(opts).error("%s", tap)

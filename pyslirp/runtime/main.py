@@ -31,7 +31,7 @@ from pyslirp.runtime import malloc
 from pyslirp.runtime.attachment import Attachment
 from pyslirp.runtime.device import Device, TapDevice
 from pyslirp.runtime.pcap import PcapWriter
-from pyslirp.runtime.ready import write_ready
+from pyslirp.runtime.ready import early_signals, write_ready
 from pyslirp.runtime.spec import ApiFactory, Closeable, ServeSpec
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.dns import parse_resolv_conf
@@ -109,6 +109,8 @@ class Server:
             self.loop.call_later(_RESOLV_CHECK_INTERVAL, self._recheck_resolv_conf)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
+        for early in early_signals():  # stopped before the loop existed (runtime/ready.py)
+            self._on_signal(early)
         self.api: Closeable | None = None
         self.forwarder: Closeable | None = None
 

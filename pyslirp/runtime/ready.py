@@ -7,12 +7,23 @@ caller (podman, rootlesskit) reads it and goes on to start the container.
 The command line writes it as soon as the TAP is configured (see "Start-up
 order" in ``pyslirp.cli``), before the engine is imported, so this module
 imports nothing beyond ``os`` and leaves logging to its caller.
+
+A caller may stop us as soon as it has the byte (podman does when a container
+exits at once), which is before the event loop and its signal handlers exist.
+:func:`trap_stop_signals` makes SIGTERM, SIGINT and SIGHUP remembered instead of
+fatal until then, and the runtime acts on :func:`early_signals` once its loop
+runs, so that stop is as clean as any other (host sockets closed, the API
+socket removed, exit status 0).
 """
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import os
+
+#: Stop signals that arrived before the runtime's loop took them over.
+_early: list[int] = []
 
 
 def write_ready(fd: int | None) -> str | None:
@@ -30,3 +41,20 @@ def write_ready(fd: int | None) -> str | None:
     with contextlib.suppress(OSError):
         os.close(fd)
     return problem
+
+
+def _remember(signum: int, _frame: object) -> None:  # (no typing import: start-up)
+    _early.append(signum)
+
+
+def trap_stop_signals() -> None:
+    """Remember SIGTERM, SIGINT and SIGHUP instead of dying, until the loop takes over."""
+    for signum in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+        _signal.signal(signum, _remember)
+
+
+def early_signals() -> list[int]:
+    """The stop signals :func:`trap_stop_signals` caught so far (forgotten once taken)."""
+    taken = list(_early)
+    _early.clear()
+    return taken

@@ -139,3 +139,16 @@ def test_sigterm_leaves_nothing_behind(host: Host, guest: Guest,
     # Its host sockets are closed: the echo server saw the connection end.
     wait_for(lambda: not host.established_to(host.echo), timeout=10,
              what="the host-side connection to close")
+
+
+def test_sigterm_right_after_ready_is_a_clean_stop(host: Host, guest: Guest,
+                                                   start_slirp: StartSlirp,
+                                                   tmp_path: Path) -> None:
+    """podman stops slirp4netns as soon as a short-lived container exits. The ready byte
+    comes before the engine is loaded (start-up order, pyslirp/cli.py); a SIGTERM right
+    after it is still a clean stop: status 0, the API socket removed."""
+    api = tmp_path / "api.sock"
+    slirp = start_slirp(f"--api-socket={api}")
+    assert slirp.stop(signal.SIGTERM) == 0
+    assert not api.exists()
+    assert "received SIGTERM" in slirp.log_text()
