@@ -84,14 +84,27 @@ class Containerd:
                                *args], capture_output=True, text=True, timeout=timeout)
 
     def run_cni(self, container_id: str, script: str) -> subprocess.CompletedProcess[str]:
-        """``ctr run --cni --rm`` of the busybox image, in the shadowing mount namespace."""
+        """``ctr run --cni --rm`` of the busybox image, in the shadowing mount namespace.
+
+        The script's output goes to a file in a bind-mounted directory, not through ctr:
+        ctr may stop copying a task's output when the task exits, and then lines written
+        last (on a loaded machine, all but the first) never arrive."""
+        out = self.work / f"out-{container_id}"
+        out.mkdir()
         ctr = ["ctr", "--address", str(self.socket), "--namespace", NAMESPACE, "run", "--cni",
                "--rm", "--fifo-dir", str(self.work / "fifo"), "--runc-root",
-               str(self.work / "runc"), IMAGE, container_id, "sh", "-c", script]
+               str(self.work / "runc"), "--mount",
+               f"type=bind,src={out},dst=/out,options=rbind:rw", IMAGE, container_id,
+               "sh", "-c", f"{{ {script}\n}} >/out/stdout 2>/out/stderr"]
         cni = {"/etc/cni/net.d": self.work / "net.d", "/opt/cni/bin": self.work / "bin"}
-        return subprocess.run(shadowed(self.work, cni, ctr), capture_output=True, text=True,
+        proc = subprocess.run(shadowed(self.work, cni, ctr), capture_output=True, text=True,
                               env={**os.environ, "PYSLIRP_PYTHON": sys.executable},
                               timeout=180)
+        for name in ("stdout", "stderr"):
+            path = out / name
+            text = path.read_text() if path.exists() else ""
+            setattr(proc, name, text + getattr(proc, name))
+        return proc
 
     def container_ids(self) -> list[str]:
         return self.ctr("containers", "list", "--quiet").stdout.split()
