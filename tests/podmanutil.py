@@ -51,3 +51,19 @@ def remove_pods(podman: list[str], env: dict[str, str], work: Path | str) -> Non
                             text=True).stdout.split()
     for m in sorted((m for m in mounts if m.startswith(str(work))), reverse=True):
         subprocess.run(["umount", "-l", m], capture_output=True)
+
+
+def ensure_subid_range(line: str, names: tuple[str, ...] = ()) -> None:
+    """Add ``line`` (NAME:START:COUNT) to /etc/subuid and /etc/subgid unless an entry for
+    NAME (or one of ``names``, e.g. root's uid "0") is there already (rootlesskit as root
+    needs root's; podman --userns=auto needs a ``containers`` one)."""
+    wanted = {line.split(":")[0], *names}
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if not any(existing.split(":")[0] in wanted for existing in lines):
+            print(f"adding '{line}' to {path}")
+            with open(path, "a") as f:
+                f.write(line + "\n")

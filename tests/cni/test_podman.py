@@ -29,7 +29,7 @@ import pytest
 from pyslirp.cni import install
 from tests.cni.conftest import DNS_ADDR, DNS_NAME, HTTP_BODY, DnsServer, engine_pid, wait_until
 from tests.netutil import free_port
-from tests.podmanutil import busybox_rootfs, remove_pods, require_podman
+from tests.podmanutil import busybox_rootfs, ensure_subid_range, remove_pods, require_podman
 
 pytestmark = pytest.mark.e2e
 
@@ -146,7 +146,7 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
     image = None
     name = f"pyslirp-publish-{port}"
     if userns == AUTO:
-        subid_range(AUTO_RANGE)
+        ensure_subid_range(AUTO_RANGE)
         image = podman.make_image(f"localhost/pyslirp-busybox-{port}")
     elif userns:  # the container's root is uid 200000 outside: let it own its root file system
         subprocess.run(["chown", "-R", "200000:200000", podman.rootfs], check=True)
@@ -179,20 +179,6 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
         again.listen(1)
-
-
-def subid_range(line: str) -> None:
-    """Add ``line`` (NAME:START:COUNT) to /etc/subuid and /etc/subgid unless NAME has one."""
-    name = line.split(":")[0]
-    for path in ("/etc/subuid", "/etc/subgid"):
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            lines = []
-        if not any(existing.split(":")[0] == name for existing in lines):
-            with open(path, "a") as f:
-                f.write(line + "\n")
 
 
 def test_podman_publish_of_a_port_someone_else_holds_fails_cleanly(podman: Any) -> None:

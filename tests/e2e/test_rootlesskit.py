@@ -43,6 +43,7 @@ from tests.e2e.recorded import (
 )
 from tests.e2e.servers import HELLO
 from tests.netutil import free_port
+from tests.podmanutil import ensure_subid_range
 
 pytestmark = [
     pytest.mark.e2e,
@@ -57,15 +58,7 @@ NET_BIND_SERVICE = 1 << sandbox.CAP_NET_BIND_SERVICE
 
 @pytest.fixture(scope="module")
 def subid_ranges() -> None:
-    for path in ("/etc/subuid", "/etc/subgid"):
-        try:
-            lines = Path(path).read_text().splitlines()
-        except FileNotFoundError:
-            lines = []
-        if not any(line.split(":")[0] in ("root", "0") for line in lines):
-            print(f"test_rootlesskit: adding '{SUBID_LINE}' to {path} (rootlesskit needs it)")
-            with open(path, "a") as f:
-                f.write(SUBID_LINE + "\n")
+    ensure_subid_range(SUBID_LINE, names=("0",))  # rootlesskit as root needs one
 
 
 @pytest.fixture
