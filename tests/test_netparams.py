@@ -196,6 +196,7 @@ def test_mac_accepted(text: str, mac: bytes) -> None:
 
 @pytest.mark.parametrize(("text", "kind"), [
     ("zz", netparams.SYNTAX),
+    ("", netparams.SYNTAX),
     ("52:55:0a:00:02", netparams.SYNTAX),
     ("52:55:0a:00:02:02:03", netparams.SYNTAX),
     ("52:55:0a:00:02:", netparams.SYNTAX),

@@ -43,14 +43,3 @@ def header(dst: bytes, src: bytes, ethertype: int) -> bytes:
 
 def mac_to_str(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
-
-
-def mac_from_str(text: str) -> bytes:
-    """Parse ``aa:bb:cc:dd:ee:ff`` (or with dashes); raises ValueError naming the input."""
-    parts = text.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) in (1, 2) for p in parts):
-        raise ValueError(f"invalid MAC address {text!r}")
-    try:
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"invalid MAC address {text!r}") from None
