@@ -11,7 +11,6 @@ from pyslirp.stack.admission import DEFAULT_NEW_FLOW_BURST, DEFAULT_NEW_FLOW_RAT
 from pyslirp.wire import netparams
 from pyslirp.wire.dhcp import domain_labels
 from pyslirp.wire.ipv6 import MIN_MTU as IPV6_MIN_MTU
-from pyslirp.wire.ipv6 import link_local
 
 # Re-exported: the MTU range and defaults are netparams' (one rule for every front end).
 from pyslirp.wire.netparams import DEFAULT_CIDR as DEFAULT_CIDR
@@ -36,6 +35,8 @@ DEFAULT_MAX_BUFFERED = 256 << 20
 MIN_MAX_BUFFERED = 1 << 20
 #: The MAC address of the virtual gateway/DNS, as libslirp builds it (52:55 + 10.0.2.2).
 DEFAULT_GUEST_MAC = None
+#: The router's link-local address, libslirp's (its LINKLOCAL_ADDR).
+LINK_LOCAL6 = bytes.fromhex("fe800000000000000000000000000002")
 
 
 class ConfigError(ValueError):
@@ -191,8 +192,11 @@ class NetConfig:
 
     @property
     def link_local6(self) -> bytes:
-        """Our link-local address (fe80:: + EUI-64 of ``our_mac``): the guest's router."""
-        return link_local(self.our_mac)
+        """Our link-local address, the guest's router: ``fe80::2``, as libslirp's.
+
+        A guest configured by slirp4netns shows ``default via fe80::2``; scripts and
+        firewall rules written against it keep working."""
+        return LINK_LOCAL6
 
     def __post_init__(self) -> None:
         try:

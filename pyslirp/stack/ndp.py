@@ -5,7 +5,7 @@ Theory of operation
 With ``config.enable_ipv6`` we are the guest's IPv6 router on a /64
 (``config.network6``, fd00::/64 by default) with the addresses slirp4netns
 uses: the gateway ``network6 + 2`` and the DNS server ``network6 + 3``, plus
-one link-local address, fe80:: with the modified EUI-64 of our MAC
+one link-local address, libslirp's ``fe80::2``
 (``config.link_local6``), which sends every router advertisement and so
 becomes the guest's default router. :data:`NdpEngine.our_addrs` are those
 three; all answer on our MAC.

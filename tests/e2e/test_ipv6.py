@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 PREFIX = ipaddress.IPv6Network("fd00::/64")
 #: fe80:: + EUI-64 of pyslirp's MAC 52:55:0a:00:02:02 (derived from the IPv4 gateway).
-ROUTER_LL = "fe80::5055:aff:fe00:202"
+ROUTER_LL = "fe80::2"  # libslirp's router address: slirp4netns guests show "default via fe80::2"
 SLAAC_TIMEOUT = 30.0
 
 

@@ -97,7 +97,7 @@ def rig() -> Rig:
 
 # ---- neighbor discovery ---------------------------------------------------------------
 
-@pytest.mark.parametrize("target", [GATEWAY, DNS, ipv6.link_local(bytes.fromhex("52550a000202"))])
+@pytest.mark.parametrize("target", [GATEWAY, DNS, ipv6.addr_from_str("fe80::2")])
 def test_neighbor_solicitation_for_our_addresses_is_answered(rig: Rig, target: bytes) -> None:
     out = rig.without_ras(rig.send(solicit(target)))
     assert len(out) == 1
