@@ -56,6 +56,8 @@ from pyslirp.wire.ipv4 import PROTO_ICMP, Ipv4Packet
 
 IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_FLOWS = 256
+#: TTL of the echo replies we answer ourselves (gateway, DNS): 255, as libslirp's.
+LOCAL_REPLY_TTL = 255
 #: RFC 1812 section 5.2.7.1: communication administratively prohibited.
 ADMIN_PROHIBITED = 13
 #: The largest ICMP data one IPv4 packet can carry (65535 - 20 - 8).
@@ -144,7 +146,8 @@ class IcmpEngine:
             return
         if dst == self._gateway or dst == self._dns:
             reply = wire_icmp.build_echo(wire_icmp.ECHO_REPLY, msg.ident, msg.seq, msg.payload)
-            send_fragmented(link, dst, src, PROTO_ICMP, reply)
+            # TTL 255, as libslirp's replies: `ping 10.0.2.2` shows ttl=255 with slirp4netns.
+            send_fragmented(link, dst, src, PROTO_ICMP, reply, ttl=LOCAL_REPLY_TTL)
             return
         key = (src, msg.ident, dst)
         flow = self.flows.get(key)

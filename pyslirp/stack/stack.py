@@ -58,7 +58,9 @@ loopback only through the gateway), other link-local addresses (they are on
 the guest's link, not ours) and multicast never reach the host.
 
 ARP (RFC 826): we answer requests for the gateway and DNS addresses only, as
-libslirp does (the guest reaches everything else through the gateway). We learn the
+libslirp does (the guest reaches everything else through the gateway), each
+with libslirp's MAC for it (``52:55`` and the address, so the DNS address is
+at ``52:55:0a:00:02:03``). We learn the
 guest's MAC from every frame it sends; before sending to a guest whose MAC is
 unknown, :meth:`Stack.resolve_guest` broadcasts a request.
 """
@@ -134,6 +136,8 @@ class Stack:
         self.host = host
         self._gateway = config.gateway
         self._dns = config.dns
+        #: The MAC our ARP answers give the DNS address: libslirp's (52:55 and the address).
+        self._dns_mac = config.our_mac[:2] + config.dns
         self._network_int = int(config.network.network_address)
         self._netmask_int = int(config.network.netmask)
         self._broadcast = config.broadcast
@@ -310,7 +314,9 @@ class Stack:
         if packet.op == arp.OP_REQUEST:
             target = packet.target_ip
             if target == self._gateway or target == self._dns:
-                reply = arp.build(arp.OP_REPLY, self.link.our_mac, target,
+                # As libslirp: 10.0.2.3 is at 52:55:0a:00:02:03; what we send comes from our_mac.
+                mac = self.link.our_mac if target == self._gateway else self._dns_mac
+                reply = arp.build(arp.OP_REPLY, mac, target,
                                   packet.sender_mac, packet.sender_ip)
                 self.link.send_ethernet(packet.sender_mac, ethernet.ETHERTYPE_ARP, reply)
         # Replies and requests alike taught us the guest's MAC (in receive_frame).

@@ -53,6 +53,7 @@ def test_ping_to_the_gateway_and_dns_is_answered_locally() -> None:
                                                                       0x1234, 7)
     assert bytes(a[ICMP].payload) == b"0123456789"
     assert (b.src, b[ICMP].seq) == (DNS, 8)
+    assert (a.ttl, b.ttl) == (255, 255)  # slirp4netns's ping shows ttl=255
     assert_icmp_checksum(a)
     assert h.host.calls == []
 
