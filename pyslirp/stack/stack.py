@@ -30,7 +30,11 @@ The address policy (:meth:`Stack.host_targets`) is the NAT's one decision,
 shared by every engine: what host address a guest destination maps to.
 The gateway address is the host's loopback (unless ``disable_host_loopback``),
 the DNS address on port 53 is the upstream resolvers, other addresses inside
-the virtual network are unreachable, and everything else is itself.
+the virtual network are unreachable, and everything else is itself. With
+``disable_dns`` the DNS address is not ours any more and, as libslirp does,
+is an outside address like any other (slirp4netns's guest then reaches
+whatever answers at 10.0.2.3 on the host's network, usually nothing: a
+connect times out). ARP and ping are still answered for it, as by libslirp.
 
 IPv6 (``config.enable_ipv6``; ethertype 0x86DD, tested after IPv4 and ARP so
 the IPv4 path pays nothing for it): :meth:`Stack._receive_ipv6` parses the
@@ -51,8 +55,9 @@ else (``drop.ipv6.<why>``). Without ``enable_ipv6`` every IPv6 frame is
 The IPv6 address policy (:meth:`Stack.host_targets` for a 16-byte address):
 the gateway ``fd00::2`` and our link-local address are the host's ``::1``
 (unless ``disable_host_loopback``), the DNS address ``fd00::3`` on port 53 is
-the upstream resolvers; the rest of the prefix, IPv4-mapped addresses
-(``::ffff:0:0/96``: the host socket would reach IPv4, loopback included),
+the upstream resolvers (with ``disable_dns`` an outside address, as for IPv4);
+the rest of the prefix, IPv4-mapped addresses (``::ffff:0:0/96``: the host
+socket would reach IPv4, loopback included),
 the unspecified address, the loopback ``::1`` (the guest names the host's
 loopback only through the gateway), other link-local addresses (they are on
 the guest's link, not ours) and multicast never reach the host.
@@ -185,7 +190,9 @@ class Stack:
                 return None
             return [(_LOOPBACK, dst_port)]
         if dst_ip == self._dns:
-            if self.config.disable_dns or dst_port != _DNS_PORT:
+            if self.config.disable_dns:  # not ours then: an outside address, as in libslirp
+                return [(".".join(map(str, dst_ip)), dst_port)]
+            if dst_port != _DNS_PORT:
                 return None
             return list(self.dns.upstreams) or None
         if self.in_network(dst_ip) or dst_ip[0] == 127 or dst_ip[0] >= 224 or dst_ip[0] == 0:
@@ -198,7 +205,9 @@ class Stack:
                 return None
             return [(_LOOPBACK6, dst_port)]
         if dst_ip == self._dns6:
-            if self.config.disable_dns or dst_port != _DNS_PORT:
+            if self.config.disable_dns:
+                return [(ipv6.addr_to_str(dst_ip), dst_port)]
+            if dst_port != _DNS_PORT:
                 return None
             return list(self.dns.upstreams) or None
         if (dst_ip[:8] == self._prefix6 or dst_ip[:12] == _IPV4_MAPPED_PREFIX

@@ -286,7 +286,8 @@ DNS_OFF = {"disable_dns": True}
     (GATEWAY, 8080, LOOPBACK_OFF, None),
     (DNS, 53, {}, [UPSTREAM]),
     (DNS, 53, LOOPBACK_OFF, [UPSTREAM]),
-    (DNS, 53, DNS_OFF, None),
+    (DNS, 53, DNS_OFF, [(DNS, 53)]),  # as slirp4netns: an outside address then
+    (DNS, 80, DNS_OFF, [(DNS, 80)]),
     (DNS, 53, {"dns_upstreams": []}, None),
     (DNS, 80, {}, None),
     (GUEST, 80, {}, None),
