@@ -31,7 +31,7 @@ from pyslirp.runtime import malloc
 from pyslirp.runtime.attachment import Attachment
 from pyslirp.runtime.device import Device, TapDevice
 from pyslirp.runtime.pcap import PcapWriter
-from pyslirp.runtime.ready import early_signals, write_ready
+from pyslirp.runtime.ready import die_by, early_signals, write_ready
 from pyslirp.runtime.spec import ApiFactory, Closeable, ServeSpec
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.dns import parse_resolv_conf
@@ -95,6 +95,8 @@ class Server:
         self.loop = _new_loop()
         self.config = config
         self.exit_status = 0
+        #: The stop signal that ended serving, if one did (serve_namespace dies by it).
+        self.stop_signal: int | None = None
         self._stopped = self.loop.create_future()
         pcap = PcapWriter(pcap_path, strip_vnet=config.vnet_hdr) if pcap_path else None
         # device_class: the link's kind (a TAP, or a QEMU socket: runtime/qemu.py).
@@ -141,6 +143,8 @@ class Server:
 
     def _on_signal(self, sig: int) -> None:
         log.info("received %s, shutting down", signal.Signals(sig).name)
+        if self.stop_signal is None and not self._stopped.done():
+            self.stop_signal = sig
         self.stop(0)
 
     def stop(self, status: int) -> None:
@@ -247,6 +251,9 @@ def serve_namespace(spec: ServeSpec, tap: TapHandle | None = None) -> int:
         return status
     status = server.run(on_ready=lambda: signal_ready(spec.ready_fd))
     os.close(tap.fd)
+    if server.stop_signal is not None:  # as slirp4netns, which has no handler for it
+        logging.shutdown()
+        return die_by(server.stop_signal)
     return status
 
 

@@ -13,7 +13,13 @@ exits at once), which is before the event loop and its signal handlers exist.
 :func:`trap_stop_signals` makes SIGTERM, SIGINT and SIGHUP remembered instead of
 fatal until then, and the runtime acts on :func:`early_signals` once its loop
 runs, so that stop is as clean as any other (host sockets closed, the API
-socket removed, exit status 0).
+socket removed).
+
+slirp4netns has no handler for those signals: it dies by them, and a caller's
+``wait`` sees that (status 143 in a shell for SIGTERM). After its orderly
+shutdown the drop-in does the same with :func:`die_by`, so a script written
+against slirp4netns sees the status it expects; the exit fd (how podman and
+rootlesskit stop it) gives 0 in both.
 """
 
 from __future__ import annotations
@@ -58,3 +64,19 @@ def early_signals() -> list[int]:
     taken = list(_early)
     _early.clear()
     return taken
+
+
+def die_by(signum: int) -> int:
+    """End this process by ``signum`` with its default action, as an unhandled signal would.
+
+    Returns 128 + ``signum`` (the shell's status for it) only if the process survived,
+    e.g. because the signal is blocked in this thread."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _signal.signal(signum, _signal.SIG_DFL)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+    return 128 + signum

@@ -274,7 +274,11 @@ class Slirp:
         return self.log.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Signal pyslirp and wait; SIGKILL if it does not exit in time. The exit status."""
+        """Signal pyslirp and wait; SIGKILL if it does not exit in time. The exit status.
+
+        Stopped by SIGTERM, SIGINT or SIGHUP, pyslirp shuts down in order and then dies
+        by that signal, as slirp4netns does (status ``-sig``); dying by it *without* the
+        orderly shutdown (its log says so first) fails the test."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
@@ -284,6 +288,10 @@ class Slirp:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
                 pytest.fail(f"pyslirp ignored signal {sig} for {timeout:.0f} s\n{self.log_text()}")
+            if (sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                    and self.proc.returncode == -sig and "shutting down" not in self.log_text()):
+                pytest.fail(f"pyslirp died by signal {sig} without shutting down\n"
+                            f"{self.log_text()}")
         return self.proc.returncode
 
 

@@ -20,6 +20,7 @@ from tests.e2e.conftest import (
     Guest,
     Host,
     StartSlirp,
+    _holder,
     alive,
     descendants,
     pyslirp_argv,
@@ -87,7 +88,7 @@ def test_pcap_has_the_guests_syn(host: Host, guest: Guest, start_slirp: StartSli
     pcap = tmp_path / "link.pcap"
     slirp = start_slirp(f"--pcap={pcap}")
     assert _hello(guest, host) == HELLO.decode()
-    assert slirp.stop() == 0
+    assert slirp.stop() == -signal.SIGTERM
     tshark = shutil.which("tshark")
     assert tshark, "tshark is not installed (.ci/run installs it)"
     out = subprocess.run(
@@ -130,7 +131,7 @@ def test_sigterm_leaves_nothing_behind(host: Host, guest: Guest,
     assert host.established_to(host.echo), "the flow should be open on the host side"
     helpers = descendants(slirp.pid)
 
-    assert slirp.stop(signal.SIGTERM) == 0, slirp.log_text()
+    assert slirp.stop(signal.SIGTERM) == -signal.SIGTERM, slirp.log_text()
 
     assert not [pid for pid in helpers if alive(pid)], "pyslirp left processes running"
     if isinstance(guest.ns, NetNS):
@@ -149,6 +150,46 @@ def test_sigterm_right_after_ready_is_a_clean_stop(host: Host, guest: Guest,
     after it is still a clean stop: status 0, the API socket removed."""
     api = tmp_path / "api.sock"
     slirp = start_slirp(f"--api-socket={api}")
-    assert slirp.stop(signal.SIGTERM) == 0
+    assert slirp.stop(signal.SIGTERM) == -signal.SIGTERM
     assert not api.exists()
     assert "received SIGTERM" in slirp.log_text()
+
+
+def _stop_status(host: Host, guest: Guest, argv: list[str], how: str) -> int:
+    """Start ``argv`` (a slirp4netns-compatible command) for ``guest``, wait for its ready
+    byte, stop it by ``how`` ("SIGTERM", "SIGINT" or "exit-fd") and return its status."""
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    proc = host.ns.popen([*argv, f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", "-c",
+                          str(guest.pid), TAP], pass_fds=(ready_w, exit_r),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, cwd=REPO)
+    os.close(ready_w)
+    os.close(exit_r)
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            assert ready.read(1) == b"1", argv
+        if how == "exit-fd":
+            os.close(exit_w)
+        else:
+            proc.send_signal(getattr(signal, how))
+        return proc.wait(timeout=30)
+    finally:
+        if how != "exit-fd":
+            os.close(exit_w)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("slirp4netns") is None, reason="slirp4netns not installed")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "exit-fd"])
+def test_stop_status_is_slirp4netns_s(host: Host, tmp_path: Path, how: str) -> None:
+    # A script's `wait` sees what it saw with slirp4netns: death by the signal (143 for
+    # SIGTERM in a shell), 0 for the exit fd. Neither stack is asked for DNS here.
+    statuses = {}
+    for name, argv in (("slirp4netns", ["slirp4netns"]), ("pyslirp", pyslirp_argv())):
+        with NetNS("stopguest") as ns:
+            guest = Guest(ns=ns, pid=_holder(ns), tmp=tmp_path)
+            statuses[name] = _stop_status(host, guest, argv, how)
+    assert statuses["pyslirp"] == statuses["slirp4netns"], statuses
