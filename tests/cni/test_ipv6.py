@@ -6,6 +6,7 @@ AAAA via ``[fd00::3]`` to a test server on ``::1``)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,8 +18,10 @@ import pytest
 from pyslirp.cni import plugin
 from pyslirp.stack.config import ConfigError, parse_cidr6
 from pyslirp.wire import netparams
-from tests.cni.conftest import slirp_conflist, wait_until
+from tests.cni.cnirun import exec_plugin
+from tests.cni.conftest import DNS_ADDR, DNS_NAME, slirp_conflist, wait_until
 from tests.cni.test_protocol import conf
+from tests.nsutil import NetNS
 
 SERVERS6 = Path(__file__).parent.parent / "e2e" / "servers6.py"
 
@@ -186,3 +189,56 @@ def test_check_notices_a_missing_ipv6_address_and_route(runtime_factory: Any,
     assert out.code == plugin.ERR_CHECK_FAILED and "fd00::100/64" in out.msg, out.doc
     assert rt.delete("chk6", ns.path).ok
     assert wait_until(lambda: ns.link("eth0") is None)
+
+
+#: A DNS server on ``fe80::1%llup0`` (one end of a veth pair), port 53, in a namespace of the
+#: test: A DNS_ADDR for any name.
+LINK_LOCAL_DNS = f"""
+import socket, struct
+ifindex = socket.if_nametoindex("llup0")
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("fe80::1", 53, 0, ifindex))
+print("ready", flush=True)
+while True:
+    q, peer = s.recvfrom(4096)
+    end = 12
+    while q[end]:
+        end += 1 + q[end]
+    answer = b"\\xc0\\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton("{DNS_ADDR}")
+    s.sendto(q[:2] + b"\\x81\\x80\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x00" + q[12:end + 5]
+             + answer, peer)
+"""
+
+
+@pytest.mark.e2e
+def test_a_link_local_upstream_from_resolv_conf_answers(cni_bin: str, env: dict[str, str],
+                                                        netns_factory: Any,
+                                                        tmp_path: Path) -> None:
+    """``nameserver fe80::1%llup0`` in resolv.conf: the engine (run in a namespace of the
+    test's, where that server lives) forwards the container's queries to it."""
+    upstream_ns: NetNS = netns_factory("llup")
+    # lo up: a packet to one of the namespace's own addresses is delivered through it.
+    upstream_ns.run("ip link set lo up && "
+                    "ip link add llup0 type veth peer name llup1 && ip link set llup1 up && "
+                    "ip link set llup0 up && "
+                    "ip addr add fe80::1/64 dev llup0 nodad")
+    server = upstream_ns.popen([sys.executable, "-c", LINK_LOCAL_DNS], stdout=subprocess.PIPE,
+                               text=True)
+    assert server.stdout is not None and server.stdout.readline() == "ready\n"
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver fe80::1%llup0\n")
+    ns = netns_factory()
+    config = {**conf(), "name": "slirptest"}
+    extra = {**env, "PYSLIRP_RESOLV_CONF": str(resolv)}
+    out = exec_plugin(cni_bin, "slirp", "ADD", config, container_id="ll", netns=ns.path,
+                      ifname="eth0", extra_env=extra, prefix=upstream_ns.exec_prefix())
+    assert out.ok, out.doc
+    try:
+        dig = ns.run(["dig", "+short", "+time=3", "+tries=2", "@10.0.2.3", DNS_NAME],
+                     check=False)
+        log = Path(env["PYSLIRP_RUNDIR"], "engine.log").read_text()
+        assert dig.stdout.split() == [DNS_ADDR], (dig.stdout, dig.stderr, log.splitlines()[-3:])
+    finally:
+        exec_plugin(cni_bin, "slirp", "DEL", config, container_id="ll", netns=ns.path,
+                    ifname="eth0", extra_env=extra, prefix=upstream_ns.exec_prefix())
+    assert os.listdir(os.path.join(env["PYSLIRP_RUNDIR"], "attachments")) == []
