@@ -21,7 +21,7 @@ from pyslirp.wire import netparams
 from tests.cni.cnirun import exec_plugin
 from tests.cni.conftest import DNS_ADDR, DNS_NAME, slirp_conflist, wait_until
 from tests.cni.test_protocol import conf
-from tests.nsutil import NetNS
+from tests.nsutil import NetNS, UserNetNS
 
 SERVERS6 = Path(__file__).parent.parent / "e2e" / "servers6.py"
 
@@ -242,3 +242,24 @@ def test_a_link_local_upstream_from_resolv_conf_answers(cni_bin: str, env: dict[
         exec_plugin(cni_bin, "slirp", "DEL", config, container_id="ll", netns=ns.path,
                     ifname="eth0", extra_env=extra, prefix=upstream_ns.exec_prefix())
     assert os.listdir(os.path.join(env["PYSLIRP_RUNDIR"], "attachments")) == []
+
+
+@pytest.mark.e2e
+def test_plugin_run_inside_a_rootless_runtimes_user_namespace(
+        cni_bin: str, env: dict[str, str], servers6: dict[str, Any]) -> None:
+    """Rootless: the plugin and its engine in the container's user namespace, which owns
+    the netns; the IPv6 sysctls and the static address are set from there."""
+    with UserNetNS("cni6-rootless") as ns:
+        inside = ["nsenter", f"--target={ns.pid}", "--user", "--preserve-credentials"]
+        config = {**conf(), "ipv6": True}
+        out = exec_plugin(cni_bin, "slirp", "ADD", config, container_id="rl6", netns=ns.path,
+                          ifname="eth0", extra_env=env, prefix=inside)
+        assert out.ok, (out.doc, out.stderr)
+        assert out.doc["ips"][1]["address"] == "fd00::100/64"
+        url = f"http://[fd00::2]:{servers6['http']}/"
+        got = ns.run(f"curl -sS -g --fail --max-time 20 {url} | sha256sum", check=False)
+        assert got.stdout.split()[:1] == [servers6["sha256"]], got.stderr
+        out = exec_plugin(cni_bin, "slirp", "DEL", {**config, "prevResult": out.doc},
+                          container_id="rl6", netns=ns.path, ifname="eth0", extra_env=env,
+                          prefix=inside)
+        assert out.ok, out.doc
