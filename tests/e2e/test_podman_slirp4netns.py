@@ -151,8 +151,9 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_podman_default_slirp4netns(podman_slirp: PodRunner) -> None:
-    result = podman_slirp("slirp4netns:port_handler=slirp4netns")
+def test_podman_default_slirp4netns(podman_slirp: PodRunner,
+                                    servers6: dict[str, object]) -> None:
+    result = podman_slirp("slirp4netns:port_handler=slirp4netns", http6=servers6["http"])
     assert result.status == 0, result.output
     # podman 4.3's exact shape
     assert result.argv[:5] == ["--disable-host-loopback", "--mtu=65520", "--enable-sandbox",
@@ -162,6 +163,9 @@ def test_podman_default_slirp4netns(podman_slirp: PodRunner) -> None:
     assert result.argv[12] == "--netns-type=path" and result.argv[14] == "tap0"
     assert result.inside["addr"] == "10.0.2.100/24"
     assert result.inside["gateway_fetch"] == "failed"  # podman's default: no host loopback
+    # IPv6 by default too: a SLAAC address, and no host loopback through [fd00::2] either.
+    assert result.inside["addr6"].startswith("fd00000000000000"), result.inside
+    assert result.inside["fetch6"] == "failed"
     assert result.host_fetch == BODY
     assert result.caps["CapEff"] == NET_BIND_SERVICE and result.seccomp == "2"
     assert not result.outlived
