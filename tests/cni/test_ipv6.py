@@ -263,3 +263,15 @@ def test_plugin_run_inside_a_rootless_runtimes_user_namespace(
                           container_id="rl6", netns=ns.path, ifname="eth0", extra_env=env,
                           prefix=inside)
         assert out.ok, out.doc
+
+
+@pytest.mark.e2e
+def test_disable_host_loopback_covers_ipv6(runtime_factory: Any, netns_factory: Any,
+                                           servers6: dict[str, Any]) -> None:
+    ns = netns_factory()
+    rt = runtime_factory(slirp_conflist(ipv6=True, disableHostLoopback=True))
+    assert rt.add("noloop6", ns.path).ok
+    got = ns.run(["curl", "-sS", "-g", "--max-time", "10",
+                  f"http://[fd00::2]:{servers6['http']}/"], check=False)
+    assert got.returncode != 0 and got.stdout == ""
+    assert rt.delete("noloop6", ns.path).ok
