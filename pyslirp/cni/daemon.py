@@ -63,8 +63,14 @@ Blocking work (forking into a namespace to open a TAP or inspect it, closing
 a TAP, which waits for the kernel to unregister it) runs in worker threads,
 so an ADD or DEL never stalls the traffic of the other containers.
 
-What it deliberately does not do: IPv6, and port ranges beyond what the
-runtime spells out one mapping at a time.
+IPv6 (``"ipv6": true``): the attachment's stack serves IPv6 as ``pyslirp -6``
+does (docs/ipv6.md), and the TAP gets the static address the plugin chose
+(prefix + 0x100/64, default route via prefix + 2; router advertisements and
+DAD off on that interface: :class:`pyslirp.runtime.tap.ConfigureSpec`), which
+the result lists beside the IPv4 one.
+
+What it deliberately does not do: IPv6 port mappings (``hostIP`` must be
+IPv4), and port ranges beyond what the runtime spells out one mapping at a time.
 """
 
 from __future__ import annotations
@@ -306,7 +312,7 @@ class AttachmentDaemon:
         from pyslirp.runtime.attachment import Attachment
         from pyslirp.runtime.device import TapDevice
         from pyslirp.runtime.tap import ConfigureSpec, TapError, open_tap
-        from pyslirp.stack.config import ConfigError, NetConfig, parse_cidr
+        from pyslirp.stack.config import ConfigError, NetConfig, parse_cidr, parse_cidr6
 
         s = req["settings"]
         network, cid, ifname, netns = s["network"], req["containerID"], req["ifname"], \
@@ -320,17 +326,23 @@ class AttachmentDaemon:
                                    f"{stale['engine'].get('pid')})")
             log.info("ADD over the stale state of %s: cleaning it up first", key)
             await self._cleanup_stale(path, stale)
+        ipv6 = s.get("ipv6") is True
         try:
+            v6: dict[str, Any] = {"enable_ipv6": True,
+                                  "network6": parse_cidr6(s["cidr6"])} if ipv6 else {}
             config = NetConfig(network=parse_cidr(s["cidr"]), mtu=s["mtu"],
                                disable_host_loopback=s["disableHostLoopback"],
                                dns_upstreams=[(h, p) for h, p in s["dnsUpstreams"]] or
                                list(self._dns),
-                               search_domains=list(s["search"]) or list(self._search))
+                               search_domains=list(s["search"]) or list(self._search), **v6)
+            mac = bytes.fromhex(s["mac"].replace(":", "")) if s.get("mac") else None
+            spec = ConfigureSpec(
+                ipaddress.IPv4Interface(f"{s['address']}/{s['prefix']}"),
+                ipaddress.IPv4Address(s["gateway"]),
+                address6=ipaddress.IPv6Interface(f"{s['address6']}/64") if ipv6 else None,
+                gateway6=ipaddress.IPv6Address(s["gateway6"]) if ipv6 else None)
         except (ConfigError, ValueError, KeyError, TypeError) as exc:
             raise RequestError(ERR_INVALID_CONFIG, f"invalid configuration: {exc}") from None
-        mac = bytes.fromhex(s["mac"].replace(":", "")) if s.get("mac") else None
-        spec = ConfigureSpec(ipaddress.IPv4Interface(f"{s['address']}/{s['prefix']}"),
-                             ipaddress.IPv4Address(s["gateway"]))
         netns_id = _netns_id(netns)  # which namespace the path names now: see _stale_tap
         try:
             tap = await self._in_thread(functools.partial(
@@ -366,6 +378,10 @@ class AttachmentDaemon:
                 "routes": [{"dst": "0.0.0.0/0", "gw": s["gateway"]}],
                 "dns": s["dns"],
             }
+            if ipv6:
+                result["ips"].append({"address": f"{s['address6']}/64",
+                                      "gateway": s["gateway6"], "interface": 0})
+                result["routes"].append({"dst": "::/0", "gw": s["gateway6"]})
             state = {"version": 1, "network": network, "containerID": cid, "ifname": ifname,
                      "netns": netns, "netnsId": netns_id, "engine": self.identity,
                      "result": result,
@@ -594,7 +610,12 @@ class AttachmentDaemon:
             raise RequestError(ERR_CHECK_FAILED, f"interface {ifname} has MAC {seen['mac']}, "
                                f"expected {mac}")
         for address in expected.get("addresses") or []:
-            if address != seen["address"]:
+            if isinstance(address, str) and ":" in address:
+                if address not in seen["addresses6"]:
+                    raise RequestError(ERR_CHECK_FAILED, f"interface {ifname} lacks IPv6 "
+                                       f"address {address} (has "
+                                       f"{', '.join(seen['addresses6']) or 'none'})")
+            elif address != seen["address"]:
                 raise RequestError(ERR_CHECK_FAILED, f"interface {ifname} has address "
                                    f"{seen['address'] or 'none'}, expected {address}")
         for gw in expected.get("gateways") or []:

@@ -12,8 +12,11 @@ for deletion, one hand-built ``RTM_DELLINK`` netlink message, and writes one
 JSON line back over a pipe before ``os._exit``. No pyroute2: importing it
 costs about 0.2 s, and these are a handful of syscalls.
 
-What it deliberately does not do: IPv6 addresses or routes, and secondary
-IPv4 addresses (``SIOCGIFADDR`` reports the first one, which is the one ADD set).
+IPv6 addresses and default routes come from ``/proc/self/net/if_inet6`` and
+``ipv6_route`` (the namespace of the reading thread: the joined one).
+
+What it deliberately does not do: secondary IPv4 addresses (``SIOCGIFADDR``
+reports the first one, which is the one ADD set).
 """
 
 from __future__ import annotations
@@ -171,7 +174,35 @@ def probe_interface(ifname: str) -> dict[str, Any] | None:  # pragma: no cover -
                     and fields[7] == "00000000":
                 gateways.append(socket.inet_ntoa(struct.pack("<I", int(fields[2], 16))))
     return {"up": bool(flags & IFF_UP), "mac": ":".join(f"{b:02x}" for b in mac), "mtu": mtu,
-            "address": address, "gateways": gateways}
+            "address": address, "gateways": gateways + ipv6_default_gateways(ifname),
+            "addresses6": ipv6_addresses(ifname)}
+
+
+def _inet6_text(hex32: str) -> str:
+    return socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hex32))
+
+
+def ipv6_addresses(ifname: str) -> list[str]:  # pragma: no cover - child
+    """``ADDRESS/PREFIX`` of every IPv6 address on ``ifname`` (/proc/net/if_inet6)."""
+    try:
+        with open("/proc/self/net/if_inet6") as f:
+            rows = [line.split() for line in f]
+    except FileNotFoundError:  # a kernel without IPv6
+        return []
+    return [f"{_inet6_text(r[0])}/{int(r[2], 16)}" for r in rows
+            if len(r) >= 6 and r[5] == ifname]
+
+
+def ipv6_default_gateways(ifname: str) -> list[str]:  # pragma: no cover - child
+    """The next hops of ``::/0`` routes on ``ifname`` (/proc/net/ipv6_route)."""
+    try:
+        with open("/proc/self/net/ipv6_route") as f:
+            rows = [line.split() for line in f]
+    except FileNotFoundError:
+        return []
+    return [_inet6_text(r[4]) for r in rows
+            if len(r) >= 10 and r[9] == ifname and r[0] == "0" * 32 and r[1] == "00"
+            and r[4] != "0" * 32]
 
 
 def remove_tap(ifname: str) -> str:  # pragma: no cover - child

@@ -41,8 +41,11 @@ the engine on ``engine.sock`` must run as our uid or root (``SO_PEERCRED``,
 
 Results are built in the 1.1.0 shape and converted to the version the
 configuration asks for (``ips[].version`` before 1.0.0; no interface ``mtu``
-before 1.1.0). What this module deliberately does not do: IPAM (an ``ipam``
-section is rejected), IPv6 results, and any packet work.
+before 1.1.0). With ``"ipv6": true`` (``cidr6`` picks the /64, fd00::/64 by
+default) the result also lists the static IPv6 address prefix + 0x100 (the
+engine sets it, with a default route via prefix + 2), and DNS at prefix + 3.
+What this module deliberately does not do: IPAM (an ``ipam`` section is
+rejected) and any packet work.
 
 Error codes: the spec's 1 (incompatible version), 2 (unsupported field),
 4 (invalid environment variable), 6 (undecodable JSON), 7 (invalid
@@ -61,6 +64,11 @@ from _json import scanstring as _scanstring
 from pyslirp.procfs import process_start_time
 from pyslirp.wire import netparams
 from pyslirp.wire.netparams import DEFAULT_CIDR, DEFAULT_MTU, MAX_MTU, MIN_MTU, NetParamError
+
+#: As slirp4netns's and ``pyslirp -6``'s (pyslirp.stack.config.DEFAULT_CIDR6).
+DEFAULT_CIDR6 = "fd00::/64"
+#: IPv6 needs a link MTU of at least 1280 (RFC 8200 5; pyslirp.wire.ipv6.MIN_MTU).
+IPV6_MIN_MTU = 1280
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - typing costs ~10 ms of startup; mypy only
@@ -91,7 +99,7 @@ ERR_UNSAFE = 106            #: the runtime directory, a file in it or the engine
 
 #: Top-level configuration keys and what they mean to us.
 KNOWN_KEYS = frozenset({
-    "cniVersion", "name", "type", "mtu", "dns", "cidr", "disableHostLoopback",
+    "cniVersion", "name", "type", "mtu", "dns", "cidr", "ipv6", "cidr6", "disableHostLoopback",
     "macAddress", "dnsUpstreams", "runtimeDir", "capabilities", "runtimeConfig", "args",
     "prevResult",
     "cni.dev/valid-attachments",
@@ -590,6 +598,43 @@ def _parse_cidr(text: Any) -> tuple[int, int]:
         raise CniError(ERR_INVALID_CONFIG, f"invalid cidr {text!r}: {problem}") from None
 
 
+def _parse_cidr6(text: Any) -> int:
+    """``cidr6``: a /64 network address of a unicast prefix (netparams' rule for --cidr6)."""
+    syntax = "expected an IPv6 PREFIX/64 such as fd00::/64"
+    if not isinstance(text, str):
+        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr6 {text!r}: {syntax}")
+    try:
+        return netparams.parse_cidr6(text)[0]
+    except NetParamError as exc:
+        problem = syntax if exc.kind == netparams.SYNTAX else str(exc)
+        raise CniError(ERR_INVALID_CONFIG, f"invalid cidr6 {text!r}: {problem}") from None
+
+
+def _parse_ipv6_settings(conf: dict[str, Any], mtu: int) -> dict[str, Any]:
+    """``ipv6`` and ``cidr6``: the static IPv6 address, gateway and DNS of the attachment.
+
+    The plugin sets the address itself (prefix + 0x100, like IPv4's + 100) so
+    that the result can name it: a SLAAC address is only known once the
+    container's kernel has made it.
+    """
+    ipv6 = conf.get("ipv6", False)
+    if not isinstance(ipv6, bool):
+        raise CniError(ERR_INVALID_CONFIG, f"invalid ipv6 {ipv6!r}: expected true/false")
+    if not ipv6:
+        if "cidr6" in conf:
+            raise CniError(ERR_INVALID_CONFIG, "invalid cidr6: it applies only with "
+                           '"ipv6": true')
+        return {"ipv6": False}
+    if mtu < IPV6_MIN_MTU:
+        raise CniError(ERR_INVALID_CONFIG, f"invalid mtu {mtu}: IPv6 needs at least "
+                       f"{IPV6_MIN_MTU} (RFC 8200)")
+    net6 = _parse_cidr6(conf.get("cidr6", DEFAULT_CIDR6))
+    return {"ipv6": True, "cidr6": f"{netparams.format_ipv6(net6)}/{netparams.CIDR6_PREFIXLEN}",
+            "address6": netparams.format_ipv6(net6 + 0x100),
+            "gateway6": netparams.format_ipv6(net6 + 2),
+            "dns6": netparams.format_ipv6(net6 + 3)}
+
+
 def _parse_mac(text: Any, field: str) -> str:
     """A unicast MAC as the canonical ``xx:xx:xx:xx:xx:xx`` the engine and results use."""
     syntax = "expected xx:xx:xx:xx:xx:xx"
@@ -682,6 +727,7 @@ def parse_settings(conf: dict[str, Any], args: dict[str, str]) -> dict[str, Any]
                        f"{MIN_MTU}..{MAX_MTU}")
     cidr = conf.get("cidr", DEFAULT_CIDR)
     net, prefix = _parse_cidr(cidr)
+    v6 = _parse_ipv6_settings(conf, mtu)
     disable_loopback = conf.get("disableHostLoopback", False)
     if not isinstance(disable_loopback, bool):
         raise CniError(ERR_INVALID_CONFIG,
@@ -703,8 +749,8 @@ def parse_settings(conf: dict[str, Any], args: dict[str, str]) -> dict[str, Any]
             dns[key] = _str_list(value, f"dns.{key}")
         else:
             raise CniError(ERR_UNSUPPORTED_FIELD, f"unsupported field dns.{key}")
-    ours = _ipv4_text(net + 3)
-    dns["nameservers"] = [ours] + [n for n in dns.get("nameservers", []) if n != ours]
+    ours = [_ipv4_text(net + 3)] + ([v6["dns6"]] if v6["ipv6"] else [])
+    dns["nameservers"] = ours + [n for n in dns.get("nameservers", []) if n not in ours]
     upstreams = [_parse_upstream(u) for u in _str_list(conf.get("dnsUpstreams", []),
                                                        "dnsUpstreams")]
     runtime = conf.get("runtimeConfig", {})
@@ -724,7 +770,7 @@ def parse_settings(conf: dict[str, Any], args: dict[str, str]) -> dict[str, Any]
         "address": _ipv4_text(net + 100), "gateway": _ipv4_text(net + 2),
         "disableHostLoopback": disable_loopback, "mac": mac, "dns": dns,
         "dnsUpstreams": upstreams, "portMappings": ports,
-        "search": list(dns.get("search", [])),
+        "search": list(dns.get("search", [])), **v6,
     }
 
 

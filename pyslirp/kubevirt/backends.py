@@ -174,8 +174,9 @@ class BackendManager:
         api = os.path.join(self._run_dir, f"{iface.name}.api")
         ready_r, ready_w = os.pipe()
         exit_r, exit_w = os.pipe()
+        ipv6 = ("-6", f"--cidr6={iface.network6}") if iface.network6 is not None else ()
         args = [*self.command, "--target-type=qemu-stream", f"--cidr={iface.network}",
-                f"--mtu={iface.mtu}",
+                *ipv6, f"--mtu={iface.mtu}",
                 f"--api-socket={api}", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
                 *self.hardening, *(f"--dns-upstream={u}" for u in self.dns_upstreams), sock]
         try:
@@ -197,8 +198,9 @@ class BackendManager:
             raise
         finally:
             os.close(ready_r)
-        log.info("kubevirt: interface %s: pyslirp (pid %d) on %s, network %s, ports %s, %s",
+        log.info("kubevirt: interface %s: pyslirp (pid %d) on %s, network %s%s, ports %s, %s",
                  iface.name, proc.pid, sock, iface.network,
+                 f" and {iface.network6}" if iface.network6 is not None else "",
                  " ".join(f"{p.port}/{p.protocol}" for p in iface.ports) or "none",
                  " ".join(self.hardening))
         return backend

@@ -10,7 +10,8 @@ no processes), in two steps:
 
 1. :func:`slirp_interfaces` reads the VMI: ``spec.networks`` names the pod
    network (the one with a ``pod`` member; ``pod.vmNetworkCIDR`` picks the
-   virtual network, 10.0.2.0/24 by default), ``spec.domain.devices.
+   virtual network, 10.0.2.0/24 by default, ``pod.vmIPv6NetworkCIDR`` the
+   IPv6 prefix, a /64, fd00::/64 by default), ``spec.domain.devices.
    interfaces`` the NICs. A NIC on the pod network whose ``binding.name`` is
    the plugin's name (``NETWORK_BINDING_PLUGIN_NAME``, default ``slirp``) is
    ours: its ``model``, ``macAddress`` and ``ports`` (``port``, ``protocol``
@@ -42,6 +43,17 @@ largest single throughput lever (a 64 MiB download took half the time in a
 TCG guest). Other models have no way to learn an MTU from the device and
 stay at 1,500.
 
+IPv6 is on unless the sidecar is told otherwise (``--disable-ipv6``): KubeVirt's
+own slirp binding gave the VM QEMU's ``-netdev user`` without any IPv6 option,
+and QEMU's user networking answers IPv6 by default (router advertisements for
+its prefix, the host at prefix::2, DNS at ::3), so a VM on the slirp binding had
+IPv6 towards the pod. The stack does the same (``pyslirp -6``): the guest's
+kernel takes a SLAAC address from the RAs. The prefix is slirp4netns's and
+pyslirp's fd00::/64 rather than QEMU's site-local fec0::/64 (deprecated by RFC
+3879); ``vmIPv6NetworkCIDR`` picks another (only a /64: SLAAC needs one, and
+KubeVirt documents the field for its masquerade binding, whose default /120 it is
+not).
+
 Not done: PCI addresses, boot order and ACPI index from the VMI (KubeVirt's
 slirp sidecar ignored them too); more than the pod network (slirp is
 user-mode networking in the pod, there is nothing else to bind to).
@@ -57,12 +69,18 @@ from typing import Any
 from xml.dom import minidom
 from xml.parsers.expat import ExpatError
 
+from pyslirp.stack.config import ConfigError, parse_cidr6
+
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 DEFAULT_CIDR = "10.0.2.0/24"
+#: As pyslirp -6's and slirp4netns's (pyslirp.stack.config.DEFAULT_CIDR6).
+DEFAULT_CIDR6 = "fd00::/64"
 DEFAULT_PLUGIN_NAME = "slirp"
 #: The MTU a virtio NIC gets (``virtio_mtu`` of :func:`slirp_interfaces`).
 DEFAULT_VIRTIO_MTU = 65520
 ETHERNET_MTU = 1500
+#: RFC 8200's minimum link MTU for IPv6 (pyslirp.wire.ipv6.MIN_MTU).
+IPV6_MIN_MTU = 1280
 VIRTIO_DRIVER = "virtio-net-pci"
 #: KubeVirt interface models -> QEMU device drivers.
 MODELS = {
@@ -104,6 +122,8 @@ class SlirpInterface:
     ports: tuple[Port, ...]
     #: The link MTU: the stack's ``--mtu`` and, for virtio, QEMU's ``host_mtu``.
     mtu: int = ETHERNET_MTU
+    #: The IPv6 prefix the stack serves (``-6 --cidr6``); None: IPv6 off.
+    network6: ipaddress.IPv6Network | None = None
 
     @property
     def netdev_id(self) -> str:
@@ -124,10 +144,12 @@ def _get(obj: Any, *path: str) -> Any:
 
 
 def slirp_interfaces(vmi_json: bytes, plugin: str = DEFAULT_PLUGIN_NAME,
-                     virtio_mtu: int = DEFAULT_VIRTIO_MTU) -> list[SlirpInterface]:
+                     virtio_mtu: int = DEFAULT_VIRTIO_MTU,
+                     ipv6: bool = True) -> list[SlirpInterface]:
     """The VMI's pod-network NICs bound to ``plugin``; HookError if there is none or one is bad.
 
-    A virtio NIC's link gets ``virtio_mtu``, any other 1500.
+    A virtio NIC's link gets ``virtio_mtu``, any other 1500. With ``ipv6`` each
+    NIC's stack serves IPv6 too (see the module doc).
     """
     try:
         vmi = json.loads(vmi_json)
@@ -149,7 +171,7 @@ def slirp_interfaces(vmi_json: bytes, plugin: str = DEFAULT_PLUGIN_NAME,
             if not isinstance(iface, dict) or iface.get("name") != network.get("name"):
                 continue
             if _get(iface, "binding", "name") == plugin:
-                found.append(_interface(iface, network, virtio_mtu))
+                found.append(_interface(iface, network, virtio_mtu, ipv6))
     if not found:
         names = ", ".join(repr(n.get("name")) for n in pod)
         raise HookError(f"no interface of the VMI's pod network ({names}) has "
@@ -158,7 +180,7 @@ def slirp_interfaces(vmi_json: bytes, plugin: str = DEFAULT_PLUGIN_NAME,
 
 
 def _interface(iface: dict[str, Any], network: dict[str, Any],
-               virtio_mtu: int) -> SlirpInterface:
+               virtio_mtu: int, ipv6: bool) -> SlirpInterface:
     name = iface.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise HookError(f"interface name {name!r} is not a DNS label (a-z, 0-9, '-')")
@@ -178,6 +200,7 @@ def _interface(iface: dict[str, Any], network: dict[str, Any],
             from None
     if not 1 <= net.prefixlen <= 25:
         raise HookError(f"{where}: vmNetworkCIDR {cidr} must have a prefix of /1 to /25")
+    net6 = _network6(where, network) if ipv6 else None
     ports: list[Port] = []
     raw_ports = iface.get("ports") or []
     if not isinstance(raw_ports, list):
@@ -194,9 +217,23 @@ def _interface(iface: dict[str, Any], network: dict[str, Any],
             raise HookError(f"{where}: port {number}/{protocol} is declared twice")
         ports.append(port)
     driver = MODELS[model]
+    mtu = virtio_mtu if driver == VIRTIO_DRIVER else ETHERNET_MTU
+    if net6 is not None and mtu < IPV6_MIN_MTU:
+        raise HookError(f"{where}: a link MTU of {mtu} is too small for IPv6 (at least "
+                        f"{IPV6_MIN_MTU}); raise --virtio-mtu or run with --disable-ipv6")
     return SlirpInterface(name, driver, mac.lower().replace("-", ":") if mac else None,
-                          net, tuple(ports),
-                          virtio_mtu if driver == VIRTIO_DRIVER else ETHERNET_MTU)
+                          net, tuple(ports), mtu, net6)
+
+
+def _network6(where: str, network: dict[str, Any]) -> ipaddress.IPv6Network:
+    """``pod.vmIPv6NetworkCIDR`` by pyslirp's ``--cidr6`` rule (a unicast /64)."""
+    cidr6 = _get(network, "pod", "vmIPv6NetworkCIDR") or DEFAULT_CIDR6
+    if not isinstance(cidr6, str):
+        raise HookError(f"{where}: vmIPv6NetworkCIDR {cidr6!r} is not an IPv6 prefix")
+    try:
+        return parse_cidr6(cidr6)
+    except ConfigError as exc:
+        raise HookError(f"{where}: vmIPv6NetworkCIDR: {exc}") from None
 
 
 # ---- the domain XML -----------------------------------------------------------------------

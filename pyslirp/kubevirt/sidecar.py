@@ -67,10 +67,11 @@ class HookServer:
     """The hook's behaviour, independent of gRPC plumbing (tests call it directly too)."""
 
     def __init__(self, backends: BackendManager, plugin: str, on_shutdown: Any = None,
-                 virtio_mtu: int = domain.DEFAULT_VIRTIO_MTU) -> None:
+                 virtio_mtu: int = domain.DEFAULT_VIRTIO_MTU, ipv6: bool = True) -> None:
         self.backends = backends
         self.plugin = plugin
         self.virtio_mtu = virtio_mtu
+        self.ipv6 = ipv6
         self._on_shutdown = on_shutdown
         self._messages: dict[str, Any] = {}
 
@@ -82,7 +83,7 @@ class HookServer:
 
     def on_define_domain(self, domain_xml: bytes, vmi_json: bytes) -> bytes:
         """The edited domain; HookError/BackendError say why not."""
-        ifaces = domain.slirp_interfaces(vmi_json, self.plugin, self.virtio_mtu)
+        ifaces = domain.slirp_interfaces(vmi_json, self.plugin, self.virtio_mtu, self.ipv6)
         # Check the XML before starting anything: bad input must leave no back end behind.
         domain.edit_domain(domain_xml, [])
         sockets = self.backends.ensure(ifaces)
@@ -213,6 +214,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the user QEMU runs as, the only one that may connect to the "
                              f"stacks (default {QEMU_USER[0]}:{QEMU_USER[1]}, "
                              "virt-launcher's qemu)")
+    parser.add_argument("--disable-ipv6", action="store_true",
+                        help="serve the VMs IPv4 only (default: IPv6 too, as QEMU's user "
+                             "networking under KubeVirt's slirp binding did; the prefix is "
+                             "pod.vmIPv6NetworkCIDR, fd00::/64 by default)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -238,7 +243,8 @@ def main(argv: list[str]) -> int:
         return 1
     stop = threading.Event()
     backends = BackendManager(data_dir, dns_upstreams=args.dns_upstream, qemu_user=args.qemu_user)
-    hooks = HookServer(backends, plugin, on_shutdown=stop.set, virtio_mtu=args.virtio_mtu)
+    hooks = HookServer(backends, plugin, on_shutdown=stop.set, virtio_mtu=args.virtio_mtu,
+                       ipv6=not args.disable_ipv6)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers(_handlers(hooks, grpc))
     try:

@@ -79,7 +79,8 @@ class ResolvConfWatcher:
             log.warning("cannot read %s: %s; DNS has no upstream", self.path, exc.strerror)
             text = ""
         nameservers, search = parse_resolv_conf(text)
-        upstreams = [(ns, _DNS_PORT) for ns in nameservers if "%" not in ns]
+        # A zone (fe80::1%eth0) stays: the DNS sockets connect with its scope id.
+        upstreams = [(ns, _DNS_PORT) for ns in nameservers]
         self.server.set_dns(upstreams, search)
         log.info("DNS upstreams from %s: %s", self.path,
                  ", ".join(h for h, _ in upstreams) or "none")

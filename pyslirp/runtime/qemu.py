@@ -59,6 +59,10 @@ so only its owner and root can send to it. Until QEMU has sent something, frames
 are dropped and counted (``drop.tx.no_peer``). A datagram longer than
 :data:`MAX_FRAME` is dropped and counted (``drop.rx.too_big``), never cut.
 
+IPv6 (``-6``, ``--cidr6``) is the stack's, as for a namespace: the VM's kernel
+configures itself from the router advertisements (SLAAC in fd00::/64, default
+route via our link-local address), as it would on QEMU's own user networking.
+
 Not done: inet/vsock/fd addresses (only Unix sockets), vhost-user, the
 virtio-net header (QEMU's socket back ends never carry one).
 """
@@ -502,8 +506,9 @@ def serve_qemu(spec: ServeSpec) -> int:
             except OSError as exc:
                 log.error("%s", exc)
                 server.stop(1)
-        log.info("serving QEMU %s at %s (MTU %d, %s)", "-netdev stream" if stream
-                 else "-netdev dgram", path, config.mtu, config.network)
+        log.info("serving QEMU %s at %s (MTU %d, %s%s)", "-netdev stream" if stream
+                 else "-netdev dgram", path, config.mtu, config.network,
+                 f", {config.network6}" if config.enable_ipv6 else "")
         from pyslirp.runtime.sandbox import apply as apply_hardening
 
         if not apply_hardening(spec.hardening, own_userns=True):

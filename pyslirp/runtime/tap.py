@@ -47,6 +47,13 @@ Design choices
   ioctls take microseconds and the result (seen with ``ip -j addr/route``) is
   identical.
 
+A static IPv6 address (``ConfigureSpec.address6``, the CNI plugin's, whose
+result must name the address): ``accept_ra`` 0 (no SLAAC address or RA route
+beside it), ``accept_dad`` 0 (nobody else is on the link, and the address is
+usable at once instead of after a second of DAD), then ``SIOCSIFADDR`` on an
+IPv6 socket (``struct in6_ifreq``) and ``SIOCADDRT`` (``struct in6_rtmsg``)
+for ``::/0`` via ``gateway6``, once the TAP is up.
+
 IPv6 with ``-c`` (``ConfigureSpec.ipv6``): as with slirp4netns, the guest's
 kernel configures itself from our router advertisements (SLAAC address,
 default route via our link-local address). Before the TAP goes up the child
@@ -64,9 +71,8 @@ standard library modules a bare interpreter has anyway plus ``socket``,
 answer is therefore newline-separated text, not JSON: a TAP name cannot
 contain whitespace (the kernel refuses it).
 
-What it deliberately does not do: static IPv6 addresses (SLAAC does that),
-multiqueue TAPs, persisting the device (it lives as long as the fd unless it
-existed before).
+What it deliberately does not do: multiqueue TAPs, persisting the device (it
+lives as long as the fd unless it existed before).
 """
 
 from __future__ import annotations
@@ -128,6 +134,12 @@ _IFREQ_INT = struct.Struct("16si20x")         # ifr_name, ifr_mtu
 _IFREQ_HWADDR = struct.Struct("16sH6s16x")    # ifr_name, sa_family, sa_data[0:6]
 _IFREQ_INADDR = struct.Struct("16sHH4s8x8x")  # ifr_name, sockaddr_in
 _SOCKADDR_IN = struct.Struct("HH4s8x")
+_IN6_IFREQ = struct.Struct("16sIi")           # ifr6_addr, ifr6_prefixlen, ifr6_ifindex
+# struct in6_rtmsg: dst, src, gateway, type, dst_len, src_len, metric, info, flags, ifindex
+_IN6_RTMSG = struct.Struct("@16s16s16sIHHILIi")
+SIOCGIFINDEX = 0x8933
+RTF_UP6 = 0x1
+RTF_GATEWAY6 = 0x2
 
 #: How long the parent waits for the child's answer before giving up.
 CHILD_TIMEOUT = 30.0
@@ -143,19 +155,30 @@ class ConfigureSpec:
     A plain class, not a dataclass: see "Start-up cost" in the module doc.
     """
 
-    __slots__ = ("address", "gateway", "ipv6")
+    __slots__ = ("address", "gateway", "ipv6", "address6", "gateway6")
     #: Address and prefix, e.g. ``10.0.2.100/24``.
     address: ipaddress.IPv4Interface
     #: Default route via this address (None: no default route).
     gateway: ipaddress.IPv4Address | None
     #: Let the guest's kernel take IPv6 from our router advertisements (see the module doc).
     ipv6: bool
+    #: A static IPv6 address instead (the CNI plugin's, which its result names), and the
+    #: default route via ``gateway6``: the kernel then ignores router advertisements.
+    address6: ipaddress.IPv6Interface | None
+    gateway6: ipaddress.IPv6Address | None
 
     def __init__(self, address: ipaddress.IPv4Interface,
-                 gateway: ipaddress.IPv4Address | None, ipv6: bool = False) -> None:
+                 gateway: ipaddress.IPv4Address | None, ipv6: bool = False,
+                 address6: ipaddress.IPv6Interface | None = None,
+                 gateway6: ipaddress.IPv6Address | None = None) -> None:
+        if ipv6 and address6 is not None:
+            raise ValueError("ConfigureSpec: SLAAC (ipv6) and a static address6 exclude "
+                             "each other")
         object.__setattr__(self, "address", address)
         object.__setattr__(self, "gateway", gateway)
         object.__setattr__(self, "ipv6", ipv6)
+        object.__setattr__(self, "address6", address6)
+        object.__setattr__(self, "gateway6", gateway6)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"ConfigureSpec is immutable (cannot set {name})")
@@ -163,14 +186,18 @@ class ConfigureSpec:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ConfigureSpec):
             return NotImplemented
-        return (self.address, self.gateway, self.ipv6) == (other.address, other.gateway,
-                                                           other.ipv6)
+        return self._fields() == other._fields()
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.address, self.gateway, self.ipv6, self.address6, self.gateway6)
 
     def __hash__(self) -> int:
-        return hash((self.address, self.gateway, self.ipv6))
+        return hash(self._fields())
 
     def __repr__(self) -> str:
-        return f"ConfigureSpec({self.address!r}, {self.gateway!r}, ipv6={self.ipv6})"
+        static6 = f", address6={self.address6!r}, gateway6={self.gateway6!r}" \
+            if self.address6 is not None else ""
+        return f"ConfigureSpec({self.address!r}, {self.gateway!r}, ipv6={self.ipv6}{static6})"
 
     @classmethod
     def for_network(cls, network: ipaddress.IPv4Network, ipv6: bool = False) -> ConfigureSpec:
@@ -556,6 +583,8 @@ def _configure(ctl: socket.socket, name: str, spec: ConfigureSpec) -> None:  # p
     """What ``slirp4netns --configure`` does, with the same ioctls."""
     if spec.ipv6:
         _accept_router_adverts(name)
+    if spec.address6 is not None:
+        _static_ipv6_sysctls(name)
     _set_up(ctl, "lo")
     _set_up(ctl, name)
     addr = spec.address
@@ -580,14 +609,67 @@ def _configure(ctl: socket.socket, name: str, spec: ConfigureSpec) -> None:  # p
             if exc.errno != errno.EEXIST or not _has_default_route(name, spec.gateway):
                 raise _ChildFailure(f"cannot add the default route via {spec.gateway}: "
                                     f"{_why(exc)}") from None
+    if spec.address6 is not None:
+        _configure_static_ipv6(name, spec.address6, spec.gateway6)
+
+
+def _ipv6_conf_dir(name: str) -> str:  # pragma: no cover - child
+    conf = f"/proc/sys/net/ipv6/conf/{name}"
+    if not os.path.isdir(conf):
+        raise _ChildFailure(f"IPv6 is not available in the namespace (no {conf}); "
+                            "turn IPv6 off (--enable-ipv6, \"ipv6\") or enable it in the "
+                            "kernel")
+    return conf
+
+
+def _static_ipv6_sysctls(name: str) -> None:  # pragma: no cover - child
+    """Before the TAP goes up: IPv6 on, no RAs taken, no DAD (see the module doc)."""
+    conf = _ipv6_conf_dir(name)
+    _sysctl_at_least(f"{conf}/disable_ipv6", 0, exact=True)
+    _sysctl_at_least(f"{conf}/accept_ra", 0, exact=True)
+    _sysctl_at_least(f"{conf}/accept_dad", 0, exact=True)
+
+
+def _configure_static_ipv6(name: str, address: ipaddress.IPv6Interface,
+                           gateway: ipaddress.IPv6Address | None) -> None:  # pragma: no cover
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as ctl6:
+        index = _IFREQ_INT.unpack(_ioctl_or_fail(
+            ctl6, SIOCGIFINDEX, _IFREQ_INT.pack(_ifn(name), 0),
+            f"cannot find the index of {name}"))[1]
+        try:
+            _ioctl(ctl6, SIOCSIFADDR, _IN6_IFREQ.pack(address.ip.packed,
+                                                      address.network.prefixlen, index))
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:  # re-attaching to a persistent TAP: ours already
+                raise _ChildFailure(f"cannot set address {address} on {name}: "
+                                    f"{_why(exc)}") from None
+        if gateway is None:
+            return
+        any6 = bytes(16)
+        route = _IN6_RTMSG.pack(any6, any6, gateway.packed, 0, 0, 0, 0, 0,
+                                RTF_UP6 | RTF_GATEWAY6, index)
+        try:
+            _ioctl(ctl6, SIOCADDRT, route)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST or not _has_default_route6(name, gateway):
+                raise _ChildFailure(f"cannot add the default route via {gateway}: "
+                                    f"{_why(exc)}") from None
+
+
+def _has_default_route6(name: str, gateway: ipaddress.IPv6Address) -> bool:  # pragma: no cover
+    """Whether this netns routes ::/0 via ``gateway`` on ``name`` (/proc/net/ipv6_route)."""
+    try:
+        with open("/proc/self/net/ipv6_route") as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return False
+    return any(len(r) >= 10 and r[9] == name and r[0] == "0" * 32 and r[1] == "00"
+               and r[4] == gateway.packed.hex() for r in rows)
 
 
 def _accept_router_adverts(name: str) -> None:  # pragma: no cover - child
     """Make the kernel of the joined namespace take IPv6 on ``name`` from RAs (module doc)."""
-    conf = f"/proc/sys/net/ipv6/conf/{name}"
-    if not os.path.isdir(conf):
-        raise _ChildFailure(f"IPv6 is not available in the namespace (no {conf}); "
-                            "drop --enable-ipv6 or enable IPv6 in its kernel")
+    conf = _ipv6_conf_dir(name)
     _sysctl_at_least(f"{conf}/disable_ipv6", 0, exact=True)
     forwarding = int(_sysctl_read(f"{conf}/forwarding"))
     _sysctl_at_least(f"{conf}/accept_ra", 2 if forwarding else 1)

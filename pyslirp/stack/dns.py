@@ -652,8 +652,7 @@ def parse_resolv_conf(text: str) -> tuple[list[str], list[str]]:
     ``search`` and ``domain`` both set the search list and the last one wins.
     Invalid addresses are skipped; duplicates are kept once, in order.
     IPv6 nameservers (including link-local ones with a ``%zone``) are kept, as
-    text: they are recognisable by containing ``:`` (see :func:`is_ipv6`), so
-    the caller can skip them while it has no IPv6 upstream support. Trailing
+    text: they are recognisable by containing ``:`` (see :func:`is_ipv6`). Trailing
     dots are removed from search domains, and the root domain is dropped, as
     is (with a warning) a name DHCP cannot serve
     (:func:`~pyslirp.stack.config.valid_search_domains`).

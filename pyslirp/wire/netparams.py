@@ -22,6 +22,8 @@ The rules are slirp4netns's where it has one:
 * MAC: six groups of one or two hex digits separated by ``:`` (as
   ``ether_aton`` reads them) or ``-``; it must be a unicast address and not
   all zeros, because the kernel refuses any other for an interface.
+* IPv6 prefix (``--cidr6``, the CNI plugin's ``cidr6``): a /64 network
+  address of a unicast prefix, no scope.
 * DNS upstream: ``A.B.C.D``, ``A.B.C.D:PORT``, ``[IPv6]``, ``[IPv6]:PORT``
   or a bare IPv6 address (no port then); the port is 1..65535, 53 if absent.
 * Interface names: what the kernel's ``dev_valid_name`` accepts.
@@ -192,6 +194,54 @@ def parse_ipv6(text: str) -> str:
     except (ValueError, NetParamError) as exc:
         raise NetParamError(ADDRESS, f"{text!r} is not an IPv6 address ({exc})") from None
     return _compress(groups) + (f"%{scope}" if percent else "")
+
+
+#: The one IPv6 prefix length served: SLAAC forms an address from a /64 and a 64-bit
+#: interface identifier (RFC 4862 5.5.3, RFC 4291 2.5.1), and Linux ignores any other.
+CIDR6_PREFIXLEN = 64
+
+
+def parse_cidr6(text: str) -> tuple[int, int]:
+    """An IPv6 ``PREFIX/64`` as (network address as a 128-bit integer, 64).
+
+    The rule of ``--cidr6`` (:func:`pyslirp.stack.config.parse_cidr6` says it
+    with :mod:`ipaddress`): a /64 network address, no scope, and a prefix a
+    guest can take addresses from (not multicast, link-local, loopback,
+    unspecified or IPv4-mapped). Kinds: SYNTAX, ADDRESS, PREFIX, HOST_BITS.
+    """
+    address, slash, prefix_text = text.partition("/")
+    if not slash:
+        raise NetParamError(SYNTAX, "expected PREFIX/64")
+    if not _is_decimal(prefix_text, 3) or int(prefix_text) > 128:
+        raise NetParamError(SYNTAX, f"{prefix_text!r} is not a prefix length")
+    if "%" in address:
+        raise NetParamError(ADDRESS, f"{address!r} has a scope; a prefix has none")
+    try:
+        groups = _parse_hextets(address)
+    except (ValueError, NetParamError) as exc:
+        raise NetParamError(ADDRESS, f"{address!r} is not an IPv6 address ({exc})") from None
+    value = 0
+    for group in groups:
+        value = value << 16 | group
+    prefix = int(prefix_text)
+    if prefix != CIDR6_PREFIXLEN:
+        raise NetParamError(PREFIX, f"the prefix length must be {CIDR6_PREFIXLEN} (SLAAC "
+                                    "forms addresses from a /64)")
+    if value & ((1 << 64) - 1):
+        network = value >> 64 << 64
+        raise NetParamError(HOST_BITS, f"host bits are set (the network is "
+                                       f"{format_ipv6(network)}/{prefix})")
+    top = value >> 120
+    mapped = value >> 32 == 0xFFFF
+    if top == 0xFF or value >> 118 == 0xFE80 >> 6 or value in (0, 1) or mapped:
+        raise NetParamError(ADDRESS, "not a unicast prefix a guest can use (multicast, "
+                                     "link-local, loopback, unspecified or IPv4-mapped)")
+    return value, prefix
+
+
+def format_ipv6(value: int) -> str:
+    """A 128-bit integer as RFC 5952 text (what :mod:`ipaddress` prints)."""
+    return _compress([value >> shift & 0xFFFF for shift in range(112, -1, -16)])
 
 
 def _compress(groups: list[int]) -> str:

@@ -433,7 +433,7 @@ def test_engine_is_detached_from_the_plugin(cni_bin: str, env: dict[str, str], r
                        ifname="eth0", extra_env=env).ok
 
 
-@pytest.mark.parametrize("name", ["10-slirp.conflist", "10-slirp.json"])
+@pytest.mark.parametrize("name", ["10-slirp.conflist", "10-slirp.json", "20-slirp6.conflist"])
 def test_example_configurations_work(name: str, runtime_factory: Any, netns_factory: Any,
                                      http_port: int) -> None:
     with open(os.path.join(REPO, "cni", name)) as f:

@@ -14,10 +14,12 @@ makes ADD and DEL agree on the engine here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +35,29 @@ from tests.podmanutil import busybox_rootfs, ensure_subid_range, remove_pods, re
 
 pytestmark = pytest.mark.e2e
 
+SERVERS6 = Path(__file__).parent.parent / "e2e" / "servers6.py"
+
+@pytest.fixture
+def servers6() -> Iterator[dict[str, Any]]:
+    """HTTP and an AAAA-answering DNS server on this namespace's ``::1`` (servers6.py)."""
+    proc = subprocess.Popen([sys.executable, str(SERVERS6), "4096"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        yield json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture
 def podman(dns_server: DnsServer) -> Iterator[Any]:
     require_podman()
     work = tempfile.mkdtemp(prefix="pyslirp-pod-", dir="/tmp")
     os.chmod(work, 0o755)  # a --uidmap container's root (uid 200000) must reach its rootfs
     rootfs = str(busybox_rootfs(Path(work) / "rootfs",
-                                ("sh", "wget", "nslookup", "ip", "cat", "grep", "httpd")))
+                                ("sh", "wget", "nslookup", "ip", "cat", "grep", "httpd",
+                                 "sha256sum")))
     bindir, netdir, rundir = (os.path.join(work, d) for d in ("bin", "net", "run"))
     os.makedirs(netdir)
     install.install(bindir)
@@ -55,11 +73,12 @@ def podman(dns_server: DnsServer) -> Iterator[Any]:
     base = ["podman", "--root", os.path.join(work, "root"), "--runroot",
             os.path.join(work, "runroot"), "--runtime=runc", "--cgroup-manager=cgroupfs"]
 
-    def run(*args: str, image: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, image: str | None = None,
+            network: str = "slirptest") -> subprocess.CompletedProcess[str]:
         """``podman run`` of the busybox tree (``--rootfs``), or of ``image`` made from it."""
         where = [image] if image else ["--rootfs", rootfs]
         argv = [*base, "run", "--rm", "--ulimit", "nofile=1024:1024", "--ulimit",
-               "nproc=1024:1024", "--network", "slirptest", *args[:-1], *where,
+               "nproc=1024:1024", "--network", network, *args[:-1], *where,
                "sh", "-c", args[-1]]
         return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=180)
 
@@ -71,7 +90,13 @@ def podman(dns_server: DnsServer) -> Iterator[Any]:
         assert tar.wait() == 0
         return name
 
+    def add_network(name: str, **fields: Any) -> None:
+        plugin = {"type": "slirp", "runtimeDir": rundir, **fields}
+        with open(os.path.join(netdir, f"{name}.conflist"), "w") as f:
+            json.dump({"cniVersion": "1.0.0", "name": name, "plugins": [plugin]}, f)
+
     run.rundir = rundir  # type: ignore[attr-defined]
+    run.add_network = add_network  # type: ignore[attr-defined]
     run.rootfs = rootfs  # type: ignore[attr-defined]
     run.conf = conf  # type: ignore[attr-defined]
     run.env = env  # type: ignore[attr-defined]
@@ -99,6 +124,24 @@ def test_podman_container_on_slirp(podman: Any, http_port: int) -> None:
     rundir = podman.rundir
     assert wait_until(lambda: os.listdir(os.path.join(rundir, "attachments")) == [], 30)
     assert wait_until(lambda: engine_pid(rundir) is None, 30)
+
+
+def test_podman_container_on_an_ipv6_slirp_network(podman: Any,
+                                                   servers6: dict[str, Any]) -> None:
+    """``"ipv6": true``: podman configures nothing itself; the container has the address
+    the result names, fetches from the host's ``::1`` via ``[fd00::2]`` with its IPv4
+    routes gone, and resolves AAAA through ``[fd00::3]``."""
+    podman.add_network("slirp6", ipv6=True, dnsUpstreams=[f"[::1]:{servers6['dns']}"])
+    script = ("ip -6 addr show dev eth0 scope global && ip -6 route show default && "
+              "ip -4 route flush dev eth0 && "
+              f"wget -q -O - 'http://[fd00::2]:{servers6['http']}/' | sha256sum && "
+              "nslookup -type=AAAA anything.test fd00::3")
+    proc = podman("--cap-add=NET_ADMIN", script, network="slirp6")  # for the route flush
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "inet6 fd00::100/64 scope global" in proc.stdout
+    assert "default via fd00::2 dev eth0" in proc.stdout
+    assert servers6["sha256"] in proc.stdout
+    assert "fd00::abcd" in proc.stdout
 
 
 def _http_get(port: int) -> bytes | None:

@@ -19,9 +19,11 @@ says (runc, cgroupfs, explicit rlimits).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +46,7 @@ from tests.podmanutil import busybox_rootfs, remove_pods, require_podman
 
 pytestmark = pytest.mark.e2e
 
+SERVERS6 = Path(__file__).with_name("servers6.py")
 NET_BIND_SERVICE = 1 << sandbox.CAP_NET_BIND_SERVICE
 INNER_PORT = 8080
 BODY = "served from inside podman\n"
@@ -63,6 +66,18 @@ class PodRun:
 
 PodRunner = Callable[..., PodRun]
 
+#: The container's IPv6 checks: wait (up to 10 s) for a global address on tap0 that is no
+#: longer tentative (flag 0x40 in /proc/net/if_inet6), then fetch over IPv6.
+_IPV6_PART = (
+    "i=0; while [ $i -lt 100 ]; do "
+    "a=$(awk '$6 == \"tap0\" && $4 == \"00\" && $5 !~ /^[4-7c-f]/ {{ print $1 }}' "
+    "/proc/net/if_inet6); [ -n \"$a\" ] && break; i=$((i + 1)); sleep 0.1; done; "
+    "echo \"addr6 ${{a:-none}}\" >> /tmp/inside.txt; "
+    "echo \"route6 $(ip -6 route show default | head -n 1)\" >> /tmp/inside.txt; "
+    "if wget -q -O /tmp/p6 'http://[fd00::2]:{port}/'; "
+    "then echo \"fetch6 $(sha256sum /tmp/p6)\" >> /tmp/inside.txt; "
+    "else echo 'fetch6 failed' >> /tmp/inside.txt; fi; ")
+
 
 @pytest.fixture
 def podman_slirp(host: Host) -> Iterator[PodRunner]:
@@ -70,7 +85,8 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
     # podman refuses a runroot longer than 50 characters: pytest's tmp_path is too deep.
     work = Path(tempfile.mkdtemp(prefix="pyslirp-pod-", dir="/tmp"))
     rootfs = busybox_rootfs(work / "rootfs",
-                            ("sh", "wget", "ip", "cat", "httpd", "sleep", "awk", "echo"), ("www",))
+                            ("sh", "wget", "ip", "cat", "httpd", "sleep", "awk", "echo",
+                             "sha256sum"), ("www",))
     (rootfs / "www" / "index.html").write_text(BODY)
     recorder = install_recorded_shim(work)
     conf = work / "containers.conf"
@@ -80,12 +96,14 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
             "--runroot", str(work / "runroot"), "--runtime=runc", "--cgroup-manager=cgroupfs"]
     api_sockets: list[str] = []
 
-    def run(network: str) -> PodRun:
+    def run(network: str, http6: int | None = None) -> PodRun:
+        """``http6``: also wait for a SLAAC address and fetch from ``[fd00::2]:http6``."""
         out, done = rootfs / "tmp" / "inside.txt", rootfs / "tmp" / "done"
         for f in (out, done, work / "argv.log"):
             f.unlink(missing_ok=True)
         host_port = free_port()
         script = (f"httpd -p {INNER_PORT} -h /www; "
+                  + (_IPV6_PART.format(port=http6) if http6 else "") +
                   "echo \"addr $(ip -4 -o addr show tap0 | awk '{print $4}')\" >> /tmp/inside.txt; "
                   f"if wget -q -O - http://10.0.2.2:{host.http}/hello > /tmp/hello; "
                   "then echo \"gateway_fetch $(cat /tmp/hello)\" >> /tmp/inside.txt; "
@@ -133,8 +151,9 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_podman_default_slirp4netns(podman_slirp: PodRunner) -> None:
-    result = podman_slirp("slirp4netns:port_handler=slirp4netns")
+def test_podman_default_slirp4netns(podman_slirp: PodRunner,
+                                    servers6: dict[str, object]) -> None:
+    result = podman_slirp("slirp4netns:port_handler=slirp4netns", http6=servers6["http"])
     assert result.status == 0, result.output
     # podman 4.3's exact shape
     assert result.argv[:5] == ["--disable-host-loopback", "--mtu=65520", "--enable-sandbox",
@@ -144,8 +163,40 @@ def test_podman_default_slirp4netns(podman_slirp: PodRunner) -> None:
     assert result.argv[12] == "--netns-type=path" and result.argv[14] == "tap0"
     assert result.inside["addr"] == "10.0.2.100/24"
     assert result.inside["gateway_fetch"] == "failed"  # podman's default: no host loopback
+    # IPv6 by default too: a SLAAC address, and no host loopback through [fd00::2] either.
+    assert result.inside["addr6"].startswith("fd00000000000000"), result.inside
+    assert result.inside["fetch6"] == "failed"
     assert result.host_fetch == BODY
     assert result.caps["CapEff"] == NET_BIND_SERVICE and result.seccomp == "2"
+    assert not result.outlived
+
+
+@pytest.fixture
+def servers6(host: Host) -> Iterator[dict[str, object]]:
+    """An HTTP server on the host namespace's ``::1`` (tests/e2e/servers6.py)."""
+    proc = host.ns.popen([sys.executable, str(SERVERS6), "4096"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        yield json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_podman_slirp4netns_ipv6(podman_slirp: PodRunner, servers6: dict[str, object]) -> None:
+    """podman passes ``--enable-ipv6`` (4.3 by default, as 5 does): the container's kernel
+    takes a SLAAC address in fd00::/64 and a default route from our RA, and reaches the
+    host's ``::1`` through ``[fd00::2]`` (with host loopback allowed)."""
+    result = podman_slirp("slirp4netns:port_handler=slirp4netns,allow_host_loopback=true,"
+                          "enable_ipv6=true", http6=servers6["http"])
+    assert result.status == 0, result.output
+    assert "--enable-ipv6" in result.argv
+    addr6 = result.inside["addr6"]
+    assert addr6.startswith("fd00000000000000") and addr6 != "fd00" + "0" * 28, addr6
+    assert result.inside["route6"].startswith("default via fe80::"), result.inside
+    assert result.inside["fetch6"].split()[0] == servers6["sha256"], result.inside
+    assert result.host_fetch == BODY
     assert not result.outlived
 
 

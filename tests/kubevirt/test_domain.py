@@ -55,8 +55,39 @@ def test_fixture_vmi(vmi_json: bytes) -> None:
     [iface] = slirp_interfaces(vmi_json)
     assert iface == SlirpInterface(
         "default", "virtio-net-pci", "02:42:ac:11:00:02", iface.network,
-        (Port("tcp", 8080), Port("udp", 5353), Port("tcp", 2222)), 65520)
+        (Port("tcp", 8080), Port("udp", 5353), Port("tcp", 2222)), 65520, iface.network6)
     assert str(iface.network) == "10.0.2.0/24" and iface.guest_address == "10.0.2.15"
+    # IPv6 on, as QEMU's -netdev user under KubeVirt's own slirp binding: fd00::/64.
+    assert str(iface.network6) == "fd00::/64"
+
+
+def test_ipv6_prefix_from_the_pod_network_or_off() -> None:
+    raw = vmi([slirp()], [{"name": "default", "pod": {"vmIPv6NetworkCIDR": "fd12:3::/64"}}])
+    [iface] = slirp_interfaces(raw)
+    assert str(iface.network6) == "fd12:3::/64"
+    [off] = slirp_interfaces(raw, ipv6=False)
+    assert off.network6 is None
+
+
+@pytest.mark.parametrize(("cidr6", "message"), [
+    ("fd10:0:2::/120", "interface default: vmIPv6NetworkCIDR: invalid IPv6 prefix "
+                       "'fd10:0:2::/120': the prefix length must be 64"),
+    ("fd00::1/64", "has host bits set"),
+    ("10.0.2.0/24", "invalid IPv6 prefix '10.0.2.0/24'"),
+    (64, "vmIPv6NetworkCIDR 64 is not an IPv6 prefix"),
+])
+def test_bad_ipv6_prefix(cidr6: Any, message: str) -> None:
+    raw = vmi([slirp()], [{"name": "default", "pod": {"vmIPv6NetworkCIDR": cidr6}}])
+    with pytest.raises(HookError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        slirp_interfaces(raw)
+    assert slirp_interfaces(raw, ipv6=False)  # not looked at with IPv6 off
+
+
+def test_ipv6_needs_a_1280_byte_link() -> None:
+    with pytest.raises(HookError, match="a link MTU of 1000 is too small for IPv6"):
+        slirp_interfaces(vmi([slirp()]), virtio_mtu=1000)
+    [iface] = slirp_interfaces(vmi([slirp()]), virtio_mtu=1000, ipv6=False)
+    assert iface.mtu == 1000
 
 
 def test_model_cidr_and_plugin_name() -> None:

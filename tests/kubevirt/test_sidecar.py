@@ -8,11 +8,13 @@ from the .proto files (conftest.py). Each test starts a fresh sidecar.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +69,13 @@ class Sidecar:
 
 @pytest.fixture
 def sidecar(tmp_path: Path) -> Iterator[Sidecar]:
+    with run_sidecar(tmp_path) as side:
+        yield side
+
+
+@contextlib.contextmanager
+def run_sidecar(tmp_path: Path, *options: str) -> Iterator[Sidecar]:
+    """The sidecar in a network namespace of its own (the pod's), with ``options``."""
     if shutil.which("unshare") is None:
         pytest.fail("unshare (util-linux) is needed")
     hooks = tmp_path / "kubevirt-hooks"
@@ -79,7 +88,7 @@ def sidecar(tmp_path: Path) -> Iterator[Sidecar]:
         ["unshare", "--net", "--", "sh", "-c",
          'ip link set lo up && exec "$@"', "sh",
          sys.executable, "-m", "pyslirp", "kubevirt-sidecar", "--socket",
-         str(hooks / "slirp.sock"), "--dns-upstream=127.0.0.1:9"],
+         str(hooks / "slirp.sock"), "--dns-upstream=127.0.0.1:9", *options],
         stdin=subprocess.DEVNULL, stderr=open(log, "wb"),  # noqa: SIM115
         env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     side = Sidecar(hooks, proc, log)
@@ -172,6 +181,27 @@ def test_on_define_domain_starts_a_stack_and_points_qemu_at_it(
     assert again == out  # nothing more changes ...
     assert sidecar.define(protos, domain_xml, vmi_json) == out
     assert sidecar.pyslirp_pids() == [pid]  # ... and the running stack is reused
+
+
+def _stack_args(side: Sidecar) -> list[str]:
+    [pid] = side.pyslirp_pids()
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def test_stacks_serve_ipv6_unless_disabled(sidecar: Sidecar, protos: SimpleNamespace,
+                                           domain_xml: bytes, vmi_json: bytes,
+                                           tmp_path: Path) -> None:
+    """IPv6 on by default (QEMU's user networking had it); ``--disable-ipv6`` turns it off."""
+    sidecar.define(protos, domain_xml, vmi_json)
+    args = _stack_args(sidecar)
+    assert "-6" in args and "--cidr6=fd00::/64" in args
+    short = Path(tempfile.mkdtemp(prefix="pyslirp-kv-", dir="/tmp"))  # sun_path: 108 bytes
+    try:
+        with run_sidecar(short, "--disable-ipv6") as v4only:
+            v4only.define(protos, domain_xml, vmi_json)
+            assert not any(a == "-6" or a.startswith("--cidr6") for a in _stack_args(v4only))
+    finally:
+        shutil.rmtree(short)
 
 
 @pytest.mark.parametrize("version", ["v1alpha1", "v1alpha2"])

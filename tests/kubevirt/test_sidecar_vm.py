@@ -4,8 +4,11 @@ What virt-launcher would do, minus libvirt: ask the sidecar (in its own
 network namespace, standing in for the pod) for the domain, take the
 ``<qemu:commandline>`` arguments from the answer and start QEMU with them.
 The guest must then get its lease, carry the VMI's MAC, fetch a file from
-the pod's loopback through 10.0.2.2, and serve a port that a client in the
-pod reaches through the forward the sidecar set up from the VMI's ``ports``.
+the pod's loopback through 10.0.2.2, take a SLAAC address from the stack's
+router advertisements (IPv6 is on by default, as under QEMU's own user
+networking) and fetch from the pod's ``::1`` through ``[fd00::2]``, and serve
+a port that a client in the pod reaches through the forward the sidecar set up
+from the VMI's ``ports``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pytest
 from tests.kubevirt.test_domain import qemu_args
 from tests.kubevirt.test_sidecar import Sidecar, sidecar  # noqa: F401 (fixture)
 from tests.vm import guest
-from tests.vm.test_vm import SERVERS, kernel  # noqa: F401 (fixture)
+from tests.vm.test_vm import SERVERS, SERVERS6, kernel  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vm]
 
@@ -54,17 +57,21 @@ def test_vm_runs_on_the_domain_the_sidecar_returned(
 
     servers = in_pod(sidecar, sys.executable, str(SERVERS), str(tmp_path / "state"),
                      "--size", str(1 << 20), stdout=subprocess.PIPE)
+    servers6 = in_pod(sidecar, sys.executable, str(SERVERS6), str(1 << 20),
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     qemu = None
     try:
-        assert servers.stdout is not None
+        assert servers.stdout is not None and servers6.stdout is not None
         info = json.loads(servers.stdout.readline())
+        info6 = json.loads(servers6.stdout.readline())
         vmlinuz, modules = kernel
         initrd = tmp_path / "initrd.cpio"
         guest.build_initramfs(initrd, modules)
         console = tmp_path / "console.log"
         qemu = subprocess.Popen(
             guest.qemu_command(vmlinuz, initrd, "", console,
-                               f"vmtest_http={info['http']} vmtest_fwd=1 vmtest_dns=0", nic=nic),
+                               f"vmtest_http={info['http']} vmtest_fwd=1 vmtest_dns=0 "
+                               f"vmtest_http6={info6['http']}", nic=nic),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / "qemu.log", "wb"))  # noqa: SIM115
         con = guest.Console(console)
@@ -77,6 +84,11 @@ def test_vm_runs_on_the_domain_the_sidecar_returned(
         assert lease.groups() == ("10.0.2.15", "10.0.2.2", "10.0.2.3", "65520")
         assert con.wait_for(r"^VM: link mtu (\d+)", qemu, 10).group(1) == "65520"
         assert con.wait_for(r"^VM: payload (\S+)", qemu, 120).group(1) == info["sha256"]
+        # 02:42:ac:11:00:02 -> interface identifier 0042:acff:fe11:0002 (RFC 4291 A).
+        assert con.wait_for(r"^VM: ipv6 addr (\S+)", qemu, 60).group(1) == \
+            "fd00000000000000" + "0042acfffe110002"
+        con.wait_for(r"^VM: ping6 fd00::2 ok", qemu, 30)
+        assert con.wait_for(r"^VM: payload6 (\S+)", qemu, 120).group(1) == info6["sha256"]
         served = con.wait_for(r"^VM: serving (\S+)", qemu, 60).group(1)
 
         client = in_pod(sidecar, sys.executable, "-c", FETCH, "8080", "8081",
@@ -87,7 +99,7 @@ def test_vm_runs_on_the_domain_the_sidecar_returned(
         con.wait_for(r"^VM: done", qemu, 60)
         assert qemu.wait(timeout=60) == 0
     finally:
-        for proc in (qemu, servers):
+        for proc in (qemu, servers, servers6):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()

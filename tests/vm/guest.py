@@ -57,6 +57,7 @@ for word in $(cat /proc/cmdline); do
     vmtest_http=*) HTTP="${word#*=}" ;;
     vmtest_fwd=*) FWD="${word#*=}" ;;
     vmtest_dns=*) DNS="${word#*=}" ;;
+    vmtest_http6=*) HTTP6="${word#*=}" ;;
     esac
 done
 echo "VM: booted $(uname -r)"
@@ -75,6 +76,30 @@ if wget -q -O /tmp/payload "http://10.0.2.2:$HTTP/payload"; then
     echo "VM: payload $(sha256sum /tmp/payload)"
 else
     echo "VM: payload fetch failed"
+fi
+if [ -n "$HTTP6" ]; then
+    # SLAAC from pyslirp's router advertisements: wait for a global address on eth0
+    # that is no longer tentative (flag 0x40 in /proc/net/if_inet6's fifth column).
+    tries=0
+    while [ $tries -lt 100 ]; do
+        ADDR6=$(awk '$6 == "eth0" && $4 == "00" && $5 !~ /^[4-7c-f]/ { print $1 }' \
+            /proc/net/if_inet6)
+        [ -n "$ADDR6" ] && break
+        tries=$((tries + 1))
+        sleep 0.1
+    done
+    echo "VM: ipv6 addr ${ADDR6:-none}"
+    echo "VM: ipv6 route $(ip -6 route show default | head -n 1)"
+    if ping6 -c 1 -W 5 fd00::2 >/dev/null 2>&1; then
+        echo "VM: ping6 fd00::2 ok"
+    else
+        echo "VM: ping6 fd00::2 failed"
+    fi
+    if wget -q -O /tmp/payload6 "http://[fd00::2]:$HTTP6/"; then
+        echo "VM: payload6 $(sha256sum /tmp/payload6)"
+    else
+        echo "VM: payload6 fetch failed"
+    fi
 fi
 if [ "$FWD" = 1 ]; then
     dd if=/dev/urandom of=/www/guest.bin bs=1024 count=256 2>/dev/null

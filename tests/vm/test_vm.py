@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -34,12 +35,14 @@ from pathlib import Path
 import pytest
 
 from pyslirp.kubevirt.backends import api_request
+from pyslirp.stack.config import NetConfig
 from tests.netutil import free_port
 from tests.vm import guest
 
 pytestmark = pytest.mark.vm
 
 SERVERS = Path(__file__).resolve().parent.parent / "e2e" / "servers.py"
+SERVERS6 = SERVERS.with_name("servers6.py")
 PAYLOAD_SIZE = 1 << 20
 BOOT_TIMEOUT = 180.0
 
@@ -89,8 +92,11 @@ class Vm:
 
 @contextlib.contextmanager
 def boot(tmp: Path, kernel: tuple[Path, Path], backend: str,
-         forward: bool) -> Iterator[Vm]:
-    """Servers on loopback, pyslirp serving ``backend``, then QEMU booting the guest."""
+         forward: bool, ipv6: bool = False) -> Iterator[Vm]:
+    """Servers on loopback, pyslirp serving ``backend``, then QEMU booting the guest.
+
+    With ``ipv6``, pyslirp runs with ``-6`` and an HTTP server on ``::1``
+    (tests/e2e/servers6.py) gives the guest a second payload over IPv6."""
     vmlinuz, modules = kernel
     initrd = tmp / "initrd.cpio"
     guest.build_initramfs(initrd, modules)
@@ -102,11 +108,22 @@ def boot(tmp: Path, kernel: tuple[Path, Path], backend: str,
         procs.append(servers)
         assert servers.stdout is not None
         info = json.loads(servers.stdout.readline())
+        cmdline = f"vmtest_http={info['http']} vmtest_fwd={int(forward)}"
+        if ipv6:
+            servers6 = subprocess.Popen([sys.executable, str(SERVERS6), str(PAYLOAD_SIZE)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+            procs.append(servers6)
+            assert servers6.stdout is not None
+            info6 = json.loads(servers6.stdout.readline())
+            info["sha256_6"] = info6["sha256"]
+            cmdline += f" vmtest_http6={info6['http']}"
 
         sock, api = str(tmp / "vm.sock"), str(tmp / "api.sock")
         ready_r, ready_w = os.pipe()
         slirp = subprocess.Popen(
             [sys.executable, "-m", "pyslirp", f"--target-type=qemu-{backend}",
+             *(["-6"] if ipv6 else []),
              f"--dns-upstream=127.0.0.1:{info['dns']}", f"--api-socket={api}",
              f"--ready-fd={ready_w}", f"--pcap={tmp / 'vm.pcap'}", sock],
             pass_fds=(ready_w,), stderr=open(tmp / "pyslirp.log", "wb"))  # noqa: SIM115
@@ -133,7 +150,7 @@ def boot(tmp: Path, kernel: tuple[Path, Path], backend: str,
         console = tmp / "console.log"
         qemu = subprocess.Popen(
             guest.qemu_command(vmlinuz, initrd, netdev, console,
-                               f"vmtest_http={info['http']} vmtest_fwd={int(forward)}"),
+                               cmdline),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(tmp / "qemu.log", "wb"))  # noqa: SIM115
         procs.append(qemu)
@@ -155,7 +172,7 @@ def _hostfwd_available() -> bool:
 @pytest.fixture(scope="module")
 def vm(kernel: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vm]:
     with boot(tmp_path_factory.mktemp("vm"), kernel, "stream",
-              forward=_hostfwd_available()) as running:
+              forward=_hostfwd_available(), ipv6=True) as running:
         yield running
 
 
@@ -176,6 +193,21 @@ def test_guest_resolves_a_name_through_10_0_2_3(vm: Vm) -> None:
 def test_guest_fetches_a_file_from_host_loopback(vm: Vm) -> None:
     m = vm.wait_for(r"^VM: payload (\S+)")
     assert m.group(1) == vm.servers["sha256"]
+
+
+def test_guest_takes_a_slaac_address_and_fetches_over_ipv6(vm: Vm) -> None:
+    """pyslirp -6 on -netdev stream: the guest's kernel forms its address from our RA
+    (EUI-64 of its MAC in fd00::/64), routes via our link-local address, pings the
+    gateway and fetches from the host's ::1 through [fd00::2]."""
+    addr = vm.wait_for(r"^VM: ipv6 addr (\S+)").group(1)
+    # 52:54:00:12:34:56 -> interface identifier 5054:00ff:fe12:3456 (RFC 4291 A).
+    assert addr == "fd00000000000000505400fffe123456"
+    route = vm.wait_for(r"^VM: ipv6 route (.*)$").group(1)
+    router = ipaddress.IPv6Address(NetConfig().link_local6)  # what sends our RAs
+    assert route.startswith(f"default via {router} dev eth0"), route
+    vm.wait_for(r"^VM: ping6 fd00::2 ok")
+    payload = vm.wait_for(r"^VM: payload6 (\S+)").group(1)
+    assert payload == vm.servers["sha256_6"]
 
 
 def test_host_reaches_a_guest_server_through_a_port_forward(vm: Vm) -> None:
