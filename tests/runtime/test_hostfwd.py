@@ -362,7 +362,7 @@ def tcp6_client(port: int, addr: str = "::1") -> socket.socket:
 
 
 def test_ipv6_forward_without_a_guest_address_follows_what_the_guest_shows(rig6: Rig6) -> None:
-    from scapy.layers.inet6 import IPv6, ICMPv6ND_NS
+    from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 
     rig6.know_guest()
     port = free_port()
