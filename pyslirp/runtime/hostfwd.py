@@ -478,6 +478,11 @@ class HostForwarder:
         now = self.loop.time()
         sock = fwd.sock
         known = self.stack.link.guest_mac is not None
+        # IPv4 to an IPv4 guest address (slirp4netns's one kind): one endpoint, served
+        # inline; every other kind chooses its endpoint per datagram (_udp_datagram).
+        simple = fwd.ports.get(fwd.guest4) if (
+            fwd.guest4 is not None and sock.family == socket.AF_INET) else None
+        host_datagram = self.stack.udp.host_datagram
         for _ in range(_UDP_BATCH):
             try:
                 data, peer = sock.recvfrom(_UDP_MAX)
@@ -490,7 +495,15 @@ class HostForwarder:
                 if ports is not None:
                     self.attachment.host.udp_read_errors(ports.flow, sock, now)
                 continue
-            if known:
+            if known and simple is not None:
+                peers = simple.peers
+                seen = peers.get(peer)
+                if seen is None or seen[0] is not sock:
+                    if len(peers) >= _MAX_UDP_PEERS:
+                        peers.clear()
+                    peers[peer] = (sock, peer)
+                host_datagram(simple.flow, peer[0], peer[1], data, now)
+            elif known:
                 self._udp_datagram(fwd, peer, data, now)
             elif len(self._pending) - self._parked < _MAX_PENDING:
                 self._when_guest_known(functools.partial(
@@ -503,7 +516,7 @@ class HostForwarder:
         """One datagram from host ``peer`` into the guest endpoint it is meant for."""
         src_ip, src_port = peer[0], peer[1]
         if fwd.sock.family == socket.AF_INET and fwd.guest4 is not None:
-            guest = fwd.guest4  # IPv4 to IPv4, as slirp4netns forwards
+            guest = fwd.guest4  # IPv4 to IPv4 (a datagram that waited for the MAC)
             seen_as = src_ip
         else:
             peer_v4 = fwd.sock.family == socket.AF_INET or _is_mapped(src_ip)
