@@ -271,7 +271,10 @@ class HostForwarder:
             self.loop.add_reader(sock.fileno(), self._on_accept, fwd)
         else:
             self.loop.add_reader(sock.fileno(), self._on_udp_readable, fwd)
-            if guest4 is not None:  # the guest port is taken from its own flows at once
+            # The guest port is taken from its own flows at once (as slirp4netns does),
+            # but the IPv4 one only if IPv4 peers can come (not for a "::1" that
+            # follows the guest's IPv6 address; the IPv6 one then comes with its peers).
+            if guest4 is not None and (not follow6 or _takes_ipv4(sock)):
                 self._udp_ports_for(fwd, guest4)
             if guest6 is not None:
                 self._udp_ports_for(fwd, guest6)
@@ -626,6 +629,14 @@ def _check_adopted(sock: socket.socket, kind: int, host_addr: str, host_port: in
     if kind == socket.SOCK_STREAM and \
             not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         raise ValueError("TCP socket is not listening")
+
+
+def _takes_ipv4(sock: socket.socket) -> bool:
+    """Whether IPv4 peers can reach this bound socket (IPv4, or a dual-stack ``::``)."""
+    if sock.family == socket.AF_INET:
+        return True
+    return bool(sock.getsockname()[0] == "::"
+                and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
 
 
 def _is_mapped(ip: str) -> bool:

@@ -422,6 +422,17 @@ def test_dual_stack_udp_forward_serves_both_families_and_answers_each(rig6: Rig6
     assert not any(flow.forward for flow in rig6.att.stack.udp.flows.values())
 
 
+def test_ipv6_loopback_udp_forward_leaves_the_guest_ipv4_port_alone(rig6: Rig6) -> None:
+    """``::1`` without a guest address: no IPv4 peer can come, so the guest's own IPv4 flows
+    from that port keep going out as before (a dual-stack ``::`` takes them over)."""
+    udp = rig6.att.stack.udp
+    guest4 = socket.inet_aton(GUEST)
+    rig6.fwd.add("udp", "::1", free_port(socket.SOCK_DGRAM), "", GPORT)
+    assert (guest4, GPORT) not in udp.flows
+    rig6.fwd.add("udp", "::", free_port(socket.SOCK_DGRAM), "", GPORT)
+    assert udp.flows[(guest4, GPORT)].forward
+
+
 def test_ipv6_addresses_need_ipv6(rig: Rig) -> None:
     with pytest.raises(ValueError, match="IPv6 is not enabled"):
         rig.fwd.add("tcp", "::1", free_port(), "", GPORT)
