@@ -34,6 +34,23 @@ answers; every request it accepts is answered byte for byte as it does):
   shows P. Only an explicit number 0 (or ``0.0``, ``-0``) asks for this: a
   missing, non-number or fractional (``0.5``) ``host_port`` is refused as
   before.
+* IPv6 addresses in ``add_hostfwd`` (slirp4netns: ``bad arguments.host_addr``
+  / ``guest_addr``), with ``-6``: ``host_addr`` ``::``, ``::1`` or any host
+  address (read as ``inet_pton(AF_INET6)`` does: no zone, no IPv4-mapped
+  address), ``guest_addr`` an IPv6 address in the ``--cidr6`` prefix (not the
+  gateway's or the DNS server's) or an IPv4 one; either family with either.
+  ``guest_addr`` omitted (or "") with an IPv6 ``host_addr``: IPv6 peers reach
+  the guest's IPv6 address as pyslirp knows it at each connection
+  (:meth:`pyslirp.runtime.hostfwd.HostForwarder.guest_addr6`), IPv4 peers of
+  a dual-stack ``::`` the default IPv4 guest address; ``list_hostfwd`` shows
+  the IPv6 address such a forward sends to now ("" while none is known). The
+  answers are slirp4netns's (``{"return":{"id":N}}``; entries of the same
+  shape, addresses as ``inet_ntop`` writes them); refusals name the field and
+  why: ``bad arguments.host_addr: IPv6 is not enabled (--enable-ipv6)``,
+  ``bad arguments.guest_addr: fd01::5 is outside the guest's prefix fd00::/64``,
+  ``... is pyslirp's own address, not the guest's``, ``... is IPv4-mapped; use
+  the IPv4 address``. Text that is no address at all keeps slirp4netns's bare
+  ``bad arguments.host_addr``.
 
 slirp4netns reads a request with one ``read`` of at most 4096 bytes into a C
 string and parses it with parson; what *that* accepts is what we accept, so
@@ -85,6 +102,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -135,6 +153,10 @@ REMOVE_OK = b'{"return":{}}'
 
 def bad_argument(execute: str, field: str) -> bytes:
     return error_reply(f"{execute}: bad arguments.{field}")
+
+
+#: Why an IPv6 address is refused without ``--enable-ipv6`` (after ``bad arguments.FIELD``).
+_NO_IPV6 = ": IPv6 is not enabled (--enable-ipv6)"
 
 
 # ---- parson's JSON -------------------------------------------------------------------------
@@ -425,11 +447,13 @@ class HostFwd:
     guest_addr: str
     guest_port: int
 
-    def to_json(self) -> bytes:
+    def to_json(self, guest_addr: str | None = None) -> bytes:
+        """The entry; ``guest_addr``: shown instead of the stored one (see ApiHandler)."""
+        shown = self.guest_addr if guest_addr is None else guest_addr
         return (b'{"id":%d,"proto":"%s","host_addr":"%s","host_port":%d,'
                 b'"guest_addr":"%s","guest_port":%d}'
                 % (self.id, self.proto.encode(), self.host_addr.encode(), self.host_port,
-                   self.guest_addr.encode(), self.guest_port))
+                   shown.encode(), self.guest_port))
 
 
 class Forwarder(Protocol):
@@ -438,6 +462,9 @@ class Forwarder(Protocol):
     def add(self, proto: str, host_addr: str, host_port: int, guest_addr: str,
             guest_port: int) -> int:
         """Start forwarding; raise OSError (e.g. EADDRINUSE) if the host port can't be had.
+
+        Addresses are IPv4 or IPv6 text; ``guest_addr`` "" (only with an IPv6
+        ``host_addr``): IPv6 peers follow the guest's IPv6 address.
 
         Returns the host port served (the kernel's choice when ``host_port`` is 0).
         """
@@ -480,13 +507,39 @@ def inet_pton4(text: bytes) -> str | None:
     return text.decode()
 
 
+def inet_pton6(text: bytes) -> bytes | None:
+    """glibc's ``inet_pton(AF_INET6, ...)`` (no zone); the 16 bytes or None."""
+    try:
+        return socket.inet_pton(socket.AF_INET6, text.decode("ascii"))
+    except (UnicodeDecodeError, OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Ipv6Forwarding:
+    """What the API needs to know of the link's IPv6 (our extension, module docstring)."""
+
+    #: The guest's prefix (``--cidr6``): IPv6 guest addresses must lie in it ...
+    network6: ipaddress.IPv6Network
+    #: ... and not be one of ours (the gateway, the DNS server).
+    ours: frozenset[bytes]
+    #: Where a forward without a guest address sends IPv6 peers now (None: not known).
+    guest_addr6: Callable[[], bytes | None]
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
 class ApiHandler:
     """slirp4netns's request handling, sans I/O: request bytes in, reply bytes out."""
 
     def __init__(self, forwarder: Forwarder, default_guest_addr: str,
-                 stats: Callable[[], bytes] | None = None) -> None:
+                 stats: Callable[[], bytes] | None = None,
+                 ipv6: Ipv6Forwarding | None = None) -> None:
         self.forwarder = forwarder
         self.default_guest_addr = default_guest_addr
+        #: IPv6 addresses in add_hostfwd (None: IPv6 is not enabled, they are refused).
+        self.ipv6 = ipv6
         #: ``get_stats``'s answer, made when asked; None: the command is unknown.
         self.stats = stats
         self.forwards: list[HostFwd] = []
@@ -508,7 +561,8 @@ class ApiHandler:
         if execute == b"add_hostfwd":
             return self._add(request)
         if execute == b"list_hostfwd":
-            return b'{"entries":[' + b",".join(f.to_json() for f in self.forwards) + b"]}"
+            return b'{"entries":[' + b",".join(
+                f.to_json(self._shown_guest_addr(f)) for f in self.forwards) + b"]}"
         if execute == b"remove_hostfwd":
             return self._remove(request)
         if execute == b"get_stats" and self.stats is not None:
@@ -522,7 +576,9 @@ class ApiHandler:
         host_text = _cstr(_dotget(request, b"arguments", b"host_addr")) or b"0.0.0.0"
         host_addr = inet_pton4(host_text)
         if host_addr is None:
-            return bad_argument("add_hostfwd", "host_addr")
+            host_addr, why = self._host_addr6(host_text)
+            if host_addr is None:
+                return bad_argument("add_hostfwd", "host_addr" + why)
         host_port_value = _dotget(request, b"arguments", b"host_port")
         host_port = _c_int(host_port_value)
         # Our extension: the number 0 asks for any free port (0.5 still truncates to a refusal).
@@ -533,7 +589,11 @@ class ApiHandler:
         if guest_text:
             guest_addr = inet_pton4(guest_text)
             if guest_addr is None:
-                return bad_argument("add_hostfwd", "guest_addr")
+                guest_addr, why = self._guest_addr6(guest_text)
+                if guest_addr is None:
+                    return bad_argument("add_hostfwd", "guest_addr" + why)
+        elif ":" in host_addr:
+            guest_addr = ""  # IPv6 peers follow the guest's IPv6 address (module docstring)
         else:
             guest_addr = self.default_guest_addr
         guest_port = _c_int(_dotget(request, b"arguments", b"guest_port"))
@@ -551,10 +611,43 @@ class ApiHandler:
         self.next_id += 1
         self.forwards.append(fwd)
         log.info("api: forwarding %s %s:%d to %s:%d (id %d)", fwd.proto, host_addr, host_port,
-                 guest_addr, guest_port, fwd.id)
+                 guest_addr or "the guest's IPv6 address", guest_port, fwd.id)
         if any_port:
             return b'{"return":{"id":%d,"host_port":%d}}' % (fwd.id, host_port)
         return b'{"return":{"id":%d}}' % fwd.id
+
+    def _host_addr6(self, text: bytes) -> tuple[str | None, str]:
+        """An IPv6 ``host_addr`` (our extension): (its text, "") or (None, why not)."""
+        addr = inet_pton6(text)
+        if addr is None:
+            return None, ""  # slirp4netns's answer for any address it cannot read
+        if self.ipv6 is None:
+            return None, _NO_IPV6
+        if addr[:12] == _V4_MAPPED:
+            return None, f": {text.decode()} is IPv4-mapped; use the IPv4 address"
+        return socket.inet_ntop(socket.AF_INET6, addr), ""
+
+    def _guest_addr6(self, text: bytes) -> tuple[str | None, str]:
+        """An IPv6 ``guest_addr`` (our extension): (its text, "") or (None, why not)."""
+        addr = inet_pton6(text)
+        if addr is None:
+            return None, ""
+        if self.ipv6 is None:
+            return None, _NO_IPV6
+        shown = socket.inet_ntop(socket.AF_INET6, addr)
+        if ipaddress.IPv6Address(addr) not in self.ipv6.network6:
+            return None, f": {shown} is outside the guest's prefix {self.ipv6.network6}"
+        if addr in self.ipv6.ours:
+            return None, f": {shown} is pyslirp's own address, not the guest's"
+        return shown, ""
+
+    def _shown_guest_addr(self, fwd: HostFwd) -> str:
+        """``list_hostfwd``'s guest_addr: a forward without one shows where IPv6 peers
+        go now ("" while the guest's IPv6 address is not known)."""
+        if fwd.guest_addr or self.ipv6 is None:
+            return fwd.guest_addr
+        now = self.ipv6.guest_addr6()
+        return "" if now is None else socket.inet_ntop(socket.AF_INET6, now)
 
     def _remove(self, request: dict[bytes, Any]) -> bytes:
         wanted = _c_int(_dotget(request, b"arguments", b"id"))
@@ -780,8 +873,11 @@ def api_socket(path: str, listener: socket.socket | None = None) -> ApiFactory:
     def start(loop: asyncio.AbstractEventLoop, forwarder: Any,
               default_guest_addr: str) -> ApiServer:
         stack = forwarder.stack
+        config = stack.config
+        ipv6 = Ipv6Forwarding(config.network6, frozenset((config.gateway6, config.dns6)),
+                              forwarder.guest_addr6) if config.enable_ipv6 else None
         handler = ApiHandler(forwarder, default_guest_addr,
-                             stats=lambda: stats_module.api_reply(stack))
+                             stats=lambda: stats_module.api_reply(stack), ipv6=ipv6)
         server = ApiServer(loop, path, handler, sock=listener)
         log.info("API socket at %s", path)
         return server

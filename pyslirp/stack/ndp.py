@@ -47,7 +47,10 @@ domains (DNSSL), if any fit the link MTU.
 
 The guest's addresses are learned from the source of its packets:
 ``guest_addr6`` the last one inside the prefix, ``guest_link_local6`` the last
-link-local one (a DAD probe's tentative target is never learned).
+link-local one (a DAD probe's tentative target is never learned as either;
+``guest_dad6`` keeps the last one in the prefix, which port forwarding takes
+for the guest's address until it has sent from one: a server that only
+listens never does).
 
 ICMPv6 echo requests to ``our_addrs`` are answered with an echo reply carrying
 the same identifier, sequence number and data (RFC 4443 4.2); other echo
@@ -103,6 +106,9 @@ class NdpEngine:
         #: The guest's addresses, from the sources of its packets (None: not seen yet).
         self.guest_addr6: bytes | None = None
         self.guest_link_local6: bytes | None = None
+        #: The last address in the prefix the guest probed for (DAD): its own once the
+        #: probe is over, though it may not have sent from it yet (port forwarding).
+        self.guest_dad6: bytes | None = None
         self.timer_deadline: float | None = None
         self._started = False
         self._last_ra = -math.inf
@@ -116,9 +122,21 @@ class NdpEngine:
             self.guest_addr6 = src
         elif ipv6.is_link_local(src):
             self.guest_link_local6 = src
+        elif src == ipv6.UNSPECIFIED:
+            self._dad_probe(ip)
         if not self._started:
             self._started = True
             self.timers.schedule(self, now)
+
+    def _dad_probe(self, ip: Ipv6Packet) -> None:
+        """Remember the target of a Duplicate Address Detection probe in the prefix (it
+        goes to a solicited-node group we do not join, so it is not handled further)."""
+        body = ip.payload
+        if ip.proto == ipv6.PROTO_ICMPV6 and len(body) >= icmpv6.NS_FIXED_LEN \
+                and body[0] == icmpv6.NEIGHBOR_SOLICIT and body[1] == 0:
+            target = bytes(body[8:24])
+            if int.from_bytes(target[:8], "big") == self._prefix_int:
+                self.guest_dad6 = target
 
     def handle(self, ip: Ipv6Packet, src_mac: bytes, now: float, trusted: bool = False) -> None:
         """An ICMPv6 message addressed to us (unicast or a group we listen to); ``trusted``:

@@ -420,7 +420,7 @@ class UdpEngine:
         except OSError:
             return None
         if addr == _LOOPBACK6:
-            if not self._loopback_ok:
+            if not self._loopback_ok and not flow.forward:  # as for IPv4 (_origin)
                 return None
             addr = self._gateway6
         origin = (addr, src_port)
@@ -428,6 +428,8 @@ class UdpEngine:
             flow.targets.clear()
             flow.origins.clear()
         flow.origins[(src_ip, src_port)] = origin
+        if flow.forward:
+            flow.targets[origin] = (src_ip, src_port)
         return origin
 
     def host_error(self, flow: UdpFlow, dst: tuple[str, int], icmp_type: int, icmp_code: int,

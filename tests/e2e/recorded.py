@@ -50,13 +50,15 @@ def wait_until_ready(out: Path, proc: subprocess.Popen[str] | subprocess.Popen[b
         time.sleep(0.05)
 
 
-def fetch_published_port(host: Any, port: int) -> str:
-    """GET /index.html from the host's published ``port`` until it answers (the caller adds
-    the forward some time after the container is ready); the body, or "" if it never did."""
+def fetch_published_port(host: Any, port: int, addr: str = "127.0.0.1") -> str:
+    """GET /index.html from the host's published ``addr:port`` until it answers (the caller
+    adds the forward some time after the container is ready); the body, or "" if it never
+    did."""
     body = ""
+    where = f"[{addr}]" if ":" in addr else addr
     for _ in range(100):
-        r = host.run(["curl", "-sS", "--max-time", "10",
-                      f"http://127.0.0.1:{port}/index.html"], check=False)
+        r = host.run(["curl", "-sS", "-g", "--max-time", "10",
+                      f"http://{where}:{port}/index.html"], check=False)
         body = r.stdout
         if r.returncode == 0:
             break

@@ -333,3 +333,109 @@ def test_out_of_fds_pauses_the_listener_instead_of_spinning(rig: Rig) -> None:
 ])
 def test_source_address_the_guest_sees(rig: Rig, peer: str, seen: str) -> None:
     assert rig.fwd._as_seen_by_guest(peer) == socket.inet_aton(seen)
+
+
+# ---- IPv6 (with -6) --------------------------------------------------------------------------
+
+GATEWAY6 = "fd00::2"
+#: The SLAAC address GUEST_MAC gives in fd00::/64 (EUI-64).
+GUEST_EUI64 = "fd00::ff:fe00:64"
+
+
+class Rig6(Rig):
+    def __init__(self) -> None:
+        LinkRig.__init__(self, NetConfig(vnet_hdr=False, offload=False, enable_ipv6=True))
+        self.fwd = HostForwarder(self.att)
+        self.seen = []
+
+
+@pytest.fixture
+def rig6() -> Iterator[Rig6]:
+    r = Rig6()
+    yield r
+    r.close()
+
+
+def tcp6_client(port: int, addr: str = "::1") -> socket.socket:
+    s = socket.create_connection((addr, port), timeout=5)
+    return s
+
+
+def test_ipv6_forward_without_a_guest_address_follows_what_the_guest_shows(rig6: Rig6) -> None:
+    from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
+
+    rig6.know_guest()
+    port = free_port()
+    rig6.fwd.add("tcp", "::1", port, "", GPORT)
+    dsts = []
+    with tcp6_client(port):  # nothing learned yet: the SLAAC address of the guest's MAC
+        dsts.append(rig6.wait_frame(is_syn)[IPv6].dst)
+    # A DAD probe (from ::, to a group we do not join) names the address it will have ...
+    rig6.send(IPv6(src="::", dst="ff02::1:ff00:99", hlim=255) / ICMPv6ND_NS(tgt="fd00::99"))
+    with tcp6_client(port):
+        dsts.append(rig6.wait_frame(is_syn)[IPv6].dst)
+    # ... and a packet from an address of the prefix is the guest's for sure.
+    rig6.send(IPv6(src="fd00::7", dst="fd00::2") / UDP(sport=5000, dport=9))
+    with tcp6_client(port) as c:
+        syn = rig6.wait_frame(is_syn)
+        dsts.append(syn[IPv6].dst)
+        assert (syn[IPv6].src, syn[TCP].sport) == (GATEWAY6, c.getsockname()[1])
+    assert dsts == [GUEST_EUI64, "fd00::99", "fd00::7"]
+
+
+def test_dual_stack_udp_forward_serves_both_families_and_answers_each(rig6: Rig6) -> None:
+    from scapy.layers.inet6 import IPv6
+
+    rig6.know_guest()
+    port = free_port(socket.SOCK_DGRAM)
+    rig6.fwd.add("udp", "::", port, "", GPORT)
+    c4 = udp_client(port)
+    c6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    c6.settimeout(5)
+    c6.connect(("::1", port))
+    with c4, c6:
+        c4.send(b"four")
+        f4 = rig6.wait_frame(is_udp)
+        assert (f4[IP].src, f4[IP].dst, f4[UDP].sport) == (GATEWAY, GUEST, c4.getsockname()[1])
+        c6.send(b"six")
+        f6 = rig6.wait_frame(is_udp)
+        assert (f6[IPv6].src, f6[IPv6].dst) == (GATEWAY6, GUEST_EUI64)
+        assert f6[UDP].sport == c6.getsockname()[1]
+        rig6.send(IP(src=GUEST, dst=GATEWAY) / UDP(sport=GPORT, dport=f4[UDP].sport) / b"r4")
+        rig6.send(IPv6(src=GUEST_EUI64, dst=GATEWAY6) / UDP(sport=GPORT, dport=f6[UDP].sport)
+                  / b"r6")
+        assert c4.recv(100) == b"r4"
+        assert c6.recv(100) == b"r6"
+        # The guest's IPv6 address changes: the forward moves to it, the old endpoint goes.
+        rig6.send(IPv6(src="fd00::7", dst=GATEWAY6) / UDP(sport=5000, dport=9))
+        c6.send(b"moved")
+        assert rig6.wait_frame(lambda f: IPv6 in f and UDP in f
+                               and bytes(f[UDP].payload) == b"moved")[IPv6].dst == "fd00::7"
+        udp = rig6.att.stack.udp
+        guest_keys = {k for k, flow in udp.flows.items() if flow.forward}
+        eui64 = socket.inet_pton(socket.AF_INET6, GUEST_EUI64)
+        assert (eui64, GPORT) not in guest_keys
+        assert (socket.inet_pton(socket.AF_INET6, "fd00::7"), GPORT) in guest_keys
+        c4.send(b"still")  # the socket is still watched after the old flow went
+        assert bytes(rig6.wait_frame(is_udp)[UDP].payload) == b"still"
+    rig6.fwd.remove("udp", "::", port)
+    assert not any(flow.forward for flow in rig6.att.stack.udp.flows.values())
+
+
+def test_ipv6_loopback_udp_forward_leaves_the_guest_ipv4_port_alone(rig6: Rig6) -> None:
+    """``::1`` without a guest address: no IPv4 peer can come, so the guest's own IPv4 flows
+    from that port keep going out as before (a dual-stack ``::`` takes them over)."""
+    udp = rig6.att.stack.udp
+    guest4 = socket.inet_aton(GUEST)
+    rig6.fwd.add("udp", "::1", free_port(socket.SOCK_DGRAM), "", GPORT)
+    assert (guest4, GPORT) not in udp.flows
+    rig6.fwd.add("udp", "::", free_port(socket.SOCK_DGRAM), "", GPORT)
+    assert udp.flows[(guest4, GPORT)].forward
+
+
+def test_ipv6_addresses_need_ipv6(rig: Rig) -> None:
+    with pytest.raises(ValueError, match="IPv6 is not enabled"):
+        rig.fwd.add("tcp", "::1", free_port(), "", GPORT)
+    with pytest.raises(ValueError, match="IPv6 is not enabled"):
+        rig.fwd.add("tcp", "127.0.0.1", free_port(), "fd00::100", GPORT)
+    assert rig.fwd.forwards == {}
