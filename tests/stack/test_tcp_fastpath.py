@@ -20,7 +20,7 @@ import pytest
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.rtt import RttEstimator
-from pyslirp.stack.tcp import CLOSE_WAIT, ESTABLISHED, TcpEngine, TcpFlow
+from pyslirp.stack.tcp import CLOSE_WAIT, ESTABLISHED, FIN_WAIT_1, TcpEngine, TcpFlow
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import ipv4, ipv6
 from pyslirp.wire import tcp as wtcp
@@ -39,7 +39,8 @@ ADDRS = {
 class Side:
     """One TCP engine, its fake link and host, and a scripted guest on one flow."""
 
-    def __init__(self, family: str, gseq: int, sack: bool) -> None:
+    def __init__(self, family: str, gseq: int, sack: bool,
+                 on_synack: Callable[[TcpFlow], None] | None = None) -> None:
         self.v6 = family == "ipv6"
         self.guest, self.remote = ADDRS[family]
         self.config = NetConfig(vnet_hdr=True, offload=True)
@@ -51,7 +52,7 @@ class Side:
                                 lambda ip, port: [("127.0.0.1", port)],
                                 rng=random.Random(7))
         self.gseq = gseq  # the guest's next sequence number
-        self.flow = self._connect(sack)
+        self.flow = self._connect(sack, on_synack)
         self.ours = self.flow.snd_nxt  # our next sequence number, as the guest saw it
 
     def packet(self, flags: int, seq: int, ack: int, data: bytes = b"", window: int = 502,
@@ -93,17 +94,21 @@ class Side:
         self.engine.flush(self.clock.now)
         self.ours = self.flow.snd_max
 
-    def _connect(self, sack: bool) -> TcpFlow:
+    def _connect(self, sack: bool, on_synack: Callable[[TcpFlow], None] | None) -> TcpFlow:
         self.handle(self.packet(S, self.gseq, 0, window=64240, options=wtcp.syn_options(
             mss=1460, wscale=7, sack_permitted=sack)))
         call = self.host.last("tcp_connect")
         assert call is not None
         flow: TcpFlow = call[1]
         flow.host_connected(self.clock.now)
+        if on_synack is not None:
+            on_synack(flow)
+        self.sink.take()
         self.gseq = (self.gseq + 1) & M
         self.handle(self.packet(A, self.gseq, flow.iss + 1))
-        assert flow.state == ESTABLISHED
-        self.sink.take()
+        assert flow.state in (ESTABLISHED, FIN_WAIT_1)
+        #: What the guest's ACK of our SYN-ACK brought out.
+        self.after_handshake = self.sink.take()
         self.host.calls.clear()
         return flow
 
@@ -491,3 +496,67 @@ def test_the_fast_builder_leaves_a_link_without_offloads_to_the_general_one(
     general.flow._xmit(A, general.flow.snd_nxt, [], 0)
     frames = fast.sink.take()
     assert frames == general.sink.take() and len(frames) == 1
+
+
+# ---------------------------------------------------------------- _output only when needed
+
+
+def _window_of(window: int) -> Step:
+    def step(side: Side) -> None:
+        side.send(A, window=window)  # the guest's window: ``window`` << 7 bytes
+    return step
+
+
+def _large_windows(side: Side) -> None:
+    side.flow.cwnd = 1 << 20
+    side.send(A, window=4000)  # 512,000 bytes
+
+
+OUTPUT_STATES: dict[str, Step | None] = {
+    "idle": None,
+    "windows larger than a frame": _large_windows,
+    "a small window": _window_of(10),
+    "a zero window": _window_of(0),
+    "data in flight": data_in_flight(3000),
+    "cwnd full": data_in_flight(20_000),
+    "a frame in flight, a small window": then(data_in_flight(1000), _window_of(12)),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("state", sorted(OUTPUT_STATES))
+@pytest.mark.parametrize("size", [1, 1459, 1460, 5000, 20_000, 70_000])
+def test_host_data_and_flush_skip_only_an_output_that_sends_nothing(
+        family: str, state: str, size: int) -> None:
+    """host_data() and flush() leave out _output() when it would send nothing: with it
+    called anyway (as before), the result is the same."""
+    fast, general = twins(family, OUTPUT_STATES[state])
+    data = random.Random(9).randbytes(size)
+    for side, always in ((fast, False), (general, True)):
+        flow, now = side.flow, side.clock.now
+        flow.host_data(data, now)
+        if always:
+            flow._output(now, push=False)
+        side.sink.take()  # (sent at once or not: flush follows in the same batch)
+        if always:
+            flow._output(now)
+        side.engine.flush(now)
+    assert snapshot(fast) == snapshot(general)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("data", [b"", b"bye"])
+def test_host_eof_before_the_handshake_ends_sends_our_fin_with_the_last_ack(
+        family: str, data: bytes) -> None:
+    """The server answered (or not) and closed before the guest's ACK of our SYN-ACK: the
+    FIN queued meanwhile goes out in the flush after that ACK, with nothing else to send."""
+    def server_closes(flow: TcpFlow) -> None:
+        if data:
+            flow.host_data(data, 1000.0)
+        flow.host_eof(1000.0)
+    side = Side(family, 1_000_000, False, on_synack=server_closes)
+    frames = [wtcp.TcpSegment(memoryview(f)[12 + 14 + (40 if side.v6 else 20):])
+              for f in side.after_handshake]
+    assert [(f.flags, bytes(f.payload)) for f in frames] == [
+        (A | P | F, data) if data else (A | F, b"")]
+    assert side.flow.state == FIN_WAIT_1
