@@ -81,6 +81,20 @@ sends one ACK per marked flow, or nothing when outgoing data carries it.
 Out-of-order segments are answered at once, so the guest's fast retransmit
 sees one duplicate ACK per segment.
 
+Header prediction (Van Jacobson's fast path, as in the BSD and Linux stacks):
+every segment for a known flow enters :meth:`TcpFlow._receive`, which handles
+the common case whole in one function, an ESTABLISHED flow getting in-order
+data or a pure ACK of new data with no flag but ACK/PSH and no options (we
+negotiate no timestamps), and hands anything else to the general
+:meth:`TcpFlow._segment`. The output half, :meth:`TcpFlow._xmit_fast`, builds
+the common outgoing segment (data or an ACK, no options, offloads on) with one
+``pack`` of a fused vnet+Ethernet+IP+TCP template; the rest goes through
+:meth:`TcpFlow._xmit`. ``flush`` and ``host_data`` call ``_output`` only
+when it has something to send. tests/stack/test_tcp_fastpath.py holds both
+halves to the general path's results, and checks that every unusual segment
+(out of order, FIN, RST, URG, SACK blocks, a window change with data, a zero
+window probe, recovery ...) falls through.
+
 SACK (RFC 2018) is negotiated when the guest offers it: our duplicate ACKs
 carry blocks for the data we hold, and the guest's blocks mark its duplicate
 ACKs as such (its reader keeps moving the window, which would otherwise
@@ -94,7 +108,7 @@ Where each concern lives
 ------------------------
 * ``seq.py``: sequence-number arithmetic (``seq_add``, ``seq_diff``,
   ``seq_lt``, ``seq_le``, ``seq_window``). The per-frame path here
-  (``_segment``, ``_ack_field``, ``_acked``, ``_output``, ``_xmit``,
+  (``_receive``, ``_segment``, ``_ack_field``, ``_acked``, ``_output``, ``_xmit``,
   ``_window``, ``_deliver``, ``_restart_timer``) writes the same expressions
   inline with ``SEQ_MASK``/``SEQ_HALF``, as each helper call is counted by
   tests/test_hotpath_budget.py; those functions say so in a comment.
@@ -109,9 +123,11 @@ Where each concern lives
 * ``sendqueue.py``: the send queue and the slicer that cuts frames from it
   (``TcpFlow.send_queue``).
 * ``pyslirp/wire/frame.py``: the fused Ethernet+IPv4+TCP header template
-  ``_xmit`` fills with one ``pack_into``.
-* Here, in :class:`TcpFlow`: segment processing (``_segment`` runs the common
-  case inline and branches out to ``_segment_rst``, ``_segment_syn``,
+  ``_xmit`` fills with one ``pack_into``, and the vnet-fused one ``_xmit_fast``
+  packs whole.
+* Here, in :class:`TcpFlow`: segment processing (``_receive``, the fast path,
+  then ``_segment``, which runs the general case and branches out to
+  ``_segment_rst``, ``_segment_syn``,
   ``_trim_to_window`` ...), the ACK field and congestion control
   (``_ack_field``, ``_acked``, ``_fast_retransmit``), output (``_output``,
   ``_xmit``, ``_window``), timers (``on_timer``: ``_on_rto`` with
@@ -153,7 +169,16 @@ from pyslirp.wire import icmp, icmpv6, ipv6, vnet
 from pyslirp.wire import tcp as wtcp
 from pyslirp.wire.checksum import finish, partial_sum
 from pyslirp.wire.errors import MalformedPacket
-from pyslirp.wire.frame import ETH_IPV4_TCP, ETH_IPV6_TCP, IPV6_VERSION_WORD, L4_START, L4_START6
+from pyslirp.wire.frame import (
+    ETH_IPV4_TCP,
+    ETH_IPV6_TCP,
+    IPV6_VERSION_WORD,
+    L4_START,
+    L4_START6,
+    VNET_ETH_IPV4_TCP,
+    VNET_ETH_IPV6_TCP,
+    TcpVnetHeaders,
+)
 from pyslirp.wire.ipv4 import Ipv4Packet
 from pyslirp.wire.ipv6 import Ipv6Packet
 
@@ -184,6 +209,11 @@ _CSUM_START = L4_START
 _FRAME6 = ETH_IPV6_TCP
 _FRAME6_LEN = ETH_IPV6_TCP.size
 _CSUM_START6 = L4_START6
+# The common segment (see _xmit_fast): vnet header included, by GSO size (0: none).
+_FAST = VNET_ETH_IPV4_TCP
+_FAST6 = VNET_ETH_IPV6_TCP
+_FAST_VNET = TcpVnetHeaders(L4_START, vnet.GSO_TCPV4)
+_FAST_VNET6 = TcpVnetHeaders(L4_START6, vnet.GSO_TCPV6)
 _DEFAULT_MSS = 536  # RFC 9293 3.7.1, when the guest sends no MSS option
 _MAX_IP_PAYLOAD = 65535 - 20
 
@@ -422,7 +452,8 @@ class TcpFlow:
         if space >= cur:
             # Move the right edge right only by a useful amount (receiver SWS
             # avoidance), and do not take back what the buffer can still hold.
-            if space < cur + min(self.cfg.rcv_buf >> 1, self.mss):
+            half = self.cfg.rcv_buf >> 1
+            if space < cur + (half if half < self.mss else self.mss):
                 space = cur
             w = space >> ws
             if w > 0xFFFF:
@@ -498,13 +529,55 @@ class TcpFlow:
         else:
             link.send_frame((hdr,))
 
+    def _xmit_fast(self, flags: int, seq: int, parts: list[Any], plen: int) -> None:
+        """:meth:`_xmit` for the common segment: ``flags`` with ACK and without SYN,
+        no options, a link with offloads (the kernel finishes the checksum).
+
+        The output half of header prediction: the whole header, vnet header
+        included, is one ``pack`` of the fused template (wire/frame.py), the
+        checksum sums are folded inline, and the frame goes to the link's sink.
+        Anything else goes to :meth:`_xmit`.
+        """
+        link = self.link
+        mac = link.guest_mac
+        if mac is None or not link.offload:
+            self._xmit(flags, seq, parts, plen)
+            return
+        win = self._window()
+        tcp_len = 20 + plen
+        s = self.pseudo_header_sum + tcp_len
+        s = (s & 0xFFFF) + (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16)
+        mss = self.mss
+        if self.v6:
+            hdr = _FAST6.pack(_FAST_VNET6[mss if plen > mss else 0], mac, link.our_mac, 0x86DD,
+                              IPV6_VERSION_WORD, tcp_len, 6, 64, self.remote_addr,
+                              self.guest_addr, self.remote_port, self.guest_port, seq,
+                              self.rcv_nxt, 0x50, flags, win, s, 0)
+        else:
+            tot = 20 + tcp_len
+            ident = link.next_ip_id()
+            c = self.ip_header_sum + tot + ident
+            c = (c & 0xFFFF) + (c >> 16)
+            hdr = _FAST.pack(_FAST_VNET[mss if plen > mss else 0], mac, link.our_mac, 0x0800,
+                             0x45, 0, tot, ident, 0x4000, 64, 6,
+                             ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF, self.remote_addr,
+                             self.guest_addr, self.remote_port, self.guest_port, seq,
+                             self.rcv_nxt, 0x50, flags, win, s, 0)
+        # (link.sink, not link.send_frame: the same call, one frame of Python fewer)
+        if plen:
+            parts.insert(0, hdr)
+            link.sink(parts)
+        else:
+            link.sink((hdr,))
+
     def _send_ack(self) -> None:
         self.ack_pending = False
         if self.ooo.segments and self.sack_ok:
             blocks = self.ooo.sack_blocks(self.rcv_nxt)
             self._xmit(ACK, self.snd_nxt, [], 0, wtcp.sack_option(blocks))
         else:
-            self._xmit(ACK, self.snd_nxt, [], 0)
+            self._xmit_fast(ACK, self.snd_nxt, [], 0)
 
     def _send_rst(self) -> None:
         self._xmit(RST | ACK, self.snd_nxt, [], 0)
@@ -727,7 +800,7 @@ class TcpFlow:
                 if self.fin_queued:
                     flags = ACK | PSH | FIN
             seq = (una + sent) & SEQ_MASK
-            self._xmit(flags, seq, queue.slices(queue.acked_pos + sent, n), n)
+            self._xmit_fast(flags, seq, queue.slices(queue.acked_pos + sent, n), n)
             if ((seq - self.snd_max) & SEQ_MASK) < SEQ_HALF:  # new data, not a retransmission
                 if len(self.frame_ends) < 4096:  # bounded even for a flight of 1-byte frames
                     self.frame_ends.append(queue.acked_pos + sent + n)
@@ -742,7 +815,7 @@ class TcpFlow:
             xmitted = True
         if self.fin_queued and not self.fin_out and sent == buffered:
             # FIN with no data left to carry it.
-            self._xmit(ACK | FIN, self.snd_nxt, [], 0)
+            self._xmit_fast(ACK | FIN, self.snd_nxt, [], 0)
             self._fin_sent()
             xmitted = True
         if ((self.snd_nxt - self.snd_max) & SEQ_MASK) < SEQ_HALF:
@@ -812,12 +885,93 @@ class TcpFlow:
 
     # ------------------------------------------------------------------ input
 
+    def _receive(self, seg: wtcp.TcpSegment, now: float) -> None:
+        """Header prediction (Van Jacobson's fast path): a segment of the common
+        case is handled here whole; anything else goes to :meth:`_segment`.
+
+        The common case: an ESTABLISHED flow, not recovering from loss nor
+        resending (``snd_nxt == snd_max``), gets a segment at ``rcv_nxt`` with no
+        flag but ACK (and PSH), no options, and an acceptable ACK field; it is
+        either a pure ACK of new data (the window may move) or in-order data with
+        the window unchanged that fits the window we advertised, with nothing
+        held (out-of-order data, a backlog). What follows is :meth:`_segment`,
+        :meth:`_ack_field`, :meth:`_acked` and :meth:`_deliver` with the branches
+        these conditions rule out left out, so the result is the same
+        (tests/stack/test_tcp_fastpath.py holds the two paths to that).
+        """
+        # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
+        ack = seg.ack
+        una = self.snd_una
+        d = (ack - una) & SEQ_MASK
+        if (self.state is not ESTABLISHED or seg.flags | PSH != ACK | PSH
+                or seg.header_len != 20 or seg.seq != self.rcv_nxt or self.in_recovery
+                or self.snd_nxt != self.snd_max or d > ((self.snd_max - una) & SEQ_MASK)):
+            self._segment(seg, now)
+            return
+        plen = len(seg.buf) - 20
+        win = seg.window << self.snd_wscale
+        if plen:
+            wnd = (self.rcv_adv - self.rcv_nxt) & SEQ_MASK
+            if (win != self.snd_wnd or plen > wnd or wnd >= SEQ_HALF or self.backlog_len
+                    or self.ooo.segments or not self.host_connected_flag):
+                self._segment(seg, now)
+                return
+        elif not d:
+            self._segment(seg, now)  # maybe a duplicate ACK
+            return
+        self.last_rx = now
+        self.probes = 0
+        if d:  # _acked() without its FIN and recovery branches (ruled out above)
+            self.snd_una = ack
+            self.retries = 0
+            rtt = self.rtt
+            if rtt.timed_seq is not None and ((ack - rtt.timed_seq) & SEQ_MASK) < SEQ_HALF:
+                rtt.sample(now - rtt.timed_at)
+                rtt.timed_seq = None
+            queue = self.send_queue
+            queue.release(d)
+            engine = self.engine
+            engine.buffered -= d
+            ends = self.frame_ends
+            while ends and ends[0] <= queue.acked_pos:
+                ends.popleft()
+            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
+                self._resume_reading()
+            if engine.starved and engine.buffered <= engine.low_water:
+                engine.release_starved()
+            cwnd = self.cwnd
+            cwnd += d if cwnd < self.ssthresh else self.mss * d // cwnd + 1  # RFC 5681, 3465
+            self.cwnd = cwnd if cwnd < self.cfg.snd_buf else self.cfg.snd_buf
+            self.dupacks = 0
+            if self.snd_max == ack:
+                self.rto_deadline = None
+                self.tlp_armed = False
+            else:
+                self._restart_timer(now)
+        # Window update (RFC 9293 3.10.7.4: SND.WL1/WL2 guard against old segments).
+        s1 = (seg.seq - self.snd_wl1) & SEQ_MASK
+        if (0 < s1 < SEQ_HALF) or (s1 == 0 and ((ack - self.snd_wl2) & SEQ_MASK) < SEQ_HALF):
+            self.snd_wnd = win  # (a larger one is sent into by flush(): marked below)
+            self.snd_wl1 = seg.seq
+            self.snd_wl2 = ack
+        if plen:
+            data = seg.buf[20:]
+            w = self.host.tcp_write(self, data)
+            if w < plen:
+                self._hold(data, w)
+            else:
+                self.rcv_nxt = (self.rcv_nxt + plen) & SEQ_MASK
+            self.ack_pending = True
+        if not self.dirty:
+            self.dirty = True
+            self.engine.dirty.append(self)
+
     def _segment(self, seg: wtcp.TcpSegment, now: float) -> None:
         """RFC 9293 3.10.7.4, for every state past the handshake's first step.
 
-        The common case (an acceptable ACK, maybe with in-order data) runs
-        inline here; rarer cases branch out to helpers, so the per-frame path
-        makes no extra calls.
+        The general path: what :meth:`_receive` (header prediction) passed on.
+        Acceptable ACKs, maybe with data, run inline here; rarer cases branch
+        out to helpers.
         """
         # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         flags = seg.flags
@@ -1405,7 +1559,12 @@ class TcpFlow:
                 self.reading_paused = True
                 self.host.tcp_pause_reading(self)
                 engine.starved[self] = None
-        self._output(now, push=False)
+        # An unsent tail shorter than a frame, within both windows, waits for flush():
+        # what _output(push=False) would decide, without the call.
+        buffered = queue.end_pos - queue.acked_pos
+        unsent = buffered - ((self.snd_nxt - self.snd_una) & SEQ_MASK) + self.fin_out
+        if unsent >= self.max_burst or buffered > self.snd_wnd or buffered > self.cwnd:
+            self._output(now, push=False)
         self._mark()  # flush() sends the tail
 
     def host_eof(self, now: float) -> None:
@@ -1542,7 +1701,7 @@ class TcpEngine:
         flow = self.flows.get(key)
         if flow is not None:
             self.cur_ip = ip
-            flow._segment(seg, now)
+            flow._receive(seg, now)
             self.cur_ip = None  # the runtime reuses the frame's buffer
             return
         if seg.flags & (SYN | ACK | RST) == SYN:
@@ -1568,7 +1727,7 @@ class TcpEngine:
         flow = self.flows.get(key)
         if flow is not None:
             self.cur_ip = ip
-            flow._segment(seg, now)
+            flow._receive(seg, now)
             self.cur_ip = None  # the runtime reuses the frame's buffer
             return
         if seg.flags & (SYN | ACK | RST) == SYN:
@@ -1704,7 +1863,12 @@ class TcpEngine:
             flow.dirty = False
             if flow.state == CLOSED:
                 continue
-            flow._output(now)
+            # _output() only when it has something to send: unsent data or a FIN.
+            queue = flow.send_queue
+            if (queue.end_pos - queue.acked_pos
+                    != ((flow.snd_nxt - flow.snd_una) & SEQ_MASK) - flow.fin_out
+                    or flow.fin_queued and not flow.fin_out):
+                flow._output(now)
             if flow.ack_pending:
                 flow._send_ack()
 
