@@ -150,6 +150,24 @@ def _key(network: str, cid: str, ifname: str) -> str:
     return f"{network}:{cid}:{ifname}"
 
 
+def _cni_result(s: dict[str, Any], tap: Any, netns: str) -> dict[str, Any]:
+    """The CNI result of an ADD: the TAP, its addresses and routes (IPv6 too with ``ipv6``)."""
+    mac_text = ":".join(f"{b:02x}" for b in tap.mac)
+    result: dict[str, Any] = {
+        "cniVersion": plugin.CURRENT_VERSION,
+        "interfaces": [{"name": tap.name, "mac": mac_text, "mtu": tap.mtu, "sandbox": netns}],
+        "ips": [{"address": f"{s['address']}/{s['prefix']}", "gateway": s["gateway"],
+                 "interface": 0}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": s["gateway"]}],
+        "dns": s["dns"],
+    }
+    if s.get("ipv6") is True:
+        result["ips"].append({"address": f"{s['address6']}/64", "gateway": s["gateway6"],
+                              "interface": 0})
+        result["routes"].append({"dst": "::/0", "gw": s["gateway6"]})
+    return result
+
+
 class AttachmentDaemon:
     """The CNI engine process's core: answers the plugin's requests and serves the
     attachments they create (users and logs call the process "the engine")."""
@@ -368,20 +386,7 @@ class AttachmentDaemon:
             served.forwarder, pending = self._forward_ports(attachment, s, req.get("caller"), cid)
             if pending:
                 served.adopting = self.loop.create_task(self._adopt_later(served, pending))
-            mac_text = ":".join(f"{b:02x}" for b in tap.mac)
-            result = {
-                "cniVersion": plugin.CURRENT_VERSION,
-                "interfaces": [{"name": tap.name, "mac": mac_text, "mtu": tap.mtu,
-                                "sandbox": netns}],
-                "ips": [{"address": f"{s['address']}/{s['prefix']}", "gateway": s["gateway"],
-                         "interface": 0}],
-                "routes": [{"dst": "0.0.0.0/0", "gw": s["gateway"]}],
-                "dns": s["dns"],
-            }
-            if ipv6:
-                result["ips"].append({"address": f"{s['address6']}/64",
-                                      "gateway": s["gateway6"], "interface": 0})
-                result["routes"].append({"dst": "::/0", "gw": s["gateway6"]})
+            result = _cni_result(s, tap, netns)
             state = {"version": 1, "network": network, "containerID": cid, "ifname": ifname,
                      "netns": netns, "netnsId": netns_id, "engine": self.identity,
                      "result": result,
