@@ -310,13 +310,16 @@ class TcpFlow:
         "v6",
     )
 
-    def __init__(self, engine: TcpEngine, guest_addr: bytes, guest_port: int,
-                 remote_addr: bytes, remote_port: int, now: float) -> None:
+    def __init__(self, engine: TcpEngine, key: tuple[bytes, int, bytes, int],
+                 now: float) -> None:
         self.engine = engine
         self.link = engine.link
         self.host = engine.host
         cfg = self.cfg = engine.cfg
-        self.key = (guest_addr, guest_port, remote_addr, remote_port)
+        #: (guest_addr, guest_port, remote_addr, remote_port): the flow table's own
+        #: key object (one tuple per flow, not two).
+        self.key = key
+        guest_addr, guest_port, remote_addr, remote_port = key
         self.guest_addr = guest_addr
         self.guest_port = guest_port
         self.remote_addr = remote_addr
@@ -328,7 +331,9 @@ class TcpFlow:
         self.rcv_nxt = 0
         self.rcv_adv = 0
         self.rcv_wscale = 0
-        self.backlog: deque[bytes] = deque()
+        #: Guest data the host socket did not take; the empty tuple while there is
+        #: none (an empty deque costs ~760 bytes: an idle flow keeps none of them).
+        self.backlog: deque[bytes] | tuple[()] = ()
         self.backlog_len = 0
         self.ooo = OutOfOrderStore(cfg.max_ooo_segments)
         self.fin_rcvd = False
@@ -347,8 +352,9 @@ class TcpFlow:
         self.dupacks = 0
         self.recover = self.iss
         self.in_recovery = False
-        #: Stream end positions of the data frames in flight (for the dup-ACK threshold).
-        self.frame_ends: deque[int] = deque()
+        #: Stream end positions of the data frames in flight (for the dup-ACK
+        #: threshold); the empty tuple while none are (as ``backlog``).
+        self.frame_ends: deque[int] | tuple[()] = ()
         self.send_queue = SendQueue()
         self.fin_queued = False
         self.fin_seq: int | None = None
@@ -729,8 +735,11 @@ class TcpFlow:
             seq = (una + sent) & SEQ_MASK
             self._xmit(flags, seq, queue.slices(queue.acked_pos + sent, n), n)
             if ((seq - self.snd_max) & SEQ_MASK) < SEQ_HALF:  # new data, not a retransmission
-                if len(self.frame_ends) < 4096:  # bounded even for a flight of 1-byte frames
-                    self.frame_ends.append(queue.acked_pos + sent + n)
+                ends = self.frame_ends
+                if not ends:
+                    self.frame_ends = deque((queue.acked_pos + sent + n,))
+                elif len(ends) < 4096:  # bounded even for a flight of 1-byte frames
+                    ends.append(queue.acked_pos + sent + n)
                 rtt = self.rtt
                 if rtt.timed_seq is None:  # (time_segment() inlined: per-frame path)
                     rtt.timed_seq = (seq + n) & SEQ_MASK
@@ -1044,6 +1053,8 @@ class TcpFlow:
             ends = self.frame_ends
             while ends and ends[0] <= queue.acked_pos:
                 ends.popleft()
+            if not ends:
+                self.frame_ends = ()  # nothing in flight: an idle flow keeps no deque
             if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
                 self._resume_reading()
             if engine.starved and engine.buffered <= engine.low_water:
@@ -1185,7 +1196,11 @@ class TcpFlow:
             if room >= free:
                 engine.starved[self] = None
         if take:
-            self.backlog.append(bytes(data[written:written + take]))
+            backlog = self.backlog
+            if backlog:
+                backlog.append(bytes(data[written:written + take]))
+            else:
+                self.backlog = deque((bytes(data[written:written + take]),))
             self.backlog_len += take
             engine.buffered += take + CHUNK_OVERHEAD
         self.rcv_nxt = seq_add(self.rcv_nxt, written + take)
@@ -1311,6 +1326,7 @@ class TcpFlow:
         if self.state != CONNECTING:
             return
         self.host_connected_flag = True
+        self.syn_quote = b""  # only a failed connect quotes the SYN
         self._to(SYN_RCVD)
         self.engine.known_peers.add((self.remote_addr, self.remote_port))
         self.retries = 0
@@ -1353,6 +1369,8 @@ class TcpFlow:
                 break
             backlog.popleft()
             self.backlog_len -= w
+        if not backlog:
+            self.backlog = ()  # drained: an idle flow keeps no deque
         engine = self.engine
         engine.buffered -= before - self.backlog_len + (chunks - len(backlog)) * CHUNK_OVERHEAD
         if engine.starved and engine.buffered <= engine.low_water:
@@ -1606,7 +1624,7 @@ class TcpEngine:
             link.count("tcp.policy_refused")
             _unreachable(self, ip.src, icmp.NET_UNREACH, ip.buf)
             return
-        flow = TcpFlow(self, ip.src, seg.src_port, ip.dst, seg.dst_port, now)
+        flow = TcpFlow(self, key, now)
         flow._to(CONNECTING)
         flow.irs = seg.seq
         flow.rcv_nxt = flow.rcv_adv = seq_add(seg.seq, 1)
@@ -1658,7 +1676,7 @@ class TcpEngine:
         if self.inbound_half_open >= cfg.max_inbound_half_open:
             self.link.count("tcp.drop.inbound_max_half_open")
             return None
-        flow = TcpFlow(self, guest_addr, guest_port, remote_addr, remote_port, now)
+        flow = TcpFlow(self, key, now)
         flow.host_handle = host_handle
         flow.host_connected_flag = True
         flow._to(SYN_SENT)
@@ -1722,7 +1740,7 @@ class TcpEngine:
         self.timers.cancel(flow)
         self.buffered -= flow.buffered
         flow.send_queue.clear()
-        flow.backlog.clear()
+        flow.backlog = ()
         flow.backlog_len = 0
         flow.ooo.clear()
         self.starved.pop(flow, None)
