@@ -97,7 +97,10 @@ Where each concern lives
   (``_segment``, ``_ack_field``, ``_acked``, ``_output``, ``_xmit``,
   ``_window``, ``_deliver``, ``_restart_timer``) writes the same expressions
   inline with ``SEQ_MASK``/``SEQ_HALF``, as each helper call is counted by
-  tests/test_hotpath_budget.py; those functions say so in a comment.
+  tests/test_hotpath_budget.py; those functions say so in a comment. So do
+  the once-per-connection steps (``_new_syn``, ``_handshake_acked``,
+  ``_established``, ``_fin_sent``, ``_on_fin``), whose calls the short
+  connection budget counts.
 * ``tcpstate.py``: the states (:class:`~pyslirp.stack.tcpstate.TcpState`) and
   the table of allowed transitions; every state change goes through
   :meth:`TcpFlow._to`, which refuses a move the table does not list.
