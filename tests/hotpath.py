@@ -10,7 +10,8 @@ fd00::100 to the gateway fd00::2).
 Besides 64 KB bulk frames the rig drives the small transactions bench/run.py
 times (issue "small transactions as cheap as in C"): a 1-byte exchange on the
 established flow, a whole short connection (SYN to the last ACK), and one UDP
-datagram each way.
+datagram each way; and idle connections, for the memory guard
+(tests/test_memory_budget.py).
 """
 
 from __future__ import annotations
@@ -175,6 +176,28 @@ class Rig:
         flow.host_eof(self.now)
         self.stack.flush(self.now)
         seq += 1
+        self.receive(self.frame(wtcp.ACK, seq, (ack + 1) & 0xFFFFFFFF, port=port))
+        return flow
+
+    def idle_connection(self, port: int) -> Any:
+        """One connection as netload.py hold makes it, from guest port ``port``: the
+        handshake (MSS, window scale, SACK), the server's one byte to the guest and
+        the guest's ACK of it; then nothing. Returns the flow, left idle."""
+        seq = 6_000_000
+        syn = self.frame(wtcp.SYN, seq, 0, port=port, options=wtcp.syn_options(
+            mss=MSS, wscale=7, sack_permitted=True))
+        self.stack.receive_frame(memoryview(syn), self.now)
+        call = self.host.last("tcp_connect")
+        assert call is not None
+        flow = call[1]
+        flow.host_connected(self.now)
+        self.stack.flush(self.now)
+        ours = self._last_tcp_segment()
+        seq += 1
+        ack = (ours.seq + 1) & 0xFFFFFFFF
+        self.receive(self.frame(wtcp.ACK, seq, ack, port=port))
+        flow.host_data(b"x", self.now)
+        self.stack.flush(self.now)
         self.receive(self.frame(wtcp.ACK, seq, (ack + 1) & 0xFFFFFFFF, port=port))
         return flow
 

@@ -251,7 +251,7 @@ class Attachment:
             self.stack.close_all(now)
         finally:
             self._closed = True
-            self.host.closed = True
+            self.host.close()
             if self._timer is not None:
                 self._timer.cancel()
             try:

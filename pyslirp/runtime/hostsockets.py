@@ -37,6 +37,15 @@ failures ``host.socket_failed``); a warning is logged at most once per
 ``SOCKET_WARNING_INTERVAL``, since a guest opening flows in a loop would
 otherwise flood the log with one line per attempt.
 
+Host TCP sockets are watched for reading through one epoll set of our own
+(:class:`TcpReaders`), itself one reader of the loop: registering a socket
+with it is one ``epoll_ctl`` and forgetting it another, where the loop's
+``add_reader``/``remove_reader`` cost seven ``epoll_ctl``, an ``ioctl`` and a
+poll handle per connection (uvloop; issue 14, measured with ``strace -c``).
+Each wake-up of the set costs one ``epoll_wait(0)`` that the loop's own
+dispatch of a per-socket reader would have replaced. Writers (a connect in
+progress, a full send buffer) are rare and stay with the loop.
+
 Port forwarding (:mod:`pyslirp.runtime.hostfwd`) adds flows whose host socket
 was accepted rather than connected; they get a :class:`TcpHandle` too and are
 served by the same code from then on.
@@ -48,6 +57,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import select
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -89,6 +99,64 @@ class TcpHandle:
         self.closed = False
 
 
+class TcpReaders:
+    """The host TCP sockets being read, in one epoll set that is one reader of the loop.
+
+    Level-triggered, as the loop's readers are: a socket stays ready until it is
+    read dry. The set is made on first use and closed by :meth:`close`.
+    """
+
+    #: Ready sockets taken per wake-up; more are reported at the next (level-triggered).
+    MAX_EVENTS = 64
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 on_readable: Callable[[Any, TcpHandle], None]) -> None:
+        self.loop = loop
+        self._on_readable = on_readable
+        self._epoll: select.epoll | None = None
+        #: fd -> (flow, handle) of every socket in the set.
+        self.watched: dict[int, tuple[Any, TcpHandle]] = {}
+
+    def add(self, flow: Any, handle: TcpHandle) -> None:
+        ep = self._epoll
+        if ep is None:
+            ep = self._epoll = select.epoll()
+            self.loop.add_reader(ep.fileno(), self._dispatch)
+        fd = handle.fd
+        try:
+            ep.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            # A closed socket's fd number, reused: the kernel dropped the old entry
+            # only if nothing else held that file open; take the entry over.
+            ep.modify(fd, select.EPOLLIN)
+        self.watched[fd] = (flow, handle)
+
+    def remove(self, handle: TcpHandle) -> None:
+        """Stop watching ``handle``'s socket (call before closing it)."""
+        fd = handle.fd
+        if self.watched.pop(fd, None) is not None and self._epoll is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def _dispatch(self) -> None:
+        ep = self._epoll
+        if ep is None:
+            return
+        watched = self.watched
+        for fd, _events in ep.poll(0, self.MAX_EVENTS):
+            entry = watched.get(fd)
+            # (A callback may have forgotten a socket whose event is still in this list.)
+            if entry is not None:
+                self._on_readable(*entry)
+
+    def close(self) -> None:
+        ep, self._epoll = self._epoll, None
+        if ep is not None:
+            self.loop.remove_reader(ep.fileno())
+            ep.close()
+        self.watched.clear()
+
+
 class Pacing(Protocol):
     """What the host side needs of its attachment (pyslirp.runtime.attachment.Attachment)."""
 
@@ -128,10 +196,20 @@ class HostSockets:
         self.deferred: list[tuple[Callable[[Any, TcpHandle], None], Any, TcpHandle]] = []
         #: ``--outbound-addr[6]``: host sockets toward the outside bind here first.
         self.outbound = Outbound()
+        #: The host TCP sockets being read (see TcpReaders).
+        self.tcp_readers = TcpReaders(loop, self._tcp_readable)
+        self._watch = self.tcp_readers.add
+        self._unwatch = self.tcp_readers.remove
         #: The DNS forwarder's sockets, one per upstream (see dns_send).
         self._dns_sockets: dict[tuple[str, int], socket.socket] = {}
         #: Loop time before which no further "cannot make a host socket" warning is logged.
         self._socket_warning_until = -1.0
+
+    def close(self) -> None:
+        """The attachment is closed (after ``Stack.close_all`` closed every flow's
+        socket): no more flushes from socket callbacks, and the epoll set goes."""
+        self.closed = True
+        self.tcp_readers.close()
 
     # ---- host sockets that cannot be had -------------------------------------------
     def _socket_failed(self, exc: OSError, kind: str) -> None:
@@ -255,7 +333,7 @@ class HostSockets:
         if handle.closed:
             return
         handle.reading = True
-        self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
+        self._watch(flow, handle)
         flow.host_connected(self.loop.time())
 
     def _tcp_readable(self, flow: Any, handle: TcpHandle) -> None:
@@ -297,7 +375,7 @@ class HostSockets:
     def _tcp_stop_reading(self, handle: TcpHandle) -> None:
         if handle.reading:
             handle.reading = False
-            self.loop.remove_reader(handle.fd)
+            self._unwatch(handle)
 
     def tcp_write(self, flow: Any, data: Any) -> int:
         handle: TcpHandle = flow.host_handle
@@ -349,7 +427,7 @@ class HostSockets:
             return
         if not handle.reading:
             handle.reading = True
-            self.loop.add_reader(handle.fd, self._tcp_readable, flow, handle)
+            self._watch(flow, handle)
 
     def tcp_close(self, flow: Any, reset: bool) -> None:
         handle: TcpHandle | None = getattr(flow, "host_handle", None)
@@ -359,8 +437,8 @@ class HostSockets:
         sock = handle.sock
         if sock is None:
             return
-        if handle.reading or handle.connecting:
-            self.loop.remove_reader(handle.fd)
+        if handle.reading:
+            self._unwatch(handle)
         if handle.writing or handle.connecting:
             self.loop.remove_writer(handle.fd)
         handle.reading = handle.writing = handle.connecting = False

@@ -253,7 +253,8 @@ class DnsForwarder:
         self.link = link
         self.host = host
         self.timers = timers
-        self._upstreams: list[Upstream] = list(config.dns_upstreams)
+        #: A tuple: each query takes it as its own list of upstreams, without a copy.
+        self._upstreams: tuple[Upstream, ...] = tuple(config.dns_upstreams)
         self.attempt_timeout = DEFAULT_ATTEMPT_TIMEOUT
         self.max_pending = DEFAULT_MAX_PENDING
         self.pending: dict[tuple[bytes, int, int], DnsQuery] = {}
@@ -283,11 +284,11 @@ class DnsForwarder:
     @property
     def upstreams(self) -> list[Upstream]:
         """Where queries go, in order; set by the runtime (config or resolv.conf)."""
-        return self._upstreams
+        return list(self._upstreams)
 
     @upstreams.setter
     def upstreams(self, value: Iterable[Upstream]) -> None:
-        self._upstreams = list(value)
+        self._upstreams = tuple(value)
         current = set(self._upstreams)
         for upstream, table in list(self.inflight.items()):
             if not table and upstream not in current:
@@ -340,7 +341,7 @@ class DnsForwarder:
         if len(pending) >= self.max_pending:
             self.link.count("dns.drop.pending_limit")
             return
-        query = DnsQuery(key, raw, qname, qtail, tuple(self._upstreams))
+        query = DnsQuery(key, raw, qname, qtail, self._upstreams)
         pending[key] = query
         self._counters["dns.query"] += 1
         self._send_attempt(query, now)
@@ -472,7 +473,10 @@ class DnsForwarder:
             expiry.append(entry)
         if self.timer_deadline is None or deadline < self.timer_deadline:
             self.timers.schedule(self, deadline)
-        self.host.dns_send(query, upstream, _U16.pack(wire_id) + query.data[2:])
+        # The query under the attempt's ID: one copy, its first two bytes rewritten.
+        wire = bytearray(query.data)
+        _U16.pack_into(wire, 0, wire_id)
+        self.host.dns_send(query, upstream, wire)
 
     def _went_stale(self) -> None:
         """One more entry of the deadline queue is stale: rebuild the queue (in place:

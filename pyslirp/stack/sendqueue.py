@@ -18,6 +18,11 @@ deque from the head each time. :meth:`SendQueue.release` drops what the
 guest acknowledged, whole chunks only (a partly acknowledged chunk stays
 until all of it is).
 
+An idle flow holds no deque: ``chunks`` is the empty tuple until the first
+append and again once everything queued is acknowledged (a deque costs
+~760 bytes even empty, a whole idle connection's worth). Truth, ``len()``
+and iteration work on either, so readers need not care which it is.
+
 The TCP engine reads the three positions directly (attributes, not calls)
 on its per-frame path; append, release and slices are one call each.
 """
@@ -37,7 +42,8 @@ class SendQueue:
     __slots__ = ("chunks", "head_pos", "acked_pos", "end_pos", "cursor_index", "cursor_pos")
 
     def __init__(self) -> None:
-        self.chunks: deque[bytes] = deque()
+        #: The queued chunks; the empty tuple while nothing is queued (see above).
+        self.chunks: deque[bytes] | tuple[()] = ()
         #: Stream position of the first byte of ``chunks[0]``.
         self.head_pos = 0
         #: Stream position of the first byte not yet acknowledged.
@@ -57,7 +63,9 @@ class SendQueue:
         """Queue ``data`` (kept by reference unless coalesced with a small last chunk)."""
         chunks = self.chunks
         n = len(data)
-        if chunks and n < COALESCE_BELOW and len(chunks[-1]) < COALESCE_BELOW:
+        if not chunks:
+            self.chunks = deque((data,))
+        elif n < COALESCE_BELOW and len(chunks[-1]) < COALESCE_BELOW:
             chunks[-1] = chunks[-1] + data
         else:
             chunks.append(data)
@@ -109,8 +117,11 @@ class SendQueue:
             self.cursor_index -= popped
             if self.cursor_index < 0:
                 self.cursor_index, self.cursor_pos = 0, self.head_pos
+            if not chunks:
+                self.chunks = ()  # all acknowledged: an idle flow keeps no deque
 
     def clear(self) -> None:
         """Forget everything queued (the flow is gone): all of it counts as released."""
-        self.acked_pos = self.end_pos
-        self.chunks.clear()
+        self.acked_pos = self.head_pos = self.end_pos
+        self.cursor_index, self.cursor_pos = 0, self.end_pos
+        self.chunks = ()

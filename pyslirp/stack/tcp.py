@@ -111,7 +111,10 @@ Where each concern lives
   (``_receive``, ``_segment``, ``_ack_field``, ``_acked``, ``_output``, ``_xmit``,
   ``_window``, ``_deliver``, ``_restart_timer``) writes the same expressions
   inline with ``SEQ_MASK``/``SEQ_HALF``, as each helper call is counted by
-  tests/test_hotpath_budget.py; those functions say so in a comment.
+  tests/test_hotpath_budget.py; those functions say so in a comment. So do
+  the once-per-connection steps (``_new_syn``, ``_handshake_acked``,
+  ``_established``, ``_fin_sent``, ``_on_fin``), whose calls the short
+  connection budget counts.
 * ``tcpstate.py``: the states (:class:`~pyslirp.stack.tcpstate.TcpState`) and
   the table of allowed transitions; every state change goes through
   :meth:`TcpFlow._to`, which refuses a move the table does not list.
@@ -163,7 +166,7 @@ from pyslirp.stack.reassembly import OutOfOrderStore
 from pyslirp.stack.rtt import RttEstimator
 from pyslirp.stack.sendqueue import SendQueue
 from pyslirp.stack.seq import SEQ_HALF, SEQ_MASK, seq_add, seq_diff, seq_lt, seq_window
-from pyslirp.stack.tcpstate import TcpState, next_state
+from pyslirp.stack.tcpstate import TRANSITIONS, TcpState, next_state
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import icmp, icmpv6, ipv6, vnet
 from pyslirp.wire import tcp as wtcp
@@ -277,9 +280,12 @@ def _fold(s: int) -> int:
     return (s & 0xFFFF) + (s >> 16)
 
 
+_WORDS = {4: struct.Struct("!2H"), 16: struct.Struct("!8H")}
+
+
 def _wsum(addr: bytes) -> int:
     """Sum of the 16-bit words of an IPv4 (4 bytes) or IPv6 (16 bytes) address."""
-    return sum(addr[i] << 8 | addr[i + 1] for i in range(0, len(addr), 2))
+    return sum(_WORDS[len(addr)].unpack(addr))
 
 
 def _l4_offset(ip: IpPacket) -> int:
@@ -340,13 +346,16 @@ class TcpFlow:
         "v6",
     )
 
-    def __init__(self, engine: TcpEngine, guest_addr: bytes, guest_port: int,
-                 remote_addr: bytes, remote_port: int, now: float) -> None:
+    def __init__(self, engine: TcpEngine, key: tuple[bytes, int, bytes, int],
+                 now: float) -> None:
         self.engine = engine
         self.link = engine.link
         self.host = engine.host
         cfg = self.cfg = engine.cfg
-        self.key = (guest_addr, guest_port, remote_addr, remote_port)
+        #: (guest_addr, guest_port, remote_addr, remote_port): the flow table's own
+        #: key object (one tuple per flow, not two).
+        self.key = key
+        guest_addr, guest_port, remote_addr, remote_port = key
         self.guest_addr = guest_addr
         self.guest_port = guest_port
         self.remote_addr = remote_addr
@@ -358,7 +367,9 @@ class TcpFlow:
         self.rcv_nxt = 0
         self.rcv_adv = 0
         self.rcv_wscale = 0
-        self.backlog: deque[bytes] = deque()
+        #: Guest data the host socket did not take; the empty tuple while there is
+        #: none (an empty deque costs ~760 bytes: an idle flow keeps none of them).
+        self.backlog: deque[bytes] | tuple[()] = ()
         self.backlog_len = 0
         self.ooo = OutOfOrderStore(cfg.max_ooo_segments)
         self.fin_rcvd = False
@@ -377,8 +388,9 @@ class TcpFlow:
         self.dupacks = 0
         self.recover = self.iss
         self.in_recovery = False
-        #: Stream end positions of the data frames in flight (for the dup-ACK threshold).
-        self.frame_ends: deque[int] = deque()
+        #: Stream end positions of the data frames in flight (for the dup-ACK
+        #: threshold); the empty tuple while none are (as ``backlog``).
+        self.frame_ends: deque[int] | tuple[()] = ()
         self.send_queue = SendQueue()
         self.fin_queued = False
         self.fin_seq: int | None = None
@@ -413,7 +425,12 @@ class TcpFlow:
 
     def _to(self, new: TcpState) -> None:
         """Move to state ``new``; IllegalTransition if the table in tcpstate.py forbids it."""
-        self.state = next_state(self.state, new)
+        # (The table looked up here, next_state() only to raise: a call fewer per
+        # transition, seven per connection.)
+        if new in TRANSITIONS[self.state]:
+            self.state = new
+        else:
+            self.state = next_state(self.state, new)
 
     def __repr__(self) -> str:
         remote = (ipv6.addr_to_str(self.remote_addr) if self.v6
@@ -802,8 +819,11 @@ class TcpFlow:
             seq = (una + sent) & SEQ_MASK
             self._xmit_fast(flags, seq, queue.slices(queue.acked_pos + sent, n), n)
             if ((seq - self.snd_max) & SEQ_MASK) < SEQ_HALF:  # new data, not a retransmission
-                if len(self.frame_ends) < 4096:  # bounded even for a flight of 1-byte frames
-                    self.frame_ends.append(queue.acked_pos + sent + n)
+                ends = self.frame_ends
+                if not ends:
+                    self.frame_ends = deque((queue.acked_pos + sent + n,))
+                elif len(ends) < 4096:  # bounded even for a flight of 1-byte frames
+                    ends.append(queue.acked_pos + sent + n)
                 rtt = self.rtt
                 if rtt.timed_seq is None:  # (time_segment() inlined: per-frame path)
                     rtt.timed_seq = (seq + n) & SEQ_MASK
@@ -877,7 +897,7 @@ class TcpFlow:
     def _fin_sent(self) -> None:
         self.fin_out = True
         self.fin_seq = self.snd_nxt
-        self.snd_nxt = seq_add(self.snd_nxt, 1)
+        self.snd_nxt = (self.snd_nxt + 1) & SEQ_MASK
         if self.state == ESTABLISHED:
             self._to(FIN_WAIT_1)
         elif self.state == CLOSE_WAIT:
@@ -886,17 +906,13 @@ class TcpFlow:
     # ------------------------------------------------------------------ input
 
     def _receive(self, seg: wtcp.TcpSegment, now: float) -> None:
-        """Header prediction (Van Jacobson's fast path): a segment of the common
-        case is handled here whole; anything else goes to :meth:`_segment`.
+        """Header prediction (Van Jacobson's fast path); anything else goes to :meth:`_segment`.
 
-        The common case: an ESTABLISHED flow, not recovering from loss nor
-        resending (``snd_nxt == snd_max``), gets a segment at ``rcv_nxt`` with no
-        flag but ACK (and PSH), no options, and an acceptable ACK field; it is
-        either a pure ACK of new data (the window may move) or in-order data with
-        the window unchanged that fits the window we advertised, with nothing
-        held (out-of-order data, a backlog). What follows is :meth:`_segment`,
-        :meth:`_ack_field`, :meth:`_acked` and :meth:`_deliver` with the branches
-        these conditions rule out left out, so the result is the same
+        The common case: ESTABLISHED, not recovering nor resending, a segment at
+        ``rcv_nxt`` with ACK (PSH) only, no options, an acceptable ACK; a pure ACK
+        of new data, or in-order data with the window unchanged that fits ours,
+        nothing held. :meth:`_segment`, :meth:`_ack_field`, :meth:`_acked` and
+        :meth:`_deliver` without the branches that rules out: the same result
         (tests/stack/test_tcp_fastpath.py holds the two paths to that).
         """
         # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
@@ -935,6 +951,8 @@ class TcpFlow:
             ends = self.frame_ends
             while ends and ends[0] <= queue.acked_pos:
                 ends.popleft()
+            if not ends:
+                self.frame_ends = ()  # an idle flow keeps no deque (as _acked does)
             if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
                 self._resume_reading()
             if engine.starved and engine.buffered <= engine.low_water:
@@ -1069,7 +1087,7 @@ class TcpFlow:
 
     def _handshake_acked(self, seg: wtcp.TcpSegment, now: float) -> bool:
         """An ACK in SYN_RCVD: True if it acknowledges our SYN-ACK (now ESTABLISHED)."""
-        if seg.ack != seq_add(self.iss, 1):
+        if seg.ack != (self.iss + 1) & SEQ_MASK:
             self.engine.send_reset_for(seg, self.key)
             return False
         self._established(seg, now, seg.window << self.snd_wscale)
@@ -1125,7 +1143,7 @@ class TcpFlow:
         """The handshake completed (either way round): our SYN is acknowledged."""
         self._to(ESTABLISHED)
         self._end_half_open()
-        self.snd_una = self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
+        self.snd_una = self.snd_nxt = self.snd_max = (self.iss + 1) & SEQ_MASK
         self.recover = self.snd_una
         self.snd_wnd = window
         self.snd_wl1 = seg.seq
@@ -1198,6 +1216,8 @@ class TcpFlow:
             ends = self.frame_ends
             while ends and ends[0] <= queue.acked_pos:
                 ends.popleft()
+            if not ends:
+                self.frame_ends = ()  # nothing in flight: an idle flow keeps no deque
             if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
                 self._resume_reading()
             if engine.starved and engine.buffered <= engine.low_water:
@@ -1339,7 +1359,11 @@ class TcpFlow:
             if room >= free:
                 engine.starved[self] = None
         if take:
-            self.backlog.append(bytes(data[written:written + take]))
+            backlog = self.backlog
+            if backlog:
+                backlog.append(bytes(data[written:written + take]))
+            else:
+                self.backlog = deque((bytes(data[written:written + take]),))
             self.backlog_len += take
             engine.buffered += take + CHUNK_OVERHEAD
         self.rcv_nxt = seq_add(self.rcv_nxt, written + take)
@@ -1395,7 +1419,7 @@ class TcpFlow:
         self.ooo.clear()
 
     def _on_fin(self, now: float) -> None:
-        self.rcv_nxt = seq_add(self.rcv_nxt, 1)
+        self.rcv_nxt = (self.rcv_nxt + 1) & SEQ_MASK
         self.fin_rcvd = True
         state = self.state
         if state == ESTABLISHED:
@@ -1465,6 +1489,7 @@ class TcpFlow:
         if self.state != CONNECTING:
             return
         self.host_connected_flag = True
+        self.syn_quote = b""  # only a failed connect quotes the SYN
         self._to(SYN_RCVD)
         self.engine.known_peers.add((self.remote_addr, self.remote_port))
         self.retries = 0
@@ -1507,6 +1532,8 @@ class TcpFlow:
                 break
             backlog.popleft()
             self.backlog_len -= w
+        if not backlog:
+            self.backlog = ()  # drained: an idle flow keeps no deque
         engine = self.engine
         engine.buffered -= before - self.backlog_len + (chunks - len(backlog)) * CHUNK_OVERHEAD
         if engine.starved and engine.buffered <= engine.low_water:
@@ -1644,6 +1671,8 @@ class TcpEngine:
                  policy: Policy, tcp_config: TcpConfig | None = None,
                  rng: random.Random | None = None) -> None:
         self.config = config
+        #: The network's broadcast address (a property of the config that computes it).
+        self._broadcast = config.broadcast
         self.link = link
         self.host = host
         self.timers = timers
@@ -1741,7 +1770,7 @@ class TcpEngine:
         address policy refuses the rest of what no host may see)."""
         if len(dst) == 16:
             return dst[0] == 0xFF or dst == _UNSPECIFIED6
-        return dst[0] >= 224 or dst == self.config.broadcast or dst == b"\0\0\0\0"
+        return dst[0] >= 224 or dst == self._broadcast or dst == b"\0\0\0\0"
 
     def _new_syn(self, ip: IpPacket, seg: wtcp.TcpSegment,
                  key: tuple[bytes, int, bytes, int], now: float) -> None:
@@ -1765,10 +1794,10 @@ class TcpEngine:
             link.count("tcp.policy_refused")
             _unreachable(self, ip.src, icmp.NET_UNREACH, ip.buf)
             return
-        flow = TcpFlow(self, ip.src, seg.src_port, ip.dst, seg.dst_port, now)
+        flow = TcpFlow(self, key, now)
         flow._to(CONNECTING)
         flow.irs = seg.seq
-        flow.rcv_nxt = flow.rcv_adv = seq_add(seg.seq, 1)
+        flow.rcv_nxt = flow.rcv_adv = (seg.seq + 1) & SEQ_MASK
         flow.syn_quote = bytes(ip.buf[:_l4_offset(ip) + 8])
         flow._apply_syn_options(seg)
         flow.snd_wnd = seg.window
@@ -1817,7 +1846,7 @@ class TcpEngine:
         if self.inbound_half_open >= cfg.max_inbound_half_open:
             self.link.count("tcp.drop.inbound_max_half_open")
             return None
-        flow = TcpFlow(self, guest_addr, guest_port, remote_addr, remote_port, now)
+        flow = TcpFlow(self, key, now)
         flow.host_handle = host_handle
         flow.host_connected_flag = True
         flow._to(SYN_SENT)
@@ -1880,18 +1909,25 @@ class TcpEngine:
                 self.inbound -= 1
         if self.time_wait.get(key) is flow:
             del self.time_wait[key]
-        flow._end_half_open()
+        # Once per connection: each step is skipped when there is nothing to undo (a
+        # flow that ran its course holds no data, no timer entry and no starved mark).
+        if flow.half_open:
+            flow._end_half_open()
         flow._to(CLOSED)
         flow.rto_deadline = flow.idle_deadline = None
-        self.timers.cancel(flow)
-        self.buffered -= flow.buffered
-        flow.send_queue.clear()
-        flow.backlog.clear()
-        flow.backlog_len = 0
-        flow.ooo.clear()
-        self.starved.pop(flow, None)
-        if self.starved and self.buffered <= self.low_water:
-            self.release_starved()
+        if flow.timer_deadline is not None:
+            self.timers.cancel(flow)
+        if flow.send_queue.chunks or flow.backlog or flow.ooo.segments:
+            self.buffered -= flow.buffered
+            flow.send_queue.clear()
+            flow.backlog = ()
+            flow.backlog_len = 0
+            flow.ooo.clear()
+        starved = self.starved
+        if starved:
+            starved.pop(flow, None)
+            if starved and self.buffered <= self.low_water:
+                self.release_starved()
 
     def room_for(self, flow: TcpFlow) -> int:
         """How many more bytes ``flow`` may buffer under the shared budget.

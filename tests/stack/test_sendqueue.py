@@ -75,3 +75,35 @@ def test_slices_always_match_the_stream(sizes: list[int], data: st.DataObject) -
         pos = data.draw(st.integers(queue.acked_pos, len(stream) - 1))
         n = data.draw(st.integers(1, len(stream) - pos))
         assert joined(queue.slices(pos, n)) == stream[pos:pos + n]
+
+
+def test_a_drained_queue_takes_new_data_where_the_stream_left_off() -> None:
+    queue = SendQueue()
+    queue.append(b"a" * 10)
+    queue.slices(0, 10)
+    queue.release(10)
+    assert queue.unacked == 0 and not queue.chunks
+    queue.append(b"bcd")
+    assert queue.head_pos == 10 and queue.end_pos == 13
+    assert joined(queue.slices(10, 3)) == b"bcd"
+
+
+@given(st.lists(st.lists(st.integers(1, 2 * COALESCE_BELOW), min_size=1, max_size=4),
+                min_size=1, max_size=5), st.data())
+def test_slices_match_the_stream_across_drains(rounds: list[list[int]],
+                                               data: st.DataObject) -> None:
+    """Reads arrive, are sent and acknowledged (sometimes all of them), and more
+    arrive: the stream stays continuous however often the queue runs empty."""
+    queue = SendQueue()
+    stream = b""
+    for r, sizes in enumerate(rounds):
+        for k, size in enumerate(sizes):
+            chunk = bytes([r * 8 + k]) * size
+            queue.append(chunk)
+            stream += chunk
+        pos = data.draw(st.integers(queue.acked_pos, len(stream) - 1))
+        n = data.draw(st.integers(1, len(stream) - pos))
+        assert joined(queue.slices(pos, n)) == stream[pos:pos + n]
+        everything = len(stream) - queue.acked_pos
+        queue.release(data.draw(st.sampled_from([everything, everything // 2])))
+    assert queue.end_pos == len(stream)
