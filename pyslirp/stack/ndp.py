@@ -61,6 +61,7 @@ from __future__ import annotations
 import math
 
 from pyslirp.stack.config import NetConfig, search_domain_problem
+from pyslirp.stack.frag import send_fragmented6
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import ethernet, icmpv6, ipv6
@@ -143,7 +144,8 @@ class NdpEngine:
             self.link.count("icmpv6.drop.bad_source")
             return
         reply = icmpv6.build(icmpv6.ECHO_REPLY, 0, msg.payload, ip.dst, ip.src)
-        send_ipv6(self.link, src_mac, ip.dst, ip.src, ipv6.PROTO_ICMPV6, reply)
+        # A big ping came reassembled (pyslirp.stack.frag); its reply goes in fragments.
+        send_fragmented6(self.link, ip.dst, ip.src, ipv6.PROTO_ICMPV6, reply)
         self.link.count("icmpv6.echo_reply")
 
     # ---- neighbor discovery -----------------------------------------------------------

@@ -80,9 +80,9 @@ the gateway; and, unlike IPv4's fragmentation needed, packet too big with
 the host's path MTU when it is below the link MTU: an IPv6 router never
 fragments, so a guest doing path MTU discovery (QUIC, ``IPV6_DONTFRAG``)
 learns the real path this way, and its kernel fragments to us, which the
-stack reassembles. Not done for IPv6 (yet): replies larger than the link MTU
-are dropped and counted (``drop.udp.oversize6``: no IPv6 fragments are
-sent), nor is port forwarding served.
+stack reassembles. Replies larger than the link MTU are sent as IPv6
+fragments (:func:`pyslirp.stack.frag.send_fragmented6`). Not done for IPv6
+(yet): port forwarding.
 
 Not done: UDP to broadcast or multicast addresses (dropped and counted:
 nothing on the host side would be the right receiver), UDP-Lite.
@@ -95,7 +95,7 @@ from ipaddress import IPv4Address
 
 from pyslirp.stack.admission import TokenBucket
 from pyslirp.stack.config import NetConfig
-from pyslirp.stack.frag import send_fragmented
+from pyslirp.stack.frag import send_fragmented, send_fragmented6
 from pyslirp.stack.host import Buffer, HostPort, Policy
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
@@ -328,7 +328,9 @@ class UdpEngine:
             if len(data) + _IP6_UDP_LEN <= link.mtu:
                 self._send_whole6(flow, origin, data)
             else:
-                link.count("drop.udp.oversize6")
+                datagram = wire_udp.build6(origin[0], origin[1], flow.guest_ip,
+                                           flow.guest_port, data)
+                send_fragmented6(link, origin[0], flow.guest_ip, PROTO_UDP, datagram)
             return
         if len(data) + _IP_UDP_LEN <= link.mtu:
             self._send_whole(flow, origin, data)

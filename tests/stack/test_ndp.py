@@ -324,8 +324,12 @@ HOSTILE = {
     "routing header with segments left": (
         frame(GUEST_GLOBAL, GATEWAY, ipv6.PROTO_ICMPV6, _echo_l4(), first=43,
               ext=bytes((58, 0, 0, 1)) + bytes(4)), "drop.malformed.ipv6"),
-    "fragment": (frame(GUEST_GLOBAL, GATEWAY, ipv6.PROTO_ICMPV6, _echo_l4(), first=44,
-                       ext=bytes((58, 0, 0, 1)) + bytes(4)), "drop.ipv6.fragment"),
+    "fragment not a multiple of 8 with more to come": (
+        frame(GUEST_GLOBAL, GATEWAY, ipv6.PROTO_ICMPV6, _echo_l4() + bytes(4), first=44,
+              ext=bytes((58, 0, 0, 1)) + bytes(4)), "drop.frag.malformed"),
+    "fragment header truncated": (
+        frame(GUEST_GLOBAL, GATEWAY, ipv6.PROTO_ICMPV6, b"", first=44,
+              ext=bytes((58, 0, 0, 1))), "drop.malformed.ipv6"),
     "bad icmpv6 checksum": (
         frame(GUEST_GLOBAL, GATEWAY, ipv6.PROTO_ICMPV6, b"\x80\x00\x12\x34" + bytes(8)),
         "drop.malformed.icmpv6"),
