@@ -72,6 +72,8 @@ _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 _RECVERR_CMSGS = ((socket.IPPROTO_IP, _IP_RECVERR),
                   (socket.IPPROTO_IPV6, _IPV6_RECVERR))
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+_ICMPV6_ECHO_REQUEST = 128
+_ICMPV6_ECHO_REPLY = 129
 #: Seconds between two warnings that a host socket could not be made.
 SOCKET_WARNING_INTERVAL = 60.0
 
@@ -437,16 +439,20 @@ class HostSockets:
 
     # ---- HostPort: ICMP echo --------------------------------------------------------
     def icmp_echo(self, flow: Any, dst: str, ident: int, seq: int, payload: Any) -> bool:
+        v6 = getattr(flow, "v6", False)
         sock: socket.socket | None = getattr(flow, "host_handle", None)
         if sock is None:
             try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+                # net.ipv4.ping_group_range allows ICMPv6 datagram sockets as well.
+                sock = (socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+                        if v6 else
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP))
             except OSError as exc:
                 if exc.errno in _OUT_OF_FDS:
                     self._socket_failed(exc, "ICMP")
                 return False  # or net.ipv4.ping_group_range does not include us
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            _ask_for_errors(sock, v6)
             if self.outbound:
                 try:
                     self.outbound.bind(sock)
@@ -455,8 +461,10 @@ class HostSockets:
                     return False
             flow.host_handle = sock
             self.loop.add_reader(sock.fileno(), self._icmp_readable, flow, sock)
-        # The kernel rewrites the identifier to the socket's own and back on replies.
-        message = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(payload)
+        # The kernel rewrites the identifier to the socket's own and back on replies,
+        # and fills in the checksum.
+        message = struct.pack("!BBHHH", _ICMPV6_ECHO_REQUEST if v6 else 8, 0, 0, ident,
+                              seq) + bytes(payload)
         try:
             sock.sendto(message, (dst, 0))
         except OSError:
@@ -473,17 +481,17 @@ class HostSockets:
             except OSError:
                 self._icmp_read_errors(flow, sock, now)
                 continue
-            if len(data) >= 8 and data[0] == 0:
+            if len(data) >= 8 and data[0] == (_ICMPV6_ECHO_REPLY if flow.v6 else 0):
                 seq = int.from_bytes(data[6:8], "big")
                 self.stack.icmp.host_echo_reply(flow, seq, data[8:], now)
         self._schedule_flush()
 
     def _icmp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
         """An echo of ours met an ICMP error (e.g. host unreachable): tell the guest."""
-        for data, _addr, icmp_type, icmp_code, _info in _queued_icmp_errors(sock):
+        for data, _addr, icmp_type, icmp_code, info in _queued_icmp_errors(sock):
             if len(data) >= 8:
                 seq = int.from_bytes(data[6:8], "big")
-                self.stack.icmp.host_echo_error(flow, seq, icmp_type, icmp_code, now)
+                self.stack.icmp.host_echo_error(flow, seq, icmp_type, icmp_code, now, info)
 
     def icmp_close(self, flow: Any) -> None:
         sock: socket.socket | None = getattr(flow, "host_handle", None)

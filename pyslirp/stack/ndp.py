@@ -50,9 +50,11 @@ The guest's addresses are learned from the source of its packets:
 link-local one (a DAD probe's tentative target is never learned).
 
 ICMPv6 echo requests to ``our_addrs`` are answered with an echo reply carrying
-the same identifier, sequence number and data (RFC 4443 4.2); other echo
-requests are dropped (``icmpv6.echo_not_ours``): nothing is forwarded over
-IPv6 yet. Every other ICMPv6 type (MLD reports, advertisements from the
+the same identifier, sequence number and data (RFC 4443 4.2), in fragments if
+it is larger than the link MTU; echo requests to a group we listen to are
+dropped (``icmpv6.echo_not_ours``). Echo to unicast addresses not ours never
+comes here: the stack gives it to the ICMP engine, which relays it
+(:mod:`pyslirp.stack.icmp`). Every other ICMPv6 type (MLD reports, advertisements from the
 guest, errors) is counted ``icmpv6.ignored.<type>`` and dropped.
 """
 

@@ -43,7 +43,8 @@ All_DHCP_Relay_Agents_and_Servers. ICMPv6 goes to the
 UDP to port 547 to the :class:`~pyslirp.stack.dhcpv6.Dhcpv6Server`, UDP to
 the DNS address's port 53 to the DNS forwarder. TCP and other unicast UDP
 go to the same TCP and UDP engines as IPv4 (``handle6``), whatever their
-destination: the address policy decides, as for IPv4. IPv6 fragments go to
+destination: the address policy decides, as for IPv4; so does ICMPv6 to a
+unicast address not ours, to the ICMP engine (echo relayed to the outside). IPv6 fragments go to
 a second :class:`~pyslirp.stack.frag.Reassembler` (the IPv6 family) first;
 the whole packet is then parsed and handled as if it had come in one piece
 (a Fragment header inside it again is ``drop.frag.nested``). Anything else
@@ -285,8 +286,12 @@ class Stack:
         elif proto == ipv6.PROTO_FRAGMENT:
             self._receive_fragment6(ip, now, src_mac, ndp)
         elif ip.dst not in self._listening6:
-            self.link.count("drop.ipv6.multicast" if ipv6.is_multicast(ip.dst)
-                            else "drop.ipv6.not_forwarded")
+            if ipv6.is_multicast(ip.dst):
+                self.link.count("drop.ipv6.multicast")
+            elif proto == ipv6.PROTO_ICMPV6:
+                self.icmp.handle6(ip, now, trusted)  # echo relayed to the outside
+            else:
+                self.link.count("drop.ipv6.not_forwarded")
         elif proto == ipv6.PROTO_ICMPV6:
             ndp.handle(ip, src_mac, now, trusted)
         else:
