@@ -43,12 +43,13 @@ All_DHCP_Relay_Agents_and_Servers. ICMPv6 goes to the
 UDP to port 547 to the :class:`~pyslirp.stack.dhcpv6.Dhcpv6Server`, UDP to
 the DNS address's port 53 to the DNS forwarder. TCP and other unicast UDP
 go to the same TCP and UDP engines as IPv4 (``handle6``), whatever their
-destination: the address policy decides, as for IPv4; so does ICMPv6 to a
-unicast address not ours, to the ICMP engine (echo relayed to the outside). IPv6 fragments go to
-a second :class:`~pyslirp.stack.frag.Reassembler` (the IPv6 family) first;
-the whole packet is then parsed and handled as if it had come in one piece
-(a Fragment header inside it again is ``drop.frag.nested``). Anything else
-is dropped (``drop.ipv6.<why>``). Without ``enable_ipv6`` every IPv6 frame is
+destination: the address policy decides, as for IPv4. So does ICMPv6 to a
+unicast address not ours, which goes to the ICMP engine (echo relayed to the
+outside). IPv6 fragments go to a second
+:class:`~pyslirp.stack.frag.Reassembler` (the IPv6 family) first; the whole
+packet is then parsed and handled as if it had come in one piece (a Fragment
+header inside it again is ``drop.frag.nested``). Anything else is dropped
+(``drop.ipv6.<why>``). Without ``enable_ipv6`` every IPv6 frame is
 ``drop.ethertype``, as before.
 
 The IPv6 address policy (:meth:`Stack.host_targets` for a 16-byte address):

@@ -77,3 +77,59 @@ def test_ping6_where_the_host_refuses_ping_sockets_is_prohibited(
     assert status != 0 and "Administratively prohibited" in out, out
     status, out = _ping6(guest, "fd00::2")
     assert status == 0, out
+
+
+# ---- packet too big: a router on the host's side with a smaller link beyond it ------------
+
+NARROW_MTU = 1280
+
+PMTU_PROBE = """
+import socket, sys, time
+IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU = 23, 2, 24
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)  # never fragment
+s.connect((sys.argv[1], 9))
+mtu, deadline = 0, time.monotonic() + 15
+while time.monotonic() < deadline:
+    try:
+        s.send(bytes(1400))
+    except OSError:
+        pass  # EMSGSIZE once the path MTU is known: what we wait for
+    time.sleep(0.3)
+    mtu = s.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
+    if mtu < 1500:
+        break
+print(mtu)
+"""
+
+
+@pytest.fixture
+def narrow_path(host: Host) -> Iterator[str]:
+    """host --(1500)-- router --(1280)-- server: the router answers a 1400-byte packet to
+    the server with ICMPv6 packet too big (MTU 1280). Yields the server's address."""
+    with NetNS("rtr6") as router, NetNS("far6") as far:
+        host_if = f"p6r{os.getpid() % 10000}x{next(_names)}"
+        veth(host.ns, host_if, router, "up0")
+        veth(router, "down0", far, "eth0")
+        for ns, ifname in ((router, "down0"), (far, "eth0")):
+            ns.run(["ip", "link", "set", "dev", ifname, "mtu", str(NARROW_MTU)])
+        host.run(["ip", "-6", "addr", "add", "2001:db8:7::1/64", "dev", host_if, "nodad"])
+        router.run(["ip", "-6", "addr", "add", "2001:db8:7::2/64", "dev", "up0", "nodad"])
+        router.run(["ip", "-6", "addr", "add", "2001:db8:8::1/64", "dev", "down0", "nodad"])
+        far.run(["ip", "-6", "addr", "add", "2001:db8:8::2/64", "dev", "eth0", "nodad"])
+        router.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        far.run(["ip", "-6", "route", "add", "default", "via", "2001:db8:8::1"])
+        # Gone with the veth when the router's namespace is deleted.
+        host.run(["ip", "-6", "route", "add", "2001:db8:8::/64", "via", "2001:db8:7::2"])
+        yield "2001:db8:8::2"
+
+
+def test_packet_too_big_beyond_the_host_reaches_the_guest(start_slirp: StartSlirp,
+                                                          guest: Guest,
+                                                          narrow_path: str) -> None:
+    """The host's UDP socket learns the path MTU from the router's ICMPv6 packet too big
+    (IPV6_RECVERR); the guest's kernel learns it from ours: its socket's path MTU drops
+    from the link's 1500 to 1280."""
+    _start_ipv6_only(start_slirp, guest)
+    out = guest.python(PMTU_PROBE, narrow_path, timeout=40).stdout.strip()
+    assert out == str(NARROW_MTU)
