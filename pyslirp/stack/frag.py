@@ -74,6 +74,7 @@ after a Fragment header, the same identification, M set on all but the last.
 from __future__ import annotations
 
 import struct
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 from typing import Any
 
@@ -97,7 +98,7 @@ _Key = tuple[Any, ...]
 _Fields = tuple[_Key, int, memoryview, bool, int]
 
 
-class Family:
+class Family(ABC):
     """How fragments of one IP version are read and joined (see the module doc)."""
 
     #: The largest whole packet, counted as :meth:`Reassembler` counts it (header + data).
@@ -108,22 +109,24 @@ class Family:
         """``ip`` as it is when it is no fragment at all (the caller asked anyway)."""
         return None
 
+    @abstractmethod
     def fields(self, ip: Any) -> _Fields:
-        raise NotImplementedError
+        """What :meth:`Reassembler.add` needs of one fragment (see ``_Fields``)."""
 
+    @abstractmethod
     def first_header(self, ip: Any) -> bytes:
         """What to keep of the first fragment (offset 0) to make the whole packet's header."""
-        raise NotImplementedError
 
     def joined_len(self, header: bytes, payload_len: int) -> int:
         return len(header) + payload_len
 
+    @abstractmethod
     def join(self, header: bytes, pieces: list[bytes], payload_len: int) -> bytes:
-        raise NotImplementedError
+        """The whole packet from the first fragment's header and every piece's data."""
 
+    @abstractmethod
     def time_exceeded(self, link: Link, header: bytes, first_data: bytes) -> None:
         """Tell the guest its packet with this first fragment timed out."""
-        raise NotImplementedError
 
 
 class _Ipv4(Family):
