@@ -24,9 +24,11 @@ packet's header is made and an expired one reported.
   Fragment header's and the payload length set, then the data: extension
   headers after the Fragment header are part of the data and are walked when
   the caller parses the whole packet (a second Fragment header there is the
-  caller's to drop). At most 65535 bytes of payload (no jumbograms); 60 s
-  (RFC 8200). An atomic fragment (offset 0, M clear: RFC 6946) is
-  processed at once, apart from any reassembly with the same identification.
+  caller's to drop). A first fragment must hold every header through the
+  upper-layer one (RFC 8200, RFC 7112: ``drop.malformed.ipv6`` otherwise).
+  At most 65535 bytes of payload (no jumbograms); 60 s (RFC 8200). An
+  atomic fragment (offset 0, M clear: RFC 6946) is processed at once, apart
+  from any reassembly with the same identification.
 
 The caller parses the whole packet as if it had arrived in one piece.
 
@@ -167,10 +169,12 @@ class _Ipv6(Family):
     timeout = 60.0
 
     def fields(self, ip: Ipv6Packet) -> _Fields:
-        _next, offset, more, ident = ipv6.fragment_header(ip)
+        next_header, offset, more, ident = ipv6.fragment_header(ip)
         start = ip.upper_offset
-        return ((ip.src, ip.dst, ident), offset, ip.buf[start + FRAGMENT_HEADER_LEN:], more,
-                start)
+        data = ip.buf[start + FRAGMENT_HEADER_LEN:]
+        if offset == 0:
+            ipv6.check_first_fragment(next_header, data)
+        return (ip.src, ip.dst, ident), offset, data, more, start
 
     def first_header(self, ip: Ipv6Packet) -> bytes:
         # The unfragmentable part and the Fragment header, as the guest sent them.

@@ -129,7 +129,7 @@ class NdpEngine:
         msg = icmpv6.Icmpv6Message(ip.payload, ip.src, ip.dst, verify_checksum=not trusted)
         kind = msg.type
         if kind == icmpv6.ECHO_REQUEST:
-            self._echo(ip, msg, src_mac)
+            self._echo(ip, msg)
         elif kind == icmpv6.NEIGHBOR_SOLICIT:
             self._neighbor_solicit(ip, msg, src_mac)
         elif kind == icmpv6.ROUTER_SOLICIT:
@@ -138,7 +138,7 @@ class NdpEngine:
             self.link.count(f"icmpv6.ignored.{kind}")
 
     # ---- echo ---------------------------------------------------------------------------
-    def _echo(self, ip: Ipv6Packet, msg: icmpv6.Icmpv6Message, src_mac: bytes) -> None:
+    def _echo(self, ip: Ipv6Packet, msg: icmpv6.Icmpv6Message) -> None:
         if ip.dst not in self.our_addrs or msg.code != 0:
             self.link.count("icmpv6.echo_not_ours")
             return

@@ -101,9 +101,9 @@ class Ipv6Packet:
         return self.buf[self.upper_offset:]
 
 
-def _walk_extensions(buf: memoryview, next_header: int) -> tuple[int, int]:
+def _walk_extensions(buf: memoryview, next_header: int,
+                     offset: int = HEADER_LEN) -> tuple[int, int]:
     """(upper-layer protocol, its offset) after the extension headers; see the module doc."""
-    offset = HEADER_LEN
     end = len(buf)
     for count in range(MAX_EXTENSION_HEADERS + 1):
         if next_header not in (PROTO_HOPOPTS, PROTO_DSTOPTS, PROTO_ROUTING, PROTO_AH):
@@ -157,6 +157,19 @@ def fragment_header(packet: Ipv6Packet) -> tuple[int, int, bool, int]:
         raise MalformedPacket("ipv6: fragment header truncated")
     next_header, field, ident = _FRAGMENT.unpack_from(packet.buf, offset)
     return next_header, field & 0xFFF8, bool(field & 1), ident
+
+
+#: The fixed part of the upper-layer headers a first fragment must hold whole (RFC 8200 4.5).
+_UPPER_HEADER_LEN = {PROTO_TCP: 20, PROTO_UDP: 8, PROTO_ICMPV6: 4}
+
+
+def check_first_fragment(next_header: int, data: memoryview) -> None:
+    """Refuse a first fragment whose data does not hold every header through the
+    upper-layer one (RFC 8200 4.5, RFC 7112): such a fragment "should be discarded",
+    and no honest sender splits the header chain."""
+    proto, offset = _walk_extensions(data, next_header, 0)
+    if offset + _UPPER_HEADER_LEN.get(proto, 0) > len(data):
+        raise MalformedPacket("ipv6: first fragment does not hold the upper-layer header")
 
 
 def build_fragment_header(next_header: int, offset: int, more: bool, ident: int) -> bytes:

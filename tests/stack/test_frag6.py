@@ -186,3 +186,17 @@ def test_udp_reply_larger_than_the_mtu_is_sent_as_ipv6_fragments() -> None:
     del whole[UDP].chksum
     assert IPv6(bytes(whole))[UDP].chksum == stored
     assert "drop.udp.oversize6" not in h.counters
+
+
+def test_first_fragment_that_splits_the_header_chain_is_dropped() -> None:
+    """RFC 8200 4.5 / RFC 7112: every header through the upper-layer one in the first."""
+    h = harness()
+    split_tcp = IPv6(src=GUEST, dst=GATEWAY) / IPv6ExtHdrFragment(nh=6, id=21, m=1) \
+        / Raw(bytes(8))  # 8 of the TCP header's 20 bytes
+    send(h, split_tcp)
+    chain = bytes(IPv6ExtHdrDestOpt(nh=17, len=2)) + bytes(16)  # 24 bytes, 16 here
+    split_opts = IPv6(src=GUEST, dst=GATEWAY) / IPv6ExtHdrFragment(nh=60, id=22, m=1) \
+        / Raw(chain[:16])
+    send(h, split_opts)
+    assert h.counters["drop.malformed.ipv6"] == 2
+    assert len(h.stack.frag6) == 0
