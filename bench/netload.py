@@ -57,8 +57,12 @@ def _emit(obj: dict[str, object]) -> None:
     sys.stdout.flush()
 
 
+def _family(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 def _listener(bind: str, port: int, backlog: int = 4096) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(_family(bind), socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((bind, port))
     s.listen(backlog)
@@ -184,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(_family(host), socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect((host, port))

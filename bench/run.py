@@ -36,9 +36,22 @@ Workloads (MTU in brackets; the non-bulk ones run at the largest MTU only):
     bisection over iperf3 -u -b rates), and stack CPU per datagram  [max MTU]
   the same 1-flow iperf3 over plain loopback, no stack (reference)  [once a round]
   1,000 idle TCP connections: stack VmRSS before and after          [max MTU]
+  IPv6 ("ipv6"): TCP bulk upload/download, 1 flow, with its CPU/GB   [each MTU]
+    and the 1-byte round trip with its CPU                          [max MTU]
 CPU time and memory are summed over the stack process and its descendants.
 "pyslirp-nopoll" is pyslirp started with --busy-poll=0, run on the round-trip and
 connection workloads only: its CPU figures show what busy polling changes.
+
+IPv6: when the "ipv6" workloads are selected (the default), every stack is
+started dual-stack (pyslirp ``-6``, slirp4netns ``--enable-ipv6``, pasta
+without ``-4`` and with ``-g`` naming the IPv6 gateway of the runner's
+dead-end template interface), so the IPv4 and IPv6 figures of a stack come
+from the same process in the same round. The guest configures IPv6 from the
+stack (SLAAC from pyslirp's and libslirp's router advertisements; pasta
+copies the template's address); the IPv6 workloads wait for a global address
+and a default route, then reach the host's ``::1`` through the stack's
+gateway (fd00::2, or pasta's IPv6 gateway, which pasta maps to the host),
+where a second netload server and the iperf3 server listen.
 
 Output: a table on stdout with ratios to slirp4netns and the goals of issue 5
 (met / not met), and results.json, results.md and chart.png in --out.
@@ -90,6 +103,13 @@ UDP_LOSS_LIMIT_PCT = 1.0
 UDP_PROBE_SECONDS = 1
 GUEST_IP = "10.0.2.100"
 HOST_IP = "10.0.2.2"     # the host's loopback as the namespace sees it
+HOST6_IP = "fd00::2"     # the host's ::1 (pyslirp, slirp4netns)
+# The dead-end template interface of the isolated host (see _setup_isolated_host): pasta
+# copies its address and is told its gateway, which pasta maps to the host's loopback.
+TEMPLATE6 = "2001:db8:b::2/64"
+GATEWAY6 = "2001:db8:b::1"
+HOST6_TARGET = {"pasta": GATEWAY6}
+IPV6_WAIT = 30.0
 DNS_IP = "10.0.2.3"
 # pasta (2023-03 build) hands out its gateway as the DNS address when the resolver
 # it is given is on loopback, and maps that to the host; "--dns-forward 10.0.2.3"
@@ -140,6 +160,21 @@ def _cpu_metrics(mtus: list[int]) -> list[Metric]:
             for mtu in mtus for d, w in (("up", "upload"), ("down", "download"))]
 
 
+def _ipv6_metrics(mtus: list[int]) -> list[Metric]:
+    out = []
+    for mtu in mtus:
+        for direction, word in (("up", "upload"), ("down", "download")):
+            out.append(Metric(f"tcp6_{direction}_p1_mtu{mtu}",
+                              f"IPv6 TCP {word}, 1 flow, MTU {mtu}", "Gbit/s", "higher"))
+    out += [Metric(f"cpu6_{d}_p1_mtu{mtu}", f"IPv6 stack CPU per GB, {w} 1 flow, MTU {mtu}",
+                   "CPU s/GB", "lower")
+            for mtu in mtus for d, w in (("up", "upload"), ("down", "download"))]
+    out += [Metric("rtt6_p50_us", "IPv6 TCP 1-byte round trip p50", "us", "lower"),
+            Metric("rtt6_p99_us", "IPv6 TCP 1-byte round trip p99", "us", "lower"),
+            Metric("cpu_rtt6_us", "IPv6 stack CPU per 1-byte round trip", "CPU us", "lower")]
+    return out
+
+
 def _loopback_metrics(mtus: list[int]) -> list[Metric]:
     """The kernel alone, and each stack's 1-flow bulk rate as a share of it."""
     out = [Metric(f"{REFERENCE}_{d}_p1", f"TCP {w}, 1 flow, plain loopback (no stack)",
@@ -187,8 +222,10 @@ class Goal:
     text: str
     metric: str
     kind: str        # "ratio_ge", "ratio_le" (vs slirp4netns), "vs_pasta_ge", "abs_le"/"abs_ge",
-                     # "best_ge"/"best_le" (vs the better of slirp4netns and pasta)
+                     # "best_ge"/"best_le" (vs the better of slirp4netns and pasta),
+                     # "own_ge"/"own_le" (vs the same stack's figure for metric ``own``)
     bound: float
+    own: str = ""
 
 
 def goals_for(mtus: list[int], misc_mtu: int) -> list[Goal]:
@@ -233,6 +270,14 @@ def goals_for(mtus: list[int], misc_mtu: int) -> list[Goal]:
         Goal("Download during a guest UDP flood: at least 50 % of unloaded",
              "flood_udp_pct", "abs_ge", 50.0),
     ]
+    # Issue 13: each IPv6 figure within 10 % of the stack's own IPv4 figure.
+    for mtu in mtus:
+        for direction, word in (("up", "Upload"), ("down", "Download")):
+            g.append(Goal(f"IPv6 {word.lower()} 1 flow, MTU {mtu}: >= 0.9x its IPv4",
+                          f"tcp6_{direction}_p1_mtu{mtu}", "own_ge", 0.9,
+                          f"tcp_{direction}_p1_mtu{mtu}"))
+    g.append(Goal(f"IPv6 round trip p50 (MTU {misc_mtu}): <= 1.1x its IPv4",
+                  "rtt6_p50_us", "own_le", 1.1, "rtt_p50_us"))
     return g
 
 
@@ -245,6 +290,13 @@ def evaluate_goal(goal: Goal, med: dict[str, dict[str, float]], stack: str
     if goal.kind in ("abs_le", "abs_ge"):
         ok = value <= goal.bound if goal.kind == "abs_le" else value >= goal.bound
         return ("met" if ok else "NOT met"), f"{value:.1f}"
+    if goal.kind in ("own_ge", "own_le"):
+        own = med.get(stack, {}).get(goal.own)
+        if not own:
+            return "n/a", "no IPv4 figure"
+        ratio = value / own
+        ok = ratio >= goal.bound if goal.kind == "own_ge" else ratio <= goal.bound
+        return ("met" if ok else "NOT met"), f"{ratio:.2f}x its IPv4"
     lower_is_better = goal.kind in ("ratio_le", "best_le")
     if goal.kind in ("best_ge", "best_le"):
         if stack in BEST_OF:
@@ -381,6 +433,8 @@ class Stack:
     name: str
     proc: subprocess.Popen[Any]
     log: Path
+    #: The guest's IPv6 was found configured and working (see _wait_ipv6).
+    ipv6_ready: bool = False
 
     @property
     def pid(self) -> int:
@@ -434,7 +488,8 @@ def start_stack(name: str, ns: Namespace, mtu: int, cfg: RunConfig) -> Stack:
         if name == "pasta":
             # Foreground (-f) so our child is pasta itself (its CPU and RSS are measured).
             # As root pasta must be told --runas 0 or it drops to nobody and fails.
-            argv = [exe, "--runas", "0", "-f", "--config-net", "-4", "--mtu", str(mtu),
+            family = ["-g", GATEWAY6] if cfg.ipv6 else ["-4"]
+            argv = [exe, "--runas", "0", "-f", "--config-net", *family, "--mtu", str(mtu),
                     "-I", TAP, "-a", GUEST_IP, "-n", "24", "-g", HOST_IP,
                     "-D", cfg.dns_addr,
                     "-t", "none", "-u", "none", "-T", "none", "-U", "none", str(ns.pid)]
@@ -454,6 +509,8 @@ def start_stack(name: str, ns: Namespace, mtu: int, cfg: RunConfig) -> Stack:
             rfd, wfd = os.pipe()
             try:
                 base = ["-c", "--mtu", str(mtu), "--ready-fd", str(wfd)]
+                if cfg.ipv6:
+                    base.append("--enable-ipv6")  # pyslirp's and slirp4netns's spelling
                 if name == "slirp4netns":
                     # slirp4netns forwards DNS to the nameservers of /etc/resolv.conf: give
                     # it, in a private mount namespace, one that names the test server.
@@ -495,7 +552,7 @@ def start_stack(name: str, ns: Namespace, mtu: int, cfg: RunConfig) -> Stack:
 
 # ---------------------------------------------------------------- workloads
 
-WORKLOAD_KINDS = ("bulk", "rtt", "connect", "dns", "udp", "idle", "flood")
+WORKLOAD_KINDS = ("bulk", "rtt", "connect", "dns", "udp", "idle", "flood", "ipv6")
 
 
 @dataclass
@@ -539,6 +596,11 @@ class RunConfig:
     def misc_mtu(self) -> int:
         return 65520 if 65520 in self.mtus else max(self.mtus)
 
+    @property
+    def ipv6(self) -> bool:
+        """Start the stacks dual-stack: the IPv6 workloads are selected."""
+        return "ipv6" in self.only
+
 
 def _run_json(argv: list[str], timeout: float, check: bool = True) -> dict[str, Any]:
     try:
@@ -556,21 +618,23 @@ def _run_json(argv: list[str], timeout: float, check: bool = True) -> dict[str, 
 
 
 def _iperf(cfg: RunConfig, ns: Namespace | None, stack: Stack | None, *, reverse: bool,
-           flows: int = 1, udp_mbps: float | None = None, seconds: int | None = None
-           ) -> tuple[dict[str, Any], float]:
+           flows: int = 1, udp_mbps: float | None = None, seconds: int | None = None,
+           v6: bool = False) -> tuple[dict[str, Any], float]:
     """One iperf3 run; returns (the receiver's summary, stack CPU seconds used).
 
     With ``ns`` None the client runs in our own namespace straight to 127.0.0.1 (the
     plain-loopback reference, no stack: CPU 0).  ``udp_mbps``: a UDP run offering
     that rate, in 1400-byte datagrams; the summary then has ``packets`` (sent).
+    ``v6``: over IPv6, to the server on ``::1`` through the stack's IPv6 gateway.
     """
-    server = _spawn(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(cfg.iperf_port)],
+    server = _spawn(["iperf3", "-s", "-1", "-B", "::1" if v6 else "127.0.0.1",
+                     "-p", str(cfg.iperf_port)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE, text=True)
     try:
         # iperf3 buffers its "listening" line when writing to a pipe: watch the socket.
         ready_by = time.monotonic() + 5
-        while not _tcp_listening(cfg.iperf_port):
+        while not _tcp_listening(cfg.iperf_port, v6):
             if server.poll() is not None:
                 err = server.stderr.read() if server.stderr else ""
                 raise WorkloadFailed(f"iperf3 server did not start: {err.strip()[-200:]}")
@@ -579,6 +643,9 @@ def _iperf(cfg: RunConfig, ns: Namespace | None, stack: Stack | None, *, reverse
             time.sleep(0.01)
         seconds = seconds or cfg.duration
         host = HOST_IP if ns is not None else "127.0.0.1"
+        if v6:
+            assert stack is not None
+            host = HOST6_TARGET.get(stack.name, HOST6_IP)
         argv = ["iperf3", "-c", host, "-p", str(cfg.iperf_port), "-t", str(seconds),
                 "-J", "--connect-timeout", "3000"]
         if flows > 1:
@@ -611,10 +678,10 @@ def _iperf(cfg: RunConfig, ns: Namespace | None, stack: Stack | None, *, reverse
         _stop(server, grace=1.0)
 
 
-def _tcp_listening(port: int) -> bool:
-    """Whether a TCP socket listens on 127.0.0.1:port in our namespace."""
-    want = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as f:
+def _tcp_listening(port: int, v6: bool = False) -> bool:
+    """Whether a TCP socket listens on 127.0.0.1:port (``v6``: [::1]:port) here."""
+    want = f"{'0' * 24 + '01000000' if v6 else '0100007F'}:{port:04X}"
+    with open("/proc/net/tcp6" if v6 else "/proc/net/tcp") as f:
         next(f)
         return any(cols[1] == want and cols[3] == "0A"
                    for cols in (line.split() for line in f))
@@ -637,6 +704,57 @@ def _bulk_step(mtu: int, direction: str, flows: int) -> Step:
         return out
     word = "upload" if direction == "up" else "download"
     return Step(f"iperf3 TCP {word}, {flows} flow{'s' if flows > 1 else ''}", run, "bulk")
+
+
+def _wait_ipv6(cfg: RunConfig, ns: Namespace, stack: Stack) -> str:
+    """The host's IPv6 address through ``stack``, once the guest has a usable global IPv6
+    address and default route (SLAAC takes a second or two) and a TCP connection to the
+    host's ``::1`` through it works."""
+    host6 = HOST6_TARGET.get(stack.name, HOST6_IP)
+    if stack.ipv6_ready:
+        return host6
+    deadline = time.monotonic() + IPV6_WAIT
+    while True:
+        addrs = subprocess.run(ns.cmd(["ip", "-6", "-o", "addr", "show", "dev", TAP,
+                                       "scope", "global", "-tentative"]),
+                               capture_output=True, text=True).stdout
+        route = subprocess.run(ns.cmd(["ip", "-6", "route", "show", "default"]),
+                               capture_output=True, text=True).stdout
+        if addrs.strip() and route.strip():
+            break
+        if time.monotonic() > deadline:
+            raise WorkloadFailed(f"no IPv6 address and default route within {IPV6_WAIT:.0f} s")
+        time.sleep(0.1)
+    res = _run_json(ns.cmd([cfg.python, str(NETLOAD), "probe", "--host", host6,
+                            "--port", str(cfg.accept_port), "--deadline", "10"]),
+                    timeout=20, check=False)
+    if not res.get("ok"):
+        raise WorkloadFailed(f"no TCP connection to [{host6}] went through "
+                             f"({res.get('error', res)})")
+    stack.ipv6_ready = True
+    return host6
+
+
+def _bulk6_step(mtu: int, direction: str) -> Step:
+    def run(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+        _wait_ipv6(cfg, ns, stack)
+        summary, cpu = _iperf(cfg, ns, stack, reverse=direction == "down", v6=True)
+        out = {f"tcp6_{direction}_p1_mtu{mtu}": summary["bits_per_second"] / 1e9}
+        gb = summary["bytes"] / 1e9
+        if gb > 0:
+            out[f"cpu6_{direction}_p1_mtu{mtu}"] = cpu / gb
+        return out
+    word = "upload" if direction == "up" else "download"
+    return Step(f"iperf3 TCP {word} over IPv6, 1 flow", run, "ipv6")
+
+
+def _rtt6(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+    host6 = _wait_ipv6(cfg, ns, stack)
+    res, cpu = _client_with_cpu(stack, ns.cmd([
+        cfg.python, str(NETLOAD), "rtt", "--host", host6, "--port", str(cfg.rtt_port),
+        "--count", str(cfg.rtt_count)]), timeout=120)
+    return {"rtt6_p50_us": res["p50_us"], "rtt6_p99_us": res["p99_us"],
+            "cpu_rtt6_us": cpu / res["exchanges"] * 1e6}
 
 
 def _udp_step(direction: str) -> Step:
@@ -779,8 +897,10 @@ def plan(cfg: RunConfig, mtu: int, stack: str) -> list[Step]:
     for direction in ("up", "down"):
         for flows in (1, 4):
             steps.append(_bulk_step(mtu, direction, flows))
+    steps += [_bulk6_step(mtu, direction) for direction in ("up", "down")]
     if mtu == cfg.misc_mtu:
         steps += [
+            Step("TCP 1-byte round trip over IPv6", _rtt6, "ipv6"),
             Step("TCP 1-byte round trip", _rtt, "rtt"),
             Step("new TCP connections", _connections, "connect"),
             Step("DNS queries", _dns, "dns"),
@@ -974,7 +1094,7 @@ def table_rows(cfg: RunConfig, med: dict[str, dict[str, float]], stacks: list[st
 
 def all_metrics(cfg: RunConfig) -> list[Metric]:
     return (_bulk_metrics(cfg.mtus) + _cpu_metrics(cfg.mtus) + _loopback_metrics(cfg.mtus)
-            + MISC_METRICS)
+            + MISC_METRICS + _ipv6_metrics(cfg.mtus))
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -1198,7 +1318,10 @@ def _setup_isolated_host() -> str | None:
             ["ip", "link", "set", "bench0p", "up"],
             ["ip", "link", "set", "bench0", "up"],
             ["ip", "addr", "add", "192.0.2.2/24", "dev", "bench0"],
-            ["ip", "route", "add", "default", "via", "192.0.2.1"]]
+            ["ip", "route", "add", "default", "via", "192.0.2.1"],
+            # pasta's IPv6 template (no DAD: usable at once).
+            ["ip", "-6", "addr", "add", TEMPLATE6, "dev", "bench0", "nodad"],
+            ["ip", "-6", "route", "add", "default", "via", GATEWAY6]]
     for i, cmd in enumerate(cmds):
         cp = subprocess.run(cmd, capture_output=True, text=True)
         if cp.returncode != 0:
@@ -1270,8 +1393,17 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg.resolv_conf = cfg.workdir / "resolv.conf"
     cfg.resolv_conf.write_text(f"nameserver {cfg.dns_addr}\n")
-    server = None
+    server = server6 = None
     try:
+        if cfg.ipv6:
+            server6 = _spawn([sys.executable, str(NETLOAD), "serve", "--bind", "::1",
+                              "--rtt-port", str(cfg.rtt_port),
+                              "--accept-port", str(cfg.accept_port)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert server6.stdout is not None
+            if not server6.stdout.readline():
+                print("bench/run.py: the test servers on ::1 did not start", file=sys.stderr)
+                return 1
         server = _spawn([sys.executable, str(NETLOAD), "serve", "--bind", "127.0.0.1",
                          "--rtt-port", str(cfg.rtt_port), "--accept-port", str(cfg.accept_port),
                          "--hold-port", str(cfg.hold_port), "--dns", f"{cfg.dns_addr}:53"],
@@ -1293,8 +1425,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _stop_all()
-        if server is not None:
-            _stop(server)
+        for srv in (server, server6):
+            if srv is not None:
+                _stop(srv)
         shutil.rmtree(cfg.workdir, ignore_errors=True)
     print(report(cfg, res, load_at_start))
     return 0

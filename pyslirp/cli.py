@@ -33,11 +33,11 @@ Deliberate differences from slirp4netns:
 * ``-6``/``--enable-ipv6`` serves IPv6 beside IPv4 on the link (NDP,
   router advertisements for SLAAC, ICMPv6 echo, stateless DHCPv6; see
   docs/ipv6.md) and forwards TCP and UDP over IPv6 (fd00::2 is the host's
-  ::1, fd00::3 the DNS forwarder) and, through the API socket, IPv6 port
-  forwards (pyslirp.api); ICMPv6 to the outside and IPv6 fragments are not
-  served yet: a warning on stderr says so. ``--cidr6=PREFIX/64`` (ours;
-  slirp4netns has none) picks the prefix instead of fd00::/64; only /64 is
-  accepted (SLAAC needs it), and only with ``-6``.
+  ::1, fd00::3 the DNS forwarder), relays ICMPv6 echo and errors,
+  reassembles IPv6 fragments and, through the API socket, serves IPv6 port
+  forwards (pyslirp.api). ``--cidr6=PREFIX/64`` (ours; slirp4netns has none)
+  picks the prefix instead of fd00::/64; only /64 is accepted (SLAAC needs
+  it), and only with ``-6``.
 * ``--outbound-addr6=IFNAME`` looks up IFNAME (slirp4netns 1.2 looks up
   ``--outbound-addr``'s value instead); an unknown interface or one without
   an address of the family is a usage error naming it. Both options are
@@ -939,9 +939,6 @@ def _start_logging(opts: Options) -> logging.Logger:
     log = logging.getLogger(PROG)
     if opts.extra_args:
         log.warning("too many arguments")
-    if opts.enable_ipv6:
-        log.warning("--enable-ipv6: TCP, UDP, DNS and port forwarding over IPv6 are served; "
-                    "ICMPv6 to the outside and IPv6 fragments are not yet")
     return log
 
 

@@ -75,9 +75,15 @@ _UDP_MAX = 65536
 # struct sock_extended_err (linux/errqueue.h)
 _SOCK_EE = struct.Struct("=IBBBBII")
 _SO_EE_ORIGIN_ICMP = 2
+_SO_EE_ORIGIN_ICMP6 = 3
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+#: The (level, type) of the error-queue control message on an IPv4 and an IPv6 socket.
+_RECVERR_CMSGS = ((socket.IPPROTO_IP, _IP_RECVERR),
+                  (socket.IPPROTO_IPV6, _IPV6_RECVERR))
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+_ICMPV6_ECHO_REQUEST = 128
+_ICMPV6_ECHO_REPLY = 129
 #: Seconds between two warnings that a host socket could not be made.
 SOCKET_WARNING_INTERVAL = 60.0
 
@@ -457,10 +463,9 @@ class HostSockets:
             self._socket_failed(exc, "UDP")
             return False
         sock.setblocking(False)
-        if not v6:
-            # ICMP errors reach the guest as ICMP errors; ICMPv6 ones are not relayed yet
-            # (pyslirp/stack/udp.py), so an IPv6 flow's socket does not ask for them.
-            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        # ICMP(v6) errors reach the guest as ICMP(v6) errors (pyslirp/stack/udp.py): a
+        # guest's UDP client to a closed port is refused at once, not left to time out.
+        _ask_for_errors(sock, v6)
         if self.outbound:
             try:
                 self.outbound.bind(sock)
@@ -496,10 +501,11 @@ class HostSockets:
         self._schedule_flush()
 
     def udp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
-        """Drain the error queue (IP_RECVERR) and report ICMP errors to the engine."""
-        for _data, addr, icmp_type, icmp_code in _queued_icmp_errors(sock):
+        """Drain the error queue (IP[V6]_RECVERR) and report ICMP errors to the engine."""
+        for _data, addr, icmp_type, icmp_code, info in _queued_icmp_errors(sock):
             if addr:
-                self.stack.udp.host_error(flow, (addr[0], addr[1]), icmp_type, icmp_code, now)
+                self.stack.udp.host_error(flow, (addr[0], addr[1]), icmp_type, icmp_code, now,
+                                          info)
 
     def udp_close(self, flow: Any) -> None:
         sock: socket.socket | None = getattr(flow, "host_handle", None)
@@ -511,16 +517,20 @@ class HostSockets:
 
     # ---- HostPort: ICMP echo --------------------------------------------------------
     def icmp_echo(self, flow: Any, dst: str, ident: int, seq: int, payload: Any) -> bool:
+        v6 = getattr(flow, "v6", False)
         sock: socket.socket | None = getattr(flow, "host_handle", None)
         if sock is None:
             try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+                # net.ipv4.ping_group_range allows ICMPv6 datagram sockets as well.
+                sock = (socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+                        if v6 else
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP))
             except OSError as exc:
                 if exc.errno in _OUT_OF_FDS:
                     self._socket_failed(exc, "ICMP")
                 return False  # or net.ipv4.ping_group_range does not include us
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            _ask_for_errors(sock, v6)
             if self.outbound:
                 try:
                     self.outbound.bind(sock)
@@ -529,8 +539,10 @@ class HostSockets:
                     return False
             flow.host_handle = sock
             self.loop.add_reader(sock.fileno(), self._icmp_readable, flow, sock)
-        # The kernel rewrites the identifier to the socket's own and back on replies.
-        message = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(payload)
+        # The kernel rewrites the identifier to the socket's own and back on replies,
+        # and fills in the checksum.
+        message = struct.pack("!BBHHH", _ICMPV6_ECHO_REQUEST if v6 else 8, 0, 0, ident,
+                              seq) + bytes(payload)
         try:
             sock.sendto(message, (dst, 0))
         except OSError:
@@ -547,17 +559,17 @@ class HostSockets:
             except OSError:
                 self._icmp_read_errors(flow, sock, now)
                 continue
-            if len(data) >= 8 and data[0] == 0:
+            if len(data) >= 8 and data[0] == (_ICMPV6_ECHO_REPLY if flow.v6 else 0):
                 seq = int.from_bytes(data[6:8], "big")
                 self.stack.icmp.host_echo_reply(flow, seq, data[8:], now)
         self._schedule_flush()
 
     def _icmp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
         """An echo of ours met an ICMP error (e.g. host unreachable): tell the guest."""
-        for data, _addr, icmp_type, icmp_code in _queued_icmp_errors(sock):
+        for data, _addr, icmp_type, icmp_code, info in _queued_icmp_errors(sock):
             if len(data) >= 8:
                 seq = int.from_bytes(data[6:8], "big")
-                self.stack.icmp.host_echo_error(flow, seq, icmp_type, icmp_code, now)
+                self.stack.icmp.host_echo_error(flow, seq, icmp_type, icmp_code, now, info)
 
     def icmp_close(self, flow: Any) -> None:
         sock: socket.socket | None = getattr(flow, "host_handle", None)
@@ -603,10 +615,7 @@ class HostSockets:
         try:
             sock.setblocking(False)
             # Errors arrive with the start of the datagram they are about (its DNS ID).
-            if v6:
-                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            _ask_for_errors(sock, v6)
             if self.outbound:
                 self.outbound.bind(sock)
             sock.connect(sockaddr(host, port))
@@ -673,9 +682,18 @@ class HostSockets:
             sock.close()
 
 
-def _queued_icmp_errors(sock: socket.socket) -> Iterator[tuple[bytes, Any, int, int]]:
-    """Drain an IP_RECVERR socket's error queue: for each ICMP error, the start of the
-    datagram it was about, that datagram's destination, and the ICMP type and code."""
+def _ask_for_errors(sock: socket.socket, v6: bool) -> None:
+    """Queue the ICMP (IPv4) or ICMPv6 errors about what ``sock`` sends (IP[V6]_RECVERR)."""
+    if v6:
+        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+
+
+def _queued_icmp_errors(sock: socket.socket) -> Iterator[tuple[bytes, Any, int, int, int]]:
+    """Drain an IP[V6]_RECVERR socket's error queue: for each ICMP or ICMPv6 error, the
+    start of the datagram it was about, that datagram's destination, the type and code
+    (ICMPv6 ones on an IPv6 socket), and ``ee_info`` (the MTU of a packet too big)."""
     while True:
         try:
             data, ancdata, _flags, addr = sock.recvmsg(
@@ -683,11 +701,11 @@ def _queued_icmp_errors(sock: socket.socket) -> Iterator[tuple[bytes, Any, int, 
         except OSError:
             return
         for level, kind, payload in ancdata:
-            if level != socket.IPPROTO_IP or kind != _IP_RECVERR or len(payload) < _SOCK_EE.size:
+            if (level, kind) not in _RECVERR_CMSGS or len(payload) < _SOCK_EE.size:
                 continue
-            _errno, origin, icmp_type, icmp_code, _pad, _info, _data = _SOCK_EE.unpack_from(payload)
-            if origin == _SO_EE_ORIGIN_ICMP:
-                yield data, addr, icmp_type, icmp_code
+            _errno, origin, icmp_type, icmp_code, _pad, info, _data = _SOCK_EE.unpack_from(payload)
+            if origin in (_SO_EE_ORIGIN_ICMP, _SO_EE_ORIGIN_ICMP6):
+                yield data, addr, icmp_type, icmp_code, info
 
 
 def sockaddr(host: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:

@@ -53,9 +53,11 @@ for the guest's address until it has sent from one: a server that only
 listens never does).
 
 ICMPv6 echo requests to ``our_addrs`` are answered with an echo reply carrying
-the same identifier, sequence number and data (RFC 4443 4.2); other echo
-requests are dropped (``icmpv6.echo_not_ours``): nothing is forwarded over
-IPv6 yet. Every other ICMPv6 type (MLD reports, advertisements from the
+the same identifier, sequence number and data (RFC 4443 4.2), in fragments if
+it is larger than the link MTU; echo requests to a group we listen to are
+dropped (``icmpv6.echo_not_ours``). Echo to unicast addresses not ours never
+comes here: the stack gives it to the ICMP engine, which relays it
+(:mod:`pyslirp.stack.icmp`). Every other ICMPv6 type (MLD reports, advertisements from the
 guest, errors) is counted ``icmpv6.ignored.<type>`` and dropped.
 """
 
@@ -64,6 +66,7 @@ from __future__ import annotations
 import math
 
 from pyslirp.stack.config import NetConfig, search_domain_problem
+from pyslirp.stack.frag import send_fragmented6
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import ethernet, icmpv6, ipv6
@@ -144,7 +147,7 @@ class NdpEngine:
         msg = icmpv6.Icmpv6Message(ip.payload, ip.src, ip.dst, verify_checksum=not trusted)
         kind = msg.type
         if kind == icmpv6.ECHO_REQUEST:
-            self._echo(ip, msg, src_mac)
+            self._echo(ip, msg)
         elif kind == icmpv6.NEIGHBOR_SOLICIT:
             self._neighbor_solicit(ip, msg, src_mac)
         elif kind == icmpv6.ROUTER_SOLICIT:
@@ -153,7 +156,7 @@ class NdpEngine:
             self.link.count(f"icmpv6.ignored.{kind}")
 
     # ---- echo ---------------------------------------------------------------------------
-    def _echo(self, ip: Ipv6Packet, msg: icmpv6.Icmpv6Message, src_mac: bytes) -> None:
+    def _echo(self, ip: Ipv6Packet, msg: icmpv6.Icmpv6Message) -> None:
         if ip.dst not in self.our_addrs or msg.code != 0:
             self.link.count("icmpv6.echo_not_ours")
             return
@@ -161,7 +164,8 @@ class NdpEngine:
             self.link.count("icmpv6.drop.bad_source")
             return
         reply = icmpv6.build(icmpv6.ECHO_REPLY, 0, msg.payload, ip.dst, ip.src)
-        send_ipv6(self.link, src_mac, ip.dst, ip.src, ipv6.PROTO_ICMPV6, reply)
+        # A big ping came reassembled (pyslirp.stack.frag); its reply goes in fragments.
+        send_fragmented6(self.link, ip.dst, ip.src, ipv6.PROTO_ICMPV6, reply)
         self.link.count("icmpv6.echo_reply")
 
     # ---- neighbor discovery -----------------------------------------------------------

@@ -47,9 +47,13 @@ All_DHCP_Relay_Agents_and_Servers. ICMPv6 goes to the
 UDP to port 547 to the :class:`~pyslirp.stack.dhcpv6.Dhcpv6Server`, UDP to
 the DNS address's port 53 to the DNS forwarder. TCP and other unicast UDP
 go to the same TCP and UDP engines as IPv4 (``handle6``), whatever their
-destination: the address policy decides, as for IPv4. IPv6 fragments are
-dropped (``drop.ipv6.fragment``: no IPv6 reassembly), and so is anything
-else (``drop.ipv6.<why>``). Without ``enable_ipv6`` every IPv6 frame is
+destination: the address policy decides, as for IPv4. So does ICMPv6 to a
+unicast address not ours, which goes to the ICMP engine (echo relayed to the
+outside). IPv6 fragments go to a second
+:class:`~pyslirp.stack.frag.Reassembler` (the IPv6 family) first; the whole
+packet is then parsed and handled as if it had come in one piece (a Fragment
+header inside it again is ``drop.frag.nested``). Anything else is dropped
+(``drop.ipv6.<why>``). Without ``enable_ipv6`` every IPv6 frame is
 ``drop.ethertype``, as before.
 
 The IPv6 address policy (:meth:`Stack.host_targets` for a 16-byte address):
@@ -79,7 +83,7 @@ from pyslirp.stack.config import NetConfig
 from pyslirp.stack.dhcp import DhcpServer
 from pyslirp.stack.dhcpv6 import Dhcpv6Server, udp6_datagram
 from pyslirp.stack.dns import DnsForwarder
-from pyslirp.stack.frag import Reassembler
+from pyslirp.stack.frag import IPV6, Reassembler
 from pyslirp.stack.host import HostPort
 from pyslirp.stack.icmp import IcmpEngine
 from pyslirp.stack.link import FrameSink, Link
@@ -161,12 +165,14 @@ class Stack:
         self._vnet = config.vnet_hdr
         self.errors = ErrorReporter(self.link.counters)
         self.ndp: NdpEngine | None = None
+        self.frag6: Reassembler | None = None
         self.dhcpv6: Dhcpv6Server | None = None
         #: IPv6 destinations we accept (see the module doc); empty without IPv6.
         self._listening6: frozenset[bytes] = frozenset()
         if config.enable_ipv6:
             self.ndp = NdpEngine(config, self.link, self.timers)
             self.dhcpv6 = Dhcpv6Server(config, self.link)
+            self.frag6 = Reassembler(self.link, self.timers, family=IPV6)
             ours = self.ndp.our_addrs
             self._listening6 = ours | {ipv6.solicited_node(a) for a in ours} | {
                 ipv6.ALL_NODES, ipv6.ALL_ROUTERS, ipv6.ALL_DHCP_AGENTS}
@@ -292,14 +298,30 @@ class Stack:
         elif proto == ipv6.PROTO_UDP:
             self._receive_udp6(ip, now, trusted, src_mac)
         elif proto == ipv6.PROTO_FRAGMENT:
-            self.link.count("drop.ipv6.fragment")
+            self._receive_fragment6(ip, now, src_mac, ndp)
         elif ip.dst not in self._listening6:
-            self.link.count("drop.ipv6.multicast" if ipv6.is_multicast(ip.dst)
-                            else "drop.ipv6.not_forwarded")
+            if ipv6.is_multicast(ip.dst):
+                self.link.count("drop.ipv6.multicast")
+            elif proto == ipv6.PROTO_ICMPV6:
+                self.icmp.handle6(ip, now, trusted)  # echo relayed to the outside
+            else:
+                self.link.count("drop.ipv6.not_forwarded")
         elif proto == ipv6.PROTO_ICMPV6:
             ndp.handle(ip, src_mac, now, trusted)
         else:
             self.link.count("drop.ipv6.not_forwarded")
+
+    def _receive_fragment6(self, ip: ipv6.Ipv6Packet, now: float, src_mac: bytes,
+                           ndp: NdpEngine) -> None:
+        assert self.frag6 is not None  # made with the NDP engine
+        whole = self.frag6.add(ip, now)
+        if whole is None:
+            return
+        packet = ipv6.Ipv6Packet(memoryview(whole))
+        if packet.proto == ipv6.PROTO_FRAGMENT:
+            self.link.count("drop.frag.nested")  # a fragment of a fragment: no honest sender
+            return
+        self._receive_ipv6(packet, now, False, src_mac, ndp)
 
     def _receive_udp6(self, ip: ipv6.Ipv6Packet, now: float, trusted: bool,
                       src_mac: bytes) -> None:
@@ -353,6 +375,8 @@ class Stack:
         self.icmp.close_all()
         self.dns.close_all()
         self.frag.clear()
+        if self.frag6 is not None:
+            self.frag6.clear()
 
     @property
     def counters(self) -> dict[str, int]:

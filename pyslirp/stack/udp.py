@@ -72,10 +72,17 @@ guest address is 16 bytes, so its key never equals an IPv4 flow's with the
 same port, and the runtime opens an IPv6 host socket for it (``flow.v6``).
 Replies are framed with the IPv6 template (the checksum is mandatory: with
 offloads the guest's kernel finishes it, otherwise it is computed here). A
-reply from the host's ``::1`` appears as the gateway ``fd00::2``. Not done
-for IPv6 (yet): replies larger than the link MTU are dropped and counted
-(``drop.udp.oversize6``: no IPv6 fragments are sent), ICMPv6 errors from the
-host are not relayed, nor is port forwarding served.
+reply from the host's ``::1`` appears as the gateway ``fd00::2``. ICMPv6
+errors the host socket reads (``IPV6_RECVERR``) reach the guest as ICMPv6
+errors (RFC 4443) quoting the reconstructed datagram, as for IPv4: port
+unreachable from the destination, other unreachables and time exceeded from
+the gateway; and, unlike IPv4's fragmentation needed, packet too big with
+the host's path MTU when it is below the link MTU: an IPv6 router never
+fragments, so a guest doing path MTU discovery (QUIC, ``IPV6_DONTFRAG``)
+learns the real path this way, and its kernel fragments to us, which the
+stack reassembles. Replies larger than the link MTU are sent as IPv6
+fragments (:func:`pyslirp.stack.frag.send_fragmented6`). Not done for IPv6
+(yet): port forwarding.
 
 Not done: UDP to broadcast or multicast addresses (dropped and counted:
 nothing on the host side would be the right receiver), UDP-Lite.
@@ -88,11 +95,11 @@ from ipaddress import IPv4Address
 
 from pyslirp.stack.admission import TokenBucket
 from pyslirp.stack.config import NetConfig
-from pyslirp.stack.frag import send_fragmented
+from pyslirp.stack.frag import send_fragmented, send_fragmented6
 from pyslirp.stack.host import Buffer, HostPort, Policy
 from pyslirp.stack.link import Link
 from pyslirp.stack.timers import Timers
-from pyslirp.wire import icmp, ipv4, ipv6, vnet
+from pyslirp.wire import icmp, icmpv6, ipv4, ipv6, vnet
 from pyslirp.wire import udp as wire_udp
 from pyslirp.wire.checksum import checksum, finish, partial_sum, pseudo_header_sum
 from pyslirp.wire.errors import MalformedPacket
@@ -112,6 +119,7 @@ _DNS_PORT = 53
 
 _UDP_HEADER = struct.Struct("!HHHH")
 _U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 #: Ethernet + IPv4 (20 bytes, no options) + UDP headers of a frame to the guest.
 _FRAME = ETH_IPV4_UDP
 _FRAME_LEN = _FRAME.size
@@ -320,7 +328,9 @@ class UdpEngine:
             if len(data) + _IP6_UDP_LEN <= link.mtu:
                 self._send_whole6(flow, origin, data)
             else:
-                link.count("drop.udp.oversize6")
+                datagram = wire_udp.build6(origin[0], origin[1], flow.guest_ip,
+                                           flow.guest_port, data)
+                send_fragmented6(link, origin[0], flow.guest_ip, PROTO_UDP, datagram)
             return
         if len(data) + _IP_UDP_LEN <= link.mtu:
             self._send_whole(flow, origin, data)
@@ -433,14 +443,17 @@ class UdpEngine:
         return origin
 
     def host_error(self, flow: UdpFlow, dst: tuple[str, int], icmp_type: int, icmp_code: int,
-                   now: float) -> None:
-        """The host socket got an ICMP error for what it sent to ``dst``; tell the guest."""
+                   now: float, info: int = 0) -> None:
+        """The host socket got an ICMP error for what it sent to ``dst``; tell the guest.
+
+        For an IPv6 flow ``icmp_type``/``icmp_code`` are ICMPv6 ones and ``info`` is the
+        MTU of a packet too big (the error queue's ``ee_info``)."""
         link = self.link
         if flow.closed:
             link.count("drop.udp.closed_flow")
             return
-        if flow.v6:  # ICMPv6 errors are not relayed yet (see the module doc)
-            link.count("drop.udp.host_error_ignored")
+        if flow.v6:
+            self._host_error6(flow, dst, icmp_type, icmp_code, info)
             return
         if icmp_type not in (icmp.DEST_UNREACH, icmp.TIME_EXCEEDED) or (
                 icmp_type == icmp.DEST_UNREACH and icmp_code == icmp.FRAG_NEEDED):
@@ -460,6 +473,36 @@ class UdpEngine:
         by_destination = icmp_type == icmp.DEST_UNREACH and icmp_code == icmp.PORT_UNREACH
         sender = origin[0] if by_destination else self._gateway
         link.send_ipv4(sender, flow.guest_ip, PROTO_ICMP, message)
+        link.count("udp.icmp_errors")
+
+    def _host_error6(self, flow: UdpFlow, dst: tuple[str, int], icmp_type: int,
+                     icmp_code: int, mtu: int) -> None:
+        """:meth:`host_error` for an IPv6 flow: the ICMPv6 error (RFC 4443) to the guest."""
+        link = self.link
+        if icmp_type == icmpv6.PACKET_TOO_BIG:
+            # Only news the guest can act on: its packets to us are at most the link MTU.
+            if not ipv6.MIN_MTU <= mtu < link.mtu:
+                link.count("drop.udp.host_error_ignored")
+                return
+            head = _U32.pack(mtu)
+        elif icmp_type in (icmpv6.DEST_UNREACH, icmpv6.TIME_EXCEEDED):
+            head = bytes(4)
+        else:
+            link.count("drop.udp.host_error_ignored")
+            return
+        origin = self._origin(flow, dst[0], dst[1])
+        if origin is None:
+            link.count("drop.udp.loopback_source")
+            return
+        quote = bytearray(_IP6_UDP_LEN)
+        ipv6.build_header(quote, 0, flow.guest_ip, origin[0], PROTO_UDP, wire_udp.HEADER_LEN)
+        _UDP_HEADER.pack_into(quote, ipv6.HEADER_LEN, flow.guest_port, origin[1],
+                              wire_udp.HEADER_LEN, 0)
+        by_destination = (icmp_type == icmpv6.DEST_UNREACH
+                          and icmp_code == icmpv6.PORT_UNREACH)
+        sender = origin[0] if by_destination else self._gateway6
+        message = icmpv6.build(icmp_type, icmp_code, head + quote, sender, flow.guest_ip)
+        link.send_ipv6(sender, flow.guest_ip, ipv6.PROTO_ICMPV6, message)
         link.count("udp.icmp_errors")
 
     # ---- port forwarding -----------------------------------------------------------

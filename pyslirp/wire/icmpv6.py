@@ -25,6 +25,11 @@ from pyslirp.wire.ipv6 import PROTO_ICMPV6, pseudo_header_sum
 HEADER_LEN = 8
 
 DEST_UNREACH = 1
+#: Destination unreachable codes (RFC 4443 3.1).
+NO_ROUTE = 0
+ADMIN_PROHIBITED = 1
+ADDR_UNREACH = 3
+PORT_UNREACH = 4
 PACKET_TOO_BIG = 2
 TIME_EXCEEDED = 3
 PARAM_PROBLEM = 4

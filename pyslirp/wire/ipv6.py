@@ -15,8 +15,10 @@ known; an unknown option whose two high type bits ask for anything but "skip"
 makes the packet malformed, as RFC 8200 4.2 says for the final destination,
 which we are), Routing (only with Segments Left 0: we forward no source
 routes), and Authentication (skipped). A Fragment header (44) ends the walk:
-``proto`` is then 44 and the caller drops the packet, since nothing here
-reassembles IPv6. ESP (50) and No Next Header (59) end it as well.
+``proto`` is then 44 and ``upper_offset`` is where the Fragment header starts,
+so everything before it is the unfragmentable part (RFC 8200 4.5);
+:func:`fragment_header` reads it and :mod:`pyslirp.stack.frag` reassembles.
+ESP (50) and No Next Header (59) end the walk as well.
 
 Jumbograms (RFC 2675) are refused: a zero payload length is only accepted
 with No Next Header (an empty packet), so a Jumbo Payload option never gets
@@ -99,9 +101,9 @@ class Ipv6Packet:
         return self.buf[self.upper_offset:]
 
 
-def _walk_extensions(buf: memoryview, next_header: int) -> tuple[int, int]:
+def _walk_extensions(buf: memoryview, next_header: int,
+                     offset: int = HEADER_LEN) -> tuple[int, int]:
     """(upper-layer protocol, its offset) after the extension headers; see the module doc."""
-    offset = HEADER_LEN
     end = len(buf)
     for count in range(MAX_EXTENSION_HEADERS + 1):
         if next_header not in (PROTO_HOPOPTS, PROTO_DSTOPTS, PROTO_ROUTING, PROTO_AH):
@@ -141,6 +143,50 @@ def _check_options(options: memoryview) -> None:
         if kind not in (_OPT_PADN, _OPT_ROUTER_ALERT) and kind >> 6 != 0:
             raise MalformedPacket(f"ipv6: unknown option 0x{kind:02x} must not be skipped")
         i += 2 + options[i + 1]
+
+
+FRAGMENT_HEADER_LEN = 8
+_FRAGMENT = struct.Struct("!BxHI")
+
+
+def fragment_header(packet: Ipv6Packet) -> tuple[int, int, bool, int]:
+    """(next header, offset in bytes, more fragments, identification) of the Fragment
+    header (RFC 8200 4.5) at which ``packet``'s walk stopped (``proto`` 44)."""
+    offset = packet.upper_offset
+    if offset + FRAGMENT_HEADER_LEN > len(packet.buf):
+        raise MalformedPacket("ipv6: fragment header truncated")
+    next_header, field, ident = _FRAGMENT.unpack_from(packet.buf, offset)
+    return next_header, field & 0xFFF8, bool(field & 1), ident
+
+
+#: The fixed part of the upper-layer headers a first fragment must hold whole (RFC 8200 4.5).
+_UPPER_HEADER_LEN = {PROTO_TCP: 20, PROTO_UDP: 8, PROTO_ICMPV6: 4}
+
+
+def check_first_fragment(next_header: int, data: memoryview) -> None:
+    """Refuse a first fragment whose data does not hold every header through the
+    upper-layer one (RFC 8200 4.5, RFC 7112): such a fragment "should be discarded",
+    and no honest sender splits the header chain."""
+    proto, offset = _walk_extensions(data, next_header, 0)
+    if offset + _UPPER_HEADER_LEN.get(proto, 0) > len(data):
+        raise MalformedPacket("ipv6: first fragment does not hold the upper-layer header")
+
+
+def build_fragment_header(next_header: int, offset: int, more: bool, ident: int) -> bytes:
+    return _FRAGMENT.pack(next_header, offset | more, ident)
+
+
+def next_header_offset(unfragmentable: bytes | bytearray | memoryview) -> int:
+    """Where the last Next Header field of an (already validated) header chain is: the
+    byte a reassembled packet sets to the fragments' upper-layer protocol."""
+    where = 6
+    offset = HEADER_LEN
+    while offset < len(unfragmentable):
+        kind = unfragmentable[where]  # the type of the header at offset
+        where = offset
+        units = unfragmentable[offset + 1]
+        offset += (units + 2) * 4 if kind == PROTO_AH else (units + 1) * 8
+    return where
 
 
 def build_header(buf: bytearray | memoryview, offset: int, src: bytes, dst: bytes,

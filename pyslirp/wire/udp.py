@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from pyslirp.wire import ipv6
 from pyslirp.wire.checksum import finish, partial_sum, pseudo_header_sum
 from pyslirp.wire.errors import MalformedPacket
 
@@ -48,6 +49,20 @@ def build(src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
     _HEADER.pack_into(out, 0, src_port, dst_port, length, 0)
     out[HEADER_LEN:] = payload
     csum = finish(partial_sum(out, pseudo_header_sum(src_ip, dst_ip, PROTO, length)))
+    out[6] = csum >> 8
+    out[7] = csum & 0xFF
+    return out
+
+
+def build6(src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
+           payload: bytes | bytearray | memoryview) -> bytearray:
+    """:func:`build` over IPv6: the checksum is mandatory, so a zero sum is sent as 0xFFFF."""
+    length = HEADER_LEN + len(payload)
+    out = bytearray(length)
+    _HEADER.pack_into(out, 0, src_port, dst_port, length, 0)
+    out[HEADER_LEN:] = payload
+    csum = finish(partial_sum(out, ipv6.pseudo_header_sum(src_ip, dst_ip, PROTO, length)))
+    csum = csum or 0xFFFF
     out[6] = csum >> 8
     out[7] = csum & 0xFF
     return out

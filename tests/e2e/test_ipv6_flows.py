@@ -75,3 +75,47 @@ print(s.recv(512).decode())
     out = guest.python(code, str(servers6["echo"]), timeout=60).stdout.split("\n")
     assert out[0] == "1234 fd00::abcd"
     assert out[1] == "echo six"
+
+
+UDP_REFUSED6 = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"anyone?")
+try:
+    s.recv(100)
+    print("reply")
+except ConnectionRefusedError:
+    print("ECONNREFUSED")
+except TimeoutError:
+    print("timeout")
+"""
+
+
+def test_udp_to_a_closed_port_is_refused_at_once_over_ipv6(
+        start_slirp: StartSlirp, guest: Guest, host: Host, servers6: dict[str, Any]) -> None:
+    """The host's ICMPv6 port unreachable (IPV6_RECVERR) reaches the guest's socket."""
+    _ipv6_only(start_slirp, guest, servers6["dns"])
+    out = guest.python(UDP_REFUSED6, "fd00::2", str(host.dead), timeout=30).stdout.strip()
+    assert out == "ECONNREFUSED"
+
+
+BIG_ECHO6 = """
+import hashlib, os, socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(10)
+blob = os.urandom(4000)
+s.sendto(blob, ("fd00::2", int(sys.argv[1])))
+got = s.recv(65535)
+print(len(got), got == blob)
+"""
+
+
+def test_4000_byte_udp_datagram_goes_and_comes_back_in_fragments(
+        start_slirp: StartSlirp, guest: Guest, servers6: dict[str, Any]) -> None:
+    """At MTU 1500 the guest's kernel fragments the datagram, pyslirp reassembles it for the
+    host socket and fragments the echo back."""
+    _ipv6_only(start_slirp, guest, servers6["dns"], "--mtu=1500")
+    out = guest.python(BIG_ECHO6, str(servers6["echo"]), timeout=30).stdout.strip()
+    assert out == "4000 True"

@@ -179,3 +179,75 @@ def test_ipv6_policy_maps_gateway_dns_and_outside() -> None:
     assert p(ipv6.addr_from_str(DNS), 80) is None
     assert p(ipv6.addr_from_str("2001:db8::1"), 443) == [("2001:db8::1", 443)]
     assert harness(disable_host_loopback=True).policy(ipv6.addr_from_str(GATEWAY), 22) is None
+
+
+# ---- ICMPv6 errors the host's UDP socket got (IPV6_RECVERR) ---------------------------
+
+def _udp_flow(h: fakes.StackHarness, dst: str, dport: int) -> Any:
+    send(h, IPv6(src=GUEST, dst=dst) / UDP(sport=5000, dport=dport) / Raw(b"anyone?"))
+    call = h.host.last("udp_send")
+    assert call is not None
+    return call[1]
+
+
+def _icmpv6_errors(h: fakes.StackHarness) -> list[Packet]:
+    out = []
+    for raw in h.replies():
+        frame = Ether(raw)
+        if IPv6 in frame and frame[IPv6].nh == 58 and bytes(frame[IPv6].payload)[0] < 128:
+            stored = frame[IPv6].payload.cksum
+            check = frame[IPv6].copy()
+            del check.payload.cksum
+            assert IPv6(bytes(check)).payload.cksum == stored, "bad ICMPv6 checksum"
+            out.append(frame)
+    return out
+
+
+def test_port_unreachable_from_the_host_reaches_the_guest_from_the_gateway() -> None:
+    h = harness()
+    flow = _udp_flow(h, GATEWAY, 9)
+    h.stack.udp.host_error(flow, ("::1", 9), 1, 4, h.now)
+    [err] = _icmpv6_errors(h)
+    assert (err[IPv6].src, err[IPv6].dst) == (GATEWAY, GUEST)
+    body = bytes(err[IPv6].payload)
+    assert body[:2] == b"\x01\x04"  # destination unreachable, port unreachable
+    quoted = IPv6(body[8:])
+    assert (quoted.src, quoted.dst, quoted.nh) == (GUEST, GATEWAY, 17)
+    assert (quoted[UDP].sport, quoted[UDP].dport) == (5000, 9)
+    assert h.counters["udp.icmp_errors"] == 1
+
+
+def test_other_unreachables_and_time_exceeded_come_from_the_gateway() -> None:
+    h = harness()
+    flow = _udp_flow(h, "2001:db8::7", 33434)
+    h.stack.udp.host_error(flow, ("2001:db8::7", 33434), 1, 3, h.now)
+    h.stack.udp.host_error(flow, ("2001:db8::7", 33434), 3, 0, h.now)
+    errs = _icmpv6_errors(h)
+    assert [bytes(e[IPv6].payload)[:2] for e in errs] == [b"\x01\x03", b"\x03\x00"]
+    assert {e[IPv6].src for e in errs} == {GATEWAY}
+    assert IPv6(bytes(errs[0][IPv6].payload)[8:]).dst == "2001:db8::7"
+
+
+def test_packet_too_big_tells_the_guest_the_host_path_mtu() -> None:
+    h = harness()
+    flow = _udp_flow(h, "2001:db8::7", 443)
+    h.stack.udp.host_error(flow, ("2001:db8::7", 443), 2, 0, h.now, 1400)
+    [err] = _icmpv6_errors(h)
+    body = bytes(err[IPv6].payload)
+    assert body[0] == 2 and int.from_bytes(body[4:8], "big") == 1400
+    assert err[IPv6].src == GATEWAY
+
+
+@pytest.mark.parametrize("icmp_type, code, info", [
+    (2, 0, MTU),   # no smaller than our link: nothing the guest could act on
+    (2, 0, 1000),  # below the IPv6 minimum: bogus
+    (4, 0, 0),     # parameter problem: about the host's own header
+    (137, 0, 0),   # not an error at all
+])
+def test_errors_the_guest_cannot_use_are_not_passed_on(icmp_type: int, code: int,
+                                                       info: int) -> None:
+    h = harness()
+    flow = _udp_flow(h, "2001:db8::7", 443)
+    h.stack.udp.host_error(flow, ("2001:db8::7", 443), icmp_type, code, h.now, info)
+    assert _icmpv6_errors(h) == []
+    assert h.counters["drop.udp.host_error_ignored"] == 1
