@@ -32,23 +32,27 @@ Memory is bounded per flow (``rcv_buf``, ``snd_buf``) and for the whole
 engine: ``NetConfig.max_buffered`` (``--max-buffered``, 256 MiB by default)
 caps what all flows hold together, counted in :attr:`TcpEngine.buffered`
 where buffers grow and shrink (no per-frame work beyond that arithmetic).
-Each flow may hold an even share of it, computed over one flow more than
-are connected and over at least ``BUDGET_SHARES`` (16) flows, and all
-together must leave one share free (:meth:`TcpEngine.room_for`): stalled
-flows cannot starve one whose peers keep reading, a flow that opens while
-stalled flows hold all they may still finds room (they cannot grab a large
-share each while they are few, and leave the newcomer's share free), and
-all together stay within the budget. Below one share in total nobody is
-checked, so the per-frame path does no more than compare two numbers. As a
+It is cut into max(connected flows + ``BUDGET_RESERVE`` (4),
+``BUDGET_SHARES`` (16)) equal shares: each flow may hold one, and all
+together leave ``BUDGET_RESERVE`` shares free (:meth:`TcpEngine.room_for`).
+So stalled flows cannot starve one whose peers keep reading, a flow that
+opens while stalled flows hold all they may still finds room (a whole share
+while there are few flows; past that the free shares shrink as it comes, and
+what they give up is its), and all together stay within the budget. Below
+one share in total nobody is checked, so the per-frame path does no more
+than compare two numbers. As a
 flow's room runs out its window shrinks toward 0 (by not reopening: what
 was advertised is honoured as far as the budget allows), ``host_read_budget``
 drops to 0 (the runtime stops reading) and guest data that would need
 buffering is refused (``tcp.drop.max_buffered``); the flows so held back
 are noted in :attr:`TcpEngine.starved`. A flow's own ACKs and host writes
 reopen its window or resume its reading when its own room opens; the others
-are looked at again (:meth:`TcpEngine.release_starved`) when a flow holding
-bytes leaves or the total falls to ``low_water``, and resumed if they have
-room by then.
+are looked at again (:meth:`TcpEngine.release_starved`) when the total falls
+to ``low_water``: a quarter of the budget, or, once a flow was held back by
+the total, 1/64 of the budget below the total it saw, so what a leaving or
+draining flow frees goes to the held-back flows at once, not only when the
+total has fallen far (which stalled flows never let it). Each is resumed if
+it has room of its own by then.
 
 Connection set-up follows slirp: the guest's SYN starts the host connect and
 is answered only once the host side is known, with a SYN-ACK when it
@@ -215,12 +219,12 @@ _ICMPV6_CODE = {icmp.NET_UNREACH: 0, icmp.HOST_UNREACH: 3}
 #: the heap they really take (~56 bytes each), not to their payload.
 CHUNK_OVERHEAD = 64
 
-#: The shared budget is split as if at least this many flows held it: one flow may
-#: hold at most ``max_buffered / BUDGET_SHARES`` (16 MiB of the default 256 MiB,
-#: more than a flow's own buffers), so flows that open and stall one after another
-#: leave room for more, and each of up to BUDGET_SHARES - 1 of them still leaves a
-#: whole share free (TcpEngine.room_for).
+#: The shared budget is cut into max(connected flows + BUDGET_RESERVE, BUDGET_SHARES)
+#: equal shares: each flow may hold one, and BUDGET_RESERVE shares always stay free
+#: for flows yet to come (TcpEngine.room_for). With the default 256 MiB a share is
+#: 16 MiB (more than a flow's own buffers) for up to 12 flows.
 BUDGET_SHARES = 16
+BUDGET_RESERVE = 4
 
 #: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
 _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
@@ -1524,13 +1528,13 @@ class TcpEngine:
         self.max_buffered = config.max_buffered
         #: Up to this total anyone may take what is left (no per-flow checks on the
         #: per-frame path); past it each flow may grow to its share (room_for).
-        #: It is one share, so no flow holds more than a share either way.
+        #: It is what one flow alone may hold.
         self.shared_limit = self.max_buffered // BUDGET_SHARES
         #: Held-back flows are looked at again (release_starved) once buffered falls
         #: to this mark: far below the budget by default, and ``wake_step`` below
         #: the total at which a flow was held back by the budget as a whole.
         self.default_low_water = self.max_buffered >> 2
-        self.wake_step = self.max_buffered // (4 * BUDGET_SHARES)
+        self.wake_step = self.max_buffered >> 6
         self.low_water = self.default_low_water
         #: Flows the budget held back (reading paused, window shrunk, data refused).
         self.starved: dict[TcpFlow, None] = {}
@@ -1740,39 +1744,40 @@ class TcpEngine:
         flow._to(CLOSED)
         flow.rto_deadline = flow.idle_deadline = None
         self.timers.cancel(flow)
-        held = flow.buffered
-        self.buffered -= held
+        self.buffered -= flow.buffered
         flow.send_queue.clear()
         flow.backlog.clear()
         flow.backlog_len = 0
         flow.ooo.clear()
         self.starved.pop(flow, None)
-        if self.starved and (held or self.buffered <= self.low_water):
+        if self.starved and self.buffered <= self.low_water:
             self.release_starved()
 
     def room_for(self, flow: TcpFlow) -> int:
         """How many more bytes ``flow`` may buffer under the shared budget.
 
-        Each flow may hold an even share of the budget, computed over *one flow
-        more* than there are connected and over at least ``BUDGET_SHARES`` flows:
-        ``max_buffered / max(flows + 1, BUDGET_SHARES)``; and all flows together
-        must leave one such share free. So stalled flows cannot starve the
-        others, and a flow that opens while stalled ones hold all they may still
-        finds room: up to ``BUDGET_SHARES - 1`` flows leave it a whole share
-        (flows opening one after another cannot each take a larger share while
-        there are few of them, and keep it), past that the others left
-        ``budget / flows`` free and must now leave only ``budget / (flows + 1)``,
-        the difference being the newcomer's. A flow over its share (flows that
-        grew while there were fewer) keeps what it holds, since it was
-        acknowledged or read, but gets no more until it is back under it: its
-        window shrinks by not reopening. All together stay within
-        ``max_buffered``.
+        The budget is cut into ``max(flows + R, S)`` equal shares (R =
+        ``BUDGET_RESERVE``, S = ``BUDGET_SHARES``; flows that are connected:
+        half-open and TIME_WAIT ones hold nothing): each flow may grow to one
+        share, and all together must leave R shares free. So stalled flows
+        cannot starve the others and all together stay within ``max_buffered``.
+        A flow that opens while stalled ones hold all they may still finds room:
+        up to S - R flows, a whole share (the shares do not shrink, so no flow
+        can take more while there are few); past that, before it came the others
+        left ``R * budget / (flows - 1 + R)`` free, now they need to leave only
+        ``R * budget / (flows + R)``, and the difference is its room at least. A
+        flow over its share (one that grew while there were fewer) keeps what it
+        holds, since that was acknowledged or read, but gets no more until it is
+        back under it: its window shrinks by not reopening. Below
+        ``shared_limit`` (one share) in total nobody is checked.
         """
         buffered = self.buffered
-        # Half-open flows hold nothing (a SYN flood must not shrink the shares).
-        n = len(self.flows) - self.half_open - self.inbound_half_open + 1
-        share = self.max_buffered // (n if n > BUDGET_SHARES else BUDGET_SHARES)
-        hard = self.max_buffered - share - buffered
+        # Half-open and TIME_WAIT flows hold (next to) nothing: a SYN flood or many
+        # short connections must not shrink the shares.
+        shares = (len(self.flows) - self.half_open - self.inbound_half_open
+                  - len(self.time_wait) + BUDGET_RESERVE)
+        share = self.max_buffered // (shares if shares > BUDGET_SHARES else BUDGET_SHARES)
+        hard = self.max_buffered - BUDGET_RESERVE * share - buffered
         room = self.shared_limit - buffered
         own = share - flow.buffered
         if own > room:
@@ -1786,10 +1791,9 @@ class TcpEngine:
         return room
 
     def release_starved(self) -> None:
-        """The budget has room again (buffered fell to ``low_water``, or a flow left
-        and freed what it held): resume the held-back flows that now have room of
-        their own; the others stay held back, and are looked at again once another
-        ``wake_step`` is freed."""
+        """The budget has room again (buffered fell to ``low_water``): resume the
+        held-back flows that now have room of their own; the others stay held
+        back, and are looked at again once another ``wake_step`` is freed."""
         self.low_water = min(self.default_low_water, self.buffered - self.wake_step)
         for flow in [f for f in self.starved if self.room_for(f) > 0]:
             del self.starved[flow]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -176,7 +177,10 @@ def test_download_started_after_stalled_uploads_took_the_budget_completes(
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
         assert stalls.stdout is not None
         assert _read_line(stalls.stdout, 120, "the stalled uploads").strip() == "stalled"
+        started = time.monotonic()
         assert sha256_of_get(guest, host.url("/payload"), timeout=120) == host.sha256
+        print(f"download after {STALLED} stalled uploads: {host.size / 2**20:.0f} MiB in "
+              f"{time.monotonic() - started:.1f} s")
         assert stalls.poll() is None, "the stalled uploads were reset"
     finally:
         if stalls is not None:

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from pyslirp.stack import tcp as stack_tcp
 from pyslirp.stack.tcp import ESTABLISHED, TcpConfig, TcpEngine, TcpFlow
 from pyslirp.wire import tcp as wtcp
 from tests.stack.fakes import FakeHost
@@ -259,8 +258,8 @@ def test_stalled_flows_cannot_buffer_past_the_stack_wide_budget() -> None:
     assert all(f.host_read_budget() == 0 for f in engine.flows.values())
     assert not host.reading, "host sockets are still read"
     # The budget, not the flows' own buffers, closed the windows: no flow holds more
-    # than its share of it.
-    assert max(f.buffered for f in engine.flows.values()) <= rig.budget // stack_tcp.BUDGET_SHARES
+    # than one flow alone may.
+    assert max(f.buffered for f in engine.flows.values()) <= engine.shared_limit
 
     # The host peers read again and the guest reads: everything resumes.
     host.stalled.clear()
@@ -295,9 +294,10 @@ def stall_one_after_another(rig: BudgetRig, flows: int) -> None:
         rig.stall(rounds=20)
 
 
+@pytest.mark.parametrize("stalled", [6, 32])
 @pytest.mark.parametrize("direction", ["upload", "download"])
 def test_a_flow_opened_after_stalled_flows_took_the_budget_still_moves_data(
-        direction: str) -> None:
+        direction: str, stalled: int) -> None:
     """Stalled flows (neither end reading) first take all they can of the budget;
     only then does a well-behaved flow open: it still gets room and completes its
     transfer, guest -> reading host peer (upload) or host -> reading guest
@@ -307,7 +307,7 @@ def test_a_flow_opened_after_stalled_flows_took_the_budget_still_moves_data(
     host reads until some flow freed bytes, which stalled flows never do.)
     """
     rig = BudgetRig(1 << 20, flows=0)
-    stall_one_after_another(rig, 6)
+    stall_one_after_another(rig, stalled)
     g = rig.add_guest()
     if direction == "upload":
         g.flow.host_handle = b""  # the host peer only reads
@@ -331,12 +331,12 @@ def test_a_flow_opened_after_stalled_flows_took_the_budget_still_moves_data(
 
 
 def test_flows_held_back_by_the_whole_budget_resume_when_a_flow_leaves() -> None:
-    """More stalled flows than the budget has shares hold all of it between them;
+    """Stalled flows opened one after another hold all of the budget they may;
     when one of them is reset, what it held goes back to the flows the budget held
     back at once (their host sockets are read again), not only once the total has
     fallen far below the budget, which the others, stalled, never let it."""
     rig = BudgetRig(1 << 20, flows=0)
-    stall_one_after_another(rig, 32)  # twice as many as the budget has shares (16)
+    stall_one_after_another(rig, 32)
     engine, host = rig.engine, rig.host
     assert not host.reading, "the budget held nobody back"
     held = engine.buffered
