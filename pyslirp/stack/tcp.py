@@ -32,15 +32,27 @@ Memory is bounded per flow (``rcv_buf``, ``snd_buf``) and for the whole
 engine: ``NetConfig.max_buffered`` (``--max-buffered``, 256 MiB by default)
 caps what all flows hold together, counted in :attr:`TcpEngine.buffered`
 where buffers grow and shrink (no per-frame work beyond that arithmetic).
-The first half of the budget is first come, first served; past it a flow
-may grow only to an even share of the second half (:meth:`TcpEngine.room_for`),
-so stalled flows cannot starve one whose peers keep reading, and all
-together stay within the budget. As a flow's room runs out its window
-shrinks toward 0, ``host_read_budget`` drops to 0 (the runtime stops reading)
-and guest data that would need buffering is refused
-(``tcp.drop.max_buffered``); the flows so held back are noted in
-:attr:`TcpEngine.starved` and get a window update or their reading resumed
-once the budget has room again.
+It is cut into max(connected flows + ``BUDGET_RESERVE`` (4),
+``BUDGET_SHARES`` (16)) equal shares: each flow may hold one, and all
+together leave ``BUDGET_RESERVE`` shares free (:meth:`TcpEngine.room_for`).
+So stalled flows cannot starve one whose peers keep reading, a flow that
+opens while stalled flows hold all they may still finds room (a whole share
+while there are few flows; past that the free shares shrink as it comes, and
+what they give up is its), and all together stay within the budget. Below
+one share in total nobody is checked, so the per-frame path does no more
+than compare two numbers. As a
+flow's room runs out its window shrinks toward 0 (by not reopening: what
+was advertised is honoured as far as the budget allows), ``host_read_budget``
+drops to 0 (the runtime stops reading) and guest data that would need
+buffering is refused (``tcp.drop.max_buffered``); the flows so held back
+are noted in :attr:`TcpEngine.starved`. A flow's own ACKs and host writes
+reopen its window or resume its reading when its own room opens; the others
+are looked at again (:meth:`TcpEngine.release_starved`) when the total falls
+to ``low_water``: a quarter of the budget, or, once a flow was held back by
+the total, 1/64 of the budget below the total it saw, so what a leaving or
+draining flow frees goes to the held-back flows at once, not only when the
+total has fallen far (which stalled flows never let it). Each is resumed if
+it has room of its own by then.
 
 Connection set-up follows slirp: the guest's SYN starts the host connect and
 is answered only once the host side is known, with a SYN-ACK when it
@@ -239,6 +251,13 @@ _ICMPV6_CODE = {icmp.NET_UNREACH: 0, icmp.HOST_UNREACH: 3}
 #: allocator's granularity. 1-byte segments thus exhaust a budget in proportion to
 #: the heap they really take (~56 bytes each), not to their payload.
 CHUNK_OVERHEAD = 64
+
+#: The shared budget is cut into max(connected flows + BUDGET_RESERVE, BUDGET_SHARES)
+#: equal shares: each flow may hold one, and BUDGET_RESERVE shares always stay free
+#: for flows yet to come (TcpEngine.room_for). With the default 256 MiB a share is
+#: 16 MiB (more than a flow's own buffers) for up to 12 flows.
+BUDGET_SHARES = 16
+BUDGET_RESERVE = 4
 
 #: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
 _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
@@ -1695,11 +1714,16 @@ class TcpEngine:
         #: CHUNK_OVERHEAD per held segment), kept below ``max_buffered``.
         self.buffered = 0
         self.max_buffered = config.max_buffered
-        #: The first half of the budget is first come, first served; past it each
-        #: flow may still grow to an even share of the second half (room_for).
-        self.shared_limit = self.max_buffered >> 1
-        #: Held-back flows are resumed once buffered falls this far below the half.
-        self.low_water = self.shared_limit - (self.max_buffered >> 4)
+        #: Up to this total anyone may take what is left (no per-flow checks on the
+        #: per-frame path); past it each flow may grow to its share (room_for).
+        #: It is what one flow alone may hold.
+        self.shared_limit = self.max_buffered // BUDGET_SHARES
+        #: Held-back flows are looked at again (release_starved) once buffered falls
+        #: to this mark: far below the budget by default, and ``wake_step`` below
+        #: the total at which a flow was held back by the budget as a whole.
+        self.default_low_water = self.max_buffered >> 2
+        self.wake_step = self.max_buffered >> 6
+        self.low_water = self.default_low_water
         #: Flows the budget held back (reading paused, window shrunk, data refused).
         self.starved: dict[TcpFlow, None] = {}
         self.dirty: list[TcpFlow] = []
@@ -1932,24 +1956,50 @@ class TcpEngine:
     def room_for(self, flow: TcpFlow) -> int:
         """How many more bytes ``flow`` may buffer under the shared budget.
 
-        Below ``shared_limit`` anyone may take what is left of that half; past it
-        a flow may grow only to ``(max_buffered - shared_limit) / flows``, so flows
-        that stall cannot starve the others, and all of them together stay within
-        ``max_buffered`` (shared_limit + flows x share).
+        The budget is cut into ``max(flows + R, S)`` equal shares (R =
+        ``BUDGET_RESERVE``, S = ``BUDGET_SHARES``; flows that are connected:
+        half-open and TIME_WAIT ones hold nothing): each flow may grow to one
+        share, and all together must leave R shares free. So stalled flows
+        cannot starve the others and all together stay within ``max_buffered``.
+        A flow that opens while stalled ones hold all they may still finds room:
+        up to S - R flows, a whole share (the shares do not shrink, so no flow
+        can take more while there are few); past that, before it came the others
+        left ``R * budget / (flows - 1 + R)`` free, now they need to leave only
+        ``R * budget / (flows + R)``, and the difference is its room at least. A
+        flow over its share (one that grew while there were fewer) keeps what it
+        holds, since that was acknowledged or read, but gets no more until it is
+        back under it: its window shrinks by not reopening. Below
+        ``shared_limit`` (one share) in total nobody is checked.
         """
         buffered = self.buffered
-        hard = self.max_buffered - buffered
+        # Half-open and TIME_WAIT flows hold (next to) nothing: a SYN flood or many
+        # short connections must not shrink the shares.
+        shares = (len(self.flows) - self.half_open - self.inbound_half_open
+                  - len(self.time_wait) + BUDGET_RESERVE)
+        share = self.max_buffered // (shares if shares > BUDGET_SHARES else BUDGET_SHARES)
+        hard = self.max_buffered - BUDGET_RESERVE * share - buffered
         room = self.shared_limit - buffered
-        share = (self.max_buffered - self.shared_limit) // (len(self.flows) or 1) - flow.buffered
-        if share > room:
-            room = share
-        return room if room < hard else hard
+        own = share - flow.buffered
+        if own > room:
+            room = own
+        if hard < room:
+            if hard <= 0 and self.low_water < buffered - self.wake_step:
+                # Held back by the total, not by its own share: look again once
+                # others have freed a step's worth (release_starved).
+                self.low_water = buffered - self.wake_step
+            return hard
+        return room
 
     def release_starved(self) -> None:
-        """The budget has room again: resume every flow it held back."""
-        starved, self.starved = self.starved, {}
-        for flow in starved:
+        """The budget has room again (buffered fell to ``low_water``): resume the
+        held-back flows that now have room of their own; the others stay held
+        back, and are looked at again once another ``wake_step`` is freed."""
+        self.low_water = min(self.default_low_water, self.buffered - self.wake_step)
+        for flow in [f for f in self.starved if self.room_for(f) > 0]:
+            del self.starved[flow]
             flow._budget_freed()
+        if not self.starved:
+            self.low_water = self.default_low_water
 
     def close_all(self, now: float) -> None:
         """Shutdown: reset every guest connection and close every host socket."""

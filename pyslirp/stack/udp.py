@@ -47,14 +47,20 @@ Lifetime: a flow expires after ``IDLE_TIMEOUT`` (240 s, libslirp's
 SO_EXPIRE) without a datagram in either direction, or ``DNS_IDLE_TIMEOUT``
 (10 s, libslirp's SO_EXPIREFAST) if it has only ever sent to port 53, since
 resolvers use a fresh port per query and would otherwise hold hundreds of
-sockets. Expiry is checked lazily: the timer is armed once for the flow's
-earliest possible expiry and re-armed from ``last_active`` when it fires, so
-a datagram costs no heap operation.
+sockets. A flow the host side never answered expires after
+``UNREPLIED_TIMEOUT`` (30 s, conntrack's unreplied UDP timeout) instead, so
+a flood of new flows leaves the table within seconds, not minutes. Expiry is
+checked lazily: the timer is armed once for the flow's earliest possible
+expiry and re-armed from ``last_active`` when it fires, so a datagram costs
+no heap operation.
 
 Bounds: at most ``max_flows`` flows and ``new_flows_per_second`` new flows
 per second (token bucket, burst of one second's worth), so a guest cannot
 exhaust the host's file descriptors or ports; excess datagrams are dropped
-and counted (``drop.udp.*`` in ``link.counters``). A datagram from an
+and counted (``drop.udp.*`` in ``link.counters``). When the table is full a
+new flow takes the place of the oldest flow never answered (as conntrack's
+early drop: ``udp.flows_evicted``); flows that got a reply are kept, and
+only when all flows did is the new one refused (``drop.udp.flow_limit``). A datagram from an
 existing flow to a destination the flow has not sent to (or has forgotten,
 past ``MAX_PEERS_PER_FLOW``) passes a second bucket first
 (``NetConfig.new_flow_rate``/``new_flow_burst``, :mod:`pyslirp.stack.admission`),
@@ -109,6 +115,8 @@ from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Packet
 
 IDLE_TIMEOUT = 240.0
 DNS_IDLE_TIMEOUT = 10.0
+#: A flow whose host socket never received anything (conntrack's UDP "unreplied").
+UNREPLIED_TIMEOUT = 30.0
 DEFAULT_MAX_FLOWS = 4096
 DEFAULT_NEW_FLOWS_PER_SECOND = 1000.0
 #: Guest destinations (and host sources) remembered per flow before the cache is reset.
@@ -149,7 +157,7 @@ class UdpFlow:
 
     __slots__ = ("engine", "guest_ip", "guest_port", "dns_only", "last_active",
                  "targets", "origins", "closed", "timer_deadline", "host_handle", "forward",
-                 "v6")
+                 "v6", "replied")
 
     def __init__(self, engine: UdpEngine, guest_ip: bytes, guest_port: int,
                  now: float) -> None:
@@ -170,13 +178,17 @@ class UdpFlow:
         self.forward = False
         #: An IPv6 flow (16-byte guest address): the runtime opens an IPv6 socket.
         self.v6 = len(guest_ip) == 16
+        #: The host side answered (a datagram arrived): long timeout, never evicted.
+        self.replied = False
 
     @property
     def key(self) -> _Origin:
         return (self.guest_ip, self.guest_port)
 
     def idle_timeout(self) -> float:
-        return DNS_IDLE_TIMEOUT if self.dns_only else IDLE_TIMEOUT
+        if self.dns_only:
+            return DNS_IDLE_TIMEOUT
+        return IDLE_TIMEOUT if self.replied else UNREPLIED_TIMEOUT
 
     def on_timer(self, now: float) -> None:
         self.engine._check_expiry(self, now)
@@ -190,7 +202,7 @@ class UdpEngine:
     """The UDP NAT for one guest link. Sans-I/O: see :mod:`pyslirp.stack`."""
 
     __slots__ = ("config", "link", "host", "timers", "policy", "flows", "max_flows",
-                 "_new_flows", "_new_destinations", "_gateway", "_gateway6",
+                 "_unreplied", "_new_flows", "_new_destinations", "_gateway", "_gateway6",
                  "_broadcast", "_loopback_ok")
 
     def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
@@ -202,6 +214,9 @@ class UdpEngine:
         self.timers = timers
         self.policy = policy
         self.flows: dict[_Origin, UdpFlow] = {}
+        #: Flows the host side has not answered yet, oldest first: the ones a new
+        #: flow may take the place of when the table is full.
+        self._unreplied: dict[_Origin, UdpFlow] = {}
         self.max_flows = max_flows
         self._new_flows = TokenBucket(new_flows_per_second)
         self._new_destinations = TokenBucket(config.new_flow_rate, config.new_flow_burst)
@@ -292,18 +307,22 @@ class UdpEngine:
 
     def _new_flow(self, src: bytes, sport: int, dport: int, now: float) -> UdpFlow | None:
         link = self.link
-        if len(self.flows) >= self.max_flows:
+        full = len(self.flows) >= self.max_flows
+        if full and not self._unreplied:
             link.count("drop.udp.flow_limit")
             return None
         if not self._new_flows.take(now):
             link.count("drop.udp.flow_rate")
             return None
+        if full:
+            self._evict_oldest_unreplied()
         flow = UdpFlow(self, src, sport, now)
         flow.dns_only = dport == _DNS_PORT
         if not self.host.udp_open(flow):
             link.count("drop.udp.open_failed")
             return None
         self.flows[(src, sport)] = flow
+        self._unreplied[(src, sport)] = flow
         link.count("udp.flows_opened")
         self.timers.schedule(flow, now + flow.idle_timeout())
         return flow
@@ -324,6 +343,8 @@ class UdpEngine:
             link.count("drop.udp.loopback_source")
             return
         flow.last_active = now
+        if not flow.replied:
+            self._mark_replied(flow)
         if flow.v6:
             if len(data) + _IP6_UDP_LEN <= link.mtu:
                 self._send_whole6(flow, origin, data)
@@ -537,6 +558,18 @@ class UdpEngine:
             self._close(flow)
 
     # ---- lifetime ----------------------------------------------------------------
+    def _mark_replied(self, flow: UdpFlow) -> None:
+        """The host side answered: the flow is kept (long timeout, never evicted)."""
+        flow.replied = True
+        if self._unreplied.get(flow.key) is flow:
+            del self._unreplied[flow.key]
+
+    def _evict_oldest_unreplied(self) -> None:
+        """Make room in a full table: close the oldest flow never answered."""
+        flow = next(iter(self._unreplied.values()))
+        self._close(flow)
+        self.link.count("udp.flows_evicted")
+
     def _check_expiry(self, flow: UdpFlow, now: float) -> None:
         if flow.closed or flow.forward:
             return
@@ -552,6 +585,8 @@ class UdpEngine:
         self.timers.cancel(flow)
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
+        if self._unreplied.get(flow.key) is flow:
+            del self._unreplied[flow.key]
         self.host.udp_close(flow)
 
     def close_all(self) -> None:

@@ -13,12 +13,13 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import GATEWAY, Guest, Host, StartSlirp, sha256_of_get
+from tests.e2e.conftest import GATEWAY, Guest, Host, StartSlirp, _read_line, sha256_of_get
 from tests.nsutil import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +32,26 @@ MAX_BUFFERED_MIB = 8
 #: allocator's and the flow table's share (thousands of short-lived flows; ~4 MiB
 #: measured in all).
 RSS_GROWTH_BOUND_MIB = MAX_BUFFERED_MIB + 12
+
+#: Uploads opened one after another, each once the previous one stalled (a send
+#: blocked for a second: its window is closed and pyslirp holds what it may); prints
+#: "stalled" when all are, then keeps them open until killed.
+STALL_ONE_AFTER_ANOTHER = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[3])):
+    s = socket.socket()
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    s.settimeout(1)
+    try:
+        while True:
+            s.send(bytes(65536))
+    except socket.timeout:
+        held.append(s)
+print("stalled", flush=True)
+while True:
+    time.sleep(60)
+"""
 
 #: Accepts connections and never reads them (a host peer that stopped reading).
 SINK = """
@@ -105,9 +126,8 @@ def test_syn_flood_and_stalled_uploads_leave_memory_bounded_and_service_intact(
                                timeout=60).stdout
         assert int(refused) >= FLOOD_PORTS * 9 // 10  # each closed port answered (RST)
         # A well-behaved transfer in the same guest, running while the stalled uploads
-        # fill what pyslirp lets them hold, completes byte for byte. (It starts first:
-        # a flow that only arrives once stalled flows hold the whole budget waits for
-        # them to free some, see docs/security.md.)
+        # fill what pyslirp lets them hold, completes byte for byte. (A transfer that
+        # starts only once they hold all they may: the test below.)
         with ThreadPoolExecutor(1) as pool:
             download = pool.submit(sha256_of_get, guest, host.url("/payload"))
             stalls = [guest.popen([sys.executable, "-c", STALL, GATEWAY, sink_port],
@@ -135,3 +155,38 @@ def test_syn_flood_and_stalled_uploads_leave_memory_bounded_and_service_intact(
     counters = _counters(slirp.log_text())
     assert counters["tcp.flows_opened"] >= FLOOD_PORTS + STALLED
     assert counters["tcp.connect_refused"] >= FLOOD_PORTS * 9 // 10
+
+
+def test_download_started_after_stalled_uploads_took_the_budget_completes(
+        host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
+    """Uploads toward a host peer that never reads open one after another, each
+    growing while few flows share the budget, until together they hold all that
+    pyslirp lets them; only then does a download start: it completes intact.
+
+    (Before, the download got no room at all, its host socket was never read past
+    the first bytes and curl timed out: stalled flows never free what they hold.)
+    """
+    slirp = start_slirp(f"--max-buffered={MAX_BUFFERED_MIB}M")
+    sink = host.ns.popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, text=True)
+    stalls: subprocess.Popen[str] | None = None
+    try:
+        assert sink.stdout is not None
+        sink_port = sink.stdout.readline().strip()
+        stalls = guest.popen([sys.executable, "-c", STALL_ONE_AFTER_ANOTHER, GATEWAY,
+                              sink_port, str(STALLED)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        assert stalls.stdout is not None
+        assert _read_line(stalls.stdout, 120, "the stalled uploads").strip() == "stalled"
+        started = time.monotonic()
+        assert sha256_of_get(guest, host.url("/payload"), timeout=120) == host.sha256
+        print(f"download after {STALLED} stalled uploads: {host.size / 2**20:.0f} MiB in "
+              f"{time.monotonic() - started:.1f} s")
+        assert stalls.poll() is None, "the stalled uploads were reset"
+    finally:
+        if stalls is not None:
+            stalls.kill()
+            stalls.wait()
+        sink.kill()
+        sink.wait()
+    slirp.stop()

@@ -125,6 +125,8 @@ def test_udp_flood_of_new_flows_is_bounded_and_counted_and_old_flows_work() -> N
     udp.max_flows = 2000  # reached after the burst and a second of the rate limit
     host = rig.stack.host
     rig.send(udp_frame(MAC, GUEST_IP, OUTSIDE, 5000, 9, b"hello", dst_mac=b"\x52\x55" + GATEWAY))
+    before = udp.flows[(GUEST_IP, 5000)]
+    udp.host_datagram(before, "198.18.0.1", 9, b"hi", rig.now)  # the host answered it
     n = 20_000
     for i in range(n):
         rig.now += 0.0001  # 10,000 new flows a second: ten times the rate limit
@@ -133,13 +135,20 @@ def test_udp_flood_of_new_flows_is_bounded_and_counted_and_old_flows_work() -> N
                            dst_mac=b"\x52\x55" + GATEWAY))
     counters = rig.stack.counters
     assert len(udp.flows) <= udp.max_flows
-    assert counters["drop.udp.flow_rate"] > 0 and counters["drop.udp.flow_limit"] > 0
-    assert (counters["udp.flows_opened"] + counters["drop.udp.flow_rate"]
-            + counters["drop.udp.flow_limit"]) == n + 1
-    # The guest's flow from before the flood still carries its datagrams.
+    # Past the table's size each admitted flow took the place of an unanswered one.
+    assert counters["drop.udp.flow_rate"] > 0 and counters["udp.flows_evicted"] > 0
+    assert counters["udp.flows_opened"] + counters["drop.udp.flow_rate"] == n + 1
+    assert counters["udp.flows_opened"] - counters["udp.flows_evicted"] == len(udp.flows)
+    # The guest's answered flow from before the flood still carries its datagrams.
+    assert udp.flows[(GUEST_IP, 5000)] is before
     rig.send(udp_frame(MAC, GUEST_IP, OUTSIDE, 5000, 9, b"still here",
                        dst_mac=b"\x52\x55" + GATEWAY))
     assert host.calls[-1][0] == "udp_send" and host.calls[-1][3] == b"still here"
+    # A new flow right after the flood opens (the rate limit has refilled a token).
+    rig.now += 0.01
+    rig.send(udp_frame(MAC, GUEST_IP, OUTSIDE, 4999, 9, b"new",
+                       dst_mac=b"\x52\x55" + GATEWAY))
+    assert host.calls[-1][0] == "udp_send" and host.calls[-1][3] == b"new"
     # And the rest of the stack answers as before.
     [offer] = rig.offers(discover())
     assert_full_offer(offer, rig.config)

@@ -346,6 +346,7 @@ def test_idle_flow_expires_after_240s_and_traffic_keeps_it() -> None:
     h = UdpHarness()
     h.send(REMOTE, 7)
     flow = h.flow()
+    h.udp.host_datagram(flow, REMOTE, 7, b"x", h.now)   # answered: the long timeout
     h.advance(200)
     h.udp.host_datagram(flow, REMOTE, 7, b"x", h.now)   # a reply counts as activity
     h.advance(200)
@@ -358,6 +359,20 @@ def test_idle_flow_expires_after_240s_and_traffic_keeps_it() -> None:
     assert len(h.udp) == 0 and flow.closed
     h.send(REMOTE, 7)
     assert h.host.names()[-2:] == ["udp_open", "udp_send"]
+
+
+def test_flow_the_host_never_answered_expires_after_30s() -> None:
+    """As conntrack's unreplied UDP entries: a flood of new flows nobody answers
+    leaves the table in half a minute, not four."""
+    h = UdpHarness()
+    h.send(REMOTE, 7)
+    h.advance(29)
+    h.send(REMOTE, 7)   # the guest's own datagrams alone keep it a while longer
+    h.advance(29)
+    assert len(h.udp) == 1
+    h.advance(2)
+    assert len(h.udp) == 0
+    assert h.host.names() == ["udp_open", "udp_send", "udp_send", "udp_close"]
 
 
 def test_dns_only_flow_expires_after_10s() -> None:
@@ -374,9 +389,12 @@ def test_flow_that_also_talks_to_other_ports_gets_the_long_timeout() -> None:
     h = UdpHarness()
     h.send(REMOTE, 53)
     h.send(REMOTE, 123)
+    h.udp.host_datagram(h.flow(), REMOTE, 123, b"time", h.now)
     h.advance(11)
     assert len(h.udp) == 1
-    h.advance(230)
+    h.advance(200)
+    assert len(h.udp) == 1
+    h.advance(30)
     assert len(h.udp) == 0
 
 
@@ -392,9 +410,12 @@ def test_reply_to_an_expired_flow_is_dropped() -> None:
 
 
 def test_flow_limit() -> None:
+    """A table full of flows the host answered refuses new ones."""
     h = UdpHarness(max_flows=2)
     for port in (40000, 40001, 40002):
         h.send(REMOTE, 53, sport=port)
+        if (addr(GUEST), port) in h.udp.flows:
+            h.udp.host_datagram(h.flow(port), REMOTE, 53, b"answer", h.now)
     assert len(h.udp) == 2
     assert h.counters["drop.udp.flow_limit"] == 1
     assert len(h.host.of("udp_open")) == 2
@@ -403,6 +424,40 @@ def test_flow_limit() -> None:
     h.advance(11)
     h.send(REMOTE, 53, sport=40002)
     assert len(h.udp) == 1
+
+
+def test_full_table_makes_room_by_evicting_the_oldest_flow_never_answered() -> None:
+    """After a flood of flows nobody answers fills the table, a new flow still
+    opens (in the place of the oldest unanswered one, as conntrack's early drop),
+    and flows the host answered are kept.
+
+    (Before, the table refused every new flow until the flood's flows idled out,
+    240 s later.)
+    """
+    h = UdpHarness(max_flows=4)
+    h.send(REMOTE, 7, sport=40000)
+    answered = h.flow(40000)
+    h.udp.host_datagram(answered, REMOTE, 7, b"pong", h.now)
+    for port in (41000, 41001, 41002):   # the flood: nobody answers
+        h.send(REMOTE, 9, sport=port)
+    assert len(h.udp) == 4
+    h.send(REMOTE, 7, sport=40001, payload=b"legit")
+    assert len(h.udp) == 4
+    assert h.host.of("udp_send")[-1][3] == b"legit"
+    assert (addr(GUEST), 41000) not in h.udp.flows   # the oldest unanswered went
+    assert h.counters["udp.flows_evicted"] == 1
+    assert "drop.udp.flow_limit" not in h.counters
+    for port in (40002, 40003, 40004):
+        h.send(REMOTE, 7, sport=port)
+    assert h.udp.flows[(addr(GUEST), 40000)] is answered and not answered.closed
+    assert h.counters["udp.flows_evicted"] == 4
+    # The new flow the host answers is kept too; the table full of answered flows
+    # refuses the next one.
+    for port in (40002, 40003, 40004):
+        h.udp.host_datagram(h.flow(port), REMOTE, 7, b"pong", h.now)
+    h.send(REMOTE, 7, sport=40005)
+    assert h.counters["drop.udp.flow_limit"] == 1
+    assert len(h.udp) == 4
 
 
 def test_new_flow_rate_limit() -> None:
