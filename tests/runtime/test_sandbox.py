@@ -8,6 +8,7 @@ capabilities from ``/proc/PID/status`` and its root through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import pytest
 
 from pyslirp.runtime import netns, sandbox
 from pyslirp.runtime.spec import Hardening
-from tests.nsutil import userns_mapped
+from tests.nsutil import NetNS, userns_mapped
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox test needs root")
 
@@ -65,6 +66,13 @@ class Sandboxed:
 
 @pytest.fixture
 def sandboxed() -> Iterator[Sandboxed]:
+    with _sandboxed_child() as child:
+        yield child
+
+
+@contextlib.contextmanager
+def _sandboxed_child() -> Iterator[Sandboxed]:
+    """A forked child that built the sandbox as pyslirp does and waits to be looked at."""
     r, w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -127,6 +135,20 @@ def test_nothing_leaks_into_our_mount_namespace(sandboxed: Sandboxed) -> None:
     ours = Path("/proc/self/mountinfo").read_text()
     assert " /tmp/etc " not in ours and " /tmp/run " not in ours and " /old " not in ours
     assert not os.path.exists("/tmp/old")
+
+
+def test_named_network_namespaces_of_the_host_survive_the_sandbox() -> None:
+    # slirp4netns 1.2.0's sandbox makes only "/" private before it detaches the old root,
+    # and the detach propagates through the shared /run/netns mount: started in the host's
+    # mount namespace it unmounts every `ip netns` namespace there (docs/slirp4netns.md).
+    # Ours makes every mount private first (MS_REC), so nothing of the host's goes.
+    with NetNS("sandboxwitness") as witness:
+        point = f" {witness.path} "
+        assert point in Path("/proc/self/mountinfo").read_text()
+        with _sandboxed_child() as child:
+            assert child.report["root"] == ["etc", "run"]
+            assert point in Path("/proc/self/mountinfo").read_text()
+        witness.run(["ip", "link", "show", "lo"])  # still a namespace one can enter
 
 
 def test_preload_imports_what_serving_needs() -> None:
