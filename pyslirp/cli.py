@@ -922,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if opts.subcommand == "serve" and opts.target_type == "netns":
-            return _serve_namespace(opts)
+            return _serve_namespace(opts, argv)
         return _serve_other(opts)
     except KeyboardInterrupt:
         # The runtime handles SIGINT once its loop runs; this covers the moments before.
@@ -945,9 +945,23 @@ def _start_logging(opts: Options) -> logging.Logger:
     return log
 
 
-def _serve_namespace(opts: Options) -> int:
-    """slirp4netns's job, in the "Start-up order" of the module doc: TAP, ready, engine."""
+def _serve_namespace(opts: Options, argv: list[str]) -> int:
+    """slirp4netns's job, in the "Start-up order" of the module doc: TAP, ready, engine.
+
+    With ``PYSLIRP_SHARED_ENGINE=1`` the TAP and API socket go to the shared engine
+    instead (pyslirp.cni.shared_shim) and the engine is never imported here.
+    """
     from pyslirp.runtime.ready import trap_stop_signals
+
+    shared = os.environ.get("PYSLIRP_SHARED_ENGINE", "") not in ("", "0")
+    if shared:
+        from pyslirp.cni import shared_shim
+
+        try:
+            shared_shim.enabled(dict(os.environ))
+        except shared_shim.SharedError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 1
 
     trap_stop_signals()  # a caller may stop us before the engine's loop runs
     tap = _open_tap_early(opts)
@@ -964,6 +978,9 @@ def _serve_namespace(opts: Options) -> int:
             tap.close()
             _start_logging(opts).error("%s", exc)
             return 1
+    if shared:
+        return shared_shim.serve_shared(argv, tap, listener, ready_fd=opts.ready_fd,
+                                        exit_fd=opts.exit_fd, sandbox=opts.enable_sandbox)
     # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
     # does: a caller may check the hardening as soon as it has the byte.
     ready_now = not (opts.enable_sandbox or opts.enable_seccomp)
