@@ -169,7 +169,8 @@ def usage_text() -> str:
 _USAGE = """\
 Usage: {PROG} [OPTION]... PID|PATH [TAPNAME]
        {PROG} run [RUN-OPTION]... [--] COMMAND [ARG]...
-       {PROG} shim install DIR  (write DIR/slirp4netns, which execs {PROG}; see 'shim --help')
+       {PROG} shim install [--shared-engine] DIR  (write DIR/slirp4netns, which execs {PROG};
+                                   see 'shim --help')
        {PROG} kubevirt-sidecar [--help]  (KubeVirt's slirp network binding hook sidecar)
        {PROG} stats --api-socket PATH | --cni-rundir DIR CONTAINERID[:IFNAME] [--json]
 User-mode networking for unprivileged network namespaces.
@@ -953,15 +954,11 @@ def _serve_namespace(opts: Options, argv: list[str]) -> int:
     """
     from pyslirp.runtime.ready import trap_stop_signals
 
-    shared = os.environ.get("PYSLIRP_SHARED_ENGINE", "") not in ("", "0")
-    if shared:
-        from pyslirp.cni import shared_shim
-
-        try:
-            shared_shim.enabled(dict(os.environ))
-        except shared_shim.SharedError as exc:
-            print(f"{PROG}: {exc}", file=sys.stderr)
-            return 1
+    shared = os.environ.get("PYSLIRP_SHARED_ENGINE", "")
+    if shared not in ("", "0", "1"):
+        print(f"{PROG}: PYSLIRP_SHARED_ENGINE must be 1 (shared engine) or 0 (one process "
+              f"per namespace), not {shared!r}", file=sys.stderr)
+        return 1
 
     trap_stop_signals()  # a caller may stop us before the engine's loop runs
     tap = _open_tap_early(opts)
@@ -978,7 +975,9 @@ def _serve_namespace(opts: Options, argv: list[str]) -> int:
             tap.close()
             _start_logging(opts).error("%s", exc)
             return 1
-    if shared:
+    if shared == "1":
+        from pyslirp.cni import shared_shim  # after the TAP: tests/startup_imports.json
+
         return shared_shim.serve_shared(argv, tap, listener, ready_fd=opts.ready_fd,
                                         exit_fd=opts.exit_fd, sandbox=opts.enable_sandbox)
     # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's

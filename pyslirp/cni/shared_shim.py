@@ -87,18 +87,6 @@ class SharedError(Exception):
     """The engine could not be reached or refused the attachment; str is the reason."""
 
 
-def enabled(environ: dict[str, str]) -> bool:
-    """Whether ``PYSLIRP_SHARED_ENGINE`` asks for the shared mode (raises SharedError if
-    it holds anything but 1, 0 or nothing)."""
-    value = environ.get("PYSLIRP_SHARED_ENGINE", "")
-    if value in ("", "0"):
-        return False
-    if value == "1":
-        return True
-    raise SharedError(f"PYSLIRP_SHARED_ENGINE must be 1 (shared engine) or 0 (one process "
-                      f"per namespace), not {value!r}")
-
-
 def dropin_path(rundir: str) -> str:
     return os.path.join(rundir, DROPIN_SOCKET)
 
