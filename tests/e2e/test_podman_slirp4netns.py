@@ -33,9 +33,11 @@ import pytest
 from pyslirp.runtime import sandbox
 from tests.e2e.conftest import Host, alive
 from tests.e2e.recorded import (
+    MODES,
     fetch_published_port,
     install_recorded_shim,
     served_stack,
+    stop_shared_engine,
     wait_until_ready,
 )
 from tests.e2e.servers import HELLO
@@ -59,20 +61,25 @@ class PodRun:
     caps: dict[str, int]
     seccomp: str
     outlived: bool
+    #: Served by the shared engine (caps and seccomp are the engine's).
+    shared: bool
 
 
 PodRunner = Callable[..., PodRun]
 
 
-@pytest.fixture
-def podman_slirp(host: Host) -> Iterator[PodRunner]:
+@pytest.fixture(params=MODES)
+def podman_slirp(host: Host, request: pytest.FixtureRequest) -> Iterator[PodRunner]:
+    """podman runs for one mode of the shim: a stack process per container, or the
+    shared engine (``shim install --shared-engine``)."""
     require_podman("nsenter")
     # podman refuses a runroot longer than 50 characters: pytest's tmp_path is too deep.
     work = Path(tempfile.mkdtemp(prefix="pyslirp-pod-", dir="/tmp"))
     rootfs = busybox_rootfs(work / "rootfs",
                             ("sh", "wget", "ip", "cat", "httpd", "sleep", "awk", "echo"), ("www",))
     (rootfs / "www" / "index.html").write_text(BODY)
-    recorder = install_recorded_shim(work)
+    shared_rundir = work / "rundir" if request.param == "shared" else None
+    recorder = install_recorded_shim(work, shared_rundir)
     conf = work / "containers.conf"
     conf.write_text(f'[engine]\nnetwork_cmd_path = "{recorder}"\n')
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
@@ -104,7 +111,7 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
                 return pod.communicate()[0]
 
             wait_until_ready(out, pod, 120, "the container", podman_output)
-            stack = served_stack(work / "argv.log")
+            stack = served_stack(work / "argv.log", shared_rundir)
             pid, args = stack.pid, stack.args
             api_sockets.extend(args[i + 1] for i, a in enumerate(args) if a == "--api-socket")
             fetch = fetch_published_port(host, host_port)  # podman adds it over the API
@@ -121,12 +128,14 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
                 pod.wait(timeout=30)
         inside = dict(line.split(" ", 1) for line in out.read_text().splitlines() if " " in line)
         return PodRun(pod.returncode, output, args, inside, fetch, stack.caps, stack.seccomp,
-                      alive(pid))
+                      alive(pid), shared_rundir is not None)
 
     try:
         yield run
     finally:
         remove_pods(base, env, work)
+        if shared_rundir is not None:
+            stop_shared_engine(shared_rundir)
         for path in api_sockets:  # under --enable-sandbox the stack cannot reach it any more
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -145,7 +154,9 @@ def test_podman_default_slirp4netns(podman_slirp: PodRunner) -> None:
     assert result.inside["addr"] == "10.0.2.100/24"
     assert result.inside["gateway_fetch"] == "failed"  # podman's default: no host loopback
     assert result.host_fetch == BODY
-    assert result.caps["CapEff"] == NET_BIND_SERVICE and result.seccomp == "2"
+    assert result.seccomp == "2"
+    if not result.shared:  # the shared engine keeps its capabilities (docs/shared-engine.md)
+        assert result.caps["CapEff"] == NET_BIND_SERVICE
     assert not result.outlived
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import DNS, GATEWAY, TAP, Guest, Host, StartSlirp, alive
+from tests.e2e.recorded import shared_engine_pid as engine_pid
+from tests.e2e.recorded import stop_shared_engine
 from tests.e2e.servers import HELLO, TEST_ADDR
 from tests.e2e.test_hostfwd import api, port_unused_in
 from tests.nsutil import NetNS, wait_for
@@ -36,24 +37,11 @@ while True:
 GUEST_PORT = 8080
 
 
-def engine_pid(rundir: Path) -> int | None:
-    """The pid of the engine listening in ``rundir`` (SO_PEERCRED), or None."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(rundir / "dropin.sock"))
-        except OSError:
-            return None
-        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(raw[:4], sys.byteorder)
-
-
 @pytest.fixture
 def rundir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "rundir"
     yield path
-    pid = engine_pid(path)
-    if pid is not None:
-        os.kill(pid, signal.SIGKILL)
+    stop_shared_engine(path)
     log = path / "engine.log"
     if log.exists():
         print(f"--- engine.log\n{log.read_text(errors='replace')}")
