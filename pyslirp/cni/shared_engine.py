@@ -149,7 +149,16 @@ class DropinServer:
                 continue
             conn.setblocking(False)
             self._pending[conn.fileno()] = (conn, bytearray(), [])
-            self.loop.add_reader(conn.fileno(), self._on_request_data, conn.fileno())
+            # One reader for the connection's whole life (the request, then the caller's
+            # stop or EOF): no remove/add of a reader on one fd within a callback.
+            self.loop.add_reader(conn.fileno(), self._on_readable, conn.fileno())
+
+    def _on_readable(self, key: int) -> None:
+        served = self.served.get(key)
+        if served is not None:
+            self._on_caller_data(served)
+        elif key in self._pending:
+            self._on_request_data(key)
 
     # ---- the request ----------------------------------------------------------------
     def _on_request_data(self, key: int) -> None:
@@ -176,7 +185,6 @@ class DropinServer:
             problem = "the caller closed before its request was complete"
         elif not buf.endswith(b"\n"):
             return  # more to come
-        self.loop.remove_reader(key)
         del self._pending[key]
         if problem is None:
             try:
@@ -190,6 +198,7 @@ class DropinServer:
                 log.exception("drop-in attachment failed")
                 problem = f"pyslirp engine error: {type(exc).__name__}: {exc}"
         log.warning("drop-in attachment refused: %s", problem)
+        self.loop.remove_reader(key)
         _close_all(fds)
         _send_line(conn, {"ok": False, "msg": problem})
         conn.close()
@@ -207,7 +216,6 @@ class DropinServer:
         fds.clear()
         self.served[conn.fileno()] = served
         _send_line(conn, {"ok": True})
-        self.loop.add_reader(conn.fileno(), self._on_caller_data, served)
         log.info("drop-in attachment %s served (%d now)", served.name, len(self.served))
 
     def _build(self, conn: socket.socket, request: dict[str, Any],

@@ -208,7 +208,9 @@ def exec_waiter(sock: socket.socket, ready_fd: int | None, engine_pid: int) -> N
     """Become :data:`WAITER` (never returns)."""
     import fcntl  # the C module: cheap
 
-    conn = fcntl.fcntl(sock.detach(), fcntl.F_DUPFD_CLOEXEC, 10)  # off 3 and 4 first
+    detached = sock.detach()
+    conn = fcntl.fcntl(detached, fcntl.F_DUPFD_CLOEXEC, 10)  # off 3 and 4 first
+    os.close(detached)
     ready = -1
     if ready_fd is not None and ready_fd >= 0:
         try:

@@ -193,3 +193,13 @@ def test_a_bad_attachment_is_refused_with_the_reason(host: Host, guest: Guest,
                        match=r"pyslirp: error: .*/missing/x.pcap: No such file or directory"):
         start_slirp(f"--pcap={tmp_path / 'missing' / 'x.pcap'}", env=shared_env(rundir))
     wait_for(lambda: guest.link(TAP) is None, what="the refused attachment's TAP to go")
+
+
+def test_callers_stopped_right_after_ready_one_after_another(
+        host: Host, guest: Guest, start_slirp: StartSlirp, rundir: Path) -> None:
+    # Each SIGTERM right after the ready byte, on an engine kept up between them: the
+    # engine's fds are reused, and every stop must still be answered at once.
+    env = {**shared_env(rundir), "PYSLIRP_CNI_IDLE_EXIT": "60"}
+    for _ in range(6):
+        assert start_slirp(env=env).stop(timeout=10) == 0
+        wait_for(lambda: guest.link(TAP) is None, what="the stopped caller's TAP to go")
