@@ -862,7 +862,7 @@ def serve(rundir: str) -> int:
     except OSError as exc:
         log.error("cannot listen on %s: %s", plugin.socket_path(rundir), exc)
         return 1
-    _install_seccomp()
+    daemon.dropins.filtered = _install_seccomp()
     daemon.start_resolv_watcher()
 
     def on_signal(sig: int) -> None:
@@ -885,7 +885,7 @@ def serve(rundir: str) -> int:
     return 0
 
 
-def _install_seccomp() -> None:
+def _install_seccomp() -> bool:
     """The engine's seccomp filter (no exec, ptrace, mount...): docs/security.md.
 
     setns and prctl stay allowed: the TAP and namespace helpers it forks for
@@ -898,6 +898,8 @@ def _install_seccomp() -> None:
 
     if not sandbox.install_seccomp(seccomp.ENGINE_BLOCKED):
         log.warning("serving without a seccomp filter")
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

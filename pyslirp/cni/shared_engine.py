@@ -31,8 +31,11 @@ Its end, each written to the connection before it is closed:
   ``error MESSAGE``; if it dies, the closed connection says so.
 
 What differs from the one-process mode is listed in docs/shared-engine.md:
-the hardening flags (the engine runs under its own seccomp filter, with no
-mount sandbox) and ``--log-level`` (the engine's log, ``engine.log``, has one level).
+the hardening flags (``--enable-seccomp`` is the engine's own filter, always on,
+and a request asking for it is refused by an engine without one; the engine has
+no mount sandbox, so ``--enable-sandbox`` gets the caller a warning) and the
+log (one ``engine.log`` with the engine's level, not the caller's stderr and
+``--log-level``).
 """
 
 from __future__ import annotations
@@ -102,6 +105,9 @@ class DropinServer:
         self._pending: dict[int, tuple[socket.socket, bytearray, list[int]]] = {}
         self._dns: list[tuple[str, int]] = []
         self._search: list[str] = []
+        #: Whether the engine runs under its seccomp filter (daemon.serve sets it): a
+        #: caller asking for --enable-seccomp is refused by an engine without one.
+        self.filtered = False
 
     # ---- listening ------------------------------------------------------------------
     def listen(self) -> None:
@@ -230,6 +236,10 @@ class DropinServer:
             opts = parse_args(argv)
         except (UsageError, InfoRequested) as exc:
             raise DropinError(f"the engine cannot parse the command line: {exc}") from None
+        if opts.enable_seccomp and not self.filtered:
+            raise DropinError("--enable-seccomp: the shared engine runs without a seccomp "
+                              "filter (see its engine.log); unset PYSLIRP_SHARED_ENGINE to "
+                              "run a filtered process of its own")
         for attr in ("api_socket", "pcap"):
             value = getattr(opts, attr)
             if value:
