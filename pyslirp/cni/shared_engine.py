@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The CNI engine (:mod:`pyslirp.cni.daemon`) also listens on
-``RUNDIR/dropin.sock`` (mode 0600 in the 0700 runtime directory; clients of
+``RUNDIR/dropin.sock`` (owner-only, in the 0700 runtime directory; clients of
 another uid than ours or root are refused, ``SO_PEERCRED``). A caller in the
 shared mode (:mod:`pyslirp.cni.shared_shim`) connects, sends one JSON line
 with the open TAP, the bound ``--api-socket`` listener and the exit fd as

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,3 +205,83 @@ def test_callers_stopped_right_after_ready_one_after_another(
     for _ in range(6):
         assert start_slirp(env=env).stop(timeout=10) == 0
         wait_for(lambda: guest.link(TAP) is None, what="the stopped caller's TAP to go")
+
+
+def _unused_uid() -> int:
+    import pwd
+
+    used = {p.pw_uid for p in pwd.getpwall()}
+    return next(uid for uid in range(61000, 65000) if uid not in used)
+
+
+def _as_uid(uid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
+ATTACKER_CLIENT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b'{"op": "attach"}\n')
+print(s.recv(65536).decode())
+"""
+
+
+def test_the_engine_refuses_drop_in_clients_of_another_uid(
+        host: Host, guest: Guest, start_slirp: StartSlirp, rundir: Path) -> None:
+    shim = start_slirp(env=shared_env(rundir))
+    sock = rundir / "dropin.sock"
+    assert sock.stat().st_mode & 0o077 == 0 and rundir.stat().st_mode & 0o777 == 0o700
+    attacker = _unused_uid()
+    # Pretend the permissions let the attacker reach the socket: the engine must say no.
+    os.chmod(rundir, 0o711)
+    os.chmod(sock, 0o666)
+    try:
+        proc = subprocess.run([*_as_uid(attacker), sys.executable, "-c", ATTACKER_CLIENT,
+                               str(sock)], capture_output=True, text=True, timeout=60, cwd="/")
+    finally:
+        os.chmod(rundir, 0o700)
+        os.chmod(sock, 0o600)
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout)
+    assert reply["ok"] is False
+    assert f"refused a client of dropin.sock running as uid {attacker}" in reply["msg"]
+    assert _hello(guest, host) == HELLO.decode()  # the served namespace is untouched
+    assert shim.stop() == 0
+
+
+FAKE_ENGINE = r"""
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1]); s.listen(8); print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b'{"ok": true}\n')
+"""
+
+
+def test_a_drop_in_socket_of_another_uid_is_refused(host: Host, guest: Guest,
+                                                    rundir: Path) -> None:
+    from tests.e2e.conftest import pyslirp_argv
+
+    attacker = _unused_uid()
+    rundir.mkdir(mode=0o700)
+    (rundir / "attachments").mkdir(mode=0o700)
+    # Where the attacker can bind (pytest's tmp_path is under root's 0700 directory).
+    planted = Path(tempfile.mkdtemp(prefix="pyslirp-planted-", dir="/tmp"))
+    os.chown(planted, attacker, attacker)
+    fake = subprocess.Popen([*_as_uid(attacker), sys.executable, "-c", FAKE_ENGINE,
+                             str(planted / "s")], stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == "ready\n"
+        os.rename(planted / "s", rundir / "dropin.sock")  # its listener's credentials stay
+        proc = host.ns.popen(pyslirp_argv("-c", str(guest.pid), TAP), stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, text=True, env={**os.environ,
+                                                                       **shared_env(rundir)})
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        fake.kill()
+        fake.wait()
+        shutil.rmtree(planted, ignore_errors=True)
+    assert proc.returncode == 1
+    assert f"refusing the engine on {rundir / 'dropin.sock'}: it runs as uid {attacker}" in err
+    wait_for(lambda: guest.link(TAP) is None, what="the refused TAP to go")
