@@ -40,13 +40,20 @@ GUEST_PORT = 8080
 
 
 @pytest.fixture
-def rundir(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "rundir"
-    yield path
-    stop_shared_engine(path)
-    log = path / "engine.log"
-    if log.exists():
-        print(f"--- engine.log\n{log.read_text(errors='replace')}")
+def rundir() -> Iterator[Path]:
+    """A runtime directory for the test's engine, in a parent others may traverse (the
+    uid tests play another user; pytest's tmp_path is under root's 0700 directory)."""
+    parent = Path(tempfile.mkdtemp(prefix="pyslirp-se-", dir="/tmp"))
+    parent.chmod(0o711)
+    path = parent / "rundir"
+    try:
+        yield path
+    finally:
+        stop_shared_engine(path)
+        log = path / "engine.log"
+        if log.exists():
+            print(f"--- engine.log\n{log.read_text(errors='replace')}")
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture
