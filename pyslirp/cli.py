@@ -938,12 +938,22 @@ def _start_logging(opts: Options) -> logging.Logger:
 
     setup_logging(opts.log_level)
     log = logging.getLogger(PROG)
-    if opts.extra_args:
-        log.warning("too many arguments")
-    if opts.enable_ipv6:
-        log.warning("--enable-ipv6: TCP, UDP and DNS over IPv6 are forwarded; IPv6 port "
-                    "forwarding, ICMPv6 to the outside and IPv6 fragments are not served yet")
+    for warning in _command_line_warnings(opts):
+        log.warning("%s", warning)
     return log
+
+
+def _command_line_warnings(opts: Options) -> list[str]:
+    """What the command line is warned about at start (by logging, or by the shared
+    mode's caller, which sets up no logging)."""
+    warnings = []
+    if opts.extra_args:
+        warnings.append("too many arguments")
+    if opts.enable_ipv6:
+        warnings.append("--enable-ipv6: TCP, UDP and DNS over IPv6 are forwarded; IPv6 port "
+                        "forwarding, ICMPv6 to the outside and IPv6 fragments are not served "
+                        "yet")
+    return warnings
 
 
 def _serve_namespace(opts: Options, argv: list[str]) -> int:
@@ -978,6 +988,8 @@ def _serve_namespace(opts: Options, argv: list[str]) -> int:
     if shared == "1":
         from pyslirp.cni import shared_shim  # after the TAP: tests/startup_imports.json
 
+        for warning in _command_line_warnings(opts):  # logging's format, without logging
+            print(f"{PROG}: WARNING: {warning}", file=sys.stderr)
         return shared_shim.serve_shared(argv, tap, listener, ready_fd=opts.ready_fd,
                                         exit_fd=opts.exit_fd, sandbox=opts.enable_sandbox)
     # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's

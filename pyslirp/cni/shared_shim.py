@@ -68,16 +68,16 @@ READY_FD = 4
 WAITER = r"""trap '' PIPE
 trap 'echo stop >&3; read -r _ <&3; exit 0' TERM INT HUP
 if [ "$1" = 1 ]; then
-  printf 1 >&4 || echo "pyslirp: warning: cannot write to the ready fd" >&2
+  printf 1 >&4 || echo "pyslirp: WARNING: cannot write to the ready fd" >&2
   exec 4>&-
 fi
 while read -r word rest <&3; do
   case $word in
     exit) exit 0 ;;
-    error) echo "pyslirp: error: $rest" >&2; exit 1 ;;
+    error) echo "pyslirp: ERROR: $rest" >&2; exit 1 ;;
   esac
 done
-echo "pyslirp: error: the shared engine (pid $2) serving this namespace is gone; \
+echo "pyslirp: ERROR: the shared engine (pid $2) serving this namespace is gone; \
 the network is lost" >&2
 exit 1
 """
@@ -235,7 +235,7 @@ def serve_shared(argv: list[str], tap: TapHandle, listener: object, *, ready_fd:
     try:
         sock, engine_pid = attach(argv, tap, listener, exit_fd, environ)
     except (SharedError, plugin.CniError) as exc:
-        print(f"pyslirp: error: {getattr(exc, 'msg', exc)}", file=sys.stderr)
+        print(f"pyslirp: ERROR: {getattr(exc, 'msg', exc)}", file=sys.stderr)
         return 1
     finally:
         # The engine holds its own copies now; the TAP must go away with the engine's.
@@ -248,7 +248,7 @@ def serve_shared(argv: list[str], tap: TapHandle, listener: object, *, ready_fd:
             except OSError:
                 pass
     if sandbox:
-        print("pyslirp: warning: --enable-sandbox with the shared engine: the engine runs "
+        print("pyslirp: WARNING: --enable-sandbox with the shared engine: the engine runs "
               "under its seccomp filter but without a mount sandbox (docs/shared-engine.md)",
               file=sys.stderr)
     if early_signals():

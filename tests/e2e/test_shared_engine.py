@@ -199,7 +199,7 @@ def test_a_bad_attachment_is_refused_with_the_reason(host: Host, guest: Guest,
                                                       rundir: Path, tmp_path: Path) -> None:
     # A pcap file the engine cannot write: the caller fails as the one-process mode does.
     with pytest.raises(pytest.fail.Exception,
-                       match=r"pyslirp: error: .*/missing/x.pcap: No such file or directory"):
+                       match=r"pyslirp: ERROR: .*/missing/x.pcap: No such file or directory"):
         start_slirp(f"--pcap={tmp_path / 'missing' / 'x.pcap'}", env=shared_env(rundir))
     wait_for(lambda: guest.link(TAP) is None, what="the refused attachment's TAP to go")
 
