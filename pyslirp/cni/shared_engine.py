@@ -332,6 +332,7 @@ class DropinServer:
         if served.closed:
             return
         served.closed = True
+        last_line = " ".join(last_line.split())  # one line: the waiter reads up to "\n"
         self.served.pop(served.conn.fileno(), None)
         self.loop.remove_reader(served.conn.fileno())
         if served.exit_fd >= 0:

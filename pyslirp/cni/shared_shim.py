@@ -74,7 +74,7 @@ fi
 while read -r word rest <&3; do
   case $word in
     exit) exit 0 ;;
-    error) echo "pyslirp: ERROR: $rest" >&2; exit 1 ;;
+    error) printf 'pyslirp: ERROR: %s\n' "$rest" >&2; exit 1 ;;
   esac
 done
 echo "pyslirp: ERROR: the shared engine (pid $2) serving this namespace is gone; \
@@ -216,8 +216,10 @@ def exec_waiter(sock: socket.socket, ready_fd: int | None, engine_pid: int) -> N
         try:
             ready = fcntl.fcntl(ready_fd, fcntl.F_DUPFD_CLOEXEC, 10)
             os.close(ready_fd)
-        except OSError:
-            ready = -1  # not open: as in one-process mode, a warning and nothing else
+        except OSError as exc:  # not open: as in one-process mode, a warning, nothing else
+            print(f"pyslirp: WARNING: cannot write to ready fd {ready_fd}: {exc.strerror}",
+                  file=sys.stderr)
+            ready = -1
     _move_fd(conn, CONN_FD)
     if ready >= 0:
         _move_fd(ready, READY_FD)
