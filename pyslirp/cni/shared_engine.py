@@ -60,6 +60,8 @@ log = logging.getLogger("pyslirp.cni")
 MAX_REQUEST = 256 * 1024
 #: At most this many fds come with a request (TAP, API socket, exit fd).
 MAX_FDS = 3
+#: Seconds a client has to send its request (as on engine.sock).
+REQUEST_TIMEOUT = 30.0
 
 
 class DropinError(Exception):
@@ -103,6 +105,8 @@ class DropinServer:
         self._sock: socket.socket | None = None
         self._ino: int | None = None
         self._pending: dict[int, tuple[socket.socket, bytearray, list[int]]] = {}
+        #: Connections of peers that may not attach: their request gets this answer.
+        self._refused: dict[int, str] = {}
         self._dns: list[tuple[str, int]] = []
         self._search: list[str] = []
         #: Whether the engine runs under its seccomp filter (daemon.serve sets it): a
@@ -150,11 +154,13 @@ class DropinServer:
             refusal = self._refuse_peer(conn, DROPIN_SOCKET)
             if refusal is not None:
                 log.warning("%s", refusal)
-                _send_line(conn, {"ok": False, "msg": refusal})
-                conn.close()
-                continue
+                # Answered once its request is in (as engine.sock does): a client that
+                # writes before it reads then gets this answer, not a broken pipe.
+                self._refused[conn.fileno()] = refusal
             conn.setblocking(False)
             self._pending[conn.fileno()] = (conn, bytearray(), [])
+            self.loop.call_later(5.0 if refusal else REQUEST_TIMEOUT, self._expire,
+                                 conn.fileno(), conn)
             # One reader for the connection's whole life (the request, then the caller's
             # stop or EOF): no remove/add of a reader on one fd within a callback.
             self.loop.add_reader(conn.fileno(), self._on_readable, conn.fileno())
@@ -165,6 +171,18 @@ class DropinServer:
             self._on_caller_data(served)
         elif key in self._pending:
             self._on_request_data(key)
+
+    def _expire(self, key: int, conn: socket.socket) -> None:
+        """A connection that sent no complete request in time is dropped."""
+        pending = self._pending.get(key)
+        if pending is None or pending[0] is not conn:
+            return  # answered meanwhile (the fd may serve another connection by now)
+        del self._pending[key]
+        log.warning("%s", self._refused.pop(key, None) or
+                    "dropin.sock: a client sent no request in time")
+        self.loop.remove_reader(key)
+        _close_all(pending[2])
+        conn.close()
 
     # ---- the request ----------------------------------------------------------------
     def _on_request_data(self, key: int) -> None:
@@ -192,7 +210,10 @@ class DropinServer:
         elif not buf.endswith(b"\n"):
             return  # more to come
         del self._pending[key]
-        if problem is None:
+        refusal = self._refused.pop(key, None)
+        if refusal is not None:
+            problem = refusal
+        elif problem is None:
             try:
                 self._attach(conn, json.loads(buf), fds)
                 return
@@ -203,7 +224,8 @@ class DropinServer:
             except Exception as exc:  # noqa: BLE001 - one request must not take the engine down
                 log.exception("drop-in attachment failed")
                 problem = f"pyslirp engine error: {type(exc).__name__}: {exc}"
-        log.warning("drop-in attachment refused: %s", problem)
+        if refusal is None:
+            log.warning("drop-in attachment refused: %s", problem)
         self.loop.remove_reader(key)
         _close_all(fds)
         _send_line(conn, {"ok": False, "msg": problem})
@@ -365,6 +387,7 @@ class DropinServer:
             _close_all(fds)
             conn.close()
         self._pending.clear()
+        self._refused.clear()
         for served in list(self.served.values()):
             self._end(served, f"error {why}", now=True)
 
