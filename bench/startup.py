@@ -12,7 +12,11 @@ created inside the target namespace (device ioctls act in the namespace the
 socket was made in, so no sysfs remount is needed), and reads the ready
 byte. Both instants are taken by busy polling (the machine has spare CPU
 only if nothing else runs: measure on a quiet machine). Medians (and
-min/max) of ``--runs`` starts are printed per program and flag set.
+min/max) of ``--runs`` starts are printed per program and flag set, with the
+CPU time the started process used (``wait4``'s rusage, the process and the
+helpers it reaped; it is stopped right after the ready byte): on a loaded
+machine that moves far less than the wall-clock figures. In the shared mode it
+is the caller's side only (the engine's share is not in it).
 
 Flag sets: ``cr`` is ``-c -r FD PID tap0``; ``podman`` is what podman 4.3
 passes (``--disable-host-loopback --mtu=65520 --enable-sandbox
@@ -20,8 +24,20 @@ passes (``--disable-host-loopback --mtu=65520 --enable-sandbox
 ``--api-socket``. ``-v`` and ``--help`` are timed as exec to exit.
 
 Run as root: ``python3 bench/startup.py --runs 15 [--pyslirp CMD] [--baseline CMD]
-[--only pyslirp]``; CMD is e.g. ``"VENV/bin/python -I -m pyslirp"`` (what the shim
+[--only pyslirp] [--shared]``; CMD is e.g. ``"VENV/bin/python -I -m pyslirp"`` (what the shim
 runs) for a ``pip install .`` (not editable: its import hook costs milliseconds).
+
+``--shared`` adds ``pyslirp-shared``: the same command with ``PYSLIRP_SHARED_ENGINE=1``
+and a runtime directory of this run, so every start hands its TAP to one engine
+(docs/shared-engine.md). The engine is started (and timed, as ``engine cold``) by one
+start before the measured ones: the figures are those of a warm engine, what every
+container but a machine's first sees.
+
+``--footprint N`` instead starts N namespaces at once with each mode (one process per
+namespace, and with ``--shared`` the shared mode) and reports, 0.5 s after the last
+ready byte, the RSS, PSS and private memory (Private_Clean + Private_Dirty from
+``/proc/PID/smaps_rollup``) of every process pyslirp leaves running: the N
+processes, or the N waiters plus the engine; the total and per namespace.
 """
 
 from __future__ import annotations
@@ -97,8 +113,11 @@ def make_target(userns: bool) -> subprocess.Popen[bytes]:
     return proc
 
 
-def one_start(cmd: list[str], flagset: str, userns: bool, tmp: str) -> tuple[float, float]:
-    """(ms exec→TAP present, ms exec→ready byte) for one start."""
+def one_start(cmd: list[str], flagset: str, userns: bool, tmp: str,
+              env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """(ms exec→TAP present, ms exec→ready byte, ms of CPU the started process used until
+    it was stopped right after) for one start. The CPU time (``wait4``'s rusage: the
+    process and the helpers it waited for) moves far less with the machine's load."""
     target = make_target(userns)
     ready_r, ready_w = os.pipe()
     exit_r, exit_w = os.pipe()
@@ -111,8 +130,9 @@ def one_start(cmd: list[str], flagset: str, userns: bool, tmp: str) -> tuple[flo
     os.set_inheritable(exit_r, True)
     argv = cmd + FLAG_SETS[flagset](ready_w, exit_r, api) + [str(target.pid), "tap0"]
     tap_ms = ready_ms = -1.0
+    cpu_ms = 0.0
     t0 = time.monotonic_ns()
-    child = os.posix_spawnp(argv[0], argv, os.environ,
+    child = os.posix_spawnp(argv[0], argv, env or os.environ,
                             file_actions=[(os.POSIX_SPAWN_CLOSE, ready_r),
                                           (os.POSIX_SPAWN_CLOSE, exit_w),
                                           (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
@@ -132,13 +152,120 @@ def one_start(cmd: list[str], flagset: str, userns: bool, tmp: str) -> tuple[flo
             raise RuntimeError(f"{shlex.join(argv)}: no TAP or no ready byte within 10 s")
     finally:
         os.kill(child, signal.SIGTERM)
-        os.waitpid(child, 0)
+        _pid, _status, usage = os.wait4(child, 0)
+        cpu_ms = (usage.ru_utime + usage.ru_stime) * 1000
         for fd in (ready_r, ready_w, exit_r, exit_w):
             os.close(fd)
         sock.close()
         target.kill()
         target.wait()
-    return tap_ms, ready_ms
+    return tap_ms, ready_ms, cpu_ms
+
+
+def shared_env(tmp: str) -> dict[str, str]:
+    return {**os.environ, "PYSLIRP_SHARED_ENGINE": "1",
+            "PYSLIRP_RUNDIR": os.path.join(tmp, "rundir"),
+            "PYSLIRP_CNI_IDLE_EXIT": "3600"}  # stays up between the starts
+
+
+def engine_pid(tmp: str) -> int | None:
+    """The shared engine of this run (SO_PEERCRED on its drop-in socket), or None."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(os.path.join(tmp, "rundir", "dropin.sock"))
+        except OSError:
+            return None
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(raw[:4], sys.byteorder)
+
+
+def stop_engine(tmp: str) -> None:
+    pid = engine_pid(tmp)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """RSS, PSS and private (clean + dirty) memory of ``pid``, in kB."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                fields[name] = int(rest.split()[0])
+    return {"rss": fields["Rss"], "pss": fields["Pss"],
+            "private": fields["Private_Clean"] + fields["Private_Dirty"]}
+
+
+def footprint(cmd: list[str], count: int, flagset: str, env: dict[str, str] | None,
+              tmp: str) -> dict[str, int]:
+    """The memory of every process ``count`` running starts of ``cmd`` leave (kB, summed)."""
+    targets, children, fds = [], [], []
+    try:
+        for i in range(count):
+            target = make_target(False)
+            targets.append(target)
+            ready_r, ready_w = os.pipe()
+            exit_r, exit_w = os.pipe()
+            fds += [ready_r, exit_w]
+            os.set_inheritable(ready_w, True)
+            os.set_inheritable(exit_r, True)
+            api = os.path.join(tmp, f"api-{i}.sock")
+            argv = cmd + FLAG_SETS[flagset](ready_w, exit_r, api) + [str(target.pid), "tap0"]
+            children.append(os.posix_spawnp(
+                argv[0], argv, env or os.environ,
+                file_actions=[(os.POSIX_SPAWN_CLOSE, ready_r), (os.POSIX_SPAWN_CLOSE, exit_w),
+                              (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                              (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]))
+            os.close(ready_w)
+            os.close(exit_r)
+            if os.read(ready_r, 1) != b"1":
+                raise RuntimeError(f"{shlex.join(argv)}: no ready byte")
+        time.sleep(0.5)
+        pids = list(children)
+        engine = engine_pid(tmp) if env is not None else None
+        if engine is not None:
+            pids.append(engine)
+        total = {"rss": 0, "pss": 0, "private": 0, "processes": len(pids)}
+        for pid in pids:
+            for key, value in memory_kb(pid).items():
+                total[key] += value
+        if engine is not None:
+            total["engine_private"] = memory_kb(engine)["private"]
+        return total
+    finally:
+        for child in children:
+            os.kill(child, signal.SIGTERM)
+        for child in children:
+            os.waitpid(child, 0)
+        for fd in fds:
+            os.close(fd)
+        for target in targets:
+            target.kill()
+            target.wait()
+
+
+def run_footprint(programs: dict[str, list[str]], count: int, flagset: str,
+                  shared: bool) -> None:
+    modes: list[tuple[str, list[str], bool]] = [(n, c, False) for n, c in programs.items()]
+    if shared:
+        modes.append(("pyslirp-shared", programs["pyslirp"], True))
+    print(f"{count} namespaces, flags {flagset}: kB over every process left running")
+    print(f"{'program':15} {'procs':>5} {'RSS':>9} {'PSS':>9} {'private':>9} "
+          f"{'private/ns':>10} {'engine private':>14}")
+    for name, cmd, is_shared in modes:
+        with tempfile.TemporaryDirectory(prefix="pyslirp-footprint-") as tmp:
+            try:
+                got = footprint(cmd, count, flagset, shared_env(tmp) if is_shared else None, tmp)
+            finally:
+                if is_shared:
+                    stop_engine(tmp)
+        print(f"{name:15} {got['processes']:5d} {got['rss']:9d} {got['pss']:9d} "
+              f"{got['private']:9d} {got['private'] / count:10.0f} "
+              f"{got.get('engine_private', 0):14d}")
 
 
 def time_exit(argv: list[str]) -> float:
@@ -162,6 +289,10 @@ def main() -> int:
     ap.add_argument("--only", choices=("pyslirp", "slirp4netns"))
     ap.add_argument("--flags", default="cr,podman,api")
     ap.add_argument("--userns", action="store_true", help="targets in a new user namespace")
+    ap.add_argument("--shared", action="store_true",
+                    help="also pyslirp in the shared-engine mode (PYSLIRP_SHARED_ENGINE=1)")
+    ap.add_argument("--footprint", type=int, metavar="N",
+                    help="measure the memory of N running namespaces per mode instead")
     args = ap.parse_args()
     programs = {"pyslirp": shlex.split(args.pyslirp)}
     if args.slirp4netns:
@@ -170,18 +301,37 @@ def main() -> int:
         programs = {args.only: programs[args.only]}
     if args.baseline:
         programs["baseline"] = shlex.split(args.baseline)
-    print(f"{'program':12} {'flags':7} {'exec->TAP ms':>22} {'exec->ready ms':>22}")
-    with tempfile.TemporaryDirectory(prefix="pyslirp-startup-bench-") as tmp:
+    if args.footprint:
         for flagset in args.flags.split(","):
-            taps: dict[str, list[float]] = {name: [] for name in programs}
-            readies: dict[str, list[float]] = {name: [] for name in programs}
-            for _ in range(args.runs):  # interleaved, so a load change hits both alike
-                for name, cmd in programs.items():
-                    tap, ready = one_start(cmd, flagset, args.userns, tmp)
-                    taps[name].append(tap)
-                    readies[name].append(ready)
-            for name in programs:
-                print(f"{name:12} {flagset:7} {_fmt(taps[name]):>22} {_fmt(readies[name]):>22}")
+            run_footprint(programs, args.footprint, flagset, args.shared)
+        return 0
+    print(f"{'program':15} {'flags':7} {'exec->TAP ms':>22} {'exec->ready ms':>22} "
+          f"{'caller CPU ms':>22}")
+    with tempfile.TemporaryDirectory(prefix="pyslirp-startup-bench-") as tmp:
+        envs: dict[str, dict[str, str] | None] = {name: None for name in programs}
+        if args.shared:
+            programs["pyslirp-shared"] = programs.get("pyslirp") or shlex.split(args.pyslirp)
+            envs["pyslirp-shared"] = shared_env(tmp)
+            cold = one_start(programs["pyslirp-shared"], "cr", args.userns, tmp,
+                             envs["pyslirp-shared"])
+            print(f"{'pyslirp-shared':15} {'cold':7} {cold[0]:22.1f} {cold[1]:22.1f} "
+                  f"{cold[2]:22.1f}  (one start, the engine started by it)")
+        try:
+            for flagset in args.flags.split(","):
+                taps: dict[str, list[float]] = {name: [] for name in programs}
+                readies: dict[str, list[float]] = {name: [] for name in programs}
+                cpus: dict[str, list[float]] = {name: [] for name in programs}
+                for _ in range(args.runs):  # interleaved, so a load change hits all alike
+                    for name, cmd in programs.items():
+                        tap, ready, cpu = one_start(cmd, flagset, args.userns, tmp, envs[name])
+                        taps[name].append(tap)
+                        readies[name].append(ready)
+                        cpus[name].append(cpu)
+                for name in programs:
+                    print(f"{name:15} {flagset:7} {_fmt(taps[name]):>22} "
+                          f"{_fmt(readies[name]):>22} {_fmt(cpus[name]):>22}")
+        finally:
+            stop_engine(tmp)
     pyslirp = shlex.split(args.pyslirp)
     # The floor: the interpreter pyslirp runs in, doing nothing.
     interpreter = [pyslirp[0], "-I"] if "python" in os.path.basename(pyslirp[0]) else \

@@ -169,7 +169,8 @@ def usage_text() -> str:
 _USAGE = """\
 Usage: {PROG} [OPTION]... PID|PATH [TAPNAME]
        {PROG} run [RUN-OPTION]... [--] COMMAND [ARG]...
-       {PROG} shim install DIR  (write DIR/slirp4netns, which execs {PROG}; see 'shim --help')
+       {PROG} shim install [--shared-engine] DIR  (write DIR/slirp4netns, which execs {PROG};
+                                   see 'shim --help')
        {PROG} kubevirt-sidecar [--help]  (KubeVirt's slirp network binding hook sidecar)
        {PROG} stats --api-socket PATH | --cni-rundir DIR CONTAINERID[:IFNAME] [--json]
 User-mode networking for unprivileged network namespaces.
@@ -922,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if opts.subcommand == "serve" and opts.target_type == "netns":
-            return _serve_namespace(opts)
+            return _serve_namespace(opts, argv)
         return _serve_other(opts)
     except KeyboardInterrupt:
         # The runtime handles SIGINT once its loop runs; this covers the moments before.
@@ -937,14 +938,33 @@ def _start_logging(opts: Options) -> logging.Logger:
 
     setup_logging(opts.log_level)
     log = logging.getLogger(PROG)
-    if opts.extra_args:
-        log.warning("too many arguments")
+    for warning in _command_line_warnings(opts):
+        log.warning("%s", warning)
     return log
 
 
-def _serve_namespace(opts: Options) -> int:
-    """slirp4netns's job, in the "Start-up order" of the module doc: TAP, ready, engine."""
+def _command_line_warnings(opts: Options) -> list[str]:
+    """What the command line is warned about at start (by logging, or by the shared
+    mode's caller, which sets up no logging)."""
+    warnings = []
+    if opts.extra_args:
+        warnings.append("too many arguments")
+    return warnings
+
+
+def _serve_namespace(opts: Options, argv: list[str]) -> int:
+    """slirp4netns's job, in the "Start-up order" of the module doc: TAP, ready, engine.
+
+    With ``PYSLIRP_SHARED_ENGINE=1`` the TAP and API socket go to the shared engine
+    instead (pyslirp.cni.shared_shim) and the engine is never imported here.
+    """
     from pyslirp.runtime.ready import trap_stop_signals
+
+    shared = os.environ.get("PYSLIRP_SHARED_ENGINE", "")
+    if shared not in ("", "0", "1"):
+        print(f"{PROG}: PYSLIRP_SHARED_ENGINE must be 1 (shared engine) or 0 (one process "
+              f"per namespace), not {shared!r}", file=sys.stderr)
+        return 1
 
     trap_stop_signals()  # a caller may stop us before the engine's loop runs
     tap = _open_tap_early(opts)
@@ -961,6 +981,13 @@ def _serve_namespace(opts: Options) -> int:
             tap.close()
             _start_logging(opts).error("%s", exc)
             return 1
+    if shared == "1":
+        from pyslirp.cni import shared_shim  # after the TAP: tests/startup_imports.json
+
+        for warning in _command_line_warnings(opts):  # logging's format, without logging
+            print(f"{PROG}: WARNING: {warning}", file=sys.stderr)
+        return shared_shim.serve_shared(argv, tap, listener, ready_fd=opts.ready_fd,
+                                        exit_fd=opts.exit_fd, sandbox=opts.enable_sandbox)
     # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
     # does: a caller may check the hardening as soon as it has the byte.
     ready_now = not (opts.enable_sandbox or opts.enable_seccomp)

@@ -72,3 +72,31 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "unknown command 'frobnicate'" in err and "unknown option '--bogus'" in err
     assert "No such file or directory" in err
     assert main(["shim"]) == 1 and main(["shim", "--help"]) == 0
+
+
+def test_shared_engine_shim_sets_the_mode_for_pyslirp(tmp_path: Path) -> None:
+    # The stand-in interpreter prints the environment pyslirp would start with.
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$PYSLIRP_SHARED_ENGINE|$PYSLIRP_RUNDIR"\n')
+    fake.chmod(0o755)
+    plain = shim.install(str(tmp_path), name="plain", python=str(fake))
+    shared = shim.install(str(tmp_path), name="shared", python=str(fake), shared_engine=True,
+                          rundir="/run/some dir")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSLIRP_")}
+    assert subprocess.run([plain], capture_output=True, text=True, env=env,
+                          timeout=30).stdout == "|\n"
+    assert subprocess.run([shared], capture_output=True, text=True, env=env,
+                          timeout=30).stdout == "1|/run/some dir\n"
+
+
+def test_shared_engine_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shim", "install", "--shared-engine", "--rundir", "/run/x", str(tmp_path)]) == 0
+    text = (tmp_path / "slirp4netns").read_text()
+    assert "export PYSLIRP_SHARED_ENGINE=1\n" in text and "export PYSLIRP_RUNDIR=/run/x\n" in text
+    assert main(["shim", "show", "--shared-engine"]) == 0
+    assert "export PYSLIRP_SHARED_ENGINE=1\n" in capsys.readouterr().out
+    # --rundir means the shared engine's directory: alone, or relative, it is an error.
+    assert main(["shim", "install", "--rundir=/run/x", str(tmp_path)]) == 1
+    assert main(["shim", "install", "--shared-engine", "--rundir=rel", str(tmp_path)]) == 1
+    assert main(["shim", "install", "--shared-engine", "--rundir"]) == 1
+    assert "needs --shared-engine and an absolute path" in capsys.readouterr().err

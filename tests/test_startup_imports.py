@@ -31,14 +31,27 @@ WRAPPER = textwrap.dedent('''
     base = set(sys.modules)
     # Opened now: after --enable-sandbox the path is gone, and nothing may be imported
     # then (the answer is a repr, read back with ast.literal_eval).
-    out, ready_fd = open(sys.argv[1], "w"), int(sys.argv[2])
+    # On a high fd: the shared mode's waiter takes 3 and 4 (fcntl is on the budget anyway).
+    import fcntl
+    out = open(fcntl.fcntl(os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                           fcntl.F_DUPFD_CLOEXEC, 100), "w")
+    ready_fd = int(sys.argv[2])
     seen = {"spawned": []}
 
+    me = os.getpid()
+
     def hook(event, args):
+        if os.getpid() != me:
+            return  # a child forked on the way (the TAP helper, the shared engine's spawn)
         if event == "os.fork" and "tap" not in seen:
             seen["tap"] = sorted(set(sys.modules) - base)
         elif event in ("subprocess.Popen", "os.posix_spawn", "os.exec", "os.system"):
             seen["spawned"].append(str(args[0]))
+            if event == "os.exec" and "ready" not in seen:
+                # The shared mode's waiter (/bin/sh) writes the byte: this is its moment.
+                seen["ready"] = sorted(set(sys.modules) - base)
+                out.write(repr(seen))
+                out.close()
 
     sys.addaudithook(hook)
     real_write = os.write
@@ -59,7 +72,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/ne
                                 reason="needs root and /dev/net/tun for a real TAP")
 
 
-def _imports_at_start(tmp_path: Path, *options: str) -> dict[str, list[str]]:
+def _imports_at_start(tmp_path: Path, *options: str,
+                      env: dict[str, str] | None = None) -> dict[str, list[str]]:
     """What pyslirp had imported at the TAP fork and at the ready byte, for ``options``."""
     target = subprocess.Popen(["unshare", "--net", "sleep", "60"])
     ready_r, ready_w = os.pipe()
@@ -74,7 +88,7 @@ def _imports_at_start(tmp_path: Path, *options: str) -> dict[str, list[str]]:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-c", WRAPPER, str(out), str(ready_w), *options,
              "-r", str(ready_w), str(target.pid), "tap0"],
-            pass_fds=(ready_w,), stderr=subprocess.PIPE)
+            pass_fds=(ready_w,), stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
         os.close(ready_w)
         ready_w = -1
         assert os.read(ready_r, 1) == b"1", proc.stderr.read() if proc.stderr else ""
@@ -121,6 +135,42 @@ def test_tap_comes_before_the_engine_with_podmans_hardening(tmp_path: Path) -> N
     # Nothing is spawned on the way (ctypes.util.find_library runs ldconfig -p): here the
     # whole start, engine, sandbox and seccomp included, comes before the ready byte.
     assert seen["spawned"] == []
+
+
+@pytest.mark.parametrize("options", [
+    ("-c",),
+    ("--disable-host-loopback", "--mtu=65520", "--enable-sandbox", "--enable-seccomp",
+     "--enable-ipv6", "-c", "--api-socket=API"),
+], ids=["configure", "podman"])
+def test_the_shared_mode_hands_over_without_the_engine(tmp_path: Path,
+                                                       options: tuple[str, ...]) -> None:
+    # PYSLIRP_SHARED_ENGINE=1: the TAP goes to the engine and the process becomes the
+    # /bin/sh waiter, which writes the byte; nothing of the engine is ever imported here,
+    # podman's hardening flags included (they are the engine's).
+    rundir = tmp_path / "rundir"
+    env = {"PYSLIRP_SHARED_ENGINE": "1", "PYSLIRP_RUNDIR": str(rundir)}
+    options = tuple(o.replace("API", str(tmp_path / "api.sock")) for o in options)
+    try:
+        seen = _imports_at_start(tmp_path, *options, env=env)
+    finally:
+        _stop_engine(rundir)
+    assert _over_budget(seen["tap"], "before_tap") == []
+    assert _over_budget(seen["ready"], "shared_before_waiter") == []
+    assert seen["spawned"] == ["/bin/sh"]  # the waiter; the engine's spawn is a child's
+
+
+def _stop_engine(rundir: Path) -> None:
+    import signal
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(rundir / "dropin.sock"))
+        except OSError:
+            return
+        pid = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4],
+                             sys.byteorder)
+    os.kill(pid, signal.SIGTERM)
 
 
 def test_the_budget_holds_no_engine() -> None:

@@ -104,6 +104,7 @@ from pyslirp.cni.plugin import (
     ERR_UNSAFE,
     ERR_UNSUPPORTED_FIELD,
 )
+from pyslirp.cni.shared_engine import DropinServer
 from pyslirp.runtime import adopt, malloc
 from pyslirp.stats import snapshot
 
@@ -188,6 +189,9 @@ class AttachmentDaemon:
         self._pending_close: list[int] = []
         #: Keys whose ADD is waiting for its TAP (a second ADD is "try again").
         self._adding: set[str] = set()
+        #: The slirp4netns drop-in's attachments (shared mode: pyslirp.cni.shared_engine).
+        self.dropins = DropinServer(loop, rundir, self._maybe_idle, self._close_fds_then,
+                                    refuse_peer)
 
     # ---- DNS from resolv.conf (only for attachments without dnsUpstreams) ---------------
     def start_resolv_watcher(self) -> None:
@@ -210,6 +214,7 @@ class AttachmentDaemon:
         """The ResolvConfWatcher's callback: apply to every attachment that follows it."""
         self._dns = list(upstreams)
         self._search = list(search)
+        self.dropins.set_dns(upstreams, search)
         for s in self.served.values():
             if s.dead is None:
                 if not s.explicit_dns:
@@ -219,6 +224,8 @@ class AttachmentDaemon:
 
     # ---- listening ----------------------------------------------------------------
     async def listen(self) -> None:
+        # dropin.sock first: a caller that sees engine.sock answer finds it (shared_shim).
+        self.dropins.listen()
         path = plugin.socket_path(self.rundir)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # we hold the lock: any socket file here is a dead engine's
@@ -235,7 +242,7 @@ class AttachmentDaemon:
         # an engine with no attachments alive. It re-checks when it fires.
         self.inflight += 1
         try:
-            refusal = _refuse_peer(writer.get_extra_info("socket"))
+            refusal = refuse_peer(writer.get_extra_info("socket"))
             if refusal is not None:
                 log.warning("%s", refusal)
                 # Take the request (unread) first: a client that writes before it reads
@@ -666,8 +673,16 @@ class AttachmentDaemon:
             await self._cleanup_stale(path, state)
 
     # ---- lifetime -------------------------------------------------------------------
+    def _close_fds_then(self, fds: list[int], then: Any) -> None:
+        """Close ``fds`` in a worker thread (a TAP's last close waits), then call ``then``."""
+        future = self.loop.run_in_executor(None, _close_fds, fds)
+        future.add_done_callback(lambda _f: then())
+
+    def _busy(self) -> bool:
+        return bool(self.served or self.dropins.served)
+
     def _maybe_idle(self) -> None:
-        if not self.served and self.inflight == 0:
+        if not self._busy() and self.inflight == 0:
             self._maybe_idle_later()
 
     def _maybe_idle_later(self) -> None:
@@ -676,7 +691,7 @@ class AttachmentDaemon:
 
     def _idle_exit(self) -> None:
         self._idle_handle = None
-        if self.served:
+        if self._busy():
             return  # an ADD came; the DEL of the last attachment will re-arm
         if self.inflight:
             self._maybe_idle_later()
@@ -687,6 +702,7 @@ class AttachmentDaemon:
             self.stopped.set_result(None)
 
     def stop_listening(self) -> None:
+        self.dropins.stop_listening()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -698,6 +714,7 @@ class AttachmentDaemon:
     def shutdown(self) -> None:
         """Close every attachment; state files stay for DEL/GC (as after a crash)."""
         self.stop_listening()
+        self.dropins.shutdown("the shared pyslirp engine was stopped")
         for served in self.served.values():
             self._close(served)
         self.served.clear()
@@ -756,15 +773,16 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _refuse_peer(sock: Any) -> str | None:
-    """Why a client of engine.sock is refused: only our uid and root may ask us anything."""
+def refuse_peer(sock: Any, name: str = "engine.sock") -> str | None:
+    """Why a client of the engine's socket ``name`` is refused: only our uid and root may
+    ask us anything (engine.sock, and the drop-in's dropin.sock)."""
     try:
         pid, uid, _gid = plugin.peer_credentials(sock)
     except (OSError, AttributeError) as exc:
-        return f"refused a client of engine.sock: no peer credentials ({exc})"
+        return f"refused a client of {name}: no peer credentials ({exc})"
     if plugin.trusted_uid(uid):
         return None
-    return (f"refused a client of engine.sock running as uid {uid} (pid {pid}): only uid "
+    return (f"refused a client of {name} running as uid {uid} (pid {pid}): only uid "
             f"{os.geteuid()} and root may use this engine")
 
 
@@ -870,7 +888,7 @@ def serve(rundir: str) -> int:
     except OSError as exc:
         log.error("cannot listen on %s: %s", plugin.socket_path(rundir), exc)
         return 1
-    _install_seccomp()
+    daemon.dropins.filtered = _install_seccomp()
     daemon.start_resolv_watcher()
 
     def on_signal(sig: int) -> None:
@@ -893,7 +911,7 @@ def serve(rundir: str) -> int:
     return 0
 
 
-def _install_seccomp() -> None:
+def _install_seccomp() -> bool:
     """The engine's seccomp filter (no exec, ptrace, mount...): docs/security.md.
 
     setns and prctl stay allowed: the TAP and namespace helpers it forks for
@@ -906,6 +924,8 @@ def _install_seccomp() -> None:
 
     if not sandbox.install_seccomp(seccomp.ENGINE_BLOCKED):
         log.warning("serving without a seccomp filter")
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

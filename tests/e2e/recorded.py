@@ -4,8 +4,11 @@ inside to come up, and a look at the stack process the caller started."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,14 +22,20 @@ import pytest
 from pyslirp.runtime import sandbox
 from tests.e2e.conftest import REPO, alive
 
+#: How the shim serves: a process per namespace, or the shared engine (its runtime dir).
+MODES = ("process", "shared")
 
-def install_recorded_shim(work: Path) -> Path:
+
+def install_recorded_shim(work: Path, shared_rundir: Path | None = None) -> Path:
     """``pyslirp shim install`` into ``work/shim``, behind ``work/slirp4netns``: a script
     that appends ``PID ARGS...`` to ``work/argv.log`` and execs the shim, so PID is the
-    stack's. Returns the recorder, the path to give the caller as slirp4netns."""
+    stack's. Returns the recorder, the path to give the caller as slirp4netns.
+    ``shared_rundir``: install it with ``--shared-engine --rundir shared_rundir``."""
     shim_dir = work / "shim"
     shim_dir.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "pyslirp", "shim", "install", str(shim_dir)],
+    shared = ["--shared-engine", "--rundir", str(shared_rundir)] if shared_rundir else []
+    proc = subprocess.run([sys.executable, "-m", "pyslirp", "shim", "install", *shared,
+                           str(shim_dir)],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     installed = Path(proc.stdout.strip())
@@ -66,19 +75,43 @@ def fetch_published_port(host: Any, port: int, addr: str = "127.0.0.1") -> str:
     return body
 
 
+def shared_engine_pid(rundir: Path) -> int | None:
+    """The pid of the shared engine listening in ``rundir`` (SO_PEERCRED), or None."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(rundir / "dropin.sock"))
+        except OSError:
+            return None
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(raw[:4], sys.byteorder)
+
+
+def stop_shared_engine(rundir: Path) -> None:
+    """Kill the engine of ``rundir`` (a test's own), if one runs."""
+    pid = shared_engine_pid(rundir)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @dataclass
 class ServedStack:
     pid: int
     args: list[str]
     #: Every call the recorder saw, ``--help`` probes included (arguments only).
     calls: list[list[str]]
+    #: The capabilities and seccomp mode of the process whose stack serves: the
+    #: caller's child, or in the shared mode the engine.
     caps: dict[str, int]
     seccomp: str
+    #: The shared mode's engine (None: the caller's child is the stack).
+    engine_pid: int | None = None
 
 
-def served_stack(argv_log: Path) -> ServedStack:
+def served_stack(argv_log: Path, shared_rundir: Path | None = None) -> ServedStack:
     """The one stack the caller started (its ``--help`` probes aside), checked to be
-    pyslirp itself (the shim execs), with its capabilities and seccomp mode."""
+    pyslirp itself (the shim execs), with its capabilities and seccomp mode; in the
+    shared mode (``shared_rundir``) those of the engine serving it."""
     recorded = [line.split() for line in argv_log.read_text().splitlines()]
     served = [r for r in recorded if "--help" not in r]
     assert len(served) == 1, recorded
@@ -86,7 +119,11 @@ def served_stack(argv_log: Path) -> ServedStack:
     assert alive(pid)
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert b"pyslirp" in cmdline, cmdline  # exec'd: the caller's child IS the stack
-    seccomp = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text()
+    engine = shared_engine_pid(shared_rundir) if shared_rundir else None
+    if shared_rundir is not None:
+        assert engine is not None and engine != pid, "no shared engine serves it"
+    serving = engine or pid
+    seccomp = next(line.split()[1] for line in Path(f"/proc/{serving}/status").read_text()
                    .splitlines() if line.startswith("Seccomp:"))
-    return ServedStack(pid, served[0][1:], [r[1:] for r in recorded], sandbox.capabilities(pid),
-                       seccomp)
+    return ServedStack(pid, served[0][1:], [r[1:] for r in recorded],
+                       sandbox.capabilities(serving), seccomp, engine)

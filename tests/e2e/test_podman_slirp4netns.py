@@ -35,9 +35,11 @@ import pytest
 from pyslirp.runtime import sandbox
 from tests.e2e.conftest import Host, alive
 from tests.e2e.recorded import (
+    MODES,
     fetch_published_port,
     install_recorded_shim,
     served_stack,
+    stop_shared_engine,
     wait_until_ready,
 )
 from tests.e2e.servers import HELLO
@@ -62,6 +64,8 @@ class PodRun:
     caps: dict[str, int]
     seccomp: str
     outlived: bool
+    #: Served by the shared engine (caps and seccomp are the engine's).
+    shared: bool
 
 
 PodRunner = Callable[..., PodRun]
@@ -79,8 +83,10 @@ _IPV6_PART = (
     "else echo 'fetch6 failed' >> /tmp/inside.txt; fi; ")
 
 
-@pytest.fixture
-def podman_slirp(host: Host) -> Iterator[PodRunner]:
+@pytest.fixture(params=MODES)
+def podman_slirp(host: Host, request: pytest.FixtureRequest) -> Iterator[PodRunner]:
+    """podman runs for one mode of the shim: a stack process per container, or the
+    shared engine (``shim install --shared-engine``)."""
     require_podman("nsenter")
     # podman refuses a runroot longer than 50 characters: pytest's tmp_path is too deep.
     work = Path(tempfile.mkdtemp(prefix="pyslirp-pod-", dir="/tmp"))
@@ -88,7 +94,8 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
                             ("sh", "wget", "ip", "cat", "httpd", "sleep", "awk", "echo",
                              "sha256sum"), ("www",))
     (rootfs / "www" / "index.html").write_text(BODY)
-    recorder = install_recorded_shim(work)
+    shared_rundir = work / "rundir" if request.param == "shared" else None
+    recorder = install_recorded_shim(work, shared_rundir)
     conf = work / "containers.conf"
     conf.write_text(f'[engine]\nnetwork_cmd_path = "{recorder}"\n')
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
@@ -122,7 +129,7 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
                 return pod.communicate()[0]
 
             wait_until_ready(out, pod, 120, "the container", podman_output)
-            stack = served_stack(work / "argv.log")
+            stack = served_stack(work / "argv.log", shared_rundir)
             pid, args = stack.pid, stack.args
             api_sockets.extend(args[i + 1] for i, a in enumerate(args) if a == "--api-socket")
             fetch = fetch_published_port(host, host_port)  # podman adds it over the API
@@ -139,12 +146,14 @@ def podman_slirp(host: Host) -> Iterator[PodRunner]:
                 pod.wait(timeout=30)
         inside = dict(line.split(" ", 1) for line in out.read_text().splitlines() if " " in line)
         return PodRun(pod.returncode, output, args, inside, fetch, stack.caps, stack.seccomp,
-                      alive(pid))
+                      alive(pid), shared_rundir is not None)
 
     try:
         yield run
     finally:
         remove_pods(base, env, work)
+        if shared_rundir is not None:
+            stop_shared_engine(shared_rundir)
         for path in api_sockets:  # under --enable-sandbox the stack cannot reach it any more
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -167,7 +176,9 @@ def test_podman_default_slirp4netns(podman_slirp: PodRunner,
     assert result.inside["addr6"].startswith("fd00000000000000"), result.inside
     assert result.inside["fetch6"] == "failed"
     assert result.host_fetch == BODY
-    assert result.caps["CapEff"] == NET_BIND_SERVICE and result.seccomp == "2"
+    assert result.seccomp == "2"
+    if not result.shared:  # the shared engine keeps its capabilities (docs/shared-engine.md)
+        assert result.caps["CapEff"] == NET_BIND_SERVICE
     assert not result.outlived
 
 

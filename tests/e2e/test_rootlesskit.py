@@ -36,9 +36,11 @@ import pytest
 from pyslirp.runtime import sandbox
 from tests.e2e.conftest import Host, alive
 from tests.e2e.recorded import (
+    MODES,
     fetch_published_port,
     install_recorded_shim,
     served_stack,
+    stop_shared_engine,
     wait_until_ready,
 )
 from tests.e2e.servers import HELLO
@@ -61,10 +63,14 @@ def subid_ranges() -> None:
     ensure_subid_range(SUBID_LINE, names=("0",))  # rootlesskit as root needs one
 
 
-@pytest.fixture
-def shim(tmp_path: Path) -> Path:
-    """``pyslirp shim install`` into a private directory, behind an argument recorder."""
-    return install_recorded_shim(tmp_path)
+@pytest.fixture(params=MODES)
+def shim(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """``pyslirp shim install`` into a private directory, behind an argument recorder; in
+    the shared mode with ``--shared-engine`` and a runtime directory of the test's."""
+    rundir = tmp_path / "rundir" if request.param == "shared" else None
+    yield install_recorded_shim(tmp_path, rundir)
+    if rundir is not None:
+        stop_shared_engine(rundir)
 
 
 @dataclass
@@ -78,6 +84,8 @@ class Run:
     caps: dict[str, int]
     seccomp: str
     log: str
+    #: Served by the shared engine (caps and seccomp are the engine's).
+    shared: bool
 
 
 INNER = r"""
@@ -126,7 +134,8 @@ def _run_rootlesskit(host: Host, tmp_path: Path, shim: Path, *extra: str,
     try:
         wait_until_ready(out, proc, 60, "rootlesskit's command", lambda: (
             f"{log.read_text()}\n{out.read_text() if out.exists() else ''}"))
-        stack = served_stack(tmp_path / "argv.log")
+        rundir = tmp_path / "rundir"
+        stack = served_stack(tmp_path / "argv.log", rundir if rundir.exists() else None)
         pid = stack.pid
         fetch = fetch_published_port(host, host_port, publish)  # once the server listens
         done.touch()
@@ -144,7 +153,8 @@ def _run_rootlesskit(host: Host, tmp_path: Path, shim: Path, *extra: str,
             proc.kill()
             proc.wait(timeout=30)
     inside = dict(line.split(" ", 1) for line in out.read_text().splitlines() if " " in line)
-    return Run(inside, stack.calls, pid, fetch, stack.caps, stack.seccomp, log.read_text())
+    return Run(inside, stack.calls, pid, fetch, stack.caps, stack.seccomp, log.read_text(),
+               stack.engine_pid is not None)
 
 
 @pytest.fixture
@@ -171,9 +181,12 @@ def test_rootlesskit_defaults(rootlesskit_run: object) -> None:
     assert result.inside["gateway_fetch"] == HELLO.decode().strip()
     # the -p forward, through the API socket, into a server inside
     assert result.host_fetch == "served from inside rootlesskit\n"
-    # the sandbox and filter rootlesskit asked for are on the process it holds
-    assert result.caps["CapEff"] == NET_BIND_SERVICE and result.caps["CapBnd"] == NET_BIND_SERVICE
+    # the sandbox and filter rootlesskit asked for are on the process it holds (shared:
+    # the filter is on the engine, which keeps its capabilities: docs/shared-engine.md)
     assert result.seccomp == "2"
+    if not result.shared:
+        assert result.caps["CapEff"] == NET_BIND_SERVICE
+        assert result.caps["CapBnd"] == NET_BIND_SERVICE
 
 
 def test_rootlesskit_disable_host_loopback(rootlesskit_run: object) -> None:
