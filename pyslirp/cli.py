@@ -987,7 +987,8 @@ def _serve_namespace(opts: Options, argv: list[str]) -> int:
         for warning in _command_line_warnings(opts):  # logging's format, without logging
             print(f"{PROG}: WARNING: {warning}", file=sys.stderr)
         return shared_shim.serve_shared(argv, tap, listener, ready_fd=opts.ready_fd,
-                                        exit_fd=opts.exit_fd, sandbox=opts.enable_sandbox)
+                                        exit_fd=opts.exit_fd, sandbox=opts.enable_sandbox,
+                                        log_info=opts.log_level in ("debug", "info"))
     # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
     # does: a caller may check the hardening as soon as it has the byte.
     ready_now = not (opts.enable_sandbox or opts.enable_seccomp)

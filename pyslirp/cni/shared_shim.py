@@ -23,7 +23,8 @@ memory instead of a Python interpreter's ~3 MB). The waiter writes the ready
 byte once its signal traps are in place, then reads the connection:
 
 * SIGTERM, SIGINT, SIGHUP: it writes ``stop``, the engine tears the
-  attachment down (host ports, API socket, TAP) and answers; exit 0;
+  attachment down (host ports, API socket, TAP) and answers; then the waiter
+  dies by that signal, as slirp4netns and the one-process mode do;
 * the exit fd (``-e``, watched by the engine): the engine tears down and
   writes ``exit``; exit 0;
 * the attachment failed in the engine (its TAP went away): ``error MESSAGE``;
@@ -64,9 +65,16 @@ ATTACH_TIMEOUT = plugin.ENGINE_REPLY_TIMEOUT
 CONN_FD = 3
 READY_FD = 4
 
-#: /bin/sh -c WAITER pyslirp HAVE_READY ENGINE_PID (see the module doc).
+#: /bin/sh -c WAITER pyslirp HAVE_READY ENGINE_PID LOG_INFO (see the module doc).
 WAITER = r"""trap '' PIPE
-trap 'echo stop >&3; read -r _ <&3; exit 0' TERM INT HUP
+log_info=$3
+stop() {
+  [ "$log_info" = 1 ] && echo "pyslirp: INFO: received SIG$1, shutting down" >&2
+  echo stop >&3; read -r _ <&3; trap - "$1"; kill -s "$1" $$; exit 1
+}
+trap 'stop TERM' TERM
+trap 'stop INT' INT
+trap 'stop HUP' HUP
 if [ "$1" = 1 ]; then
   printf 1 >&4 || echo "pyslirp: WARNING: cannot write to the ready fd" >&2
   exec 4>&-
@@ -204,7 +212,8 @@ def _move_fd(fd: int, target: int) -> None:
     os.close(fd)
 
 
-def exec_waiter(sock: socket.socket, ready_fd: int | None, engine_pid: int) -> None:
+def exec_waiter(sock: socket.socket, ready_fd: int | None, engine_pid: int,
+                log_info: bool = True) -> None:
     """Become :data:`WAITER` (never returns)."""
     import fcntl  # the C module: cheap
 
@@ -224,14 +233,14 @@ def exec_waiter(sock: socket.socket, ready_fd: int | None, engine_pid: int) -> N
     if ready >= 0:
         _move_fd(ready, READY_FD)
     os.execv("/bin/sh", ["pyslirp", "-c", WAITER, "pyslirp", "1" if ready >= 0 else "0",
-                         str(engine_pid)])
+                         str(engine_pid), "1" if log_info else "0"])
 
 
 def serve_shared(argv: list[str], tap: TapHandle, listener: object, *, ready_fd: int | None,
-                 exit_fd: int | None, sandbox: bool) -> int:
+                 exit_fd: int | None, sandbox: bool, log_info: bool = True) -> int:
     """The shared mode of ``pyslirp [OPTION]... PID TAPNAME`` (``argv``, parsed already into
     the other arguments); returns only on failure."""
-    from pyslirp.runtime.ready import early_signals
+    from pyslirp.runtime.ready import die_by, early_signals
 
     environ = dict(os.environ)
     try:
@@ -253,13 +262,15 @@ def serve_shared(argv: list[str], tap: TapHandle, listener: object, *, ready_fd:
         print("pyslirp: WARNING: --enable-sandbox with the shared engine: the engine runs "
               "under its seccomp filter but without a mount sandbox (docs/shared-engine.md)",
               file=sys.stderr)
-    if early_signals():
+    early = early_signals()
+    if early:
         stop_now(sock)
-        return 0
+        return die_by(early[0])
     for signum in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
         _signal.signal(signum, _signal.SIG_DFL)
-    if early_signals():  # came in while the handlers were being reset
+    early = early_signals()
+    if early:  # came in while the handlers were being reset
         stop_now(sock)
-        return 0
-    exec_waiter(sock, ready_fd, engine_pid)
+        return die_by(early[0])
+    exec_waiter(sock, ready_fd, engine_pid, log_info)
     return 1  # pragma: no cover - execv does not return

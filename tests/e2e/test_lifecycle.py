@@ -155,7 +155,8 @@ def test_sigterm_right_after_ready_is_a_clean_stop(host: Host, guest: Guest,
     assert "received SIGTERM" in slirp.log_text()
 
 
-def _stop_status(host: Host, guest: Guest, argv: list[str], how: str) -> int:
+def _stop_status(host: Host, guest: Guest, argv: list[str], how: str,
+                 env: dict[str, str] | None = None) -> int:
     """Start ``argv`` (a slirp4netns-compatible command) for ``guest``, wait for its ready
     byte, stop it by ``how`` ("SIGTERM", "SIGINT" or "exit-fd") and return its status."""
     ready_r, ready_w = os.pipe()
@@ -163,7 +164,7 @@ def _stop_status(host: Host, guest: Guest, argv: list[str], how: str) -> int:
     proc = host.ns.popen([*argv, f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", "-c",
                           str(guest.pid), TAP], pass_fds=(ready_w, exit_r),
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, cwd=REPO)
+                         stderr=subprocess.DEVNULL, cwd=REPO, env={**os.environ, **(env or {})})
     os.close(ready_w)
     os.close(exit_r)
     try:

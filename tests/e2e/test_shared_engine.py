@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import DNS, GATEWAY, TAP, Guest, Host, StartSlirp, alive
+from tests.e2e.conftest import DNS, GATEWAY, TAP, Guest, Host, StartSlirp, alive, pyslirp_argv
 from tests.e2e.recorded import shared_engine_pid as engine_pid
 from tests.e2e.recorded import stop_shared_engine
 from tests.e2e.servers import HELLO, TEST_ADDR
 from tests.e2e.test_hostfwd import api, port_unused_in
+from tests.e2e.test_lifecycle import _stop_status
 from tests.nsutil import NetNS, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -132,7 +133,7 @@ def test_one_engine_serves_two_namespaces_each_as_its_own(
         listed = json.loads(api(api_b, {"execute": "list_hostfwd"}))["entries"]
         assert [e["host_port"] for e in listed] == [port_b]
         # SIGTERM on one caller removes its attachment only: its port, socket and TAP.
-        assert a.stop() == 0
+        assert a.stop() == -signal.SIGTERM  # as slirp4netns: dies by it, after the teardown
         assert not api_a.exists()
         assert guest.link(TAP) is None
         assert host.run(["ss", "-Htln", f"sport = :{port_a}"]).stdout.strip() == ""
@@ -145,7 +146,7 @@ def test_one_engine_serves_two_namespaces_each_as_its_own(
         for proc in servers:
             proc.kill()
             proc.wait()
-    assert b.stop() == 0
+    assert b.stop() == -signal.SIGTERM
     assert second_guest.link(TAP) is None
 
 
@@ -210,7 +211,7 @@ def test_callers_stopped_right_after_ready_one_after_another(
     # engine's fds are reused, and every stop must still be answered at once.
     env = {**shared_env(rundir), "PYSLIRP_CNI_IDLE_EXIT": "60"}
     for _ in range(6):
-        assert start_slirp(env=env).stop(timeout=10) == 0
+        assert start_slirp(env=env).stop(timeout=10) == -signal.SIGTERM
         wait_for(lambda: guest.link(TAP) is None, what="the stopped caller's TAP to go")
 
 
@@ -254,7 +255,7 @@ def test_the_engine_refuses_drop_in_clients_of_another_uid(
     assert reply["ok"] is False
     assert f"refused a client of dropin.sock running as uid {attacker}" in reply["msg"]
     assert _hello(guest, host) == HELLO.decode()  # the served namespace is untouched
-    assert shim.stop() == 0
+    assert shim.stop() == -signal.SIGTERM
 
 
 FAKE_ENGINE = r"""
@@ -292,3 +293,13 @@ def test_a_drop_in_socket_of_another_uid_is_refused(host: Host, guest: Guest,
     assert proc.returncode == 1
     assert f"refusing the engine on {rundir / 'dropin.sock'}: it runs as uid {attacker}" in err
     wait_for(lambda: guest.link(TAP) is None, what="the refused TAP to go")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "exit-fd"])
+def test_stop_status_is_the_one_process_mode_s(host: Host, guest: Guest, rundir: Path,
+                                               how: str) -> None:
+    # The same status as slirp4netns and the one-process mode (test_lifecycle.py's
+    # test_stop_status_is_slirp4netns_s): death by the signal after the teardown; 0 by -e.
+    expected = 0 if how == "exit-fd" else -getattr(signal, how)
+    assert _stop_status(host, guest, pyslirp_argv(), how, env=shared_env(rundir)) == expected
+    wait_for(lambda: guest.link(TAP) is None, what="the stopped caller's TAP to go")
