@@ -69,8 +69,14 @@ does (docs/ipv6.md), and the TAP gets the static address the plugin chose
 DAD off on that interface: :class:`pyslirp.runtime.tap.ConfigureSpec`), which
 the result lists beside the IPv4 one.
 
-What it deliberately does not do: IPv6 port mappings (``hostIP`` must be
-IPv4), and port ranges beyond what the runtime spells out one mapping at a time.
+Port mappings over IPv6 (``"ipv6": true``): an IPv6 ``hostIP`` is an
+IPv6-only host socket to the container's IPv6 address; no ``hostIP`` is an
+IPv4 socket to its IPv4 address plus an IPv6-only ``[::]`` one to its IPv6
+address (:func:`_binds`), so ``-p 8080:80`` answers on ``[::1]`` too. IPv6
+reservations are taken over as IPv4 ones are.
+
+What it deliberately does not do: port ranges beyond what the runtime spells
+out one mapping at a time.
 """
 
 from __future__ import annotations
