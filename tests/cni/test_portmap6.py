@@ -9,6 +9,7 @@ Clients run on this namespace's loopback, servers in the container's namespace.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -82,6 +83,41 @@ def test_a_mapping_without_host_ip_is_an_ipv4_and_an_ipv6_only_forward() -> None
     s4 = plugin.parse_settings(conf(**_mappings("")), {})
     assert [(p.host_ip, p.guest_ip) for p in daemon._binds(s4["portMappings"][0], s4, None)] \
         == [("0.0.0.0", "10.0.2.100")]
+
+
+class _HostWithoutIPv6:
+    """A HostForwarder stand-in on a host whose kernel has no IPv6 (ipv6.disable=1)."""
+
+    def __init__(self, attachment: Any) -> None:
+        self.added: list[tuple[str, int, str, bool]] = []
+        self.closed = False
+
+    def add(self, proto: str, host_ip: str, port: int, guest_ip: str, guest_port: int,
+            sock: Any = None, v6only: bool = False) -> int:
+        if ":" in host_ip:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        self.added.append((host_ip, port, guest_ip, v6only))
+        return port
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_host_without_ipv6_serves_mappings_without_host_ip_over_ipv4(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hostIP: the IPv6 half is skipped where the host has no IPv6 at all; an explicit
+    IPv6 hostIP there is an error naming it."""
+    monkeypatch.setattr(daemon, "_forwarder_class", lambda: _HostWithoutIPv6)
+    engine = daemon.AttachmentDaemon.__new__(daemon.AttachmentDaemon)
+    s = plugin.parse_settings(conf(ipv6=True, **_mappings("")), {})
+    forwarder, pending = engine._forward_ports(None, s, None, "c1")
+    assert forwarder.added == [("0.0.0.0", 8000, "10.0.2.100", False)] and pending == []
+    s = plugin.parse_settings(conf(ipv6=True, **_mappings("", "::1")), {})
+    with pytest.raises(daemon.RequestError) as err:
+        engine._forward_ports(None, s, None, "c1")
+    assert err.value.code == plugin.ERR_SETUP_FAILED
+    assert err.value.msg == ("cannot forward tcp port [::1]:8001: Address family not "
+                             "supported by protocol")
 
 
 # ---- real namespaces through the engine
