@@ -69,8 +69,14 @@ does (docs/ipv6.md), and the TAP gets the static address the plugin chose
 DAD off on that interface: :class:`pyslirp.runtime.tap.ConfigureSpec`), which
 the result lists beside the IPv4 one.
 
-What it deliberately does not do: IPv6 port mappings (``hostIP`` must be
-IPv4), and port ranges beyond what the runtime spells out one mapping at a time.
+Port mappings over IPv6 (``"ipv6": true``): an IPv6 ``hostIP`` is an
+IPv6-only host socket to the container's IPv6 address; no ``hostIP`` is an
+IPv4 socket to its IPv4 address plus an IPv6-only ``[::]`` one to its IPv6
+address (:func:`_binds`), so ``-p 8080:80`` answers on ``[::1]`` too. IPv6
+reservations are taken over as IPv4 ones are.
+
+What it deliberately does not do: port ranges beyond what the runtime spells
+out one mapping at a time.
 """
 
 from __future__ import annotations
@@ -430,33 +436,40 @@ class AttachmentDaemon:
         # containerd, a test) listening on the port does so for itself, and keeps it.
         reserves = isinstance(caller, int) and caller > 1 and adopt.caller_reserves_ports(caller)
         tree = adopt.CallerTree(caller, container_id=container_id) if reserves else None
-        defer = tree is not None
         pending: list[_Pending] = []
         for m in mappings:
-            p = _Pending(m["protocol"], m["hostIP"] or "0.0.0.0", m["hostPort"], s["address"],
-                         m["containerPort"], tree)
-            try:
-                if defer:
-                    _probe_port(p.proto, p.host_ip, p.host_port)
-                    pending.append(p)
-                else:
-                    forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip, p.guest_port)
-            except OSError as exc:
-                sock = None
+            for p in _binds(m, s, tree):
                 try:
-                    sock = _adopt(p, exc)
-                    forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip, p.guest_port,
-                                  sock=sock)
-                except (OSError, ValueError) as final:
-                    if sock is not None:
-                        sock.close()
-                    forwarder.close()
-                    raise RequestError(ERR_SETUP_FAILED, f"cannot forward {p.proto} port "
-                                       f"{p.host_ip}:{p.host_port}: "
-                                       f"{getattr(final, 'strerror', None) or final}") from None
-                log.info("took over %s port %s:%d reserved by the runtime", p.proto, p.host_ip,
-                         p.host_port)
+                    if p.tree is not None:
+                        _probe_port(p.proto, p.host_ip, p.host_port)
+                        pending.append(p)
+                    else:
+                        forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip,
+                                      p.guest_port, v6only=p.v6only)
+                except OSError as exc:
+                    if p.optional and exc.errno in _NO_IPV6:
+                        log.info("%s: no IPv6 on this host (%s): %s port %d serves IPv4 only",
+                                 container_id, exc.strerror, p.proto, p.host_port)
+                        continue
+                    self._take_over(forwarder, p, exc)
         return forwarder, pending
+
+    @staticmethod
+    def _take_over(forwarder: Any, p: _Pending, exc: OSError) -> None:
+        """Serve the caller's socket holding ``p``'s port, or fail the ADD naming it."""
+        sock = None
+        try:
+            sock = _adopt(p, exc)
+            forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip, p.guest_port, sock=sock)
+        except (OSError, ValueError) as final:
+            if sock is not None:
+                sock.close()
+            forwarder.close()
+            raise RequestError(ERR_SETUP_FAILED, f"cannot forward {p.proto} port "
+                               f"{_where(p.host_ip, p.host_port)}: "
+                               f"{getattr(final, 'strerror', None) or final}") from None
+        log.info("took over %s port %s reserved by the runtime", p.proto,
+                 _where(p.host_ip, p.host_port))
 
     async def _adopt_later(self, served: Served, pending: list[_Pending]) -> None:
         """Take over the host ports the runtime reserves after ADD; serve the rest ourselves.
@@ -497,23 +510,23 @@ class AttachmentDaemon:
         for p in pending:
             if served.forwarder is None:
                 return
-            log.info("%s: no reservation of %s port %s:%d %s; binding it", served.key,
-                     p.proto, p.host_ip, p.host_port,
+            log.info("%s: no reservation of %s port %s %s; binding it", served.key,
+                     p.proto, _where(p.host_ip, p.host_port),
                      "held by the container's conmon" if tree.monitor_seen else "appeared")
             self._serve_pending(served, p, None)
 
     def _serve_pending(self, served: Served, p: _Pending, sock: Any) -> None:
         try:
             served.forwarder.add(p.proto, p.host_ip, p.host_port, p.guest_ip, p.guest_port,
-                                 sock=sock)
+                                 sock=sock, v6only=p.v6only)
         except (OSError, ValueError) as exc:
             if sock is not None:
                 sock.close()
-            log.warning("%s: cannot forward %s port %s:%d: %s", served.key, p.proto,
-                        p.host_ip, p.host_port, exc)
+            log.warning("%s: cannot forward %s port %s: %s", served.key, p.proto,
+                        _where(p.host_ip, p.host_port), exc)
             return
-        log.info("%s: %s %s port %s:%d", served.key, "took over" if sock else "bound",
-                 p.proto, p.host_ip, p.host_port)
+        log.info("%s: %s %s port %s", served.key, "took over" if sock else "bound",
+                 p.proto, _where(p.host_ip, p.host_port))
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:
         """Run a blocking namespace helper (fork + wait) off the loop.
@@ -724,22 +737,62 @@ class AttachmentDaemon:
 
 @dataclass
 class _Pending:
-    """One port mapping on its way to the forwarder."""
+    """One host socket of a port mapping on its way to the forwarder."""
 
     proto: str
     host_ip: str
     host_port: int
     guest_ip: str
     guest_port: int
+    #: The runtime that may reserve this port after ADD (None: bind it at once).
     tree: adopt.CallerTree | None
+    #: An IPv6 socket takes IPv6 clients only (IPv4 ones have their own forward).
+    v6only: bool = False
+    #: The IPv6 half of a mapping without hostIP: skipped on a host without IPv6.
+    optional: bool = False
+
+
+#: What binding an IPv6 socket fails with on a host that has no IPv6 (disabled).
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+
+
+def _binds(m: dict[str, Any], s: dict[str, Any], tree: adopt.CallerTree | None) \
+        -> list[_Pending]:
+    """The host sockets of one mapping, each to the container's address of its family.
+
+    An IPv4 ``hostIP`` is an IPv4 forward, an IPv6 one (only on an ``"ipv6"``
+    network: the plugin checked) an IPv6-only forward, as the portmap plugin
+    matches one family per ``hostIP``. No ``hostIP`` means every address: on an
+    ``"ipv6"`` network an IPv4 forward to the IPv4 address and an IPv6-only ``::``
+    one to the IPv6 address (what ``-p 8080:80`` gives with pasta and with rootful
+    podman's own networks: ``[::1]:8080`` answers too). rootful podman reserves only
+    the IPv4 port of such a mapping, so the ``::`` half is bound at once, and its
+    IPv6-only socket leaves the IPv4 port to that reservation.
+    """
+    host_ip = m["hostIP"]
+    proto, port, cport = m["protocol"], m["hostPort"], m["containerPort"]
+    if ":" in host_ip:
+        return [_Pending(proto, host_ip, port, s["address6"], cport, tree, v6only=True)]
+    binds = [_Pending(proto, host_ip or "0.0.0.0", port, s["address"], cport, tree)]
+    if not host_ip and s.get("ipv6") is True:
+        binds.append(_Pending(proto, "::", port, s["address6"], cport, None, v6only=True,
+                              optional=True))
+    return binds
+
+
+def _where(host_ip: str, port: int) -> str:
+    return f"[{host_ip}]:{port}" if ":" in host_ip else f"{host_ip}:{port}"
 
 
 def _probe_port(proto: str, host_ip: str, host_port: int) -> None:
     """OSError (EADDRINUSE, ...) unless the port could be bound now; it is left free."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, kind) as probe:
+    v6 = ":" in host_ip
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind) as probe:
         if proto == "tcp":  # as the forwarder binds: lingering TIME_WAIT does not count
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6:  # as the forwarder binds it: the IPv4 port is not this socket's business
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         probe.bind((host_ip, host_port))
 
 

@@ -679,8 +679,13 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split("."))
 
 
-def parse_port_mappings(value: Any) -> list[dict[str, Any]]:
-    """``runtimeConfig.portMappings`` as the portmap plugin reads it."""
+def parse_port_mappings(value: Any, network: str = "", ipv6: bool = False) -> list[dict[str, Any]]:
+    """``runtimeConfig.portMappings`` as the portmap plugin reads it.
+
+    ``hostIP`` is "" (every address: both families on an ``"ipv6": true``
+    network), an IPv4 address, or with ``ipv6`` an IPv6 one (:func:`_host_ip6`),
+    returned in its canonical spelling.
+    """
     if value is None:
         return []
     if not isinstance(value, list):
@@ -698,12 +703,44 @@ def parse_port_mappings(value: Any) -> list[dict[str, Any]]:
         if proto not in ("tcp", "udp"):
             raise CniError(ERR_INVALID_CONFIG, f"invalid {where}.protocol: {proto!r}")
         host_ip = m.get("hostIP") or ""
-        if host_ip and _parse_ipv4(host_ip) is None:
+        if not isinstance(host_ip, str):
             raise CniError(ERR_INVALID_CONFIG, f"invalid {where}.hostIP: {host_ip!r} "
-                           "(IPv4 only)")
+                           "(expected an IPv4 or IPv6 address)")
+        if host_ip and ":" in host_ip:
+            host_ip = _host_ip6(host_ip, f"{where}.hostIP", network, ipv6)
+        elif host_ip and _parse_ipv4(host_ip) is None:
+            raise CniError(ERR_INVALID_CONFIG, f"invalid {where}.hostIP: {host_ip!r} "
+                           "(expected an IPv4 or IPv6 address)")
         out.append({"hostPort": host_port, "containerPort": cont_port, "protocol": proto,
                     "hostIP": host_ip})
     return out
+
+
+def _host_ip6(text: str, field: str, network: str, ipv6: bool) -> str:
+    """An IPv6 ``hostIP``: a host address to bind (``::``, ``::1``, one of the host's), as
+    ``inet_ntop`` spells it; only on a network that serves IPv6."""
+    try:
+        canonical = netparams.parse_ipv6(text)
+    except NetParamError:
+        raise CniError(ERR_INVALID_CONFIG, f"invalid {field}: {text!r} (expected an IPv4 "
+                       "or IPv6 address, without brackets)") from None
+    if not ipv6:
+        raise CniError(ERR_INVALID_CONFIG, f"invalid {field}: {text!r} is an IPv6 address, "
+                       f"but network {network} serves IPv4 only (set \"ipv6\": true)")
+    # The canonical text is lower case without leading zeros: a 4-digit first group
+    # fe80..febf is link-local (fe80::/10), ff.. multicast; "::ffff:X:Y" IPv4-mapped.
+    first = canonical.split(":")[0]
+    if "%" in canonical:
+        problem = "a zone (%IFNAME) is not served"
+    elif len(first) == 4 and first[:3] in ("fe8", "fe9", "fea", "feb"):
+        problem = "link-local host addresses are not served (they need a zone)"
+    elif len(first) == 4 and first.startswith("ff"):
+        problem = "a multicast address is no host address"
+    elif canonical.startswith("::ffff:") and canonical.count(":") == 4:
+        problem = "it is IPv4-mapped; use the IPv4 address"
+    else:
+        return canonical
+    raise CniError(ERR_INVALID_CONFIG, f"invalid {field}: {text!r}: {problem}")
 
 
 def parse_settings(conf: dict[str, Any], args: dict[str, str]) -> dict[str, Any]:
@@ -764,7 +801,7 @@ def parse_settings(conf: dict[str, Any], args: dict[str, str]) -> dict[str, Any]
         mac = _parse_mac(runtime["mac"], "runtimeConfig.mac")
     if args.get("MAC"):
         mac = _parse_mac(args["MAC"], "CNI_ARGS MAC")
-    ports = parse_port_mappings(runtime.get("portMappings"))
+    ports = parse_port_mappings(runtime.get("portMappings"), str(name), v6["ipv6"])
     return {
         "network": name, "mtu": mtu, "cidr": cidr, "prefix": prefix,
         "address": _ipv4_text(net + 100), "gateway": _ipv4_text(net + 2),

@@ -46,7 +46,8 @@ Start-up is synchronous and checked: :meth:`BackendManager.ensure` returns
 only once the process wrote its ready byte (the socket listens, so QEMU can
 connect the moment the domain starts) and every declared port was added
 through the back end's private API socket (slirp4netns's ``add_hostfwd``, to
-the guest's DHCP address). Anything failing stops that process again and
+the guest's DHCP address; with IPv6 also ``[::]:PORT`` to the VM's IPv6
+address, see :meth:`BackendManager._forward`). Anything failing stops that process again and
 raises :class:`BackendError` with the reason, so a domain is never returned
 pointing at a back end that is not there.
 
@@ -191,8 +192,9 @@ class BackendManager:
         try:
             self._wait_ready(backend, ready_r)
             self._give_to_qemu(sock)
+            ipv6_ports = iface.network6 is not None and bool(iface.ports) and _pod_has_ipv6()
             for port in iface.ports:
-                self._forward(backend, port.protocol, port.port)
+                self._forward(backend, port.protocol, port.port, ipv6_ports)
         except BaseException:
             self._stop(backend)
             raise
@@ -242,20 +244,31 @@ class BackendManager:
         raise BackendError(f"pyslirp for interface {backend.iface.name} exited with status "
                          f"{status} before it was ready (its log is in the sidecar's)")
 
-    def _forward(self, backend: _Backend, protocol: str, port: int) -> None:
-        try:
-            reply = api_request(backend.api_path, {"execute": "add_hostfwd", "arguments": {
-                "proto": protocol, "host_addr": "0.0.0.0", "host_port": port,
-                "guest_addr": backend.iface.guest_address, "guest_port": port}})
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"interface {backend.iface.name}: cannot forward port "
-                             f"{port}/{protocol.upper()}: {exc}") from None
-        if "return" not in reply:
-            desc = _get_desc(reply)
-            if "slirp_add_hostfwd failed" in desc:
-                desc = "the pod's port is in use"
-            raise BackendError(f"interface {backend.iface.name}: cannot forward port "
-                             f"{port}/{protocol.upper()}: {desc}")
+    def _forward(self, backend: _Backend, protocol: str, port: int, ipv6: bool) -> None:
+        """The pod's ``0.0.0.0:PORT`` to the VM's IPv4 address; with ``ipv6`` also the
+        pod's ``[::]:PORT`` to the VM's IPv6 address.
+
+        The IPv6 forward has no ``guest_addr``: the VM takes its address by SLAAC,
+        and the stack follows the address the VM uses (docs/ipv6.md). Asked for
+        after the IPv4 one, its socket takes IPv6 clients only, so each family
+        reaches the VM's address of that family and keeps its source address.
+        """
+        targets = [("0.0.0.0", backend.iface.guest_address)] + ([("::", "")] if ipv6 else [])
+        for host_addr, guest_addr in targets:
+            where = f"port {port}/{protocol.upper()}" + (" over IPv6" if guest_addr == "" else "")
+            try:
+                reply = api_request(backend.api_path, {"execute": "add_hostfwd", "arguments": {
+                    "proto": protocol, "host_addr": host_addr, "host_port": port,
+                    "guest_addr": guest_addr, "guest_port": port}})
+            except (OSError, ValueError) as exc:
+                raise BackendError(f"interface {backend.iface.name}: cannot forward {where}: "
+                                   f"{exc}") from None
+            if "return" not in reply:
+                desc = _get_desc(reply)
+                if "slirp_add_hostfwd failed" in desc:
+                    desc = "the pod's port is in use"
+                raise BackendError(f"interface {backend.iface.name}: cannot forward {where}: "
+                                   f"{desc}")
 
     def _stop(self, backend: _Backend) -> None:
         with contextlib.suppress(OSError):
@@ -286,6 +299,19 @@ class BackendManager:
         shutil.rmtree(self._run_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(self.data_dir)  # only if empty: never anybody else's files
+
+
+def _pod_has_ipv6() -> bool:
+    """Whether the pod's network namespace has IPv6 sockets at all (a kernel booted with
+    ``ipv6.disable=1`` has none): without, the VM's ports are forwarded over IPv4 only."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError as exc:
+        log.warning("kubevirt: the pod has no IPv6 (%s): the VM's ports are forwarded "
+                    "over IPv4 only", exc.strerror or exc)
+        return False
+    return True
 
 
 def _hardening_flags() -> tuple[str, ...]:

@@ -18,10 +18,10 @@ our ``accept`` while conmon's copy keeps the port reserved. When the engine
 closes its descriptor (DEL), the reservation is podman's/conmon's alone again
 and disappears with conmon.
 
-Finding it: ``/proc/self/net/{tcp,udp}`` lists the sockets of the engine's
-network namespace with their inode; ``/proc/PID/fd/N`` links read
-``socket:[INODE]``. A TCP socket counts when it listens on exactly the
-address and port (a TCP socket that is only bound does not appear in
+Finding it: ``/proc/self/net/{tcp,udp}`` (``tcp6``, ``udp6`` for an IPv6
+address) lists the sockets of the engine's network namespace with their
+inode; ``/proc/PID/fd/N`` links read ``socket:[INODE]``. A TCP socket counts
+when it listens on exactly the address and port (a TCP socket that is only bound does not appear in
 ``/proc/net/tcp``; :func:`find_holder` then inspects the candidates' socket
 descriptors directly when asked to); a UDP socket when it is bound to them and
 not connected.
@@ -41,7 +41,11 @@ the runtime gave us as ``CNI_CONTAINERID``) and that runs as the caller's
 user is a member too. A socket of any other process is never touched: the
 forward then fails with the usual "address already in use".
 
-Not done: IPv6 (the port forwarder is IPv4 only), SCTP.
+IPv6 reservations (``-p [::1]:8080:80``: podman binds an IPv6-only socket) are
+found and taken over the same way; a socket counts when its family is the
+address's and it is bound to exactly that address and port.
+
+Not done: SCTP.
 """
 
 from __future__ import annotations
@@ -171,17 +175,25 @@ class CallerTree:
         return sorted(live, key=lambda p: p != self.pid)
 
 
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 def _hex_addr(addr: str, port: int) -> str:
-    """``addr:port`` as /proc/net/{tcp,udp} spell an IPv4 local address."""
-    return f"{_NATIVE_U32.unpack(socket.inet_aton(addr))[0]:08X}:{port:04X}"
+    """``addr:port`` as /proc/net/{tcp,udp}{,6} spell a local address: the address's
+    32-bit words, each as the native-endian number it is in memory."""
+    packed = socket.inet_pton(_family(addr), addr)
+    words = (_NATIVE_U32.unpack_from(packed, i)[0] for i in range(0, len(packed), 4))
+    return "".join(f"{w:08X}" for w in words) + f":{port:04X}"
 
 
 def socket_inodes(proto: str, addr: str, port: int, net_dir: str = "/proc/self/net") -> set[int]:
     """Inodes of the sockets bound to exactly ``addr:port`` (TCP: listening; UDP: unconnected)."""
     want = _hex_addr(addr, port)
     state = _TCP_LISTEN if proto == "tcp" else _TCP_CLOSE
+    table = proto + ("6" if _family(addr) == socket.AF_INET6 else "")
     found: set[int] = set()
-    with open(os.path.join(net_dir, proto)) as f:
+    with open(os.path.join(net_dir, table)) as f:
         next(f)
         for line in f:
             fields = line.split()
@@ -207,9 +219,13 @@ def _socket_fds(pid: int) -> list[tuple[int, int]]:
 
 def _matches(sock: socket.socket, proto: str, addr: str, port: int) -> bool:
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    family = _family(addr)
     try:
-        return (sock.family == socket.AF_INET and sock.type == kind
-                and sock.getsockname() == (addr, port))
+        if sock.family != family or sock.type != kind:
+            return False
+        bound = sock.getsockname()  # IPv6: (host, port, flowinfo, scope id)
+        return bool(bound[1] == port and socket.inet_pton(family, bound[0])
+                    == socket.inet_pton(family, addr))
     except OSError:
         return False
 

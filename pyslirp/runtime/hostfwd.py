@@ -227,7 +227,7 @@ class HostForwarder:
 
     # ---- the API's calls --------------------------------------------------------------
     def add(self, proto: str, host_addr: str, host_port: int, guest_addr: str,
-            guest_port: int, sock: socket.socket | None = None) -> int:
+            guest_port: int, sock: socket.socket | None = None, v6only: bool = False) -> int:
         """Forward ``host_addr:host_port`` to ``guest_addr:guest_port``; OSError if the
         port cannot be had (EADDRINUSE, EACCES for a privileged port, ...).
 
@@ -241,10 +241,14 @@ class HostForwarder:
         on, for :meth:`remove` too).
 
         ``sock``: serve this socket instead of binding one (a port someone else
-        reserved and handed over, see :mod:`pyslirp.runtime.adopt`): an IPv4
-        socket of the protocol's type bound to exactly ``host_addr:host_port``,
+        reserved and handed over, see :mod:`pyslirp.runtime.adopt`): a socket of
+        ``host_addr``'s family and the protocol's type bound to exactly ``host_addr:host_port``,
         listening for TCP (ValueError otherwise). The forwarder owns it from
         then on (made non-blocking, closed with the forward).
+
+        ``v6only``: a ``::`` socket this binds takes IPv6 peers only, even with no
+        IPv4 forward of its port (the CNI engine serves "every address" as an IPv4
+        and an IPv6 forward, and a runtime may reserve the IPv4 port after it).
         """
         if proto not in ("tcp", "udp"):
             raise ValueError(f"unknown protocol {proto!r}")
@@ -258,10 +262,10 @@ class HostForwarder:
         if sock is not None:
             _check_adopted(sock, kind, host_addr, host_port)
             sock.setblocking(False)
-            if proto == "udp":
+            if proto == "udp" and not host6:
                 sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
         else:
-            v6only = host6 and self._has_ipv4_forward(proto, host_port)
+            v6only = host6 and (v6only or self._has_ipv4_forward(proto, host_port))
             sock = self._bind(proto, kind, host_addr, host_port, v6only)
             host_port = sock.getsockname()[1]  # the kernel's choice for port 0
         guest4, guest6, follow6 = fwd_guest
@@ -620,9 +624,11 @@ class HostForwarder:
 
 def _check_adopted(sock: socket.socket, kind: int, host_addr: str, host_port: int) -> None:
     """A handed-over socket must be what the forward promises to serve."""
-    if sock.family != socket.AF_INET or sock.type != kind:
-        raise ValueError(f"socket is {sock.family!r}/{sock.type!r}, not AF_INET/{kind!r}")
-    bound = sock.getsockname()
+    family = socket.AF_INET6 if ":" in host_addr else socket.AF_INET
+    if sock.family != family or sock.type != kind:
+        raise ValueError(f"socket is {sock.family.name}/{sock.type.name}, not "
+                         f"{family.name}/{socket.SocketKind(kind).name}")
+    bound = sock.getsockname()[:2]  # IPv6: (host, port, flowinfo, scope id)
     if bound != (host_addr, host_port):
         raise ValueError(f"socket is bound to {bound[0]}:{bound[1]}, not "
                          f"{host_addr}:{host_port}")

@@ -224,6 +224,67 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
         again.listen(1)
 
 
+def _http_get_from(addr: str, port: int) -> bytes | None:
+    try:
+        with socket.create_connection((addr, port), timeout=5) as c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+            return data
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("reservation", [True, False], ids=["reserved", "unreserved"])
+@pytest.mark.parametrize(("publish", "clients"), [
+    ("127.0.0.1:{port}:80", ("127.0.0.1",)),
+    ("[::1]:{port}:80", ("::1",)),
+    ("{port}:80", ("127.0.0.1", "::1")),
+], ids=["ipv4-loopback", "ipv6-loopback", "every-address"])
+def test_podman_publish_on_an_ipv6_network(podman: Any, reservation: bool, publish: str,
+                                           clients: tuple[str, ...]) -> None:
+    """On an ``"ipv6": true`` network ``-p [::1]:PORT:80`` reaches busybox httpd in the
+    container from the host's ``[::1]``, and ``-p PORT:80`` from ``127.0.0.1`` and
+    ``[::1]`` alike (as with pasta and rootful podman's own networks). With podman's
+    reservation on, the engine serves podman's own socket of an IPv6 ``hostIP`` (the
+    engine log says so); without it, it binds the port itself once conmon runs."""
+    if not reservation:
+        with open(podman.conf, "a") as f:
+            f.write("[engine]\nenable_port_reservation = false\n")
+        podman.env["PYSLIRP_CNI_ADOPT_WAIT"] = "600"
+    podman.add_network("slirp6p", ipv6=True, capabilities={"portMappings": True})
+    port = free_port()
+    www = os.path.join(podman.rootfs, "www")
+    os.makedirs(www)
+    with open(os.path.join(www, "index.html"), "w") as f:
+        f.write("published over IPv6\n")
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(podman, "-p", publish.format(port=port),
+                              "httpd -p 80 -h /www && "
+                              "while [ ! -e /www/stop ]; do busybox sleep 0.1; done",
+                              network="slirp6p")
+        try:
+            for addr in clients:
+                assert wait_until(lambda a=addr: b"published over IPv6"  # type: ignore[misc]
+                                  in (_http_get_from(a, port) or b"") or running.done(), 120)
+                assert not running.done(), running.result().stderr
+            with open(os.path.join(podman.rundir, "engine.log")) as f:
+                log = f.read()
+        finally:
+            open(os.path.join(www, "stop"), "w").close()
+        done = running.result()
+    assert done.returncode == 0, done.stderr
+    if reservation:
+        where = publish.format(port=port).rsplit(":", 1)[0]
+        where = where if ":" in where else f"0.0.0.0:{port}"
+        assert f"took over tcp port {where}" in log, log
+    rundir = podman.rundir
+    assert wait_until(lambda: os.listdir(os.path.join(rundir, "attachments")) == [], 30)
+    for addr in clients:
+        assert _http_get_from(addr, port) is None
+
+
 def test_podman_publish_of_a_port_someone_else_holds_fails_cleanly(podman: Any) -> None:
     """A port held by a process outside podman's own process tree (here: the test) is
     never taken over: podman fails with "address already in use" naming the port, and

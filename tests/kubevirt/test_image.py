@@ -218,7 +218,9 @@ def _boot_guest(side: PodSidecar, nic: list[str], kernel_files: tuple[Path, Path
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         fetched, err = client.communicate(timeout=120)
         assert client.returncode == 0, err
-        assert fetched.split() == [str(256 * 1024), served]
+        # Over the pod's IPv4 and IPv6 loopback (the image's stacks serve IPv6 by default).
+        assert fetched.split() == ["127.0.0.1", str(256 * 1024), served,
+                                   "[::1]", str(256 * 1024), served]
         con.wait_for(r"^VM: done", qemu, 60)
         assert qemu.wait(timeout=60) == 0, (tmp_path / "qemu.log").read_text()
     finally:

@@ -64,7 +64,7 @@ class Sidecar:
         table = Path(f"/proc/{self.proc.pid}/net/{kind}").read_text().splitlines()[1:]
         want = f":{port:04X}"
         return any(line.split()[1].endswith(want) and
-                   (kind == "udp" or line.split()[3] == "0A") for line in table)
+                   (kind.startswith("udp") or line.split()[3] == "0A") for line in table)
 
 
 @pytest.fixture
@@ -170,9 +170,11 @@ def test_on_define_domain_starts_a_stack_and_points_qemu_at_it(
     assert sock.is_socket() and (st.st_uid, st.st_gid, st.st_mode & 0o777) == (107, 107, 0o600)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as qemu:
         qemu.connect(str(sock))
-    # The VMI's ports are forwarded in the pod's (here: the sidecar's) network namespace.
-    assert sidecar.listening("tcp", 8080) and sidecar.listening("tcp", 2222)
-    assert sidecar.listening("udp", 5353)
+    # The VMI's ports are forwarded in the pod's (here: the sidecar's) network namespace,
+    # over IPv4 and IPv6 (IPv6 is on by default).
+    for kind in ("tcp", "tcp6"):
+        assert sidecar.listening(kind, 8080) and sidecar.listening(kind, 2222)
+    assert sidecar.listening("udp", 5353) and sidecar.listening("udp6", 5353)
     # The hook directory holds only the hook socket and the data subdirectory.
     assert sorted(p.name for p in sidecar.hooks.iterdir()) == ["pyslirp", "slirp.sock"]
     [pid] = sidecar.pyslirp_pids()
@@ -200,6 +202,9 @@ def test_stacks_serve_ipv6_unless_disabled(sidecar: Sidecar, protos: SimpleNames
         with run_sidecar(short, "--disable-ipv6") as v4only:
             v4only.define(protos, domain_xml, vmi_json)
             assert not any(a == "-6" or a.startswith("--cidr6") for a in _stack_args(v4only))
+            # The VMI's ports over IPv4 only.
+            assert v4only.listening("tcp", 8080) and not v4only.listening("tcp6", 8080)
+            assert v4only.listening("udp", 5353) and not v4only.listening("udp6", 5353)
     finally:
         shutil.rmtree(short)
 
@@ -243,19 +248,27 @@ def test_bad_input_is_a_clear_error_and_starts_nothing(
     assert not sidecar.data.exists() or not list(sidecar.data.iterdir())
 
 
+@pytest.mark.parametrize(("bind", "message"), [
+    ("s=socket.socket(); s.bind(('0.0.0.0',8080))",
+     "cannot forward port 8080/TCP: the pod's port is in use"),
+    ("s=socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, "
+     "socket.IPV6_V6ONLY, 1); s.bind(('::',8080))",
+     "cannot forward port 8080/TCP over IPv6: the pod's port is in use"),
+], ids=["ipv4", "ipv6"])
 def test_a_port_in_use_fails_and_leaves_no_stack(sidecar: Sidecar, protos: SimpleNamespace,
-                                                 domain_xml: bytes, vmi_json: bytes) -> None:
-    # Somebody in the pod already listens on 8080.
+                                                 domain_xml: bytes, vmi_json: bytes,
+                                                 bind: str, message: str) -> None:
+    # Somebody in the pod already listens on 8080 (on IPv4, or on IPv6 only).
     squatter = subprocess.Popen(
         ["nsenter", f"--net=/proc/{sidecar.proc.pid}/ns/net", sys.executable, "-c",
-         "import socket,sys,time; s=socket.socket(); s.bind(('0.0.0.0',8080)); s.listen(); "
+         f"import socket,sys,time; {bind}; s.listen(); "
          "print('ok',flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert squatter.stdout is not None and squatter.stdout.readline().strip() == "ok"
         with pytest.raises(grpc.RpcError) as err:
             sidecar.define(protos, domain_xml, vmi_json)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "cannot forward port 8080/TCP" in err.value.details()
+        assert message in err.value.details()
         assert not sidecar.pyslirp_pids()
     finally:
         squatter.kill()

@@ -8,7 +8,8 @@ the pod's loopback through 10.0.2.2, take a SLAAC address from the stack's
 router advertisements (IPv6 is on by default, as under QEMU's own user
 networking) and fetch from the pod's ``::1`` through ``[fd00::2]``, and serve
 a port that a client in the pod reaches through the forward the sidecar set up
-from the VMI's ``ports``.
+from the VMI's ``ports``, over IPv4 and IPv6 (the pod's ``[::1]`` reaches the
+VM's SLAAC address).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def in_pod(side: Sidecar, *args: str, **kw: object) -> subprocess.Popen[str]:
 
 FETCH = """
 import hashlib, socket, sys, urllib.request
-body = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/guest.bin", timeout=60).read()
-print(len(body), hashlib.sha256(body).hexdigest(), flush=True)
+for host in ("127.0.0.1", "[::1]"):
+    url = f"http://{host}:{sys.argv[1]}/guest.bin"
+    body = urllib.request.urlopen(url, timeout=60).read()
+    print(host, len(body), hashlib.sha256(body).hexdigest(), flush=True)
 socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=30).close()
 """
 
@@ -95,7 +98,10 @@ def test_vm_runs_on_the_domain_the_sidecar_returned(
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         fetched, err = client.communicate(timeout=120)
         assert client.returncode == 0, err
-        assert fetched.split() == [str(256 * 1024), served]
+        # The same file over the pod's IPv4 and IPv6 loopback: the ports are forwarded
+        # to the VM's IPv4 address and to the IPv6 address it took by SLAAC.
+        assert fetched.split() == ["127.0.0.1", str(256 * 1024), served,
+                                   "[::1]", str(256 * 1024), served]
         con.wait_for(r"^VM: done", qemu, 60)
         assert qemu.wait(timeout=60) == 0
     finally:

@@ -25,10 +25,13 @@ from tests.runtime.test_hostfwd import GPORT, GUEST, Rig
 
 HOLDER = r"""
 import socket, sys
-proto, listen = sys.argv[1], sys.argv[2] == "1"
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+proto, listen, addr = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", 0))
+if family == socket.AF_INET6:  # as podman's reservation of an IPv6 hostIP
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind((addr, 0))
 if listen and proto == "tcp":
     s.listen(8)
 print(s.getsockname()[1], flush=True)
@@ -40,8 +43,9 @@ class Holder:
     """A child process holding a socket on a loopback port until closed."""
 
     def __init__(self, proto: str = "tcp", listen: bool = True, detach: bool = False,
-                 python: str = sys.executable, extra: tuple[str, ...] = ()) -> None:
-        argv = [python, "-c", HOLDER, proto, "1" if listen else "0", *extra]
+                 python: str = sys.executable, extra: tuple[str, ...] = (),
+                 addr: str = "127.0.0.1") -> None:
+        argv = [python, "-c", HOLDER, proto, "1" if listen else "0", addr, *extra]
         if detach:
             # Outside our process tree: a double fork, so its parent is not us.
             argv = ["setsid", "-f", *argv]
@@ -50,9 +54,10 @@ class Holder:
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
         self.proto = proto
+        self.addr = addr
 
     def listening(self) -> bool:
-        return bool(adopt.socket_inodes(self.proto, "127.0.0.1", self.port))
+        return bool(adopt.socket_inodes(self.proto, self.addr, self.port))
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -93,6 +98,48 @@ def test_socket_inodes_finds_exactly_the_listening_tcp_and_bound_udp_socket() ->
         connected.connect(("127.0.0.1", uport))
         cport = connected.getsockname()[1]
         assert adopt.socket_inodes("udp", "127.0.0.1", cport) == set()  # connected: no server
+
+
+def test_socket_inodes_finds_ipv6_sockets_by_exact_address() -> None:
+    with socket.socket(socket.AF_INET6) as tcp, \
+            socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp, socket.socket() as tcp4:
+        tcp.bind(("::1", 0))
+        port = tcp.getsockname()[1]
+        tcp.listen(1)
+        assert adopt.socket_inodes("tcp", "::1", port) == {os.fstat(tcp.fileno()).st_ino}
+        assert adopt.socket_inodes("tcp", "0:0::1", port) == {os.fstat(tcp.fileno()).st_ino}
+        assert adopt.socket_inodes("tcp", "::", port) == set()  # another address
+        tcp4.bind(("127.0.0.1", port))
+        tcp4.listen(1)  # the same port over IPv4 is another socket
+        assert adopt.socket_inodes("tcp", "127.0.0.1", port) == {os.fstat(tcp4.fileno()).st_ino}
+        assert adopt.socket_inodes("tcp", "::1", port) == {os.fstat(tcp.fileno()).st_ino}
+        udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        udp.bind(("::", 0))
+        uport = udp.getsockname()[1]
+        assert adopt.socket_inodes("udp", "::", uport) == {os.fstat(udp.fileno()).st_ino}
+        assert adopt.socket_inodes("udp", "0.0.0.0", uport) == set()
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_childs_ipv6_socket_is_taken_over_and_serves(holders: Any, proto: str) -> None:
+    h = holders(proto, addr="::1")
+    tree = adopt.CallerTree(os.getpid())
+    assert adopt.adopt(proto, "127.0.0.1", h.port, tree) is None  # not that family's port
+    sock = adopt.adopt(proto, "::1", h.port, tree)
+    assert sock is not None and sock.family == socket.AF_INET6
+    with sock:
+        sock.settimeout(5)
+        if proto == "tcp":
+            with socket.create_connection(("::1", h.port), timeout=5) as client:
+                conn, _peer = sock.accept()
+                with conn:
+                    client.sendall(b"ping")
+                    assert conn.recv(4) == b"ping"
+        else:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as peer:
+                peer.sendto(b"datagram", ("::1", h.port))
+                assert sock.recvfrom(100)[0] == b"datagram"
+    assert h.listening()
 
 
 def test_a_childs_listening_socket_is_taken_over_and_serves_connections(holders: Any) -> None:
@@ -245,9 +292,31 @@ def test_forwarder_refuses_a_socket_that_is_not_what_the_forward_says(rig: Rig) 
         s.listen(1)
         with pytest.raises(ValueError, match="bound to"):
             rig.fwd.add("tcp", "127.0.0.1", port + 1, GUEST, GPORT, sock=s)
-        with pytest.raises(ValueError, match="not AF_INET"):
+        with pytest.raises(ValueError, match="not AF_INET/SOCK_DGRAM"):
             rig.fwd.add("udp", "127.0.0.1", port, GUEST, GPORT, sock=s)
     assert rig.fwd.forwards == {}
+
+
+def test_forwarder_serves_an_adopted_ipv6_listener(holders: Any) -> None:
+    from scapy.layers.inet6 import IPv6
+
+    from tests.runtime.test_hostfwd import Rig6
+    rig6 = Rig6()
+    try:
+        h = holders("tcp", addr="::1")
+        sock = adopt.adopt("tcp", "::1", h.port, adopt.CallerTree(os.getpid()))
+        assert sock is not None
+        with pytest.raises(ValueError, match="bound to"):  # not the address it says
+            rig6.fwd.add("tcp", "::", h.port, "fd00::100", GPORT, sock=sock)
+        rig6.fwd.add("tcp", "::1", h.port, "fd00::100", GPORT, sock=sock)
+        rig6.know_guest()
+        with socket.create_connection(("::1", h.port), timeout=5):
+            syn = rig6.wait_frame(lambda f: bool(f.haslayer("TCP") and f["TCP"].flags == "S"))
+        assert (syn[IPv6].src, syn[IPv6].dst) == ("fd00::2", "fd00::100")
+        rig6.fwd.remove("tcp", "::1", h.port)
+        assert h.listening()  # the holder's reservation stays
+    finally:
+        rig6.close()
 
 
 def test_forwarder_serves_an_adopted_udp_socket(rig: Rig, holders: Any) -> None:
@@ -260,3 +329,17 @@ def test_forwarder_serves_an_adopted_udp_socket(rig: Rig, holders: Any) -> None:
         peer.sendto(b"to the guest", ("127.0.0.1", h.port))
         frame = rig.wait_frame(lambda f: bool(f.haslayer("UDP") and f["UDP"].dport == GPORT))
     assert bytes(frame["UDP"].payload) == b"to the guest"
+
+
+def test_an_ipv6_only_wildcard_forward_leaves_the_ipv4_port_to_a_reservation() -> None:
+    # The CNI engine binds the IPv6 half of "every address" at ADD, before rootful podman
+    # reserves the IPv4 port: a dual-stack "::" would take that port from podman.
+    from tests.runtime.test_hostfwd import Rig6
+    rig6 = Rig6()
+    try:
+        port = rig6.fwd.add("tcp", "::", 0, "fd00::100", GPORT, v6only=True)
+        with socket.socket() as reservation:
+            reservation.bind(("0.0.0.0", port))
+            reservation.listen(1)
+    finally:
+        rig6.close()
