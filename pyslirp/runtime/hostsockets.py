@@ -67,6 +67,10 @@ _SOCK_EE = struct.Struct("=IBBBBII")
 _SO_EE_ORIGIN_ICMP = 2
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+# <linux/udp.h>: UDP generic segmentation offload (send side), Linux 4.18.
+_SOL_UDP = getattr(socket, "SOL_UDP", 17)
+_UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+_U16_NATIVE = struct.Struct("=H")
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 #: Seconds between two warnings that a host socket could not be made.
 SOCKET_WARNING_INTERVAL = 60.0
@@ -394,14 +398,36 @@ class HostSockets:
         self.loop.add_reader(sock.fileno(), self._udp_readable, flow, sock)
         return True
 
-    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any) -> None:
+    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any, segment: int = 0) -> None:
         sock: socket.socket | None = flow.host_handle
         if sock is None:
+            return
+        if segment:
+            self._udp_send_segments(sock, dst, data, segment)
             return
         try:
             sock.sendto(data, dst)
         except OSError:
             self.stack.link.count("drop.udp.host_send")
+
+    def _udp_send_segments(self, sock: socket.socket, dst: tuple[str, int], data: Any,
+                           segment: int) -> None:
+        """Datagrams of ``segment`` bytes (the last may be shorter) laid end to end in
+        ``data``: one sendmsg with ``UDP_SEGMENT``, so the kernel cuts them exactly
+        where the guest's did. Where it refuses (no UDP GSO, a path MTU below the
+        segment, a pending ICMP error reported instead), one sendto each."""
+        try:
+            sock.sendmsg([data], [(_SOL_UDP, _UDP_SEGMENT, _U16_NATIVE.pack(segment))], 0, dst)
+            return
+        except OSError:
+            pass
+        view = memoryview(data)
+        count = self.stack.link.count
+        for start in range(0, len(view), segment):
+            try:
+                sock.sendto(view[start:start + segment], dst)
+            except OSError:
+                count("drop.udp.host_send")
 
     def _udp_readable(self, flow: Any, sock: socket.socket) -> None:
         now = self.loop.time()

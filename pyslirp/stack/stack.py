@@ -13,6 +13,12 @@ Ethernet, learns the guest's MAC, answers ARP itself, and demultiplexes IPv4:
 * TCP goes to the TCP engine (which also carries DNS over TCP, through the
   address policy below); ICMP to the ICMP engine.
 
+A UDP super-frame (vnet ``GSO_UDP_L4``: a guest socket sent with
+``UDP_SEGMENT`` and the TAP offers USO) is told apart by the header's gso_type
+before anything else and goes to the UDP NAT with its ``gso_size``, which keeps
+the datagrams apart; to the DHCP server, the DNS forwarder or broadcast, where
+no real client sends segmented, it is dropped (``drop.udp.segmented_local``).
+
 Malformed frames raise :class:`MalformedPacket` inside the wire views; they
 are caught here, counted by kind (``drop.malformed.<layer>``) and dropped, so
 one bad frame never disturbs another flow.
@@ -87,6 +93,8 @@ from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Packet
 from pyslirp.wire.udp import UdpDatagram
 
 _CSUM_TRUSTED = vnet.F_NEEDS_CSUM | vnet.F_DATA_VALID
+#: The vnet header's gso_type without its ECN bit.
+_GSO_TYPE = ~vnet.GSO_ECN & 0xFF
 _LOOPBACK = "127.0.0.1"
 _LOOPBACK6 = "::1"
 _IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
@@ -94,6 +102,7 @@ _UNSPECIFIED6 = bytes(16)
 _LOOPBACK6_ADDR = bytes(15) + b"\x01"
 _DHCP_SERVER_PORT = 67
 _DNS_PORT = 53
+_DHCP_PORT_BYTES = _DHCP_SERVER_PORT.to_bytes(2, "big")
 #: At most one traceback per exception type in this many seconds (see the module doc).
 ERROR_LOG_INTERVAL = 10.0
 
@@ -210,6 +219,9 @@ class Stack:
             if self._vnet:
                 if len(frame) < vnet.HEADER_LEN:
                     raise MalformedPacket("vnet: short frame")
+                if frame[1] & _GSO_TYPE == vnet.GSO_UDP_L4:
+                    self._receive_udp_segments(frame, now)
+                    return
                 trusted = bool(frame[0] & _CSUM_TRUSTED)
                 frame = frame[vnet.HEADER_LEN:]
             else:
@@ -269,6 +281,37 @@ class Stack:
             self.dns.handle_query(ip, udp, now)
         else:
             self.udp.handle(ip, now, trusted)
+
+    def _receive_udp_segments(self, frame: memoryview, now: float) -> None:
+        """A UDP super-frame (vnet GSO_UDP_L4, USO): a guest socket with ``UDP_SEGMENT``
+        sent datagrams of ``gso_size`` bytes each (the last may be shorter) that its
+        kernel left for us to cut. Only the UDP NAT takes them, and it keeps them
+        apart (one datagram each for the host); DHCP, DNS and broadcast never see
+        segmented sends from a real client, so such frames are dropped and counted."""
+        link = self.link
+        gso_size = vnet.unpack(frame)[3]
+        if gso_size == 0:
+            raise MalformedPacket("vnet: UDP segmentation with gso_size 0")
+        eth = ethernet.EthernetFrame(frame[vnet.HEADER_LEN:])
+        ethertype = eth.ethertype
+        if ethertype == ethernet.ETHERTYPE_IPV4:
+            ip = Ipv4Packet(eth.payload)
+            dst = ip.dst
+            if (ip.proto != PROTO_UDP or dst == self._dns or dst == self._broadcast
+                    or ip.payload[2:4] == _DHCP_PORT_BYTES):
+                link.count("drop.udp.segmented_local")
+                return
+            self.udp.handle(ip, now, True, gso_size)
+        elif ethertype == ethernet.ETHERTYPE_IPV6 and self.ndp is not None:
+            ip6 = ipv6.Ipv6Packet(eth.payload)
+            if (ip6.proto != ipv6.PROTO_UDP or ip6.dst == self._dns6
+                    or ipv6.is_multicast(ip6.dst)):
+                link.count("drop.udp.segmented_local")
+                return
+            self.ndp.guest_seen(ip6, now)
+            self.udp.handle6(ip6, udp6_datagram(ip6, verify_checksum=False), now, gso_size)
+        else:
+            link.count("drop.ethertype")
 
     def _receive_ipv6(self, ip: ipv6.Ipv6Packet, now: float, trusted: bool, src_mac: bytes,
                       ndp: NdpEngine) -> None:

@@ -9,6 +9,14 @@ that socket (``host.udp_send``). So the guest's port keeps one host port for
 all its peers (endpoint-independent mapping, RFC 4787 REQ-1), which is what
 STUN, QUIC migration and DNS resolvers that talk to several servers expect.
 
+A guest socket with ``UDP_SEGMENT`` writes several datagrams in one call, and
+over a TAP that offers USO (TUN_F_USO4/6) its kernel hands them to us as one
+super-frame (vnet ``GSO_UDP_L4``, ``gso_size``): :meth:`UdpEngine.handle` gets
+``segment`` and the host is asked to send that many datagrams, each
+``segment`` bytes but the last (``host.udp_send(..., segment)``, one sendmsg
+with ``UDP_SEGMENT`` in the runtime). The application's datagram boundaries
+are kept exactly: never one datagram for the whole frame, never cut elsewhere.
+
 Destinations go through the stack's address policy once per (flow,
 destination) and the answer is cached in the flow: the gateway means the
 host's loopback (unless ``disable_host_loopback``), the DNS address is not
@@ -206,8 +214,12 @@ class UdpEngine:
         return len(self.flows)
 
     # ---- guest -> host -----------------------------------------------------------
-    def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool) -> None:
-        """A UDP packet from the guest (whole, not a fragment) to NAT to the host."""
+    def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool,
+               segment: int = 0) -> None:
+        """A UDP packet from the guest (whole, not a fragment) to NAT to the host.
+
+        ``segment``: the packet is a USO super-frame of datagrams of that size
+        (the last may be shorter; see :meth:`_from_guest`)."""
         link = self.link
         if ip.is_fragment:
             link.count("drop.udp.fragment")
@@ -226,9 +238,10 @@ class UdpEngine:
         if sport == 0 or dport == 0 or src[0] == 0 or src[0] >= 224:
             link.count("drop.udp.bad_address")
             return
-        self._from_guest(src, sport, dst, dport, dgram.payload, now)
+        self._from_guest(src, sport, dst, dport, dgram.payload, now, segment)
 
-    def handle6(self, ip: ipv6.Ipv6Packet, dgram: wire_udp.UdpDatagram, now: float) -> None:
+    def handle6(self, ip: ipv6.Ipv6Packet, dgram: wire_udp.UdpDatagram, now: float,
+                segment: int = 0) -> None:
         """A UDP/IPv6 datagram from the guest (parsed and its checksum checked by the
         stack, which also kept multicast away) to NAT to the host."""
         src = ip.src
@@ -236,11 +249,15 @@ class UdpEngine:
         if sport == 0 or dport == 0 or src == bytes(16) or ipv6.is_multicast(src):
             self.link.count("drop.udp.bad_address")
             return
-        self._from_guest(src, sport, ip.dst, dport, dgram.payload, now)
+        self._from_guest(src, sport, ip.dst, dport, dgram.payload, now, segment)
 
     def _from_guest(self, src: bytes, sport: int, dst: bytes, dport: int, payload: Buffer,
-                    now: float) -> None:
-        """Send a guest's datagram from its flow's host socket (IPv4 and IPv6 alike)."""
+                    now: float, segment: int = 0) -> None:
+        """Send a guest's datagram from its flow's host socket (IPv4 and IPv6 alike).
+
+        With ``segment`` the payload is several datagrams laid end to end, each
+        ``segment`` bytes but the last (a USO super-frame); the host sends them
+        as that many datagrams (``udp_send``'s ``segment``), never as one."""
         flow = self.flows.get((src, sport))
         dkey = (dst, dport)
         if flow is None:
@@ -265,7 +282,9 @@ class UdpEngine:
         if dport != _DNS_PORT:
             flow.dns_only = False
         flow.last_active = now
-        self.host.udp_send(flow, target, payload)
+        if segment and segment >= len(payload):
+            segment = 0  # a single datagram: nothing to cut
+        self.host.udp_send(flow, target, payload, segment)
 
     def _target(self, dst: bytes, dport: int) -> _Target | None:
         targets = self.policy(dst, dport)

@@ -248,8 +248,10 @@ class ModelHost:
         self.udp.append(flow)
         return True
 
-    def udp_send(self, flow: Any, dst: tuple[str, int], data: Buffer) -> None:
+    def udp_send(self, flow: Any, dst: tuple[str, int], data: Buffer, segment: int = 0) -> None:
         self.calls += 1
+        if segment and not 0 < segment < len(data):
+            raise Violation(f"udp_send: segment {segment} for {len(data)} bytes")
         if flow not in self.udp:
             raise Violation(f"udp_send on a closed UDP flow {flow!r}")
 
