@@ -110,7 +110,6 @@ from pyslirp.stack.timers import Timers
 from pyslirp.wire import icmp, ipv4, ipv6, vnet
 from pyslirp.wire import udp as wire_udp
 from pyslirp.wire.checksum import checksum, finish, partial_sum, pseudo_header_sum
-from pyslirp.wire.errors import MalformedPacket
 from pyslirp.wire.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6
 from pyslirp.wire.frame import ETH_IPV4_UDP, ETH_IPV6_UDP, IPV6_VERSION_WORD, L4_START6
 from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_UDP, Ipv4Packet
@@ -125,6 +124,8 @@ MAX_PEERS_PER_FLOW = 256
 MAX_PAYLOAD = 65507
 _DNS_PORT = 53
 _DHCP_SERVER_PORT = 67
+#: IPv4 flags_frag bits that make a packet a fragment (MF, the offset).
+_FRAGMENT_BITS = ipv4.FLAG_MF | ipv4.OFFSET_MASK
 
 _UDP_HEADER = struct.Struct("!HHHH")
 _U16 = struct.Struct("!H")
@@ -237,24 +238,34 @@ class UdpEngine:
         ``segment``: the packet is a USO super-frame of datagrams of that size
         (the last may be shorter; see :meth:`_from_guest`)."""
         link = self.link
-        if ip.is_fragment:
+        if ip.flags_frag & _FRAGMENT_BITS:
             link.count("drop.udp.fragment")
             return
         src, dst = ip.src, ip.dst
-        try:
-            dgram = wire_udp.UdpDatagram(ip.payload, src, dst,
-                                         verify_checksum=not checksum_verified)
-        except MalformedPacket:
+        # The UDP header inline (wire.udp.UdpDatagram's checks, fewer calls: this is
+        # the per-datagram path, guarded by tests/hotpath_budget.json).
+        data = ip.payload
+        size = len(data)
+        if size < wire_udp.HEADER_LEN:
             link.count("drop.malformed.udp")
             return
-        sport, dport = dgram.src_port, dgram.dst_port
+        sport, dport, length, csum = _UDP_HEADER.unpack_from(data)
+        if length < wire_udp.HEADER_LEN or length > size:
+            link.count("drop.malformed.udp")
+            return
+        if length != size:
+            data = data[:length]
+        if not checksum_verified and csum and partial_sum(
+                data, pseudo_header_sum(src, dst, PROTO_UDP, length)):
+            link.count("drop.malformed.udp")
+            return
         if dst[0] >= 224 or dst == self._broadcast:
             link.count("drop.udp.broadcast")
             return
         if sport == 0 or dport == 0 or src[0] == 0 or src[0] >= 224:
             link.count("drop.udp.bad_address")
             return
-        self._from_guest(src, sport, dst, dport, dgram.payload, now, segment)
+        self._from_guest(src, sport, dst, dport, data[wire_udp.HEADER_LEN:], now, segment)
 
     def handle6(self, ip: ipv6.Ipv6Packet, dgram: wire_udp.UdpDatagram, now: float,
                 segment: int = 0) -> None:
@@ -389,27 +400,30 @@ class UdpEngine:
         if flow.closed:
             link.count("drop.udp.closed_flow")
             return
-        if len(data) > MAX_PAYLOAD:
+        size = len(data)
+        if size > MAX_PAYLOAD:
             link.count("drop.udp.oversize")
             return
-        origin = self._origin(flow, src_ip, src_port)
+        origin = flow.origins.get((src_ip, src_port))
         if origin is None:
-            link.count("drop.udp.loopback_source")
-            return
+            origin = self._origin(flow, src_ip, src_port)
+            if origin is None:
+                link.count("drop.udp.loopback_source")
+                return
         flow.last_active = now
         if flow.v6:
-            if len(data) + _IP6_UDP_LEN <= link.mtu:
-                self._send_whole6(flow, origin, data)
+            if size + _IP6_UDP_LEN <= link.mtu:
+                self._send_whole6(flow, origin, data, size)
             else:
                 link.count("drop.udp.oversize6")
             return
-        if len(data) + _IP_UDP_LEN <= link.mtu:
-            self._send_whole(flow, origin, data)
+        if size + _IP_UDP_LEN <= link.mtu:
+            self._send_whole(flow, origin, data, size)
             return
         datagram = wire_udp.build(origin[0], origin[1], flow.guest_ip, flow.guest_port, data)
         send_fragmented(link, origin[0], flow.guest_ip, PROTO_UDP, datagram)
 
-    def _send_whole(self, flow: UdpFlow, origin: _Origin, data: Buffer) -> None:
+    def _send_whole(self, flow: UdpFlow, origin: _Origin, data: Buffer, size: int) -> None:
         """The hot path: one frame, headers in one buffer, the payload not copied.
 
         With offloads the UDP checksum is left to the guest's kernel (vnet
@@ -422,7 +436,7 @@ class UdpEngine:
             return
         src, sport = origin
         dst = flow.guest_ip
-        ulen = wire_udp.HEADER_LEN + len(data)
+        ulen = wire_udp.HEADER_LEN + size
         pseudo = pseudo_header_sum(src, dst, PROTO_UDP, ulen)
         off = vnet.HEADER_LEN if link.vnet_hdr else 0
         head = bytearray(off + _FRAME_LEN)
@@ -440,7 +454,7 @@ class UdpEngine:
             _U16.pack_into(head, off + _UDP_CSUM, finish(total))
         link.send_frame((head, data))
 
-    def _send_whole6(self, flow: UdpFlow, origin: _Origin, data: Buffer) -> None:
+    def _send_whole6(self, flow: UdpFlow, origin: _Origin, data: Buffer, size: int) -> None:
         """:meth:`_send_whole` over IPv6 (no IP header checksum; the UDP one is mandatory)."""
         link = self.link
         mac = link.guest_mac
@@ -449,7 +463,7 @@ class UdpEngine:
             return
         src, sport = origin
         dst = flow.guest_ip
-        ulen = wire_udp.HEADER_LEN + len(data)
+        ulen = wire_udp.HEADER_LEN + size
         pseudo = ipv6.pseudo_header_sum(src, dst, PROTO_UDP, ulen)
         off = vnet.HEADER_LEN if link.vnet_hdr else 0
         head = bytearray(off + _FRAME6_LEN)
