@@ -410,22 +410,22 @@ class HostSockets:
         except OSError:
             self.stack.link.count("drop.udp.host_send")
 
-    def _udp_send_segments(self, sock: socket.socket, dst: tuple[str, int], data: Any,
-                           segment: int) -> None:
+    def _udp_send_segments(self, sock: socket.socket, dst: tuple[str, int],
+                           data: list[Any], segment: int) -> None:
         """Datagrams of ``segment`` bytes (the last may be shorter) laid end to end in
-        ``data``: one sendmsg with ``UDP_SEGMENT``, so the kernel cuts them exactly
-        where the guest's did. Where it refuses (no UDP GSO, a path MTU below the
-        segment, a pending ICMP error reported instead), one sendto each."""
+        the buffers ``data``: one sendmsg with ``UDP_SEGMENT``, so the kernel cuts
+        them exactly where the guest's did. Where it refuses (no UDP GSO, a path MTU
+        below the segment, a pending ICMP error reported instead), one sendto each."""
         try:
-            sock.sendmsg([data], [(_SOL_UDP, _UDP_SEGMENT, _U16_NATIVE.pack(segment))], 0, dst)
+            sock.sendmsg(data, [(_SOL_UDP, _UDP_SEGMENT, _U16_NATIVE.pack(segment))], 0, dst)
             return
         except OSError:
             pass
-        view = memoryview(data)
+        whole = memoryview(b"".join(data))
         count = self.stack.link.count
-        for start in range(0, len(view), segment):
+        for start in range(0, len(whole), segment):
             try:
-                sock.sendto(view[start:start + segment], dst)
+                sock.sendto(whole[start:start + segment], dst)
             except OSError:
                 count("drop.udp.host_send")
 

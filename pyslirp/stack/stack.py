@@ -156,6 +156,7 @@ class Stack:
         self.dhcp = DhcpServer(config, self.link)
         self.tcp = TcpEngine(config, self.link, host, self.timers, self.host_targets)
         self.udp = UdpEngine(config, self.link, host, self.timers, self.host_targets)
+        self.udp.batching = True  # flush() sends what a batch of frames held back
         self.icmp = IcmpEngine(config, self.link, host, self.timers, self.host_targets)
         self.frag = Reassembler(self.link, self.timers)
         self._vnet = config.vnet_hdr
@@ -366,6 +367,8 @@ class Stack:
     # ---- the runtime's other calls ------------------------------------------------
     def flush(self, now: float) -> None:
         """End of a batch of frames: send what engines held back to coalesce."""
+        if self.udp.pending is not None:
+            self.udp.send_pending()
         self.tcp.flush(now)
 
     def run_timers(self, now: float) -> None:

@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import struct
 from ipaddress import IPv4Address
+from typing import Any
 
 from pyslirp.stack.admission import TokenBucket
 from pyslirp.stack.config import NetConfig
@@ -124,6 +125,10 @@ MAX_PEERS_PER_FLOW = 256
 MAX_PAYLOAD = 65507
 _DNS_PORT = 53
 _DHCP_SERVER_PORT = 67
+#: A run of datagrams sent with one segmented send (UDP_SEGMENT): at most this many
+#: (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels) and bytes (one IP packet).
+_RUN_DATAGRAMS = 64
+_RUN_BYTES = 65000
 #: IPv4 flags_frag bits that make a packet a fragment (MF, the offset).
 _FRAGMENT_BITS = ipv4.FLAG_MF | ipv4.OFFSET_MASK
 
@@ -200,7 +205,8 @@ class UdpEngine:
 
     __slots__ = ("config", "link", "host", "timers", "policy", "flows", "max_flows",
                  "_new_flows", "_new_destinations", "_gateway", "_gateway6",
-                 "_broadcast", "_loopback_ok", "shedding", "_shed_until", "_dns", "_eth")
+                 "_broadcast", "_loopback_ok", "shedding", "_shed_until", "_dns", "_eth",
+                 "batching", "pending")
 
     def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
                  policy: Policy, *, max_flows: int = DEFAULT_MAX_FLOWS,
@@ -226,6 +232,14 @@ class UdpEngine:
         self._shed_until = 0.0
         self._dns = config.dns
         self._eth = vnet.HEADER_LEN if link.vnet_hdr else 0
+        #: Hold the guest's datagrams for one segmented host send per run of
+        #: equal-size datagrams of one flow to one target (UDP GSO), until
+        #: :meth:`send_pending`. The Stack turns it on: its ``flush`` ends each
+        #: batch of frames. Off, every datagram is sent as it comes.
+        self.batching = False
+        #: The open run: [flow, target, datagram size (negated once a shorter last
+        #: datagram closed it), [payloads], their count], or None.
+        self.pending: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -310,9 +324,50 @@ class UdpEngine:
         if dport != _DNS_PORT:
             flow.dns_only = False
         flow.last_active = now
-        if segment and segment >= len(payload):
-            segment = 0  # a single datagram: nothing to cut
-        self.host.udp_send(flow, target, payload, segment)
+        run = self.pending
+        if run is not None:
+            if run[0] is flow and run[1] == target and not segment and self._extend(run, payload):
+                return
+            self.send_pending()  # the open run goes first: the guest's order is kept
+        size = len(payload)
+        if segment:
+            if segment < size:
+                self.host.udp_send(flow, target, [payload], segment)
+                return
+        elif self.batching and 0 < size <= _RUN_BYTES // 2:
+            self.pending = [flow, target, size, [payload], 1]
+            return
+        self.host.udp_send(flow, target, payload)
+
+    @staticmethod
+    def _extend(run: list[Any], payload: Buffer) -> bool:
+        """Add ``payload`` to the open run if one segmented send can carry it: the
+        same size as the run's datagrams, or shorter as the last one."""
+        size: int = run[2]
+        count: int = run[4]
+        n = len(payload)
+        if n > size or n == 0 or count >= _RUN_DATAGRAMS or (count + 1) * size > _RUN_BYTES:
+            return False
+        if n < size:
+            run[2] = -size  # a shorter datagram ends the run: nothing may follow it
+        run[3].append(payload)
+        run[4] = count + 1
+        return True
+
+    def send_pending(self) -> None:
+        """Send the open run of datagrams (:attr:`batching`): one datagram as itself,
+        more with one segmented ``udp_send``. ``Stack.flush`` calls this."""
+        run = self.pending
+        if run is None:
+            return
+        self.pending = None
+        flow, target, size, parts, count = run
+        if flow.closed:
+            return  # its socket is gone, as for a datagram sent after the close
+        if count == 1:
+            self.host.udp_send(flow, target, parts[0])
+        else:
+            self.host.udp_send(flow, target, parts, abs(size))
 
     def _shed_new_destinations(self, flow: UdpFlow, now: float) -> None:
         """Until the bucket has a token again, let :meth:`shed` refuse the flow's

@@ -77,7 +77,7 @@ def test_segments_leave_as_the_datagrams_they_were(peer: socket.socket, wrap: bo
         host.stack = _Stack()  # type: ignore[assignment]
         datagrams = [bytes([i]) * 1400 for i in range(10)] + [b"tail"]
         flow = _Flow(_NoGso(sender) if wrap else sender)
-        host.udp_send(flow, peer.getsockname(), memoryview(b"".join(datagrams)), 1400)
+        host.udp_send(flow, peer.getsockname(), [memoryview(b"".join(datagrams))], 1400)
         assert _received(peer, len(datagrams)) == datagrams
         assert host.stack.link.counters == {}
     finally:

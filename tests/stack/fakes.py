@@ -142,12 +142,12 @@ class FakeHost:
         self.calls.append(("udp_open", flow))
         return True
 
-    def udp_send(self, flow: Any, dst: tuple[str, int], data: Buffer, segment: int = 0) -> None:
+    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any, segment: int = 0) -> None:
         if not segment:
             self.calls.append(("udp_send", flow, dst, bytes(data)))
             return
         # One record per datagram, as the host's peer would see them.
-        whole = bytes(data)
+        whole = b"".join(data)
         for start in range(0, len(whole), segment):
             self.calls.append(("udp_send", flow, dst, whole[start:start + segment]))
 
