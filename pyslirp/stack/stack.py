@@ -335,7 +335,8 @@ class Stack:
     def _receive_udp6(self, ip: ipv6.Ipv6Packet, now: float, trusted: bool,
                       src_mac: bytes) -> None:
         dst = ip.dst
-        if ipv6.is_multicast(dst) and dst not in self._listening6:
+        multicast = dst[0] == 0xFF
+        if multicast and dst not in self._listening6:
             self.link.count("drop.ipv6.multicast")
             return
         udp = udp6_datagram(ip, verify_checksum=not trusted)
@@ -343,7 +344,7 @@ class Stack:
         if dport == DHCPV6_SERVER_PORT and dst in self._listening6:
             if self.dhcpv6 is not None:
                 self.dhcpv6.handle(ip, udp, src_mac)
-        elif ipv6.is_multicast(dst):
+        elif multicast:
             self.link.count("drop.ipv6.multicast")
         elif dport == _DNS_PORT and dst == self._dns6 and not self.config.disable_dns:
             self.dns.handle_query(ip, udp, now)

@@ -150,6 +150,7 @@ _UDP_CSUM6 = L4_START6 + 6
 _IP6_UDP_LEN = ipv6.HEADER_LEN + wire_udp.HEADER_LEN
 _VNET_CSUM6 = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, _FRAME6_LEN, 0, L4_START6, 6)
 _LOOPBACK6 = bytes(15) + b"\x01"
+_UNSPECIFIED6 = bytes(16)
 
 _Target = tuple[str, int]
 _Origin = tuple[bytes, int]
@@ -287,10 +288,11 @@ class UdpEngine:
         stack, which also kept multicast away) to NAT to the host."""
         src = ip.src
         sport, dport = dgram.src_port, dgram.dst_port
-        if sport == 0 or dport == 0 or src == bytes(16) or ipv6.is_multicast(src):
+        if sport == 0 or dport == 0 or src == _UNSPECIFIED6 or src[0] == 0xFF:  # multicast
             self.link.count("drop.udp.bad_address")
             return
-        self._from_guest(src, sport, ip.dst, dport, dgram.payload, now, segment)
+        self._from_guest(src, sport, ip.dst, dport, dgram.buf[wire_udp.HEADER_LEN:], now,
+                         segment)
 
     def _from_guest(self, src: bytes, sport: int, dst: bytes, dport: int, payload: Buffer,
                     now: float, segment: int = 0) -> None:
