@@ -98,6 +98,7 @@ nothing on the host side would be the right receiver), UDP-Lite.
 
 from __future__ import annotations
 
+import math
 import struct
 from ipaddress import IPv4Address
 from typing import Any
@@ -376,7 +377,10 @@ class UdpEngine:
         datagrams to new destinations from the raw frame (IPv4 flows only)."""
         if len(flow.guest_ip) == 4:
             bucket = self._new_destinations
-            until = now + (1.0 - bucket.tokens) / bucket.rate
+            # At least past ``now`` itself: the bucket refuses every take at the time
+            # of a refusal, however close to 1 its tokens are (rounding would make
+            # ``until`` equal ``now`` then).
+            until = max(now + (1.0 - bucket.tokens) / bucket.rate, math.nextafter(now, math.inf))
             self.shedding[flow.guest_ip + _U16.pack(flow.guest_port)] = (flow, until)
             self._shed_until = max(self._shed_until, until)
 
