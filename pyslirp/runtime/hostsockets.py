@@ -407,8 +407,16 @@ class HostSockets:
             return
         try:
             sock.sendto(data, dst)
-        except OSError:
+        except BlockingIOError:
             self.stack.link.count("drop.udp.host_send")
+        except OSError:
+            # An ICMP error about an earlier datagram (to this or another peer) was
+            # pending and this send reported it instead of sending; the error itself
+            # stays queued for udp_read_errors (IP_RECVERR). Send again, once.
+            try:
+                sock.sendto(data, dst)
+            except OSError:
+                self.stack.link.count("drop.udp.host_send")
 
     def _udp_send_segments(self, sock: socket.socket, dst: tuple[str, int],
                            data: list[Any], segment: int) -> None:
