@@ -484,6 +484,62 @@ class UdpEngine:
         datagram = wire_udp.build(origin[0], origin[1], flow.guest_ip, flow.guest_port, data)
         send_fragmented(link, origin[0], flow.guest_ip, PROTO_UDP, datagram)
 
+    def host_datagrams(self, flow: UdpFlow, src_ip: str, src_port: int, datagrams: list[Buffer],
+                       now: float) -> None:
+        """Datagrams the flow's host socket received back to back from one peer, each
+        the size of the first but the last (which may be shorter): over a TAP that
+        takes USO (``link.uso``) super-frames the guest's kernel cuts into exactly
+        these datagrams (vnet GSO_UDP_L4, gso_size the first's size; at most
+        ``_RUN_DATAGRAMS`` and one IPv4 packet each); otherwise one frame each."""
+        link = self.link
+        size = len(datagrams[0])
+        if (not link.uso or flow.v6 or flow.closed or size == 0
+                or size + _IP_UDP_LEN > link.mtu):
+            for data in datagrams:
+                self.host_datagram(flow, src_ip, src_port, data, now)
+            return
+        origin = flow.origins.get((src_ip, src_port))
+        if origin is None:
+            origin = self._origin(flow, src_ip, src_port)
+            if origin is None:
+                link.count("drop.udp.loopback_source", len(datagrams))
+                return
+        flow.last_active = now
+        if link.guest_mac is None:
+            link.count("drop.tx.no_guest_mac", len(datagrams))
+            return
+        step = min(_RUN_DATAGRAMS, MAX_PAYLOAD // size)
+        for start in range(0, len(datagrams), step):
+            chunk = datagrams[start:start + step]
+            if len(chunk) == 1:
+                self._send_whole(flow, origin, chunk[0], len(chunk[0]))
+            else:
+                self._send_segmented(flow, origin, chunk, size)
+
+    def _send_segmented(self, flow: UdpFlow, origin: _Origin, datagrams: list[Buffer],
+                        size: int) -> None:
+        """One USO super-frame of ``datagrams`` (``size`` bytes each but the last)."""
+        link = self.link
+        mac = link.guest_mac
+        assert mac is not None
+        src, sport = origin
+        dst = flow.guest_ip
+        ulen = wire_udp.HEADER_LEN + sum(len(d) for d in datagrams)
+        off = vnet.HEADER_LEN
+        head = bytearray(off + _FRAME_LEN)
+        head[:off] = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_UDP_L4, _FRAME_LEN, size,
+                                _L4_START, 6)
+        # The UDP length and pseudo-header sum are the whole frame's: the kernel
+        # rewrites both per segment when it cuts (__udp_gso_segment).
+        _FRAME.pack_into(head, off, mac, link.our_mac, ETHERTYPE_IPV4,
+                         0x45, 0, ipv4.MIN_HEADER_LEN + ulen, link.next_ip_id(), ipv4.FLAG_DF,
+                         64, PROTO_UDP, 0, src, dst, sport, flow.guest_port, ulen,
+                         pseudo_header_sum(src, dst, PROTO_UDP, ulen))
+        view = memoryview(head)
+        _U16.pack_into(head, off + _IP_CSUM, checksum(view[off + _IP_START:off + _L4_START]))
+        link.send_frame((head, *datagrams))
+        link.count("udp.segmented_to_guest")
+
     def _send_whole(self, flow: UdpFlow, origin: _Origin, data: Buffer, size: int) -> None:
         """The hot path: one frame, headers in one buffer, the payload not copied.
 

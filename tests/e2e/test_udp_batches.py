@@ -7,6 +7,8 @@ default MTU and at 65520."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -92,3 +94,58 @@ def test_bursts_of_datagrams_arrive_whole_and_in_order(host: Host, guest: Guest,
     start_slirp(*options)
     out = json.loads(guest.python(BURST_ECHO, GATEWAY, str(host.echo)).stdout)
     assert out == {"bad": 0, "missing": 0}
+
+
+BLASTER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+sizes = [int(x) for x in sys.argv[1].split(",")]
+for _ in range(int(sys.argv[2])):
+    _req, peer = s.recvfrom(100)
+    # Back to back: they wait in the host socket, and pyslirp reads them as one run.
+    for i, n in enumerate(sizes):
+        s.sendto((bytes([i & 0xFF]) * n), peer)
+"""
+
+RECEIVER = """
+import json, socket, sys
+addr = (sys.argv[1], int(sys.argv[2]))
+sizes = [int(x) for x in sys.argv[3].split(",")]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.settimeout(10)
+report = []
+for _ in range(int(sys.argv[4])):
+    s.sendto(b"go", addr)
+    got = []
+    while len(got) < len(sizes):
+        try:
+            got.append(s.recv(65535))
+        except TimeoutError:
+            break
+    report.append(got == [bytes([i & 0xFF]) * n for i, n in enumerate(sizes)])
+print(json.dumps(report))
+"""
+
+REPLY_SIZES = ",".join(["1400"] * 50 + ["300"] + ["1200"] * 10 + ["1", "1", "64"])
+
+
+@pytest.mark.parametrize("options", [(), ("--mtu", "65520"), ("--no-offload",)],
+                         ids=["mtu1500", "mtu65520", "no-offload"])
+def test_runs_of_host_datagrams_reach_the_guest_as_sent(host: Host, guest: Guest,
+                                                        start_slirp: StartSlirp,
+                                                        options: tuple[str, ...]) -> None:
+    start_slirp(*options)
+    rounds = 5
+    blaster = host.ns.popen([sys.executable, "-c", BLASTER, REPLY_SIZES, str(rounds)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert blaster.stdout is not None
+        port = blaster.stdout.readline().strip()
+        out = guest.python(RECEIVER, GATEWAY, port, REPLY_SIZES, str(rounds)).stdout
+        assert json.loads(out) == [True] * rounds, "datagrams merged, cut or reordered"
+    finally:
+        blaster.kill()
+        blaster.wait()

@@ -75,3 +75,39 @@ def test_segmented_sends_to_our_own_services_are_dropped_and_counted(dst: str,
     h.send_frame(super_frame(h, packet, 100))
     assert datagrams_sent(h) == []
     assert h.counters.get("drop.udp.segmented_local") == 1
+
+
+# ---- host -> guest: runs of a host peer's datagrams as USO super-frames ---------------
+
+def _flow_with_reply_path(h: StackHarness) -> object:
+    packet = bytes(IP(src=GUEST, dst=GATEWAY) / UDP(sport=41000, dport=7000) / b"hi")
+    h.send_frame(h.frame(ethernet.ETHERTYPE_IPV4, packet))
+    h.link.guest_mac = bytes.fromhex("020000000064")
+    return h.stack.udp.flows[(bytes([10, 0, 2, 100]), 41000)]
+
+
+def _cut(frame: bytes) -> list[bytes]:
+    """What the guest's kernel makes of a frame: a USO one cut at gso_size."""
+    _flags, gso_type, _hl, gso_size, _cs, _co, _n = vnet.unpack(frame)
+    pkt = IP(frame[vnet.HEADER_LEN + 14:])
+    payload = bytes(pkt[UDP].payload)
+    assert pkt[UDP].len == 8 + len(payload) and pkt.len == 28 + len(payload)
+    if gso_type == vnet.GSO_NONE:
+        return [payload]
+    assert gso_type == vnet.GSO_UDP_L4
+    return [payload[i:i + gso_size] for i in range(0, len(payload), gso_size)]
+
+
+@pytest.mark.parametrize("uso", [True, False])
+def test_a_run_of_host_datagrams_reaches_the_guest_as_those_datagrams(uso: bool) -> None:
+    h = StackHarness(vnet_hdr=True, offload=True, uso=uso)
+    flow = _flow_with_reply_path(h)
+    h.frames.clear()
+    run = [bytes([i]) * 1400 for i in range(60)] + [b"end"]
+    h.stack.udp.host_datagrams(flow, "127.0.0.1", 7000, run, h.now)
+    frames = list(h.frames)
+    got = [d for f in frames for d in _cut(f)]
+    assert got == run
+    # With USO: 46 + 15 datagrams (one IPv4 packet each), not 61 frames.
+    assert len(frames) == (2 if uso else len(run))
+    assert h.counters.get("udp.segmented_to_guest", 0) == (2 if uso else 0)
