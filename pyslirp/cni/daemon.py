@@ -387,6 +387,7 @@ class AttachmentDaemon:
         try:
             config.vnet_hdr = tap.vnet_hdr
             config.offload = tap.offload
+            config.uso = tap.uso
             attachment = Attachment(self.loop, TapDevice(tap.fd, name=f"{cid[:12]}/{ifname}"),
                                     config, on_fatal=lambda msg: self._on_fatal(key, msg))
         except Exception:

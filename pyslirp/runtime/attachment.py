@@ -53,7 +53,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from typing import Any, cast
 
 from pyslirp.runtime import malloc
@@ -103,6 +103,11 @@ class Attachment:
         #: The host side's deferred work and its runner, for the device (device.DeviceOwner).
         self.deferred = self.host.deferred
         self.run_deferred = self.host.run_deferred
+        #: Flood shedding before the parse (device.DeviceOwner); never with pcap or
+        #: faults, which must see every frame: an empty dict that stays empty.
+        plain = self._faults is None and self.pcap is None
+        self.shedding: Sized = self.stack.udp.shedding if plain else {}
+        self.shed: Callable[[bytes, float], bool] = self.stack.udp.shed
         self.count = self.stack.link.count
         device.start(self)
 

@@ -81,6 +81,10 @@ _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 #: The (level, type) of the error-queue control message on an IPv4 and an IPv6 socket.
 _RECVERR_CMSGS = ((socket.IPPROTO_IP, _IP_RECVERR),
                   (socket.IPPROTO_IPV6, _IPV6_RECVERR))
+# <linux/udp.h>: UDP generic segmentation offload (send side), Linux 4.18.
+_SOL_UDP = getattr(socket, "SOL_UDP", 17)
+_UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+_U16_NATIVE = struct.Struct("=H")
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 _ICMPV6_ECHO_REQUEST = 128
 _ICMPV6_ECHO_REPLY = 129
@@ -477,28 +481,83 @@ class HostSockets:
         self.loop.add_reader(sock.fileno(), self._udp_readable, flow, sock)
         return True
 
-    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any) -> None:
+    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any, segment: int = 0) -> None:
         sock: socket.socket | None = flow.host_handle
         if sock is None:
             return
+        if segment:
+            self._udp_send_segments(sock, dst, data, segment)
+            return
         try:
             sock.sendto(data, dst)
-        except OSError:
+        except BlockingIOError:
             self.stack.link.count("drop.udp.host_send")
+        except OSError:
+            # An ICMP error about an earlier datagram (to this or another peer) was
+            # pending and this send reported it instead of sending; the error itself
+            # stays queued for udp_read_errors (IP_RECVERR). Send again, once.
+            try:
+                sock.sendto(data, dst)
+            except OSError:
+                self.stack.link.count("drop.udp.host_send")
+
+    def _udp_send_segments(self, sock: socket.socket, dst: tuple[str, int],
+                           data: list[Any], segment: int) -> None:
+        """Datagrams of ``segment`` bytes (the last may be shorter) laid end to end in
+        the buffers ``data``: one sendmsg with ``UDP_SEGMENT``, so the kernel cuts
+        them exactly where the guest's did. Where it refuses (no UDP GSO, a path MTU
+        below the segment, a pending ICMP error reported instead), one sendto each."""
+        try:
+            sock.sendmsg(data, [(_SOL_UDP, _UDP_SEGMENT, _U16_NATIVE.pack(segment))], 0, dst)
+            return
+        except OSError:
+            pass
+        whole = memoryview(b"".join(data))
+        count = self.stack.link.count
+        for start in range(0, len(whole), segment):
+            try:
+                sock.sendto(whole[start:start + segment], dst)
+            except OSError:
+                count("drop.udp.host_send")
 
     def _udp_readable(self, flow: Any, sock: socket.socket) -> None:
         now = self.loop.time()
         udp = self.stack.udp
+        # Back-to-back datagrams from one peer, each the first's size but the last,
+        # go to the engine together (one USO frame to the guest where the TAP takes
+        # it); the first of a run is held until the next read says whether one
+        # follows, so a lone datagram costs what it did.
+        run: list[Any] = []
+        run_from: Any = None
         for _ in range(_UDP_READ_BATCH):
             try:
                 data, (src_ip, src_port, *_rest) = sock.recvfrom(_UDP_MAX)
             except BlockingIOError:
                 break
             except OSError:
+                if run:
+                    self._udp_deliver(udp, flow, run_from, run, now)
+                    run = []
                 self.udp_read_errors(flow, sock, now)
                 continue
-            udp.host_datagram(flow, src_ip, src_port, data, now)
+            if run:
+                if (src_ip, src_port) == run_from and len(data) <= len(run[0]) == len(run[-1]):
+                    run.append(data)
+                    continue
+                self._udp_deliver(udp, flow, run_from, run, now)
+            run = [data]
+            run_from = (src_ip, src_port)
+        if run:
+            self._udp_deliver(udp, flow, run_from, run, now)
         self._schedule_flush()
+
+    @staticmethod
+    def _udp_deliver(udp: Any, flow: Any, peer: tuple[str, int], run: list[Any],
+                     now: float) -> None:
+        if len(run) == 1:
+            udp.host_datagram(flow, peer[0], peer[1], run[0], now)
+        else:
+            udp.host_datagrams(flow, peer[0], peer[1], run, now)
 
     def udp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
         """Drain the error queue (IP[V6]_RECVERR) and report ICMP errors to the engine."""

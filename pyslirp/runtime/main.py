@@ -219,6 +219,7 @@ def serve_namespace(spec: ServeSpec, tap: TapHandle | None = None) -> int:
             return 1
     config.vnet_hdr = tap.vnet_hdr
     config.offload = tap.offload
+    config.uso = tap.uso
     server = Server(tap.fd, config, tap_name=tap.name, pcap_path=spec.pcap,
                     dns_upstreams=list(spec.dns_upstreams))
     if spec.exit_fd is not None:
@@ -279,6 +280,7 @@ def run_command(spec: ServeSpec) -> int:
         return 1
     config.vnet_hdr = tap.vnet_hdr
     config.offload = tap.offload
+    config.uso = tap.uso
     server = Server(tap.fd, config, tap_name=tap.name, pcap_path=spec.pcap,
                     dns_upstreams=list(spec.dns_upstreams))
     child_status: list[int] = []

@@ -136,6 +136,10 @@ class NetConfig:
     vnet_hdr: bool = True
     #: The link accepts GSO super-frames and partial checksums (TSO offload on).
     offload: bool = True
+    #: The TAP also takes UDP super-frames (TUN_F_USO4/6): a run of equal-size replies
+    #: from one host peer goes to the guest as one frame its kernel cuts (vnet
+    #: GSO_UDP_L4). Set by the runtime from what TUNSETOFFLOAD accepted.
+    uso: bool = False
     #: For the runtime (the stack never sleeps): after each burst of work, keep
     #: polling the loop instead of sleeping for this many seconds; 0 = off.
     busy_poll: float = DEFAULT_BUSY_POLL

@@ -72,8 +72,13 @@ class HostPort(Protocol):
         for each datagram and ``stack.udp.host_error(flow, ...)`` for ICMP errors.
         """
 
-    def udp_send(self, flow: Any, dst: tuple[str, int], data: Buffer) -> None:
-        """sendto() on the flow's host socket; errors are dropped and counted."""
+    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any, segment: int = 0) -> None:
+        """sendto() on the flow's host socket; errors are dropped and counted.
+
+        ``segment`` > 0: ``data`` is a list of buffers which, end to end, are
+        several datagrams of ``segment`` bytes each but the last (which may be
+        shorter); each must leave as a datagram of its own (e.g. one sendmsg with
+        ``UDP_SEGMENT``), never joined or re-cut."""
 
     def udp_close(self, flow: Any) -> None:
         """Close the flow's host socket."""

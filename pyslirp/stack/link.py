@@ -49,6 +49,7 @@ class Link:
         self.guest_mac: bytes | None = config.guest_mac
         self.vnet_hdr = config.vnet_hdr
         self.offload = config.offload and config.vnet_hdr
+        self.uso = config.uso and self.offload
         self.mtu = config.mtu
         self.counters: defaultdict[str, int] = defaultdict(int)
         self._ip_ident = 0

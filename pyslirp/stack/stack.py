@@ -13,6 +13,12 @@ Ethernet, learns the guest's MAC, answers ARP itself, and demultiplexes IPv4:
 * TCP goes to the TCP engine (which also carries DNS over TCP, through the
   address policy below); ICMP to the ICMP engine.
 
+A UDP super-frame (vnet ``GSO_UDP_L4``: a guest socket sent with
+``UDP_SEGMENT`` and the TAP offers USO) is told apart by the header's gso_type
+before anything else and goes to the UDP NAT with its ``gso_size``, which keeps
+the datagrams apart; to the DHCP server, the DNS forwarder or broadcast, where
+no real client sends segmented, it is dropped (``drop.udp.segmented_local``).
+
 Malformed frames raise :class:`MalformedPacket` inside the wire views; they
 are caught here, counted by kind (``drop.malformed.<layer>``) and dropped, so
 one bad frame never disturbs another flow.
@@ -98,6 +104,8 @@ from pyslirp.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Packet
 from pyslirp.wire.udp import UdpDatagram
 
 _CSUM_TRUSTED = vnet.F_NEEDS_CSUM | vnet.F_DATA_VALID
+#: The vnet header's gso_type without its ECN bit.
+_GSO_TYPE = ~vnet.GSO_ECN & 0xFF
 _LOOPBACK = "127.0.0.1"
 _LOOPBACK6 = "::1"
 _IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
@@ -105,6 +113,7 @@ _UNSPECIFIED6 = bytes(16)
 _LOOPBACK6_ADDR = bytes(15) + b"\x01"
 _DHCP_SERVER_PORT = 67
 _DNS_PORT = 53
+_DHCP_PORT_BYTES = _DHCP_SERVER_PORT.to_bytes(2, "big")
 #: At most one traceback per exception type in this many seconds (see the module doc).
 ERROR_LOG_INTERVAL = 10.0
 
@@ -160,6 +169,7 @@ class Stack:
         self.dhcp = DhcpServer(config, self.link)
         self.tcp = TcpEngine(config, self.link, host, self.timers, self.host_targets)
         self.udp = UdpEngine(config, self.link, host, self.timers, self.host_targets)
+        self.udp.batching = True  # flush() sends what a batch of frames held back
         self.icmp = IcmpEngine(config, self.link, host, self.timers, self.host_targets)
         self.frag = Reassembler(self.link, self.timers)
         self._vnet = config.vnet_hdr
@@ -229,6 +239,9 @@ class Stack:
             if self._vnet:
                 if len(frame) < vnet.HEADER_LEN:
                     raise MalformedPacket("vnet: short frame")
+                if frame[1] & _GSO_TYPE == vnet.GSO_UDP_L4:
+                    self._receive_udp_segments(frame, now)
+                    return
                 trusted = bool(frame[0] & _CSUM_TRUSTED)
                 frame = frame[vnet.HEADER_LEN:]
             else:
@@ -289,6 +302,37 @@ class Stack:
         else:
             self.udp.handle(ip, now, trusted)
 
+    def _receive_udp_segments(self, frame: memoryview, now: float) -> None:
+        """A UDP super-frame (vnet GSO_UDP_L4, USO): a guest socket with ``UDP_SEGMENT``
+        sent datagrams of ``gso_size`` bytes each (the last may be shorter) that its
+        kernel left for us to cut. Only the UDP NAT takes them, and it keeps them
+        apart (one datagram each for the host); DHCP, DNS and broadcast never see
+        segmented sends from a real client, so such frames are dropped and counted."""
+        link = self.link
+        gso_size = vnet.unpack(frame)[3]
+        if gso_size == 0:
+            raise MalformedPacket("vnet: UDP segmentation with gso_size 0")
+        eth = ethernet.EthernetFrame(frame[vnet.HEADER_LEN:])
+        ethertype = eth.ethertype
+        if ethertype == ethernet.ETHERTYPE_IPV4:
+            ip = Ipv4Packet(eth.payload)
+            dst = ip.dst
+            if (ip.proto != PROTO_UDP or dst == self._dns or dst == self._broadcast
+                    or ip.payload[2:4] == _DHCP_PORT_BYTES):
+                link.count("drop.udp.segmented_local")
+                return
+            self.udp.handle(ip, now, True, gso_size)
+        elif ethertype == ethernet.ETHERTYPE_IPV6 and self.ndp is not None:
+            ip6 = ipv6.Ipv6Packet(eth.payload)
+            if (ip6.proto != ipv6.PROTO_UDP or ip6.dst == self._dns6
+                    or ipv6.is_multicast(ip6.dst)):
+                link.count("drop.udp.segmented_local")
+                return
+            self.ndp.guest_seen(ip6, now)
+            self.udp.handle6(ip6, udp6_datagram(ip6, verify_checksum=False), now, gso_size)
+        else:
+            link.count("drop.ethertype")
+
     def _receive_ipv6(self, ip: ipv6.Ipv6Packet, now: float, trusted: bool, src_mac: bytes,
                       ndp: NdpEngine) -> None:
         ndp.guest_seen(ip, now)
@@ -326,7 +370,8 @@ class Stack:
     def _receive_udp6(self, ip: ipv6.Ipv6Packet, now: float, trusted: bool,
                       src_mac: bytes) -> None:
         dst = ip.dst
-        if ipv6.is_multicast(dst) and dst not in self._listening6:
+        multicast = dst[0] == 0xFF
+        if multicast and dst not in self._listening6:
             self.link.count("drop.ipv6.multicast")
             return
         udp = udp6_datagram(ip, verify_checksum=not trusted)
@@ -334,7 +379,7 @@ class Stack:
         if dport == DHCPV6_SERVER_PORT and dst in self._listening6:
             if self.dhcpv6 is not None:
                 self.dhcpv6.handle(ip, udp, src_mac)
-        elif ipv6.is_multicast(dst):
+        elif multicast:
             self.link.count("drop.ipv6.multicast")
         elif dport == _DNS_PORT and dst == self._dns6 and not self.config.disable_dns:
             self.dns.handle_query(ip, udp, now)
@@ -360,6 +405,8 @@ class Stack:
     # ---- the runtime's other calls ------------------------------------------------
     def flush(self, now: float) -> None:
         """End of a batch of frames: send what engines held back to coalesce."""
+        if self.udp.pending is not None:
+            self.udp.send_pending()
         self.tcp.flush(now)
 
     def run_timers(self, now: float) -> None:

@@ -248,8 +248,11 @@ class ModelHost:
         self.udp.append(flow)
         return True
 
-    def udp_send(self, flow: Any, dst: tuple[str, int], data: Buffer) -> None:
+    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any, segment: int = 0) -> None:
         self.calls += 1
+        total = sum(len(part) for part in data) if segment else len(data)
+        if segment and not 0 < segment < total:
+            raise Violation(f"udp_send: segment {segment} for {total} bytes")
         if flow not in self.udp:
             raise Violation(f"udp_send on a closed UDP flow {flow!r}")
 

@@ -142,8 +142,14 @@ class FakeHost:
         self.calls.append(("udp_open", flow))
         return True
 
-    def udp_send(self, flow: Any, dst: tuple[str, int], data: Buffer) -> None:
-        self.calls.append(("udp_send", flow, dst, bytes(data)))
+    def udp_send(self, flow: Any, dst: tuple[str, int], data: Any, segment: int = 0) -> None:
+        if not segment:
+            self.calls.append(("udp_send", flow, dst, bytes(data)))
+            return
+        # One record per datagram, as the host's peer would see them.
+        whole = b"".join(data)
+        for start in range(0, len(whole), segment):
+            self.calls.append(("udp_send", flow, dst, whole[start:start + segment]))
 
     def udp_close(self, flow: Any) -> None:
         self.calls.append(("udp_close", flow))

@@ -40,6 +40,8 @@ class Recorder:
         self.reached.append((self.name, *args))
 
     handle_query = handle
+    #: As UdpEngine's: no datagrams held for the batch's end.
+    pending = None
 
     def flush(self, now: float) -> None:
         pass

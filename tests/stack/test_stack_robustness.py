@@ -53,8 +53,10 @@ class Rig:
         self.now = 1000.0
 
     def send(self, frame: bytes) -> list[bytes]:
-        """One frame in; the frames sent in answer (each checked against the MTU)."""
+        """One frame in, then the end of the batch (as the runtime does); the frames
+        sent in answer (each checked against the MTU)."""
         self.stack.receive_frame(memoryview(frame), self.now)
+        self.stack.flush(self.now)
         out = self.sink.take()
         for f in out:
             assert len(f) - ethernet.HEADER_LEN <= self.config.mtu

@@ -85,6 +85,7 @@ class UdpHarness(Harness):
         if pkt is None:
             pkt = IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / Raw(payload)
         self.udp.handle(self.ip_packet(pkt), self.now, verified)
+        self.stack.flush(self.now)  # the end of the guest's batch: held datagrams go out
 
     def flow(self, sport: int = 40000, src: str = GUEST) -> UdpFlow:
         return self.udp.flows[(addr(src), sport)]
