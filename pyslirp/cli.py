@@ -117,7 +117,7 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     from pyslirp.runtime.spec import ServeSpec
-    from pyslirp.runtime.tap import TapHandle
+    from pyslirp.runtime.tap import PendingTap, TapHandle
     from pyslirp.stack.config import NetConfig
 
 #: pyslirp.logsetup's PROG, DEFAULT_LOG_LEVEL and LOG_LEVELS names (that module imports
@@ -219,6 +219,10 @@ RUN-OPTIONs: -m/--mtu, --cidr, --disable-host-loopback, --disable-dns, --macaddr
              --max-buffered, -h/--help
              (--configure is implied)
 """
+
+
+#: What the API server imports on first use (replies are JSON text), for the sandbox.
+_API_PRELOAD = ("json", "json.decoder", "json.encoder")
 
 
 class UsageError(Exception):
@@ -328,7 +332,7 @@ class Options:
             dns_upstreams=tuple(self.dns_upstreams), pcap=self.pcap,
             outbound_addr=self.outbound_addr, outbound_addr6=self.outbound_addr6,
             hardening=Hardening(sandbox=self.enable_sandbox, seccomp=self.enable_seccomp,
-                                userns_path=userns, preload=("pyslirp.api", "pyslirp.cli")),
+                                userns_path=userns, preload=_API_PRELOAD if api else ()),
             api=api, command=tuple(self.command))
 
     def net_config(self) -> NetConfig:
@@ -947,12 +951,25 @@ def _start_logging(opts: Options) -> logging.Logger:
 
 def _serve_namespace(opts: Options) -> int:
     """slirp4netns's job, in the "Start-up order" of the module doc: TAP, ready, engine."""
-    from pyslirp.runtime.ready import trap_stop_signals
+    from pyslirp.runtime.ready import trap_stop_signals, write_ready
 
     trap_stop_signals()  # a caller may stop us before the engine's loop runs
-    tap = _open_tap_early(opts)
+    # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
+    # does (a caller may check the hardening as soon as it has the byte), and they wait
+    # for the engine: so it is imported while the forked helper makes the TAP.
+    hardened = opts.enable_sandbox or opts.enable_seccomp
+    pending = _start_tap(opts)
+    log: logging.Logger | None = None
+    serve: Any = None
+    if hardened and not isinstance(pending, str):
+        log = _start_logging(opts)
+        serve = _load_engine(log)
+    tap = pending if isinstance(pending, str) else _finish_tap(pending)
     if isinstance(tap, str):
-        _start_logging(opts).error("%s", tap)
+        (log or _start_logging(opts)).error("%s", tap)
+        return 1
+    if hardened and serve is None:  # the engine failed to load (logged)
+        tap.close()
         return 1
     listener = None
     if opts.api_socket is not None:  # slirp4netns's order: TAP, API socket, ready
@@ -962,42 +979,53 @@ def _serve_namespace(opts: Options) -> int:
             listener = bind_unix(opts.api_socket)
         except OSError as exc:
             tap.close()
-            _start_logging(opts).error("%s", exc)
+            (log or _start_logging(opts)).error("%s", exc)
             return 1
-    # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
-    # does: a caller may check the hardening as soon as it has the byte.
-    ready_now = not (opts.enable_sandbox or opts.enable_seccomp)
-    problem = None
-    if ready_now:
-        from pyslirp.runtime.ready import write_ready
-
-        problem = write_ready(opts.ready_fd)
-    log = _start_logging(opts)
+    problem = None if hardened else write_ready(opts.ready_fd)
+    if log is None:
+        log = _start_logging(opts)
     if problem:
         log.warning("%s", problem)
+    if serve is None:
+        serve = _load_engine(log)
+        if serve is None:
+            tap.close()
+            return 1
+    return int(serve(opts.serve_spec(ready_signalled=not hardened, api_listener=listener),
+                     tap=tap))
+
+
+def _load_engine(log: logging.Logger) -> Any:
+    """``pyslirp.runtime.main.serve_namespace``, or None (logged) if the runtime is missing."""
     try:
         from pyslirp.runtime.main import serve_namespace
     except ImportError as exc:
         log.error("the runtime is not available: %s", exc)
-        tap.close()
-        return 1
-    return serve_namespace(opts.serve_spec(ready_signalled=ready_now, api_listener=listener),
-                           tap=tap)
+        return None
+    return serve_namespace
 
 
-def _open_tap_early(opts: Options) -> TapHandle | str:
-    """The TAP for ``opts``, or the one-line reason it cannot be opened."""
-    from pyslirp.runtime.tap import ConfigureSpec, open_tap
+def _start_tap(opts: Options) -> PendingTap | str:
+    """Fork the helper that opens the TAP for ``opts``, or the one-line reason it cannot."""
+    from pyslirp.runtime.tap import ConfigureSpec, start_open_tap
 
     # slirp4netns sets MTU and MAC only with --configure; without it the TAP is left as is.
     configure = ConfigureSpec.for_network(opts.cidr, opts.enable_ipv6) if opts.configure \
         else None
     try:
-        return open_tap(opts.target, opts.netns_type, tapname=opts.tapname,
-                        userns_path=opts.userns_path,
-                        mtu=opts.mtu if opts.configure else None, configure=configure,
-                        mac=opts.macaddress if opts.configure else None,
-                        vnet_hdr=opts.offload, offload=opts.offload)
+        return start_open_tap(opts.target, opts.netns_type, tapname=opts.tapname,
+                              userns_path=opts.userns_path,
+                              mtu=opts.mtu if opts.configure else None, configure=configure,
+                              mac=opts.macaddress if opts.configure else None,
+                              vnet_hdr=opts.offload, offload=opts.offload)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return str(exc)
+
+
+def _finish_tap(pending: PendingTap) -> TapHandle | str:
+    """The TAP the helper made, or the one-line reason it could not."""
+    try:
+        return pending.wait()
     except (OSError, RuntimeError, ValueError) as exc:
         return str(exc)
 

@@ -508,10 +508,12 @@ class FakeRuntime:
             raise self.raise_exc
         return self.status
 
-    def open_tap(self, target: str, netns_type: str, **kwargs: object) -> TapHandle:
+    def start_open_tap(self, target: str, netns_type: str,
+                       **kwargs: object) -> types.SimpleNamespace:
         self.taps.append((target, netns_type, kwargs))
-        return TapHandle(fd=-1, name=str(kwargs.get("tapname", "tap0")), vnet_hdr=True,
-                         offload=True, uso=False, mac=bytes(6), mtu=1500)
+        handle = TapHandle(fd=-1, name=str(kwargs.get("tapname", "tap0")), vnet_hdr=True,
+                           offload=True, uso=False, mac=bytes(6), mtu=1500)
+        return types.SimpleNamespace(wait=lambda: handle)
 
 
 @pytest.fixture
@@ -524,7 +526,7 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
     monkeypatch.setitem(sys.modules, "pyslirp.runtime.main", module)
     # The command line opens the TAP itself before it imports the runtime (cli's
     # "Start-up order"): that is faked too, recording what was asked for.
-    monkeypatch.setattr(tap_module, "open_tap", fake.open_tap)
+    monkeypatch.setattr(tap_module, "start_open_tap", fake.start_open_tap)
     return fake
 
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 from dataclasses import dataclass
 
 # <linux/audit.h>
@@ -157,6 +156,8 @@ _MACHINE_ARCHES = {
     "aarch64": (AUDIT_ARCH_AARCH64, AUDIT_ARCH_ARM),
 }
 _SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}
+#: platform.machine()'s answer, without importing platform (start-up time).
+_MACHINE = os.uname().machine
 
 
 class SeccompError(OSError):
@@ -165,9 +166,9 @@ class SeccompError(OSError):
 
 def native_arches() -> tuple[int, ...]:
     """The AUDIT_ARCH values a filter must handle on this machine (native first)."""
-    arches = _MACHINE_ARCHES.get(platform.machine())
+    arches = _MACHINE_ARCHES.get(_MACHINE)
     if arches is None:
-        raise SeccompError(errno.ENOSYS, f"seccomp: no syscall table for {platform.machine()}")
+        raise SeccompError(errno.ENOSYS, f"seccomp: no syscall table for {_MACHINE}")
     return arches
 
 
@@ -309,7 +310,7 @@ def _raise(what: str) -> None:
 
 def kill_action() -> int:
     """KILL_PROCESS where the kernel supports it, else KILL_THREAD."""
-    nr = _SYS_SECCOMP.get(platform.machine())
+    nr = _SYS_SECCOMP.get(_MACHINE)
     if nr is not None:
         action = ctypes.c_uint32(SECCOMP_RET_KILL_PROCESS)
         if _libc.syscall(nr, SECCOMP_GET_ACTION_AVAIL, 0, ctypes.byref(action)) == 0:
@@ -327,7 +328,7 @@ def _load_bpf(program: list[tuple[int, int, int, int]]) -> None:
                                            for c, jt, jf, k in program])
     prog = _SockFprog(len(program), insns)
     _set_no_new_privs()
-    nr = _SYS_SECCOMP.get(platform.machine())
+    nr = _SYS_SECCOMP.get(_MACHINE)
     if nr is not None and _libc.syscall(nr, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC,
                                         ctypes.byref(prog)) == 0:
         return
