@@ -951,8 +951,14 @@ def _start_logging(opts: Options) -> logging.Logger:
 
 def _serve_namespace(opts: Options) -> int:
     """slirp4netns's job, in the "Start-up order" of the module doc: TAP, ready, engine."""
+    import gc
+
     from pyslirp.runtime.ready import trap_stop_signals, write_ready
 
+    # Imports make garbage that is nearly all live: collecting during start-up costs
+    # ~8 ms and frees next to nothing. The server's loop turns the collector back on
+    # after the ready byte (runtime/malloc.py's freeze_startup_objects).
+    gc.disable()
     trap_stop_signals()  # a caller may stop us before the engine's loop runs
     # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
     # does (a caller may check the hardening as soon as it has the byte), and they wait
