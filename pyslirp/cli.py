@@ -88,8 +88,19 @@ instead, as in slirp4netns: whoever has the byte may check the process's
 capabilities, root and filter (tests/e2e/test_hardening.py does), and the
 sandbox needs the engine imported first (nothing can be imported after it).
 So podman's flags get the TAP early but the ready byte only after the
-engine is loaded. tests/test_startup_imports.py holds the modules imported
-before steps 2 and 4 to tests/startup_imports.json.
+engine is loaded, and that path is shortened instead: step 2 only forks the
+TAP helper, logging and the engine are imported while it works (the two
+run side by side on two CPUs), then the TAP is collected; the preload
+before the sandbox is a short explicit list (``runtime/sandbox.py``). On
+both paths the cyclic garbage collector is off from here until the ready
+byte (the imports' collections free next to nothing). A sandbox that kept
+the Python installation visible, so that the engine could load after the
+byte, was weighed and not taken: its root would no longer hold only
+``/etc`` and ``/run`` (what slirp4netns and tests/e2e/test_hardening.py
+promise), and the libraries' directories would have to be mounted
+executable. tests/test_startup_imports.py holds the modules imported before
+steps 2 and 4 to tests/startup_imports.json, and what the hardened start
+must not import.
 """
 
 from __future__ import annotations
