@@ -235,8 +235,8 @@ _SERVING_LAZY = (
     "encodings.ascii", "encodings.latin_1",
     "traceback", "linecache", "tokenize",  # a logged exception's traceback
     "concurrent.futures", "concurrent.futures.thread",  # asyncio's default executor
-    "fcntl", "select", "selectors", "signal", "errno", "ipaddress", "struct", "hashlib",
-    "random", "asyncio", "uvloop",
+    "fcntl", "select", "selectors", "signal", "errno", "ipaddress", "struct", "random",
+    "asyncio", "uvloop",
     "pyslirp.runtime.seccomp",  # install_seccomp, after the sandbox
 )
 
