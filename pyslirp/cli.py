@@ -975,17 +975,18 @@ def _serve_namespace(opts: Options) -> int:
     # does (a caller may check the hardening as soon as it has the byte), and they wait
     # for the engine: so it is imported while the forked helper makes the TAP.
     hardened = opts.enable_sandbox or opts.enable_seccomp
+    engine_first = hardened
     pending = _start_tap(opts)
     log: logging.Logger | None = None
     serve: Any = None
-    if hardened and not isinstance(pending, str):
+    if engine_first and not isinstance(pending, str):
         log = _start_logging(opts)
         serve = _load_engine(log)
     tap = pending if isinstance(pending, str) else _finish_tap(pending)
     if isinstance(tap, str):
         (log or _start_logging(opts)).error("%s", tap)
         return 1
-    if hardened and serve is None:  # the engine failed to load (logged)
+    if engine_first and serve is None:  # the engine failed to load (logged)
         tap.close()
         return 1
     listener = None
