@@ -331,10 +331,10 @@ def apply(hardening: Hardening, *, own_userns: bool = False) -> bool:
     sandbox, filtered = hardening.sandbox, hardening.seccomp
     if not (sandbox or filtered):
         return True
-    failed = preload(hardening.preload)
-    if failed:
-        log.warning("sandbox: could not preload %s", ", ".join(failed))
-    if sandbox:
+    if sandbox:  # (the filter alone leaves imports working: open, read, mmap stay allowed)
+        failed = preload(hardening.preload)
+        if failed:
+            log.warning("sandbox: could not preload %s", ", ".join(failed))
         try:
             create_sandbox(None if own_userns else hardening.userns_path, own_userns=own_userns)
         except SandboxError as exc:
