@@ -227,9 +227,9 @@ def drop_privileges() -> None:
 
 #: What serving may import on first use, once the engine is loaded: every import inside a
 #: function (and codec look-up) on the serving path of the runtime, stack and wire, with the
-#: standard-library modules those pull in. tests/e2e/test_hardening.py serves TCP, UDP,
-#: DNS, DHCP and the API socket in the sandbox; tests/runtime/test_sandbox.py checks that
-#: a served namespace imports nothing outside this list and the engine.
+#: standard-library modules those pull in. A module missing here fails only when first
+#: used in the sandbox ("No module named ..."): tests/e2e/test_hardening.py serves TCP,
+#: UDP, DNS, forwards and the whole API (podman's flags) in the sandbox and looks for that.
 _SERVING_LAZY = (
     "encodings.idna",  # wire/dhcp.py: search domains (a codec look-up imports it)
     "encodings.ascii", "encodings.latin_1",
