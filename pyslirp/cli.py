@@ -88,8 +88,19 @@ instead, as in slirp4netns: whoever has the byte may check the process's
 capabilities, root and filter (tests/e2e/test_hardening.py does), and the
 sandbox needs the engine imported first (nothing can be imported after it).
 So podman's flags get the TAP early but the ready byte only after the
-engine is loaded. tests/test_startup_imports.py holds the modules imported
-before steps 2 and 4 to tests/startup_imports.json.
+engine is loaded, and that path is shortened instead: step 2 only forks the
+TAP helper, logging and the engine are imported while it works (the two
+run side by side on two CPUs), then the TAP is collected; the preload
+before the sandbox is a short explicit list (``runtime/sandbox.py``). On
+both paths the cyclic garbage collector is off from here until the ready
+byte (the imports' collections free next to nothing). A sandbox that kept
+the Python installation visible, so that the engine could load after the
+byte, was weighed and not taken: its root would no longer hold only
+``/etc`` and ``/run`` (what slirp4netns and tests/e2e/test_hardening.py
+promise), and the libraries' directories would have to be mounted
+executable. tests/test_startup_imports.py holds the modules imported before
+steps 2 and 4 to tests/startup_imports.json, and what the hardened start
+must not import.
 """
 
 from __future__ import annotations
@@ -117,7 +128,7 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     from pyslirp.runtime.spec import ServeSpec
-    from pyslirp.runtime.tap import TapHandle
+    from pyslirp.runtime.tap import PendingTap, TapHandle
     from pyslirp.stack.config import NetConfig
 
 #: pyslirp.logsetup's PROG, DEFAULT_LOG_LEVEL and LOG_LEVELS names (that module imports
@@ -220,6 +231,10 @@ RUN-OPTIONs: -m/--mtu, --cidr, --disable-host-loopback, --disable-dns, --macaddr
              --max-buffered, -h/--help
              (--configure is implied)
 """
+
+
+#: What the API server imports on first use (replies are JSON text), for the sandbox.
+_API_PRELOAD = ("json", "json.decoder", "json.encoder")
 
 
 class UsageError(Exception):
@@ -329,7 +344,7 @@ class Options:
             dns_upstreams=tuple(self.dns_upstreams), pcap=self.pcap,
             outbound_addr=self.outbound_addr, outbound_addr6=self.outbound_addr6,
             hardening=Hardening(sandbox=self.enable_sandbox, seccomp=self.enable_seccomp,
-                                userns_path=userns, preload=("pyslirp.api", "pyslirp.cli")),
+                                userns_path=userns, preload=_API_PRELOAD if api else ()),
             api=api, command=tuple(self.command))
 
     def net_config(self) -> NetConfig:
@@ -958,18 +973,38 @@ def _serve_namespace(opts: Options, argv: list[str]) -> int:
     With ``PYSLIRP_SHARED_ENGINE=1`` the TAP and API socket go to the shared engine
     instead (pyslirp.cni.shared_shim) and the engine is never imported here.
     """
-    from pyslirp.runtime.ready import trap_stop_signals
+    import gc
+
+    from pyslirp.runtime.ready import trap_stop_signals, write_ready
 
     shared = os.environ.get("PYSLIRP_SHARED_ENGINE", "")
     if shared not in ("", "0", "1"):
         print(f"{PROG}: PYSLIRP_SHARED_ENGINE must be 1 (shared engine) or 0 (one process "
               f"per namespace), not {shared!r}", file=sys.stderr)
         return 1
-
+    # Imports make garbage that is nearly all live: collecting during start-up costs
+    # ~8 ms and frees next to nothing. The server's loop turns the collector back on
+    # after the ready byte (runtime/malloc.py's freeze_startup_objects).
+    gc.disable()
     trap_stop_signals()  # a caller may stop us before the engine's loop runs
-    tap = _open_tap_early(opts)
+    # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
+    # does (a caller may check the hardening as soon as it has the byte), and they wait
+    # for the engine: so it is imported while the forked helper makes the TAP. The
+    # shared mode never imports the engine.
+    hardened = opts.enable_sandbox or opts.enable_seccomp
+    engine_first = hardened and shared != "1"
+    pending = _start_tap(opts)
+    log: logging.Logger | None = None
+    serve: Any = None
+    if engine_first and not isinstance(pending, str):
+        log = _start_logging(opts)
+        serve = _load_engine(log)
+    tap = pending if isinstance(pending, str) else _finish_tap(pending)
     if isinstance(tap, str):
-        _start_logging(opts).error("%s", tap)
+        (log or _start_logging(opts)).error("%s", tap)
+        return 1
+    if engine_first and serve is None:  # the engine failed to load (logged)
+        tap.close()
         return 1
     listener = None
     if opts.api_socket is not None:  # slirp4netns's order: TAP, API socket, ready
@@ -979,50 +1014,66 @@ def _serve_namespace(opts: Options, argv: list[str]) -> int:
             listener = bind_unix(opts.api_socket)
         except OSError as exc:
             tap.close()
-            _start_logging(opts).error("%s", exc)
+            (log or _start_logging(opts)).error("%s", exc)
             return 1
     if shared == "1":
-        from pyslirp.cni import shared_shim  # after the TAP: tests/startup_imports.json
-
-        for warning in _command_line_warnings(opts):  # logging's format, without logging
-            print(f"{PROG}: WARNING: {warning}", file=sys.stderr)
-        return shared_shim.serve_shared(argv, tap, listener, ready_fd=opts.ready_fd,
-                                        exit_fd=opts.exit_fd, sandbox=opts.enable_sandbox,
-                                        log_info=opts.log_level in ("debug", "info"))
-    # With --enable-sandbox/--enable-seccomp the byte waits for them, as slirp4netns's
-    # does: a caller may check the hardening as soon as it has the byte.
-    ready_now = not (opts.enable_sandbox or opts.enable_seccomp)
-    problem = None
-    if ready_now:
-        from pyslirp.runtime.ready import write_ready
-
-        problem = write_ready(opts.ready_fd)
-    log = _start_logging(opts)
+        return _hand_over(opts, argv, tap, listener)
+    problem = None if hardened else write_ready(opts.ready_fd)
+    if log is None:
+        log = _start_logging(opts)
     if problem:
         log.warning("%s", problem)
+    if serve is None:
+        serve = _load_engine(log)
+        if serve is None:
+            tap.close()
+            return 1
+    return int(serve(opts.serve_spec(ready_signalled=not hardened, api_listener=listener),
+                     tap=tap))
+
+
+def _hand_over(opts: Options, argv: list[str], tap: TapHandle, listener: Any) -> int:
+    """``PYSLIRP_SHARED_ENGINE=1``: the TAP and the API socket go to the shared engine."""
+    from pyslirp.cni import shared_shim  # after the TAP: tests/startup_imports.json
+
+    for warning in _command_line_warnings(opts):  # logging's format, without logging
+        print(f"{PROG}: WARNING: {warning}", file=sys.stderr)
+    return shared_shim.serve_shared(argv, tap, listener, ready_fd=opts.ready_fd,
+                                    exit_fd=opts.exit_fd, sandbox=opts.enable_sandbox,
+                                    log_info=opts.log_level in ("debug", "info"))
+
+
+def _load_engine(log: logging.Logger) -> Any:
+    """``pyslirp.runtime.main.serve_namespace``, or None (logged) if the runtime is missing."""
     try:
         from pyslirp.runtime.main import serve_namespace
     except ImportError as exc:
         log.error("the runtime is not available: %s", exc)
-        tap.close()
-        return 1
-    return serve_namespace(opts.serve_spec(ready_signalled=ready_now, api_listener=listener),
-                           tap=tap)
+        return None
+    return serve_namespace
 
 
-def _open_tap_early(opts: Options) -> TapHandle | str:
-    """The TAP for ``opts``, or the one-line reason it cannot be opened."""
-    from pyslirp.runtime.tap import ConfigureSpec, open_tap
+def _start_tap(opts: Options) -> PendingTap | str:
+    """Fork the helper that opens the TAP for ``opts``, or the one-line reason it cannot."""
+    from pyslirp.runtime.tap import ConfigureSpec, start_open_tap
 
     # slirp4netns sets MTU and MAC only with --configure; without it the TAP is left as is.
     configure = ConfigureSpec.for_network(opts.cidr, opts.enable_ipv6) if opts.configure \
         else None
     try:
-        return open_tap(opts.target, opts.netns_type, tapname=opts.tapname,
-                        userns_path=opts.userns_path,
-                        mtu=opts.mtu if opts.configure else None, configure=configure,
-                        mac=opts.macaddress if opts.configure else None,
-                        vnet_hdr=opts.offload, offload=opts.offload)
+        return start_open_tap(opts.target, opts.netns_type, tapname=opts.tapname,
+                              userns_path=opts.userns_path,
+                              mtu=opts.mtu if opts.configure else None, configure=configure,
+                              mac=opts.macaddress if opts.configure else None,
+                              vnet_hdr=opts.offload, offload=opts.offload)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return str(exc)
+
+
+def _finish_tap(pending: PendingTap) -> TapHandle | str:
+    """The TAP the helper made, or the one-line reason it could not."""
+    try:
+        return pending.wait()
     except (OSError, RuntimeError, ValueError) as exc:
         return str(exc)
 

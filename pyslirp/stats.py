@@ -30,7 +30,6 @@ object; the engine's list of attachments).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -38,6 +37,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import argparse
+
     from pyslirp.stack.stack import Stack
 
 #: The ``flows`` gauges, in the order the table prints them.
@@ -134,6 +135,10 @@ def format_table(stats: dict[str, Any]) -> str:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
+    # Here, not at the top: the API socket's server imports this module for its
+    # replies, on the start path of a container (argparse costs milliseconds there).
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="pyslirp stats",
         description="Print the counters and flow counts of a running pyslirp (see "

@@ -508,10 +508,12 @@ class FakeRuntime:
             raise self.raise_exc
         return self.status
 
-    def open_tap(self, target: str, netns_type: str, **kwargs: object) -> TapHandle:
+    def start_open_tap(self, target: str, netns_type: str,
+                       **kwargs: object) -> types.SimpleNamespace:
         self.taps.append((target, netns_type, kwargs))
-        return TapHandle(fd=-1, name=str(kwargs.get("tapname", "tap0")), vnet_hdr=True,
-                         offload=True, uso=False, mac=bytes(6), mtu=1500)
+        handle = TapHandle(fd=-1, name=str(kwargs.get("tapname", "tap0")), vnet_hdr=True,
+                           offload=True, uso=False, mac=bytes(6), mtu=1500)
+        return types.SimpleNamespace(wait=lambda: handle)
 
 
 @pytest.fixture
@@ -524,7 +526,7 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> FakeRuntime:
     monkeypatch.setitem(sys.modules, "pyslirp.runtime.main", module)
     # The command line opens the TAP itself before it imports the runtime (cli's
     # "Start-up order"): that is faked too, recording what was asked for.
-    monkeypatch.setattr(tap_module, "open_tap", fake.open_tap)
+    monkeypatch.setattr(tap_module, "start_open_tap", fake.start_open_tap)
     return fake
 
 
@@ -611,6 +613,27 @@ def test_main_without_runtime_fails_cleanly(monkeypatch: pytest.MonkeyPatch, run
     err = capsys.readouterr().err
     assert err.startswith("pyslirp: ERROR: the runtime is not available: ")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("hardening", ["--enable-sandbox", "--enable-seccomp"])
+def test_hardened_start_without_runtime_fails_cleanly_and_closes_the_tap(
+        monkeypatch: pytest.MonkeyPatch, runtime: FakeRuntime,
+        capsys: pytest.CaptureFixture[str], hardening: str) -> None:
+    # Hardened, the engine loads while the TAP helper works (cli's "Start-up order"):
+    # failing there still collects the TAP, and closes it.
+    tap_fd, other = os.pipe()
+    os.close(other)
+    handle = TapHandle(fd=tap_fd, name="tap0", vnet_hdr=True, offload=True, uso=False,
+                       mac=bytes(6), mtu=1500)
+    monkeypatch.setattr(tap_module, "start_open_tap",
+                        lambda *a, **k: types.SimpleNamespace(wait=lambda: handle))
+    monkeypatch.setitem(sys.modules, "pyslirp.runtime.main", None)
+    assert main([hardening, NOPID]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyslirp: ERROR: the runtime is not available: ")
+    assert err.count("ERROR") == 1
+    with pytest.raises(OSError):
+        os.fstat(tap_fd)
 
 
 def test_main_keyboard_interrupt_exits_130(runtime: FakeRuntime) -> None:

@@ -163,9 +163,13 @@ class Server:
         self.loop.add_reader(fd, on_event)
 
     def run(self, on_ready: Any = None) -> int:
-        if on_ready is not None:
-            self.loop.call_soon(on_ready)
-        malloc.freeze_startup_objects()
+        def start() -> None:
+            if on_ready is not None:
+                on_ready()
+            # After the ready byte: the full collection takes milliseconds a caller waits for.
+            malloc.freeze_startup_objects()
+
+        self.loop.call_soon(start)
         try:
             self.loop.run_until_complete(self._stopped)
         finally:

@@ -285,6 +285,39 @@ def open_tap(target: str, netns_type: str = "pid", tapname: str = "tap0",
     handle then reports them off), e.g. to compare against plain frames.
     Raises :class:`TapError` with a one-line message.
     """
+    return start_open_tap(target, netns_type, tapname, userns_path, mtu, configure, mac,
+                          vnet_hdr=vnet_hdr, offload=offload, timeout=timeout).wait()
+
+
+class PendingTap:
+    """A TAP whose helper process is at work: :meth:`wait` collects it (call it once)."""
+
+    __slots__ = ("_sock", "_pid", "_timeout")
+
+    def __init__(self, sock: socket.socket, pid: int, timeout: float) -> None:
+        self._sock = sock
+        self._pid = pid
+        self._timeout = timeout
+
+    def wait(self) -> TapHandle:
+        """The TAP (raises :class:`TapError`); the helper is reaped either way."""
+        try:
+            return _receive(self._sock, self._pid, self._timeout)
+        finally:
+            self._sock.close()
+
+
+def start_open_tap(target: str, netns_type: str = "pid", tapname: str = "tap0",
+                   userns_path: str | None = None, mtu: int | None = None,
+                   configure: ConfigureSpec | None = None, mac: bytes | None = None,
+                   *, vnet_hdr: bool = True, offload: bool = True,
+                   timeout: float = CHILD_TIMEOUT) -> PendingTap:
+    """:func:`open_tap` in two halves: the helper starts now, :meth:`PendingTap.wait` ends it.
+
+    The caller may work meanwhile (pyslirp.cli imports the engine while the helper
+    configures the TAP); ``timeout`` counts from the wait. Bad arguments and a
+    missing target raise :class:`TapError` here, before anything is forked.
+    """
     netns_path, userns = _resolve_paths(target, netns_type, userns_path)
     if not tapname or len(tapname.encode()) >= IFNAMSIZ or "/" in tapname:
         raise TapError(f"invalid TAP name {tapname!r}")
@@ -299,11 +332,12 @@ def open_tap(target: str, netns_type: str = "pid", tapname: str = "tap0",
         if pid == 0:  # pragma: no cover - the child's coverage is not collected
             _child_main(child_sock, netns_path, userns, tapname, mtu, configure, mac,
                         vnet_hdr, offload)
-        child_sock.close()
-        return _receive(parent_sock, pid, timeout)
-    finally:
+    except BaseException:
         parent_sock.close()
+        raise
+    finally:
         child_sock.close()
+    return PendingTap(parent_sock, pid, timeout)
 
 
 def _resolve_paths(target: str, netns_type: str,

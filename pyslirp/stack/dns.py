@@ -61,7 +61,8 @@ is the same for many queries, so an attacker who can forge datagrams from the
 upstream's address (and knows or guesses the port) has only the 16-bit ID and
 the question to match, against as many IDs as there are attempts pending at
 that upstream. What is done about it cheaply: IDs come from a
-cryptographically strong source (``secrets``; the guest's own ID is never
+cryptographically strong source (the OS's, ``random.SystemRandom``, which is
+what ``secrets`` uses without its hashlib/hmac imports; the guest's own ID is never
 what the upstream sees), the question must match, the socket is connected
 (the kernel drops datagrams from any other address or port), and the
 answer's question section may not be missing. Upstreams are normally local
@@ -119,7 +120,7 @@ has it, when the upstream's socket may be closed.
 from __future__ import annotations
 
 import ipaddress
-import secrets
+import random
 import struct
 from array import array
 from bisect import insort
@@ -151,6 +152,8 @@ Upstream = tuple[str, int]
 
 # ID, flags, QDCOUNT: all the header a forwarder reads.
 _HEAD = struct.Struct("!HHH")
+#: os.urandom behind random's API (the stack imports no os): secrets.token_bytes is this.
+_SYSTEM_RANDOM = random.SystemRandom()
 _U16 = struct.Struct("!H")
 _QNAME = dns.HEADER_LEN  # where the (first) question's name starts
 #: Error RCODEs a server may send without echoing the question.
@@ -261,7 +264,7 @@ class DnsForwarder:
         #: The attempts waiting at each upstream, by the ID each was sent under.
         self.inflight: dict[Upstream, dict[int, DnsQuery]] = {}
         #: Where attempt IDs come from (tests substitute their own).
-        self.random_bytes: Callable[[int], bytes] = secrets.token_bytes
+        self.random_bytes: Callable[[int], bytes] = _SYSTEM_RANDOM.randbytes
         self._ids: list[int] = []
         #: (deadline, query, attempt index) of every attempt, in deadline order.
         self._expiry: deque[tuple[float, DnsQuery, int]] = deque()

@@ -8,8 +8,11 @@ and datagrams come from the outbound address.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +21,15 @@ import pytest
 from pyslirp.runtime import sandbox, seccomp
 from tests.e2e.conftest import GATEWAY, Guest, Host, StartSlirp, alive, sha256_of_get
 from tests.e2e.servers import HELLO
+from tests.e2e.test_hostfwd import (
+    GUEST_PORT,
+    GUEST_SERVER,
+    add_fwd,
+    api,
+    client,
+    port_unused_in,
+)
+from tests.test_api import PARSE_CASES, SESSION, session_ports, substitute
 
 pytestmark = pytest.mark.e2e
 
@@ -167,3 +179,63 @@ def test_sandboxed_stack_removes_its_api_socket_on_exit(
     assert api.is_socket()
     assert slirp.stop() == -signal.SIGTERM
     assert not api.exists()
+
+
+# ---- podman's command line: everything served after the sandbox hid the file system -----
+
+#: What podman 4.3 passes (with -c, -e, -r and --api-socket added below and by start_slirp).
+PODMAN_FLAGS = ("--disable-host-loopback", "--mtu=65520", "--enable-sandbox",
+                "--enable-seccomp", "--enable-ipv6")
+
+
+def test_podman_flags_serve_the_api_forwards_and_dns_inside_the_sandbox(
+        host: Host, guest: Guest, start_slirp: StartSlirp, tmp_path: Path) -> None:
+    """Nothing can be imported once the sandbox is up: whatever serving loads on first use
+    (the API's JSON replies, get_stats, a forwarder's sockets, DNS) must have been loaded
+    before it (runtime/sandbox.py's preload)."""
+    api_path = tmp_path / "api.sock"
+    exit_r, exit_w = os.pipe()
+    try:
+        slirp = start_slirp(*PODMAN_FLAGS, "-e", str(exit_r), f"--api-socket={api_path}",
+                            pass_fds=(exit_r,))
+    finally:
+        os.close(exit_r)
+    try:
+        assert sorted(os.listdir(f"/proc/{slirp.pid}/root")) == ["etc", "run"]
+        assert _status_field(slirp.pid, "Seccomp") == "2"
+        # The JSON API, byte for byte as slirp4netns answers (errors included) ...
+        for raw, expected in PARSE_CASES:
+            assert api(api_path, raw) == expected, raw
+        base = port_unused_in(host) + 100
+        ports = session_ports(base)
+        for request, reply in SESSION:
+            assert api(api_path, substitute(request, ports)) == substitute(reply, ports), request
+        stats = json.loads(api(api_path, b'{"execute":"get_stats"}'))
+        assert "return" in stats, stats
+        # ... a forward to a server in the guest, used from the host's loopback ...
+        server = guest.popen([sys.executable, "-c", GUEST_SERVER, str(GUEST_PORT),
+                              str(host.payload)], stdout=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL)
+        try:
+            assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+            port = port_unused_in(host)
+            add_fwd(api_path, "tcp", port, host_addr="127.0.0.1")
+            assert client(host.ns, "who", "127.0.0.1", str(port))["reply"].startswith(
+                GATEWAY + ":")
+            got = client(host.ns, "get", "127.0.0.1", str(port))
+            assert got["reply"] == f"{host.size} {host.sha256}"
+        finally:
+            server.kill()
+            server.wait()
+        # ... and DNS through the forwarder.
+        out = guest.run(["dig", "+short", "+time=5", "+tries=2", "@10.0.2.3",
+                         "www.test.pyslirp", "A"]).stdout
+        assert out.split() == ["198.18.0.1"]
+        assert slirp.proc.poll() is None
+        log = slirp.log_text()
+        for trouble in ("Traceback", "No module named", "cannot preload", "ERROR"):
+            assert trouble not in log, log
+    finally:
+        os.close(exit_w)  # podman's way to stop it: the exit fd
+    assert slirp.proc.wait(timeout=20) == 0
+    assert not api_path.exists()

@@ -41,3 +41,14 @@ def test_tuned_allocator_stops_faulting_in_fresh_pages_per_read() -> None:
     # 2000 reads of 16 pages each: the default allocator faults fresh pages in for most.
     assert default > 2000 * 8
     assert tuned < default / 10
+
+
+def test_the_collector_is_on_again_once_start_up_is_frozen() -> None:
+    # pyslirp.cli turns the cyclic collector off for the start (its imports make no
+    # garbage worth collecting); if the loop's freeze did not turn it back on, every
+    # reference cycle made while serving would stay in memory for good.
+    probe = ("import gc; from pyslirp.runtime import malloc; gc.disable(); "
+             "malloc.freeze_startup_objects(); print(gc.isenabled())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "True"
