@@ -38,7 +38,16 @@ Workloads (MTU in brackets; the non-bulk ones run at the largest MTU only):
   1,000 idle TCP connections: stack VmRSS before and after          [max MTU]
   IPv6 ("ipv6"): TCP bulk upload/download, 1 flow, with its CPU/GB   [each MTU]
     and the 1-byte round trip with its CPU                          [max MTU]
+  start-up ("startup", issue 15): exec to TAP present, exec to ready and the CPU of the
+    process started, per flag set (-c -r; podman 4.3's; podman's + --api-socket), medians
+    of 11 interleaved starts; -v and --help, exec to exit
+  footprint ("footprint"): RSS, PSS and private memory of every process left running
+    with 20 namespaces at once, per namespace and in total
 CPU time and memory are summed over the stack process and its descendants.
+The start-up and footprint workloads use bench/startup.py's functions, in a forked
+child in a private mount namespace, and run pyslirp as installed (``pip install .``
+into .venv-installed, kept up to date with the checkout: installed_pyslirp);
+"pyslirp-shared" is that pyslirp in the drop-in's shared-engine mode, run on them only.
 "pyslirp-nopoll" is pyslirp started with --busy-poll=0, run on the round-trip,
 connection and UDP workloads only: its CPU figures show what busy polling changes
 (at low UDP rates a 50 us poll after each datagram is most of the CPU per datagram).
@@ -66,6 +75,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -83,17 +93,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import startup  # bench/startup.py (this script's directory is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 NETLOAD = HERE / "netload.py"
 
-STACKS = ("pyslirp", "pyslirp-nopoll", "slirp4netns", "pasta")
+STACKS = ("pyslirp", "pyslirp-nopoll", "pyslirp-shared", "slirp4netns", "pasta")
 BASELINE = "slirp4netns"
 # The better of these is what the small-transaction goals compare with.
 BEST_OF = ("slirp4netns", "pasta")
 # pyslirp with busy polling off: the same binary, one more flag, and only the
 # workloads whose figures busy polling could flatter (latency and CPU per exchange).
-VARIANTS = {"pyslirp-nopoll": ("pyslirp", ["--busy-poll=0"])}
-ONLY_WORKLOADS = {"pyslirp-nopoll": ("rtt", "connect", "udp")}
+VARIANTS = {"pyslirp-nopoll": ("pyslirp", ["--busy-poll=0"]),
+            # The drop-in's shared-engine mode (PYSLIRP_SHARED_ENGINE=1): start-up and memory.
+            "pyslirp-shared": ("pyslirp", [])}
+ONLY_WORKLOADS = {"pyslirp-nopoll": ("rtt", "connect", "udp"),
+                  "pyslirp-shared": ("startup", "footprint")}
 # The same iperf3 over plain loopback in the host namespace: the kernel alone.
 REFERENCE = "loopback"
 # UDP rate search: geometric bisection between these offered rates (Mbit/s).
@@ -227,6 +242,8 @@ class Goal:
                      # "own_ge"/"own_le" (vs the same stack's figure for metric ``own``)
     bound: float
     own: str = ""
+    #: The stacks the goal is set for (empty: every stack); the others get n/a.
+    stacks: tuple[str, ...] = ()
 
 
 def goals_for(mtus: list[int], misc_mtu: int) -> list[Goal]:
@@ -279,12 +296,14 @@ def goals_for(mtus: list[int], misc_mtu: int) -> list[Goal]:
                           f"tcp_{direction}_p1_mtu{mtu}"))
     g.append(Goal(f"IPv6 round trip p50 (MTU {misc_mtu}): <= 1.1x its IPv4",
                   "rtt6_p50_us", "own_le", 1.1, "rtt_p50_us"))
-    return g
+    return g + startup_goals()
 
 
 def evaluate_goal(goal: Goal, med: dict[str, dict[str, float]], stack: str
                   ) -> tuple[str, str]:
     """Return (verdict, detail) for one stack; verdict is met / NOT met / n/a."""
+    if goal.stacks and stack not in goal.stacks:
+        return "n/a", f"a goal for {' and '.join(goal.stacks)}"
     value = med.get(stack, {}).get(goal.metric)
     if value is None:
         return "n/a", "not measured"
@@ -553,7 +572,8 @@ def start_stack(name: str, ns: Namespace, mtu: int, cfg: RunConfig) -> Stack:
 
 # ---------------------------------------------------------------- workloads
 
-WORKLOAD_KINDS = ("bulk", "rtt", "connect", "dns", "udp", "idle", "flood", "ipv6")
+WORKLOAD_KINDS = ("bulk", "rtt", "connect", "dns", "udp", "idle", "flood", "ipv6",
+                  "startup", "footprint")
 
 
 @dataclass
@@ -575,6 +595,13 @@ class RunConfig:
     only: tuple[str, ...] = WORKLOAD_KINDS
     dns_addr: str = "127.0.0.1"
     dns_ok: bool = True
+    #: startup: starts per stack and flag set; footprint: namespaces running at once.
+    startup_runs: int = 11
+    footprint_count: int = 20
+    #: pyslirp as installed (``pip install .``, not editable): see installed_pyslirp.
+    pyslirp_cmd: list[str] = field(default_factory=list)
+    #: What installed_pyslirp did or why it could not (a note of the results).
+    pyslirp_install: str = ""
     resolv_conf: Path = Path("/nonexistent")
 
     @property
@@ -913,6 +940,275 @@ def plan(cfg: RunConfig, mtu: int, stack: str) -> list[Step]:
     return [s for s in steps if s.kind in cfg.only and s.kind in kinds]
 
 
+# ---------------------------------------------------------------- start-up and footprint (issue 15)
+#
+# Not Steps: these start their own namespaces and processes, many of them, through
+# bench/startup.py's functions (which see: what is timed and how). They run in a forked
+# child that first moves into a private mount namespace: slirp4netns 1.2.0's
+# --enable-sandbox started in the host's mount namespace unmounts every `ip netns`
+# namespace of the host (docs/testing.md). Targets are user + network namespaces
+# (the rootless container's shape, as for every other workload; pasta needs one).
+
+# Flag sets of bench/startup.py, as the table names them.
+STARTUP_FLAGS = {"cr": "-c -r", "podman": "podman 4.3's flags",
+                 "api": "podman's flags + --api-socket"}
+FOOTPRINT_FLAGS = ("cr", "api")
+#: pasta has no slirp4netns command line: it is timed with its own (``--config-net``, the
+#: counterpart of -c) in the ``cr`` rows only.
+PASTA_FLAGS = ("cr",)
+#: A venv with pyslirp installed from this checkout with ``pip install .`` (not
+#: editable: the editable finder's import hook costs milliseconds at every start).
+INSTALLED_VENV = HERE.parent / ".venv-installed"
+
+
+def startup_metrics(cfg: RunConfig) -> list[Metric]:
+    out = []
+    for fs, words in STARTUP_FLAGS.items():
+        out += [Metric(f"start_{fs}_tap_ms", f"start-up, {words}: exec to TAP present", "ms",
+                       "lower", chart=fs == "cr"),
+                Metric(f"start_{fs}_ready_ms", f"start-up, {words}: exec to ready", "ms",
+                       "lower", chart=fs != "api"),
+                Metric(f"start_{fs}_cpu_ms", f"start-up, {words}: CPU of the process started",
+                       "CPU ms", "lower", chart=False)]
+    out += [Metric("start_cold_ready_ms", "start-up, -c -r, shared engine not yet running: "
+                   "exec to ready (1 start)", "ms", "lower", chart=False),
+            Metric("exit_version_ms", "-v: exec to exit", "ms", "lower", chart=False),
+            Metric("exit_help_ms", "--help: exec to exit", "ms", "lower", chart=False),
+            Metric("exit_floor_ms", "its interpreter, python -I -c pass: exec to exit", "ms",
+                   "lower", chart=False)]
+    n = cfg.footprint_count
+    for fs in FOOTPRINT_FLAGS:
+        words = STARTUP_FLAGS[fs]
+        out += [Metric(f"fp_{fs}_private_per_ns_mb", f"{n} namespaces, {words}: private "
+                       "memory per namespace", "MB", "lower", chart=True),
+                Metric(f"fp_{fs}_private_mb", f"{n} namespaces, {words}: private memory, all "
+                       "processes left running", "MB", "lower", chart=False),
+                Metric(f"fp_{fs}_pss_mb", f"{n} namespaces, {words}: PSS, all processes", "MB",
+                       "lower", chart=False),
+                Metric(f"fp_{fs}_rss_mb", f"{n} namespaces, {words}: RSS, all processes", "MB",
+                       "lower", chart=False),
+                Metric(f"fp_{fs}_processes", f"{n} namespaces, {words}: processes left running",
+                       "processes", "lower", chart=False),
+                Metric(f"fp_{fs}_engine_mb", f"{n} namespaces, {words}: of it the shared "
+                       "engine's private memory", "MB", "lower", chart=False)]
+    return out
+
+
+def startup_goals() -> list[Goal]:
+    """Issue 15's goals: part 1 for the per-container process (either mode), part 2 for
+    the shared mode."""
+    both = ("pyslirp", "pyslirp-shared")
+    g = [Goal("Issue 15: -c -r, exec to TAP <= 30 ms", "start_cr_tap_ms", "abs_le", 30, "",
+              both),
+         Goal("Issue 15: -c -r, exec to ready <= 50 ms", "start_cr_ready_ms", "abs_le", 50, "",
+              both)]
+    for fs in ("podman", "api"):
+        words = STARTUP_FLAGS[fs]
+        g += [Goal(f"Issue 15: {words}, exec to TAP <= 30 ms", f"start_{fs}_tap_ms", "abs_le",
+                   30, "", both),
+              Goal(f"Issue 15: {words}, exec to ready <= 60 ms", f"start_{fs}_ready_ms",
+                   "abs_le", 60, "", both)]
+    g += [Goal("Issue 15: pyslirp -v, exec to exit <= 40 ms", "exit_version_ms", "abs_le", 40,
+               "", ("pyslirp",)),
+          Goal("Issue 15: pyslirp --help, exec to exit <= 40 ms", "exit_help_ms", "abs_le", 40,
+               "", ("pyslirp",))]
+    for fs in FOOTPRINT_FLAGS:
+        g.append(Goal(f"Issue 15, shared: {STARTUP_FLAGS[fs]}, private memory per namespace "
+                      "<= 3 MB (20 running)", f"fp_{fs}_private_per_ns_mb", "abs_le", 3.0, "",
+                      ("pyslirp-shared",)))
+    for fs, words in STARTUP_FLAGS.items():
+        g.append(Goal(f"Issue 15, shared: {words}, exec to ready <= 40 ms",
+                      f"start_{fs}_ready_ms", "abs_le", 40, "", ("pyslirp-shared",)))
+    return g
+
+
+def _py_sources(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.py")}
+
+
+def _installed_package(venv: Path) -> Path | None:
+    found = sorted(venv.glob("lib/python*/site-packages/pyslirp"))
+    return found[0] if found else None
+
+
+def installed_pyslirp(venv: Path) -> tuple[list[str] | None, str]:
+    """(``VENV/bin/python -I -m pyslirp``, what was done) for pyslirp installed from this
+    checkout with ``pip install .`` into ``venv``: created if missing, reinstalled if its
+    sources differ from the checkout's, so the figures are those of the code checked out.
+    (None, why) when that cannot be done. ``-I``: what ``pyslirp shim install`` runs."""
+    checkout = HERE.parent
+    package = _installed_package(venv)
+    if package is not None and _py_sources(package) == _py_sources(checkout / "pyslirp"):
+        return [str(venv / "bin" / "python"), "-I", "-m", "pyslirp"], f"{venv}: up to date"
+    steps = [] if (venv / "bin" / "python").exists() else [[sys.executable, "-m", "venv",
+                                                           str(venv)]]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+           "--disable-pip-version-check"]
+    # A reinstall leaves uvloop (installed the first time) as it is.
+    steps.append(pip + (["--no-deps", "--force-reinstall"] if package else []) + [str(checkout)])
+    for cmd in steps:
+        cp = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout)
+        if cp.returncode != 0:
+            return None, f"{' '.join(cmd)} failed: {cp.stderr.strip()[-300:]}"
+    done = "reinstalled" if package else "created"
+    return [str(venv / "bin" / "python"), "-I", "-m", "pyslirp"], f"{venv}: {done}"
+
+
+def _pasta_argv(exe: str) -> startup.ArgvFor:
+    """pasta for one target: --config-net (the counterpart of -c), no port forwarding (the
+    default scans and forwards every bound port), the TAP named tap0, and a PID file:
+    pasta forks into the background "once initialisation is done" (man pasta, -P), so
+    the started process's exit is its ready signal. As root it needs --runas 0."""
+    def build(pid: int, _ready_w: int, _exit_r: int, _api: str, pidfile: str) -> list[str]:
+        return [exe, "--runas", "0", "--config-net", "-I", TAP, "-t", "none", "-u", "none",
+                "-T", "none", "-U", "none", "-q", "-P", pidfile, str(pid)]
+    return build
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one stack is started for bench/startup.py."""
+    argv_for: startup.ArgvFor
+    shared: bool = False
+    ready_on_exit: bool = False
+
+
+def _launches(cfg: RunConfig, stacks: list[str], flagset: str) -> dict[str, Launch]:
+    out = {}
+    for name in stacks:
+        if name in ("pyslirp", "pyslirp-shared") and cfg.pyslirp_cmd:
+            out[name] = Launch(startup.slirp_argv(cfg.pyslirp_cmd, flagset),
+                               shared=name == "pyslirp-shared")
+        elif name == "slirp4netns" and (exe := _find(name)):
+            out[name] = Launch(startup.slirp_argv([exe], flagset))
+        elif name == "pasta" and flagset in PASTA_FLAGS and (exe := _find(name)):
+            out[name] = Launch(_pasta_argv(exe), ready_on_exit=True)
+    return out
+
+
+def _in_private_mounts(work: Callable[[], dict[str, dict[str, list[float]]]]
+                       ) -> dict[str, dict[str, list[float]]]:
+    """``work()`` run in a forked child in a private mount namespace (see above); its
+    samples come back as JSON. An exception in the child becomes WorkloadFailed here."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(rfd)
+        try:
+            startup.private_mount_namespace()
+            answer: dict[str, Any] = {"samples": work()}
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which goes on
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        with os.fdopen(wfd, "w") as f:
+            json.dump(answer, f)
+        os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd) as f:
+        raw = f.read()
+    os.waitpid(pid, 0)
+    answer = json.loads(raw) if raw else {"error": "the measuring child died"}
+    if "error" in answer:
+        raise WorkloadFailed(answer["error"])
+    samples: dict[str, dict[str, list[float]]] = answer["samples"]
+    return samples
+
+
+def _startup_samples(cfg: RunConfig, launches: dict[str, Launch], flagset: str
+                     ) -> dict[str, dict[str, list[float]]]:
+    """cfg.startup_runs starts per stack, interleaved (A B C A B C ...), one flag set. The
+    shared engine is started by one start before (timed as the cold start, with -c -r)
+    and stays warm for the measured ones."""
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in launches}
+    with tempfile.TemporaryDirectory(prefix="pyslirp-bench-startup-") as tmp:
+        env = startup.shared_env(tmp)
+        try:
+            for name, launch in launches.items():
+                if launch.shared:
+                    _tap, ready, _cpu = startup.one_start([], flagset, True, tmp, env,
+                                                          argv_for=launch.argv_for)
+                    if flagset == "cr":
+                        out[name]["start_cold_ready_ms"] = [ready]
+            for _ in range(cfg.startup_runs):
+                for name, launch in launches.items():
+                    tap, ready, cpu = startup.one_start(
+                        [], flagset, True, tmp, env if launch.shared else None,
+                        argv_for=launch.argv_for, ready_on_exit=launch.ready_on_exit)
+                    for key, value in (("tap", tap), ("ready", ready), ("cpu", cpu)):
+                        out[name].setdefault(f"start_{flagset}_{key}_ms", []).append(value)
+        finally:
+            startup.stop_engine(tmp)
+    return out
+
+
+def _footprint_samples(cfg: RunConfig, name: str, launch: Launch, flagset: str
+                       ) -> dict[str, dict[str, list[float]]]:
+    """The memory of every process cfg.footprint_count running namespaces leave."""
+    mb = 1024 / 1e6   # kB -> MB (10^6 bytes), as rss_mb
+    with tempfile.TemporaryDirectory(prefix="pyslirp-bench-footprint-") as tmp:
+        try:
+            got = startup.footprint([], cfg.footprint_count, flagset,
+                                    startup.shared_env(tmp) if launch.shared else None, tmp,
+                                    argv_for=launch.argv_for,
+                                    ready_on_exit=launch.ready_on_exit, userns=True)
+        finally:
+            if launch.shared:
+                startup.stop_engine(tmp)
+    out = {f"fp_{flagset}_private_per_ns_mb": got["private"] * mb / cfg.footprint_count,
+           f"fp_{flagset}_private_mb": got["private"] * mb, f"fp_{flagset}_pss_mb":
+           got["pss"] * mb, f"fp_{flagset}_rss_mb": got["rss"] * mb,
+           f"fp_{flagset}_processes": float(got["processes"])}
+    if "engine_private" in got:
+        out[f"fp_{flagset}_engine_mb"] = got["engine_private"] * mb
+    return {name: {k: [v] for k, v in out.items()}}
+
+
+def _exit_times(cfg: RunConfig, stacks: list[str]) -> dict[str, dict[str, list[float]]]:
+    """-v and --help, exec to exit (cfg.startup_runs each), and pyslirp's interpreter doing
+    nothing (the floor under any Python start-up)."""
+    commands: dict[str, dict[str, list[str]]] = {}
+    if "pyslirp" in stacks and cfg.pyslirp_cmd:
+        python = cfg.pyslirp_cmd[:2]   # VENV/bin/python -I
+        commands["pyslirp"] = {"exit_version_ms": cfg.pyslirp_cmd + ["-v"],
+                               "exit_help_ms": cfg.pyslirp_cmd + ["--help"],
+                               "exit_floor_ms": python + ["-c", "pass"]}
+    for name in ("slirp4netns", "pasta"):
+        if name in stacks and (exe := _find(name)):
+            # pasta's --help exits 1: only its --version is timed.
+            commands[name] = {"exit_version_ms": [exe, "--version"]}
+            if name == "slirp4netns":
+                commands[name]["exit_help_ms"] = [exe, "--help"]
+    out: dict[str, dict[str, list[float]]] = {}
+    for _ in range(cfg.startup_runs):
+        for name, per_key in commands.items():
+            for key, argv in per_key.items():
+                out.setdefault(name, {}).setdefault(key, []).append(startup.time_exit(argv))
+    return out
+
+
+def machine_workloads(cfg: RunConfig, stacks: list[str]
+                      ) -> list[tuple[str, Callable[[], dict[str, dict[str, list[float]]]]]]:
+    """(label, work) for the start-up and footprint workloads selected, in order."""
+    picked = [s for s in stacks if {"startup", "footprint"} & set(ONLY_WORKLOADS.get(
+        s, WORKLOAD_KINDS))]
+    out: list[tuple[str, Callable[[], dict[str, dict[str, list[float]]]]]] = []
+    if "startup" in cfg.only:
+        for fs, words in STARTUP_FLAGS.items():
+            launches = _launches(cfg, picked, fs)
+            if launches:
+                out.append((f"start-up, {words}, {cfg.startup_runs} starts per stack",
+                            functools.partial(_in_private_mounts, functools.partial(
+                                _startup_samples, cfg, launches, fs))))
+        out.append(("-v and --help, exec to exit", lambda: _exit_times(cfg, picked)))
+    if "footprint" in cfg.only:
+        for fs in FOOTPRINT_FLAGS:
+            for name, launch in _launches(cfg, picked, fs).items():
+                out.append((f"memory of {cfg.footprint_count} namespaces, {name}, "
+                            f"{STARTUP_FLAGS[fs]}",
+                            functools.partial(_in_private_mounts, functools.partial(
+                                _footprint_samples, cfg, name, launch, fs))))
+    return out
+
+
 # ---------------------------------------------------------------- progress
 
 class Progress:
@@ -990,6 +1286,12 @@ def run_benchmark(cfg: RunConfig) -> Results:
     total = sum((1 + len(steps)) * cfg.rounds
                 for per_stack in plans.values() for steps in per_stack.values())
     total += cfg.rounds if with_reference else 0
+    machine = machine_workloads(cfg, stacks)
+    if machine and cfg.pyslirp_install:
+        for name in ("pyslirp", "pyslirp-shared"):
+            if name in stacks:
+                res.note(name, f"start-up and memory: {cfg.pyslirp_install}")
+    total += len(machine)
     prog = Progress(total)
     for name in cfg.stacks:
         for n in res.notes.get(name, []):
@@ -1053,6 +1355,17 @@ def run_benchmark(cfg: RunConfig) -> Results:
                     if stack is not None:
                         _stop(stack.proc)
                     ns.close()
+    for label, work in machine:
+        prog.show(label)
+        try:
+            for name, values in work().items():
+                for key, samples in values.items():
+                    for v in samples:
+                        res.add(name, {key: v})
+        except WorkloadFailed as exc:
+            res.note(stacks[0], f"{label} failed: {exc}")
+            prog.note(f"{label} failed: {exc}")
+        prog.done += 1
     prog.finish()
     return res
 
@@ -1061,7 +1374,7 @@ def run_benchmark(cfg: RunConfig) -> Results:
 
 def _fmt(v: float | None) -> str:
     if v is None:
-        return "-"
+        return "n/a"   # no such figure for that stack (not measured, or it has none)
     a = abs(v)
     if a >= 1000:
         return f"{v:,.0f}"
@@ -1095,7 +1408,7 @@ def table_rows(cfg: RunConfig, med: dict[str, dict[str, float]], stacks: list[st
 
 def all_metrics(cfg: RunConfig) -> list[Metric]:
     return (_bulk_metrics(cfg.mtus) + _cpu_metrics(cfg.mtus) + _loopback_metrics(cfg.mtus)
-            + MISC_METRICS + _ipv6_metrics(cfg.mtus))
+            + MISC_METRICS + _ipv6_metrics(cfg.mtus) + startup_metrics(cfg))
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -1116,9 +1429,11 @@ def md_table(header: list[str], rows: list[list[str]], left: int = 2) -> str:
 def goal_rows(cfg: RunConfig, med: dict[str, dict[str, float]], stacks: list[str]
               ) -> tuple[list[str], list[list[str]]]:
     cands = [s for s in stacks if s != BASELINE]
-    header = ["goal of issue 5", *cands]
+    header = ["goal (issue 5 unless named)", *cands]
     rows = []
     for g in goals_for(cfg.mtus, cfg.misc_mtu):
+        if not any(g.metric in values for values in med.values()):
+            continue   # a workload not run (--only): no row of n/a's
         row = [g.text]
         for s in cands:
             verdict, detail = evaluate_goal(g, med, s)
@@ -1145,7 +1460,8 @@ def chart(cfg: RunConfig, med: dict[str, dict[str, float]], stacks: list[str],
     shown = [s for s in stacks if s in med]
     fig, ax = plt.subplots(figsize=(max(10, 0.75 * len(metrics) + 3), 6.5))
     width = 0.8 / len(shown)
-    colors = {"pyslirp": "#2a9d8f", "pyslirp-nopoll": "#94d2bd", "slirp4netns": "#8d99ae",
+    colors = {"pyslirp": "#2a9d8f", "pyslirp-nopoll": "#94d2bd", "pyslirp-shared": "#264653",
+              "slirp4netns": "#8d99ae",
               "pasta": "#e9c46a"}
     for i, s in enumerate(shown):
         xs, ys = [], []
@@ -1286,6 +1602,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(WORKLOAD_KINDS),
                    help="comma-separated workloads to run, from: " + ", ".join(WORKLOAD_KINDS)
                    + " (default all)")
+    p.add_argument("--installed-venv", type=Path, default=INSTALLED_VENV,
+                   help="venv holding pyslirp installed from this checkout (pip install ., "
+                   "made or refreshed as needed) for the startup and footprint workloads "
+                   f"(default {INSTALLED_VENV})")
     p.add_argument("--no-isolate", action="store_true",
                    help="run in the machine's own network namespace instead of a private one")
     return p.parse_args(argv)
@@ -1346,6 +1666,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     isolated = os.environ.get(ISOLATED_ENV) == "1"
+    only = tuple(w.strip() for w in args.only.split(",") if w.strip())
+    wants_installed = ({"startup", "footprint"} & set(only)
+                       and {"pyslirp", "pyslirp-shared"} & set(args.stacks.split(",")))
+    if wants_installed and not isolated:
+        # Here, not in the isolated namespace: pip may need its index.
+        print(f"bench/run.py: {installed_pyslirp(args.installed_venv)[1]}", file=sys.stderr)
     if not args.no_isolate and not isolated:
         return _run_isolated(argv)
     if isolated:
@@ -1360,7 +1686,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench/run.py: unknown stack(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
-    only = tuple(w.strip() for w in args.only.split(",") if w.strip())
     unknown = [w for w in only if w not in WORKLOAD_KINDS]
     if unknown or not only:
         print(f"bench/run.py: --only: unknown workload(s) {', '.join(unknown) or '(none given)'}"
@@ -1383,7 +1708,14 @@ def main(argv: list[str] | None = None) -> int:
         dns_window=8,
         idle_count=1000,
         only=only,
+        startup_runs=3 if quick else 11,
+        footprint_count=4 if quick else 20,
     )
+    if wants_installed:
+        cmd, cfg.pyslirp_install = installed_pyslirp(args.installed_venv)
+        cfg.pyslirp_cmd = cmd or []
+        if cmd:
+            cfg.pyslirp_install = f"pyslirp run as {' '.join(cmd)} ({cfg.pyslirp_install})"
     # 1,000 connections through a stack need 2,000+ descriptors in the stack and the
     # servers; children inherit this limit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

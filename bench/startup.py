@@ -63,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
@@ -125,30 +126,83 @@ def make_target(userns: bool) -> subprocess.Popen[bytes]:
     return proc
 
 
+#: Builds the full command line for one start: (target PID, ready-fd, exit-fd, API
+#: socket path, PID file path) -> argv.
+ArgvFor = Callable[[int, int, int, str, str], list[str]]
+
+
+def slirp_argv(cmd: list[str], flagset: str) -> ArgvFor:
+    """slirp4netns's command line (what pyslirp takes too): ``cmd FLAGS PID tap0``."""
+    def build(pid: int, ready_w: int, exit_r: int, api: str, _pidfile: str) -> list[str]:
+        return cmd + FLAG_SETS[flagset](ready_w, exit_r, api) + [str(pid), "tap0"]
+    return build
+
+
+def _spawn(argv: list[str], env: dict[str, str] | None, ready_r: int, exit_w: int) -> int:
+    # The signals Python ignores back to their defaults, as a shell (or subprocess) would
+    # start the program: pasta refuses to start with SIGPIPE ignored.
+    return os.posix_spawnp(argv[0], argv, env or os.environ,
+                           setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                           file_actions=[(os.POSIX_SPAWN_CLOSE, ready_r),
+                                         (os.POSIX_SPAWN_CLOSE, exit_w),
+                                         (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                                         (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
+
+
+def _daemon_pid(pidfile: str) -> int:
+    with open(pidfile) as f:
+        return int(f.read().split()[0])
+
+
+def stop_daemon(pid: int) -> None:
+    """SIGTERM a process that is not our child (a daemonized program) and wait for it."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if not select.select([pidfd], [], [], 5)[0]:
+            os.kill(pid, signal.SIGKILL)
+            select.select([pidfd], [], [], 5)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
 def one_start(cmd: list[str], flagset: str, userns: bool, tmp: str,
-              env: dict[str, str] | None = None) -> tuple[float, float, float]:
+              env: dict[str, str] | None = None, *, argv_for: ArgvFor | None = None,
+              ready_on_exit: bool = False) -> tuple[float, float, float]:
     """(ms exec→TAP present, ms exec→ready byte, ms of CPU the started process used until
     it was stopped right after) for one start. The CPU time (``wait4``'s rusage: the
-    process and the helpers it waited for) moves far less with the machine's load."""
+    process and the helpers it waited for) moves far less with the machine's load.
+
+    ``argv_for`` replaces slirp4netns's command line (``cmd`` and ``flagset`` are then
+    unused). ``ready_on_exit``: the program says it is ready by exiting 0 after forking
+    into the background (pasta, given ``-P PIDFILE``): "ready" is that exit, the CPU
+    is the started process's until then, and the daemon (from the PID file) is stopped."""
     target = make_target(userns)
     ready_r, ready_w = os.pipe()
     exit_r, exit_w = os.pipe()
     api = os.path.join(tmp, "api.sock")
-    if os.path.exists(api):
-        os.unlink(api)
+    pidfile = os.path.join(tmp, "daemon.pid")
+    for path in (api, pidfile):
+        if os.path.exists(path):
+            os.unlink(path)
     sock = socket_in_netns(target.pid)
     os.set_blocking(ready_r, False)
     os.set_inheritable(ready_w, True)
     os.set_inheritable(exit_r, True)
-    argv = cmd + FLAG_SETS[flagset](ready_w, exit_r, api) + [str(target.pid), "tap0"]
+    argv = (argv_for or slirp_argv(cmd, flagset))(target.pid, ready_w, exit_r, api, pidfile)
     tap_ms = ready_ms = -1.0
     cpu_ms = 0.0
+    reaped = False
     t0 = time.monotonic_ns()
-    child = os.posix_spawnp(argv[0], argv, env or os.environ,
-                            file_actions=[(os.POSIX_SPAWN_CLOSE, ready_r),
-                                          (os.POSIX_SPAWN_CLOSE, exit_w),
-                                          (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                                          (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
+    child = _spawn(argv, env, ready_r, exit_w)
+    pidfd = os.pidfd_open(child)
+    # What "ready" looks like: a byte on the ready pipe, or the started process's exit.
+    ready_on = pidfd if ready_on_exit else ready_r
     try:
         deadline = t0 + 10_000_000_000
         while (tap_ms < 0 or ready_ms < 0) and time.monotonic_ns() < deadline:
@@ -158,17 +212,30 @@ def one_start(cmd: list[str], flagset: str, userns: bool, tmp: str,
                 # Wait in select, as podman waits on the pipe: a busy loop here would take
                 # one of the machine's CPUs from the program under test.
                 wait = POLL_S if tap_ms < 0 else (deadline - time.monotonic_ns()) / 1e9
-                if select.select([ready_r], [], [], max(wait, 0))[0] and os.read(ready_r, 1):
-                    ready_ms = (time.monotonic_ns() - t0) / 1e6
+                if select.select([ready_on], [], [], max(wait, 0))[0]:
+                    now = (time.monotonic_ns() - t0) / 1e6
+                    if not ready_on_exit and os.read(ready_r, 1):
+                        ready_ms = now
+                    elif ready_on_exit:
+                        _pid, status, usage = os.wait4(child, 0)
+                        reaped = True
+                        cpu_ms = (usage.ru_utime + usage.ru_stime) * 1000
+                        if os.waitstatus_to_exitcode(status) != 0:
+                            raise RuntimeError(f"{shlex.join(argv)}: exit status "
+                                               f"{os.waitstatus_to_exitcode(status)}")
+                        ready_ms = now
             else:
                 time.sleep(POLL_S)
         if tap_ms < 0 or ready_ms < 0:
             raise RuntimeError(f"{shlex.join(argv)}: no TAP or no ready byte within 10 s")
     finally:
-        os.kill(child, signal.SIGTERM)
-        _pid, _status, usage = os.wait4(child, 0)
-        cpu_ms = (usage.ru_utime + usage.ru_stime) * 1000
-        for fd in (ready_r, ready_w, exit_r, exit_w):
+        if not reaped:
+            os.kill(child, signal.SIGTERM)
+            _pid, _status, usage = os.wait4(child, 0)
+            cpu_ms = (usage.ru_utime + usage.ru_stime) * 1000
+        if ready_on_exit and os.path.exists(pidfile):
+            stop_daemon(_daemon_pid(pidfile))
+        for fd in (ready_r, ready_w, exit_r, exit_w, pidfd):
             os.close(fd)
         sock.close()
         target.kill()
@@ -215,12 +282,15 @@ def memory_kb(pid: int) -> dict[str, int]:
 
 
 def footprint(cmd: list[str], count: int, flagset: str, env: dict[str, str] | None,
-              tmp: str) -> dict[str, int]:
-    """The memory of every process ``count`` running starts of ``cmd`` leave (kB, summed)."""
-    targets, children, fds = [], [], []
+              tmp: str, *, argv_for: ArgvFor | None = None, ready_on_exit: bool = False,
+              userns: bool = False) -> dict[str, int]:
+    """The memory of every process ``count`` running starts of ``cmd`` leave (kB, summed).
+    ``argv_for`` and ``ready_on_exit`` as for one_start: with the latter, what stays
+    running is each start's daemon (its PID file)."""
+    targets, children, daemons, fds = [], [], [], []
     try:
         for i in range(count):
-            target = make_target(False)
+            target = make_target(userns)
             targets.append(target)
             ready_r, ready_w = os.pipe()
             exit_r, exit_w = os.pipe()
@@ -228,18 +298,23 @@ def footprint(cmd: list[str], count: int, flagset: str, env: dict[str, str] | No
             os.set_inheritable(ready_w, True)
             os.set_inheritable(exit_r, True)
             api = os.path.join(tmp, f"api-{i}.sock")
-            argv = cmd + FLAG_SETS[flagset](ready_w, exit_r, api) + [str(target.pid), "tap0"]
-            children.append(os.posix_spawnp(
-                argv[0], argv, env or os.environ,
-                file_actions=[(os.POSIX_SPAWN_CLOSE, ready_r), (os.POSIX_SPAWN_CLOSE, exit_w),
-                              (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                              (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]))
+            pidfile = os.path.join(tmp, f"daemon-{i}.pid")
+            argv = (argv_for or slirp_argv(cmd, flagset))(target.pid, ready_w, exit_r, api,
+                                                          pidfile)
+            child = _spawn(argv, env, ready_r, exit_w)
             os.close(ready_w)
             os.close(exit_r)
+            if ready_on_exit:
+                status = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+                if status != 0:
+                    raise RuntimeError(f"{shlex.join(argv)}: exit status {status}")
+                daemons.append(_daemon_pid(pidfile))
+                continue
+            children.append(child)
             if os.read(ready_r, 1) != b"1":
                 raise RuntimeError(f"{shlex.join(argv)}: no ready byte")
         time.sleep(0.5)
-        pids = list(children)
+        pids = children + daemons
         engine = engine_pid(tmp) if env is not None else None
         if engine is not None:
             pids.append(engine)
@@ -255,6 +330,8 @@ def footprint(cmd: list[str], count: int, flagset: str, env: dict[str, str] | No
             os.kill(child, signal.SIGTERM)
         for child in children:
             os.waitpid(child, 0)
+        for daemon in daemons:
+            stop_daemon(daemon)
         for fd in fds:
             os.close(fd)
         for target in targets:
