@@ -40,6 +40,12 @@ ready byte, the RSS, PSS and private memory (Private_Clean + Private_Dirty from
 ``/proc/PID/smaps_rollup``) of every process pyslirp leaves running: the N
 processes, or the N waiters plus the engine; the total and per namespace.
 
+bench/run.py's ``startup`` and ``footprint`` workloads call ``one_start`` and
+``footprint`` with ``argv_for`` (a command line other than slirp4netns's: pasta's) and
+``ready_on_exit`` (a program that says it is ready by exiting after it forked into the
+background, as pasta does); programs are started with SIGPIPE and SIGXFSZ at their
+defaults, as a shell starts them (pasta will not start with SIGPIPE ignored).
+
 The whole run happens in a private mount namespace of its own: slirp4netns
 1.2.0's ``--enable-sandbox`` started in the host's mount namespace unmounts
 every ``ip netns`` namespace of the host (docs/testing.md), and this runs it
