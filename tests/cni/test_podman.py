@@ -19,7 +19,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,24 +29,18 @@ import pytest
 
 from pyslirp.cni import install
 from tests.cni.conftest import DNS_ADDR, DNS_NAME, HTTP_BODY, DnsServer, engine_pid, wait_until
+from tests.e2e import servers6 as servers6_script
 from tests.netutil import free_port
 from tests.podmanutil import busybox_rootfs, ensure_subid_range, remove_pods, require_podman
 
 pytestmark = pytest.mark.e2e
 
-SERVERS6 = Path(__file__).parent.parent / "e2e" / "servers6.py"
 
 @pytest.fixture
 def servers6() -> Iterator[dict[str, Any]]:
     """HTTP and an AAAA-answering DNS server on this namespace's ``::1`` (servers6.py)."""
-    proc = subprocess.Popen([sys.executable, str(SERVERS6), "4096"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait()
+    with servers6_script.running(4096) as info:
+        yield info
 
 
 @pytest.fixture

@@ -5,35 +5,25 @@ pyslirp runs with ``-6``, and every server is on the host namespace's ``::1``
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e import servers6 as servers6_script
 from tests.e2e.conftest import TAP, Guest, Host, StartSlirp
 from tests.e2e.test_ipv6 import _wait_for_slaac
 
 pytestmark = pytest.mark.e2e
 
 SIZE = int(os.environ.get("PYSLIRP_E2E_SIZE", str(20 << 20)))
-SERVERS6 = Path(__file__).with_name("servers6.py")
 
 
 @pytest.fixture
 def servers6(host: Host) -> Iterator[dict[str, Any]]:
-    proc = host.ns.popen([sys.executable, str(SERVERS6), str(SIZE)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait()
+    with servers6_script.running(SIZE, host.ns.popen) as info:
+        yield info
 
 
 def _ipv6_only(start_slirp: StartSlirp, guest: Guest, dns_port: int, *options: str) -> None:
