@@ -137,9 +137,9 @@ def test_podman_container_on_an_ipv6_slirp_network(podman: Any,
     assert "fd00::abcd" in proc.stdout
 
 
-def _http_get(port: int) -> bytes | None:
+def _http_get_from(addr: str, port: int) -> bytes | None:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        with socket.create_connection((addr, port), timeout=5) as c:
             c.sendall(b"GET / HTTP/1.0\r\n\r\n")
             data = b""
             while chunk := c.recv(65536):
@@ -193,10 +193,11 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
                               "while [ ! -e /www/stop ]; do busybox sleep 0.1; done",
                               image=image)
         try:
-            assert wait_until(lambda: b"published through slirp" in (_http_get(port) or b"")
+            assert wait_until(lambda: b"published through slirp"
+                              in (_http_get_from("127.0.0.1", port) or b"")
                               or running.done(), 120)
             assert not running.done(), running.result().stderr
-            reply = _http_get(port)
+            reply = _http_get_from("127.0.0.1", port)
             assert reply is not None and b"published through slirp" in reply
         finally:
             if image:  # the container has its own copy of the tree
@@ -215,18 +216,6 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
         again.listen(1)
-
-
-def _http_get_from(addr: str, port: int) -> bytes | None:
-    try:
-        with socket.create_connection((addr, port), timeout=5) as c:
-            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := c.recv(65536):
-                data += chunk
-            return data
-    except OSError:
-        return None
 
 
 @pytest.mark.parametrize("reservation", [True, False], ids=["reserved", "unreserved"])
