@@ -13,6 +13,7 @@ import pytest
 
 from tests.e2e import servers6 as servers6_script
 from tests.e2e.conftest import TAP, Guest, Host, StartSlirp
+from tests.e2e.test_flows import UDP_REFUSED
 from tests.e2e.test_ipv6 import _wait_for_slaac
 
 pytestmark = pytest.mark.e2e
@@ -67,27 +68,11 @@ print(s.recv(512).decode())
     assert out[1] == "echo six"
 
 
-UDP_REFUSED6 = """
-import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.settimeout(10)
-s.connect((sys.argv[1], int(sys.argv[2])))
-s.send(b"anyone?")
-try:
-    s.recv(100)
-    print("reply")
-except ConnectionRefusedError:
-    print("ECONNREFUSED")
-except TimeoutError:
-    print("timeout")
-"""
-
-
 def test_udp_to_a_closed_port_is_refused_at_once_over_ipv6(
         start_slirp: StartSlirp, guest: Guest, host: Host, servers6: dict[str, Any]) -> None:
     """The host's ICMPv6 port unreachable (IPV6_RECVERR) reaches the guest's socket."""
     _ipv6_only(start_slirp, guest, servers6["dns"])
-    out = guest.python(UDP_REFUSED6, "fd00::2", str(host.dead), timeout=30).stdout.strip()
+    out = guest.python(UDP_REFUSED, "fd00::2", str(host.dead), timeout=30).stdout.strip()
     assert out == "ECONNREFUSED"
 
 
