@@ -196,13 +196,20 @@ def fwd_slirp(start_slirp: StartSlirp, tmp_path: Path) -> tuple[Slirp, Path]:
     return start_slirp("--api-socket", str(path)), path
 
 
-@pytest.fixture
-def guest_server(host: Host, guest: Guest) -> subprocess.Popen[bytes]:
-    proc = guest.popen([sys.executable, "-c", GUEST_SERVER, str(GUEST_PORT), str(host.payload)],
+def start_guest_server(host: Host, guest: Guest,
+                       script: str = GUEST_SERVER) -> subprocess.Popen[bytes]:
+    """``script`` (a GUEST_SERVER) in the guest on GUEST_PORT with the host's payload file,
+    once it says it is ready."""
+    proc = guest.popen([sys.executable, "-c", script, str(GUEST_PORT), str(host.payload)],
                        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
     return proc
+
+
+@pytest.fixture
+def guest_server(host: Host, guest: Guest) -> subprocess.Popen[bytes]:
+    return start_guest_server(host, guest)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import TAP, Guest, Host, Slirp, StartSlirp
-from tests.e2e.test_hostfwd import api, port_unused_in
+from tests.e2e.test_hostfwd import api, port_unused_in, start_guest_server
 from tests.e2e.test_ipv6 import _wait_for_slaac
 from tests.nsutil import NetNS, veth
 
@@ -176,10 +176,7 @@ def served6(start_slirp: StartSlirp, guest: Guest, tmp_path: Path) -> tuple[Slir
 
 @pytest.fixture
 def guest_server(host: Host, guest: Guest) -> Iterator[subprocess.Popen[bytes]]:
-    proc = guest.popen([sys.executable, "-c", GUEST_SERVER, str(GUEST_PORT), str(host.payload)],
-                       stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"ready\n"
+    proc = start_guest_server(host, guest, GUEST_SERVER)
     yield proc
     proc.kill()
     proc.wait()
