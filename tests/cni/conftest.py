@@ -128,6 +128,15 @@ def slirp_conflist(version: str = "1.1.0", **fields: Any) -> dict[str, Any]:
     return {"cniVersion": version, "name": "slirptest", "plugins": [plugin]}
 
 
+def tcp_udp_mappings(tcp_port: int, udp_port: int,
+                     host_ip: str | None = None) -> list[dict[str, Any]]:
+    """``portMappings``: ``tcp_port`` to the container's TCP 8080, ``udp_port`` to its UDP
+    5300, on ``host_ip`` (no ``hostIP`` without one: every address of the host)."""
+    where = {} if host_ip is None else {"hostIP": host_ip}
+    return [{"hostPort": tcp_port, "containerPort": 8080, "protocol": "tcp", **where},
+            {"hostPort": udp_port, "containerPort": 5300, "protocol": "udp", **where}]
+
+
 @pytest.fixture
 def runtime_factory(cni_bin: str, env: dict[str, str]) -> Any:
     def make(conflist: dict[str, Any], cni_path: str | None = None) -> Runtime:

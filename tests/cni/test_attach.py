@@ -31,6 +31,7 @@ from tests.cni.conftest import (
     engine_pid,
     pid_alive,
     slirp_conflist,
+    tcp_udp_mappings,
     wait_until,
 )
 from tests.netutil import free_port
@@ -182,10 +183,7 @@ def test_port_mappings_forward_host_ports(runtime_factory: Any, netns_factory: A
     ns = netns_factory()
     rt = runtime_factory(slirp_conflist(capabilities={"portMappings": True}))
     tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
-    mappings = [{"hostPort": tcp_port, "containerPort": 8080, "protocol": "tcp",
-                 "hostIP": "127.0.0.1"},
-                {"hostPort": udp_port, "containerPort": 5300, "protocol": "udp",
-                 "hostIP": "127.0.0.1"}]
+    mappings = tcp_udp_mappings(tcp_port, udp_port, "127.0.0.1")
     out = rt.add("pm", ns.path, runtime_config={"portMappings": mappings})
     assert out.ok, out.doc
     server = ns.popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)

@@ -21,10 +21,8 @@ from pyslirp.wire import netparams
 from tests.cni.cnirun import exec_plugin
 from tests.cni.conftest import DNS_ADDR, DNS_NAME, slirp_conflist, wait_until
 from tests.cni.test_protocol import conf
+from tests.e2e import servers6 as servers6_script
 from tests.nsutil import NetNS, UserNetNS
-
-SERVERS6 = Path(__file__).parent.parent / "e2e" / "servers6.py"
-
 
 # ---- the configuration (no namespaces)
 
@@ -109,14 +107,8 @@ def test_pre_1_0_results_mark_the_ipv6_address_version_6() -> None:
 @pytest.fixture
 def servers6() -> Iterator[dict[str, Any]]:
     """HTTP, UDP echo and an AAAA-answering DNS server on this namespace's ``::1``."""
-    proc = subprocess.Popen([sys.executable, str(SERVERS6), "4096"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait()
+    with servers6_script.running(4096) as info:
+        yield info
 
 
 def _ipv6_addrs(ns: Any) -> list[dict[str, Any]]:

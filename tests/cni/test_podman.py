@@ -19,7 +19,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,24 +29,18 @@ import pytest
 
 from pyslirp.cni import install
 from tests.cni.conftest import DNS_ADDR, DNS_NAME, HTTP_BODY, DnsServer, engine_pid, wait_until
+from tests.e2e import servers6 as servers6_script
 from tests.netutil import free_port
 from tests.podmanutil import busybox_rootfs, ensure_subid_range, remove_pods, require_podman
 
 pytestmark = pytest.mark.e2e
 
-SERVERS6 = Path(__file__).parent.parent / "e2e" / "servers6.py"
 
 @pytest.fixture
 def servers6() -> Iterator[dict[str, Any]]:
     """HTTP and an AAAA-answering DNS server on this namespace's ``::1`` (servers6.py)."""
-    proc = subprocess.Popen([sys.executable, str(SERVERS6), "4096"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait()
+    with servers6_script.running(4096) as info:
+        yield info
 
 
 @pytest.fixture
@@ -144,9 +137,9 @@ def test_podman_container_on_an_ipv6_slirp_network(podman: Any,
     assert "fd00::abcd" in proc.stdout
 
 
-def _http_get(port: int) -> bytes | None:
+def _http_get_from(addr: str, port: int) -> bytes | None:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        with socket.create_connection((addr, port), timeout=5) as c:
             c.sendall(b"GET / HTTP/1.0\r\n\r\n")
             data = b""
             while chunk := c.recv(65536):
@@ -200,10 +193,11 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
                               "while [ ! -e /www/stop ]; do busybox sleep 0.1; done",
                               image=image)
         try:
-            assert wait_until(lambda: b"published through slirp" in (_http_get(port) or b"")
+            assert wait_until(lambda: b"published through slirp"
+                              in (_http_get_from("127.0.0.1", port) or b"")
                               or running.done(), 120)
             assert not running.done(), running.result().stderr
-            reply = _http_get(port)
+            reply = _http_get_from("127.0.0.1", port)
             assert reply is not None and b"published through slirp" in reply
         finally:
             if image:  # the container has its own copy of the tree
@@ -222,18 +216,6 @@ def test_podman_publish_reaches_a_server_in_the_container(podman: Any, reservati
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
         again.listen(1)
-
-
-def _http_get_from(addr: str, port: int) -> bytes | None:
-    try:
-        with socket.create_connection((addr, port), timeout=5) as c:
-            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := c.recv(65536):
-                data += chunk
-            return data
-    except OSError:
-        return None
 
 
 @pytest.mark.parametrize("reservation", [True, False], ids=["reserved", "unreserved"])

@@ -22,7 +22,7 @@ import pytest
 
 from pyslirp.cni import daemon, plugin
 from tests.cni.cnirun import exec_plugin
-from tests.cni.conftest import slirp_conflist, wait_until
+from tests.cni.conftest import slirp_conflist, tcp_udp_mappings, wait_until
 from tests.cni.test_protocol import conf
 from tests.netutil import free_port
 
@@ -198,10 +198,7 @@ def test_ipv6_host_ip_mappings_reach_the_containers_ipv6_address(
     ns = netns_factory()
     rt = runtime_factory(slirp_conflist(ipv6=True, capabilities={"portMappings": True}))
     tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
-    mappings = [{"hostPort": tcp_port, "containerPort": 8080, "protocol": "tcp",
-                 "hostIP": "::1"},
-                {"hostPort": udp_port, "containerPort": 5300, "protocol": "udp",
-                 "hostIP": "::1"}]
+    mappings = tcp_udp_mappings(tcp_port, udp_port, "::1")
     out = rt.add("pm6", ns.path, runtime_config={"portMappings": mappings})
     assert out.ok, out.doc
     _server(ns)
@@ -222,8 +219,7 @@ def test_a_mapping_without_host_ip_serves_ipv4_and_ipv6_clients(
     ns = netns_factory()
     rt = runtime_factory(slirp_conflist(ipv6=True, capabilities={"portMappings": True}))
     tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
-    mappings = [{"hostPort": tcp_port, "containerPort": 8080, "protocol": "tcp"},
-                {"hostPort": udp_port, "containerPort": 5300, "protocol": "udp"}]
+    mappings = tcp_udp_mappings(tcp_port, udp_port)
     out = rt.add("pm46", ns.path, runtime_config={"portMappings": mappings})
     assert out.ok, out.doc
     _server(ns)

@@ -3,19 +3,43 @@
 ``python3 servers6.py SIZE`` serves HTTP (GET / sends SIZE pseudo-random bytes, POST
 answers the sha256 of the body), a UDP echo and a DNS server answering every AAAA
 question with ``fd00::abcd``, and prints one JSON line: the ports and the payload's hash.
+Tests start it with :func:`running`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import socket
+import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 AAAA_ANSWER = "fd00::abcd"
+
+
+@contextlib.contextmanager
+def running(size: int, popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
+            ) -> Iterator[dict[str, Any]]:
+    """This script serving a SIZE-byte payload for the block; yields the JSON line it printed.
+
+    ``popen`` starts it: ``subprocess.Popen`` for this process's namespace, or a
+    namespace's ``popen`` (tests/nsutil.py) for that namespace's ``::1``.
+    """
+    proc = popen([sys.executable, str(Path(__file__).resolve()), str(size)],
+                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        yield json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 class Server6(ThreadingHTTPServer):

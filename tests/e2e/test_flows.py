@@ -57,9 +57,11 @@ def test_refused_port_is_refused_at_once(host: Host, guest: Guest, slirp: Slirp)
     assert proc.returncode == 7, proc.stderr  # curl: "Failed to connect"
 
 
+#: One datagram to ADDR PORT (IPv4 or IPv6); says what came back: a reply, the ICMP
+#: error as ECONNREFUSED, or nothing.
 UDP_REFUSED = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(10)
 s.connect((sys.argv[1], int(sys.argv[2])))
 s.send(b"anyone?")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,14 +20,13 @@ from pyslirp.runtime import sandbox, seccomp
 from tests.e2e.conftest import GATEWAY, Guest, Host, StartSlirp, alive, sha256_of_get
 from tests.e2e.servers import HELLO
 from tests.e2e.test_hostfwd import (
-    GUEST_PORT,
-    GUEST_SERVER,
     add_fwd,
     api,
     client,
     port_unused_in,
+    replay_api_tables,
+    start_guest_server,
 )
-from tests.test_api import PARSE_CASES, SESSION, session_ports, substitute
 
 pytestmark = pytest.mark.e2e
 
@@ -204,20 +201,12 @@ def test_podman_flags_serve_the_api_forwards_and_dns_inside_the_sandbox(
         assert sorted(os.listdir(f"/proc/{slirp.pid}/root")) == ["etc", "run"]
         assert _status_field(slirp.pid, "Seccomp") == "2"
         # The JSON API, byte for byte as slirp4netns answers (errors included) ...
-        for raw, expected in PARSE_CASES:
-            assert api(api_path, raw) == expected, raw
-        base = port_unused_in(host) + 100
-        ports = session_ports(base)
-        for request, reply in SESSION:
-            assert api(api_path, substitute(request, ports)) == substitute(reply, ports), request
+        replay_api_tables(api_path, host)
         stats = json.loads(api(api_path, b'{"execute":"get_stats"}'))
         assert "return" in stats, stats
         # ... a forward to a server in the guest, used from the host's loopback ...
-        server = guest.popen([sys.executable, "-c", GUEST_SERVER, str(GUEST_PORT),
-                              str(host.payload)], stdout=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL)
+        server = start_guest_server(host, guest)
         try:
-            assert server.stdout is not None and server.stdout.readline() == b"ready\n"
             port = port_unused_in(host)
             add_fwd(api_path, "tcp", port, host_addr="127.0.0.1")
             assert client(host.ns, "who", "127.0.0.1", str(port))["reply"].startswith(

@@ -179,19 +179,37 @@ def port_unused_in(host: Host, kind: str = "-tu") -> int:
     raise AssertionError
 
 
+def replay_api_tables(path: Path, host: Host) -> None:
+    """tests/test_api.py's requests to the API socket at ``path``: each reply must be
+    the one recorded from slirp4netns, byte for byte."""
+    for raw, expected in PARSE_CASES:
+        assert api(path, raw) == expected, raw
+    base = port_unused_in(host) + 100
+    ports = session_ports(base)
+    for request, reply in SESSION:
+        assert api(path, substitute(request, ports)) == substitute(reply, ports), request
+
+
 @pytest.fixture
 def fwd_slirp(start_slirp: StartSlirp, tmp_path: Path) -> tuple[Slirp, Path]:
     path = tmp_path / "api.sock"
     return start_slirp("--api-socket", str(path)), path
 
 
-@pytest.fixture
-def guest_server(host: Host, guest: Guest) -> subprocess.Popen[bytes]:
-    proc = guest.popen([sys.executable, "-c", GUEST_SERVER, str(GUEST_PORT), str(host.payload)],
+def start_guest_server(host: Host, guest: Guest,
+                       script: str = GUEST_SERVER) -> subprocess.Popen[bytes]:
+    """``script`` (a GUEST_SERVER) in the guest on GUEST_PORT with the host's payload file,
+    once it says it is ready."""
+    proc = guest.popen([sys.executable, "-c", script, str(GUEST_PORT), str(host.payload)],
                        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
     return proc
+
+
+@pytest.fixture
+def guest_server(host: Host, guest: Guest) -> subprocess.Popen[bytes]:
+    return start_guest_server(host, guest)
 
 
 @pytest.fixture
@@ -224,12 +242,7 @@ def test_api_socket_is_owner_only_and_removed_on_exit(fwd_slirp: tuple[Slirp, Pa
 def test_api_tables_byte_for_byte(fwd_slirp: tuple[Slirp, Path], host: Host) -> None:
     """The replies recorded from slirp4netns 1.2.0, from pyslirp with real sockets."""
     _slirp, path = fwd_slirp
-    for raw, expected in PARSE_CASES:
-        assert api(path, raw) == expected, raw
-    base = port_unused_in(host) + 100
-    ports = session_ports(base)
-    for request, reply in SESSION:
-        assert api(path, substitute(request, ports)) == substitute(reply, ports), request
+    replay_api_tables(path, host)
 
 
 def test_port_in_use_and_crashing_requests(fwd_slirp: tuple[Slirp, Path], host: Host) -> None:

@@ -5,35 +5,26 @@ pyslirp runs with ``-6``, and every server is on the host namespace's ``::1``
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e import servers6 as servers6_script
 from tests.e2e.conftest import TAP, Guest, Host, StartSlirp
+from tests.e2e.test_flows import UDP_REFUSED
 from tests.e2e.test_ipv6 import _wait_for_slaac
 
 pytestmark = pytest.mark.e2e
 
 SIZE = int(os.environ.get("PYSLIRP_E2E_SIZE", str(20 << 20)))
-SERVERS6 = Path(__file__).with_name("servers6.py")
 
 
 @pytest.fixture
 def servers6(host: Host) -> Iterator[dict[str, Any]]:
-    proc = host.ns.popen([sys.executable, str(SERVERS6), str(SIZE)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait()
+    with servers6_script.running(SIZE, host.ns.popen) as info:
+        yield info
 
 
 def _ipv6_only(start_slirp: StartSlirp, guest: Guest, dns_port: int, *options: str) -> None:
@@ -77,27 +68,11 @@ print(s.recv(512).decode())
     assert out[1] == "echo six"
 
 
-UDP_REFUSED6 = """
-import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.settimeout(10)
-s.connect((sys.argv[1], int(sys.argv[2])))
-s.send(b"anyone?")
-try:
-    s.recv(100)
-    print("reply")
-except ConnectionRefusedError:
-    print("ECONNREFUSED")
-except TimeoutError:
-    print("timeout")
-"""
-
-
 def test_udp_to_a_closed_port_is_refused_at_once_over_ipv6(
         start_slirp: StartSlirp, guest: Guest, host: Host, servers6: dict[str, Any]) -> None:
     """The host's ICMPv6 port unreachable (IPV6_RECVERR) reaches the guest's socket."""
     _ipv6_only(start_slirp, guest, servers6["dns"])
-    out = guest.python(UDP_REFUSED6, "fd00::2", str(host.dead), timeout=30).stdout.strip()
+    out = guest.python(UDP_REFUSED, "fd00::2", str(host.dead), timeout=30).stdout.strip()
     assert out == "ECONNREFUSED"
 
 

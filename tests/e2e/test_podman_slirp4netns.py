@@ -19,11 +19,9 @@ says (runc, cgroupfs, explicit rlimits).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from pyslirp.runtime import sandbox
+from tests.e2e import servers6 as servers6_script
 from tests.e2e.conftest import Host, alive
 from tests.e2e.recorded import (
     MODES,
@@ -48,7 +47,6 @@ from tests.podmanutil import busybox_rootfs, remove_pods, require_podman
 
 pytestmark = pytest.mark.e2e
 
-SERVERS6 = Path(__file__).with_name("servers6.py")
 NET_BIND_SERVICE = 1 << sandbox.CAP_NET_BIND_SERVICE
 INNER_PORT = 8080
 BODY = "served from inside podman\n"
@@ -185,14 +183,8 @@ def test_podman_default_slirp4netns(podman_slirp: PodRunner,
 @pytest.fixture
 def servers6(host: Host) -> Iterator[dict[str, object]]:
     """An HTTP server on the host namespace's ``::1`` (tests/e2e/servers6.py)."""
-    proc = host.ns.popen([sys.executable, str(SERVERS6), "4096"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait()
+    with servers6_script.running(4096, host.ns.popen) as info:
+        yield info
 
 
 def test_podman_slirp4netns_ipv6(podman_slirp: PodRunner, servers6: dict[str, object]) -> None:

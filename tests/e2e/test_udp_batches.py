@@ -16,15 +16,33 @@ from tests.e2e.conftest import GATEWAY, Guest, Host, StartSlirp
 
 pytestmark = pytest.mark.e2e
 
-SEGMENTED_ECHO = """
+#: The start of every guest script here: the UDP socket ``s`` (room for whole bursts,
+#: a 10 s timeout) and ``receive(n)``, up to n datagrams (fewer if one never comes).
+GUEST_UDP = """
 import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.settimeout(10)
+
+def receive(n):
+    got = []
+    while len(got) < n:
+        try:
+            got.append(s.recv(65535))
+        except TimeoutError:
+            break
+    return got
+"""
+
+#: The link set-ups every test here runs on.
+LINKS = pytest.mark.parametrize("options", [(), ("--mtu", "65520"), ("--no-offload",)],
+                                ids=["mtu1500", "mtu65520", "no-offload"])
+
+SEGMENTED_ECHO = GUEST_UDP + """
 addr = (sys.argv[1], int(sys.argv[2]))
 segment = int(sys.argv[3])
 UDP_SEGMENT = 103
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 s.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, segment)
-s.settimeout(10)
 report = []
 for batch, count, tail in ((0, 4, 0), (1, 3, 17), (2, 40, 1)):
     sent = [bytes([batch, i]) + bytes((i * 31 + j) & 0xFF for j in range(segment - 2))
@@ -32,12 +50,7 @@ for batch, count, tail in ((0, 4, 0), (1, 3, 17), (2, 40, 1)):
     if tail:
         sent.append(bytes([batch, 255]) * tail)
     s.sendto(b"".join(sent), addr)   # one send call: the kernel cuts it at `segment`
-    got = []
-    while len(got) < len(sent):
-        try:
-            got.append(s.recv(65535))
-        except TimeoutError:
-            break
+    got = receive(len(sent))
     report.append({"sent": [len(d) for d in sent], "got": [len(d) for d in got],
                    "same": got == sent})
 print(json.dumps(report))
@@ -58,12 +71,8 @@ def test_segmented_sends_arrive_as_the_datagrams_written(host: Host, guest: Gues
         assert batch["same"], "datagrams came back changed or out of order"
 
 
-BURST_ECHO = """
-import json, socket, sys
+BURST_ECHO = GUEST_UDP + """
 addr = (sys.argv[1], int(sys.argv[2]))
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-s.settimeout(10)
 # (No empty datagram: the asyncio echo server does not send one back.)
 sizes = (1400, 1400, 1400, 1400, 500, 1, 1400, 1400, 7, 1200, 1200, 1200)
 bad = missing = 0
@@ -74,20 +83,14 @@ for burst in range(10):
         d = (bytes([burst, i]) + bytes((i * 13 + j) & 0xFF for j in range(n)))[:n]
         sent.append(d)
         s.sendto(d, addr)
-    got = []
-    while len(got) < len(sent):
-        try:
-            got.append(s.recv(65535))
-        except TimeoutError:
-            break
+    got = receive(len(sent))
     missing += len(sent) - len(got)
     bad += sum(1 for a, b in zip(sent, got, strict=False) if a != b)
 print(json.dumps({"bad": bad, "missing": missing}))
 """
 
 
-@pytest.mark.parametrize("options", [(), ("--mtu", "65520"), ("--no-offload",)],
-                         ids=["mtu1500", "mtu65520", "no-offload"])
+@LINKS
 def test_bursts_of_datagrams_arrive_whole_and_in_order(host: Host, guest: Guest,
                                                        start_slirp: StartSlirp,
                                                        options: tuple[str, ...]) -> None:
@@ -109,22 +112,13 @@ for _ in range(int(sys.argv[2])):
         s.sendto((bytes([i & 0xFF]) * n), peer)
 """
 
-RECEIVER = """
-import json, socket, sys
+RECEIVER = GUEST_UDP + """
 addr = (sys.argv[1], int(sys.argv[2]))
 sizes = [int(x) for x in sys.argv[3].split(",")]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-s.settimeout(10)
 report = []
 for _ in range(int(sys.argv[4])):
     s.sendto(b"go", addr)
-    got = []
-    while len(got) < len(sizes):
-        try:
-            got.append(s.recv(65535))
-        except TimeoutError:
-            break
+    got = receive(len(sizes))
     report.append(got == [bytes([i & 0xFF]) * n for i, n in enumerate(sizes)])
 print(json.dumps(report))
 """
@@ -132,8 +126,7 @@ print(json.dumps(report))
 REPLY_SIZES = ",".join(["1400"] * 50 + ["300"] + ["1200"] * 10 + ["1", "1", "64"])
 
 
-@pytest.mark.parametrize("options", [(), ("--mtu", "65520"), ("--no-offload",)],
-                         ids=["mtu1500", "mtu65520", "no-offload"])
+@LINKS
 def test_runs_of_host_datagrams_reach_the_guest_as_sent(host: Host, guest: Guest,
                                                         start_slirp: StartSlirp,
                                                         options: tuple[str, ...]) -> None:

@@ -12,37 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from pyslirp.stack.config import NetConfig
 from tests.runtime.linkrig import GUEST, GUEST_MAC, LinkRig
 
 GATEWAY = "10.0.2.2"
 GUEST_PORT = 40000
 GUEST_ISN = 1000
-
-
-@pytest.fixture
-def server() -> Iterator[socket.socket]:
-    """A listening socket on loopback; the guest reaches it as 10.0.2.2."""
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(8)
-    yield lsock
-    lsock.close()
-
-
-@pytest.fixture
-def rig() -> Iterator[LinkRig]:
-    link = LinkRig(NetConfig(vnet_hdr=False, offload=False, busy_poll=0))
-    link.know_guest()
-    yield link
-    link.close()
 
 
 def _guest_frame(rig: LinkRig, port: int, flags: str, seq: int, ack: int = 0,

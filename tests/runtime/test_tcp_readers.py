@@ -11,35 +11,16 @@ reaches the guest in the loop iteration that sees it.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from pyslirp.stack.config import NetConfig
 from tests.runtime.linkrig import GUEST, GUEST_MAC, LinkRig
 
 GATEWAY = "10.0.2.2"
 GUEST_ISN = 1000
-
-
-@pytest.fixture
-def server() -> Iterator[socket.socket]:
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-    yield lsock
-    lsock.close()
-
-
-@pytest.fixture
-def rig() -> Iterator[LinkRig]:
-    link = LinkRig(NetConfig(vnet_hdr=False, offload=False, busy_poll=0))
-    link.know_guest()
-    yield link
-    link.close()
 
 
 def _frame(rig: LinkRig, sport: int, dport: int, flags: str, seq: int, ack: int = 0) -> bytes:
