@@ -1,8 +1,14 @@
 """UDP datagrams keep their boundaries whatever batching happens on the way: a guest
 application that sends with UDP_SEGMENT (its kernel hands the TAP one super-frame
 when the TAP offers USO) must see the host's peer receive exactly the datagrams it
-wrote, in order, and nothing merged or cut; with and without offloads, at the
-default MTU and at 65520."""
+wrote, nothing merged, cut, changed or lost; with and without offloads, at the
+default MTU and at 65520.
+
+The datagrams are compared as multisets, not in order: UDP promises none, and on a
+loaded 2-CPU machine the kernel's own paths (the guest's lockless qdisc, loopback's
+per-CPU backlogs) were seen to move one datagram of a burst of 60 ahead by up to 21
+places about once in ten runs. pyslirp sends each run of the guest's datagrams in
+the guest's order (tests/stack/test_udp_batching.py holds that deterministically)."""
 
 from __future__ import annotations
 
@@ -51,8 +57,8 @@ for batch, count, tail in ((0, 4, 0), (1, 3, 17), (2, 40, 1)):
         sent.append(bytes([batch, 255]) * tail)
     s.sendto(b"".join(sent), addr)   # one send call: the kernel cuts it at `segment`
     got = receive(len(sent))
-    report.append({"sent": [len(d) for d in sent], "got": [len(d) for d in got],
-                   "same": got == sent})
+    report.append({"sent": sorted(len(d) for d in sent), "got": sorted(len(d) for d in got),
+                   "same": sorted(got) == sorted(sent)})
 print(json.dumps(report))
 """
 
@@ -68,7 +74,7 @@ def test_segmented_sends_arrive_as_the_datagrams_written(host: Host, guest: Gues
     out = guest.python(SEGMENTED_ECHO, GATEWAY, str(host.echo), str(segment)).stdout
     for batch in json.loads(out):
         assert batch["got"] == batch["sent"], "datagram sizes changed on the way"
-        assert batch["same"], "datagrams came back changed or out of order"
+        assert batch["same"], "datagrams came back changed"
 
 
 BURST_ECHO = GUEST_UDP + """
@@ -85,13 +91,18 @@ for burst in range(10):
         s.sendto(d, addr)
     got = receive(len(sent))
     missing += len(sent) - len(got)
-    bad += sum(1 for a, b in zip(sent, got, strict=False) if a != b)
+    unmatched = list(sent)
+    for d in got:  # each datagram received must be one that was sent (and once)
+        if d in unmatched:
+            unmatched.remove(d)
+        else:
+            bad += 1
 print(json.dumps({"bad": bad, "missing": missing}))
 """
 
 
 @LINKS
-def test_bursts_of_datagrams_arrive_whole_and_in_order(host: Host, guest: Guest,
+def test_bursts_of_datagrams_arrive_whole(host: Host, guest: Guest,
                                                        start_slirp: StartSlirp,
                                                        options: tuple[str, ...]) -> None:
     start_slirp(*options)
@@ -119,7 +130,7 @@ report = []
 for _ in range(int(sys.argv[4])):
     s.sendto(b"go", addr)
     got = receive(len(sizes))
-    report.append(got == [bytes([i & 0xFF]) * n for i, n in enumerate(sizes)])
+    report.append(sorted(got) == sorted(bytes([i & 0xFF]) * n for i, n in enumerate(sizes)))
 print(json.dumps(report))
 """
 
@@ -138,7 +149,7 @@ def test_runs_of_host_datagrams_reach_the_guest_as_sent(host: Host, guest: Guest
         assert blaster.stdout is not None
         port = blaster.stdout.readline().strip()
         out = guest.python(RECEIVER, GATEWAY, port, REPLY_SIZES, str(rounds)).stdout
-        assert json.loads(out) == [True] * rounds, "datagrams merged, cut or reordered"
+        assert json.loads(out) == [True] * rounds, "datagrams merged, cut, changed or lost"
     finally:
         blaster.kill()
         blaster.wait()
