@@ -79,7 +79,7 @@ BEST_OF = ("slirp4netns", "pasta")
 # pyslirp with busy polling off: the same binary, one more flag, and only the
 # workloads whose figures busy polling could flatter (latency and CPU per exchange).
 VARIANTS = {"pyslirp-nopoll": ("pyslirp", ["--busy-poll=0"])}
-ONLY_WORKLOADS = {"pyslirp-nopoll": ("rtt", "connect")}
+ONLY_WORKLOADS = {"pyslirp-nopoll": ("rtt", "nagle", "connect")}
 # The same iperf3 over plain loopback in the host namespace: the kernel alone.
 REFERENCE = "loopback"
 # UDP rate search: geometric bisection between these offered rates (Mbit/s).
@@ -156,6 +156,8 @@ MISC_METRICS = [
     Metric("rtt_p50_us", "TCP 1-byte round trip p50", "us", "lower"),
     Metric("rtt_p99_us", "TCP 1-byte round trip p99", "us", "lower"),
     Metric("cpu_rtt_us", "stack CPU per 1-byte round trip", "CPU us", "lower"),
+    Metric("nagle_p50_us", "TCP Nagle'd write-write-read exchange p50", "us", "lower"),
+    Metric("nagle_p99_us", "TCP Nagle'd write-write-read exchange p99", "us", "lower"),
     Metric("conn_per_s", "new TCP connections", "conn/s", "higher"),
     Metric("cpu_conn_us", "stack CPU per new TCP connection", "CPU us", "lower"),
     Metric("dns_qps", "DNS queries through the stack", "queries/s", "higher"),
@@ -495,7 +497,7 @@ def start_stack(name: str, ns: Namespace, mtu: int, cfg: RunConfig) -> Stack:
 
 # ---------------------------------------------------------------- workloads
 
-WORKLOAD_KINDS = ("bulk", "rtt", "connect", "dns", "udp", "idle", "flood")
+WORKLOAD_KINDS = ("bulk", "rtt", "nagle", "connect", "dns", "udp", "idle", "flood")
 
 
 @dataclass
@@ -510,6 +512,7 @@ class RunConfig:
     workdir: Path
     base_port: int
     rtt_count: int
+    nagle_count: int
     conn_count: int
     dns_count: int
     dns_window: int
@@ -534,6 +537,10 @@ class RunConfig:
     @property
     def hold_port(self) -> int:
         return self.base_port + 3
+
+    @property
+    def nagle_port(self) -> int:
+        return self.base_port + 4
 
     @property
     def misc_mtu(self) -> int:
@@ -700,6 +707,15 @@ def _rtt(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
             "cpu_rtt_us": cpu / res["exchanges"] * 1e6}
 
 
+def _nagle(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+    # Two small writes with Nagle on, answered after both: the second waits for the
+    # stack's ACK of the first, which no reply can carry (a delayed ACK's worst case).
+    res = _run_json(ns.cmd([
+        cfg.python, str(NETLOAD), "nagle", "--host", HOST_IP, "--port", str(cfg.nagle_port),
+        "--count", str(cfg.nagle_count)]), timeout=120)
+    return {"nagle_p50_us": res["p50_us"], "nagle_p99_us": res["p99_us"]}
+
+
 def _connections(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
     res, cpu = _client_with_cpu(stack, ns.cmd([
         cfg.python, str(NETLOAD), "connect", "--host", HOST_IP,
@@ -782,6 +798,7 @@ def plan(cfg: RunConfig, mtu: int, stack: str) -> list[Step]:
     if mtu == cfg.misc_mtu:
         steps += [
             Step("TCP 1-byte round trip", _rtt, "rtt"),
+            Step("TCP Nagle'd write-write-read", _nagle, "nagle"),
             Step("new TCP connections", _connections, "connect"),
             Step("DNS queries", _dns, "dns"),
             _udp_step("up"),
@@ -1101,7 +1118,8 @@ def report(cfg: RunConfig, res: Results, load_at_start: str) -> str:
     settings = (f"{cfg.rounds} round{'s' if cfg.rounds > 1 else ''} (medians), "
                 f"{cfg.duration} s per iperf3 run, UDP: {UDP_PROBES} x {UDP_PROBE_SECONDS} s "
                 f"probes per direction ({UDP_MIN_MBPS:g}-{UDP_MAX_MBPS:g} Mbit/s, 1400 B), "
-                f"{cfg.rtt_count} round trips, {cfg.conn_count} connections, "
+                f"{cfg.rtt_count} round trips, {cfg.nagle_count} Nagle exchanges, "
+                f"{cfg.conn_count} connections, "
                 f"{cfg.dns_count} DNS queries (window {cfg.dns_window}), "
                 f"{cfg.idle_count} idle connections; non-bulk workloads at MTU {cfg.misc_mtu}"
                 + ("; --quick" if cfg.quick else ""))
@@ -1161,7 +1179,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=int, help="seconds per iperf3 run (default 5; quick 1)")
     p.add_argument("--mtus", default="1500,65520", help="comma-separated MTUs")
     p.add_argument("--base-port", type=int, default=15400,
-                   help="first of 4 TCP ports used on 127.0.0.1 (default 15400)")
+                   help="first of 5 TCP ports used on 127.0.0.1 (default 15400)")
     p.add_argument("--only", default=",".join(WORKLOAD_KINDS),
                    help="comma-separated workloads to run, from: " + ", ".join(WORKLOAD_KINDS)
                    + " (default all)")
@@ -1254,6 +1272,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=Path(tempfile.mkdtemp(prefix="pyslirp-bench-")),
         base_port=args.base_port,
         rtt_count=2000 if quick else 20000,
+        nagle_count=200 if quick else 2000,
         conn_count=300 if quick else 3000,
         dns_count=2000 if quick else 20000,
         dns_window=8,
@@ -1274,13 +1293,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = _spawn([sys.executable, str(NETLOAD), "serve", "--bind", "127.0.0.1",
                          "--rtt-port", str(cfg.rtt_port), "--accept-port", str(cfg.accept_port),
-                         "--hold-port", str(cfg.hold_port), "--dns", f"{cfg.dns_addr}:53"],
+                         "--hold-port", str(cfg.hold_port), "--nagle-port", str(cfg.nagle_port),
+                         "--dns", f"{cfg.dns_addr}:53"],
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None
         line = server.stdout.readline()
         if not line:
             print("bench/run.py: the loopback test servers did not start (ports "
-                  f"{cfg.rtt_port}-{cfg.hold_port} in use? try --base-port)", file=sys.stderr)
+                  f"{cfg.rtt_port}-{cfg.nagle_port} in use? try --base-port)", file=sys.stderr)
             return 1
         hello = json.loads(line)
         if hello.get("dns_error"):
