@@ -84,11 +84,18 @@ sees one duplicate ACK per segment.
 Delayed ACKs (RFC 1122 4.2.3.2, RFC 5681 4.2), tuned for a NAT whose
 "application" is a host socket microseconds away: a short (below MSS) in-order
 segment taken whole by the host socket on the fast path, when no ACK is owed
-yet, is not acknowledged at the batch's end; ``ack_deadline`` is set
+yet and the guest's previous segment came less than the delay ago (a busy
+exchange), is not acknowledged at the batch's end; ``ack_deadline`` is set
 ``TcpConfig.delayed_ack`` (1 ms) ahead instead, and the host's reply (any data
 ``_output`` sends) carries the ACK, or :meth:`TcpFlow.on_timer` sends it alone
-at the deadline (``tcp.delayed_ack``). That saves one TAP write per
-request/response exchange. Everything else is ACKed at the batch's end as
+at the deadline (``tcp.delayed_ack``) and the flow delays no ACK again
+(``ack_delay`` = 0: as Linux leaves its ping-pong mode when a delayed ACK
+times out). That saves one TAP write per request/response exchange. Only busy
+exchanges, because the deadline's heap entry is left stale when a reply
+carries the ACK (cancelling and re-arming on every reply costs more than the
+write), and a stale entry wakes the loop: once per deadline period while
+exchanges come faster than the deadline, but once per exchange, a whole
+wake-up for a saved write, when they come slower. Everything else is ACKed at the batch's end as
 before: full-sized segments (so a bulk sender gets at least one ACK per batch,
 never fewer than one per two full segments), a second short segment while one
 is owed, out-of-order data, a FIN, data the host did not take whole (the
@@ -97,9 +104,10 @@ than ESTABLISHED); window updates that reopen a window are sent at once. The
 deadline is short because a guest using Nagle's algorithm sends its next small
 segment only once the last is acknowledged: a write-write-read client waits up
 to the deadline per exchange (Linux's own minimum, 40 ms, is what makes that
-pattern infamous). Linux's quick-ACK mode at connection start exists to grow
-a bulk sender's window, which full-sized segments already get here, so there
-is none. The deadline shares the flow's one heap entry (``_arm``) and is left
+pattern infamous); here it does so once per connection at most, as the
+first miss turns the delay off. Linux's quick-ACK mode at connection start
+exists to grow a bulk sender's window, which full-sized segments already get
+here, so there is none. The deadline shares the flow's one heap entry (``_arm``) and is left
 stale when a reply carries the ACK, so a steady exchange pushes at most one
 entry, and wakes the loop at most once, per deadline period, not per round
 trip.
@@ -360,8 +368,9 @@ class TcpFlow:
         "tlp_armed",
         # framing: checksum sums precomputed from the addresses
         "ip_header_sum", "pseudo_header_sum", "ack_pending", "dirty", "syn_quote", "half_open",
-        # delayed ACK: when the ACK owed for a short segment must go out alone
-        "ack_deadline",
+        # delayed ACK: when the ACK owed for a short segment must go out alone, and how
+        # long one may wait on this flow (0 once a deadline passed without a reply)
+        "ack_deadline", "ack_delay",
         "inbound", "wscale_ok",
         # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una
         "sack_ok", "sack_hole",
@@ -434,6 +443,11 @@ class TcpFlow:
         #: A delayed ACK is owed (see _receive): the host's reply carries it, or
         #: on_timer sends it at this time, whichever comes first.
         self.ack_deadline: float | None = None
+        #: 1 us short of the delay: uvloop's clock ticks in whole milliseconds, and its
+        #: next tick, (k + 1) / 1000, is one rounding step *before* k / 1000 + 0.001 in
+        #: 13 % of cases; a deadline just after the tick would wake the loop for nothing
+        #: and make the runtime spin until the next one (a millisecond of busy loop).
+        self.ack_delay = cfg.delayed_ack - 1e-6 if cfg.delayed_ack > 1e-6 else 0.0
         self.dirty = False
         self.syn_quote = b""
         self.half_open = False
@@ -648,8 +662,10 @@ class TcpFlow:
         if self.state == CLOSED:
             return
         if self.ack_deadline is not None and now >= self.ack_deadline:
-            # No reply from the host in time to carry the delayed ACK: send it alone.
+            # No reply from the host in time to carry the delayed ACK: send it alone, and
+            # delay no more on this flow (its guest may be waiting for it: Nagle).
             self.link.count("tcp.delayed_ack")
+            self.ack_delay = 0.0
             self._send_ack()
         if self.rto_deadline is not None and now >= self.rto_deadline:
             self.rto_deadline = None
@@ -954,7 +970,7 @@ class TcpFlow:
         elif not d:
             self._segment(seg, now)  # maybe a duplicate ACK
             return
-        self.last_rx = now
+        prev_rx, self.last_rx = self.last_rx, now
         self.probes = 0
         if d:  # _acked() without its FIN and recovery branches (ruled out above)
             self.snd_una = ack
@@ -997,8 +1013,8 @@ class TcpFlow:
             else:
                 self.rcv_nxt = (self.rcv_nxt + plen) & SEQ_MASK
                 if (plen < self.mss and not self.ack_pending and self.ack_deadline is None
-                        and self.cfg.delayed_ack):  # delayed ACK: the host's reply carries it
-                    dl = self.ack_deadline = now + self.cfg.delayed_ack
+                        and now - prev_rx < self.ack_delay):  # delayed ACK (module docstring)
+                    dl = self.ack_deadline = now + self.ack_delay
                     if self.timer_deadline is None or dl < self.timer_deadline:
                         self.engine.timers.schedule(self, dl)
                 else:

@@ -12,8 +12,7 @@ import struct
 
 import pytest
 
-from pyslirp.stack.tcp import TcpConfig
-from pyslirp.stack.timers import Timers
+from pyslirp.stack.tcp import TcpConfig, TcpFlow
 from pyslirp.wire import tcp as wtcp
 from pyslirp.wire import vnet
 from tests.stack.test_tcp_fastpath import FAMILIES, Side
@@ -153,16 +152,17 @@ def test_a_flow_reset_with_an_ack_owed_sends_nothing_later(family: str) -> None:
 def test_a_steady_exchange_wakes_the_timer_at_most_once_per_deadline(
         family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The deadline shares the flow's heap entry, left stale when a reply carries the ACK:
-    an exchange every 20 us pushes no entry per round trip, and no ACK goes alone."""
+    an exchange every 20 us wakes the flow once per deadline period, not per round trip,
+    and no ACK goes alone."""
     side = delayed(family)
-    pushed: list[float] = []
-    schedule = Timers.schedule
+    wakeups: list[float] = []
+    on_timer = TcpFlow.on_timer
 
-    def spy(self: Timers, client: object, deadline: float) -> None:
-        pushed.append(deadline)
-        schedule(self, client, deadline)  # type: ignore[arg-type]
+    def spy(self: TcpFlow, now: float) -> None:
+        wakeups.append(now)
+        on_timer(self, now)
 
-    monkeypatch.setattr(Timers, "schedule", spy)
+    monkeypatch.setattr(TcpFlow, "on_timer", spy)
     round_trips = 500  # 10 ms of them
     for _ in range(round_trips):
         side.send(A | P, b"q")
@@ -174,4 +174,29 @@ def test_a_steady_exchange_wakes_the_timer_at_most_once_per_deadline(
         "one frame per round trip, the reply carrying the ACK")
     assert "tcp.delayed_ack" not in side.link.counters
     periods = round_trips * 20e-6 / DELAY
-    assert len(pushed) <= periods + 2, f"{len(pushed)} heap pushes in {periods:.0f} deadlines"
+    assert len(wakeups) <= periods + 1, f"{len(wakeups)} wake-ups in {periods:.0f} deadlines"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exchanges_slower_than_the_deadline_are_acked_at_once(family: str) -> None:
+    """A delayed ACK would leave a stale heap entry per exchange (a wake-up each)."""
+    side = delayed(family)
+    for _ in range(3):
+        side.clock.advance(2 * DELAY)
+        side.send(A | P, b"q")
+        assert pure_acks(side) == [side.gseq]
+        side.host_data(b"r")
+        assert segments(side) == [(A | P, side.gseq, b"r")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_flow_whose_delayed_ack_timed_out_delays_no_more(family: str) -> None:
+    """A Nagle'd guest (write, write, read) waits for each ACK: it waits one deadline, once."""
+    side = delayed(family)
+    side.send(A | P, b"first")
+    side.clock.advance(DELAY)
+    assert pure_acks(side) == [side.gseq], "alone, at the deadline"
+    for _ in range(3):
+        side.send(A | P, b"next")
+        assert pure_acks(side) == [side.gseq], "at once from now on"
+    assert side.link.counters["tcp.delayed_ack"] == 1
