@@ -81,37 +81,6 @@ sends one ACK per marked flow, or nothing when outgoing data carries it.
 Out-of-order segments are answered at once, so the guest's fast retransmit
 sees one duplicate ACK per segment.
 
-Delayed ACKs (RFC 1122 4.2.3.2, RFC 5681 4.2), tuned for a NAT whose
-"application" is a host socket microseconds away: a short (below MSS) in-order
-segment taken whole by the host socket on the fast path, when no ACK is owed
-yet and the guest's previous segment came less than the delay ago (a busy
-exchange), is not acknowledged at the batch's end; ``ack_deadline`` is set
-``TcpConfig.delayed_ack`` (1 ms) ahead instead, and the host's reply (any data
-``_output`` sends) carries the ACK, or :meth:`TcpFlow.on_timer` sends it alone
-at the deadline (``tcp.delayed_ack``) and the flow delays no ACK again
-(``ack_delay`` = 0: as Linux leaves its ping-pong mode when a delayed ACK
-times out). That saves one TAP write per request/response exchange. Only busy
-exchanges, because the deadline's heap entry is left stale when a reply
-carries the ACK (cancelling and re-arming on every reply costs more than the
-write), and a stale entry wakes the loop: once per deadline period while
-exchanges come faster than the deadline, but once per exchange, a whole
-wake-up for a saved write, when they come slower. Everything else is ACKed at the batch's end as
-before: full-sized segments (so a bulk sender gets at least one ACK per batch,
-never fewer than one per two full segments), a second short segment while one
-is owed, out-of-order data, a FIN, data the host did not take whole (the
-window shrank), anything on the general path (a window change, a state other
-than ESTABLISHED); window updates that reopen a window are sent at once. The
-deadline is short because a guest using Nagle's algorithm sends its next small
-segment only once the last is acknowledged: a write-write-read client waits up
-to the deadline per exchange (Linux's own minimum, 40 ms, is what makes that
-pattern infamous); here it does so once per connection at most, as the
-first miss turns the delay off. Linux's quick-ACK mode at connection start
-exists to grow a bulk sender's window, which full-sized segments already get
-here, so there is none. The deadline shares the flow's one heap entry (``_arm``) and is left
-stale when a reply carries the ACK, so a steady exchange pushes at most one
-entry, and wakes the loop at most once, per deadline period, not per round
-trip.
-
 Header prediction (Van Jacobson's fast path, as in the BSD and Linux stacks):
 every segment for a known flow enters :meth:`TcpFlow._receive`, which handles
 the common case whole in one function, an ESTABLISHED flow getting in-order
@@ -301,10 +270,6 @@ class TcpConfig:
     keepalive_idle: float = 600.0
     keepalive_interval: float = 30.0
     keepalive_count: int = 4
-    #: How long the ACK of a short in-order guest segment may wait for the host's
-    #: reply to carry it (seconds; 0: ACK every batch at once). See "Delayed ACKs"
-    #: in the module docstring for the choice of 1 ms.
-    delayed_ack: float = 0.001
 
 
 def _fold(s: int) -> int:
@@ -368,9 +333,6 @@ class TcpFlow:
         "tlp_armed",
         # framing: checksum sums precomputed from the addresses
         "ip_header_sum", "pseudo_header_sum", "ack_pending", "dirty", "syn_quote", "half_open",
-        # delayed ACK: when the ACK owed for a short segment must go out alone, and how
-        # long one may wait on this flow (0 once a deadline passed without a reply)
-        "ack_deadline", "ack_delay",
         "inbound", "wscale_ok",
         # SACK (RFC 2018): negotiated, first SACKed sequence above snd_una
         "sack_ok", "sack_hole",
@@ -440,14 +402,6 @@ class TcpFlow:
         #: IPv6 RFC 8200 8.1 has the same fields, only wider: addresses, length, 6).
         self.pseudo_header_sum = addr_sum + 6
         self.ack_pending = False
-        #: A delayed ACK is owed (see _receive): the host's reply carries it, or
-        #: on_timer sends it at this time, whichever comes first.
-        self.ack_deadline: float | None = None
-        #: 1 us short of the delay: uvloop's clock ticks in whole milliseconds, and its
-        #: next tick, (k + 1) / 1000, is one rounding step *before* k / 1000 + 0.001 in
-        #: 13 % of cases; a deadline just after the tick would wake the loop for nothing
-        #: and make the runtime spin until the next one (a millisecond of busy loop).
-        self.ack_delay = cfg.delayed_ack - 1e-6 if cfg.delayed_ack > 1e-6 else 0.0
         self.dirty = False
         self.syn_quote = b""
         self.half_open = False
@@ -619,7 +573,6 @@ class TcpFlow:
 
     def _send_ack(self) -> None:
         self.ack_pending = False
-        self.ack_deadline = None
         if self.ooo.segments and self.sack_ok:
             blocks = self.ooo.sack_blocks(self.rcv_nxt)
             self._xmit(ACK, self.snd_nxt, [], 0, wtcp.sack_option(blocks))
@@ -652,21 +605,12 @@ class TcpFlow:
         k = self.idle_deadline
         if d is None or (k is not None and k < d):
             d = k
-        k = self.ack_deadline
-        if d is None or (k is not None and k < d):
-            d = k
         if d is not None and (self.timer_deadline is None or d < self.timer_deadline):
             self.engine.timers.schedule(self, d)
 
     def on_timer(self, now: float) -> None:
         if self.state == CLOSED:
             return
-        if self.ack_deadline is not None and now >= self.ack_deadline:
-            # No reply from the host in time to carry the delayed ACK: send it alone, and
-            # delay no more on this flow (its guest may be waiting for it: Nagle).
-            self.link.count("tcp.delayed_ack")
-            self.ack_delay = 0.0
-            self._send_ack()
         if self.rto_deadline is not None and now >= self.rto_deadline:
             self.rto_deadline = None
             self._on_rto(now)
@@ -878,7 +822,6 @@ class TcpFlow:
             self.snd_max = self.snd_nxt
         if xmitted:
             self.ack_pending = False
-            self.ack_deadline = None
             if self.rto_deadline is None or self.persist or self.tlp_armed:
                 self.persist = False
                 self._restart_timer(now)
@@ -943,13 +886,19 @@ class TcpFlow:
     # ------------------------------------------------------------------ input
 
     def _receive(self, seg: wtcp.TcpSegment, now: float) -> None:
-        """Header prediction (Van Jacobson's fast path): the common case whole, the rest to
-        :meth:`_segment`. The common case: ESTABLISHED, not recovering nor resending (``snd_nxt
-        == snd_max``), a segment at ``rcv_nxt`` with no flag but ACK (and PSH), no options, an
-        acceptable ACK field: a pure ACK of new data (the window may move) or in-order data,
-        window unchanged, that fits our window, nothing held (out-of-order data, a backlog).
-        This is :meth:`_segment`, :meth:`_ack_field`, :meth:`_acked`, :meth:`_deliver` without
-        the branches so ruled out (test_tcp_fastpath.py holds the two alike), + delayed ACKs."""
+        """Header prediction (Van Jacobson's fast path): a segment of the common
+        case is handled here whole; anything else goes to :meth:`_segment`.
+
+        The common case: an ESTABLISHED flow, not recovering from loss nor
+        resending (``snd_nxt == snd_max``), gets a segment at ``rcv_nxt`` with no
+        flag but ACK (and PSH), no options, and an acceptable ACK field; it is
+        either a pure ACK of new data (the window may move) or in-order data with
+        the window unchanged that fits the window we advertised, with nothing
+        held (out-of-order data, a backlog). What follows is :meth:`_segment`,
+        :meth:`_ack_field`, :meth:`_acked` and :meth:`_deliver` with the branches
+        these conditions rule out left out, so the result is the same
+        (tests/stack/test_tcp_fastpath.py holds the two paths to that).
+        """
         # Per-frame path: sequence arithmetic inline, not via seq.py (a call each).
         ack = seg.ack
         una = self.snd_una
@@ -970,7 +919,7 @@ class TcpFlow:
         elif not d:
             self._segment(seg, now)  # maybe a duplicate ACK
             return
-        prev_rx, self.last_rx = self.last_rx, now
+        self.last_rx = now
         self.probes = 0
         if d:  # _acked() without its FIN and recovery branches (ruled out above)
             self.snd_una = ack
@@ -1006,19 +955,13 @@ class TcpFlow:
             self.snd_wl1 = seg.seq
             self.snd_wl2 = ack
         if plen:
-            w = self.host.tcp_write(self, data := seg.buf[20:])
+            data = seg.buf[20:]
+            w = self.host.tcp_write(self, data)
             if w < plen:
                 self._hold(data, w)
-                self.ack_pending = True
             else:
                 self.rcv_nxt = (self.rcv_nxt + plen) & SEQ_MASK
-                if (plen < self.mss and not self.ack_pending and self.ack_deadline is None
-                        and now - prev_rx < self.ack_delay):  # delayed ACK (module docstring)
-                    dl = self.ack_deadline = now + self.ack_delay
-                    if self.timer_deadline is None or dl < self.timer_deadline:
-                        self.engine.timers.schedule(self, dl)
-                else:
-                    self.ack_pending = True
+            self.ack_pending = True
         if not self.dirty:
             self.dirty = True
             self.engine.dirty.append(self)

@@ -1,8 +1,5 @@
 """Header prediction: the fast path (TcpFlow._receive, _xmit_fast) against the general one.
 
-Delayed ACKs are off here (the general path ACKs each batch at once; the twins compare
-segment handling): tests/stack/test_tcp_delack.py covers them.
-
 Two engines made alike (same random seed, same script) are brought to the same state;
 then one segment goes through the fast path's entry (``_receive``) on one twin and
 straight into the general path (``_segment``) on the other, and everything a user
@@ -23,7 +20,7 @@ import pytest
 
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.rtt import RttEstimator
-from pyslirp.stack.tcp import CLOSE_WAIT, ESTABLISHED, FIN_WAIT_1, TcpConfig, TcpEngine, TcpFlow
+from pyslirp.stack.tcp import CLOSE_WAIT, ESTABLISHED, FIN_WAIT_1, TcpEngine, TcpFlow
 from pyslirp.stack.timers import Timers
 from pyslirp.wire import ipv4, ipv6
 from pyslirp.wire import tcp as wtcp
@@ -43,8 +40,7 @@ class Side:
     """One TCP engine, its fake link and host, and a scripted guest on one flow."""
 
     def __init__(self, family: str, gseq: int, sack: bool,
-                 on_synack: Callable[[TcpFlow], None] | None = None,
-                 delayed_ack: float = 0.0) -> None:
+                 on_synack: Callable[[TcpFlow], None] | None = None) -> None:
         self.v6 = family == "ipv6"
         self.guest, self.remote = ADDRS[family]
         self.config = NetConfig(vnet_hdr=True, offload=True)
@@ -54,7 +50,6 @@ class Side:
         self.clock = FakeClock(self.timers)
         self.engine = TcpEngine(self.config, self.link, self.host, self.timers,
                                 lambda ip, port: [("127.0.0.1", port)],
-                                tcp_config=TcpConfig(delayed_ack=delayed_ack),
                                 rng=random.Random(7))
         self.gseq = gseq  # the guest's next sequence number
         self.flow = self._connect(sack, on_synack)
