@@ -22,6 +22,8 @@ Subcommands
                   Prints ``{"ready": true}`` once every socket is bound.
   rtt             N one-byte ping-pongs over one TCP connection; p50/p99 in us and
                   the exchanges made (warm-up included, for CPU per round trip).
+                  --gap S sleeps S seconds after each (paced exchanges: every one then
+                  wakes a sleeping stack, and any timer it leaves behind wakes it again).
   connect         N sequential connect()+close(); connections per second.
   nagle           N exchanges over one TCP connection with Nagle's algorithm on (the
                   default): two small writes back to back, then read the answer; p50/p99
@@ -254,6 +256,8 @@ def cmd_rtt(args: argparse.Namespace) -> int:
                 raise SystemExit("rtt: server closed the connection")
             if i >= args.warmup:
                 samples.append(clock() - t0)
+            if args.gap:
+                time.sleep(args.gap)
     samples.sort()
     _emit({
         "count": len(samples),
@@ -451,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         cp.set_defaults(func=func)
         if name == "rtt":
             cp.add_argument("--warmup", type=int, default=200)
+            cp.add_argument("--gap", type=float, default=0.0,
+                            help="seconds to sleep after each exchange (default: none)")
         if name == "probe":
             cp.add_argument("--deadline", type=float, default=5.0)
 

@@ -79,7 +79,7 @@ BEST_OF = ("slirp4netns", "pasta")
 # pyslirp with busy polling off: the same binary, one more flag, and only the
 # workloads whose figures busy polling could flatter (latency and CPU per exchange).
 VARIANTS = {"pyslirp-nopoll": ("pyslirp", ["--busy-poll=0"])}
-ONLY_WORKLOADS = {"pyslirp-nopoll": ("rtt", "nagle", "connect")}
+ONLY_WORKLOADS = {"pyslirp-nopoll": ("rtt", "paced", "nagle", "connect")}
 # The same iperf3 over plain loopback in the host namespace: the kernel alone.
 REFERENCE = "loopback"
 # UDP rate search: geometric bisection between these offered rates (Mbit/s).
@@ -156,6 +156,7 @@ MISC_METRICS = [
     Metric("rtt_p50_us", "TCP 1-byte round trip p50", "us", "lower"),
     Metric("rtt_p99_us", "TCP 1-byte round trip p99", "us", "lower"),
     Metric("cpu_rtt_us", "stack CPU per 1-byte round trip", "CPU us", "lower"),
+    Metric("cpu_paced_us", "stack CPU per 1-byte exchange, one per ms", "CPU us", "lower"),
     Metric("nagle_p50_us", "TCP Nagle'd write-write-read exchange p50", "us", "lower"),
     Metric("nagle_p99_us", "TCP Nagle'd write-write-read exchange p99", "us", "lower"),
     Metric("conn_per_s", "new TCP connections", "conn/s", "higher"),
@@ -497,7 +498,7 @@ def start_stack(name: str, ns: Namespace, mtu: int, cfg: RunConfig) -> Stack:
 
 # ---------------------------------------------------------------- workloads
 
-WORKLOAD_KINDS = ("bulk", "rtt", "nagle", "connect", "dns", "udp", "idle", "flood")
+WORKLOAD_KINDS = ("bulk", "rtt", "paced", "nagle", "connect", "dns", "udp", "idle", "flood")
 
 
 @dataclass
@@ -513,6 +514,7 @@ class RunConfig:
     base_port: int
     rtt_count: int
     nagle_count: int
+    paced_count: int
     conn_count: int
     dns_count: int
     dns_window: int
@@ -707,6 +709,15 @@ def _rtt(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
             "cpu_rtt_us": cpu / res["exchanges"] * 1e6}
 
 
+def _paced(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+    # One exchange per ~1 ms: each wakes a sleeping stack, so this shows what an exchange
+    # costs a stack that is not kept busy (and any timer it leaves armed per exchange).
+    res, cpu = _client_with_cpu(stack, ns.cmd([
+        cfg.python, str(NETLOAD), "rtt", "--host", HOST_IP, "--port", str(cfg.rtt_port),
+        "--count", str(cfg.paced_count), "--warmup", "20", "--gap", "0.001"]), timeout=120)
+    return {"cpu_paced_us": cpu / res["exchanges"] * 1e6}
+
+
 def _nagle(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
     # Two small writes with Nagle on, answered after both: the second waits for the
     # stack's ACK of the first, which no reply can carry (a delayed ACK's worst case).
@@ -798,6 +809,7 @@ def plan(cfg: RunConfig, mtu: int, stack: str) -> list[Step]:
     if mtu == cfg.misc_mtu:
         steps += [
             Step("TCP 1-byte round trip", _rtt, "rtt"),
+            Step("TCP 1-byte exchanges, one per ms", _paced, "paced"),
             Step("TCP Nagle'd write-write-read", _nagle, "nagle"),
             Step("new TCP connections", _connections, "connect"),
             Step("DNS queries", _dns, "dns"),
@@ -1118,7 +1130,8 @@ def report(cfg: RunConfig, res: Results, load_at_start: str) -> str:
     settings = (f"{cfg.rounds} round{'s' if cfg.rounds > 1 else ''} (medians), "
                 f"{cfg.duration} s per iperf3 run, UDP: {UDP_PROBES} x {UDP_PROBE_SECONDS} s "
                 f"probes per direction ({UDP_MIN_MBPS:g}-{UDP_MAX_MBPS:g} Mbit/s, 1400 B), "
-                f"{cfg.rtt_count} round trips, {cfg.nagle_count} Nagle exchanges, "
+                f"{cfg.rtt_count} round trips, {cfg.paced_count} paced ones, "
+                f"{cfg.nagle_count} Nagle exchanges, "
                 f"{cfg.conn_count} connections, "
                 f"{cfg.dns_count} DNS queries (window {cfg.dns_window}), "
                 f"{cfg.idle_count} idle connections; non-bulk workloads at MTU {cfg.misc_mtu}"
@@ -1273,6 +1286,7 @@ def main(argv: list[str] | None = None) -> int:
         base_port=args.base_port,
         rtt_count=2000 if quick else 20000,
         nagle_count=200 if quick else 2000,
+        paced_count=300 if quick else 3000,
         conn_count=300 if quick else 3000,
         dns_count=2000 if quick else 20000,
         dns_window=8,
