@@ -17,10 +17,20 @@ Subcommands
                     accept  accept and close at once -- connections-per-second test
                     hold    accept, send one byte, keep the socket open -- idle test
                     dns     answer every UDP DNS query with one A record
+                    nagle   answer each pair of NAGLE_MSG-byte messages with one byte,
+                            only once both are in -- the Nagle test
                   Prints ``{"ready": true}`` once every socket is bound.
   rtt             N one-byte ping-pongs over one TCP connection; p50/p99 in us and
                   the exchanges made (warm-up included, for CPU per round trip).
+                  --gap S sleeps S seconds after each (paced exchanges: every one then
+                  wakes a sleeping stack, and any timer it leaves behind wakes it again).
   connect         N sequential connect()+close(); connections per second.
+  nagle           N exchanges over one TCP connection with Nagle's algorithm on (the
+                  default): two small writes back to back, then read the answer; p50/p99
+                  in us. Nagle holds the second write until the first is acknowledged and
+                  the server answers only after both, so this times the stack's ACK of a
+                  short segment with no reply to carry it (a delayed ACK's deadline).
+  nagle-serve     the nagle server alone on --port (0: any), printing {"port": N}.
   dns             N DNS queries with a window of W outstanding; answered/s, lost.
   hold            open N connections, read the server's byte on each (so every one
                   is known to be established end to end), print, wait for a line on
@@ -89,6 +99,38 @@ def _serve_rtt(lsock: socket.socket) -> None:
     while True:
         conn, _ = lsock.accept()
         threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+
+#: Bytes in each of the nagle test's two messages.
+NAGLE_MSG = 10
+
+
+def _answer_pairs(conn: socket.socket) -> None:
+    with conn:
+        try:
+            while True:
+                got = 0
+                while got < 2 * NAGLE_MSG:
+                    data = conn.recv(2 * NAGLE_MSG - got)
+                    if not data:
+                        return
+                    got += len(data)
+                conn.sendall(b"!")
+        except OSError:
+            return
+
+
+def _serve_nagle(lsock: socket.socket) -> None:
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=_answer_pairs, args=(conn,), daemon=True).start()
+
+
+def cmd_nagle_serve(args: argparse.Namespace) -> int:
+    lsock = _listener(args.bind, args.port)
+    _emit({"port": lsock.getsockname()[1]})
+    _serve_nagle(lsock)
+    return 0
 
 
 def _serve_accept(lsock: socket.socket) -> None:
@@ -160,7 +202,8 @@ def _serve_dns(usock: socket.socket) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     threads = []
-    for name, target in (("rtt", _serve_rtt), ("accept", _serve_accept), ("hold", _serve_hold)):
+    for name, target in (("rtt", _serve_rtt), ("accept", _serve_accept), ("hold", _serve_hold),
+                         ("nagle", _serve_nagle)):
         port = getattr(args, f"{name}_port")
         if port:
             threads.append(threading.Thread(target=target, args=(_listener(args.bind, port),)))
@@ -217,10 +260,35 @@ def cmd_rtt(args: argparse.Namespace) -> int:
                 raise SystemExit("rtt: server closed the connection")
             if i >= args.warmup:
                 samples.append(clock() - t0)
+            if args.gap:
+                time.sleep(args.gap)
     samples.sort()
     _emit({
         "count": len(samples),
         "exchanges": args.warmup + args.count,   # warm-up included: the stack's work
+        "p50_us": _percentile(samples, 0.50) / 1000.0,
+        "p99_us": _percentile(samples, 0.99) / 1000.0,
+    })
+    return 0
+
+
+def cmd_nagle(args: argparse.Namespace) -> int:
+    s = _connect(args.host, args.port, args.timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # Nagle on (the default)
+    first, second = b"a" * NAGLE_MSG, b"b" * NAGLE_MSG
+    clock = time.perf_counter_ns
+    samples: list[int] = []
+    with s:
+        for _ in range(args.count):
+            t0 = clock()
+            s.sendall(first)
+            s.sendall(second)
+            if not s.recv(1):
+                raise SystemExit("nagle: server closed the connection")
+            samples.append(clock() - t0)
+    samples.sort()
+    _emit({
+        "answered": len(samples),
         "p50_us": _percentile(samples, 0.50) / 1000.0,
         "p99_us": _percentile(samples, 0.99) / 1000.0,
     })
@@ -376,11 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--rtt-port", type=int, default=0)
     sp.add_argument("--accept-port", type=int, default=0)
     sp.add_argument("--hold-port", type=int, default=0)
+    sp.add_argument("--nagle-port", type=int, default=0)
     sp.add_argument("--dns", default="", help="ADDR:PORT for the test DNS server")
     sp.set_defaults(func=cmd_serve)
 
     for name, func, count in (("rtt", cmd_rtt, 20000), ("connect", cmd_connect, 3000),
-                              ("hold", cmd_hold, 1000), ("probe", cmd_probe, 1)):
+                              ("hold", cmd_hold, 1000), ("probe", cmd_probe, 1),
+                              ("nagle", cmd_nagle, 2000)):
         cp = sub.add_parser(name)
         cp.add_argument("--host", required=True)
         cp.add_argument("--port", type=int, required=True)
@@ -389,8 +459,15 @@ def main(argv: list[str] | None = None) -> int:
         cp.set_defaults(func=func)
         if name == "rtt":
             cp.add_argument("--warmup", type=int, default=200)
+            cp.add_argument("--gap", type=float, default=0.0,
+                            help="seconds to sleep after each exchange (default: none)")
         if name == "probe":
             cp.add_argument("--deadline", type=float, default=5.0)
+
+    np_ = sub.add_parser("nagle-serve")
+    np_.add_argument("--bind", default="127.0.0.1")
+    np_.add_argument("--port", type=int, default=0)
+    np_.set_defaults(func=cmd_nagle_serve)
 
     dp = sub.add_parser("dns")
     dp.add_argument("--server", required=True)

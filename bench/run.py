@@ -107,7 +107,7 @@ BEST_OF = ("slirp4netns", "pasta")
 VARIANTS = {"pyslirp-nopoll": ("pyslirp", ["--busy-poll=0"]),
             # The drop-in's shared-engine mode (PYSLIRP_SHARED_ENGINE=1): start-up and memory.
             "pyslirp-shared": ("pyslirp", [])}
-ONLY_WORKLOADS = {"pyslirp-nopoll": ("rtt", "connect", "udp"),
+ONLY_WORKLOADS = {"pyslirp-nopoll": ("rtt", "paced", "nagle", "connect", "udp"),
                   "pyslirp-shared": ("startup", "footprint")}
 # The same iperf3 over plain loopback in the host namespace: the kernel alone.
 REFERENCE = "loopback"
@@ -207,6 +207,9 @@ MISC_METRICS = [
     Metric("rtt_p50_us", "TCP 1-byte round trip p50", "us", "lower"),
     Metric("rtt_p99_us", "TCP 1-byte round trip p99", "us", "lower"),
     Metric("cpu_rtt_us", "stack CPU per 1-byte round trip", "CPU us", "lower"),
+    Metric("cpu_paced_us", "stack CPU per 1-byte exchange, one per ms", "CPU us", "lower"),
+    Metric("nagle_p50_us", "TCP Nagle'd write-write-read exchange p50", "us", "lower"),
+    Metric("nagle_p99_us", "TCP Nagle'd write-write-read exchange p99", "us", "lower"),
     Metric("conn_per_s", "new TCP connections", "conn/s", "higher"),
     Metric("cpu_conn_us", "stack CPU per new TCP connection", "CPU us", "lower"),
     Metric("dns_qps", "DNS queries through the stack", "queries/s", "higher"),
@@ -572,8 +575,8 @@ def start_stack(name: str, ns: Namespace, mtu: int, cfg: RunConfig) -> Stack:
 
 # ---------------------------------------------------------------- workloads
 
-WORKLOAD_KINDS = ("bulk", "rtt", "connect", "dns", "udp", "idle", "flood", "ipv6",
-                  "startup", "footprint")
+WORKLOAD_KINDS = ("bulk", "rtt", "paced", "nagle", "connect", "dns", "udp", "idle", "flood",
+                  "ipv6", "startup", "footprint")
 
 
 @dataclass
@@ -588,6 +591,8 @@ class RunConfig:
     workdir: Path
     base_port: int
     rtt_count: int
+    nagle_count: int
+    paced_count: int
     conn_count: int
     dns_count: int
     dns_window: int
@@ -619,6 +624,10 @@ class RunConfig:
     @property
     def hold_port(self) -> int:
         return self.base_port + 3
+
+    @property
+    def nagle_port(self) -> int:
+        return self.base_port + 4
 
     @property
     def misc_mtu(self) -> int:
@@ -846,6 +855,24 @@ def _rtt(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
             "cpu_rtt_us": cpu / res["exchanges"] * 1e6}
 
 
+def _paced(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+    # One exchange per ~1 ms: each wakes a sleeping stack, so this shows what an exchange
+    # costs a stack that is not kept busy (and any timer it leaves armed per exchange).
+    res, cpu = _client_with_cpu(stack, ns.cmd([
+        cfg.python, str(NETLOAD), "rtt", "--host", HOST_IP, "--port", str(cfg.rtt_port),
+        "--count", str(cfg.paced_count), "--warmup", "20", "--gap", "0.001"]), timeout=120)
+    return {"cpu_paced_us": cpu / res["exchanges"] * 1e6}
+
+
+def _nagle(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
+    # Two small writes with Nagle on, answered after both: the second waits for the
+    # stack's ACK of the first, which no reply can carry (a delayed ACK's worst case).
+    res = _run_json(ns.cmd([
+        cfg.python, str(NETLOAD), "nagle", "--host", HOST_IP, "--port", str(cfg.nagle_port),
+        "--count", str(cfg.nagle_count)]), timeout=120)
+    return {"nagle_p50_us": res["p50_us"], "nagle_p99_us": res["p99_us"]}
+
+
 def _connections(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
     res, cpu = _client_with_cpu(stack, ns.cmd([
         cfg.python, str(NETLOAD), "connect", "--host", HOST_IP,
@@ -930,6 +957,8 @@ def plan(cfg: RunConfig, mtu: int, stack: str) -> list[Step]:
         steps += [
             Step("TCP 1-byte round trip over IPv6", _rtt6, "ipv6"),
             Step("TCP 1-byte round trip", _rtt, "rtt"),
+            Step("TCP 1-byte exchanges, one per ms", _paced, "paced"),
+            Step("TCP Nagle'd write-write-read", _nagle, "nagle"),
             Step("new TCP connections", _connections, "connect"),
             Step("DNS queries", _dns, "dns"),
             _udp_step("up"),
@@ -1567,7 +1596,9 @@ def report(cfg: RunConfig, res: Results, load_at_start: str) -> str:
     settings = (f"{cfg.rounds} round{'s' if cfg.rounds > 1 else ''} (medians), "
                 f"{cfg.duration} s per iperf3 run, UDP: {UDP_PROBES} x {UDP_PROBE_SECONDS} s "
                 f"probes per direction ({UDP_MIN_MBPS:g}-{UDP_MAX_MBPS:g} Mbit/s, 1400 B), "
-                f"{cfg.rtt_count} round trips, {cfg.conn_count} connections, "
+                f"{cfg.rtt_count} round trips, {cfg.paced_count} paced ones, "
+                f"{cfg.nagle_count} Nagle exchanges, "
+                f"{cfg.conn_count} connections, "
                 f"{cfg.dns_count} DNS queries (window {cfg.dns_window}), "
                 f"{cfg.idle_count} idle connections; non-bulk workloads at MTU {cfg.misc_mtu}"
                 + ("; --quick" if cfg.quick else ""))
@@ -1627,7 +1658,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=int, help="seconds per iperf3 run (default 5; quick 1)")
     p.add_argument("--mtus", default="1500,65520", help="comma-separated MTUs")
     p.add_argument("--base-port", type=int, default=15400,
-                   help="first of 4 TCP ports used on 127.0.0.1 (default 15400)")
+                   help="first of 5 TCP ports used on 127.0.0.1 (default 15400)")
     p.add_argument("--only", default=",".join(WORKLOAD_KINDS),
                    help="comma-separated workloads to run, from: " + ", ".join(WORKLOAD_KINDS)
                    + " (default all)")
@@ -1732,6 +1763,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir=Path(tempfile.mkdtemp(prefix="pyslirp-bench-")),
         base_port=args.base_port,
         rtt_count=2000 if quick else 20000,
+        nagle_count=200 if quick else 2000,
+        paced_count=300 if quick else 3000,
         conn_count=300 if quick else 3000,
         dns_count=2000 if quick else 20000,
         dns_window=8,
@@ -1768,13 +1801,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         server = _spawn([sys.executable, str(NETLOAD), "serve", "--bind", "127.0.0.1",
                          "--rtt-port", str(cfg.rtt_port), "--accept-port", str(cfg.accept_port),
-                         "--hold-port", str(cfg.hold_port), "--dns", f"{cfg.dns_addr}:53"],
+                         "--hold-port", str(cfg.hold_port), "--nagle-port", str(cfg.nagle_port),
+                         "--dns", f"{cfg.dns_addr}:53"],
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None
         line = server.stdout.readline()
         if not line:
             print("bench/run.py: the loopback test servers did not start (ports "
-                  f"{cfg.rtt_port}-{cfg.hold_port} in use? try --base-port)", file=sys.stderr)
+                  f"{cfg.rtt_port}-{cfg.nagle_port} in use? try --base-port)", file=sys.stderr)
             return 1
         hello = json.loads(line)
         if hello.get("dns_error"):
