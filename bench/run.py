@@ -209,6 +209,16 @@ MISC_METRICS = [
            "higher"),
     Metric("flood_udp_pct", "TCP download during a guest UDP flood, % of unloaded", "%",
            "higher"),
+    Metric("flood_base_cpu_pct", "stack CPU during the unloaded download", "% of a core",
+           "lower", chart=False),
+    Metric("flood_syn_cpu_pct", "stack CPU during the SYN-flood download", "% of a core",
+           "lower", chart=False),
+    Metric("flood_udp_cpu_pct", "stack CPU during the UDP-flood download", "% of a core",
+           "lower", chart=False),
+    Metric("flood_syn_ring_drops", "frames dropped at the guest's TAP queue, SYN flood",
+           "frames/s", "lower", chart=False),
+    Metric("flood_udp_ring_drops", "frames dropped at the guest's TAP queue, UDP flood",
+           "frames/s", "lower", chart=False),
     Metric("idle_rss_before_mb", "stack RSS before 1,000 idle conns", "MB", "lower",
            chart=False),
     Metric("idle_rss_after_mb", "stack RSS with 1,000 idle conns", "MB", "lower", chart=False),
@@ -870,11 +880,27 @@ def _idle(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
             "idle_rss_delta_mb": after - before}
 
 
+def _tap_tx_dropped(ns: Namespace) -> int | None:
+    """Frames the guest's kernel dropped at its TAP queue (tap0's TX dropped), or None."""
+    cp = subprocess.run(ns.cmd(["ip", "-j", "-s", "link", "show", "tap0"]),
+                        capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    try:
+        return int(json.loads(cp.stdout)[0]["stats64"]["tx"]["dropped"])
+    except (ValueError, LookupError, TypeError):
+        return None
+
+
 def _floods(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
     """A 1-flow download alone, then during each flood from the same guest (issue 11:
-    a well-behaved transfer keeps at least half its rate). Same stack, back to back."""
-    base, _ = _iperf(cfg, ns, stack, reverse=True)
-    out = {"flood_base_gbps": base["bits_per_second"] / 1e9}
+    a well-behaved transfer keeps at least half its rate). Same stack, back to back.
+
+    Beside the rate: the stack's CPU (% of one core) in each phase, which says whether
+    the download lost CPU or something else (the machine's other load, lost ACKs),
+    and the frames the guest's kernel dropped at the TAP queue per second of flood."""
+    t0 = time.monotonic()
+    base, cpu = _iperf(cfg, ns, stack, reverse=True)
+    out = {"flood_base_gbps": base["bits_per_second"] / 1e9,
+           "flood_base_cpu_pct": 100 * cpu / (time.monotonic() - t0)}
     for kind in ("syn", "udp"):
         flood = _spawn(ns.cmd([cfg.python, str(NETLOAD), "flood", "--kind", kind,
                                "--host", HOST_IP, "--seconds", str(cfg.duration + 3)]),
@@ -882,9 +908,14 @@ def _floods(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
                        stderr=subprocess.DEVNULL)
         try:
             time.sleep(0.5)  # the flood is under way before the transfer starts
-            under, _ = _iperf(cfg, ns, stack, reverse=True)
+            dropped0, t0 = _tap_tx_dropped(ns), time.monotonic()
+            under, cpu = _iperf(cfg, ns, stack, reverse=True)
+            dropped1, elapsed = _tap_tx_dropped(ns), time.monotonic() - t0
         finally:
             _stop(flood, grace=1.0)
+        out[f"flood_{kind}_cpu_pct"] = 100 * cpu / elapsed
+        if dropped0 is not None and dropped1 is not None:
+            out[f"flood_{kind}_ring_drops"] = (dropped1 - dropped0) / elapsed
         if base["bits_per_second"]:
             out[f"flood_{kind}_pct"] = 100 * under["bits_per_second"] / base["bits_per_second"]
     return out
