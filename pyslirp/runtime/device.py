@@ -48,6 +48,17 @@ kernel drops frames of every flow at the TAP queue when we fall behind, the
 download's ACKs with them). Otherwise the test costs one truth test. Frames the
 kernel does not take (queue full) are dropped and counted
 (``drop.tx.tap_full``), like a NIC would; TCP retransmits.
+
+What limits a guest's download during its own flood is not this reader's share
+of the CPU but the wait of the guest's ACKs behind the flood in the TAP ring
+(ping through it: ~0.1 ms idle, 1.3-1.6 ms average and 8 ms peaks under the
+UDP flood), against the flow's send window (``TcpConfig.snd_buf``). Measured
+with ``bench/run.py --only flood`` (A/B pairs in one session, 2026-12-01):
+fewer frames per callback while shedding (16; against a separate unloaded run)
+or more (1,024), a ring of 64 (separate run) or 8,000 slots did not raise the
+download's share or lowered it; a 16 MiB
+``snd_buf`` raised it from a median 31 % to 53 % (5 of 5 pairs). So the batch
+stays one size.
 """
 
 from __future__ import annotations

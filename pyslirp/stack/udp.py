@@ -42,7 +42,14 @@ kernel matches the quote to its socket by addresses and ports only, so a
 Port unreachable comes from the destination itself (it is the host that
 answers so); every other error from the gateway (it is "a router on the
 way"). Fragmentation needed is not passed on: the host socket fragments for
-itself, so the guest's path MTU to us is not what failed.
+itself, so the guest's path MTU to us is not what failed. These errors are
+rate-limited as Linux limits the ICMP errors it sends (``icmp_msgs_per_sec``
+/ ``icmp_msgs_burst``: ``ICMP_ERROR_RATE`` per second, bursts of
+``ICMP_ERROR_BURST``, one bucket for the engine); past it an error is dropped
+and counted (``drop.udp.icmp_rate``), as a router would not send it. A guest
+sending to ever new closed ports then gets no message per datagram, and a
+traceroute or a refused ``connect``-ed socket (one error each) is untouched.
+Packet too big (IPv6) is not limited, as in Linux: it carries the path MTU.
 
 A reply that fits the link MTU is built in place (headers in one buffer, the
 payload not copied) and, when the link has offloads, its checksum is left to
@@ -137,6 +144,10 @@ DEFAULT_MAX_FLOWS = 4096
 DEFAULT_NEW_FLOWS_PER_SECOND = 1000.0
 #: Guest destinations (and host sources) remembered per flow before the cache is reset.
 MAX_PEERS_PER_FLOW = 256
+#: ICMP errors to the guest per second and the burst allowed: Linux's
+#: ``net.ipv4.icmp_msgs_per_sec`` and ``icmp_msgs_burst`` defaults.
+ICMP_ERROR_RATE = 1000.0
+ICMP_ERROR_BURST = 50
 #: The largest UDP payload one IPv4 packet can carry (65535 - 20 - 8).
 MAX_PAYLOAD = 65507
 _DNS_PORT = 53
@@ -226,7 +237,8 @@ class UdpEngine:
     """The UDP NAT for one guest link. Sans-I/O: see :mod:`pyslirp.stack`."""
 
     __slots__ = ("config", "link", "host", "timers", "policy", "flows", "max_flows",
-                 "_unreplied", "_new_flows", "_new_destinations", "_gateway", "_gateway6",
+                 "_unreplied", "_new_flows", "_new_destinations", "_icmp_errors", "_gateway",
+                 "_gateway6",
                  "_broadcast", "_loopback_ok", "shedding", "_shed_until", "_dns", "_eth",
                  "batching", "pending")
 
@@ -245,6 +257,7 @@ class UdpEngine:
         self.max_flows = max_flows
         self._new_flows = TokenBucket(new_flows_per_second)
         self._new_destinations = TokenBucket(config.new_flow_rate, config.new_flow_burst)
+        self._icmp_errors = TokenBucket(ICMP_ERROR_RATE, ICMP_ERROR_BURST)
         self._gateway = config.gateway
         self._gateway6 = config.gateway6
         self._broadcast = config.broadcast
@@ -686,11 +699,14 @@ class UdpEngine:
             link.count("drop.udp.closed_flow")
             return
         if flow.v6:
-            self._host_error6(flow, dst, icmp_type, icmp_code, info)
+            self._host_error6(flow, dst, icmp_type, icmp_code, info, now)
             return
         if icmp_type not in (icmp.DEST_UNREACH, icmp.TIME_EXCEEDED) or (
                 icmp_type == icmp.DEST_UNREACH and icmp_code == icmp.FRAG_NEEDED):
             link.count("drop.udp.host_error_ignored")
+            return
+        if not self._icmp_errors.take(now):
+            link.count("drop.udp.icmp_rate")
             return
         origin = self._origin(flow, dst[0], dst[1])
         if origin is None:
@@ -709,7 +725,7 @@ class UdpEngine:
         link.count("udp.icmp_errors")
 
     def _host_error6(self, flow: UdpFlow, dst: tuple[str, int], icmp_type: int,
-                     icmp_code: int, mtu: int) -> None:
+                     icmp_code: int, mtu: int, now: float) -> None:
         """:meth:`host_error` for an IPv6 flow: the ICMPv6 error (RFC 4443) to the guest."""
         link = self.link
         if icmp_type == icmpv6.PACKET_TOO_BIG:
@@ -719,6 +735,9 @@ class UdpEngine:
                 return
             head = _U32.pack(mtu)
         elif icmp_type in (icmpv6.DEST_UNREACH, icmpv6.TIME_EXCEEDED):
+            if not self._icmp_errors.take(now):
+                link.count("drop.udp.icmp_rate")
+                return
             head = bytes(4)
         else:
             link.count("drop.udp.host_error_ignored")

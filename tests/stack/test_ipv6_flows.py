@@ -15,6 +15,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
+from pyslirp.stack.udp import ICMP_ERROR_BURST
 from pyslirp.wire import ethernet, vnet
 from tests.stack import fakes
 
@@ -236,6 +237,19 @@ def test_packet_too_big_tells_the_guest_the_host_path_mtu() -> None:
     body = bytes(err[IPv6].payload)
     assert body[0] == 2 and int.from_bytes(body[4:8], "big") == 1400
     assert err[IPv6].src == GATEWAY
+
+
+def test_icmpv6_errors_are_rate_limited_but_packet_too_big_is_not() -> None:
+    h = harness()
+    flow = _udp_flow(h, "2001:db8::7", 443)
+    for _ in range(2 * ICMP_ERROR_BURST):
+        h.stack.udp.host_error(flow, ("2001:db8::7", 443), 1, 4, h.now)
+    assert len(_icmpv6_errors(h)) == ICMP_ERROR_BURST
+    assert h.counters["drop.udp.icmp_rate"] == ICMP_ERROR_BURST
+    # The bucket is empty, yet the path MTU still reaches the guest (as in Linux).
+    h.stack.udp.host_error(flow, ("2001:db8::7", 443), 2, 0, h.now, 1400)
+    [err] = _icmpv6_errors(h)
+    assert bytes(err[IPv6].payload)[0] == 2
 
 
 @pytest.mark.parametrize("icmp_type, code, info", [

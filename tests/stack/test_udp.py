@@ -15,7 +15,7 @@ from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror, defragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from pyslirp.stack.udp import UdpEngine, UdpFlow
+from pyslirp.stack.udp import ICMP_ERROR_BURST, ICMP_ERROR_RATE, UdpEngine, UdpFlow
 from pyslirp.wire.ipv4 import Ipv4Packet
 from tests.stack import fakes
 
@@ -339,6 +339,39 @@ def test_frag_needed_and_unknown_types_are_not_passed_on() -> None:
     h.udp.host_error(h.flow(), (REMOTE, 7), 5, 0, h.now)
     assert h.take() == []
     assert h.counters["drop.udp.host_error_ignored"] == 2
+
+
+def test_icmp_errors_to_the_guest_are_rate_limited_as_linux_limits_its_own() -> None:
+    # A guest sending to ever new closed ports gets at most a burst of errors, then
+    # ICMP_ERROR_RATE a second (Linux's icmp_msgs_per_sec / icmp_msgs_burst).
+    h = UdpHarness()
+    h.send(GATEWAY, 5000)
+    flood = 10 * ICMP_ERROR_BURST
+    for _ in range(flood):
+        h.udp.host_error(h.flow(), ("127.0.0.1", 5000), 3, 3, h.now)
+    assert len(h.take()) == ICMP_ERROR_BURST
+    assert h.counters["drop.udp.icmp_rate"] == flood - ICMP_ERROR_BURST
+    # A second later a second's worth pass again (the burst caps what was saved up).
+    h.now += 1.0
+    for _ in range(flood):
+        h.udp.host_error(h.flow(), ("127.0.0.1", 5000), 3, 3, h.now)
+    assert len(h.take()) == ICMP_ERROR_BURST
+    # Spread out at the rate, every one passes: a traceroute never meets the limit.
+    h.now += 1.0
+    for i in range(3 * ICMP_ERROR_BURST):
+        h.now += 1.0 / ICMP_ERROR_RATE
+        h.udp.host_error(h.flow(), (REMOTE, 33434 + i), 11, 0, h.now)
+    assert len(h.take()) == 3 * ICMP_ERROR_BURST
+
+
+def test_ignored_host_errors_spend_no_icmp_budget() -> None:
+    h = UdpHarness()
+    h.send(REMOTE, 7)
+    for _ in range(2 * ICMP_ERROR_BURST):
+        h.udp.host_error(h.flow(), (REMOTE, 7), 3, 4, h.now)  # fragmentation needed
+    h.udp.host_error(h.flow(), (REMOTE, 7), 3, 3, h.now)
+    assert len(h.take()) == 1
+    assert "drop.udp.icmp_rate" not in h.counters
 
 
 # ---- lifetime and limits ----------------------------------------------------------
