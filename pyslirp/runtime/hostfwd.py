@@ -317,7 +317,8 @@ class HostForwarder:
             if proto == "tcp":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             elif not v6:
-                # IPv6 forwards do not ask: ICMPv6 errors are not relayed (stack/udp.py).
+                # IPv6 forward sockets do not ask (yet): the ICMPv6 errors of a forward's
+                # datagrams are not relayed, unlike those of the guest's own IPv6 flows.
                 sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
             if v6only:  # an IPv4 forward has the port: take IPv6 peers only
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
