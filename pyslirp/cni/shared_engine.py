@@ -309,14 +309,12 @@ class DropinServer:
         host = attachment.host.outbound
         host.ipv4, host.ipv6 = spec.outbound_addr, spec.outbound_addr6
         if spec.api is not None:
-            from pyslirp.runtime.hostfwd import HostForwarder
+            from pyslirp.runtime.hostfwd import serve_api
 
-            served.forwarder = HostForwarder(attachment)
             try:
-                served.api = spec.api(self.loop, served.forwarder,
-                                      str(config.network.network_address + 100))
+                served.forwarder, served.api = serve_api(
+                    attachment, spec.api, str(config.network.network_address + 100))
             except OSError as exc:
-                served.forwarder.close()
                 attachment.close()
                 raise DropinError(str(exc)) from None
         if "exit" in fds:

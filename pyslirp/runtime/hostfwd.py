@@ -656,3 +656,20 @@ def _reset(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     conn.close()
+
+
+def serve_api(attachment: Attachment, api: Callable[[Any, HostForwarder, str], Any],
+              default_guest_addr: str) -> tuple[HostForwarder, Any]:
+    """A port forwarder for ``attachment`` and the front end's API socket serving it
+    (``--api-socket``): the one-process server's and the shared engine's.
+
+    ``api`` is the front end's ``ServeSpec.api`` (typed loosely: spec.py's
+    ``ApiFactory`` names this module); ``default_guest_addr``: where forwards go when
+    a request names no guest address. If the socket cannot be made (OSError), the
+    forwarder is closed again and the error raised."""
+    forwarder = HostForwarder(attachment)
+    try:
+        return forwarder, api(attachment.loop, forwarder, default_guest_addr)
+    except BaseException:
+        forwarder.close()
+        raise

@@ -123,15 +123,9 @@ class Server:
         ``default_guest_addr``: where forwards go when a request names no guest
         address. Raises OSError (logged by the caller) if the socket cannot be made.
         """
-        from pyslirp.runtime.hostfwd import HostForwarder
+        from pyslirp.runtime.hostfwd import serve_api
 
-        forwarder = HostForwarder(self.attachment)
-        try:
-            self.api = api(self.loop, forwarder, default_guest_addr)
-        except BaseException:
-            forwarder.close()
-            raise
-        self.forwarder = forwarder
+        self.forwarder, self.api = serve_api(self.attachment, api, default_guest_addr)
 
     def set_dns(self, upstreams: list[tuple[str, int]], search: list[str]) -> None:
         self.attachment.stack.set_dns_upstreams(upstreams)
