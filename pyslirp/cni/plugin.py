@@ -62,6 +62,7 @@ from _json import encode_basestring_ascii as _encode_str
 from _json import scanstring as _scanstring
 
 from pyslirp.procfs import process_start_time
+from pyslirp.runtime.unixsock import peer_credentials as peer_credentials
 from pyslirp.wire import netparams
 from pyslirp.wire.netparams import DEFAULT_CIDR, DEFAULT_MTU, MAX_MTU, MIN_MTU, NetParamError
 
@@ -889,13 +890,6 @@ def merge_result(prev: dict[str, Any] | None, ours: dict[str, Any]) -> dict[str,
 
 
 # ------------------------------------------------------------------ talking to the engine
-
-
-def peer_credentials(sock: Any) -> tuple[int, int, int]:
-    """(pid, uid, gid) of a Unix socket's peer (``SO_PEERCRED``: ``struct ucred``)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return (int.from_bytes(raw[0:4], sys.byteorder, signed=True),
-            int.from_bytes(raw[4:8], sys.byteorder), int.from_bytes(raw[8:12], sys.byteorder))
 
 
 def trusted_uid(uid: int) -> bool:

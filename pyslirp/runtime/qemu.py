@@ -29,7 +29,7 @@ stream is not what we think it is: we log it and drop the connection (QEMU
 reconnects if told to with ``reconnect=``). A frame shorter than an Ethernet
 header is counted and skipped; the framing is still intact.
 
-Who may connect: the socket file is created 0600 (:func:`bind_unix` sets
+Who may connect: the socket file is created 0600 (:func:`pyslirp.runtime.unixsock.bind_unix` sets
 the mode before ``bind``, so it is never wider, whatever the umask), so
 only its owner and root can. One QEMU at a time: a new connection from the
 same user and group as the current one (``SO_PEERCRED``) replaces it, since
@@ -76,14 +76,15 @@ import itertools
 import logging
 import os
 import socket
-import stat
 import struct
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from pyslirp.runtime import unixsock
 from pyslirp.runtime.device import Device, DeviceOwner
 from pyslirp.runtime.spec import ServeSpec
+from pyslirp.runtime.unixsock import peer_credentials
 
 log = logging.getLogger("pyslirp")
 
@@ -95,53 +96,22 @@ _ETH_HEADER = 14
 _LENGTH = struct.Struct("!I")
 _READ_SIZE = 256 * 1024
 _ACCEPT_BACKLOG = 4
-#: The socket file's mode: only its owner (and root) may connect.
-SOCKET_MODE = 0o600
-#: struct ucred (SO_PEERCRED): pid, uid, gid.
-_UCRED = struct.Struct("3i")
 _DGRAM_BATCH = 128
 #: Frames per sendmsg (Linux's IOV_MAX is 1024).
 _IOV_BATCH = 512
 
 
 def bind_unix(path: str, kind: int) -> socket.socket:
-    """A non-blocking Unix socket bound at ``path``, mode 0600 (a stale socket there is replaced).
-
-    Whoever can connect to the socket can be the VM's NIC, so the file is
-    owner-only from the moment it exists, whatever the umask. Anything at
-    ``path`` that is not a socket is left alone and reported, so a typo can
-    never delete somebody's file.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        # Linux creates the file with the socket inode's mode minus the umask: set
-        # it first, so there is no moment the file is wider (and no process-wide umask
-        # change, which other threads would see).
-        os.fchmod(sock.fileno(), SOCKET_MODE)
-        sock.bind(path)
-        if kind == socket.SOCK_STREAM:
-            sock.listen(_ACCEPT_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
-    return sock
+    """QEMU's socket at ``path`` (stream or datagram), owner-only: :func:`unixsock.bind_unix`."""
+    return unixsock.bind_unix(path, kind, backlog=_ACCEPT_BACKLOG)
 
 
 def _peer_ids(conn: socket.socket) -> tuple[int, int] | None:
     """The (uid, gid) of the process at the other end of ``conn``, if the kernel says."""
     try:
-        raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        _pid, uid, gid = peer_credentials(conn)
     except OSError:
         return None
-    _pid, uid, gid = _UCRED.unpack(raw)
     return uid, gid
 
 
