@@ -1825,7 +1825,7 @@ class TcpEngine:
         flow.half_open = True
         self.half_open += 1
         self.flows[key] = flow
-        link.counters["tcp.flows_opened"] += 1  # (link.count's body: a call fewer)
+        link.count("tcp.flows_opened")
         self.host.tcp_connect(flow, targets)
 
     def _evict_time_wait(self, inbound: bool) -> bool:
