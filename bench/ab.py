@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -141,6 +142,7 @@ def main() -> int:
                 print(name, pair, json.dumps(result), flush=True)
     finally:
         run._stop(server)
+        shutil.rmtree(workdir, ignore_errors=True)
     for name in names:
         keys = results[name][0].keys() if results[name] else ()
         print("median", name, {k: round(statistics.median(r[k] for r in results[name]), 2)
