@@ -9,9 +9,9 @@ fd00::100 to the gateway fd00::2).
 
 Besides 64 KB bulk frames the rig drives the small transactions bench/run.py
 times (issue "small transactions as cheap as in C"): a 1-byte exchange on the
-established flow, a whole short connection (SYN to the last ACK), and one UDP
-datagram each way; and idle connections, for the memory guard
-(tests/test_memory_budget.py).
+established flow, a whole short connection (SYN to the last ACK), one UDP
+datagram each way and one DNS query forwarded and answered; and idle
+connections, for the memory guard (tests/test_memory_budget.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ MSS = 1460
 SUPER_PAYLOAD = 44 * MSS  # what the guest kernel hands us with TSO at MTU 1500
 UDP_GUEST_PORT = 41000
 UDP_PORT = 5353
+DNS_GUEST_PORT = 42000
+DNS_UPSTREAM = ("127.0.0.1", 53)
+#: An A query for example.com (ID 0, patched per query) and the answer record a
+#: resolver appends to the echoed question (name compressed, 127.0.0.1, TTL 60).
+DNS_QUESTION = b"\x07example\x03com\x00\x00\x01\x00\x01"
+DNS_ANSWER_RR = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x7f\x00\x00\x01"
 
 
 class CountingSink:
@@ -68,6 +74,7 @@ class Rig:
         self.sink = CountingSink()
         self.host = SinkHost()
         self.stack = Stack(self.config, self.sink, self.host)
+        self.stack.set_dns_upstreams([DNS_UPSTREAM])
         self.now = 1000.0
         self.guest_seq = 1_000_000
         self.payload = bytes(range(256)) * (SUPER_PAYLOAD // 256) + bytes(SUPER_PAYLOAD % 256)
@@ -79,7 +86,8 @@ class Rig:
                          window, payload, options)
         return self._ip_frame(6, bytes(seg))
 
-    def _ip_frame(self, proto: int, l4: bytes) -> bytes:
+    def _ip_frame(self, proto: int, l4: bytes, dst: bytes | None = None) -> bytes:
+        """``l4`` from the guest to ``dst`` (the gateway by default) in a whole frame."""
         # (L4 checksums are left unfinished: the vnet header vouches for them.)
         l3_len = ipv6.HEADER_LEN if self.ipv6 else 20
         head = bytearray(vnet.HEADER_LEN + ethernet.HEADER_LEN + l3_len)
@@ -88,10 +96,10 @@ class Rig:
                               ethernet.ETHERTYPE_IPV6 if self.ipv6 else ethernet.ETHERTYPE_IPV4)
         if self.ipv6:
             ipv6.build_header(head, vnet.HEADER_LEN + ethernet.HEADER_LEN, self.guest_ip,
-                              self.gateway_ip, proto, len(l4))
+                              dst or self.gateway_ip, proto, len(l4))
         else:
             ipv4.build_header(head, vnet.HEADER_LEN + ethernet.HEADER_LEN, GUEST_IP,
-                              GATEWAY_IP, proto, len(l4))
+                              dst or GATEWAY_IP, proto, len(l4))
         return bytes(head) + l4
 
     def _handshake(self) -> None:
@@ -220,6 +228,32 @@ class Rig:
     def receive_udp(self, frame: bytes) -> None:
         self.stack.receive_frame(memoryview(frame), self.now)
         self.stack.flush(self.now)
+
+    def dns_query_frame(self, query_id: int) -> bytes:
+        """The guest's A query under ``query_id`` to the DNS address (IPv4's or IPv6's)."""
+        dns_ip = self.config.dns6 if self.ipv6 else self.config.dns
+        query = query_id.to_bytes(2, "big") + b"\x01\x00\x00\x01" + bytes(6) + DNS_QUESTION
+        build = wudp.build6 if self.ipv6 else wudp.build
+        return self._ip_frame(17, bytes(build(self.guest_ip, DNS_GUEST_PORT, dns_ip, 53,
+                                              query)), dns_ip)
+
+    def dns_query(self, frame: bytes) -> bytes:
+        """The guest's query in (as the TAP reader hands it over, flush included); returns
+        what the forwarder sent upstream."""
+        self.stack.receive_frame(memoryview(frame), self.now)
+        self.stack.flush(self.now)
+        call = self.host.calls[-1]
+        assert call[0] == "dns_send", call
+        self.host.calls.clear()
+        sent: bytes = call[3]
+        return sent
+
+    def dns_answer(self, sent: bytes) -> None:
+        """The upstream's answer to the query ``sent`` (its ID, QR + RA, one A record),
+        read from the upstream's socket and handed to the forwarder."""
+        answer = (sent[:2] + b"\x81\x80" + sent[4:6] + b"\x00\x01" + sent[8:] + DNS_ANSWER_RR)
+        self.stack.dns.upstream_datagram(DNS_UPSTREAM, answer, self.now)
+        self.host.calls.clear()
 
     def udp_down(self, flow: Any, payload: bytes = b"x" * 64) -> None:
         """The host's reply datagram, from the host's loopback port UDP_PORT, to the guest."""

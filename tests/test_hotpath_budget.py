@@ -4,8 +4,8 @@ Timings are noisy on shared 2-core machines, so the regular suite does not time
 anything; it counts the calls (Python and C) the stack makes per 64 KB TSO
 super-frame, guest->host and host->guest, and for the small transactions
 bench/run.py times (a 1-byte round trip, a whole short connection, a UDP
-datagram each way), and fails when a change raises a count above the budget
-checked in beside this file. Speed itself lives in bench/.
+datagram each way, a DNS query forwarded and answered), and fails when a
+change raises a count above the budget checked in beside this file. Speed itself lives in bench/.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.hotpath import SUPER_PAYLOAD, Rig
+from tests.hotpath import DNS_ANSWER_RR, DNS_QUESTION, SUPER_PAYLOAD, Rig
 
 BUDGET = json.loads((Path(__file__).parent / "hotpath_budget.json").read_text())
 
@@ -129,3 +129,21 @@ def test_udp_datagram_each_way_stays_within_call_budget(rig: Rig) -> None:
     assert rig.sink.frames == before + 1, "the reply goes to the guest as one frame"
     _within(up, "udp_datagram_up", "UDP datagram guest -> host")
     _within(down, "udp_datagram_down", "UDP datagram host -> guest")
+
+
+def test_dns_query_stays_within_call_budget(rig: Rig) -> None:
+    for query_id in range(3):   # the first query makes the reply template
+        rig.dns_answer(rig.dns_query(rig.dns_query_frame(query_id)))
+    frame = rig.dns_query_frame(0x4242)
+    before = rig.sink.frames
+    box: list[bytes] = []
+    calls = count_calls(lambda: box.append(rig.dns_query(frame)))
+    sent = box[0]
+    assert sent[2:] == frame[-len(sent) + 2:], "the query went upstream byte for byte"
+    calls += count_calls(lambda: rig.dns_answer(sent))
+    assert rig.sink.frames == before + 1, "the answer went to the guest as one frame"
+    reply = b"".join(bytes(p) for p in rig.sink.last)
+    assert reply[-len(DNS_ANSWER_RR) - len(DNS_QUESTION) - 12:][:2] == b"\x42\x42", \
+        "under the guest's own ID"
+    assert not rig.stack.dns.pending, "and the query is finished"
+    _within(calls, "dns_query", "DNS query (in, upstream, answer out)")

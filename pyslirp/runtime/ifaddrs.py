@@ -17,6 +17,7 @@ address changes later (slirp4netns does not either), no IPv6 zone handling
 
 from __future__ import annotations
 
+import _socket
 import ctypes
 import ipaddress
 import socket
@@ -93,7 +94,7 @@ class Outbound:
     ipv4: str | None = None
     ipv6: str | None = None
 
-    def bind(self, sock: socket.socket) -> None:
+    def bind(self, sock: _socket.socket) -> None:
         """Bind ``sock`` (port 0) to the address for its family, if one is set.
 
         Raises OSError like ``bind`` does (e.g. EADDRNOTAVAIL when the address

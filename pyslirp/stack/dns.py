@@ -42,7 +42,12 @@ a response (QR) whose question equals the query's (names compared
 case-insensitively, RFC 4343). Anything else is dropped and counted, and
 waiting continues (RFC 5452 9.1). A reply without a question section is
 accepted only with an error RCODE (FORMERR, SERVFAIL, NOTIMP, REFUSED), which
-servers may send that way; an answer needs its question. A late answer from
+servers may send that way; an answer needs its question. The common answer
+(a response, neither SERVFAIL nor REFUSED, whose question section starts with
+the query's bytes as the guest wrote them) is recognised in
+:meth:`DnsForwarder.upstream_datagram` itself; anything else (another
+spelling of the name, a compressed question, an error) goes the careful way
+through the wire parser. A late answer from
 an upstream that already timed out is accepted: the attempt's ID stays
 registered until the query finishes, and the answer is as good as any other.
 
@@ -106,8 +111,16 @@ Not done here: caching, DNSSEC, EDNS processing (OPT records pass through
 untouched), DNS over TCP (see the TCP NAT), IPv6 upstreams from resolv.conf
 (the runtime filters them; see :func:`parse_resolv_conf`).
 
+The answer path allocates per query only what the ID map holds (the
+:class:`DnsQuery`, its one copy of the query, whose first two bytes each attempt
+rewrites, and the question's bytes) and the reply's header: the reply frame is
+the upstream's datagram behind headers copied from a template made for the
+last guest answered (IPv4 or IPv6), with the guest's ID in the header part, so
+the answer itself is never copied.
+
 Runtime contract (see ``stack/host.py``): ``host.dns_send(query, upstream,
-data)`` for each attempt (``data`` carries the attempt's ID); the runtime
+data)`` for each attempt (``data`` carries the attempt's ID, and is the query's
+own buffer: valid for the call only, the next attempt rewrites it); the runtime
 answers with ``forwarder.upstream_datagram(upstream, data, now)`` for each
 datagram read from the upstream's socket, ``forwarder.upstream_error(upstream,
 now, wire_id)`` for an error on it, and ``forwarder.upstream_failed(query,
@@ -156,6 +169,12 @@ _HEAD = struct.Struct("!HHH")
 _SYSTEM_RANDOM = random.SystemRandom()
 _U16 = struct.Struct("!H")
 _QNAME = dns.HEADER_LEN  # where the (first) question's name starts
+#: Header flag bits that make a datagram to the DNS address no query we forward.
+_NOT_A_QUERY = dns.FLAG_QR | dns.OPCODE_MASK
+#: What an upstream's answer has in these bits: QR set, opcode QUERY.
+_ANSWER_MASK = dns.FLAG_QR | dns.OPCODE_MASK
+#: RCODEs after which the next upstream is tried (that resolver cannot help; another may).
+_RCODES_FAIL_OVER = (dns.RCODE_SERVFAIL, dns.RCODE_REFUSED)
 #: Error RCODEs a server may send without echoing the question.
 _RCODES_WITHOUT_QUESTION = frozenset(
     {dns.RCODE_FORMERR, dns.RCODE_SERVFAIL, dns.RCODE_NOTIMP, dns.RCODE_REFUSED})
@@ -172,12 +191,12 @@ _IP_START = 14
 _L4_START = _IP_START + ipv4.MIN_HEADER_LEN
 _IP_CSUM = _IP_START + 10
 _UDP_CSUM = _L4_START + 6
-_VNET_CSUM = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, _FRAME_LEN, 0, _L4_START, 6)
 _IP_UDP_LEN = ipv4.MIN_HEADER_LEN + UDP_HEADER_LEN
 _IP_LEN_ID = struct.Struct("!HH")  # total length, identification
 _UDP_HEAD = struct.Struct("!HHHH")
 # The IPv6 reply frame (40-byte header, no extension headers).
 _FRAME6 = ETH_IPV6_UDP
+_IP6_PAYLOAD_LEN = _IP_START + 4
 _IP6_UDP_LEN = ipv6.HEADER_LEN + UDP_HEADER_LEN
 
 _deadline_of = itemgetter(0)
@@ -204,26 +223,27 @@ def _name_end(buf: Buffer, n: int) -> int:
 
 
 class DnsQuery:
-    """One guest query in flight.
+    """One guest query in flight: the entry of the ID map (``pending``, ``inflight``).
 
     The runtime may read ``guest_ip``, ``guest_port``, ``query_id``,
     ``attempt``, ``upstream``, ``wire_id`` and ``data``.
     """
 
-    __slots__ = ("key", "guest_ip", "guest_port", "query_id", "data", "qname", "qtail",
+    __slots__ = ("key", "guest_ip", "guest_port", "query_id", "wire", "question",
                  "upstreams", "attempt", "wire_id", "earlier", "last_reply", "done")
 
-    def __init__(self, key: tuple[bytes, int, int], data: bytes, qname: bytes | None,
-                 qtail: bytes, upstreams: tuple[Upstream, ...]) -> None:
+    def __init__(self, key: tuple[bytes, int, int], wire: bytearray, question: bytes | None,
+                 upstreams: tuple[Upstream, ...]) -> None:
         #: (guest address, guest port, the guest's ID): what identifies it in ``pending``.
         self.key = key
         self.guest_ip, self.guest_port, self.query_id = key
-        #: The query exactly as the guest sent it (what goes upstream, under another ID).
-        self.data = data
-        #: The question's name in wire form, lower-cased, and its type and class bytes;
-        #: None when the name is compressed (then replies are matched by parsing).
-        self.qname = qname
-        self.qtail = qtail
+        #: The query as the guest sent it but for its first two bytes, which hold the ID
+        #: of the attempt in progress: every attempt sends this one buffer.
+        self.wire = wire
+        #: The question section as the guest wrote it (name, type, class), for matching
+        #: replies byte for byte; None when the name is not plain (then the parser
+        #: matches them).
+        self.question = question
         self.upstreams = upstreams
         #: Index into ``upstreams`` of the attempt in progress.
         self.attempt = 0
@@ -242,12 +262,16 @@ class DnsQuery:
         return self.upstreams[self.attempt]
 
     @property
-    def question(self) -> dns.Question | None:
-        return dns.DnsMessage(self.data).question()
+    def data(self) -> bytes:
+        """The query exactly as the guest sent it (its own ID)."""
+        return _U16.pack(self.query_id) + bytes(self.wire[2:])
+
+    def parsed_question(self) -> dns.Question | None:
+        return dns.DnsMessage(self.wire).question()
 
     def __repr__(self) -> str:
         return (f"DnsQuery({ipaddress.ip_address(self.guest_ip)}:{self.guest_port} "
-                f"id={self.query_id} {self.question!r} attempt={self.attempt})")
+                f"id={self.query_id} {self.parsed_question()!r} attempt={self.attempt})")
 
 
 class DnsForwarder:
@@ -277,12 +301,15 @@ class DnsForwarder:
         self._release: Callable[[Upstream], None] | None = getattr(host, "dns_release", None)
         self._counters = link.counters
         self._src = config.dns
-        # Reply frame headers for the last guest seen (see _templates).
-        self._template_key: tuple[bytes, bytes | None, bool, bool] | None = None
+        # Reply frame headers for the last guest answered (see _make_template).
+        self._template_ip = self._template_mac = b""
         self._template = self._template_id = b""
         self._ip_base = self._pseudo_base = 0
-        # Largest UDP payload that fits the link without IP fragmentation.
-        self._max_payload = config.mtu - _IP_UDP_LEN
+        self._off = self._l4 = 0
+        self._v6 = self._offload = False
+        # Largest UDP payload that fits the link without IP fragmentation, by the
+        # width of the guest's address (4: IPv4, 16: IPv6).
+        self._max_payload = {4: config.mtu - _IP_UDP_LEN, 16: config.mtu - _IP6_UDP_LEN}
 
     @property
     def upstreams(self) -> list[Upstream]:
@@ -308,28 +335,23 @@ class DnsForwarder:
             self.link.count("dns.drop.malformed")
             return
         query_id, flags, qdcount = _HEAD.unpack_from(data)
-        if flags & dns.FLAG_QR:
-            self.link.count("dns.drop.not_query")
-            return
-        if flags & dns.OPCODE_MASK:
-            self.link.count("dns.notimp")
-            self._answer(ip.src, udp.src_port, dns.build_error_reply(data, dns.RCODE_NOTIMP))
+        if flags & _NOT_A_QUERY:
+            self._not_a_query(ip.src, udp.src_port, data, flags)
             return
         raw = bytes(data)
         end = _name_end(raw, n) if qdcount == 1 else -1
         if 0 <= end <= n - 4:
-            qname: bytes | None = raw[_QNAME:end].lower()
-            qtail = raw[end:end + 4]
+            question: bytes | None = raw[_QNAME:end + 4]
         else:
             try:
-                question = dns.DnsMessage(raw).question() if qdcount == 1 else None
+                parsed = dns.DnsMessage(raw).question() if qdcount == 1 else None
             except MalformedPacket:
-                question = None
-            if question is None:
+                parsed = None
+            if parsed is None:
                 self.link.count("dns.formerr")
                 self._answer(ip.src, udp.src_port, dns.build_error_reply(raw, dns.RCODE_FORMERR))
                 return
-            qname, qtail = None, b""
+            question = None
         guest_ip = ip.src
         guest_port = udp.src_port
         key = (guest_ip, guest_port, query_id)
@@ -344,10 +366,18 @@ class DnsForwarder:
         if len(pending) >= self.max_pending:
             self.link.count("dns.drop.pending_limit")
             return
-        query = DnsQuery(key, raw, qname, qtail, self._upstreams)
+        query = DnsQuery(key, bytearray(raw), question, self._upstreams)
         pending[key] = query
         self._counters["dns.query"] += 1
         self._send_attempt(query, now)
+
+    def _not_a_query(self, guest_ip: bytes, guest_port: int, data: Buffer, flags: int) -> None:
+        """A response sent to us (dropped), or another opcode than QUERY (NOTIMP)."""
+        if flags & dns.FLAG_QR:
+            self.link.count("dns.drop.not_query")
+            return
+        self.link.count("dns.notimp")
+        self._answer(guest_ip, guest_port, dns.build_error_reply(data, dns.RCODE_NOTIMP))
 
     # ---- from the runtime -----------------------------------------------------
 
@@ -362,7 +392,16 @@ class DnsForwarder:
         if query is None:
             self.link.count("dns.drop.mismatched_reply")
             return
-        self._reply(query, upstream, wire_id, data, now)
+        _id, flags, qdcount = _HEAD.unpack_from(data)
+        question = query.question
+        # The common answer, taken without another call: a response that is neither
+        # SERVFAIL nor REFUSED, with the query's question byte for byte.
+        if (flags & _ANSWER_MASK == dns.FLAG_QR and qdcount and question is not None
+                and data.startswith(question, _QNAME)
+                and flags & dns.RCODE_MASK not in _RCODES_FAIL_OVER):
+            self._finish(query, data, True)
+            return
+        self._reply(query, upstream, wire_id, data, flags, qdcount, now)
 
     def upstream_error(self, upstream: Upstream, now: float, wire_id: int | None = None) -> None:
         """``upstream``'s socket reported an error (e.g. ICMP port unreachable) for the
@@ -410,8 +449,9 @@ class DnsForwarder:
     # ---- internals ------------------------------------------------------------
 
     def _reply(self, query: DnsQuery, upstream: Upstream, wire_id: int, data: bytes | bytearray,
-               now: float) -> None:
-        _id, flags, qdcount = _HEAD.unpack_from(data)
+               flags: int, qdcount: int, now: float) -> None:
+        """A datagram under an attempt's ID that is not the common answer (see
+        :meth:`upstream_datagram`): match it the careful way, fail over or answer."""
         rcode = flags & dns.RCODE_MASK
         if not flags & dns.FLAG_QR:
             self.link.count("dns.drop.mismatched_reply")
@@ -421,22 +461,20 @@ class DnsForwarder:
                 self.link.count("dns.drop.mismatched_reply")
                 return
         else:
-            qname = query.qname
-            end = _QNAME + len(qname) if qname is not None else 0
-            if qname is None or data[_QNAME:end].lower() != qname \
-                    or data[end:end + 4] != query.qtail:
+            question = query.question
+            if question is None or not data.startswith(question, _QNAME):
                 # Not the same bytes: maybe the same question compressed or spelt
-                # otherwise; the wire parser decides.
+                # otherwise (names compare case-insensitively); the wire parser decides.
                 try:
                     theirs = dns.DnsMessage(data).question()
-                    ours = dns.DnsMessage(query.data).question()
+                    ours = query.parsed_question()
                 except MalformedPacket:
                     self.link.count("dns.drop.bad_reply")
                     return
                 if theirs is None or ours is None or theirs.key() != ours.key():
                     self.link.count("dns.drop.mismatched_reply")
                     return
-        if rcode == dns.RCODE_SERVFAIL or rcode == dns.RCODE_REFUSED:
+        if rcode in _RCODES_FAIL_OVER:
             query.last_reply = bytes(data)
             self.link.count("dns.upstream_servfail")
             # A late one from an earlier attempt only sets what the guest gets if all fail.
@@ -459,7 +497,10 @@ class DnsForwarder:
         table = self.inflight.get(upstream)
         if table is None:
             table = self.inflight[upstream] = {}
-        wire_id = self._new_id(table)
+        ids = self._ids
+        wire_id = ids.pop() if ids else -1
+        if wire_id < 0 or wire_id in table:
+            wire_id = self._new_id(table)
         table[wire_id] = query
         if query.wire_id >= 0:
             earlier = query.earlier
@@ -476,8 +517,8 @@ class DnsForwarder:
             expiry.append(entry)
         if self.timer_deadline is None or deadline < self.timer_deadline:
             self.timers.schedule(self, deadline)
-        # The query under the attempt's ID: one copy, its first two bytes rewritten.
-        wire = bytearray(query.data)
+        # The query under the attempt's ID: its one buffer, the first two bytes rewritten.
+        wire = query.wire
         _U16.pack_into(wire, 0, wire_id)
         self.host.dns_send(query, upstream, wire)
 
@@ -485,12 +526,16 @@ class DnsForwarder:
         """One more entry of the deadline queue is stale: rebuild the queue (in place:
         on_timer may be iterating it) once they are more than half of it."""
         self._expiry_stale += 1
+        if self._expiry_stale > _EXPIRY_COMPACT_MIN and self._expiry_stale * 2 > len(
+                self._expiry):
+            self._compact_expiry()
+
+    def _compact_expiry(self) -> None:
         expiry = self._expiry
-        if self._expiry_stale > _EXPIRY_COMPACT_MIN and self._expiry_stale * 2 > len(expiry):
-            live = [e for e in expiry if not e[1].done and e[1].attempt == e[2]]
-            expiry.clear()
-            expiry.extend(live)
-            self._expiry_stale = 0
+        live = [e for e in expiry if not e[1].done and e[1].attempt == e[2]]
+        expiry.clear()
+        expiry.extend(live)
+        self._expiry_stale = 0
 
     def _next_attempt(self, query: DnsQuery, now: float) -> None:
         self._went_stale()  # the attempt's entry (if on_timer has not just taken it)
@@ -509,7 +554,11 @@ class DnsForwarder:
         """Answer the guest; ``reply`` carries the ID it was sent under if ``from_upstream``."""
         query.done = True
         del self.pending[query.key]
-        self._went_stale()
+        # _went_stale's body, inline (once per query): the attempt's entry is stale.
+        self._expiry_stale += 1
+        if self._expiry_stale > _EXPIRY_COMPACT_MIN and self._expiry_stale * 2 > len(
+                self._expiry):
+            self._compact_expiry()
         inflight = self.inflight
         upstream = query.upstreams[query.attempt]
         table = inflight.get(upstream)
@@ -547,98 +596,99 @@ class DnsForwarder:
     def _answer(self, guest_ip: bytes, guest_port: int, data: Buffer,
                 query_id: int | None = None) -> None:
         """Send ``data`` to the guest, with its first two bytes replaced by ``query_id``
-        if given (an upstream's answer gets the guest's ID back without a copy)."""
+        if given (an upstream's answer gets the guest's ID back without a copy).
+
+        One path for both families: the reply headers come from a template made for
+        the last guest answered (see :meth:`_make_template`); per reply only the
+        lengths, the IPv4 ID and header checksum, the guest's port and the UDP
+        checksum (its pseudo-header part, when the link checksums for us) are written.
+        """
         link = self.link
-        if len(guest_ip) == 16:
-            self._answer6(guest_ip, guest_port, data, query_id)
-            return
-        if len(data) > self._max_payload:
-            link.count("dns.truncated_for_mtu")
-            if query_id is not None:
-                data = _U16.pack(query_id) + bytes(data[2:])
-                query_id = None
-            data = dns.build_truncated(data)
-            if len(data) > self._max_payload:
-                # Even header and question do not fit (a tiny MTU): nothing can be sent.
-                link.count("drop.tx.over_mtu")
+        if len(data) > self._max_payload[len(guest_ip)]:
+            short = self._truncated(data, query_id, len(guest_ip))
+            if short is None:
                 return
+            data, query_id = short, None
         mac = link.guest_mac
         if mac is None:
             link.count("drop.tx.no_guest_mac")
             return
-        if (guest_ip, mac, link.vnet_hdr, link.offload) != self._template_key:
-            self._make_templates(guest_ip, mac)
-        off = vnet.HEADER_LEN if link.vnet_hdr else 0
+        if guest_ip != self._template_ip or mac != self._template_mac:
+            self._make_template(guest_ip, mac)
+        off = self._off
+        l4 = self._l4
         ulen = UDP_HEADER_LEN + len(data)
-        ip_len = ipv4.MIN_HEADER_LEN + ulen
-        ident = link.next_ip_id()
-        # Ones' complement sums mod 0xFFFF, as in pyslirp.wire.checksum.
-        ip_csum = (~((self._ip_base + ip_len + ident) % 0xFFFF) & 0xFFFF) or 0xFFFF
         if query_id is None:
             head = bytearray(self._template)
             body: Buffer = data
         else:
             head = bytearray(self._template_id)
-            _U16.pack_into(head, off + _FRAME_LEN, query_id)
+            _U16.pack_into(head, l4 + UDP_HEADER_LEN, query_id)
             body = memoryview(data)[2:]
-        _IP_LEN_ID.pack_into(head, off + _IP_START + 2, ip_len, ident)
-        _U16.pack_into(head, off + _IP_CSUM, ip_csum)
-        pseudo = (self._pseudo_base + ulen) % 0xFFFF
-        if link.offload:
-            _UDP_HEAD.pack_into(head, off + _L4_START, dns.PORT, guest_port, ulen, pseudo)
+        if self._v6:
+            _U16.pack_into(head, off + _IP6_PAYLOAD_LEN, ulen)
         else:
-            _UDP_HEAD.pack_into(head, off + _L4_START, dns.PORT, guest_port, ulen, 0)
-            # The header part is 8 or 10 bytes: even, so the two sums add up.
-            total = partial_sum(body, partial_sum(memoryview(head)[off + _L4_START:], pseudo))
-            _U16.pack_into(head, off + _UDP_CSUM, finish(total))
-        link.send_frame((head, body))
+            ip_len = ipv4.MIN_HEADER_LEN + ulen
+            ident = link.next_ip_id()
+            # Ones' complement sums mod 0xFFFF, as in pyslirp.wire.checksum.
+            ip_csum = (~((self._ip_base + ip_len + ident) % 0xFFFF) & 0xFFFF) or 0xFFFF
+            _IP_LEN_ID.pack_into(head, off + _IP_START + 2, ip_len, ident)
+            _U16.pack_into(head, off + _IP_CSUM, ip_csum)
+        pseudo = (self._pseudo_base + ulen) % 0xFFFF
+        if self._offload:
+            _UDP_HEAD.pack_into(head, l4, dns.PORT, guest_port, ulen, pseudo)
+        else:
+            _UDP_HEAD.pack_into(head, l4, dns.PORT, guest_port, ulen, 0)
+            # The header part is 8 or 10 bytes: even, so the two sums add up. (IPv6
+            # has no "no checksum": a zero sum goes out as 0xFFFF, as finish gives.)
+            total = partial_sum(body, partial_sum(memoryview(head)[l4:], pseudo))
+            _U16.pack_into(head, l4 + 6, finish(total))
+        link.sink((head, body))  # (not link.send_frame: the same, one call fewer)
 
-    def _answer6(self, guest_ip: bytes, guest_port: int, data: Buffer,
-                 query_id: int | None) -> None:
-        """:meth:`_answer` to an IPv6 guest, from the IPv6 DNS address (no template
-        cache: DNS over IPv6 is not on a hot path)."""
+    def _truncated(self, data: Buffer, query_id: int | None, addr_len: int) -> bytes | None:
+        """The truncated form (TC) of a reply too big for the link, with the guest's ID;
+        None (counted) when even that does not fit."""
         link = self.link
+        link.count("dns.truncated_for_mtu")
         if query_id is not None:
             data = _U16.pack(query_id) + bytes(data[2:])
-        if len(data) > link.mtu - _IP6_UDP_LEN:
-            link.count("dns.truncated_for_mtu")
-            data = dns.build_truncated(data)
-            if len(data) > link.mtu - _IP6_UDP_LEN:
-                link.count("drop.tx.over_mtu")
-                return
-        mac = link.guest_mac
-        if mac is None:
-            link.count("drop.tx.no_guest_mac")
-            return
-        src = self.config.dns6
-        ulen = UDP_HEADER_LEN + len(data)
-        pseudo = ipv6.pseudo_header_sum(src, guest_ip, UDP_PROTO, ulen)
-        off = vnet.HEADER_LEN if link.vnet_hdr else 0
-        head = bytearray(off + _FRAME6.size)
-        if off:
-            head[:off] = vnet.PLAIN
-        _FRAME6.pack_into(head, off, mac, link.our_mac, ETHERTYPE_IPV6, IPV6_VERSION_WORD,
-                          ulen, UDP_PROTO, 64, src, guest_ip, dns.PORT, guest_port, ulen, 0)
-        total = partial_sum(data, partial_sum(memoryview(head)[off + L4_START6:], pseudo))
-        _U16.pack_into(head, off + L4_START6 + 6, finish(total) or 0xFFFF)
-        link.send_frame((head, data))
+        short = dns.build_truncated(data)
+        if len(short) > self._max_payload[addr_len]:
+            # Even header and question do not fit (a tiny MTU): nothing can be sent.
+            link.count("drop.tx.over_mtu")
+            return None
+        return short
 
-    def _make_templates(self, guest_ip: bytes, mac: bytes) -> None:
-        """Reply headers to ``guest_ip`` without the fields that change per reply
-        (lengths, IP ID, checksums, guest port), and their checksums' fixed parts."""
+    def _make_template(self, guest_ip: bytes, mac: bytes) -> None:
+        """Reply headers to ``guest_ip`` (IPv4 or IPv6 by its width) without the fields
+        that change per reply (lengths, IPv4 ID, checksums, guest port), and their
+        checksums' fixed parts."""
         link = self.link
         off = vnet.HEADER_LEN if link.vnet_hdr else 0
-        head = bytearray(off + _FRAME_LEN)
+        v6 = len(guest_ip) == 16
+        frame = _FRAME6 if v6 else _FRAME
+        l4 = off + (L4_START6 if v6 else _L4_START)
+        head = bytearray(off + frame.size)
         if link.offload:
-            head[:off] = _VNET_CSUM
-        _FRAME.pack_into(head, off, mac, link.our_mac, ETHERTYPE_IPV4,
-                         0x45, 0, 0, 0, ipv4.FLAG_DF, 64, UDP_PROTO, 0, self._src, guest_ip,
-                         dns.PORT, 0, 0, 0)
+            head[:off] = vnet.build(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, frame.size, 0, l4 - off, 6)
+        elif off:
+            head[:off] = vnet.PLAIN
+        if v6:
+            src = self.config.dns6
+            _FRAME6.pack_into(head, off, mac, link.our_mac, ETHERTYPE_IPV6, IPV6_VERSION_WORD,
+                              0, UDP_PROTO, 64, src, guest_ip, dns.PORT, 0, 0, 0)
+            self._pseudo_base = ipv6.pseudo_header_sum(src, guest_ip, UDP_PROTO, 0)
+        else:
+            _FRAME.pack_into(head, off, mac, link.our_mac, ETHERTYPE_IPV4,
+                             0x45, 0, 0, 0, ipv4.FLAG_DF, 64, UDP_PROTO, 0, self._src,
+                             guest_ip, dns.PORT, 0, 0, 0)
+            self._ip_base = partial_sum(head[off + _IP_START:off + _L4_START])
+            self._pseudo_base = pseudo_header_sum(self._src, guest_ip, UDP_PROTO, 0)
         self._template = bytes(head)
         self._template_id = bytes(head) + b"\0\0"
-        self._ip_base = partial_sum(head[off + _IP_START:off + _L4_START])
-        self._pseudo_base = pseudo_header_sum(self._src, guest_ip, UDP_PROTO, 0)
-        self._template_key = (guest_ip, mac, link.vnet_hdr, link.offload)
+        self._off, self._l4, self._v6 = off, l4, v6
+        self._offload = link.offload
+        self._template_ip, self._template_mac = guest_ip, mac
 
     def close_all(self) -> None:
         """Give up every query in flight (shutdown): each guest gets a SERVFAIL, and

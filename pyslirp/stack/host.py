@@ -93,6 +93,8 @@ class HostPort(Protocol):
     def dns_send(self, query: Any, upstream: tuple[str, int], data: Buffer) -> None:
         """Send ``data`` (a DNS query, under an ID the forwarder chose) over UDP to
         ``upstream``, on one socket kept per upstream and created on first use.
+        ``data`` is the query's own buffer, rewritten for its next attempt: send it
+        (or copy it) during the call, do not keep it.
 
         The runtime calls ``stack.dns.upstream_datagram(upstream, data, now)`` for
         every datagram read from that socket, ``stack.dns.upstream_error(upstream,

@@ -299,12 +299,8 @@ def _fold(s: int) -> int:
     return (s & 0xFFFF) + (s >> 16)
 
 
-_WORDS = {4: struct.Struct("!2H"), 16: struct.Struct("!8H")}
-
-
-def _wsum(addr: bytes) -> int:
-    """Sum of the 16-bit words of an IPv4 (4 bytes) or IPv6 (16 bytes) address."""
-    return sum(_WORDS[len(addr)].unpack(addr))
+#: The 16-bit words of a flow's two addresses, by the width of one (IPv4 4, IPv6 16).
+_PAIR_WORDS = {4: struct.Struct("!4H"), 16: struct.Struct("!16H")}
 
 
 def _l4_offset(ip: IpPacket) -> int:
@@ -423,7 +419,7 @@ class TcpFlow:
         self.probes = 0
         self.persist = False
         self.last_rx = now
-        addr_sum = _wsum(remote_addr) + _wsum(guest_addr)
+        addr_sum = sum(_PAIR_WORDS[len(remote_addr)].unpack(remote_addr + guest_addr))
         #: An IPv6 flow (16-byte addresses): same engine, the IPv6 header template.
         self.v6 = len(remote_addr) == 16
         #: One's-complement sum of our IPv4 header's fixed fields (version, DF,
@@ -1822,7 +1818,8 @@ class TcpEngine:
         flow._to(CONNECTING)
         flow.irs = seg.seq
         flow.rcv_nxt = flow.rcv_adv = (seg.seq + 1) & SEQ_MASK
-        flow.syn_quote = bytes(ip.buf[:_l4_offset(ip) + 8])
+        l4 = ip.upper_offset if isinstance(ip, Ipv6Packet) else ip.header_len  # _l4_offset
+        flow.syn_quote = bytes(ip.buf[:l4 + 8])
         flow._apply_syn_options(seg)
         flow.snd_wnd = seg.window
         flow.half_open = True

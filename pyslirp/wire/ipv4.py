@@ -34,7 +34,7 @@ class Ipv4Packet:
     """View of an IPv4 packet. ``payload`` is the L4 part, bounded by total length."""
 
     __slots__ = ("buf", "header_len", "tos", "total_len", "ident", "flags_frag", "ttl",
-                 "proto", "src", "dst")
+                 "proto", "src", "dst", "payload")
 
     def __init__(self, buf: memoryview, verify_checksum: bool = True) -> None:
         if len(buf) < MIN_HEADER_LEN:
@@ -52,10 +52,9 @@ class Ipv4Packet:
         if verify_checksum and partial_sum(buf[: self.header_len]) != 0:
             raise MalformedPacket("ipv4: bad header checksum")
         self.buf = buf[: self.total_len] if self.total_len != len(buf) else buf
-
-    @property
-    def payload(self) -> memoryview:
-        return self.buf[self.header_len:]
+        #: The L4 part (a slice, not a copy): an attribute, not a property, because
+        #: every packet's is read, once or twice (a call fewer each time).
+        self.payload = self.buf[self.header_len:]
 
     @property
     def more_fragments(self) -> bool:

@@ -22,7 +22,7 @@ class UdpDatagram:
     (or only partial, vnet NEEDS_CSUM).
     """
 
-    __slots__ = ("buf", "src_port", "dst_port", "length", "csum")
+    __slots__ = ("buf", "src_port", "dst_port", "length", "csum", "payload")
 
     def __init__(self, buf: memoryview, src_ip: bytes = b"", dst_ip: bytes = b"",
                  verify_checksum: bool = False) -> None:
@@ -35,10 +35,8 @@ class UdpDatagram:
         if verify_checksum and self.csum != 0 and partial_sum(
                 self.buf, pseudo_header_sum(src_ip, dst_ip, PROTO, self.length)) != 0:
             raise MalformedPacket("udp: bad checksum")
-
-    @property
-    def payload(self) -> memoryview:
-        return self.buf[HEADER_LEN:]
+        #: The data (a slice, not a copy); an attribute: every datagram's is read.
+        self.payload = self.buf[HEADER_LEN:]
 
 
 def build(src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,

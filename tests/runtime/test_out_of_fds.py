@@ -45,6 +45,8 @@ def no_fds(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(hostsockets.socket, "socket", refuse)
+    # (TCP connects make the C socket type itself: see HostSockets._tcp_try_next.)
+    monkeypatch.setattr(hostsockets._socket, "socket", refuse)
 
 
 def test_each_kind_of_new_flow_is_refused_counted_and_warned_once(
