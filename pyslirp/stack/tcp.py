@@ -259,6 +259,19 @@ CHUNK_OVERHEAD = 64
 BUDGET_SHARES = 16
 BUDGET_RESERVE = 4
 
+#: The send limit (TcpFlow._tune_send_limit) is looked at when the send queue
+#: reaches it, at most once per this many seconds and per four smoothed round
+#: trips, so the delivery rate it compares is an average over that span.
+_TUNE_INTERVAL = 0.04
+#: The best delivery rate is forgotten linearly over this many seconds, so a flow
+#: whose rate fell for good (the machine got busier) stops growing its limit.
+_PEAK_MEMORY = 30.0
+#: A rate below this fraction of the best means the ACKs come late: grow the
+#: limit; above the second, they are back to what the flow does at its best:
+#: shrink it. In between the limit stays (no see-saw while a flood lasts).
+_GROW_BELOW = 0.5
+_SHRINK_ABOVE = 0.65
+
 #: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
 _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
 
@@ -276,8 +289,13 @@ class TcpConfig:
     max_inbound_half_open: int = 256
     #: Receive space per flow: bounds the advertised window and the backlog.
     rcv_buf: int = 4 << 20
-    #: Send queue per flow (host data not yet acknowledged by the guest).
+    #: Send queue per flow (host data not yet acknowledged by the guest): where
+    #: each flow's send limit starts and to which it returns.
     snd_buf: int = 4 << 20
+    #: How far a flow's send limit may grow while the guest's ACKs come late
+    #: (TcpFlow._tune_send_limit); never past the flow's share of the budget.
+    #: Equal to ``snd_buf``: the limit never grows.
+    snd_buf_max: int = 16 << 20
     max_ooo_segments: int = 64
     rto_initial: float = 1.0
     rto_min: float = 0.2
@@ -292,6 +310,11 @@ class TcpConfig:
     keepalive_idle: float = 600.0
     keepalive_interval: float = 30.0
     keepalive_count: int = 4
+
+    def __post_init__(self) -> None:
+        if self.snd_buf_max < self.snd_buf:
+            raise ValueError(f"TcpConfig.snd_buf_max ({self.snd_buf_max}) must be at least "
+                             f"snd_buf ({self.snd_buf})")
 
 
 def _fold(s: int) -> int:
@@ -351,6 +374,8 @@ class TcpFlow:
         # send side (host -> guest); unacknowledged data lives in ``send_queue`` (sendqueue.py)
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale",
         "mss", "max_burst", "send_queue", "fin_queued", "fin_seq", "fin_out", "reading_paused",
+        # the send limit, grown while ACKs come late (_tune_send_limit)
+        "snd_limit", "tune_at", "tune_acked", "peak_rate",
         # congestion control (RFC 5681, 6582) and the dup-ACK threshold (RFC 5827)
         "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "frame_ends",
         # timers; RTT/RTO estimation lives in ``rtt`` (rtt.py)
@@ -415,6 +440,10 @@ class TcpFlow:
         self.fin_seq: int | None = None
         self.fin_out = False
         self.reading_paused = False
+        # What the send queue may hold (and cwnd reach); when it was last looked
+        # at, what was acknowledged then, the best rate since (_tune_send_limit).
+        self.snd_limit = cfg.snd_buf
+        self.tune_at, self.tune_acked, self.peak_rate = now, 0, 0.0
         self.rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
         self.tlp_armed = False
         self.rto_deadline: float | None = None
@@ -972,13 +1001,13 @@ class TcpFlow:
                 ends.popleft()
             if not ends:
                 self.frame_ends = ()  # an idle flow keeps no deque (as _acked does)
-            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
+            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.snd_limit >> 1:
                 self._resume_reading()
             if engine.starved and engine.buffered <= engine.low_water:
                 engine.release_starved()
             cwnd = self.cwnd
             cwnd += d if cwnd < self.ssthresh else self.mss * d // cwnd + 1  # RFC 5681, 3465
-            self.cwnd = cwnd if cwnd < self.cfg.snd_buf else self.cfg.snd_buf
+            self.cwnd = cwnd if cwnd < self.snd_limit else self.snd_limit
             self.dupacks = 0
             if self.snd_max == ack:
                 self.rto_deadline = None
@@ -1237,7 +1266,7 @@ class TcpFlow:
                 ends.popleft()
             if not ends:
                 self.frame_ends = ()  # nothing in flight: an idle flow keeps no deque
-            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
+            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.snd_limit >> 1:
                 self._resume_reading()
             if engine.starved and engine.buffered <= engine.low_water:
                 engine.release_starved()
@@ -1254,8 +1283,8 @@ class TcpFlow:
             # Congestion avoidance with byte counting (RFC 3465): one ACK may
             # cover a whole GSO frame, so grow by the bytes it acknowledges.
             self.cwnd += self.mss * d // self.cwnd + 1
-        if self.cwnd > self.cfg.snd_buf:
-            self.cwnd = self.cfg.snd_buf
+        if self.cwnd > self.snd_limit:
+            self.cwnd = self.snd_limit
         self.dupacks = 0
         if self.snd_max == ack:
             self.rto_deadline = None
@@ -1274,6 +1303,53 @@ class TcpFlow:
             self.host.tcp_resume_reading(self)
         else:
             self.engine.starved[self] = None
+
+    def _tune_send_limit(self, now: float) -> bool:
+        """The send queue reached its limit: look at the limit again; True if it grew.
+
+        While the send limit holds a flow back, what is in flight is the limit, so
+        the delivery rate is limit / RTT (Little's law) and the RTT is mostly the
+        flow's own queueing: an RTT above what the flow's best lately seen rate
+        gives at this limit (limit / best rate), i.e. a rate under half the best,
+        means its ACKs come late (waiting behind a guest's flood in the TAP's
+        ring), not that the flow queues more. Then the limit doubles, up to
+        ``snd_buf_max``, the guest's window and what the flow's share of the
+        budget lets it hold, if cwnd and the guest's window would let it send
+        more. Once the rate is back near the best, the limit halves toward
+        ``snd_buf``: a longer queue costs an unloaded download (the cache) and
+        does not raise its rate.
+        """
+        elapsed = now - self.tune_at
+        srtt = self.rtt.srtt
+        if srtt is None or elapsed < 4 * srtt:
+            return False
+        acked = self.send_queue.acked_pos
+        rate = (acked - self.tune_acked) / elapsed
+        self.tune_at = now
+        self.tune_acked = acked
+        peak = self.peak_rate * (1 - elapsed / _PEAK_MEMORY) if elapsed < _PEAK_MEMORY else 0.0
+        if rate > peak:
+            peak = rate
+        self.peak_rate = peak
+        cfg = self.cfg
+        limit = self.snd_limit
+        if rate < peak * _GROW_BELOW:
+            if limit >= cfg.snd_buf_max or self.snd_wnd <= limit or self.cwnd < limit:
+                return False
+            grown = min(2 * limit, cfg.snd_buf_max, self.snd_wnd,
+                        self.buffered + self.engine.room_for(self))
+            if grown <= limit:
+                return False
+            self.snd_limit = grown
+            self.link.count("tcp.snd_limit.grown")
+            return True
+        if rate > peak * _SHRINK_ABOVE and limit > cfg.snd_buf:
+            limit >>= 1
+            self.snd_limit = limit = limit if limit > cfg.snd_buf else cfg.snd_buf
+            if self.cwnd > limit:
+                self.cwnd = limit
+            self.link.count("tcp.snd_limit.shrunk")
+        return False
 
     def _our_fin_acked(self, now: float) -> None:
         state = self.state
@@ -1598,7 +1674,8 @@ class TcpFlow:
         engine = self.engine
         engine.buffered += n
         if not self.reading_paused:
-            if queue.end_pos - queue.acked_pos >= self.cfg.snd_buf:
+            if queue.end_pos - queue.acked_pos >= self.snd_limit and (
+                    now - self.tune_at < _TUNE_INTERVAL or not self._tune_send_limit(now)):
                 self.reading_paused = True
                 self.host.tcp_pause_reading(self)
             elif engine.buffered >= engine.shared_limit and engine.room_for(self) <= 0:
@@ -1631,7 +1708,7 @@ class TcpFlow:
         """How many bytes the runtime may pass to the next ``host_data``."""
         if self.fin_queued or self.state == CLOSED:
             return 0
-        room = self.cfg.snd_buf - self.send_queue.unacked
+        room = self.snd_limit - self.send_queue.unacked
         engine = self.engine
         if engine.shared_limit - engine.buffered < room:
             free = engine.room_for(self)
@@ -1666,7 +1743,7 @@ class TcpFlow:
         if self.state == CLOSED:
             return
         if (self.reading_paused and not self.fin_queued
-                and self.send_queue.unacked <= self.cfg.snd_buf >> 1):
+                and self.send_queue.unacked <= self.snd_limit >> 1):
             self.reading_paused = False
             self.host.tcp_resume_reading(self)
         if self.state in _RCV_OPEN:
