@@ -262,7 +262,7 @@ BUDGET_RESERVE = 4
 #: The send limit (TcpFlow._tune_send_limit) is looked at when the send queue
 #: reaches it, at most once per this many seconds and per four smoothed round
 #: trips, so the delivery rate it compares is an average over that span.
-_TUNE_INTERVAL = 0.04
+_TUNE_INTERVAL = 0.1
 #: The best delivery rate is forgotten linearly over this many seconds, so a flow
 #: whose rate fell for good (the machine got busier) stops growing its limit.
 _PEAK_MEMORY = 30.0
@@ -270,7 +270,7 @@ _PEAK_MEMORY = 30.0
 #: limit; above the second, they are back to what the flow does at its best:
 #: shrink it. In between the limit stays (no see-saw while a flood lasts).
 _GROW_BELOW = 0.5
-_SHRINK_ABOVE = 0.65
+_SHRINK_ABOVE = 0.7
 
 #: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
 _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
