@@ -33,7 +33,7 @@ class LateGuest:
     def __init__(self, h: Harness, flow: TcpFlow, ours: int) -> None:
         self.h = h
         self.flow = flow
-        self.rcv_nxt = ours
+        self.rcv_nxt = self.last_ack = ours
         self.delay = 0.001
         #: (sequence number after the frame, when it was sent), oldest first.
         self.pending: deque[tuple[int, float]] = deque()
@@ -55,8 +55,8 @@ class LateGuest:
         while self.pending and self.pending[0][1] <= now - self.delay + 1e-9:
             ack = self.pending.popleft()[0]
         if ack is not None:
-            self.acked += (ack - self.h.gseq_ack) & M
-            self.h.gseq_ack = ack
+            self.acked += (ack - self.last_ack) & M
+            self.last_ack = ack
             self.h.send(A, ack=ack, window=self.window)
 
 
@@ -68,7 +68,6 @@ class Download:
         self.h = h
         self.host = h.host
         flow, ours = h.connect(wscale=WINDOW_SCALE, mss=65000, window=0xFFFF)
-        h.gseq_ack = ours  # type: ignore[attr-defined]
         self.flow = flow
         self.guest = LateGuest(h, flow, ours)
         self.host.reading.add(flow)
