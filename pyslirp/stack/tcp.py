@@ -26,7 +26,19 @@ peer, while the runtime opens an ordinary host socket to the real destination
   as memoryview slices of the queued chunks (which never change), so the
   runtime may hold them as long as it likes. When the send queue is full we
   ask the runtime to pause reading, and resume it when the guest's ACKs free
-  half of it.
+  half of it. How much it may hold (``snd_limit``, which also caps cwnd)
+  starts at ``snd_buf`` and grows only while the guest's ACKs come late, in
+  the spirit of Linux's send-buffer auto-tuning: a flow held by its send
+  limit has the limit in flight, so its rate is limit / RTT and its RTT
+  mostly its own queueing; an RTT over what the flow's best recent rate
+  gives at that limit (a rate under half that best) means the ACKs wait
+  elsewhere, behind a guest's flood in the TAP's ring. Then the limit
+  doubles, up to ``snd_buf_max``, the guest's window and the flow's share of
+  the budget (below); once the rate is back near its best it halves toward
+  ``snd_buf``, as a longer queue costs an unloaded download its cache and
+  does not raise its rate. This is looked at when the queue reaches the
+  limit, at most every 100 ms (:meth:`TcpFlow._tune_send_limit`), never on
+  the per-segment path.
 
 Memory is bounded per flow (``rcv_buf``, ``snd_buf``) and for the whole
 engine: ``NetConfig.max_buffered`` (``--max-buffered``, 256 MiB by default)
