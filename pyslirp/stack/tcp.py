@@ -32,9 +32,9 @@ peer, while the runtime opens an ordinary host socket to the real destination
   limit has the limit in flight, so its rate is limit / RTT and its RTT
   mostly its own queueing; an RTT over what the flow's best recent rate
   gives at that limit (a rate under half that best) means the ACKs wait
-  elsewhere, behind a guest's flood in the TAP's ring. Then the limit
-  doubles, up to ``snd_buf_max``, the guest's window and the flow's share of
-  the budget (below); once the rate is back near its best it halves toward
+  elsewhere, behind a guest's flood in the TAP's ring. Then, if cwnd and the
+  guest's window are above the limit, it doubles, up to ``snd_buf_max`` and
+  the flow's share of the budget (below); once the rate is back near its best it halves toward
   ``snd_buf``, as a longer queue costs an unloaded download its cache and
   does not raise its rate. This is looked at when the queue reaches the
   limit, at most every 100 ms (:meth:`TcpFlow._tune_send_limit`), never on
@@ -1325,11 +1325,11 @@ class TcpFlow:
         gives at this limit (limit / best rate), i.e. a rate under half the best,
         means its ACKs come late (waiting behind a guest's flood in the TAP's
         ring), not that the flow queues more. Then the limit doubles, up to
-        ``snd_buf_max``, the guest's window and what the flow's share of the
-        budget lets it hold, if cwnd and the guest's window would let it send
-        more. Once the rate is back near the best, the limit halves toward
-        ``snd_buf``: a longer queue costs an unloaded download (the cache) and
-        does not raise its rate.
+        ``snd_buf_max`` and what the flow's share of the budget lets it hold, if
+        cwnd and the guest's window are above it (so more could be in flight).
+        Once the rate is back near the best, the limit halves toward ``snd_buf``:
+        a longer queue costs an unloaded download (the cache) and does not raise
+        its rate.
         """
         elapsed = now - self.tune_at
         srtt = self.rtt.srtt
@@ -1348,8 +1348,10 @@ class TcpFlow:
         if rate < peak * _GROW_BELOW:
             if limit >= cfg.snd_buf_max or self.snd_wnd <= limit or self.cwnd < limit:
                 return False
-            grown = min(2 * limit, cfg.snd_buf_max, self.snd_wnd,
-                        self.buffered + self.engine.room_for(self))
+            # (Not capped at the guest's window: reading pauses at the limit and
+            # resumes at half of it, so a limit at the window would let the flight
+            # sag to half the window between two reads.)
+            grown = min(2 * limit, cfg.snd_buf_max, self.buffered + self.engine.room_for(self))
             if grown <= limit:
                 return False
             self.snd_limit = grown
