@@ -246,6 +246,9 @@ class Stack:
                 frame = frame[vnet.HEADER_LEN:]
             else:
                 trusted = False
+            tcp = self.tcp
+            if tcp.syn_shed_until > now and tcp.shed_syn(frame, trusted, self.guest_ip):
+                return  # a SYN flood's frame, refused unparsed (TcpEngine.shed_syn)
             eth = ethernet.EthernetFrame(frame)
             src_mac = eth.src
             if src_mac != self.link.guest_mac and not src_mac[0] & 1:

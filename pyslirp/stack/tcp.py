@@ -76,7 +76,11 @@ ignored. The flow table and the number of half-open flows are bounded
 (``NetConfig.new_flow_rate``/``new_flow_burst``, see
 :mod:`pyslirp.stack.admission`; destinations that lately accepted a
 connection are exempt): excess SYNs are dropped and counted before any host
-syscall, so a SYN flood costs a parse per frame. Flows opened
+syscall. While the bucket is empty the stack offers each frame to
+:meth:`TcpEngine.shed_syn` before parsing it, which refuses a plain new SYN
+from the raw bytes as the full path would (same counter, same state; anything
+unusual takes the full path: tests/stack/test_tcp_syn_shedding.py), so a SYN
+flood costs a few byte reads per frame rather than three header parses. Flows opened
 toward the guest (port forwarding, :meth:`TcpEngine.open_to_guest`) are
 counted apart with limits of their own, so host clients cannot use up the
 guest's allowance.
@@ -176,6 +180,7 @@ re-arms for the next deadline, so per-ACK timer restarts cost nothing.
 from __future__ import annotations
 
 import errno
+import math
 import random
 import struct
 from collections import deque
@@ -1826,6 +1831,9 @@ class TcpEngine:
         #: (address, port) destinations that lately accepted one: SYNs to those pass.
         self.new_flows = TokenBucket(config.new_flow_rate, config.new_flow_burst)
         self.known_peers = KnownPeers()
+        #: Until when the admission bucket has no token: till then the stack offers
+        #: each frame to shed_syn() before it parses it (a SYN flood's frames).
+        self.syn_shed_until = 0.0
 
     def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool) -> None:
         """One TCP/IPv4 packet from the guest (its buffer is not kept after return).
@@ -1903,6 +1911,11 @@ class TcpEngine:
         # Admission (admission.py): before any host syscall, so a flood costs little.
         if (ip.dst, seg.dst_port) not in self.known_peers and not self.new_flows.take(now):
             link.count("tcp.drop.new_flow_rate")
+            bucket = self.new_flows
+            # (At least past ``now``: at a refusal the bucket refuses every take
+            # at that time, however close to 1 its tokens are.)
+            self.syn_shed_until = max(now + (1.0 - bucket.tokens) / bucket.rate,
+                                      math.nextafter(now, math.inf))
             return
         targets = self.policy(ip.dst, seg.dst_port)
         if targets is None:
@@ -1921,6 +1934,40 @@ class TcpEngine:
         self.flows[key] = flow
         link.count("tcp.flows_opened")
         self.host.tcp_connect(flow, targets)
+
+    def shed_syn(self, frame: memoryview, trusted: bool, guest_ip: bytes | None) -> bool:
+        """True if ``frame`` (an Ethernet frame from the guest) is a SYN that
+        :meth:`_new_syn` would refuse for want of an admission token; counted as
+        it counts it. The stack asks only before :attr:`syn_shed_until`, so under a
+        SYN flood the refused SYNs cost a few byte reads and the IP header's sum,
+        not the parse of three headers. Anything else is left to :meth:`handle`,
+        which may count or act otherwise: not plain IPv4/TCP from ``guest_ip``
+        and the guest's MAC, a TCP checksum the link did not vouch for
+        (``trusted``), a bad header, a fragment, IP options, a known flow or
+        destination, a bad destination, a full table (which may evict a
+        TIME_WAIT flow).
+        """
+        if (not trusted or len(frame) < 54 or frame[12] != 8 or frame[13] != 0
+                or frame[14] != 0x45 or frame[23] != 6 or frame[20] & 0x3F or frame[21]
+                or frame[47] & (SYN | ACK | RST) != SYN):
+            return False
+        total = frame[16] << 8 | frame[17]
+        if (total > len(frame) - 14 or not 20 <= (frame[46] >> 4) << 2 <= total - 20
+                or partial_sum(frame[14:34]) != 0):
+            return False
+        src = bytes(frame[26:30])
+        if src != guest_ip or frame[6:12] != self.link.guest_mac:
+            return False
+        dst = bytes(frame[30:34])
+        dport = frame[36] << 8 | frame[37]
+        if self._bad_destination(dst) or (dst, dport) in self.known_peers:
+            return False
+        cfg = self.cfg
+        if (len(self.flows) - self.inbound >= cfg.max_flows or self.half_open >= cfg.max_half_open
+                or (src, frame[34] << 8 | frame[35], dst, dport) in self.flows):
+            return False
+        self.link.count("tcp.drop.new_flow_rate")
+        return True
 
     def _evict_time_wait(self, inbound: bool) -> bool:
         """Free a table slot held by the oldest TIME_WAIT flow (of the direction
