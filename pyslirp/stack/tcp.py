@@ -34,7 +34,10 @@ peer, while the runtime opens an ordinary host socket to the real destination
   gives at that limit (a rate under half that best) means the ACKs wait
   elsewhere, behind a guest's flood in the TAP's ring. Then, if cwnd and the
   guest's window are above the limit, it doubles, up to ``snd_buf_max`` and
-  the flow's share of the budget (below); once the rate is back near its best it halves toward
+  the flow's share of the budget (below). A doubling that does not raise the
+  rate by a fifth is undone, and the limit holds off growing for 2 s: the
+  flow was held by something else (the stack's share of the CPU, as under a
+  SYN flood). Once the rate is back near its best the limit halves toward
   ``snd_buf``, as a longer queue costs an unloaded download its cache and
   does not raise its rate. This is looked at when the queue reaches the
   limit, at most every 100 ms (:meth:`TcpFlow._tune_send_limit`), never on
@@ -288,6 +291,12 @@ _PEAK_MEMORY = 30.0
 #: shrink it. In between the limit stays (no see-saw while a flood lasts).
 _GROW_BELOW = 0.5
 _SHRINK_ABOVE = 0.7
+#: A doubled limit must raise the rate by this factor by the next look, or it is
+#: taken back and the limit does not grow again for _GROWTH_HOLD seconds: the
+#: flow was held by something else than its ACKs (the stack's own share of the
+#: CPU, under a SYN flood), and a longer queue only costs it the cache.
+_GROWTH_PAYS = 1.2
+_GROWTH_HOLD = 2.0
 
 #: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
 _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
@@ -392,7 +401,7 @@ class TcpFlow:
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale",
         "mss", "max_burst", "send_queue", "fin_queued", "fin_seq", "fin_out", "reading_paused",
         # the send limit, grown while ACKs come late (_tune_send_limit)
-        "snd_limit", "tune_at", "tune_acked", "peak_rate",
+        "snd_limit", "tune_at", "tune_acked", "peak_rate", "grew_at_rate", "tune_hold",
         # congestion control (RFC 5681, 6582) and the dup-ACK threshold (RFC 5827)
         "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "frame_ends",
         # timers; RTT/RTO estimation lives in ``rtt`` (rtt.py)
@@ -457,10 +466,10 @@ class TcpFlow:
         self.fin_seq: int | None = None
         self.fin_out = False
         self.reading_paused = False
-        # What the send queue may hold (and cwnd reach); when it was last looked
-        # at, what was acknowledged then, the best rate since (_tune_send_limit).
+        # What the send queue may hold (and cwnd reach), and its tuning: see _tune_send_limit.
         self.snd_limit = cfg.snd_buf
         self.tune_at, self.tune_acked, self.peak_rate = now, 0, 0.0
+        self.grew_at_rate = self.tune_hold = 0.0
         self.rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
         self.tlp_armed = False
         self.rto_deadline: float | None = None
@@ -1350,8 +1359,16 @@ class TcpFlow:
         self.peak_rate = peak
         cfg = self.cfg
         limit = self.snd_limit
+        if self.grew_at_rate:  # the last growth: did it pay?
+            paid = rate >= self.grew_at_rate * _GROWTH_PAYS
+            self.grew_at_rate = 0.0
+            if not paid:
+                self.tune_hold = now + _GROWTH_HOLD
+                self._shrink_send_limit()
+                return False
         if rate < peak * _GROW_BELOW:
-            if limit >= cfg.snd_buf_max or self.snd_wnd <= limit or self.cwnd < limit:
+            if (limit >= cfg.snd_buf_max or self.snd_wnd <= limit or self.cwnd < limit
+                    or now < self.tune_hold):
                 return False
             # (Not capped at the guest's window: reading pauses at the limit and
             # resumes at half of it, so a limit at the window would let the flight
@@ -1360,15 +1377,20 @@ class TcpFlow:
             if grown <= limit:
                 return False
             self.snd_limit = grown
+            self.grew_at_rate = rate
             self.link.count("tcp.snd_limit.grown")
             return True
         if rate > peak * _SHRINK_ABOVE and limit > cfg.snd_buf:
-            limit >>= 1
-            self.snd_limit = limit = limit if limit > cfg.snd_buf else cfg.snd_buf
-            if self.cwnd > limit:
-                self.cwnd = limit
-            self.link.count("tcp.snd_limit.shrunk")
+            self._shrink_send_limit()
         return False
+
+    def _shrink_send_limit(self) -> None:
+        """Halve the send limit, not below ``snd_buf`` (nor cwnd above it)."""
+        limit = self.snd_limit >> 1
+        self.snd_limit = limit = limit if limit > self.cfg.snd_buf else self.cfg.snd_buf
+        if self.cwnd > limit:
+            self.cwnd = limit
+        self.link.count("tcp.snd_limit.shrunk")
 
     def _our_fin_acked(self, now: float) -> None:
         state = self.state

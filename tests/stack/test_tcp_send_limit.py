@@ -28,14 +28,18 @@ WINDOW_SCALE = 9  # 65535 << 9: a 32 MiB window, never the limiter here
 
 
 class LateGuest:
-    """Acknowledges every frame ``delay`` seconds after the engine sent it."""
+    """Acknowledges every frame ``delay`` seconds after the engine sent it; or, with
+    ``capacity`` set, takes in ``capacity`` bytes a second and acknowledges each frame
+    once it has taken it in (a rate held by the guest's side, not by ACKs' delay)."""
 
     def __init__(self, h: Harness, flow: TcpFlow, ours: int) -> None:
         self.h = h
         self.flow = flow
         self.rcv_nxt = self.last_ack = ours
         self.delay = 0.001
-        #: (sequence number after the frame, when it was sent), oldest first.
+        self.capacity: float | None = None
+        self.busy_until = 0.0
+        #: (sequence number after the frame, when its ACK is due), oldest first.
         self.pending: deque[tuple[int, float]] = deque()
         self.acked = 0
         self.window = 0xFFFF
@@ -46,13 +50,18 @@ class LateGuest:
                 continue
             if o.seq == self.rcv_nxt:
                 self.rcv_nxt = (self.rcv_nxt + len(o.data)) & M
-                self.pending.append((self.rcv_nxt, self.h.clock.now))
+                now = self.h.clock.now
+                if self.capacity is None:
+                    due = now + self.delay
+                else:
+                    due = self.busy_until = max(now, self.busy_until) + len(o.data) / self.capacity
+                self.pending.append((self.rcv_nxt, due))
 
     def ack_due(self) -> None:
-        """One cumulative ACK for every frame sent at least ``delay`` ago."""
+        """One cumulative ACK for every frame whose ACK is due."""
         ack = None
         now = self.h.clock.now
-        while self.pending and self.pending[0][1] <= now - self.delay + 1e-9:
+        while self.pending and self.pending[0][1] <= now + 1e-9:
             ack = self.pending.popleft()[0]
         if ack is not None:
             self.acked += (ack - self.last_ack) & M
@@ -74,12 +83,17 @@ class Download:
         #: The largest send limit and the most the flow held, over the run.
         self.max_limit = flow.snd_limit
         self.max_buffered = 0
+        self.limit_seconds = 0.0
 
-    def run(self, seconds: float, delay: float) -> int:
-        """Run ``seconds`` of simulated time with ACKs ``delay`` late; bytes acknowledged."""
+    def run(self, seconds: float, delay: float = 0.001, capacity: float | None = None) -> int:
+        """Run ``seconds`` of simulated time with ACKs ``delay`` late (or the guest
+        taking in ``capacity`` bytes/s); bytes acknowledged. Notes the time-weighted
+        send limit in ``limit_seconds``."""
         self.guest.delay = delay
+        self.guest.capacity = capacity
         before = self.guest.acked
         for _ in range(round(seconds / TICK)):
+            self.limit_seconds += self.flow.snd_limit * TICK
             self.h.clock.advance(TICK)
             self.guest.ack_due()
             self.pump()
@@ -131,6 +145,20 @@ def test_send_limit_grows_while_acks_come_late_and_shrinks_when_they_are_prompt(
     d.run(1.0, delay=0.001)
     assert d.flow.snd_limit == SND_BUF
     assert d.h.link.counters["tcp.snd_limit.shrunk"] >= 1
+
+
+def test_a_grown_limit_that_does_not_raise_the_rate_is_taken_back() -> None:
+    """The rate falls because the guest takes data in more slowly (as when the stack
+    itself is short of CPU under a SYN flood), not because ACKs wait: the limit may
+    try to grow, but a doubling that does not raise the rate is undone, and then it
+    holds off; so the flow spends nearly all the time at snd_buf."""
+    d = download()
+    d.run(0.5, delay=0.001)  # the best rate: snd_buf per ms
+    d.limit_seconds = 0.0
+    d.run(4.0, capacity=SND_BUF / 0.004)  # a quarter of it, whatever the limit
+    assert d.h.link.counters["tcp.snd_limit.grown"] >= 1
+    assert d.flow.snd_limit == SND_BUF
+    assert d.limit_seconds / 4.0 < 1.15 * SND_BUF, d.limit_seconds / 4.0 / SND_BUF
 
 
 def test_send_limit_never_passes_the_flows_share_of_the_budget() -> None:
