@@ -57,8 +57,19 @@ with ``bench/run.py --only flood`` (A/B pairs in one session, 2026-12-01):
 fewer frames per callback while shedding (16; against a separate unloaded run)
 or more (1,024), a ring of 64 (separate run) or 8,000 slots did not raise the
 download's share or lowered it; a 16 MiB
-``snd_buf`` raised it from a median 31 % to 53 % (5 of 5 pairs). So the batch
-stays one size.
+``snd_buf`` raised it from a median 31 % to 53 % (5 of 5 pairs), but cost an
+unloaded download ~12 % of its rate at MTU 65520. So the batch stays one size,
+and the send limit grows only while the ACKs come late
+(``TcpFlow._tune_send_limit`` in :mod:`pyslirp.stack.tcp`: up to
+``TcpConfig.snd_buf_max``, 16 MiB, undone when it does not raise the rate,
+back to ``snd_buf`` once the ACKs are prompt). A/B against the fixed 4 MiB
+(2026-12-01, 5 interleaved pairs, a machine shared with other benchmarks):
+UDP flood median 30.8 -> 35.0 %, SYN flood 40.5 -> 46.5 % (with SYN shedding,
+:meth:`pyslirp.stack.tcp.TcpEngine.shed_syn`), each better in 4 of 5 pairs.
+Under a SYN flood the stack's CPU, not the ACKs, holds the download back
+(py-spy before SYN shedding: ~35-40 % of its samples on the flood's frames);
+a grown limit there cost 1-16 points in 6 of 6 pairs before growth that does
+not pay was undone.
 """
 
 from __future__ import annotations

@@ -253,6 +253,9 @@ class Stack:
                 frame = frame[vnet.HEADER_LEN:]
             else:
                 trusted = False
+            tcp = self.tcp
+            if tcp.syn_shed_until > now and tcp.shed_syn(frame, trusted, self.guest_ip):
+                return  # a SYN flood's frame, refused unparsed (TcpEngine.shed_syn)
             if len(frame) < _ETH_LEN:
                 raise MalformedPacket(
                     f"ethernet: frame of {len(frame)} bytes is shorter than {_ETH_LEN}")

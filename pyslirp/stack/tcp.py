@@ -26,7 +26,22 @@ peer, while the runtime opens an ordinary host socket to the real destination
   as memoryview slices of the queued chunks (which never change), so the
   runtime may hold them as long as it likes. When the send queue is full we
   ask the runtime to pause reading, and resume it when the guest's ACKs free
-  half of it.
+  half of it. How much it may hold (``snd_limit``, which also caps cwnd)
+  starts at ``snd_buf`` and grows only while the guest's ACKs come late, in
+  the spirit of Linux's send-buffer auto-tuning: a flow held by its send
+  limit has the limit in flight, so its rate is limit / RTT and its RTT
+  mostly its own queueing; an RTT over what the flow's best recent rate
+  gives at that limit (a rate under half that best) means the ACKs wait
+  elsewhere, behind a guest's flood in the TAP's ring. Then, if cwnd and the
+  guest's window are above the limit, it doubles, up to ``snd_buf_max`` and
+  the flow's share of the budget (below). A doubling that does not raise the
+  rate by a fifth is undone, and the limit holds off growing for 2 s: the
+  flow was held by something else (the stack's share of the CPU, as under a
+  SYN flood). Once the rate is back near its best the limit halves toward
+  ``snd_buf``, as a longer queue costs an unloaded download its cache and
+  does not raise its rate. This is looked at when the queue reaches the
+  limit, at most every 100 ms (:meth:`TcpFlow._tune_send_limit`), never on
+  the per-segment path.
 
 Memory is bounded per flow (``rcv_buf``, ``snd_buf``) and for the whole
 engine: ``NetConfig.max_buffered`` (``--max-buffered``, 256 MiB by default)
@@ -64,7 +79,11 @@ ignored. The flow table and the number of half-open flows are bounded
 (``NetConfig.new_flow_rate``/``new_flow_burst``, see
 :mod:`pyslirp.stack.admission`; destinations that lately accepted a
 connection are exempt): excess SYNs are dropped and counted before any host
-syscall, so a SYN flood costs a parse per frame. Flows opened
+syscall. While the bucket is empty the stack offers each frame to
+:meth:`TcpEngine.shed_syn` before parsing it, which refuses a plain new SYN
+from the raw bytes as the full path would (same counter, same state; anything
+unusual takes the full path: tests/stack/test_tcp_syn_shedding.py), so a SYN
+flood costs a few byte reads per frame rather than three header parses. Flows opened
 toward the guest (port forwarding, :meth:`TcpEngine.open_to_guest`) are
 counted apart with limits of their own, so host clients cannot use up the
 guest's allowance.
@@ -164,6 +183,7 @@ re-arms for the next deadline, so per-ACK timer restarts cost nothing.
 from __future__ import annotations
 
 import errno
+import math
 import random
 import struct
 from collections import deque
@@ -259,6 +279,25 @@ CHUNK_OVERHEAD = 64
 BUDGET_SHARES = 16
 BUDGET_RESERVE = 4
 
+#: The send limit (TcpFlow._tune_send_limit) is looked at when the send queue
+#: reaches it, at most once per this many seconds and per four smoothed round
+#: trips, so the delivery rate it compares is an average over that span.
+_TUNE_INTERVAL = 0.1
+#: The best delivery rate is forgotten linearly over this many seconds, so a flow
+#: whose rate fell for good (the machine got busier) stops growing its limit.
+_PEAK_MEMORY = 30.0
+#: A rate below this fraction of the best means the ACKs come late: grow the
+#: limit; above the second, they are back to what the flow does at its best:
+#: shrink it. In between the limit stays (no see-saw while a flood lasts).
+_GROW_BELOW = 0.5
+_SHRINK_ABOVE = 0.7
+#: A doubled limit must raise the rate by this factor by the next look, or it is
+#: taken back and the limit does not grow again for _GROWTH_HOLD seconds: the
+#: flow was held by something else than its ACKs (the stack's own share of the
+#: CPU, under a SYN flood), and a longer queue only costs it the cache.
+_GROWTH_PAYS = 1.2
+_GROWTH_HOLD = 2.0
+
 #: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
 _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
 
@@ -276,8 +315,13 @@ class TcpConfig:
     max_inbound_half_open: int = 256
     #: Receive space per flow: bounds the advertised window and the backlog.
     rcv_buf: int = 4 << 20
-    #: Send queue per flow (host data not yet acknowledged by the guest).
+    #: Send queue per flow (host data not yet acknowledged by the guest): where
+    #: each flow's send limit starts and to which it returns.
     snd_buf: int = 4 << 20
+    #: How far a flow's send limit may grow while the guest's ACKs come late
+    #: (TcpFlow._tune_send_limit); never past the flow's share of the budget.
+    #: Equal to ``snd_buf``: the limit never grows.
+    snd_buf_max: int = 16 << 20
     max_ooo_segments: int = 64
     rto_initial: float = 1.0
     rto_min: float = 0.2
@@ -292,6 +336,11 @@ class TcpConfig:
     keepalive_idle: float = 600.0
     keepalive_interval: float = 30.0
     keepalive_count: int = 4
+
+    def __post_init__(self) -> None:
+        if self.snd_buf_max < self.snd_buf:
+            raise ValueError(f"TcpConfig.snd_buf_max ({self.snd_buf_max}) must be at least "
+                             f"snd_buf ({self.snd_buf})")
 
 
 def _fold(s: int) -> int:
@@ -347,6 +396,8 @@ class TcpFlow:
         # send side (host -> guest); unacknowledged data lives in ``send_queue`` (sendqueue.py)
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale",
         "mss", "max_burst", "send_queue", "fin_queued", "fin_seq", "fin_out", "reading_paused",
+        # the send limit, grown while ACKs come late (_tune_send_limit)
+        "snd_limit", "tune_at", "tune_acked", "peak_rate", "grew_at_rate", "tune_hold",
         # congestion control (RFC 5681, 6582) and the dup-ACK threshold (RFC 5827)
         "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "frame_ends",
         # timers; RTT/RTO estimation lives in ``rtt`` (rtt.py)
@@ -411,6 +462,10 @@ class TcpFlow:
         self.fin_seq: int | None = None
         self.fin_out = False
         self.reading_paused = False
+        # What the send queue may hold (and cwnd reach), and its tuning: see _tune_send_limit.
+        self.snd_limit = cfg.snd_buf
+        self.tune_at, self.tune_acked, self.peak_rate = now, 0, 0.0
+        self.grew_at_rate = self.tune_hold = 0.0
         self.rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
         self.tlp_armed = False
         self.rto_deadline: float | None = None
@@ -968,13 +1023,13 @@ class TcpFlow:
                 ends.popleft()
             if not ends:
                 self.frame_ends = ()  # an idle flow keeps no deque (as _acked does)
-            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
+            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.snd_limit >> 1:
                 self._resume_reading()
             if engine.starved and engine.buffered <= engine.low_water:
                 engine.release_starved()
             cwnd = self.cwnd
             cwnd += d if cwnd < self.ssthresh else self.mss * d // cwnd + 1  # RFC 5681, 3465
-            self.cwnd = cwnd if cwnd < self.cfg.snd_buf else self.cfg.snd_buf
+            self.cwnd = cwnd if cwnd < self.snd_limit else self.snd_limit
             self.dupacks = 0
             if self.snd_max == ack:
                 self.rto_deadline = None
@@ -1233,7 +1288,7 @@ class TcpFlow:
                 ends.popleft()
             if not ends:
                 self.frame_ends = ()  # nothing in flight: an idle flow keeps no deque
-            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.cfg.snd_buf >> 1:
+            if self.reading_paused and queue.end_pos - queue.acked_pos <= self.snd_limit >> 1:
                 self._resume_reading()
             if engine.starved and engine.buffered <= engine.low_water:
                 engine.release_starved()
@@ -1250,8 +1305,8 @@ class TcpFlow:
             # Congestion avoidance with byte counting (RFC 3465): one ACK may
             # cover a whole GSO frame, so grow by the bytes it acknowledges.
             self.cwnd += self.mss * d // self.cwnd + 1
-        if self.cwnd > self.cfg.snd_buf:
-            self.cwnd = self.cfg.snd_buf
+        if self.cwnd > self.snd_limit:
+            self.cwnd = self.snd_limit
         self.dupacks = 0
         if self.snd_max == ack:
             self.rto_deadline = None
@@ -1270,6 +1325,68 @@ class TcpFlow:
             self.host.tcp_resume_reading(self)
         else:
             self.engine.starved[self] = None
+
+    def _tune_send_limit(self, now: float) -> bool:
+        """The send queue reached its limit: look at the limit again; True if it grew.
+
+        While the send limit holds a flow back, what is in flight is the limit, so
+        the delivery rate is limit / RTT (Little's law) and the RTT is mostly the
+        flow's own queueing: an RTT above what the flow's best lately seen rate
+        gives at this limit (limit / best rate), i.e. a rate under half the best,
+        means its ACKs come late (waiting behind a guest's flood in the TAP's
+        ring), not that the flow queues more. Then the limit doubles, up to
+        ``snd_buf_max`` and what the flow's share of the budget lets it hold, if
+        cwnd and the guest's window are above it (so more could be in flight).
+        Once the rate is back near the best, the limit halves toward ``snd_buf``:
+        a longer queue costs an unloaded download (the cache) and does not raise
+        its rate.
+        """
+        elapsed = now - self.tune_at
+        srtt = self.rtt.srtt
+        if srtt is None or elapsed < 4 * srtt:
+            return False
+        acked = self.send_queue.acked_pos
+        rate = (acked - self.tune_acked) / elapsed
+        self.tune_at = now
+        self.tune_acked = acked
+        peak = self.peak_rate * (1 - elapsed / _PEAK_MEMORY) if elapsed < _PEAK_MEMORY else 0.0
+        if rate > peak:
+            peak = rate
+        self.peak_rate = peak
+        cfg = self.cfg
+        limit = self.snd_limit
+        if self.grew_at_rate:  # the last growth: did it pay?
+            paid = rate >= self.grew_at_rate * _GROWTH_PAYS
+            self.grew_at_rate = 0.0
+            if not paid:
+                self.tune_hold = now + _GROWTH_HOLD
+                self._shrink_send_limit()
+                return False
+        if rate < peak * _GROW_BELOW:
+            if (limit >= cfg.snd_buf_max or self.snd_wnd <= limit or self.cwnd < limit
+                    or now < self.tune_hold):
+                return False
+            # (Not capped at the guest's window: reading pauses at the limit and
+            # resumes at half of it, so a limit at the window would let the flight
+            # sag to half the window between two reads.)
+            grown = min(2 * limit, cfg.snd_buf_max, self.buffered + self.engine.room_for(self))
+            if grown <= limit:
+                return False
+            self.snd_limit = grown
+            self.grew_at_rate = rate
+            self.link.count("tcp.snd_limit.grown")
+            return True
+        if rate > peak * _SHRINK_ABOVE and limit > cfg.snd_buf:
+            self._shrink_send_limit()
+        return False
+
+    def _shrink_send_limit(self) -> None:
+        """Halve the send limit, not below ``snd_buf`` (nor cwnd above it)."""
+        limit = self.snd_limit >> 1
+        self.snd_limit = limit = limit if limit > self.cfg.snd_buf else self.cfg.snd_buf
+        if self.cwnd > limit:
+            self.cwnd = limit
+        self.link.count("tcp.snd_limit.shrunk")
 
     def _our_fin_acked(self, now: float) -> None:
         state = self.state
@@ -1594,7 +1711,8 @@ class TcpFlow:
         engine = self.engine
         engine.buffered += n
         if not self.reading_paused:
-            if queue.end_pos - queue.acked_pos >= self.cfg.snd_buf:
+            if queue.end_pos - queue.acked_pos >= self.snd_limit and (
+                    now - self.tune_at < _TUNE_INTERVAL or not self._tune_send_limit(now)):
                 self.reading_paused = True
                 self.host.tcp_pause_reading(self)
             elif engine.buffered >= engine.shared_limit and engine.room_for(self) <= 0:
@@ -1627,7 +1745,7 @@ class TcpFlow:
         """How many bytes the runtime may pass to the next ``host_data``."""
         if self.fin_queued or self.state == CLOSED:
             return 0
-        room = self.cfg.snd_buf - self.send_queue.unacked
+        room = self.snd_limit - self.send_queue.unacked
         engine = self.engine
         if engine.shared_limit - engine.buffered < room:
             free = engine.room_for(self)
@@ -1662,7 +1780,7 @@ class TcpFlow:
         if self.state == CLOSED:
             return
         if (self.reading_paused and not self.fin_queued
-                and self.send_queue.unacked <= self.cfg.snd_buf >> 1):
+                and self.send_queue.unacked <= self.snd_limit >> 1):
             self.reading_paused = False
             self.host.tcp_resume_reading(self)
         if self.state in _RCV_OPEN:
@@ -1731,6 +1849,9 @@ class TcpEngine:
         #: (address, port) destinations that lately accepted one: SYNs to those pass.
         self.new_flows = TokenBucket(config.new_flow_rate, config.new_flow_burst)
         self.known_peers = KnownPeers()
+        #: Until when the admission bucket has no token: till then the stack offers
+        #: each frame to shed_syn() before it parses it (a SYN flood's frames).
+        self.syn_shed_until = 0.0
 
     def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool) -> None:
         """One TCP/IPv4 packet from the guest (its buffer is not kept after return).
@@ -1808,6 +1929,11 @@ class TcpEngine:
         # Admission (admission.py): before any host syscall, so a flood costs little.
         if (ip.dst, seg.dst_port) not in self.known_peers and not self.new_flows.take(now):
             link.count("tcp.drop.new_flow_rate")
+            bucket = self.new_flows
+            # (At least past ``now``: at a refusal the bucket refuses every take
+            # at that time, however close to 1 its tokens are.)
+            self.syn_shed_until = max(now + (1.0 - bucket.tokens) / bucket.rate,
+                                      math.nextafter(now, math.inf))
             return
         targets = self.policy(ip.dst, seg.dst_port)
         if targets is None:
@@ -1827,6 +1953,42 @@ class TcpEngine:
         self.flows[key] = flow
         link.count("tcp.flows_opened")
         self.host.tcp_connect(flow, targets)
+
+    def shed_syn(self, frame: memoryview, trusted: bool, guest_ip: bytes | None) -> bool:
+        """True if ``frame`` (an Ethernet frame from the guest) is a SYN that
+        :meth:`_new_syn` would refuse for want of an admission token; counted as
+        it counts it. The stack asks only before :attr:`syn_shed_until`, so under a
+        SYN flood the refused SYNs cost a few byte reads and the IP header's sum,
+        not the parse of three headers. Anything else is left to :meth:`handle`,
+        which may count or act otherwise: not plain IPv4/TCP from ``guest_ip``
+        and the guest's MAC, a TCP checksum the link did not vouch for
+        (``trusted``), a bad header, a fragment, IP options, a known flow or
+        destination, a bad destination, a full table (which may evict a
+        TIME_WAIT flow).
+        """
+        if not trusted or len(frame) < 54:
+            return False
+        h = bytes(frame[:54])  # one copy: indexing bytes is cheaper than a memoryview
+        if (h[12] != 8 or h[13] != 0 or h[14] != 0x45 or h[23] != 6 or h[20] & 0x3F or h[21]
+                or h[47] & (SYN | ACK | RST) != SYN):
+            return False
+        total = h[16] << 8 | h[17]
+        if (total > len(frame) - 14 or not 20 <= (h[46] >> 4) << 2 <= total - 20
+                or partial_sum(h[14:34]) != 0):
+            return False
+        src = h[26:30]
+        if src != guest_ip or h[6:12] != self.link.guest_mac:
+            return False
+        dst = h[30:34]
+        dport = h[36] << 8 | h[37]
+        if self._bad_destination(dst) or (dst, dport) in self.known_peers:
+            return False
+        cfg = self.cfg
+        if (len(self.flows) - self.inbound >= cfg.max_flows or self.half_open >= cfg.max_half_open
+                or (src, h[34] << 8 | h[35], dst, dport) in self.flows):
+            return False
+        self.link.count("tcp.drop.new_flow_rate")
+        return True
 
     def _evict_time_wait(self, inbound: bool) -> bool:
         """Free a table slot held by the oldest TIME_WAIT flow (of the direction

@@ -42,6 +42,8 @@ class Recorder:
     handle_query = handle
     #: As UdpEngine's: no datagrams held for the batch's end.
     pending = None
+    #: As TcpEngine's: no SYN flood being shed.
+    syn_shed_until = 0.0
 
     def flush(self, now: float) -> None:
         pass
