@@ -196,6 +196,11 @@ class Attachment:
         if self._on_fatal is not None:
             self._on_fatal(message)
 
+    def tcp_idle(self) -> bool:
+        """No TCP flow holds a byte (device.DeviceOwner): none is in flight to the guest
+        (whose ACKs would follow) nor waiting for a host socket."""
+        return not self.stack.tcp.buffered
+
     # ---- batching and timers ----------------------------------------------------
     def input_done(self, now: float) -> None:
         """After a batch of guest frames: answer finished connects, then flush."""

@@ -37,7 +37,8 @@ the stack holds the device's bound ``write_frame`` as its frame sink.
 
 :class:`TapDevice` reads a TAP fd (any fd with one frame per ``read``, such
 as a datagram socketpair in tests) until EAGAIN, at most ``_TAP_BATCH``
-frames per callback, and writes each frame with one ``os.writev``, header and
+frames per callback (so a burst costs one loop wake-up and one ``input_done``),
+and writes each frame with one ``os.writev``, header and
 payload as separate buffers, so a 64 KB payload is never copied. While the
 stack sheds a flood (``owner.shedding`` non-empty: a UDP flow sending to ever
 new destinations past admission, :meth:`pyslirp.stack.udp.UdpEngine.shed`),
@@ -45,7 +46,18 @@ each frame is first offered to ``owner.shed`` as the bytes read, and dropped
 there if the stack would refuse it anyway: ~1 us a frame instead of the ~3 us
 parse, so a guest flooding from one socket no longer outruns the reader (its
 kernel drops frames of every flow at the TAP queue when we fall behind, the
-download's ACKs with them). Otherwise the test costs one truth test. Frames the
+download's ACKs with them). Otherwise the test costs one truth test.
+
+A request/response guest sends one short frame and waits: reading on to EAGAIN
+then costs a syscall and a raised BlockingIOError (~1.1 us) per exchange for
+nothing (issue 14). So once a wake-up has found exactly one short frame
+(``_LONE_FRAME``) and nothing behind it, the next ones stop after their first
+frame while it is short and no TCP flow holds a byte (``owner.tcp_idle()``: no
+data in flight to the guest, whose ACKs would come in runs). The loop's readers
+are level-triggered, so a frame left behind is not lost: it wakes the loop at
+once, and a wake-up that soon after such a stop (``_LONE_REFILL_GAP``) reads to
+EAGAIN again. Bulk keeps whole batches: long frames, or data in flight, always
+read on (tests/runtime/test_tap_reads.py). Frames the
 kernel does not take (queue full) are dropped and counted
 (``drop.tx.tap_full``), like a NIC would; TCP retransmits.
 
@@ -77,6 +89,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 from collections.abc import Callable, Sequence, Sized
 from typing import Any, ClassVar, Protocol
 
@@ -84,6 +97,14 @@ from pyslirp.wire import vnet
 
 _TAP_BATCH = 128
 _TAP_READ_SIZE = 65536 + 4096 + vnet.HEADER_LEN
+#: A frame shorter than this is a small transaction's (a request, an ACK), not bulk.
+_LONE_FRAME = 512
+#: A wake-up sooner than this after stopping at a lone frame was not a new frame
+#: arriving (that takes a peer's round trip: tens of microseconds) but the frames
+#: queued behind it: that wake-up reads until EAGAIN again.
+_LONE_REFILL_GAP = 10e-6
+#: The clock of that gap (uvloop's own ticks in whole milliseconds).
+_poll_clock = time.perf_counter
 
 
 class DeviceOwner(Protocol):
@@ -100,6 +121,11 @@ class DeviceOwner(Protocol):
     #: ``shed(frame, now)`` says whether to drop a frame before ``receive``.
     shedding: Sized
     shed: Callable[[bytes, float], bool]
+
+    def tcp_idle(self) -> bool:
+        """No TCP flow holds a byte: none is in flight to the guest (whose ACKs would
+        follow) nor waiting for a host socket."""
+
     def input_done(self, now: float) -> None:
         """A batch of guest frames is in: deferred work, then one ``Stack.flush``."""
 
@@ -141,6 +167,10 @@ class TapDevice(Device):
         super().__init__(fd, name)
         self._owner: DeviceOwner | None = None
         self._count: Callable[[str], None] = _ignore
+        #: The last wake-up found one short frame and nothing behind it (see _LONE_*).
+        self._lone = False
+        #: ``_poll_clock()`` when the last wake-up stopped after a lone frame, else 0.
+        self._stopped_at = 0.0
 
     def start(self, owner: DeviceOwner) -> None:
         self._owner = owner
@@ -156,6 +186,11 @@ class TapDevice(Device):
         receive = owner.receive
         deferred = owner.deferred
         shedding, shed = owner.shedding, owner.shed
+        # Stop after a lone short frame (see _LONE_*): unless this wake-up came right
+        # after such a stop, which says frames were queued behind that one.
+        lone = self._lone and _poll_clock() - self._stopped_at >= _LONE_REFILL_GAP
+        stopped_early = False
+        frames = 0
         for _ in range(_TAP_BATCH):
             try:
                 data = os.read(fd, _TAP_READ_SIZE)
@@ -167,12 +202,24 @@ class TapDevice(Device):
             if not data:
                 owner.link_lost(f"TAP device {self.name} closed")
                 return
+            frames += 1
             if shedding and shed(data, now):
                 continue  # refused from the raw bytes: a flood must not outrun us
             receive(memoryview(data), now)
             if deferred:
                 owner.run_deferred()
+            if lone:
+                if len(data) < _LONE_FRAME and owner.tcp_idle():
+                    stopped_early = True
+                    break
+                lone = False
         owner.input_done(now)
+        if stopped_early:
+            self._stopped_at = _poll_clock()
+        else:
+            # Read until EAGAIN: nothing left behind; one short frame makes us lone.
+            self._lone = frames == 1 and len(data) < _LONE_FRAME
+            self._stopped_at = 0.0
 
     def write_frame(self, parts: Sequence[Any]) -> bool:
         try:
