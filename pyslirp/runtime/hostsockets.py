@@ -187,6 +187,9 @@ class Pacing(Protocol):
     def schedule_flush(self) -> None:
         """One ``Stack.flush`` and timer re-arm after this loop iteration's callbacks."""
 
+    def schedule_quiet_flush(self) -> None:
+        """The same, but this work does not keep the loop busy polling."""
+
     def flush_now(self, now: float) -> None:
         """``Stack.flush`` now, then re-arm the timer (and keep busy polling)."""
 
@@ -209,6 +212,7 @@ class HostSockets:
         # Bound once: each is called per host read or per flush request, and a bound
         # method in the instance costs one call, as a method of our own would.
         self._schedule_flush = pacing.schedule_flush
+        self._schedule_quiet_flush = pacing.schedule_quiet_flush
         self._flush_now = pacing.flush_now
         self._arm_timer = pacing.arm_timer
         self._keep_polling = pacing.keep_polling
@@ -542,7 +546,8 @@ class HostSockets:
         # follows, so a lone datagram costs what it did.
         run: list[Any] = []
         run_from: Any = None
-        for _ in range(_UDP_READ_BATCH):
+        read = 0
+        for read in range(_UDP_READ_BATCH):  # noqa: B007 - used after the loop
             try:
                 data, (src_ip, src_port, *_rest) = sock.recvfrom(_UDP_MAX)
             except BlockingIOError:
@@ -562,7 +567,12 @@ class HostSockets:
             run_from = (src_ip, src_port)
         if run:
             self._udp_deliver(udp, flow, run_from, run, now)
-        self._schedule_flush()
+        if read > 1:
+            # Several datagrams were waiting: a stream, whose next datagram wakes the
+            # loop anyway; polling for it took CPU from both ends (schedule_quiet_flush).
+            self._schedule_quiet_flush()
+        else:
+            self._schedule_flush()
 
     @staticmethod
     def _udp_deliver(udp: Any, flow: Any, peer: tuple[str, int], run: list[Any],
