@@ -41,7 +41,11 @@ request/response exchange the peer's answer usually comes within that time,
 and waking a sleeping process (on a VM: a halted virtual CPU) costs more than
 the polling. Measured on this machine kind: 1-byte TCP round trip p50 ~210 us
 -> ~130 us, with *less* CPU per round trip (bench/README.md, "Latency").
-Bulk traffic keeps the loop busy anyway, and an idle stack does not poll.
+Bulk traffic keeps the loop busy anyway, and an idle stack does not poll. A
+stream of host datagrams (a UDP read that found several waiting, or came right
+after the last) flushes without polling (:meth:`Attachment.schedule_quiet_flush`):
+its next datagram wakes the loop anyway, and on 2 CPUs the poll only took CPU
+from the processes at both ends.
 
 The runtime deliberately keeps no per-packet logging; counters live in the
 stack's link and are logged at exit and on demand.

@@ -83,6 +83,9 @@ _UDP_MAX = 65536
 #: SO_RCVBUF asked for a flow's host socket (the kernel doubles it and caps the request
 #: at net.core.rmem_max): see udp_open.
 UDP_RCVBUF = 1 << 20
+#: Host datagrams read less than this apart (loop seconds: uvloop's clock ticks in
+#: milliseconds) are a stream: they start no busy polling (see _udp_readable).
+_UDP_STREAM_GAP = 0.002
 
 # struct sock_extended_err (linux/errqueue.h)
 _SOCK_EE = struct.Struct("=IBBBBII")
@@ -495,7 +498,7 @@ class HostSockets:
                 log.warning("cannot bind a UDP socket to the outbound address: %s", exc.strerror)
                 return False
         flow.host_handle = sock
-        self.loop.add_reader(sock.fileno(), self._udp_readable, flow, sock)
+        self.loop.add_reader(sock.fileno(), self._udp_readable, flow, sock, [-1.0])
         return True
 
     def udp_send(self, flow: Any, dst: tuple[str, int], data: Any, segment: int = 0) -> None:
@@ -537,8 +540,10 @@ class HostSockets:
             except OSError:
                 count("drop.udp.host_send")
 
-    def _udp_readable(self, flow: Any, sock: socket.socket) -> None:
+    def _udp_readable(self, flow: Any, sock: socket.socket, last_read: list[float]) -> None:
+        """``last_read``: the loop time of this socket's previous read, in a cell."""
         now = self.loop.time()
+        previous, last_read[0] = last_read[0], now
         udp = self.stack.udp
         # Back-to-back datagrams from one peer, each the first's size but the last,
         # go to the engine together (one USO frame to the guest where the TAP takes
@@ -567,9 +572,10 @@ class HostSockets:
             run_from = (src_ip, src_port)
         if run:
             self._udp_deliver(udp, flow, run_from, run, now)
-        if read > 1:
-            # Several datagrams were waiting: a stream, whose next datagram wakes the
-            # loop anyway; polling for it took CPU from both ends (schedule_quiet_flush).
+        if read > 1 or now - previous < _UDP_STREAM_GAP:
+            # Several datagrams were waiting, or this one came right after the last:
+            # a stream, whose next datagram wakes the loop anyway; polling for it took
+            # CPU from both ends (schedule_quiet_flush).
             self._schedule_quiet_flush()
         else:
             self._schedule_flush()

@@ -73,7 +73,7 @@ def test_a_burst_the_host_sends_while_the_stack_is_busy_reaches_the_guest_whole(
             sender.sendto(data, target)
         for _ in range(BURST):  # each callback reads a batch; stop once one reads nothing
             before = len(stack.udp.delivered)
-            host._udp_readable(flow, sock)
+            host._udp_readable(flow, sock, [-1.0])
             if len(stack.udp.delivered) == before:
                 break
         assert len(stack.udp.delivered) == BURST, (
