@@ -50,7 +50,7 @@ into .venv-installed, kept up to date with the checkout: installed_pyslirp);
 "pyslirp-shared" is that pyslirp in the drop-in's shared-engine mode, run on them only.
 "pyslirp-nopoll" is pyslirp started with --busy-poll=0, run on the round-trip,
 connection and UDP workloads only: its CPU figures show what busy polling changes
-(at low UDP rates a 50 us poll after each datagram is most of the CPU per datagram).
+(a host datagram stream starts no poll since udp-rate; a lone reply still does).
 
 IPv6: when the "ipv6" workloads are selected (the default), every stack is
 started dual-stack (pyslirp ``-6``, slirp4netns ``--enable-ipv6``, pasta
