@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 
 import pytest
+from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from pyslirp.runtime import attachment
@@ -68,3 +70,31 @@ def test_the_poll_ends_after_busy_poll_of_its_own_clock_not_the_loops(
         assert reads[0] <= 10, f"the poll read its clock {reads[0]} times for 50 us"
     finally:
         rig.close()
+
+
+def test_a_stream_of_host_datagrams_starts_no_poll_and_a_lone_reply_does() -> None:
+    # Polling between the datagrams of a host stream only took CPU from both ends:
+    # UDP download 6.4-7.1 -> 4.9-5.2 us of CPU per datagram at 300 Mbit/s.
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(5)
+    rig = _rig(0.5)
+    try:
+        rig.know_guest()
+        rig.send(IP(src=GUEST, dst="10.0.2.2") / UDP(sport=41000, dport=peer.getsockname()[1])
+                 / b"request")
+        _request, flow_addr = peer.recvfrom(100)
+        rig.spin(0.8)
+        assert not rig.att._polling
+        for i in range(10):  # waiting together when the loop next looks: a stream
+            peer.sendto(b"%d" % i, flow_addr)
+        rig.spin(0.005)
+        assert len([f for f in rig.frames() if UDP in f]) == 10
+        assert not rig.att._polling, "a stream of host datagrams kept the loop polling"
+        peer.sendto(b"reply", flow_addr)
+        rig.spin(0.005)
+        assert [bytes(f[UDP].payload) for f in rig.frames() if UDP in f] == [b"reply"]
+        assert rig.att._polling  # a lone reply: the guest's answer may follow at once
+    finally:
+        rig.close()
+        peer.close()
