@@ -97,7 +97,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyslirp.runtime.attachment import Attachment
-from pyslirp.runtime.hostsockets import TcpHandle
+from pyslirp.runtime.hostsockets import TcpHandle, rearm_reader
 from pyslirp.wire import ipv6
 
 log = logging.getLogger("pyslirp")
@@ -491,17 +491,19 @@ class HostForwarder:
         simple = fwd.ports.get(fwd.guest4) if (
             fwd.guest4 is not None and sock.family == socket.AF_INET) else None
         host_datagram = self.stack.udp.host_datagram
-        for _ in range(_UDP_BATCH):
+        drained = errored = False  # rearm_reader unless drained without an error
+        for read in range(_UDP_BATCH):
             try:
                 data, peer = sock.recvfrom(_UDP_MAX)
             except (BlockingIOError, InterruptedError):
+                drained = True
+                if not read:  # woken with nothing to read: a POLLERR for the error queue
+                    self._udp_errors(fwd, sock, now)
+                    errored = True
                 break
             except OSError:
-                # An ICMP error for something the guest sent from this port (IP_RECVERR,
-                # which only IPv4 sockets ask for: their one endpoint is the IPv4 guest's).
-                ports = fwd.ports.get(fwd.guest4) if fwd.guest4 is not None else None
-                if ports is not None:
-                    self.attachment.host.udp_read_errors(ports.flow, sock, now)
+                self._udp_errors(fwd, sock, now)
+                errored = True
                 continue
             if known and simple is not None:
                 peers = simple.peers
@@ -518,7 +520,16 @@ class HostForwarder:
                     self._late_datagram, fwd, peer, data), _ARP_GIVE_UP)
             else:
                 self.stack.link.count("hostfwd.udp_no_guest_mac")
+        if (errored or not drained) and fwd.sock is sock:
+            rearm_reader(self.loop, sock.fileno(), self._on_udp_readable, fwd)
         self.attachment.schedule_flush()
+
+    def _udp_errors(self, fwd: _Forward, sock: socket.socket, now: float) -> None:
+        """ICMP errors for what the guest sent from this port (IP_RECVERR, which only
+        IPv4 sockets ask for: their one endpoint is the IPv4 guest's)."""
+        ports = fwd.ports.get(fwd.guest4) if fwd.guest4 is not None else None
+        if ports is not None:
+            self.attachment.host.udp_read_errors(ports.flow, sock, now)
 
     def _udp_datagram(self, fwd: _Forward, peer: Any, data: bytes, now: float) -> None:
         """One datagram from host ``peer`` into the guest endpoint it is meant for."""

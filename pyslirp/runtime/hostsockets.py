@@ -55,6 +55,14 @@ Each wake-up of the set costs one ``epoll_wait(0)`` that the loop's own
 dispatch of a per-socket reader would have replaced. Writers (a connect in
 progress, a full send buffer) are rare and stay with the loop.
 
+A datagram socket's reader is registered again (:func:`rearm_reader`) after a
+wake-up that met an error, found nothing to read, or stopped at the batch
+limit: uvloop (libuv's ``uv_poll``) stops polling a descriptor for good when
+epoll reports ``POLLERR`` (an ICMP error queued by ``IP_RECVERR``, or refused
+on a connected socket), while it still counts the reader as registered. Without
+this a UDP flow that met one ICMP error never delivered a datagram again, and a
+DNS upstream that was down once was never heard from again.
+
 Port forwarding (:mod:`pyslirp.runtime.hostfwd`) adds flows whose host socket
 was accepted rather than connected; they get a :class:`TcpHandle` too and are
 served by the same code from then on.
@@ -106,6 +114,16 @@ _ICMPV6_ECHO_REQUEST = 128
 _ICMPV6_ECHO_REPLY = 129
 #: Seconds between two warnings that a host socket could not be made.
 SOCKET_WARNING_INTERVAL = 60.0
+
+
+def rearm_reader(loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[..., Any],
+                 *args: Any) -> None:
+    """Register ``callback`` as ``fd``'s reader anew, after a wake-up that may have been
+    a ``POLLERR``: uvloop's poll handle is stopped then but still counts as
+    registered, so adding the same reader again would change nothing (see the
+    module docstring; Kludex/zuvloop#45 describes the same mechanism)."""
+    loop.remove_reader(fd)
+    loop.add_reader(fd, callback, *args)
 
 
 class TcpHandle:
@@ -569,12 +587,18 @@ class HostSockets:
         run: list[Any] = []
         run_from: Any = None
         read = 0
+        drained = errored = False  # rearm_reader unless drained without an error
         for read in range(_UDP_READ_BATCH):  # noqa: B007 - used after the loop
             try:
                 data, (src_ip, src_port, *_rest) = sock.recvfrom(_UDP_MAX)
             except BlockingIOError:
+                drained = True
+                if not read:  # woken with nothing to read: a POLLERR for the error queue
+                    self.udp_read_errors(flow, sock, now)
+                    errored = True
                 break
             except OSError:
+                errored = True
                 if run:
                     self._udp_deliver(udp, flow, run_from, run, now)
                     run = []
@@ -589,6 +613,8 @@ class HostSockets:
             run_from = (src_ip, src_port)
         if run:
             self._udp_deliver(udp, flow, run_from, run, now)
+        if (errored or not drained) and flow.host_handle is sock:
+            rearm_reader(self.loop, sock.fileno(), self._udp_readable, flow, sock, last_read)
         if read > 1 or now - previous < _UDP_STREAM_GAP:
             # Several datagrams were waiting, or this one came right after the last:
             # a stream, whose next datagram wakes the loop anyway; polling for it took
@@ -656,17 +682,25 @@ class HostSockets:
 
     def _icmp_readable(self, flow: Any, sock: socket.socket) -> None:
         now = self.loop.time()
-        for _ in range(_UDP_READ_BATCH):
+        drained = errored = False  # rearm_reader unless drained without an error
+        for read in range(_UDP_READ_BATCH):
             try:
                 data = sock.recv(_UDP_MAX)
             except BlockingIOError:
+                drained = True
+                if not read:  # woken with nothing to read: a POLLERR for the error queue
+                    self._icmp_read_errors(flow, sock, now)
+                    errored = True
                 break
             except OSError:
+                errored = True
                 self._icmp_read_errors(flow, sock, now)
                 continue
             if len(data) >= 8 and data[0] == (_ICMPV6_ECHO_REPLY if flow.v6 else 0):
                 seq = int.from_bytes(data[6:8], "big")
                 self.stack.icmp.host_echo_reply(flow, seq, data[8:], now)
+        if (errored or not drained) and flow.host_handle is sock:
+            rearm_reader(self.loop, sock.fileno(), self._icmp_readable, flow, sock)
         self._schedule_flush()
 
     def _icmp_read_errors(self, flow: Any, sock: socket.socket, now: float) -> None:
@@ -700,7 +734,9 @@ class HostSockets:
             except ConnectionRefusedError:
                 # An ICMP error about an earlier datagram was pending on the socket and
                 # this send reported it instead of sending (the error queue still says
-                # which datagram it was about): send again.
+                # which datagram it was about): send again. The error's POLLERR may
+                # have stopped the reader behind an answer it read first.
+                rearm_reader(self.loop, sock.fileno(), self._dns_readable, upstream, sock)
                 continue
             except BlockingIOError:
                 self.stack.link.count("dns.drop.send_full")  # the attempt times out
@@ -739,19 +775,28 @@ class HostSockets:
         now = self.loop.time()
         dns = self.stack.dns
         sockets = self._dns_sockets
-        for _ in range(_UDP_READ_BATCH):
+        errored = False
+        for read in range(_UDP_READ_BATCH):
             try:
                 data = sock.recv(_UDP_MAX)
             except BlockingIOError:
+                if not read:  # woken with nothing to read: a POLLERR for the error queue
+                    self._dns_read_errors(upstream, sock, now)
+                    errored = True
                 break
             except OSError:
                 self._dns_read_errors(upstream, sock, now)
+                errored = True
             else:
                 dns.upstream_datagram(upstream, data, now)
                 if not dns.inflight.get(upstream):
                     break  # nothing more is expected: spare the read that gets EAGAIN
             if sockets.get(upstream) is not sock:
                 break  # the forwarder released the upstream meanwhile
+        else:
+            errored = True  # the batch limit: an error may wait behind the answers
+        if errored and sockets.get(upstream) is sock:
+            rearm_reader(self.loop, sock.fileno(), self._dns_readable, upstream, sock)
         # Answers went to the guest already and no TCP flow was touched: no
         # Stack.flush is needed, only the timer (a failover sets a deadline).
         self._arm_timer()

@@ -80,6 +80,47 @@ def test_udp_to_a_closed_port_is_refused(host: Host, guest: Guest, slirp: Slirp)
     assert guest.python(UDP_REFUSED, GATEWAY, str(host.dead)).stdout.strip() == "ECONNREFUSED"
 
 
+#: One socket: a datagram to a closed port (refused), then one to the echo server;
+#: prints what each got.
+UDP_AFTER_REFUSAL = """
+import socket, sys
+host, dead, echo = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect((host, dead))
+s.send(b"anyone?")
+try:
+    s.recv(100)
+    first = "reply"
+except ConnectionRefusedError:
+    first = "ECONNREFUSED"
+except TimeoutError:
+    first = "timeout"
+s.connect((host, echo))  # the same socket, so the same flow through pyslirp
+second = "timeout"
+for _ in range(3):
+    s.send(b"still there?")
+    try:
+        if s.recv(100) == b"still there?":
+            second = "echoed"
+            break
+    except TimeoutError:
+        pass
+print(first, second)
+"""
+
+
+def test_a_udp_flow_refused_once_still_gets_replies(host: Host, guest: Guest,
+                                                    slirp: Slirp) -> None:
+    """A guest socket whose datagram met a closed port (ICMP port unreachable) still
+    gets its replies from another port afterwards.
+
+    (Before, under uvloop, the error's POLLERR stopped the flow's host socket reader
+    for good: the echo came back to pyslirp and was never read.)"""
+    out = guest.python(UDP_AFTER_REFUSAL, GATEWAY, str(host.dead), str(host.echo)).stdout
+    assert out.split() == ["ECONNREFUSED", "echoed"]
+
+
 MANY = """
 import asyncio, sys
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

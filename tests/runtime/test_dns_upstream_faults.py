@@ -10,7 +10,9 @@ port is tests/runtime/test_dns_sockets.py::test_stray_and_forged_datagrams_are_i
 
 from __future__ import annotations
 
+import asyncio
 import random
+import socket
 import time
 from collections.abc import Iterator
 
@@ -100,3 +102,49 @@ def test_upstream_answering_garbage_is_ignored_and_the_guest_gets_servfail(
         assert (answer.id, answer.rcode, answer.an[0].rdata) == (11, 0, "192.0.2.7")
     finally:
         rig.close()
+
+
+def test_an_upstream_that_was_down_is_heard_again_once_it_is_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream's port was closed (ICMP port unreachable: SERVFAIL), then its
+    resolver starts again on the same port: the next query is answered.
+
+    (Before, under uvloop, the error's POLLERR stopped the upstream socket's reader for
+    good: every later answer stayed unread and each query timed out to SERVFAIL.)"""
+    import uvloop
+
+    monkeypatch.setattr(asyncio, "new_event_loop", uvloop.new_event_loop)  # as pyslirp runs
+    addr = dead_upstream()
+    rig = Rig([addr])
+    rig.att.stack.dns.attempt_timeout = 30.0  # an answer before this is not a timeout's
+    try:
+        rig.ask("down.example", qid=21, sport=42010)
+        [refused] = _wait_answers(rig, 1)
+        assert (refused.id, refused.rcode) == (21, SERVFAIL)
+        back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        back.bind(addr)
+        back.setblocking(False)
+        try:
+            rig.ask("up.example", qid=22, sport=42011)
+            query, peer = _wait_query(back)
+            back.sendto(bytes(DNS(id=DNS(query).id, qr=1, rd=1, ra=1, qd=DNS(query).qd,
+                                  an=[DNSRR(rrname="up.example", rdata="192.0.2.8")])), peer)
+            answers = _wait_answers(rig, 1)
+            assert answers, "the upstream answered, the forwarder never read it"
+            assert [(a.id, a.rcode, a.an[0].rdata) for a in answers] == [(22, 0, "192.0.2.8")]
+        finally:
+            back.close()
+    finally:
+        rig.close()
+
+
+def _wait_query(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, tuple[str, int]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data, peer = sock.recvfrom(4096)
+            return data, peer
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the forwarder sent no query upstream") from None
+            time.sleep(0.01)
