@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
+from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
@@ -18,6 +20,41 @@ from pyslirp.stack.config import NetConfig
 
 GUEST_MAC = "02:00:00:00:00:64"
 GUEST = "10.0.2.100"
+GATEWAY = "10.0.2.2"
+GUEST_PORT = 40000
+
+
+def guest_tcp_frame(rig: LinkRig, port: int, flags: str, seq: int, ack: int = 0,
+                    payload: bytes = b"") -> bytes:
+    """A TCP segment from the guest's port GUEST_PORT to the gateway's ``port``."""
+    return bytes(Ether(src=GUEST_MAC, dst=rig.our_mac)
+                 / IP(src=GUEST, dst=GATEWAY)
+                 / TCP(sport=GUEST_PORT, dport=port, flags=flags, seq=seq, ack=ack,
+                       window=65535, options=[("MSS", 1460)] if flags == "S" else [])
+                 / payload)
+
+
+def one_iteration(loop: asyncio.AbstractEventLoop) -> None:
+    """Run exactly one loop iteration: ready I/O callbacks run, what they schedule does not."""
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+
+
+def tcp_segments(rig: LinkRig) -> list[Any]:
+    """The TCP layers of the frames the guest has got since the last call."""
+    return [f[TCP] for f in rig.frames() if TCP in f]
+
+
+class NoPacing:
+    """A HostSockets pacing that does nothing (no flushes, timer or polling)."""
+
+    busy_poll = 0.0
+
+    def schedule_flush(self) -> None: ...
+    def schedule_quiet_flush(self) -> None: ...
+    def flush_now(self, now: float) -> None: ...
+    def arm_timer(self) -> None: ...
+    def keep_polling(self, now: float) -> None: ...
 
 
 class LinkRig:

@@ -9,20 +9,14 @@ plays the guest with scapy, which is deterministic where timing is not.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
 
-from tests.runtime.linkrig import GUEST, GUEST_MAC, LinkRig
+from tests.runtime.linkrig import LinkRig, guest_tcp_frame, one_iteration, tcp_segments
 
-GATEWAY = "10.0.2.2"
-GUEST_PORT = 40001
 GUEST_ISN = 5000
 
 
@@ -57,35 +51,17 @@ def tap_reads(rig: LinkRig, monkeypatch: pytest.MonkeyPatch) -> Iterator[TapRead
     yield counter
 
 
-def _frame(rig: LinkRig, port: int, flags: str, seq: int, ack: int = 0,
-           payload: bytes = b"") -> bytes:
-    return bytes(Ether(src=GUEST_MAC, dst=rig.our_mac)
-                 / IP(src=GUEST, dst=GATEWAY)
-                 / TCP(sport=GUEST_PORT, dport=port, flags=flags, seq=seq, ack=ack,
-                       window=65535, options=[("MSS", 1460)] if flags == "S" else [])
-                 / payload)
-
-
-def _one_iteration(loop: asyncio.AbstractEventLoop) -> None:
-    loop.call_soon(loop.stop)
-    loop.run_forever()
-
-
-def _segments(rig: LinkRig) -> list[Any]:
-    return [f[TCP] for f in rig.frames() if TCP in f]
-
-
 class Exchange:
     """One guest connection to ``server``; ``seq`` / ``ack`` are the guest's next ones."""
 
     def __init__(self, rig: LinkRig, server: socket.socket) -> None:
         self.rig = rig
         self.port = server.getsockname()[1]
-        rig.guest.send(_frame(rig, self.port, "S", GUEST_ISN))
+        rig.guest.send(guest_tcp_frame(rig, self.port, "S", GUEST_ISN))
         rig.spin()
-        (synack,) = _segments(rig)
+        (synack,) = tcp_segments(rig)
         self.seq, self.ack = GUEST_ISN + 1, synack.seq + 1
-        rig.guest.send(_frame(rig, self.port, "A", self.seq, self.ack))
+        rig.guest.send(guest_tcp_frame(rig, self.port, "A", self.seq, self.ack))
         rig.spin()
         self.conn, _ = server.accept()
         self.conn.settimeout(2.0)
@@ -93,12 +69,12 @@ class Exchange:
         self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def send(self, payload: bytes) -> None:
-        self.rig.guest.send(_frame(self.rig, self.port, "PA", self.seq, self.ack, payload))
+        self.rig.guest.send(guest_tcp_frame(self.rig, self.port, "PA", self.seq, self.ack, payload))
         self.seq += len(payload)
 
     def take_data(self) -> bytes:
         """What reached the guest since the last call; acknowledged with the next send."""
-        data = b"".join(bytes(seg.payload) for seg in _segments(self.rig))
+        data = b"".join(bytes(seg.payload) for seg in tcp_segments(self.rig))
         self.ack += len(data)
         return data
 
@@ -151,11 +127,11 @@ def test_a_burst_while_data_is_in_flight_to_the_guest_is_read_in_one_wake_up(
             ex.round_trip(bytes([c]))
         ex.conn.send(b"x" * 4000)  # three segments toward the guest, unacknowledged
         rig.spin()
-        segs = [seg for seg in _segments(rig) if bytes(seg.payload)]
+        segs = [seg for seg in tcp_segments(rig) if bytes(seg.payload)]
         assert len(segs) == 3
         tap_reads.reset()
         for seg in segs:
             end = seg.seq + len(bytes(seg.payload))
-            rig.guest.send(_frame(rig, ex.port, "A", ex.seq, end))
-        _one_iteration(rig.loop)
+            rig.guest.send(guest_tcp_frame(rig, ex.port, "A", ex.seq, end))
+        one_iteration(rig.loop)
     assert (tap_reads.reads, tap_reads.empty) == (4, 1)

@@ -10,46 +10,20 @@ that the retransmission timer, which the runtime re-arms lazily, still fires.
 
 from __future__ import annotations
 
-import asyncio
 import socket
-from typing import Any
 
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
+from tests.runtime.linkrig import LinkRig, guest_tcp_frame, one_iteration, tcp_segments
 
-from tests.runtime.linkrig import GUEST, GUEST_MAC, LinkRig
-
-GATEWAY = "10.0.2.2"
-GUEST_PORT = 40000
 GUEST_ISN = 1000
-
-
-def _guest_frame(rig: LinkRig, port: int, flags: str, seq: int, ack: int = 0,
-                 payload: bytes = b"") -> bytes:
-    return bytes(Ether(src=GUEST_MAC, dst=rig.our_mac)
-                 / IP(src=GUEST, dst=GATEWAY)
-                 / TCP(sport=GUEST_PORT, dport=port, flags=flags, seq=seq, ack=ack,
-                       window=65535, options=[("MSS", 1460)] if flags == "S" else [])
-                 / payload)
-
-
-def _one_iteration(loop: asyncio.AbstractEventLoop) -> None:
-    """Run exactly one loop iteration: ready I/O callbacks run, what they schedule does not."""
-    loop.call_soon(loop.stop)
-    loop.run_forever()
-
-
-def _tcp_frames(rig: LinkRig) -> list[Any]:
-    return [f[TCP] for f in rig.frames() if TCP in f]
 
 
 def _connect(rig: LinkRig, server: socket.socket) -> tuple[socket.socket, int]:
     """Complete a guest connection to the server; return the host side and our ISS."""
     port = server.getsockname()[1]
-    rig.guest.send(_guest_frame(rig, port, "S", GUEST_ISN))
+    rig.guest.send(guest_tcp_frame(rig, port, "S", GUEST_ISN))
     rig.spin()
-    (synack,) = _tcp_frames(rig)
-    rig.guest.send(_guest_frame(rig, port, "A", GUEST_ISN + 1, synack.seq + 1))
+    (synack,) = tcp_segments(rig)
+    rig.guest.send(guest_tcp_frame(rig, port, "A", GUEST_ISN + 1, synack.seq + 1))
     rig.spin()
     conn, _ = server.accept()
     return conn, synack.seq + 1
@@ -59,9 +33,9 @@ def test_syn_is_answered_in_the_iteration_that_reads_it(rig: LinkRig,
                                                           server: socket.socket) -> None:
     # A loopback connect completes inside connect(); the SYN-ACK must not wait for
     # another loop iteration (behind other flows' work) before going to the guest.
-    rig.guest.send(_guest_frame(rig, server.getsockname()[1], "S", GUEST_ISN))
-    _one_iteration(rig.loop)
-    (synack,) = _tcp_frames(rig)
+    rig.guest.send(guest_tcp_frame(rig, server.getsockname()[1], "S", GUEST_ISN))
+    one_iteration(rig.loop)
+    (synack,) = tcp_segments(rig)
     assert synack.flags == "SA" and synack.ack == GUEST_ISN + 1
 
 
@@ -70,8 +44,8 @@ def test_host_data_reaches_the_guest_in_the_iteration_that_reads_it(
     conn, _ = _connect(rig, server)
     with conn:
         conn.send(b"pong")  # loopback: readable at once on the runtime's socket
-        _one_iteration(rig.loop)
-        data = [bytes(seg.payload) for seg in _tcp_frames(rig) if bytes(seg.payload)]
+        one_iteration(rig.loop)
+        data = [bytes(seg.payload) for seg in tcp_segments(rig) if bytes(seg.payload)]
         assert data == [b"pong"]
 
 
@@ -82,8 +56,8 @@ def test_guest_fin_after_the_host_closed_gets_one_fin_ack(rig: LinkRig,
     # answered by our FIN carrying its ACK (one frame), not an ACK and a FIN.
     conn, rcv_nxt = _connect(rig, server)
     port = server.getsockname()[1]
-    rig.guest.send(_guest_frame(rig, port, "FA", GUEST_ISN + 1, rcv_nxt))
+    rig.guest.send(guest_tcp_frame(rig, port, "FA", GUEST_ISN + 1, rcv_nxt))
     conn.close()  # after the guest's FIN, so the TAP is the first ready fd
-    _one_iteration(rig.loop)
-    frames = [(str(seg.flags), seg.ack) for seg in _tcp_frames(rig)]
+    one_iteration(rig.loop)
+    frames = [(str(seg.flags), seg.ack) for seg in tcp_segments(rig)]
     assert frames == [("FA", GUEST_ISN + 2)]

@@ -9,21 +9,12 @@ import socket
 from typing import Any
 
 from pyslirp.runtime.hostsockets import HostSockets
+from tests.runtime.linkrig import NoPacing
 
 #: More 1400-byte datagrams than a socket's default queue holds (212992 bytes: 92
 #: on loopback), fewer than one asking for 1 MiB gets even where net.core.rmem_max
 #: is the common 212992 (twice that: 184).
 BURST = 150
-
-
-class _Pacing:
-    busy_poll = 0.0
-
-    def schedule_flush(self) -> None: ...
-    def schedule_quiet_flush(self) -> None: ...
-    def flush_now(self, now: float) -> None: ...
-    def arm_timer(self) -> None: ...
-    def keep_polling(self, now: float) -> None: ...
 
 
 class _Udp:
@@ -54,7 +45,7 @@ class _Flow:
 def test_a_burst_the_host_sends_while_the_stack_is_busy_reaches_the_guest_whole() -> None:
     loop = asyncio.new_event_loop()
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    host = HostSockets(loop, _Pacing())
+    host = HostSockets(loop, NoPacing())
     stack = _Stack()
     host.stack = stack  # type: ignore[assignment]
     flow = _Flow()

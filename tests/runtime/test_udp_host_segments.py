@@ -13,16 +13,7 @@ from typing import Any
 import pytest
 
 from pyslirp.runtime.hostsockets import HostSockets
-
-
-class _Pacing:
-    busy_poll = 0.0
-
-    def schedule_flush(self) -> None: ...
-    def schedule_quiet_flush(self) -> None: ...
-    def flush_now(self, now: float) -> None: ...
-    def arm_timer(self) -> None: ...
-    def keep_polling(self, now: float) -> None: ...
+from tests.runtime.linkrig import NoPacing
 
 
 class _Counts:
@@ -74,7 +65,7 @@ def test_segments_leave_as_the_datagrams_they_were(peer: socket.socket, wrap: bo
     loop = asyncio.new_event_loop()
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        host = HostSockets(loop, _Pacing())
+        host = HostSockets(loop, NoPacing())
         host.stack = _Stack()  # type: ignore[assignment]
         datagrams = [bytes([i]) * 1400 for i in range(10)] + [b"tail"]
         flow = _Flow(_NoGso(sender) if wrap else sender)
