@@ -242,7 +242,10 @@ class Console:
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern, re.M)
         while True:
-            m = rx.search(self.text())
+            # Only lines the guest has finished: a line read while the serial console
+            # is still writing it (a loaded machine) would match cut short.
+            text = self.text()
+            m = rx.search(text, 0, text.rfind("\n") + 1)
             if m:
                 return m
             if proc.poll() is not None:
