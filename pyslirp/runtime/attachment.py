@@ -62,7 +62,7 @@ from collections.abc import Callable, Sequence, Sized
 from typing import Any, cast
 
 from pyslirp.runtime import malloc
-from pyslirp.runtime.device import Device
+from pyslirp.runtime.device import Device, poll_clock
 from pyslirp.runtime.hostsockets import HostSockets
 from pyslirp.runtime.pcap import PcapWriter
 from pyslirp.stack.config import NetConfig
@@ -72,10 +72,6 @@ from pyslirp.stack.stack import Stack
 log = logging.getLogger("pyslirp")
 
 _malloc_tuned = False
-
-
-#: The clock busy polling is timed on: microseconds matter there (see keep_polling).
-poll_clock = time.perf_counter
 
 
 def timer_tick_after(deadline: float) -> float:

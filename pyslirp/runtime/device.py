@@ -103,8 +103,9 @@ _LONE_FRAME = 512
 #: arriving (that takes a peer's round trip: tens of microseconds) but the frames
 #: queued behind it: that wake-up reads until EAGAIN again.
 _LONE_REFILL_GAP = 10e-6
-#: The clock of that gap (uvloop's own ticks in whole milliseconds).
-_poll_clock = time.perf_counter
+#: The clock of that gap and of busy polling (Attachment.keep_polling): microseconds
+#: matter there, and uvloop's own clock ticks in whole milliseconds.
+poll_clock = time.perf_counter
 
 
 class DeviceOwner(Protocol):
@@ -169,7 +170,7 @@ class TapDevice(Device):
         self._count: Callable[[str], None] = _ignore
         #: The last wake-up found one short frame and nothing behind it (see _LONE_*).
         self._lone = False
-        #: ``_poll_clock()`` when the last wake-up stopped after a lone frame, else 0.
+        #: ``poll_clock()`` when the last wake-up stopped after a lone frame, else 0.
         self._stopped_at = 0.0
 
     def start(self, owner: DeviceOwner) -> None:
@@ -188,7 +189,7 @@ class TapDevice(Device):
         shedding, shed = owner.shedding, owner.shed
         # Stop after a lone short frame (see _LONE_*): unless this wake-up came right
         # after such a stop, which says frames were queued behind that one.
-        lone = self._lone and _poll_clock() - self._stopped_at >= _LONE_REFILL_GAP
+        lone = self._lone and poll_clock() - self._stopped_at >= _LONE_REFILL_GAP
         stopped_early = False
         frames = 0
         for _ in range(_TAP_BATCH):
@@ -215,7 +216,7 @@ class TapDevice(Device):
                 lone = False
         owner.input_done(now)
         if stopped_early:
-            self._stopped_at = _poll_clock()
+            self._stopped_at = poll_clock()
         else:
             # Read until EAGAIN: nothing left behind; one short frame makes us lone.
             self._lone = frames == 1 and len(data) < _LONE_FRAME
