@@ -86,6 +86,11 @@ class Exchange:
         self.rig.spin()
         return self.take_data()
 
+    def lone_requests(self) -> None:
+        """Two request/response exchanges, after which the TAP reader stops at lone frames."""
+        for c in b"ab":
+            assert self.round_trip(bytes([c])) == bytes([c]).upper()
+
 
 def test_request_response_reads_the_tap_once_per_request(
         rig: LinkRig, server: socket.socket, tap_reads: TapReads) -> None:
@@ -106,8 +111,7 @@ def test_frames_queued_behind_a_lone_one_are_all_served(
     # level-triggered); all reach the host, in order, without a timer.
     ex = Exchange(rig, server)
     with ex.conn:
-        for c in b"ab":
-            ex.round_trip(bytes([c]))
+        ex.lone_requests()
         for c in b"xyz":
             ex.send(bytes([c]))
         rig.spin()
@@ -123,8 +127,7 @@ def test_a_burst_while_data_is_in_flight_to_the_guest_is_read_in_one_wake_up(
     # come in runs, and one wake-up reads the run to the end (EAGAIN).
     ex = Exchange(rig, server)
     with ex.conn:
-        for c in b"ab":
-            ex.round_trip(bytes([c]))
+        ex.lone_requests()
         ex.conn.send(b"x" * 4000)  # three segments toward the guest, unacknowledged
         rig.spin()
         segs = [seg for seg in tcp_segments(rig) if bytes(seg.payload)]
