@@ -68,6 +68,7 @@ from pyslirp.runtime.pcap import PcapWriter
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.link import FrameSink
 from pyslirp.stack.stack import Stack
+from pyslirp.stack.udp import FLOOD_REVIEW_INTERVAL
 
 log = logging.getLogger("pyslirp")
 
@@ -128,6 +129,8 @@ class Attachment:
         plain = self._faults is None and self.pcap is None
         self.shedding: Sized = self.stack.udp.shedding if plain else {}
         self.shed: Callable[[bytes, float], bool] = self.stack.udp.shed
+        #: The next review of the flood filter (see watch_flood), while one is due.
+        self._flood_review: asyncio.TimerHandle | None = None
         self.count = self.stack.link.count
         device.start(self)
 
@@ -203,6 +206,27 @@ class Attachment:
         """No TCP flow holds a byte (device.DeviceOwner): none is in flight to the guest
         (whose ACKs would follow) nor waiting for a host socket."""
         return not self.stack.tcp.buffered
+
+    def watch_flood(self) -> None:
+        """A flow floods (device.DeviceOwner): review the stack's flood filter every
+        ``FLOOD_REVIEW_INTERVAL`` until the flood is over, giving the device each new
+        one (``UdpEngine.review_flood``, pyslirp.runtime.tapfilter)."""
+        if self._flood_review is None and not self._closed:
+            self.stack.udp.review_flood(self.loop.time())  # the baseline
+            self._flood_review = self.loop.call_later(FLOOD_REVIEW_INTERVAL,
+                                                      self._review_flood)
+
+    def _review_flood(self) -> None:
+        self._flood_review = None
+        if self._closed or not self.device.filters_frames:
+            return
+        udp = self.stack.udp
+        if udp.review_flood(self.loop.time()) and not self.device.set_frame_filter(
+                udp.flood_filter):
+            udp.flood_filter = None  # the device reads everything: the stack sheds
+        if udp.flood_filter is not None or udp.flood_rate:
+            self._flood_review = self.loop.call_later(FLOOD_REVIEW_INTERVAL,
+                                                      self._review_flood)
 
     # ---- batching and timers ----------------------------------------------------
     def input_done(self, now: float) -> None:
@@ -306,6 +330,8 @@ class Attachment:
             self.host.close()
             if self._timer is not None:
                 self._timer.cancel()
+            if self._flood_review is not None:
+                self._flood_review.cancel()
             try:
                 self.device.close()  # after close_all: a stream sends the RSTs it queued
             finally:

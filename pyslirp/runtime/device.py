@@ -46,7 +46,13 @@ each frame is first offered to ``owner.shed`` as the bytes read, and dropped
 there if the stack would refuse it anyway: ~1 us a frame instead of the ~3 us
 parse, so a guest flooding from one socket no longer outruns the reader (its
 kernel drops frames of every flow at the TAP queue when we fall behind, the
-download's ACKs with them). Otherwise the test costs one truth test.
+download's ACKs with them). Otherwise the test costs one truth test. While
+flows flood, the TAP also tells the attachment once per wake-up
+(``owner.watch_flood``), which reviews the stack's flood filter and hands it to
+:meth:`Device.set_frame_filter`: the TAP's socket filter then drops most of the
+flood in the guest's kernel, before it takes a place in the queue or a read
+(:mod:`pyslirp.runtime.tapfilter`). A device that cannot filter (QEMU's sockets)
+keeps ``filters_frames`` False and sheds after the read.
 
 A request/response guest sends one short frame and waits: reading on to EAGAIN
 then costs a syscall and a raised BlockingIOError (~1.1 us) per exchange for
@@ -61,8 +67,9 @@ read on (tests/runtime/test_tap_reads.py). Frames the
 kernel does not take (queue full) are dropped and counted
 (``drop.tx.tap_full``), like a NIC would; TCP retransmits.
 
-What limits a guest's download during its own flood is not this reader's share
-of the CPU but the wait of the guest's ACKs behind the flood in the TAP ring
+Before the flood filter, what limited a guest's download during its own UDP
+flood was not this reader's share of the CPU but the wait of the guest's ACKs
+behind the flood in the TAP ring
 (ping through it: ~0.1 ms idle, 1.3-1.6 ms average and 8 ms peaks under the
 UDP flood), against the flow's send window (``TcpConfig.snd_buf``). Measured
 with ``bench/run.py --only flood`` (A/B pairs in one session, 2026-12-01):
@@ -88,12 +95,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence, Sized
 from typing import Any, ClassVar, Protocol
 
+from pyslirp.runtime import tapfilter
+from pyslirp.stack.udp import FloodFilter
 from pyslirp.wire import vnet
+
+log = logging.getLogger("pyslirp")
 
 _TAP_BATCH = 128
 _TAP_READ_SIZE = 65536 + 4096 + vnet.HEADER_LEN
@@ -136,6 +148,10 @@ class DeviceOwner(Protocol):
     def link_lost(self, message: str) -> None:
         """The link is gone for good: log ``message`` and let the owner stop."""
 
+    def watch_flood(self) -> None:
+        """Called once per wake-up while :attr:`shedding` is non-empty, by a device
+        that can drop frames unread (:attr:`Device.filters_frames`)."""
+
 
 class Device:
     """Carries Ethernet frames between the guest and an attachment; see the module docstring."""
@@ -143,10 +159,18 @@ class Device:
     #: Frames are bare Ethernet, never with a virtio-net header or GSO: the
     #: attachment refuses a config with ``vnet_hdr`` or ``offload`` on.
     plain_frames: ClassVar[bool] = False
+    #: The device can drop a flood's frames before they are read
+    #: (:meth:`set_frame_filter`); cleared if the kernel refuses.
+    filters_frames: bool = False
 
     def __init__(self, fd: int, name: str) -> None:
         self.fd = fd
         self.name = name
+
+    def set_frame_filter(self, spec: FloodFilter | None) -> bool:
+        """Drop what ``spec`` describes before reading it (None: read everything);
+        False if the device cannot (it then reads everything)."""
+        return spec is None
 
     def start(self, owner: DeviceOwner) -> None:
         """Register with ``owner.loop``; from now on frames go to ``owner.receive``."""
@@ -172,6 +196,8 @@ class TapDevice(Device):
         self._lone = False
         #: ``poll_clock()`` when the last wake-up stopped after a lone frame, else 0.
         self._stopped_at = 0.0
+        self.filters_frames = True
+        self._filtered = False
 
     def start(self, owner: DeviceOwner) -> None:
         self._owner = owner
@@ -215,6 +241,8 @@ class TapDevice(Device):
                     break
                 lone = False
         owner.input_done(now)
+        if shedding and self.filters_frames:
+            owner.watch_flood()
         if stopped_early:
             self._stopped_at = poll_clock()
         else:
@@ -236,10 +264,32 @@ class TapDevice(Device):
             return False
         return True
 
+    def set_frame_filter(self, spec: FloodFilter | None) -> bool:
+        """The TAP's socket filter (:mod:`pyslirp.runtime.tapfilter`) for ``spec``."""
+        if not self.filters_frames:
+            return spec is None
+        try:
+            if spec is not None:
+                tapfilter.attach(self.fd, tapfilter.flood_program(spec))
+            elif self._filtered:
+                tapfilter.detach(self.fd)
+        except OSError as exc:
+            # Not a TAP (a socketpair in tests) or a kernel without the ioctl: the
+            # stack sheds the flood from the frames read, as before.
+            self.filters_frames = False
+            log.warning("%s: cannot drop flood frames before reading them (%s); "
+                        "they are refused after the read", self.name, exc.strerror or exc)
+            return spec is None
+        self._filtered = spec is not None
+        return True
+
     def close(self) -> None:
         if self._owner is not None:
             self._owner.loop.remove_reader(self.fd)
             self._owner = None
+            if self._filtered:
+                # The fd is its opener's to close, and may outlive us: leave it as given.
+                self.set_frame_filter(None)
 
 
 def _ignore(_name: str) -> None:

@@ -89,6 +89,20 @@ flood from one socket then costs ~1 us a frame instead of ~3, which keeps the
 TAP reader ahead of the guest's sender (tests/stack/test_udp_shedding.py: the
 same host calls and counters as without it).
 
+A flood still costs a TAP read per frame that way, and its frames fill the TAP's
+queue ahead of the guest's other frames (a download's ACKs wait behind them, or
+are dropped with them). So while a flow floods (its datagrams to new destinations
+past ``FLOOD_ENGAGE`` times the admission rate), :meth:`UdpEngine.review_flood`,
+reviewed by the runtime every ``FLOOD_REVIEW_INTERVAL``, describes a
+:class:`FloodFilter`: the device (the TAP, with a socket filter:
+:mod:`pyslirp.runtime.tapfilter`) drops that flow's datagrams in the guest's
+kernel, unread, but for a random ``keep`` share sized to about ``FLOOD_SAMPLE``
+times the admission rate, which is refused or admitted as before (the flow gets
+every token it would have got) and measures the flood. The frames never read are
+counted as an estimate (``drop.udp.flood_filtered``); the filter comes off when
+the flood falls under ``FLOOD_RELEASE`` times the rate
+(tests/stack/test_udp_flood_filter.py, tests/runtime/test_tap_filter.py).
+
 Port forwarding (inbound) rides on the same flows: :meth:`UdpEngine.add_forward`
 pins a flow for the forwarded guest port on the runtime's bound host socket
 (pyslirp.runtime.hostfwd); it never expires, admits loopback peers (as the
@@ -120,6 +134,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -183,6 +198,37 @@ _UNSPECIFIED6 = bytes(16)
 _Target = tuple[str, int]
 _Origin = tuple[bytes, int]
 
+#: The flood filter (:meth:`UdpEngine.review_flood`) is reviewed this often while a
+#: flow floods; it is put on once the datagrams to new destinations reach FLOOD_ENGAGE
+#: times the admission rate, lets about FLOOD_SAMPLE times the rate through (enough to spend
+#: every token and to go on measuring the flood), and comes off once the flood is
+#: estimated below FLOOD_RELEASE times the rate.
+FLOOD_REVIEW_INTERVAL = 0.1
+FLOOD_ENGAGE = 8.0
+FLOOD_SAMPLE = 4.0
+FLOOD_RELEASE = 2.0
+#: Flooding flows one filter names (any others are shed from the frames read).
+FLOOD_FILTER_FLOWS = 8
+#: The smallest share of a flood let through (a flood of ~500 M frames/s at 2,000/s).
+FLOOD_MIN_KEEP = 2.0 ** -16
+
+
+@dataclass(frozen=True)
+class FloodFilter:
+    """Datagrams a device may drop before it reads them, while flows flood.
+
+    It covers IPv4 UDP datagrams (plain: no fragment, no IP options) from one of
+    ``flows`` (raw guest address + port, as :attr:`UdpEngine.shedding` keys them)
+    to anything but ``spared`` addresses (the DNS forwarder, the broadcast
+    address), multicast or the DHCP server port: of those the device lets each
+    through with probability ``keep`` and drops the rest unread. Everything else
+    reaches the stack as before.
+    """
+
+    flows: tuple[bytes, ...]
+    keep: float
+    spared: tuple[bytes, ...]
+
 
 class UdpFlow:
     """One guest (address, port) and the host socket the runtime keeps for it.
@@ -240,7 +286,8 @@ class UdpEngine:
                  "_unreplied", "_new_flows", "_new_destinations", "_icmp_errors", "_gateway",
                  "_gateway6",
                  "_broadcast", "_loopback_ok", "shedding", "_shed_until", "_dns", "_eth",
-                 "batching", "pending")
+                 "batching", "pending", "flood_filter", "flood_rate", "_flooding",
+                 "_flood_review_at", "_flood_seen", "_destinations_admitted")
 
     def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
                  policy: Policy, *, max_flows: int = DEFAULT_MAX_FLOWS,
@@ -268,6 +315,17 @@ class UdpEngine:
         self.shedding: dict[bytes, tuple[UdpFlow, float]] = {}
         #: The latest of those times: past it, every entry is stale at once.
         self._shed_until = 0.0
+        #: What the device drops unread while flows flood (see review_flood), or None.
+        self.flood_filter: FloodFilter | None = None
+        #: Datagrams a second to new destinations (read or not), as of the last review:
+        #: 0 once a review window saw none.
+        self.flood_rate = 0.0
+        #: Keys of the flows refused a new destination since the last review.
+        self._flooding: dict[bytes, None] = {}
+        self._flood_review_at = 0.0
+        #: New destinations refused and admitted, as of the last review.
+        self._flood_seen = 0
+        self._destinations_admitted = 0
         self._dns = config.dns
         self._eth = vnet.HEADER_LEN if link.vnet_hdr else 0
         #: Hold the guest's datagrams for one segmented host send per run of
@@ -356,6 +414,7 @@ class UdpEngine:
                     self.link.count("drop.udp.new_destination_rate")
                     self._shed_new_destinations(flow, now)
                     return
+                self._destinations_admitted += 1
                 target = self._target(dst, dport)
                 if target is None:
                     return
@@ -417,8 +476,60 @@ class UdpEngine:
             # of a refusal, however close to 1 its tokens are (rounding would make
             # ``until`` equal ``now`` then).
             until = max(now + (1.0 - bucket.tokens) / bucket.rate, math.nextafter(now, math.inf))
-            self.shedding[flow.guest_ip + _U16.pack(flow.guest_port)] = (flow, until)
+            key = flow.guest_ip + _U16.pack(flow.guest_port)
+            self.shedding[key] = (flow, until)
+            self._flooding[key] = None
             self._shed_until = max(self._shed_until, until)
+
+    def review_flood(self, now: float) -> bool:
+        """Decide :attr:`flood_filter` from the datagrams to new destinations (refused or
+        admitted) since the last review; True if it changed (the runtime then gives it
+        to the device).
+
+        The runtime calls this once when :attr:`shedding` fills (which only takes the
+        baseline), then every ``FLOOD_REVIEW_INTERVAL`` while :attr:`flood_rate` is not
+        0 or a filter is on, for devices that can drop frames unread (the TAP, with a
+        socket filter). Shedding in Python still costs a TAP read and a few byte reads
+        per frame, and the flood's frames still fill the TAP's queue ahead of every
+        other flow's (a download's ACKs wait behind them, or are dropped with them when
+        the queue is full); dropped by the guest's kernel, they cost neither. The
+        frames let through (``keep``) are refused or admitted as before, so the flow
+        gets every admission token it would have got; each datagram to a new
+        destination seen while the filter is on stands for ``1 / keep``, and the ones
+        never read are counted as the estimate ``drop.udp.flood_filtered`` (the kernel
+        counts them only among the TAP's transmit drops). A flow's datagrams to
+        destinations it already knows are sampled too: a flow sending to this many new
+        destinations a second has its known ones churned out of its cache
+        (MAX_PEERS_PER_FLOW) anyway."""
+        # Datagrams to new destinations, refused or admitted: what a filter samples.
+        seen_total = (self.link.counters.get("drop.udp.new_destination_rate", 0)
+                      + self._destinations_admitted)
+        seen = seen_total - self._flood_seen
+        elapsed = now - self._flood_review_at
+        self._flood_seen, self._flood_review_at = seen_total, now
+        current = self.flood_filter
+        keep = current.keep if current is not None else 1.0
+        if current is not None and seen:
+            self.link.count("drop.udp.flood_filtered", round(seen * (1.0 / keep - 1.0)))
+        flows = tuple(sorted(self._flooding))[:FLOOD_FILTER_FLOWS]
+        self._flooding.clear()
+        rate = self._new_destinations.rate
+        # The first review after a quiet spell measures nothing: its window is not one.
+        flood = seen / keep / elapsed if 0 < elapsed <= 3 * FLOOD_REVIEW_INTERVAL else 0.0
+        self.flood_rate = flood
+        wanted: FloodFilter | None = None
+        if flows and flood >= (FLOOD_RELEASE if current is not None else FLOOD_ENGAGE) * rate:
+            new_keep = max(FLOOD_MIN_KEEP, min(1.0, FLOOD_SAMPLE * rate / flood))
+            if current is not None and current.flows == flows and (
+                    current.keep / 2 <= new_keep <= current.keep * 2):
+                return False  # close enough: no new program for the device
+            wanted = FloodFilter(flows, new_keep, (self._dns, self._broadcast))
+        if wanted == current:
+            return False
+        if current is None:
+            self.link.count("udp.flood_filter.engaged")
+        self.flood_filter = wanted
+        return True
 
     def shed(self, frame: bytes, now: float) -> bool:
         """True if ``frame`` (a whole guest frame, as read) is a datagram the NAT would

@@ -34,6 +34,34 @@ while time.monotonic() < end:
 print(sent)
 """
 
+#: Datagrams from one socket to ever new gateway ports for SECONDS, then from the same
+#: socket to the host's UDP echo, up to ten times half a second apart; prints how many
+#: were sent and "echoed" when the echo came back.
+ONE_SOCKET_FLOOD = """
+import socket, sys, time
+gateway, seconds, echo = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end, sent = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    try:
+        s.sendto(b"x" * 64, (gateway, 30000 + sent % 20000))
+    except OSError:
+        pass  # an ICMP error reported on the socket
+    sent += 1
+s.settimeout(0.5)
+result = "lost"
+for _ in range(10):
+    s.sendto(b"after the flood", (gateway, echo))
+    try:
+        while s.recvfrom(2048)[0] != b"after the flood":
+            pass
+        result = "echoed"
+        break
+    except (socket.timeout, ConnectionRefusedError):
+        pass
+print(sent, result)
+"""
+
 #: One datagram to the host's UDP echo from a fresh port (a new flow), sent up to
 #: three times, a second apart; prints "echoed" when it came back.
 UDP_ECHO_ONCE = """
@@ -179,6 +207,29 @@ def test_a_flood_of_new_udp_flows_is_cut_and_a_download_survives(
     assert cut > 0, counters  # admission held the new flows back
     assert counters["udp.flows_opened"] < sent // 4
     assert counters.get("udp.flows_evicted", 0) > 0, counters  # the table did fill up
+
+
+def test_a_flood_from_one_socket_is_dropped_in_the_guests_kernel_and_lifted_after(
+        host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
+    """One socket sending to ever new ports: the TAP's flood filter drops most of it in
+    the guest's kernel (pyslirp never reads those frames), a download meanwhile arrives
+    intact, and once the flood stops the filter comes off: the same socket's datagram
+    to a new destination (the echo) gets its reply."""
+    slirp = start_slirp()
+    _download_intact(guest, host)
+    flood = guest.popen([sys.executable, "-c", ONE_SOCKET_FLOOD, GATEWAY, "6",
+                         str(host.echo)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                        text=True)
+    sent_text, result = _download_during(guest, host, flood).split()
+    assert result == "echoed"
+    assert slirp.stop() == -signal.SIGTERM
+    counters = _counters(slirp.log_text())
+    sent = int(sent_text)
+    assert counters.get("udp.flood_filter.engaged", 0) >= 1, counters
+    # Most of the flood was never read; what was read was refused as before.
+    unread, refused = counters["drop.udp.flood_filtered"], counters["drop.udp.new_destination_rate"]
+    assert unread > sent // 2 > refused, (sent, counters)
+    print(f"{sent} datagrams: {refused} refused after the read, ~{unread} never read")
 
 
 def test_arp_and_dhcp_storms_leave_memory_bounded_and_service_intact(

@@ -1,0 +1,132 @@
+"""The TAP's socket filter: flood frames dropped by the guest's kernel, unread.
+
+Theory of operation
+-------------------
+A guest flooding from one UDP socket to ever new destinations sends frames
+far faster than admission lets them in (:mod:`pyslirp.stack.admission`). The
+stack refuses them from the raw bytes (``UdpEngine.shed``), but each still
+costs a TAP ``read`` (~1 us) and sits in the TAP's queue ahead of every other
+flow's frames: there a download's ACKs wait behind the flood, and when the
+queue is full (Linux's tun has no flow control: the guest's ``sendto`` never
+blocks, the frame is dropped) they are dropped with it.
+
+A TAP accepts a classic BPF socket filter (``TUNATTACHFILTER``; classic
+filters need no privilege, as ``SO_ATTACH_FILTER``) that the kernel runs on
+each frame the guest sends, before it is queued (``tun_net_xmit``): a frame
+it refuses is dropped there, on the sender's CPU, and counted among the TAP's
+transmit drops. While :attr:`pyslirp.stack.udp.UdpEngine.flood_filter` says
+flows flood, :func:`flood_program` compiles it (the stack decides what, this
+module only how) and :func:`attach` puts it on the fd; frames of the flooding
+flows pass with probability ``keep`` (the BPF random number, ``SKF_AD_RANDOM``)
+so the stack keeps spending admission tokens and measuring the flood. The
+filter sees the frame from its Ethernet header (no virtio-net header: that is
+added by ``read``). A filter cost is a few loads and compares per frame; a
+frame of any other kind leaves it within the first four instructions.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import struct
+
+from pyslirp.stack.udp import FloodFilter
+
+#: _IOW('T', 213 / 214, struct sock_fprog) on 64-bit Linux.
+TUNATTACHFILTER = 0x401054D5
+TUNDETACHFILTER = 0x401054D6
+
+# Classic BPF opcodes (linux/filter.h).
+_LD_W_ABS = 0x20
+_LD_H_ABS = 0x28
+_LD_B_ABS = 0x30
+_JA = 0x05
+_JEQ_K = 0x15
+_JGE_K = 0x35
+_JSET_K = 0x45
+_RET_K = 0x06
+#: ``ld #rand``: SKF_AD_OFF (-0x1000) + SKF_AD_RANDOM (56), as the u32 the kernel reads.
+_RANDOM = (-0x1000 + 56) & 0xFFFFFFFF
+_KEEP_ALL = 0xFFFFFFFF
+#: IPv4 flags_frag bits that make a packet a fragment (MF and the offset).
+_FRAGMENT_BITS = 0x3FFF
+_DHCP_SERVER_PORT = 67
+_MULTICAST = 0xE0000000
+
+_INSN = struct.Struct("=HBBI")
+#: struct sock_fprog: unsigned short len, then (aligned) the instructions' address.
+_FPROG = struct.Struct("@HP")
+
+_Insn = tuple[int, int | str, int | str, int | str]
+
+
+def flood_program(spec: FloodFilter) -> bytes:
+    """The classic BPF program (packed ``struct sock_filter`` entries) for ``spec``."""
+    by_ip: dict[bytes, list[int]] = {}
+    for key in spec.flows:
+        by_ip.setdefault(key[:4], []).append(int.from_bytes(key[4:6], "big"))
+    code: list[_Insn | str] = [
+        (_LD_H_ABS, 0, 0, 12), (_JEQ_K, 0, "pass", 0x0800),        # IPv4
+        (_LD_B_ABS, 0, 0, 14), (_JEQ_K, 0, "pass", 0x45),          # no IP options
+        (_LD_B_ABS, 0, 0, 23), (_JEQ_K, 0, "pass", 17),            # UDP
+        (_LD_H_ABS, 0, 0, 20), (_JSET_K, "pass", 0, _FRAGMENT_BITS),  # not a fragment
+        (_LD_W_ABS, 0, 0, 26),                                     # source address
+    ]
+    for n, ip in enumerate(by_ip):
+        code.append((_JEQ_K, f"ip{n}", 0, int.from_bytes(ip, "big")))
+    code.append((_JA, 0, 0, "pass"))
+    for n, ports in enumerate(by_ip.values()):
+        code += [f"ip{n}", (_LD_H_ABS, 0, 0, 34)]                   # source port
+        code += [(_JEQ_K, "sample", 0, port) for port in ports]
+        code.append((_JA, 0, 0, "pass"))
+    code += ["sample", (_LD_W_ABS, 0, 0, 30)]                       # destination
+    code += [(_JEQ_K, "pass", 0, int.from_bytes(a, "big")) for a in spec.spared]
+    code += [(_JGE_K, "pass", 0, _MULTICAST),
+             (_LD_H_ABS, 0, 0, 36), (_JEQ_K, "pass", 0, _DHCP_SERVER_PORT),
+             (_LD_W_ABS, 0, 0, _RANDOM),
+             (_JGE_K, "drop", "pass", min(_KEEP_ALL, round(spec.keep * 2.0 ** 32))),
+             "pass", (_RET_K, 0, 0, _KEEP_ALL),
+             "drop", (_RET_K, 0, 0, 0)]
+    return _assemble(code)
+
+
+def _assemble(code: list[_Insn | str]) -> bytes:
+    """Resolve labels (a str entry marks the next instruction) into jump offsets."""
+    labels: dict[str, int] = {}
+    insns: list[_Insn] = []
+    for item in code:
+        if isinstance(item, str):
+            labels[item] = len(insns)
+        else:
+            insns.append(item)
+    out = bytearray()
+    for at, (op, jt, jf, k) in enumerate(insns):
+        if op == _JA:
+            out += _INSN.pack(op, 0, 0, _offset(labels, at, k, 0xFFFFFFFF))
+        else:
+            assert isinstance(k, int)
+            out += _INSN.pack(op, _offset(labels, at, jt, 0xFF), _offset(labels, at, jf, 0xFF),
+                              k)
+    return bytes(out)
+
+
+def _offset(labels: dict[str, int], at: int, target: int | str, limit: int) -> int:
+    """The jump from instruction ``at`` to ``target`` (a label, or already an offset)."""
+    if isinstance(target, int):
+        return target
+    delta = labels[target] - at - 1
+    if not 0 <= delta <= limit:
+        raise ValueError(f"BPF jump to {target} out of range: {delta}")
+    return delta
+
+
+def attach(fd: int, program: bytes) -> None:
+    """Put ``program`` on the TAP ``fd`` (replacing any); OSError if the kernel refuses."""
+    insns = array.array("B", program)
+    address, _ = insns.buffer_info()
+    fcntl.ioctl(fd, TUNATTACHFILTER, _FPROG.pack(len(program) // _INSN.size, address))
+
+
+def detach(fd: int) -> None:
+    """Take the filter off the TAP ``fd``; OSError if it had none or the fd is gone."""
+    fcntl.ioctl(fd, TUNDETACHFILTER, _FPROG.pack(0, 0))
