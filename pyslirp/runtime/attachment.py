@@ -65,10 +65,10 @@ from pyslirp.runtime import malloc
 from pyslirp.runtime.device import Device, poll_clock
 from pyslirp.runtime.hostsockets import HostSockets
 from pyslirp.runtime.pcap import PcapWriter
+from pyslirp.stack.admission import FLOOD_REVIEW_INTERVAL
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.link import FrameSink
 from pyslirp.stack.stack import Stack
-from pyslirp.stack.udp import FLOOD_REVIEW_INTERVAL
 
 log = logging.getLogger("pyslirp")
 
@@ -129,8 +129,11 @@ class Attachment:
         plain = self._faults is None and self.pcap is None
         self.shedding: Sized = self.stack.udp.shedding if plain else {}
         self.shed: Callable[[bytes, float], bool] = self.stack.udp.shed
-        #: The next review of the flood filter (see watch_flood), while one is due.
+        #: The next review of the flood filters (see watch_flood), while one is due;
+        #: whether floods are watched at all (the device can filter, nothing must see
+        #: every frame).
         self._flood_review: asyncio.TimerHandle | None = None
+        self._watch_floods = plain and device.filters_frames
         self.count = self.stack.link.count
         device.start(self)
 
@@ -208,23 +211,28 @@ class Attachment:
         return not self.stack.tcp.buffered
 
     def watch_flood(self) -> None:
-        """A flow floods (device.DeviceOwner): review the stack's flood filter every
+        """The guest floods: review the stack's flood filters every
         ``FLOOD_REVIEW_INTERVAL`` until the flood is over, giving the device each new
-        one (``UdpEngine.review_flood``, pyslirp.runtime.tapfilter)."""
+        pair (``Stack.review_floods``, pyslirp.runtime.tapfilter)."""
         if self._flood_review is None and not self._closed:
-            self.stack.udp.review_flood(self.loop.time())  # the baseline
+            self.stack.review_floods(self.loop.time())  # the baseline
             self._flood_review = self.loop.call_later(FLOOD_REVIEW_INTERVAL,
                                                       self._review_flood)
 
     def _review_flood(self) -> None:
         self._flood_review = None
+        stack = self.stack
         if self._closed or not self.device.filters_frames:
             return
-        udp = self.stack.udp
-        if udp.review_flood(self.loop.time()) and not self.device.set_frame_filter(
-                udp.flood_filter):
-            udp.flood_filter = None  # the device reads everything: the stack sheds
-        if udp.flood_filter is not None or udp.flood_rate:
+        udp, tcp = stack.udp, stack.tcp
+        if stack.review_floods(self.loop.time()) and not self.device.set_frame_filter(
+                udp.flood_filter, tcp.syn_flood_filter):
+            # The device reads everything: the stack sheds after the read.
+            udp.flood_filter = tcp.syn_flood_filter = None
+            self._watch_floods = False
+            return
+        if (udp.flood_filter is not None or tcp.syn_flood_filter is not None
+                or udp.flood_watch.flood_rate or tcp.syn_flood_watch.flood_rate):
             self._flood_review = self.loop.call_later(FLOOD_REVIEW_INTERVAL,
                                                       self._review_flood)
 
@@ -235,6 +243,9 @@ class Attachment:
             return
         if self.deferred:
             self.run_deferred()
+        if self._watch_floods and self._flood_review is None and (
+                self.shedding or self.stack.tcp.syn_shed_until > now):
+            self.watch_flood()
         # flush_now's body, inline: this runs once per device callback.
         self.stack.flush(now)
         self.arm_timer()

@@ -47,9 +47,8 @@ there if the stack would refuse it anyway: ~1 us a frame instead of the ~3 us
 parse, so a guest flooding from one socket no longer outruns the reader (its
 kernel drops frames of every flow at the TAP queue when we fall behind, the
 download's ACKs with them). Otherwise the test costs one truth test. While
-flows flood, the TAP also tells the attachment once per wake-up
-(``owner.watch_flood``), which reviews the stack's flood filter and hands it to
-:meth:`Device.set_frame_filter`: the TAP's socket filter then drops most of the
+the guest floods, the attachment reviews the stack's flood filters and hands
+them to :meth:`Device.set_frame_filter`: the TAP's socket filter then drops most of the
 flood in the guest's kernel, before it takes a place in the queue or a read
 (:mod:`pyslirp.runtime.tapfilter`). A device that cannot filter (QEMU's sockets)
 keeps ``filters_frames`` False and sheds after the read.
@@ -102,6 +101,7 @@ from collections.abc import Callable, Sequence, Sized
 from typing import Any, ClassVar, Protocol
 
 from pyslirp.runtime import tapfilter
+from pyslirp.stack.tcp import SynFloodFilter
 from pyslirp.stack.udp import FloodFilter
 from pyslirp.wire import vnet
 
@@ -148,10 +148,6 @@ class DeviceOwner(Protocol):
     def link_lost(self, message: str) -> None:
         """The link is gone for good: log ``message`` and let the owner stop."""
 
-    def watch_flood(self) -> None:
-        """Called once per wake-up while :attr:`shedding` is non-empty, by a device
-        that can drop frames unread (:attr:`Device.filters_frames`)."""
-
 
 class Device:
     """Carries Ethernet frames between the guest and an attachment; see the module docstring."""
@@ -167,10 +163,10 @@ class Device:
         self.fd = fd
         self.name = name
 
-    def set_frame_filter(self, spec: FloodFilter | None) -> bool:
-        """Drop what ``spec`` describes before reading it (None: read everything);
-        False if the device cannot (it then reads everything)."""
-        return spec is None
+    def set_frame_filter(self, udp: FloodFilter | None, syn: SynFloodFilter | None) -> bool:
+        """Drop what ``udp`` and ``syn`` describe before reading it (both None: read
+        everything); False if the device cannot (it then reads everything)."""
+        return udp is None and syn is None
 
     def start(self, owner: DeviceOwner) -> None:
         """Register with ``owner.loop``; from now on frames go to ``owner.receive``."""
@@ -241,8 +237,6 @@ class TapDevice(Device):
                     break
                 lone = False
         owner.input_done(now)
-        if shedding and self.filters_frames:
-            owner.watch_flood()
         if stopped_early:
             self._stopped_at = poll_clock()
         else:
@@ -264,13 +258,14 @@ class TapDevice(Device):
             return False
         return True
 
-    def set_frame_filter(self, spec: FloodFilter | None) -> bool:
-        """The TAP's socket filter (:mod:`pyslirp.runtime.tapfilter`) for ``spec``."""
+    def set_frame_filter(self, udp: FloodFilter | None, syn: SynFloodFilter | None) -> bool:
+        """The TAP's socket filter (:mod:`pyslirp.runtime.tapfilter`) for both."""
+        wanted = udp is not None or syn is not None
         if not self.filters_frames:
-            return spec is None
+            return not wanted
         try:
-            if spec is not None:
-                tapfilter.attach(self.fd, tapfilter.flood_program(spec))
+            if wanted:
+                tapfilter.attach(self.fd, tapfilter.flood_program(udp, syn))
             elif self._filtered:
                 tapfilter.detach(self.fd)
         except OSError as exc:
@@ -279,8 +274,8 @@ class TapDevice(Device):
             self.filters_frames = False
             log.warning("%s: cannot drop flood frames before reading them (%s); "
                         "they are refused after the read", self.name, exc.strerror or exc)
-            return spec is None
-        self._filtered = spec is not None
+            return not wanted
+        self._filtered = wanted
         return True
 
     def close(self) -> None:
@@ -289,7 +284,7 @@ class TapDevice(Device):
             self._owner = None
             if self._filtered:
                 # The fd is its opener's to close, and may outlive us: leave it as given.
-                self.set_frame_filter(None)
+                self.set_frame_filter(None, None)
 
 
 def _ignore(_name: str) -> None:

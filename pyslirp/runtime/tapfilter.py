@@ -15,9 +15,10 @@ filters need no privilege, as ``SO_ATTACH_FILTER``) that the kernel runs on
 each frame the guest sends, before it is queued (``tun_net_xmit``): a frame
 it refuses is dropped there, on the sender's CPU, and counted among the TAP's
 transmit drops. While :attr:`pyslirp.stack.udp.UdpEngine.flood_filter` says
-flows flood, :func:`flood_program` compiles it (the stack decides what, this
-module only how) and :func:`attach` puts it on the fd; frames of the flooding
-flows pass with probability ``keep`` (the BPF random number, ``SKF_AD_RANDOM``)
+flows flood (or :attr:`pyslirp.stack.tcp.TcpEngine.syn_flood_filter` that the
+guest floods SYNs), :func:`flood_program` compiles them (the stack decides
+what, this module only how) and :func:`attach` puts it on the fd; the flood's
+frames pass with probability ``keep`` (the BPF random number, ``SKF_AD_RANDOM``)
 so the stack keeps spending admission tokens and measuring the flood. The
 filter sees the frame from its Ethernet header (no virtio-net header: that is
 added by ``read``). A filter cost is a few loads and compares per frame; a
@@ -30,6 +31,7 @@ import array
 import fcntl
 import struct
 
+from pyslirp.stack.tcp import SynFloodFilter
 from pyslirp.stack.udp import FloodFilter
 
 #: _IOW('T', 213 / 214, struct sock_fprog) on 64-bit Linux.
@@ -44,6 +46,7 @@ _JA = 0x05
 _JEQ_K = 0x15
 _JGE_K = 0x35
 _JSET_K = 0x45
+_AND_K = 0x54
 _RET_K = 0x06
 #: ``ld #rand``: SKF_AD_OFF (-0x1000) + SKF_AD_RANDOM (56), as the u32 the kernel reads.
 _RANDOM = (-0x1000 + 56) & 0xFFFFFFFF
@@ -52,6 +55,9 @@ _KEEP_ALL = 0xFFFFFFFF
 _FRAGMENT_BITS = 0x3FFF
 _DHCP_SERVER_PORT = 67
 _MULTICAST = 0xE0000000
+_PROTO_TCP = 6
+_PROTO_UDP = 17
+_SYN, _RST, _ACK = 0x02, 0x04, 0x10
 
 _INSN = struct.Struct("=HBBI")
 #: struct sock_fprog: unsigned short len, then (aligned) the instructions' address.
@@ -60,34 +66,75 @@ _FPROG = struct.Struct("@HP")
 _Insn = tuple[int, int | str, int | str, int | str]
 
 
-def flood_program(spec: FloodFilter) -> bytes:
-    """The classic BPF program (packed ``struct sock_filter`` entries) for ``spec``."""
+def flood_program(udp: FloodFilter | None, syn: SynFloodFilter | None) -> bytes:
+    """The classic BPF program (packed ``struct sock_filter`` entries) for both filters.
+
+    Layout: the checks every covered frame passes (IPv4, no options, not a
+    fragment), each followed by its own ``ret`` so that no jump is long (classic
+    BPF jumps reach 255 instructions), then a dispatch on the protocol to the SYN
+    part and the UDP part, each ending in its own pass and drop."""
+    code: list[_Insn | str] = [
+        (_LD_H_ABS, 0, 0, 12), (_JEQ_K, 1, 0, 0x0800), (_RET_K, 0, 0, _KEEP_ALL),
+        (_LD_B_ABS, 0, 0, 14), (_JEQ_K, 1, 0, 0x45), (_RET_K, 0, 0, _KEEP_ALL),
+        (_LD_H_ABS, 0, 0, 20), (_JSET_K, 0, 1, _FRAGMENT_BITS), (_RET_K, 0, 0, _KEEP_ALL),
+        (_LD_B_ABS, 0, 0, 23),
+    ]
+    if syn is not None:
+        code.append((_JEQ_K, "syn", 0, _PROTO_TCP))
+    if udp is not None:
+        code.append((_JEQ_K, "udp", 0, _PROTO_UDP))
+    code.append((_RET_K, 0, 0, _KEEP_ALL))
+    if syn is not None:
+        code += ["syn", *_syn_part(syn)]
+    if udp is not None:
+        code += ["udp", *_udp_part(udp)]
+    return _assemble(code)
+
+
+def _sample(keep: float, prefix: str) -> list[_Insn | str]:
+    """Pass with probability ``keep``, else drop; the labels PREFIX-pass and -drop."""
+    return [(_LD_W_ABS, 0, 0, _RANDOM),
+            (_JGE_K, f"{prefix}-drop", f"{prefix}-pass", min(_KEEP_ALL, round(keep * 2.0 ** 32))),
+            f"{prefix}-pass", (_RET_K, 0, 0, _KEEP_ALL),
+            f"{prefix}-drop", (_RET_K, 0, 0, 0)]
+
+
+def _syn_part(spec: SynFloodFilter) -> list[_Insn | str]:
+    code: list[_Insn | str] = [
+        (_LD_W_ABS, 0, 0, 26), (_JEQ_K, 0, "syn-pass", _u32(spec.guest_ip)),   # source
+        (_LD_B_ABS, 0, 0, 47), (_AND_K, 0, 0, _SYN | _RST | _ACK),             # flags
+        (_JEQ_K, 0, "syn-pass", _SYN),
+        (_LD_W_ABS, 0, 0, 30),                                                 # destination
+    ]
+    code += [(_JEQ_K, f"dst{n}", 0, _u32(dst)) for n, dst in enumerate(spec.destinations)]
+    code.append((_JA, 0, 0, "syn-pass"))
+    for n, dst in enumerate(spec.destinations):
+        code += [f"dst{n}", (_LD_H_ABS, 0, 0, 36)]                             # its port
+        code += [(_JEQ_K, "syn-pass", 0, port) for addr, port in spec.spared if addr == dst]
+        code.append((_JA, 0, 0, "syn-sample"))
+    return code + ["syn-sample", *_sample(spec.keep, "syn")]
+
+
+def _udp_part(spec: FloodFilter) -> list[_Insn | str]:
     by_ip: dict[bytes, list[int]] = {}
     for key in spec.flows:
         by_ip.setdefault(key[:4], []).append(int.from_bytes(key[4:6], "big"))
-    code: list[_Insn | str] = [
-        (_LD_H_ABS, 0, 0, 12), (_JEQ_K, 0, "pass", 0x0800),        # IPv4
-        (_LD_B_ABS, 0, 0, 14), (_JEQ_K, 0, "pass", 0x45),          # no IP options
-        (_LD_B_ABS, 0, 0, 23), (_JEQ_K, 0, "pass", 17),            # UDP
-        (_LD_H_ABS, 0, 0, 20), (_JSET_K, "pass", 0, _FRAGMENT_BITS),  # not a fragment
-        (_LD_W_ABS, 0, 0, 26),                                     # source address
-    ]
-    for n, ip in enumerate(by_ip):
-        code.append((_JEQ_K, f"ip{n}", 0, int.from_bytes(ip, "big")))
-    code.append((_JA, 0, 0, "pass"))
+    code: list[_Insn | str] = [(_LD_W_ABS, 0, 0, 26)]                          # source
+    code += [(_JEQ_K, f"ip{n}", 0, _u32(ip)) for n, ip in enumerate(by_ip)]
+    code.append((_JA, 0, 0, "udp-pass"))
     for n, ports in enumerate(by_ip.values()):
-        code += [f"ip{n}", (_LD_H_ABS, 0, 0, 34)]                   # source port
-        code += [(_JEQ_K, "sample", 0, port) for port in ports]
-        code.append((_JA, 0, 0, "pass"))
-    code += ["sample", (_LD_W_ABS, 0, 0, 30)]                       # destination
-    code += [(_JEQ_K, "pass", 0, int.from_bytes(a, "big")) for a in spec.spared]
-    code += [(_JGE_K, "pass", 0, _MULTICAST),
-             (_LD_H_ABS, 0, 0, 36), (_JEQ_K, "pass", 0, _DHCP_SERVER_PORT),
-             (_LD_W_ABS, 0, 0, _RANDOM),
-             (_JGE_K, "drop", "pass", min(_KEEP_ALL, round(spec.keep * 2.0 ** 32))),
-             "pass", (_RET_K, 0, 0, _KEEP_ALL),
-             "drop", (_RET_K, 0, 0, 0)]
-    return _assemble(code)
+        code += [f"ip{n}", (_LD_H_ABS, 0, 0, 34)]                              # its port
+        code += [(_JEQ_K, "udp-flow", 0, port) for port in ports]
+        code.append((_JA, 0, 0, "udp-pass"))
+    code += ["udp-flow", (_LD_W_ABS, 0, 0, 30)]                                # destination
+    code += [(_JEQ_K, "udp-pass", 0, _u32(addr)) for addr in spec.spared]
+    code += [(_JGE_K, "udp-pass", 0, _MULTICAST),
+             (_LD_H_ABS, 0, 0, 36), (_JEQ_K, "udp-pass", 0, _DHCP_SERVER_PORT)]
+    return code + _sample(spec.keep, "udp")
+
+
+def _u32(address: bytes) -> int:
+    return int.from_bytes(address, "big")
 
 
 def _assemble(code: list[_Insn | str]) -> bytes:

@@ -416,6 +416,13 @@ class Stack:
         self.link.send_ethernet(ethernet.BROADCAST, ethernet.ETHERTYPE_ARP, request)
 
     # ---- the runtime's other calls ------------------------------------------------
+    def review_floods(self, now: float) -> bool:
+        """Review the engines' flood filters (``UdpEngine.review_flood``,
+        ``TcpEngine.review_flood``); True if either changed. The runtime calls this
+        while the guest floods, for a device that can drop frames unread."""
+        changed = self.udp.review_flood(now)
+        return self.tcp.review_flood(now, self.guest_ip) or changed
+
     def flush(self, now: float) -> None:
         """End of a batch of frames: send what engines held back to coalesce."""
         if self.udp.pending is not None:

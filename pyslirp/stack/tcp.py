@@ -83,7 +83,11 @@ syscall. While the bucket is empty the stack offers each frame to
 :meth:`TcpEngine.shed_syn` before parsing it, which refuses a plain new SYN
 from the raw bytes as the full path would (same counter, same state; anything
 unusual takes the full path: tests/stack/test_tcp_syn_shedding.py), so a SYN
-flood costs a few byte reads per frame rather than three header parses. Flows opened
+flood costs a few byte reads per frame rather than three header parses. Past
+``admission.FLOOD_ENGAGE`` times the rate, :meth:`TcpEngine.review_flood` asks the
+device to drop most of those SYNs unread, in the guest's kernel (a
+:class:`SynFloodFilter`, as UDP's flood filter: :mod:`pyslirp.stack.admission`),
+sparing the known peers of the flooded destinations. Flows opened
 toward the guest (port forwarding, :meth:`TcpEngine.open_to_guest`) are
 counted apart with limits of their own, so host clients cannot use up the
 guest's allowance.
@@ -190,7 +194,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from pyslirp.stack.admission import KnownPeers, TokenBucket
+from pyslirp.stack.admission import FloodWatch, KnownPeers, TokenBucket
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.host import HostPort, Policy
 from pyslirp.stack.link import Link
@@ -300,6 +304,30 @@ _GROWTH_HOLD = 2.0
 
 #: Encoded SYN options by (mss, wscale, sack_permitted): a handful of variants.
 _SYN_OPTIONS: dict[tuple[int, int | None, bool], bytes] = {}
+
+
+#: Destinations one SYN-flood filter covers, and the known peers (address, port) it
+#: spares at most: a destination whose known peers would not fit is left out
+#: (its SYNs are shed after the read, as before).
+SYN_FLOOD_DESTINATIONS = 4
+SYN_FLOOD_SPARED = 160
+
+
+@dataclass(frozen=True)
+class SynFloodFilter:
+    """SYNs a device may drop before it reads them, while the guest floods.
+
+    It covers plain SYNs (SYN without ACK or RST; IPv4 without options, no fragment)
+    from ``guest_ip`` to one of ``destinations`` but not to a ``spared`` (address,
+    port), the known peers there (admission.KnownPeers: they pass without a token):
+    of those the device lets each through with probability ``keep`` and drops the
+    rest unread. Everything else reaches the stack as before.
+    """
+
+    guest_ip: bytes
+    destinations: tuple[bytes, ...]
+    spared: tuple[tuple[bytes, int], ...]
+    keep: float
 
 
 @dataclass(slots=True)
@@ -1852,6 +1880,13 @@ class TcpEngine:
         #: Until when the admission bucket has no token: till then the stack offers
         #: each frame to shed_syn() before it parses it (a SYN flood's frames).
         self.syn_shed_until = 0.0
+        #: What the device drops unread while the guest floods SYNs (review_flood).
+        self.syn_flood_filter: SynFloodFilter | None = None
+        self.syn_flood_watch = FloodWatch(config.new_flow_rate)
+        #: Destinations of the IPv4 SYNs refused since the last review.
+        self._syn_flooded: dict[bytes, None] = {}
+        #: SYNs admitted with a token so far (with the refusals: what a filter samples).
+        self._syns_admitted = 0
 
     def handle(self, ip: Ipv4Packet, now: float, checksum_verified: bool) -> None:
         """One TCP/IPv4 packet from the guest (its buffer is not kept after return).
@@ -1927,14 +1962,18 @@ class TcpEngine:
             link.count("tcp.drop.max_half_open")
             return
         # Admission (admission.py): before any host syscall, so a flood costs little.
-        if (ip.dst, seg.dst_port) not in self.known_peers and not self.new_flows.take(now):
-            link.count("tcp.drop.new_flow_rate")
-            bucket = self.new_flows
-            # (At least past ``now``: at a refusal the bucket refuses every take
-            # at that time, however close to 1 its tokens are.)
-            self.syn_shed_until = max(now + (1.0 - bucket.tokens) / bucket.rate,
-                                      math.nextafter(now, math.inf))
-            return
+        if (ip.dst, seg.dst_port) not in self.known_peers:
+            if not self.new_flows.take(now):
+                link.count("tcp.drop.new_flow_rate")
+                bucket = self.new_flows
+                # (At least past ``now``: at a refusal the bucket refuses every take
+                # at that time, however close to 1 its tokens are.)
+                self.syn_shed_until = max(now + (1.0 - bucket.tokens) / bucket.rate,
+                                          math.nextafter(now, math.inf))
+                if len(ip.dst) == 4:
+                    self._syn_flooded[ip.dst] = None
+                return
+            self._syns_admitted += 1
         targets = self.policy(ip.dst, seg.dst_port)
         if targets is None:
             link.count("tcp.policy_refused")
@@ -1988,6 +2027,42 @@ class TcpEngine:
                 or (src, h[34] << 8 | h[35], dst, dport) in self.flows):
             return False
         self.link.count("tcp.drop.new_flow_rate")
+        self._syn_flooded[dst] = None
+        return True
+
+    def review_flood(self, now: float, guest_ip: bytes | None) -> bool:
+        """Decide :attr:`syn_flood_filter` from the SYNs asked to open a flow (refused
+        or admitted) since the last review; True if it changed. As
+        :meth:`pyslirp.stack.udp.UdpEngine.review_flood` (and reviewed with it): the
+        filter samples the plain SYNs from ``guest_ip`` (IPv4) to the destinations
+        refused in the last window (``SYN_FLOOD_DESTINATIONS`` of them), sparing the
+        known peers there, which pass without a
+        token; the SYNs never read are counted as the estimate
+        ``tcp.drop.syn_flood_filtered``. A retransmitted SYN of a flow still opening
+        is sampled too (the flow's own SYN-ACK retransmits cover it)."""
+        seen = self.link.counters.get("tcp.drop.new_flow_rate", 0) + self._syns_admitted
+        flooded = list(self._syn_flooded)[-SYN_FLOOD_DESTINATIONS:]
+        self._syn_flooded.clear()
+        destinations: list[bytes] = []
+        spared: list[tuple[bytes, int]] = []
+        for dst in sorted(flooded):
+            ports = self.known_peers.ports_of(dst)
+            if len(spared) + len(ports) <= SYN_FLOOD_SPARED:
+                destinations.append(dst)
+                spared += ((dst, port) for port in sorted(ports))
+        coverable = bool(destinations) and guest_ip is not None and len(guest_ip) == 4
+        unread = self.syn_flood_watch.review(now, seen, coverable)
+        if unread:
+            self.link.count("tcp.drop.syn_flood_filtered", unread)
+        keep = self.syn_flood_watch.keep
+        wanted = None
+        if keep is not None and guest_ip is not None:
+            wanted = SynFloodFilter(guest_ip, tuple(destinations), tuple(spared), keep)
+        if wanted == self.syn_flood_filter:
+            return False
+        if self.syn_flood_filter is None:
+            self.link.count("tcp.syn_flood_filter.engaged")
+        self.syn_flood_filter = wanted
         return True
 
     def _evict_time_wait(self, inbound: bool) -> bool:

@@ -92,7 +92,8 @@ same host calls and counters as without it).
 A flood still costs a TAP read per frame that way, and its frames fill the TAP's
 queue ahead of the guest's other frames (a download's ACKs wait behind them, or
 are dropped with them). So while a flow floods (its datagrams to new destinations
-past ``FLOOD_ENGAGE`` times the admission rate), :meth:`UdpEngine.review_flood`,
+past ``FLOOD_ENGAGE`` times the admission rate: admission.FloodWatch),
+:meth:`UdpEngine.review_flood`,
 reviewed by the runtime every ``FLOOD_REVIEW_INTERVAL``, describes a
 :class:`FloodFilter`: the device (the TAP, with a socket filter:
 :mod:`pyslirp.runtime.tapfilter`) drops that flow's datagrams in the guest's
@@ -138,7 +139,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from pyslirp.stack.admission import TokenBucket
+from pyslirp.stack.admission import FloodWatch, TokenBucket
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.frag import send_fragmented, send_fragmented6
 from pyslirp.stack.host import Buffer, HostPort, Policy
@@ -198,19 +199,8 @@ _UNSPECIFIED6 = bytes(16)
 _Target = tuple[str, int]
 _Origin = tuple[bytes, int]
 
-#: The flood filter (:meth:`UdpEngine.review_flood`) is reviewed this often while a
-#: flow floods; it is put on once the datagrams to new destinations reach FLOOD_ENGAGE
-#: times the admission rate, lets about FLOOD_SAMPLE times the rate through (enough to spend
-#: every token and to go on measuring the flood), and comes off once the flood is
-#: estimated below FLOOD_RELEASE times the rate.
-FLOOD_REVIEW_INTERVAL = 0.1
-FLOOD_ENGAGE = 8.0
-FLOOD_SAMPLE = 4.0
-FLOOD_RELEASE = 2.0
 #: Flooding flows one filter names (any others are shed from the frames read).
 FLOOD_FILTER_FLOWS = 8
-#: The smallest share of a flood let through (a flood of ~500 M frames/s at 2,000/s).
-FLOOD_MIN_KEEP = 2.0 ** -16
 
 
 @dataclass(frozen=True)
@@ -286,8 +276,8 @@ class UdpEngine:
                  "_unreplied", "_new_flows", "_new_destinations", "_icmp_errors", "_gateway",
                  "_gateway6",
                  "_broadcast", "_loopback_ok", "shedding", "_shed_until", "_dns", "_eth",
-                 "batching", "pending", "flood_filter", "flood_rate", "_flooding",
-                 "_flood_review_at", "_flood_seen", "_destinations_admitted")
+                 "batching", "pending", "flood_filter", "flood_watch", "_flooding",
+                 "_destinations_admitted")
 
     def __init__(self, config: NetConfig, link: Link, host: HostPort, timers: Timers,
                  policy: Policy, *, max_flows: int = DEFAULT_MAX_FLOWS,
@@ -317,14 +307,10 @@ class UdpEngine:
         self._shed_until = 0.0
         #: What the device drops unread while flows flood (see review_flood), or None.
         self.flood_filter: FloodFilter | None = None
-        #: Datagrams a second to new destinations (read or not), as of the last review:
-        #: 0 once a review window saw none.
-        self.flood_rate = 0.0
+        self.flood_watch = FloodWatch(config.new_flow_rate)
         #: Keys of the flows refused a new destination since the last review.
         self._flooding: dict[bytes, None] = {}
-        self._flood_review_at = 0.0
-        #: New destinations refused and admitted, as of the last review.
-        self._flood_seen = 0
+        #: New destinations admitted so far (with the refusals: what a filter samples).
         self._destinations_admitted = 0
         self._dns = config.dns
         self._eth = vnet.HEADER_LEN if link.vnet_hdr else 0
@@ -487,8 +473,8 @@ class UdpEngine:
         to the device).
 
         The runtime calls this once when :attr:`shedding` fills (which only takes the
-        baseline), then every ``FLOOD_REVIEW_INTERVAL`` while :attr:`flood_rate` is not
-        0 or a filter is on, for devices that can drop frames unread (the TAP, with a
+        baseline), then every ``FLOOD_REVIEW_INTERVAL`` while the watch's ``flood_rate``
+        is not 0 or a filter is on, for devices that can drop frames unread (the TAP, with a
         socket filter). Shedding in Python still costs a TAP read and a few byte reads
         per frame, and the flood's frames still fill the TAP's queue ahead of every
         other flow's (a download's ACKs wait behind them, or are dropped with them when
@@ -501,32 +487,18 @@ class UdpEngine:
         destinations it already knows are sampled too: a flow sending to this many new
         destinations a second has its known ones churned out of its cache
         (MAX_PEERS_PER_FLOW) anyway."""
-        # Datagrams to new destinations, refused or admitted: what a filter samples.
-        seen_total = (self.link.counters.get("drop.udp.new_destination_rate", 0)
-                      + self._destinations_admitted)
-        seen = seen_total - self._flood_seen
-        elapsed = now - self._flood_review_at
-        self._flood_seen, self._flood_review_at = seen_total, now
-        current = self.flood_filter
-        keep = current.keep if current is not None else 1.0
-        if current is not None and seen:
-            self.link.count("drop.udp.flood_filtered", round(seen * (1.0 / keep - 1.0)))
+        seen = (self.link.counters.get("drop.udp.new_destination_rate", 0)
+                + self._destinations_admitted)
         flows = tuple(sorted(self._flooding))[:FLOOD_FILTER_FLOWS]
         self._flooding.clear()
-        rate = self._new_destinations.rate
-        # The first review after a quiet spell measures nothing: its window is not one.
-        flood = seen / keep / elapsed if 0 < elapsed <= 3 * FLOOD_REVIEW_INTERVAL else 0.0
-        self.flood_rate = flood
-        wanted: FloodFilter | None = None
-        if flows and flood >= (FLOOD_RELEASE if current is not None else FLOOD_ENGAGE) * rate:
-            new_keep = max(FLOOD_MIN_KEEP, min(1.0, FLOOD_SAMPLE * rate / flood))
-            if current is not None and current.flows == flows and (
-                    current.keep / 2 <= new_keep <= current.keep * 2):
-                return False  # close enough: no new program for the device
-            wanted = FloodFilter(flows, new_keep, (self._dns, self._broadcast))
-        if wanted == current:
+        unread = self.flood_watch.review(now, seen, bool(flows))
+        if unread:
+            self.link.count("drop.udp.flood_filtered", unread)
+        keep = self.flood_watch.keep
+        wanted = None if keep is None else FloodFilter(flows, keep, (self._dns, self._broadcast))
+        if wanted == self.flood_filter:
             return False
-        if current is None:
+        if self.flood_filter is None:
             self.link.count("udp.flood_filter.engaged")
         self.flood_filter = wanted
         return True

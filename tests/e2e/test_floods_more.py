@@ -62,6 +62,64 @@ for _ in range(10):
 print(sent, result)
 """
 
+#: Plain SYNs (raw frames on tap0, as a flooding tool would send them) to ever new
+#: gateway ports for SECONDS; prints how many were sent.
+RAW_SYN_FLOOD = """
+import socket, struct, sys, time
+gateway, seconds = socket.inet_aton(sys.argv[1]), float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("tap0", 0))
+mac = s.getsockname()[4]
+gw_mac = bytes.fromhex(sys.argv[3].replace(":", ""))
+guest = socket.inet_aton("10.0.2.100")
+def csum(b):
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    t = (t & 0xFFFF) + (t >> 16)
+    return ~((t & 0xFFFF) + (t >> 16)) & 0xFFFF
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0x4000, 64, 6, 0, guest, gateway)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+head = gw_mac + mac + b"\\x08\\x00" + ip
+end, sent = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    for _ in range(64):
+        sport, dport = 1024 + sent % 60000, 10000 + sent % 50000
+        tcp = struct.pack("!HHIIBBHHH", sport, dport, sent, 0, 5 << 4, 2, 65535, 0, 0)
+        pseudo = guest + gateway + struct.pack("!BBH", 0, 6, 20)
+        tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+        try:
+            s.send(head + tcp)
+        except BlockingIOError:
+            pass
+        sent += 1
+print(sent)
+"""
+
+#: A host server: accepts, answers "ok" and closes; prints its port first.
+OK_SERVER = """
+import socket
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(64)
+print(srv.getsockname()[1], flush=True)
+while True:
+    c, _ = srv.accept()
+    c.sendall(b"ok")
+    c.close()
+"""
+
+#: Connects to the gateway's PORT (a new destination for the guest) up to five times,
+#: two seconds each; prints what the server said.
+CONNECT_ONCE = """
+import socket, sys
+for _ in range(5):
+    try:
+        with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2) as c:
+            print(c.recv(16).decode())
+            break
+    except OSError:
+        pass
+"""
+
 #: One datagram to the host's UDP echo from a fresh port (a new flow), sent up to
 #: three times, a second apart; prints "echoed" when it came back.
 UDP_ECHO_ONCE = """
@@ -230,6 +288,34 @@ def test_a_flood_from_one_socket_is_dropped_in_the_guests_kernel_and_lifted_afte
     unread, refused = counters["drop.udp.flood_filtered"], counters["drop.udp.new_destination_rate"]
     assert unread > sent // 2 > refused, (sent, counters)
     print(f"{sent} datagrams: {refused} refused after the read, ~{unread} never read")
+
+
+def test_a_syn_flood_is_dropped_in_the_guests_kernel_and_lifted_after(
+        host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
+    """Plain SYNs to ever new ports: the TAP's flood filter drops most of them in the
+    guest's kernel, a download from a known peer meanwhile arrives intact, and once the
+    flood stops the filter comes off: a connection to a new destination gets in."""
+    slirp = start_slirp()
+    server = host.ns.popen([sys.executable, "-c", OK_SERVER], stdout=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().strip()
+        _download_intact(guest, host)  # the HTTP server becomes a known peer
+        flood = guest.popen([sys.executable, "-c", RAW_SYN_FLOOD, GATEWAY, "6",
+                             "52:55:0a:00:02:02"], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+        sent = int(_download_during(guest, host, flood))
+        assert guest.python(CONNECT_ONCE, GATEWAY, port).stdout.strip() == "ok"
+    finally:
+        server.kill()
+        server.wait()
+    assert slirp.stop() == -signal.SIGTERM
+    counters = _counters(slirp.log_text())
+    assert counters.get("tcp.syn_flood_filter.engaged", 0) >= 1, counters
+    unread, refused = counters["tcp.drop.syn_flood_filtered"], counters["tcp.drop.new_flow_rate"]
+    assert unread > sent // 2 > refused, (sent, counters)
+    print(f"{sent} SYNs: {refused} refused after the read, ~{unread} never read")
 
 
 def test_arp_and_dhcp_storms_leave_memory_bounded_and_service_intact(

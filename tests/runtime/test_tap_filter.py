@@ -17,6 +17,7 @@ import pytest
 from pyslirp.runtime import tapfilter
 from pyslirp.runtime.tap import ConfigureSpec, TapHandle, open_tap
 from pyslirp.stack.config import NetConfig
+from pyslirp.stack.tcp import SynFloodFilter
 from pyslirp.stack.udp import FloodFilter
 from pyslirp.wire import ipv4
 from tests import nsutil
@@ -52,6 +53,31 @@ except BlockingIOError:
 """
 ROUNDS = 2000
 EXTRAS = ROUNDS // 50
+#: Raw TCP frames on tap0 (as the guest's kernel would send them, each tagged in its
+#: payload): plain SYNs to ever new gateway ports, and every kind the filter must pass.
+SYN_SENDER = """
+import socket, struct, sys
+n = int(sys.argv[1])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("tap0", 0))
+mac = s.getsockname()[4]
+def frame(tag, dst="10.0.2.2", port=20000, flags=0x02, src="10.0.2.100", frag=0):
+    tcp = struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 5 << 4, flags, 65535, 0, 0) + tag
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, frag, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return b"\\x52\\x55\\x0a\\x00\\x02\\x02" + mac + b"\\x08\\x00" + ip + tcp
+for i in range(n):
+    s.send(frame(b"flood", port=20000 + i))
+    if i % 50 == 0:
+        s.send(frame(b"spared", port=7002))
+        s.send(frame(b"otherdst", dst="10.0.2.5"))
+        s.send(frame(b"synack", flags=0x12))
+        s.send(frame(b"ack", flags=0x10))
+        s.send(frame(b"rst", flags=0x04))
+        s.send(frame(b"othersrc", src="10.0.2.77"))
+        s.send(frame(b"fragment", frag=0x2000))
+"""
+TCP_KINDS = ("spared", "otherdst", "synack", "ack", "rst", "othersrc", "fragment")
 
 
 @pytest.fixture
@@ -72,10 +98,11 @@ def tap() -> Iterator[tuple[nsutil.NetNS, TapHandle]]:
             handle.close()
 
 
-def _send_and_read(ns: nsutil.NetNS, handle: TapHandle) -> dict[str, int]:
-    """Run SENDER in the namespace; what reached the TAP's reader, by kind."""
+def _send_and_read(ns: nsutil.NetNS, handle: TapHandle, sender_code: str = SENDER
+                   ) -> dict[str, int]:
+    """Run ``sender_code`` in the namespace; what reached the TAP's reader, by kind."""
     got: dict[str, int] = {}
-    sender = ns.popen(["python3", "-c", SENDER, str(ROUNDS)])
+    sender = ns.popen(["python3", "-c", sender_code, str(ROUNDS)])
 
     def drain() -> None:
         while True:
@@ -90,7 +117,8 @@ def _send_and_read(ns: nsutil.NetNS, handle: TapHandle) -> dict[str, int]:
                 else:
                     kind = bytes(frame[42:60]).split(b" ")[0].rstrip(b"f").decode()
             elif frame[12:14] == b"\x08\x00" and frame[23] == 6:
-                kind = "tcp"
+                tag = bytes(frame[54:62])  # SENDER's own SYN carries options there
+                kind = tag.decode() if tag.isascii() and tag.isalpha() else "tcp"
             else:
                 continue
             got[kind] = got.get(kind, 0) + 1
@@ -112,7 +140,7 @@ def _spec(keep: float) -> FloodFilter:
 def test_the_flooding_flow_is_dropped_unread_and_nothing_else(
         tap: tuple[nsutil.NetNS, TapHandle]) -> None:
     ns, handle = tap
-    tapfilter.attach(handle.fd, tapfilter.flood_program(_spec(0.0)))
+    tapfilter.attach(handle.fd, tapfilter.flood_program(_spec(0.0), None))
     got = _send_and_read(ns, handle)
     assert "flood" not in got, got
     for kind in ("dns", "broadcast", "multicast", "dhcp", "other", "fragment"):
@@ -126,8 +154,32 @@ def test_the_flooding_flow_is_dropped_unread_and_nothing_else(
 
 def test_the_flooding_flow_is_sampled_at_keep(tap: tuple[nsutil.NetNS, TapHandle]) -> None:
     ns, handle = tap
-    tapfilter.attach(handle.fd, tapfilter.flood_program(_spec(0.25)))
+    tapfilter.attach(handle.fd, tapfilter.flood_program(_spec(0.25), None))
     got = _send_and_read(ns, handle)
     # 2,000 draws at 1/4: 500 expected, sigma 19; these bounds are 7 sigma apart.
     assert 370 <= got.get("flood", 0) <= 630, got
     assert got.get("other") == EXTRAS and got.get("dns") == EXTRAS, got
+
+
+def _syn_spec(keep: float) -> SynFloodFilter:
+    gateway = ipv4.addr_from_str("10.0.2.2")
+    return SynFloodFilter(ipv4.addr_from_str("10.0.2.100"), (gateway,), ((gateway, 7002),), keep)
+
+
+def test_a_syn_flood_is_dropped_unread_but_known_peers_and_other_segments_pass(
+        tap: tuple[nsutil.NetNS, TapHandle]) -> None:
+    ns, handle = tap
+    tapfilter.attach(handle.fd, tapfilter.flood_program(None, _syn_spec(0.0)))
+    got = _send_and_read(ns, handle, SYN_SENDER)
+    assert "flood" not in got, got
+    for kind in TCP_KINDS:
+        assert got.get(kind) == EXTRAS, (kind, got)
+    # Both filters in one program: each part still does its own.
+    tapfilter.attach(handle.fd, tapfilter.flood_program(_spec(0.0), _syn_spec(0.5)))
+    got = _send_and_read(ns, handle, SYN_SENDER)
+    assert 800 <= got.get("flood", 0) <= 1200, got  # 2,000 draws at 1/2: sigma 22
+    assert all(got.get(kind) == EXTRAS for kind in TCP_KINDS), got
+    udp = _send_and_read(ns, handle)
+    assert "flood" not in udp and udp.get("other") == EXTRAS, udp
+    tapfilter.detach(handle.fd)
+    assert _send_and_read(ns, handle, SYN_SENDER).get("flood") == ROUNDS

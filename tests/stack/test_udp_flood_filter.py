@@ -17,7 +17,8 @@ from typing import Any
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import IP, UDP
 
-from pyslirp.stack.udp import FLOOD_REVIEW_INTERVAL, FloodFilter
+from pyslirp.stack.admission import FLOOD_REVIEW_INTERVAL
+from pyslirp.stack.udp import FloodFilter
 from pyslirp.wire import ethernet
 from tests.stack.fakes import StackHarness
 
@@ -77,7 +78,7 @@ def _run(filtering: bool) -> dict[str, Any]:
                     out["engaged_at"] = next_review - start
                 if udp.flood_filter is None and now - start > FLOOD_SECONDS:
                     out["released_at"] = next_review - start - FLOOD_SECONDS
-            keep_on = udp.flood_filter is not None or udp.flood_rate
+            keep_on = udp.flood_filter is not None or udp.flood_watch.flood_rate
             next_review = next_review + FLOOD_REVIEW_INTERVAL if keep_on else None
         flooding = now - start < FLOOD_SECONDS
         if i % 100 == 0:
