@@ -213,7 +213,7 @@ class Attachment:
     def watch_flood(self) -> None:
         """The guest floods: review the stack's flood filters every
         ``FLOOD_REVIEW_INTERVAL`` until the flood is over, giving the device each new
-        pair (``Stack.review_floods``, pyslirp.runtime.tapfilter)."""
+        pair (``Stack.review_floods``, pyslirp.runtime.framefilter)."""
         if self._flood_review is None and not self._closed:
             self.stack.review_floods(self.loop.time())  # the baseline
             self._flood_review = self.loop.call_later(FLOOD_REVIEW_INTERVAL,

@@ -50,8 +50,9 @@ download's ACKs with them). Otherwise the test costs one truth test. While
 the guest floods, the attachment reviews the stack's flood filters and hands
 them to :meth:`Device.set_frame_filter`: the TAP's socket filter then drops most of the
 flood in the guest's kernel, before it takes a place in the queue or a read
-(:mod:`pyslirp.runtime.tapfilter`). A device that cannot filter (QEMU's sockets)
-keeps ``filters_frames`` False and sheds after the read.
+(:mod:`pyslirp.runtime.framefilter`; QEMU's ``-netdev dgram`` socket takes the
+same program). A device that cannot filter (QEMU's stream) keeps
+``filters_frames`` False and the stack sheds after the read.
 
 A request/response guest sends one short frame and waits: reading on to EAGAIN
 then costs a syscall and a raised BlockingIOError (~1.1 us) per exchange for
@@ -100,7 +101,7 @@ import time
 from collections.abc import Callable, Sequence, Sized
 from typing import Any, ClassVar, Protocol
 
-from pyslirp.runtime import tapfilter
+from pyslirp.runtime import framefilter
 from pyslirp.stack.tcp import SynFloodFilter
 from pyslirp.stack.udp import FloodFilter
 from pyslirp.wire import vnet
@@ -162,11 +163,36 @@ class Device:
     def __init__(self, fd: int, name: str) -> None:
         self.fd = fd
         self.name = name
+        #: A frame filter is on (set_frame_filter).
+        self._filtered = False
 
     def set_frame_filter(self, udp: FloodFilter | None, syn: SynFloodFilter | None) -> bool:
         """Drop what ``udp`` and ``syn`` describe before reading it (both None: read
-        everything); False if the device cannot (it then reads everything)."""
-        return udp is None and syn is None
+        everything), with the kernel's socket filter (:mod:`pyslirp.runtime.framefilter`,
+        through :meth:`_attach_filter`); False if the device cannot (it then reads
+        everything, and the stack sheds after the read)."""
+        wanted = udp is not None or syn is not None
+        if not self.filters_frames:
+            return not wanted
+        try:
+            if wanted:
+                self._attach_filter(framefilter.flood_program(udp, syn))
+            elif self._filtered:
+                self._detach_filter()
+        except OSError as exc:
+            # Not a TAP (a socketpair in tests), or a kernel without the call.
+            self.filters_frames = False
+            log.warning("%s: cannot drop flood frames before reading them (%s); "
+                        "they are refused after the read", self.name, exc.strerror or exc)
+            return not wanted
+        self._filtered = wanted
+        return True
+
+    def _attach_filter(self, program: bytes) -> None:
+        raise OSError(f"{type(self).__name__} has no frame filter")
+
+    def _detach_filter(self) -> None:
+        raise OSError(f"{type(self).__name__} has no frame filter")
 
     def start(self, owner: DeviceOwner) -> None:
         """Register with ``owner.loop``; from now on frames go to ``owner.receive``."""
@@ -193,7 +219,6 @@ class TapDevice(Device):
         #: ``poll_clock()`` when the last wake-up stopped after a lone frame, else 0.
         self._stopped_at = 0.0
         self.filters_frames = True
-        self._filtered = False
 
     def start(self, owner: DeviceOwner) -> None:
         self._owner = owner
@@ -258,25 +283,11 @@ class TapDevice(Device):
             return False
         return True
 
-    def set_frame_filter(self, udp: FloodFilter | None, syn: SynFloodFilter | None) -> bool:
-        """The TAP's socket filter (:mod:`pyslirp.runtime.tapfilter`) for both."""
-        wanted = udp is not None or syn is not None
-        if not self.filters_frames:
-            return not wanted
-        try:
-            if wanted:
-                tapfilter.attach(self.fd, tapfilter.flood_program(udp, syn))
-            elif self._filtered:
-                tapfilter.detach(self.fd)
-        except OSError as exc:
-            # Not a TAP (a socketpair in tests) or a kernel without the ioctl: the
-            # stack sheds the flood from the frames read, as before.
-            self.filters_frames = False
-            log.warning("%s: cannot drop flood frames before reading them (%s); "
-                        "they are refused after the read", self.name, exc.strerror or exc)
-            return not wanted
-        self._filtered = wanted
-        return True
+    def _attach_filter(self, program: bytes) -> None:
+        framefilter.attach(self.fd, program)
+
+    def _detach_filter(self) -> None:
+        framefilter.detach(self.fd)
 
     def close(self) -> None:
         if self._owner is not None:

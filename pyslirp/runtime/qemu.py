@@ -81,7 +81,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from pyslirp.runtime import unixsock
+from pyslirp.runtime import framefilter, unixsock
 from pyslirp.runtime.device import Device, DeviceOwner
 from pyslirp.runtime.spec import ServeSpec
 from pyslirp.runtime.unixsock import peer_credentials
@@ -360,6 +360,7 @@ class QemuDgramDevice(Device):
         self._sock: socket.socket | None = None
         #: Where QEMU's datagrams come from (its ``local.path``); None until the first one.
         self.peer: str | None = None
+        self.filters_frames = True
 
     def start(self, owner: DeviceOwner) -> None:
         self._owner = owner
@@ -422,9 +423,21 @@ class QemuDgramDevice(Device):
             return False
         return True
 
+    def _attach_filter(self, program: bytes) -> None:
+        if self._sock is None:
+            raise OSError("the QEMU datagram socket is closed")
+        framefilter.attach_socket(self._sock, program)
+
+    def _detach_filter(self) -> None:
+        if self._sock is not None:
+            framefilter.detach_socket(self._sock)
+
     def close(self) -> None:
         if self._sock is not None and self._owner is not None:
             self._owner.loop.remove_reader(self._sock.fileno())
+            if self._filtered:
+                # The socket is the caller's too (ours is a duplicate): leave it as given.
+                self.set_frame_filter(None, None)
             self._sock.close()
         self._sock = None
         self._owner = None

@@ -31,7 +31,7 @@ keeps a :class:`FloodWatch`, reviewed by the runtime every
 for a *flood filter* (the engine says which frames: ``UdpEngine.flood_filter``,
 ``TcpEngine.syn_flood_filter``) that the device applies before it reads a
 frame (the TAP: a socket filter in the guest's kernel,
-:mod:`pyslirp.runtime.tapfilter`), letting through a random ``keep`` share of
+:mod:`pyslirp.runtime.framefilter`), letting through a random ``keep`` share of
 about ``FLOOD_SAMPLE`` times the rate: enough that the bucket spends every token
 it would have spent, and that the watch goes on measuring the flood. Below
 ``FLOOD_RELEASE`` times the rate the filter comes off.

@@ -96,7 +96,7 @@ past ``FLOOD_ENGAGE`` times the admission rate: admission.FloodWatch),
 :meth:`UdpEngine.review_flood`,
 reviewed by the runtime every ``FLOOD_REVIEW_INTERVAL``, describes a
 :class:`FloodFilter`: the device (the TAP, with a socket filter:
-:mod:`pyslirp.runtime.tapfilter`) drops that flow's datagrams in the guest's
+:mod:`pyslirp.runtime.framefilter`) drops that flow's datagrams in the guest's
 kernel, unread, but for a random ``keep`` share sized to about ``FLOOD_SAMPLE``
 times the admission rate, which is refused or admitted as before (the flow gets
 every token it would have got) and measures the flood. The frames never read are
@@ -487,6 +487,8 @@ class UdpEngine:
         destinations it already knows are sampled too: a flow sending to this many new
         destinations a second has its known ones churned out of its cache
         (MAX_PEERS_PER_FLOW) anyway."""
+        if now >= self._shed_until:
+            self.shedding.clear()  # stale (a device that never calls shed: QEMU's dgram)
         seen = (self.link.counters.get("drop.udp.new_destination_rate", 0)
                 + self._destinations_admitted)
         flows = tuple(sorted(self._flooding))[:FLOOD_FILTER_FLOWS]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from pyslirp.runtime.attachment import Attachment
@@ -28,6 +29,7 @@ from pyslirp.runtime.qemu import (
 )
 from pyslirp.stack.config import NetConfig
 from tests.netutil import free_port
+from tests.nsutil import wait_for
 
 GUEST_MAC = "02:00:00:00:00:01"
 OUR_MAC = "52:55:0a:00:02:02"
@@ -261,7 +263,86 @@ def test_dgram_one_frame_per_datagram_answered_to_the_sender(tmp_path: Path) -> 
         sock.close()
 
 
-# --- the command line -------------------------------------------------------------------
+def _filter_length(sock: socket.socket) -> int:
+    """Instructions of the socket filter on ``sock`` (SO_GET_FILTER; 0: none). (The
+    kernel returns the count of instructions as the length of what it copied.)"""
+    return len(sock.getsockopt(socket.SOL_SOCKET, 26, 1024))
+
+
+def _flood(qemu: socket.socket, path: str, count: int, first: int = 0) -> None:
+    """``count`` datagrams from the VM's UDP port 41000 to ever new gateway ports."""
+    frame = bytearray(bytes(Ether(src=GUEST_MAC, dst=OUR_MAC)
+                            / IP(src="10.0.2.15", dst="10.0.2.2")
+                            / UDP(sport=41000, chksum=0) / (b"x" * 64)))
+    dport_at = len(frame) - 64 - 6
+    for n in range(first, first + count):
+        frame[dport_at:dport_at + 2] = (1024 + n % 60000).to_bytes(2, "big")
+        qemu.sendto(frame, path)
+
+
+def _flood_until_filtered(qemu: socket.socket, path: str, sock: socket.socket) -> None:
+    sent = 0
+    while not _filter_length(sock) and sent < 2_000_000:
+        _flood(qemu, path, 1000, sent)
+        sent += 1000
+    assert _filter_length(sock) > 0, f"no filter after {sent} datagrams"
+
+
+def _flood_config() -> NetConfig:
+    return NetConfig(vnet_hdr=False, offload=False, disable_dns=True, new_flow_rate=200.0,
+                     new_flow_burst=200)
+
+
+def test_dgram_flood_is_dropped_by_a_socket_filter_until_it_stops(tmp_path: Path) -> None:
+    """A VM flooding from one UDP socket over -netdev dgram: a socket filter on our
+    socket drops most of it in the kernel (counted as an estimate), and comes off once
+    the flood stops, also from the socket QEMU's launcher handed us."""
+    path = str(tmp_path / "pyslirp.sock")
+    sock = bind_unix(path, socket.SOCK_DGRAM)
+    server = LoopThread(lambda loop: Attachment(loop, QemuDgramDevice(sock.fileno()),
+                                                _flood_config()))
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    qemu.bind(str(tmp_path / "qemu.sock"))
+    qemu.settimeout(5)
+    try:
+        qemu.sendto(arp_request(), path)
+        assert is_arp_reply(qemu.recv(MAX_FRAME))
+        _flood_until_filtered(qemu, path, sock)
+        _flood(qemu, path, 20000)
+        # The flood stopped: the filter comes off within a few reviews.
+        wait_for(lambda: _filter_length(sock) == 0, timeout=10, what="the filter to come off")
+        counters = server.counters()
+        assert counters["udp.flood_filter.engaged"] >= 1
+        assert counters["drop.udp.flood_filtered"] > 0
+        qemu.sendto(arp_request("10.0.2.16"), path)
+        # (ICMP errors for the flood's closed ports may be queued ahead of the reply.)
+        while not is_arp_reply(qemu.recv(MAX_FRAME), to_ip="10.0.2.16"):
+            pass
+    finally:
+        qemu.close()
+        server.close()
+    assert _filter_length(sock) == 0
+    sock.close()
+
+
+def test_a_dgram_link_closed_mid_flood_leaves_the_socket_unfiltered(tmp_path: Path) -> None:
+    """The socket is the launcher's too (we serve a duplicate): closing the link in the
+    middle of a flood takes our filter off it."""
+    path = str(tmp_path / "pyslirp.sock")
+    sock = bind_unix(path, socket.SOCK_DGRAM)
+    server = LoopThread(lambda loop: Attachment(loop, QemuDgramDevice(sock.fileno()),
+                                                _flood_config()))
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    qemu.bind(str(tmp_path / "qemu.sock"))
+    try:
+        _flood_until_filtered(qemu, path, sock)
+    finally:
+        server.close()
+        qemu.close()
+    assert _filter_length(sock) == 0
+    sock.close()
+
+
 
 def test_cli_target_types(tmp_path: Path) -> None:
     from pyslirp import cli

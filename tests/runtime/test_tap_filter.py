@@ -1,4 +1,4 @@
-"""The TAP's flood filter (pyslirp.runtime.tapfilter) on a real TAP in a namespace: the
+"""The TAP's flood filter (pyslirp.runtime.framefilter) on a real TAP in a namespace: the
 guest's kernel drops exactly the datagrams a FloodFilter names (the flooding flow's, to
 anything but the spared addresses, multicast and DHCP), samples them at ``keep``, and
 passes every other frame; taken off, everything reaches the reader again.
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyslirp.runtime import tapfilter
+from pyslirp.runtime import framefilter
 from pyslirp.runtime.tap import ConfigureSpec, TapHandle, open_tap
 from pyslirp.stack.config import NetConfig
 from pyslirp.stack.tcp import SynFloodFilter
@@ -76,14 +76,19 @@ for i in range(n):
         s.send(frame(b"rst", flags=0x04))
         s.send(frame(b"othersrc", src="10.0.2.77"))
         s.send(frame(b"fragment", frag=0x2000))
+        s.send(frame(b"", port=30000 + i)[:46])  # cut before the flags: malformed
+        udp = frame(b"")
+        udp = udp[:23] + b"\\x11" + udp[24:34] + struct.pack("!HH", 41000, 30000 + i)
+        s.send(udp[:40])  # a UDP header cut short, from the flooding flow
 """
-TCP_KINDS = ("spared", "otherdst", "synack", "ack", "rst", "othersrc", "fragment")
+TCP_KINDS = ("spared", "otherdst", "synack", "ack", "rst", "othersrc", "fragment",
+             "short tcp", "short udp")
 
 
 @pytest.fixture
 def tap() -> Iterator[tuple[nsutil.NetNS, TapHandle]]:
     nsutil.skip_unless_capable()
-    with nsutil.NetNS("tapfilter") as ns:
+    with nsutil.NetNS("framefilter") as ns:
         handle = open_tap(ns.path, "path", mtu=1500, vnet_hdr=False, offload=False,
                           configure=ConfigureSpec.from_netconfig(CONFIG))
         try:
@@ -110,12 +115,16 @@ def _send_and_read(ns: nsutil.NetNS, handle: TapHandle, sender_code: str = SENDE
                 frame = os.read(handle.fd, 65536)
             except BlockingIOError:
                 return
-            if frame[12:14] == b"\x08\x00" and frame[23] == 17:
+            if frame[12:14] == b"\x08\x00" and len(frame) < 42:
+                kind = "short udp" if frame[23] == 17 else "short tcp"
+            elif frame[12:14] == b"\x08\x00" and frame[23] == 17:
                 offset = (frame[20] << 8 | frame[21]) & 0x1FFF
                 if offset:
                     kind = "fragment tail"
                 else:
                     kind = bytes(frame[42:60]).split(b" ")[0].rstrip(b"f").decode()
+            elif frame[12:14] == b"\x08\x00" and frame[23] == 6 and len(frame) < 54:
+                kind = "short tcp"
             elif frame[12:14] == b"\x08\x00" and frame[23] == 6:
                 tag = bytes(frame[54:62])  # SENDER's own SYN carries options there
                 kind = tag.decode() if tag.isascii() and tag.isalpha() else "tcp"
@@ -140,21 +149,21 @@ def _spec(keep: float) -> FloodFilter:
 def test_the_flooding_flow_is_dropped_unread_and_nothing_else(
         tap: tuple[nsutil.NetNS, TapHandle]) -> None:
     ns, handle = tap
-    tapfilter.attach(handle.fd, tapfilter.flood_program(_spec(0.0), None))
+    framefilter.attach(handle.fd, framefilter.flood_program(_spec(0.0), None))
     got = _send_and_read(ns, handle)
     assert "flood" not in got, got
     for kind in ("dns", "broadcast", "multicast", "dhcp", "other", "fragment"):
         assert got.get(kind) == EXTRAS, (kind, got)
     assert got.get("fragment tail") == 2 * EXTRAS, got  # 3,008 bytes at MTU 1500
     assert got.get("tcp", 0) >= 1  # the SYN
-    tapfilter.detach(handle.fd)
+    framefilter.detach(handle.fd)
     again = _send_and_read(ns, handle)
     assert again.get("flood") == ROUNDS, again
 
 
 def test_the_flooding_flow_is_sampled_at_keep(tap: tuple[nsutil.NetNS, TapHandle]) -> None:
     ns, handle = tap
-    tapfilter.attach(handle.fd, tapfilter.flood_program(_spec(0.25), None))
+    framefilter.attach(handle.fd, framefilter.flood_program(_spec(0.25), None))
     got = _send_and_read(ns, handle)
     # 2,000 draws at 1/4: 500 expected, sigma 19; these bounds are 7 sigma apart.
     assert 370 <= got.get("flood", 0) <= 630, got
@@ -169,17 +178,17 @@ def _syn_spec(keep: float) -> SynFloodFilter:
 def test_a_syn_flood_is_dropped_unread_but_known_peers_and_other_segments_pass(
         tap: tuple[nsutil.NetNS, TapHandle]) -> None:
     ns, handle = tap
-    tapfilter.attach(handle.fd, tapfilter.flood_program(None, _syn_spec(0.0)))
+    framefilter.attach(handle.fd, framefilter.flood_program(None, _syn_spec(0.0)))
     got = _send_and_read(ns, handle, SYN_SENDER)
     assert "flood" not in got, got
     for kind in TCP_KINDS:
         assert got.get(kind) == EXTRAS, (kind, got)
     # Both filters in one program: each part still does its own.
-    tapfilter.attach(handle.fd, tapfilter.flood_program(_spec(0.0), _syn_spec(0.5)))
+    framefilter.attach(handle.fd, framefilter.flood_program(_spec(0.0), _syn_spec(0.5)))
     got = _send_and_read(ns, handle, SYN_SENDER)
     assert 800 <= got.get("flood", 0) <= 1200, got  # 2,000 draws at 1/2: sigma 22
-    assert all(got.get(kind) == EXTRAS for kind in TCP_KINDS), got
+    assert {kind: got.get(kind) for kind in TCP_KINDS} == dict.fromkeys(TCP_KINDS, EXTRAS), got
     udp = _send_and_read(ns, handle)
     assert "flood" not in udp and udp.get("other") == EXTRAS, udp
-    tapfilter.detach(handle.fd)
+    framefilter.detach(handle.fd)
     assert _send_and_read(ns, handle, SYN_SENDER).get("flood") == ROUNDS

@@ -1,4 +1,4 @@
-"""The TAP's socket filter: flood frames dropped by the guest's kernel, unread.
+"""Flood frames dropped by the kernel before pyslirp reads them (a socket filter).
 
 Theory of operation
 -------------------
@@ -22,13 +22,19 @@ frames pass with probability ``keep`` (the BPF random number, ``SKF_AD_RANDOM``)
 so the stack keeps spending admission tokens and measuring the flood. The
 filter sees the frame from its Ethernet header (no virtio-net header: that is
 added by ``read``). A filter cost is a few loads and compares per frame; a
-frame of any other kind leaves it within the first four instructions.
+frame of any other kind leaves it within the first seven instructions.
+
+QEMU's ``-netdev dgram`` socket takes the same program as an ordinary socket
+filter (``SO_ATTACH_FILTER``, :func:`attach_socket`): the kernel runs it on
+each datagram QEMU sends, before it is queued on our socket. (A stream, QEMU's
+``-netdev stream``, has no frames for a filter to see: it sheds after the read.)
 """
 
 from __future__ import annotations
 
 import array
 import fcntl
+import socket
 import struct
 
 from pyslirp.stack.tcp import SynFloodFilter
@@ -37,11 +43,15 @@ from pyslirp.stack.udp import FloodFilter
 #: _IOW('T', 213 / 214, struct sock_fprog) on 64-bit Linux.
 TUNATTACHFILTER = 0x401054D5
 TUNDETACHFILTER = 0x401054D6
+#: asm-generic/socket.h (the socket module does not name them).
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
 
 # Classic BPF opcodes (linux/filter.h).
 _LD_W_ABS = 0x20
 _LD_H_ABS = 0x28
 _LD_B_ABS = 0x30
+_LD_LEN = 0x80
 _JA = 0x05
 _JEQ_K = 0x15
 _JGE_K = 0x35
@@ -72,8 +82,12 @@ def flood_program(udp: FloodFilter | None, syn: SynFloodFilter | None) -> bytes:
     Layout: the checks every covered frame passes (IPv4, no options, not a
     fragment), each followed by its own ``ret`` so that no jump is long (classic
     BPF jumps reach 255 instructions), then a dispatch on the protocol to the SYN
-    part and the UDP part, each ending in its own pass and drop."""
+    part and the UDP part, each ending in its own pass and drop. A load past the
+    frame's end would end the program with 0, a drop: each part first checks that
+    the frame holds the whole UDP or TCP header, as the stack's own shedding does,
+    and passes shorter ones (malformed, for the stack to count)."""
     code: list[_Insn | str] = [
+        (_LD_LEN, 0, 0, 0), (_JGE_K, 1, 0, 24), (_RET_K, 0, 0, _KEEP_ALL),
         (_LD_H_ABS, 0, 0, 12), (_JEQ_K, 1, 0, 0x0800), (_RET_K, 0, 0, _KEEP_ALL),
         (_LD_B_ABS, 0, 0, 14), (_JEQ_K, 1, 0, 0x45), (_RET_K, 0, 0, _KEEP_ALL),
         (_LD_H_ABS, 0, 0, 20), (_JSET_K, 0, 1, _FRAGMENT_BITS), (_RET_K, 0, 0, _KEEP_ALL),
@@ -101,6 +115,7 @@ def _sample(keep: float, prefix: str) -> list[_Insn | str]:
 
 def _syn_part(spec: SynFloodFilter) -> list[_Insn | str]:
     code: list[_Insn | str] = [
+        (_LD_LEN, 0, 0, 0), (_JGE_K, 0, "syn-pass", 54),                      # TCP header
         (_LD_W_ABS, 0, 0, 26), (_JEQ_K, 0, "syn-pass", _u32(spec.guest_ip)),   # source
         (_LD_B_ABS, 0, 0, 47), (_AND_K, 0, 0, _SYN | _RST | _ACK),             # flags
         (_JEQ_K, 0, "syn-pass", _SYN),
@@ -119,7 +134,8 @@ def _udp_part(spec: FloodFilter) -> list[_Insn | str]:
     by_ip: dict[bytes, list[int]] = {}
     for key in spec.flows:
         by_ip.setdefault(key[:4], []).append(int.from_bytes(key[4:6], "big"))
-    code: list[_Insn | str] = [(_LD_W_ABS, 0, 0, 26)]                          # source
+    code: list[_Insn | str] = [(_LD_LEN, 0, 0, 0), (_JGE_K, 0, "udp-pass", 42),  # UDP header
+                               (_LD_W_ABS, 0, 0, 26)]                          # source
     code += [(_JEQ_K, f"ip{n}", 0, _u32(ip)) for n, ip in enumerate(by_ip)]
     code.append((_JA, 0, 0, "udp-pass"))
     for n, ports in enumerate(by_ip.values()):
@@ -169,9 +185,22 @@ def _offset(labels: dict[str, int], at: int, target: int | str, limit: int) -> i
 
 def attach(fd: int, program: bytes) -> None:
     """Put ``program`` on the TAP ``fd`` (replacing any); OSError if the kernel refuses."""
-    insns = array.array("B", program)
+    insns = array.array("B", program)  # the kernel copies it before the call returns
     address, _ = insns.buffer_info()
     fcntl.ioctl(fd, TUNATTACHFILTER, _FPROG.pack(len(program) // _INSN.size, address))
+
+
+def attach_socket(sock: socket.socket, program: bytes) -> None:
+    """Put ``program`` on a datagram socket (replacing any); OSError if refused."""
+    insns = array.array("B", program)
+    address, _ = insns.buffer_info()
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    _FPROG.pack(len(program) // _INSN.size, address))
+
+
+def detach_socket(sock: socket.socket) -> None:
+    """Take the filter off ``sock``; OSError if it had none."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
 
 
 def detach(fd: int) -> None:
