@@ -239,10 +239,14 @@ MISC_METRICS = [
            "lower", chart=False),
     Metric("flood_udp_cpu_pct", "stack CPU during the UDP-flood download", "% of a core",
            "lower", chart=False),
-    Metric("flood_syn_ring_drops", "frames dropped at the guest's TAP queue, SYN flood",
-           "frames/s", "lower", chart=False),
-    Metric("flood_udp_ring_drops", "frames dropped at the guest's TAP queue, UDP flood",
-           "frames/s", "lower", chart=False),
+    Metric("flood_syn_sent", "frames the guest sent, SYN flood", "frames/s", "higher",
+           chart=False),
+    Metric("flood_udp_sent", "frames the guest sent, UDP flood", "frames/s", "higher",
+           chart=False),
+    Metric("flood_syn_ring_drops", "frames dropped at the guest's TAP (queue full or flood "
+           "filter), SYN flood", "frames/s", "lower", chart=False),
+    Metric("flood_udp_ring_drops", "frames dropped at the guest's TAP (queue full or flood "
+           "filter), UDP flood", "frames/s", "lower", chart=False),
     Metric("idle_rss_before_mb", "stack RSS before 1,000 idle conns", "MB", "lower",
            chart=False),
     Metric("idle_rss_after_mb", "stack RSS with 1,000 idle conns", "MB", "lower", chart=False),
@@ -982,8 +986,10 @@ def _floods(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
     thirds before and after it (0.5 s margins, the flood starting and ending), not
     with another run: on a shared machine the load drifts from one run to the next by
     more than the effect measured. Beside the rate: the stack's CPU (% of one core)
-    during the flood, and the frames the guest's kernel dropped at the TAP queue per
-    second of flood (it drops frames of every flow there when the stack falls behind)."""
+    during the flood, the frames the guest sent per second of flood, and those its
+    kernel dropped at the TAP per second: of every flow when its queue is full (the
+    stack fell behind), or the flood's alone where a flood filter drops them
+    (pyslirp.runtime.framefilter)."""
     third = max(cfg.duration, 2)
     out: dict[str, float] = {}
     bases = []
@@ -1007,9 +1013,9 @@ def _floods(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
             dropped0, cpu0, t0 = _tap_tx_dropped(ns), cpu_seconds(stack.pid), time.monotonic()
             flood = _spawn(ns.cmd([cfg.python, str(NETLOAD), "flood", "--kind", kind,
                                    "--host", HOST_IP, "--seconds", str(third)]),
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-            flood.wait(third + 10)
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+            flood_out, _ = flood.communicate(timeout=third + 10)
             elapsed = time.monotonic() - t0
             cpu, dropped1 = cpu_seconds(stack.pid) - cpu0, _tap_tx_dropped(ns)
             stdout, stderr = client.communicate(timeout=3 * third + 25)
@@ -1031,6 +1037,8 @@ def _floods(cfg: RunConfig, ns: Namespace, stack: Stack) -> dict[str, float]:
         out[f"flood_{kind}_cpu_pct"] = 100 * cpu / elapsed
         if dropped0 is not None and dropped1 is not None:
             out[f"flood_{kind}_ring_drops"] = (dropped1 - dropped0) / elapsed
+        with contextlib.suppress(json.JSONDecodeError, KeyError, IndexError):
+            out[f"flood_{kind}_sent"] = json.loads(flood_out.splitlines()[-1])["sent"] / third
     out["flood_base_gbps"] = sum(bases) / len(bases) / 1e9
     return out
 
