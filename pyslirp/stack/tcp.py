@@ -2036,10 +2036,10 @@ class TcpEngine:
         :meth:`pyslirp.stack.udp.UdpEngine.review_flood` (and reviewed with it): the
         filter samples the plain SYNs from ``guest_ip`` (IPv4) to the destinations
         refused in the last window (``SYN_FLOOD_DESTINATIONS`` of them), sparing the
-        known peers there, which pass without a
-        token; the SYNs never read are counted as the estimate
-        ``tcp.drop.syn_flood_filtered``. A retransmitted SYN of a flow still opening
-        is sampled too (the flow's own SYN-ACK retransmits cover it)."""
+        known peers there, which pass without a token; the SYNs never read are
+        counted as the estimate ``tcp.drop.syn_flood_filtered``. A retransmitted SYN
+        of a flow still opening is sampled too (the flow's own SYN-ACK retransmits
+        cover it)."""
         seen = self.link.counters.get("tcp.drop.new_flow_rate", 0) + self._syns_admitted
         flooded = list(self._syn_flooded)[-SYN_FLOOD_DESTINATIONS:]
         self._syn_flooded.clear()

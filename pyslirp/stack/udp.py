@@ -93,9 +93,8 @@ A flood still costs a TAP read per frame that way, and its frames fill the TAP's
 queue ahead of the guest's other frames (a download's ACKs wait behind them, or
 are dropped with them). So while a flow floods (its datagrams to new destinations
 past ``FLOOD_ENGAGE`` times the admission rate: admission.FloodWatch),
-:meth:`UdpEngine.review_flood`,
-reviewed by the runtime every ``FLOOD_REVIEW_INTERVAL``, describes a
-:class:`FloodFilter`: the device (the TAP, with a socket filter:
+:meth:`UdpEngine.review_flood`, reviewed by the runtime every
+``FLOOD_REVIEW_INTERVAL``, describes a :class:`FloodFilter`: the device (the TAP, with a socket filter:
 :mod:`pyslirp.runtime.framefilter`) drops that flow's datagrams in the guest's
 kernel, unread, but for a random ``keep`` share sized to about ``FLOOD_SAMPLE``
 times the admission rate, which is refused or admitted as before (the flow gets
