@@ -94,13 +94,13 @@ queue ahead of the guest's other frames (a download's ACKs wait behind them, or
 are dropped with them). So while a flow floods (its datagrams to new destinations
 past ``FLOOD_ENGAGE`` times the admission rate: admission.FloodWatch),
 :meth:`UdpEngine.review_flood`, reviewed by the runtime every
-``FLOOD_REVIEW_INTERVAL``, describes a :class:`FloodFilter`: the device (the TAP, with a socket filter:
-:mod:`pyslirp.runtime.framefilter`) drops that flow's datagrams in the guest's
-kernel, unread, but for a random ``keep`` share sized to about ``FLOOD_SAMPLE``
-times the admission rate, which is refused or admitted as before (the flow gets
-every token it would have got) and measures the flood. The frames never read are
-counted as an estimate (``drop.udp.flood_filtered``); the filter comes off when
-the flood falls under ``FLOOD_RELEASE`` times the rate
+``FLOOD_REVIEW_INTERVAL``, describes a :class:`FloodFilter`: the device (the TAP,
+with a socket filter: :mod:`pyslirp.runtime.framefilter`) drops that flow's
+datagrams in the guest's kernel, unread, but for a random ``keep`` share sized
+to about ``FLOOD_SAMPLE`` times the admission rate, which is refused or admitted
+as before (the flow gets every token it would have got) and measures the flood.
+The frames never read are counted as an estimate (``drop.udp.flood_filtered``);
+the filter comes off when the flood falls under ``FLOOD_RELEASE`` times the rate
 (tests/stack/test_udp_flood_filter.py, tests/runtime/test_tap_filter.py).
 
 Port forwarding (inbound) rides on the same flows: :meth:`UdpEngine.add_forward`
