@@ -323,6 +323,16 @@ class HostSockets:
                     sock.getpeername()
                     connected = True
                 except OSError:
+                    # A loopback port nobody listens on refuses inside connect() too:
+                    # its error is already there, no epoll round trip needed (a SYN
+                    # flood to closed ports gets 2,000 such connects a second).
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        sock.close()
+                        handle.sock = None
+                        handle.fd = -1
+                        last_error = err
+                        continue
                     connected = False
             if connected:
                 # Loopback connects finish inside connect(): skip the epoll round trip,
