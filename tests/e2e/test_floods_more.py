@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from tests.e2e.conftest import GATEWAY, Guest, Host, StartSlirp, sha256_of_get
+from tests.e2e.conftest import GATEWAY, Guest, Host, Slirp, StartSlirp, sha256_of_get
 from tests.e2e.test_floods import _counters, _rss_kib
 from tests.nsutil import wait_for
 
@@ -272,6 +272,18 @@ def test_a_flood_of_new_udp_flows_is_cut_and_a_download_survives(
     assert counters.get("udp.flows_evicted", 0) > 0, counters  # the table did fill up
 
 
+def _assert_mostly_unread(slirp: Slirp, sent: int, engaged: str, unread: str,
+                          refused: str) -> None:
+    """Stop pyslirp; its counters say a flood filter was engaged and that most of the
+    ``sent`` frames were never read, and what was read was refused as before."""
+    assert slirp.stop() == -signal.SIGTERM
+    counters = _counters(slirp.log_text())
+    assert counters.get(engaged, 0) >= 1, counters
+    assert counters[unread] > sent // 2 > counters[refused], (sent, counters)
+    print(f"{sent} sent: {counters[refused]} refused after the read, "
+          f"~{counters[unread]} never read")
+
+
 def test_a_flood_from_one_socket_is_dropped_in_the_guests_kernel_and_lifted_after(
         host: Host, guest: Guest, start_slirp: StartSlirp) -> None:
     """One socket sending to ever new ports: the TAP's flood filter drops most of it in
@@ -285,14 +297,8 @@ def test_a_flood_from_one_socket_is_dropped_in_the_guests_kernel_and_lifted_afte
                         text=True)
     sent_text, result = _download_during(guest, host, flood).split()
     assert result == "echoed"
-    assert slirp.stop() == -signal.SIGTERM
-    counters = _counters(slirp.log_text())
-    sent = int(sent_text)
-    assert counters.get("udp.flood_filter.engaged", 0) >= 1, counters
-    # Most of the flood was never read; what was read was refused as before.
-    unread, refused = counters["drop.udp.flood_filtered"], counters["drop.udp.new_destination_rate"]
-    assert unread > sent // 2 > refused, (sent, counters)
-    print(f"{sent} datagrams: {refused} refused after the read, ~{unread} never read")
+    _assert_mostly_unread(slirp, int(sent_text), "udp.flood_filter.engaged",
+                          "drop.udp.flood_filtered", "drop.udp.new_destination_rate")
 
 
 def test_a_syn_flood_is_dropped_in_the_guests_kernel_and_lifted_after(
@@ -315,12 +321,8 @@ def test_a_syn_flood_is_dropped_in_the_guests_kernel_and_lifted_after(
     finally:
         server.kill()
         server.wait()
-    assert slirp.stop() == -signal.SIGTERM
-    counters = _counters(slirp.log_text())
-    assert counters.get("tcp.syn_flood_filter.engaged", 0) >= 1, counters
-    unread, refused = counters["tcp.drop.syn_flood_filtered"], counters["tcp.drop.new_flow_rate"]
-    assert unread > sent // 2 > refused, (sent, counters)
-    print(f"{sent} SYNs: {refused} refused after the read, ~{unread} never read")
+    _assert_mostly_unread(slirp, sent, "tcp.syn_flood_filter.engaged",
+                          "tcp.drop.syn_flood_filtered", "tcp.drop.new_flow_rate")
 
 
 def test_arp_and_dhcp_storms_leave_memory_bounded_and_service_intact(

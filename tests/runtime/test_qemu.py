@@ -236,14 +236,34 @@ def test_bind_replaces_a_stale_socket(tmp_path: Path) -> None:
         pass
 
 
+class DgramLink:
+    """Our bound -netdev dgram socket served in a loop thread, and the test as QEMU."""
+
+    def __init__(self, tmp_path: Path, config: NetConfig) -> None:
+        self.path = str(tmp_path / "pyslirp.sock")
+        #: The launcher's socket (the device serves a duplicate of it).
+        self.sock = bind_unix(self.path, socket.SOCK_DGRAM)
+        self.server = LoopThread(lambda loop: Attachment(
+            loop, QemuDgramDevice(self.sock.fileno()), config))
+        self.qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.qemu.bind(str(tmp_path / "qemu.sock"))
+        self.qemu.settimeout(5)
+        self._served = True
+
+    def stop_serving(self) -> None:
+        if self._served:
+            self._served = False
+            self.qemu.close()
+            self.server.close()
+
+    def close(self) -> None:
+        self.stop_serving()
+        self.sock.close()
+
+
 def test_dgram_one_frame_per_datagram_answered_to_the_sender(tmp_path: Path) -> None:
-    path = str(tmp_path / "pyslirp.sock")
-    sock = bind_unix(path, socket.SOCK_DGRAM)
-    server = LoopThread(lambda loop: Attachment(loop, QemuDgramDevice(sock.fileno()),
-                                                plain_config()))
-    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    qemu.bind(str(tmp_path / "qemu.sock"))
-    qemu.settimeout(5)
+    link = DgramLink(tmp_path, plain_config())
+    qemu, path, server = link.qemu, link.path, link.server
     try:
         qemu.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_FRAME)
         qemu.sendto(arp_request(), path)
@@ -259,9 +279,7 @@ def test_dgram_one_frame_per_datagram_answered_to_the_sender(tmp_path: Path) -> 
         server.call(lambda: server.attachment.stack.resolve_guest(bytes([10, 0, 2, 15])))
         assert server.call(lambda: server.attachment.device.peer) is None
     finally:
-        qemu.close()
-        server.close()
-        sock.close()
+        link.close()
 
 
 def _filter_length(sock: socket.socket) -> int:
@@ -298,13 +316,8 @@ def test_dgram_flood_is_dropped_by_a_socket_filter_until_it_stops(tmp_path: Path
     """A VM flooding from one UDP socket over -netdev dgram: a socket filter on our
     socket drops most of it in the kernel (counted as an estimate), and comes off once
     the flood stops, also from the socket QEMU's launcher handed us."""
-    path = str(tmp_path / "pyslirp.sock")
-    sock = bind_unix(path, socket.SOCK_DGRAM)
-    server = LoopThread(lambda loop: Attachment(loop, QemuDgramDevice(sock.fileno()),
-                                                _flood_config()))
-    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    qemu.bind(str(tmp_path / "qemu.sock"))
-    qemu.settimeout(5)
+    link = DgramLink(tmp_path, _flood_config())
+    qemu, path, sock, server = link.qemu, link.path, link.sock, link.server
     try:
         qemu.sendto(arp_request(), path)
         assert is_arp_reply(qemu.recv(MAX_FRAME))
@@ -326,30 +339,22 @@ def test_dgram_flood_is_dropped_by_a_socket_filter_until_it_stops(tmp_path: Path
         qemu.sendto(arp_request("10.0.2.16"), path)
         while not is_arp_reply(qemu.recv(MAX_FRAME), to_ip="10.0.2.16"):
             pass
+        link.stop_serving()
+        assert _filter_length(sock) == 0
     finally:
-        qemu.close()
-        server.close()
-    assert _filter_length(sock) == 0
-    sock.close()
+        link.close()
 
 
 def test_a_dgram_link_closed_mid_flood_leaves_the_socket_unfiltered(tmp_path: Path) -> None:
     """The socket is the launcher's too (we serve a duplicate): closing the link in the
     middle of a flood takes our filter off it."""
-    path = str(tmp_path / "pyslirp.sock")
-    sock = bind_unix(path, socket.SOCK_DGRAM)
-    server = LoopThread(lambda loop: Attachment(loop, QemuDgramDevice(sock.fileno()),
-                                                _flood_config()))
-    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    qemu.bind(str(tmp_path / "qemu.sock"))
+    link = DgramLink(tmp_path, _flood_config())
     try:
-        _flood_until_filtered(qemu, path, sock)
+        _flood_until_filtered(link.qemu, link.path, link.sock)
+        link.stop_serving()
+        assert _filter_length(link.sock) == 0
     finally:
-        server.close()
-        qemu.close()
-    assert _filter_length(sock) == 0
-    sock.close()
-
+        link.close()
 
 
 def test_cli_target_types(tmp_path: Path) -> None:
