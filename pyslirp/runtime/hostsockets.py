@@ -47,7 +47,7 @@ of pyslirp's UDP download loss (``bench/run.py --only udp``: the host's
 and bounded by ``net.ipv4.udp_mem`` for all sockets together.
 
 Host TCP sockets are watched for reading through one epoll set of our own
-(:class:`TcpReaders`), itself one reader of the loop: registering a socket
+(:class:`TcpReaders`, a :class:`ReaderSet`), itself one reader of the loop: registering a socket
 with it is one ``epoll_ctl`` and forgetting it another, where the loop's
 ``add_reader``/``remove_reader`` cost seven ``epoll_ctl``, an ``ioctl`` and a
 poll handle per connection (uvloop; issue 14, measured with ``strace -c``).
@@ -55,13 +55,19 @@ Each wake-up of the set costs one ``epoll_wait(0)`` that the loop's own
 dispatch of a per-socket reader would have replaced. Writers (a connect in
 progress, a full send buffer) are rare and stay with the loop.
 
-A datagram socket's reader is registered again (:func:`rearm_reader`) after a
-wake-up that met an error, found nothing to read, or stopped at the batch
-limit: uvloop (libuv's ``uv_poll``) stops polling a descriptor for good when
-epoll reports ``POLLERR`` (an ICMP error queued by ``IP_RECVERR``, or refused
-on a connected socket), while it still counts the reader as registered. Without
-this a UDP flow that met one ICMP error never delivered a datagram again, and a
-DNS upstream that was down once was never heard from again.
+uvloop (libuv's ``uv_poll``) stops polling a descriptor for good when epoll
+reports ``POLLERR`` (an ICMP error queued by ``IP_RECVERR``, or refused on a
+connected socket) and does not call its reader then (uvloop's poll callback
+treats the error as fatal to the handle), while it still counts the reader as
+registered. So the UDP flows' host sockets are read through a :class:`ReaderSet`
+of their own, as TCP's, where ``EPOLLERR`` is one more readiness for the
+callback, which drains the error queue. (Registering the loop's reader again
+after a wake-up that met an error, :func:`rearm_reader`, covered only errors
+seen by a read: one that epoll reported first left the flow deaf, seen under a
+UDP flood's ICMP errors, tests/e2e/test_floods_more.py. The ping and DNS
+sockets, few and rarely refused, still use it.) Without either, a UDP flow that
+met one ICMP error never delivered a datagram again, and a DNS upstream that was
+down once was never heard from again.
 
 Port forwarding (:mod:`pyslirp.runtime.hostfwd`) adds flows whose host socket
 was accepted rather than connected; they get a :class:`TcpHandle` too and are
@@ -145,43 +151,44 @@ class TcpHandle:
         self.closed = False
 
 
-class TcpReaders:
-    """The host TCP sockets being read, in one epoll set that is one reader of the loop.
+class ReaderSet:
+    """Sockets being read, in one epoll set that is one reader of the loop.
 
     Level-triggered, as the loop's readers are: a socket stays ready until it is
-    read dry. The set is made on first use and closed by :meth:`close`.
+    read dry. An ``EPOLLERR`` (an ICMP error queued for a datagram socket) reaches
+    the callback like any readiness, where the loop's own readers stop for good at
+    one (see the module docstring). The set is made on first use and closed by
+    :meth:`close`.
     """
 
     #: Ready sockets taken per wake-up; more are reported at the next (level-triggered).
     MAX_EVENTS = 64
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 on_readable: Callable[[Any, TcpHandle], None]) -> None:
+                 on_readable: Callable[..., None]) -> None:
         self.loop = loop
         self._on_readable = on_readable
         self._epoll: select.epoll | None = None
-        #: fd -> (flow, handle) of every socket in the set.
-        self.watched: dict[int, tuple[Any, TcpHandle]] = {}
+        #: fd -> the arguments of ``on_readable`` for every socket in the set.
+        self.watched: dict[int, tuple[Any, ...]] = {}
 
-    def add(self, flow: Any, handle: TcpHandle) -> None:
+    def watch(self, fd: int, *args: Any) -> None:
         ep = self._epoll
         if ep is None:
             ep = self._epoll = select.epoll()
             self.loop.add_reader(ep.fileno(), self._dispatch)
-        fd = handle.fd
         try:
             ep.register(fd, select.EPOLLIN)
         except FileExistsError:
             # A closed socket's fd number, reused: the kernel dropped the old entry
             # only if nothing else held that file open; take the entry over.
             ep.modify(fd, select.EPOLLIN)
-        self.watched[fd] = (flow, handle)
+        self.watched[fd] = args
 
-    def remove(self, handle: TcpHandle) -> None:
-        """Stop watching ``handle``'s socket (call before closing it)."""
-        fd = handle.fd
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (call before closing it)."""
         if self.watched.pop(fd, None) is not None and self._epoll is not None:
-            try:  # noqa: SIM105 - contextlib.suppress is three Python calls more, per connection
+            try:  # noqa: SIM105 - contextlib.suppress is three Python calls more, per socket
                 self._epoll.unregister(fd)
             except OSError:
                 pass
@@ -203,6 +210,17 @@ class TcpReaders:
             self.loop.remove_reader(ep.fileno())
             ep.close()
         self.watched.clear()
+
+
+class TcpReaders(ReaderSet):
+    """The host TCP sockets being read: each watched with its (flow, handle)."""
+
+    def add(self, flow: Any, handle: TcpHandle) -> None:
+        self.watch(handle.fd, flow, handle)
+
+    def remove(self, handle: TcpHandle) -> None:
+        """Stop watching ``handle``'s socket (call before closing it)."""
+        self.unwatch(handle.fd)
 
 
 class Pacing(Protocol):
@@ -252,6 +270,8 @@ class HostSockets:
         self.tcp_readers = TcpReaders(loop, self._tcp_readable)
         self._watch = self.tcp_readers.add
         self._unwatch = self.tcp_readers.remove
+        #: The UDP flows' host sockets being read (see ReaderSet).
+        self.udp_readers = ReaderSet(loop, self._udp_readable)
         #: The DNS forwarder's sockets, one per upstream (see dns_send).
         self._dns_sockets: dict[tuple[str, int], socket.socket] = {}
         #: Loop time before which no further "cannot make a host socket" warning is logged.
@@ -262,6 +282,7 @@ class HostSockets:
         socket): no more flushes from socket callbacks, and the epoll set goes."""
         self.closed = True
         self.tcp_readers.close()
+        self.udp_readers.close()
 
     # ---- host sockets that cannot be had -------------------------------------------
     def _socket_failed(self, exc: OSError, kind: str) -> None:
@@ -543,7 +564,7 @@ class HostSockets:
                 log.warning("cannot bind a UDP socket to the outbound address: %s", exc.strerror)
                 return False
         flow.host_handle = sock
-        self.loop.add_reader(sock.fileno(), self._udp_readable, flow, sock, [-1.0])
+        self.udp_readers.watch(sock.fileno(), flow, sock, [-1.0])
         return True
 
     def udp_send(self, flow: Any, dst: tuple[str, int], data: Any, segment: int = 0) -> None:
@@ -597,18 +618,14 @@ class HostSockets:
         run: list[Any] = []
         run_from: Any = None
         read = 0
-        drained = errored = False  # rearm_reader unless drained without an error
         for read in range(_UDP_READ_BATCH):  # noqa: B007 - used after the loop
             try:
                 data, (src_ip, src_port, *_rest) = sock.recvfrom(_UDP_MAX)
             except BlockingIOError:
-                drained = True
                 if not read:  # woken with nothing to read: a POLLERR for the error queue
                     self.udp_read_errors(flow, sock, now)
-                    errored = True
                 break
             except OSError:
-                errored = True
                 if run:
                     self._udp_deliver(udp, flow, run_from, run, now)
                     run = []
@@ -623,8 +640,6 @@ class HostSockets:
             run_from = (src_ip, src_port)
         if run:
             self._udp_deliver(udp, flow, run_from, run, now)
-        if (errored or not drained) and flow.host_handle is sock:
-            rearm_reader(self.loop, sock.fileno(), self._udp_readable, flow, sock, last_read)
         if read > 1 or now - previous < _UDP_STREAM_GAP:
             # Several datagrams were waiting, or this one came right after the last:
             # a stream, whose next datagram wakes the loop anyway; polling for it took
@@ -653,7 +668,7 @@ class HostSockets:
         if sock is None:
             return
         flow.host_handle = None
-        self.loop.remove_reader(sock.fileno())
+        self.udp_readers.unwatch(sock.fileno())
         sock.close()
 
     # ---- HostPort: ICMP echo --------------------------------------------------------
@@ -692,7 +707,7 @@ class HostSockets:
 
     def _icmp_readable(self, flow: Any, sock: socket.socket) -> None:
         now = self.loop.time()
-        drained = errored = False  # rearm_reader unless drained without an error
+        drained = False
         for read in range(_UDP_READ_BATCH):
             try:
                 data = sock.recv(_UDP_MAX)
