@@ -707,7 +707,7 @@ class HostSockets:
 
     def _icmp_readable(self, flow: Any, sock: socket.socket) -> None:
         now = self.loop.time()
-        drained = False
+        drained = errored = False  # rearm_reader unless drained without an error
         for read in range(_UDP_READ_BATCH):
             try:
                 data = sock.recv(_UDP_MAX)
